@@ -5,3 +5,15 @@ pub mod proto {
     #![allow(clippy::all, missing_docs)]
     include!(concat!(env!("OUT_DIR"), "/canopy.v1.rs"));
 }
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod consensus;
+pub mod demo;
+pub mod file;
+pub mod metrics;
+pub mod node;
+pub mod replica;
+pub mod tls;
+pub mod wire;

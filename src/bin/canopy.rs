@@ -1,1 +1,229 @@
-fn main() {}
+//! `canopy`: the user's tool: certificates, the file through a node's API, and the demo.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Canopy: keep one large file byte-identical on thousands of hosts"
+)]
+struct Cli {
+    /// HTTP API of the node to talk to.
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:7070",
+        env = "CANOPY_API"
+    )]
+    api: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Cluster certificate authority.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+    /// Node certificates.
+    Cert {
+        #[command(subcommand)]
+        cmd: CertCmd,
+    },
+    /// Show the node's status as JSON.
+    Status {
+        /// Keep printing one line per second.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Write the file (at the node's current version) to stdout.
+    Cat,
+    /// Replace the whole file with FILE (only changed chunks are sent through the core).
+    Put { file: PathBuf },
+    /// Write FILE's bytes at --offset.
+    Patch {
+        #[arg(long)]
+        offset: u64,
+        file: PathBuf,
+    },
+    /// Set the file's length (shorter drops the tail, longer pads with zeros).
+    Truncate { len: u64 },
+    /// Print a line for every new version the node applies.
+    Watch {
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Run a whole cluster on this machine: a core, N relays, a steady write load.
+    Demo(canopy::demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create ca.pem and ca.key in --out.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Issue NAME.pem/NAME.key (plus a copy of ca.pem) in --out, signed by the CA in --ca.
+    Issue {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        role: canopy::tls::Role,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn url(api: &str, path: &str) -> String {
+    if api.starts_with("http://") {
+        format!("{api}{path}")
+    } else {
+        format!("http://{api}{path}")
+    }
+}
+
+async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = resp.text().await.unwrap_or_default();
+    bail!("{status}: {body}")
+}
+
+async fn send_write(req: reqwest::RequestBuilder) -> anyhow::Result<()> {
+    let resp = check(req.send().await.context("contacting the node's API")?).await?;
+    println!("{}", resp.text().await?);
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()?;
+    let api = cli.api.as_str();
+    match cli.cmd {
+        Cmd::Ca {
+            cmd: CaCmd::Init { out },
+        } => {
+            canopy::tls::ca_init(&out)?;
+            println!("wrote {}/ca.pem and ca.key", out.display());
+        }
+        Cmd::Cert {
+            cmd:
+                CertCmd::Issue {
+                    ca,
+                    name,
+                    role,
+                    out,
+                },
+        } => {
+            canopy::tls::cert_issue(&ca, &name, role, &out)?;
+            println!(
+                "wrote {0}/{name}.pem, {0}/{name}.key, {0}/ca.pem",
+                out.display()
+            );
+        }
+        Cmd::Status { follow } => loop {
+            let resp = check(http.get(url(api, "/v1/status")).send().await?).await?;
+            let v: serde_json::Value = resp.json().await?;
+            if !follow {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!(
+                "{} {} version={} lag={} root={} children={}",
+                v["name"].as_str().unwrap_or(""),
+                v["role"].as_str().unwrap_or(""),
+                v["version"],
+                v["lag_entries"],
+                &v["root"].as_str().unwrap_or("")[..16.min(v["root"].as_str().unwrap_or("").len())],
+                v["children"].as_array().map(|a| a.len()).unwrap_or(0)
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        },
+        Cmd::Cat => {
+            let mut resp = check(http.get(url(api, "/v1/file")).send().await?).await?;
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = resp.chunk().await? {
+                out.write_all(&chunk)?;
+            }
+            out.flush()?;
+        }
+        Cmd::Put { file } => {
+            let body =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            send_write(http.put(url(api, "/v1/file?wait=applied")).body(body)).await?;
+        }
+        Cmd::Patch { offset, file } => {
+            let body =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            send_write(
+                http.patch(url(api, &format!("/v1/file?offset={offset}&wait=applied")))
+                    .body(body),
+            )
+            .await?;
+        }
+        Cmd::Truncate { len } => {
+            send_write(http.post(url(
+                api,
+                &format!("/v1/file/truncate?len={len}&wait=applied"),
+            )))
+            .await?;
+        }
+        Cmd::Watch { mut after } => loop {
+            let resp = check(
+                http.get(url(api, &format!("/v1/watch?after={after}&timeout=30")))
+                    .send()
+                    .await?,
+            )
+            .await?;
+            let v: serde_json::Value = resp.json().await?;
+            let version = v["version"].as_u64().unwrap_or(after);
+            if version > after {
+                println!(
+                    "version={} length={} root={}",
+                    version,
+                    v["length"],
+                    v["root"].as_str().unwrap_or("")
+                );
+                after = version;
+            }
+        },
+        Cmd::Demo(args) => canopy::demo::run(args).await?,
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! Node configuration: one struct per layer, every default with its reason, typed validation.
+//!
+//! Invariants: a config that passed [`NodeConfig::validate`] never makes a node panic; the
+//! binaries load TOML into these structs and then let command-line flags override fields.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::consensus::RaftConfig;
+use crate::file::{DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN};
+use crate::replica::ReplicaConfig;
+use crate::wire::DEFAULT_MAX_FRAME;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("name must be 1-64 characters of [A-Za-z0-9._-], got {0:?}")]
+    BadName(String),
+    #[error("{field} must be greater than zero")]
+    Zero { field: &'static str },
+    #[error("chunk_size must be a power of two between 4 KiB and 16 MiB, got {0}")]
+    ChunkSize(u32),
+    #[error(
+        "max_frame ({max_frame}) must exceed max_update_bytes ({max_update}) by at least 64 KiB"
+    )]
+    FrameTooSmall { max_frame: usize, max_update: u64 },
+    #[error("child_queue_bytes ({queue}) must be at least max_frame ({max_frame}), or one large entry cuts every child off")]
+    QueueTooSmall { queue: u64, max_frame: usize },
+    #[error("a relay needs at least one --join address")]
+    NoJoin,
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Stream and fan-out settings shared by core and relay nodes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Chunk size. 64 KiB: small enough that a 100-byte write re-hashes little, large enough
+    /// that a 50 MB file is only 800 chunks.
+    pub chunk_size: u32,
+    /// Largest file. 64 GiB: far above the target sizes, low enough that a malicious offset
+    /// cannot make a node allocate without bound.
+    pub max_len: u64,
+    /// Largest frame accepted on any stream. 72 MiB: a 64 MiB update plus framing.
+    pub max_frame: usize,
+    /// Largest single update (sum of written bytes). 64 MiB: a whole-file PUT of a 50 MB file
+    /// fits in one atomic entry.
+    pub max_update_bytes: u64,
+    /// Children served directly. 8: keeps the core's egress at a handful of copies per write.
+    pub fanout: usize,
+    /// Bytes queued for one child before it is cut off. 256 MiB: frames are shared between
+    /// children, so this is accounting, not a copy; it must hold a full-size entry.
+    pub child_queue_bytes: u64,
+    /// Bytes of recent entries kept to resume children. 64 MiB: a child away for seconds
+    /// resumes instead of taking a full transfer.
+    pub retain_bytes: u64,
+    /// A checkpoint after this many entries. 32: divergence is caught within a batch.
+    pub checkpoint_every: u32,
+    /// And at most this long after an entry (ms). 1000: idle clusters still verify promptly.
+    pub checkpoint_interval_ms: u64,
+    /// Heartbeat period from the core down the tree (ms). 500: lag stays visible when idle.
+    pub heartbeat_ms: u64,
+    /// QUIC idle timeout (ms): a silent parent is declared dead after this. 3000: three
+    /// missed heartbeats with keep-alives at 500 ms.
+    pub idle_timeout_ms: u64,
+    /// Shortest gap between two rewrites of the materialized file (ms). 250: a burst of
+    /// writes does not rewrite a 50 MB file for each one.
+    pub materialize_interval_ms: u64,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            max_len: DEFAULT_MAX_LEN,
+            max_frame: DEFAULT_MAX_FRAME,
+            max_update_bytes: 64 * 1024 * 1024,
+            fanout: 8,
+            child_queue_bytes: 256 * 1024 * 1024,
+            retain_bytes: 64 * 1024 * 1024,
+            checkpoint_every: 32,
+            checkpoint_interval_ms: 1000,
+            heartbeat_ms: 500,
+            idle_timeout_ms: 3000,
+            materialize_interval_ms: 250,
+        }
+    }
+}
+
+impl StreamConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.chunk_size.is_power_of_two() || !(4096..=16 << 20).contains(&self.chunk_size) {
+            return Err(ConfigError::ChunkSize(self.chunk_size));
+        }
+        for (field, v) in [
+            ("fanout", self.fanout as u64),
+            ("max_len", self.max_len),
+            ("max_update_bytes", self.max_update_bytes),
+            ("retain_bytes", self.retain_bytes),
+            ("checkpoint_every", self.checkpoint_every as u64),
+            ("checkpoint_interval_ms", self.checkpoint_interval_ms),
+            ("heartbeat_ms", self.heartbeat_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero { field });
+            }
+        }
+        if (self.max_frame as u64) < self.max_update_bytes + 64 * 1024 {
+            return Err(ConfigError::FrameTooSmall {
+                max_frame: self.max_frame,
+                max_update: self.max_update_bytes,
+            });
+        }
+        if self.child_queue_bytes < self.max_frame as u64 {
+            return Err(ConfigError::QueueTooSmall {
+                queue: self.child_queue_bytes,
+                max_frame: self.max_frame,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn replica(&self) -> ReplicaConfig {
+        ReplicaConfig {
+            chunk_size: self.chunk_size,
+            max_len: self.max_len,
+            retain_bytes: self.retain_bytes,
+            checkpoint_every: self.checkpoint_every,
+        }
+    }
+
+    pub fn transport(&self) -> crate::tls::TransportConfig {
+        crate::tls::TransportConfig {
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            keep_alive: Duration::from_millis((self.idle_timeout_ms / 6).max(50)),
+            ..Default::default()
+        }
+    }
+}
+
+/// Whether a node is part of the Raft core or a relay in the tree.
+#[derive(Clone, Debug)]
+pub enum NodeKind {
+    /// A core node; `init` forms a one-member cluster on first start.
+    Core { raft: RaftConfig, init: bool },
+    /// A relay; `join` lists parents to try, in order.
+    Relay { join: Vec<String> },
+}
+
+/// Everything one node needs, after files and flags are merged.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub name: String,
+    /// QUIC address other nodes reach this node at (what it tells children and the core).
+    pub advertise: SocketAddr,
+    pub data: PathBuf,
+    /// Where the materialized copy of the file lives (relays; optional on core nodes).
+    pub file: Option<PathBuf>,
+    pub kind: NodeKind,
+    pub stream: StreamConfig,
+}
+
+impl NodeConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !ok {
+            return Err(ConfigError::BadName(self.name.clone()));
+        }
+        self.stream.validate()?;
+        match &self.kind {
+            NodeKind::Relay { join } if join.is_empty() => Err(ConfigError::NoJoin),
+            NodeKind::Core { raft, .. } => raft
+                .validate()
+                .map_err(|e| ConfigError::Raft(e.to_string())),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn is_core(&self) -> bool {
+        matches!(self.kind, NodeKind::Core { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay() -> NodeConfig {
+        NodeConfig {
+            name: "r1".into(),
+            advertise: "127.0.0.1:1".parse().unwrap(),
+            data: "/tmp/x".into(),
+            file: None,
+            kind: NodeKind::Relay {
+                join: vec!["127.0.0.1:2".into()],
+            },
+            stream: StreamConfig::default(),
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        StreamConfig::default().validate().unwrap();
+        relay().validate().unwrap();
+    }
+
+    #[test]
+    fn typed_errors() {
+        let mut c = relay();
+        c.name = "bad name".into();
+        assert_eq!(c.validate(), Err(ConfigError::BadName("bad name".into())));
+        let mut c = relay();
+        c.kind = NodeKind::Relay { join: vec![] };
+        assert_eq!(c.validate(), Err(ConfigError::NoJoin));
+        let mut s = StreamConfig {
+            chunk_size: 1000,
+            ..Default::default()
+        };
+        assert_eq!(s.validate(), Err(ConfigError::ChunkSize(1000)));
+        s.chunk_size = 65536;
+        s.fanout = 0;
+        assert_eq!(s.validate(), Err(ConfigError::Zero { field: "fanout" }));
+        s.fanout = 8;
+        s.max_frame = 1024;
+        assert!(matches!(
+            s.validate(),
+            Err(ConfigError::FrameTooSmall { .. })
+        ));
+    }
+
+    #[test]
+    fn toml_overrides_defaults() {
+        let s: StreamConfig = toml::from_str("fanout = 4\nretain_bytes = 1024").unwrap();
+        assert_eq!(s.fanout, 4);
+        assert_eq!(s.retain_bytes, 1024);
+        assert_eq!(s.chunk_size, DEFAULT_CHUNK_SIZE);
+        assert!(toml::from_str::<StreamConfig>("nope = 1").is_err());
+    }
+}

@@ -1,0 +1,465 @@
+//! `canopy demo`: a core and N relays in one process, over real QUIC on loopback.
+//!
+//! Invariants: every node is a real [`Node`] with its own mutual-TLS endpoint and API port
+//! (certificates from a throwaway CA); the load is seeded, so a run is repeatable; the summary
+//! counts a relay as in sync only when its version and root equal the core's.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{NodeConfig, NodeKind, StreamConfig};
+use crate::consensus::{ApplyOutcome, RaftConfig};
+use crate::file::{Op, Update};
+use crate::node::{now_us, Node};
+use crate::tls::{Identity, Role};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Number of relays.
+    #[arg(long, default_value_t = 50)]
+    pub relays: usize,
+    /// Size of the file, e.g. 50MB, 8MiB, 1GB.
+    #[arg(long, default_value = "50MB", value_parser = parse_size)]
+    pub size: u64,
+    /// How long to run the write load, e.g. 20s, 2m (default: until Ctrl-C).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Writes per second, each 100 bytes at a random offset, from a random relay.
+    #[arg(long, default_value_t = 20.0)]
+    pub rate: f64,
+    /// Children per node.
+    #[arg(long, default_value_t = 8)]
+    pub fanout: usize,
+    /// Seed of the content and the load.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Parses `50MB`, `8MiB`, `1GB`, `4096` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => return Err(format!("unknown size unit {u:?}")),
+    };
+    Ok((n * mult) as u64)
+}
+
+/// Parses `20s`, `500ms`, `2m`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1e3,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        u => return Err(format!("unknown duration unit {u:?}")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Latency samples (µs) from commit on the core to apply on each relay.
+#[derive(Default)]
+struct Samples(Vec<u64>);
+
+impl Samples {
+    fn quantile(sorted: &[u64], q: f64) -> f64 {
+        if sorted.is_empty() {
+            return 0.0;
+        }
+        let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+        sorted[i] as f64 / 1000.0
+    }
+
+    fn summary(&self) -> (f64, f64, f64, usize) {
+        let mut s = self.0.clone();
+        s.sort_unstable();
+        (
+            Self::quantile(&s, 0.5),
+            Self::quantile(&s, 0.99),
+            s.last().copied().unwrap_or(0) as f64 / 1000.0,
+            s.len(),
+        )
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.1} kB", b / 1e3)
+    }
+}
+
+struct Cluster {
+    core: Node,
+    relays: Vec<Node>,
+    core_api: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_node(
+    dir: &std::path::Path,
+    name: &str,
+    kind: NodeKind,
+    stream: &StreamConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Node, std::net::SocketAddr)> {
+    let id = Identity::load(&dir.join("tls"), name)?;
+    let endpoint = crate::tls::endpoint("127.0.0.1:0".parse()?, &id, &stream.transport())?;
+    let advertise = endpoint.local_addr()?;
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let api_addr = api.local_addr()?;
+    let cfg = NodeConfig {
+        name: name.to_string(),
+        advertise,
+        data: dir.join("data").join(name),
+        file: None,
+        kind,
+        stream: stream.clone(),
+    };
+    let node = Node::start(cfg, endpoint, api, shutdown.child_token()).await?;
+    Ok((node, api_addr))
+}
+
+async fn build_cluster(args: &DemoArgs) -> anyhow::Result<Cluster> {
+    let dir = tempfile::tempdir().context("creating a temp dir")?;
+    let tls = dir.path().join("tls");
+    let ca = dir.path().join("ca");
+    crate::tls::ca_init(&ca)?;
+    crate::tls::cert_issue(&ca, "core-0", Role::Core, &tls)?;
+    for i in 0..args.relays {
+        crate::tls::cert_issue(&ca, &format!("relay-{i}"), Role::Relay, &tls)?;
+    }
+    let stream = StreamConfig {
+        fanout: args.fanout,
+        ..Default::default()
+    };
+    let shutdown = CancellationToken::new();
+    let (core, core_api) = start_node(
+        dir.path(),
+        "core-0",
+        NodeKind::Core {
+            raft: RaftConfig::default(),
+            init: true,
+        },
+        &stream,
+        &shutdown,
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !core.core().is_some_and(|c| c.is_leader()) {
+        if Instant::now() > deadline {
+            bail!("the core did not become leader within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Cluster {
+        core,
+        relays: Vec::new(),
+        core_api,
+        shutdown,
+        _dir: dir,
+    })
+}
+
+fn bar(len: u64, msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg:<28} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+/// Runs the demo to its summary.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if args.fanout == 0 || args.rate <= 0.0 {
+        bail!("--fanout and --rate must be positive");
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    println!(
+        "canopy demo: 1 core + {} relays, fanout {}, file {}, {} writes/s, seed {}",
+        args.relays,
+        args.fanout,
+        human_bytes(args.size),
+        args.rate,
+        args.seed
+    );
+    let mut cluster = build_cluster(&args).await?;
+    println!(
+        "core API on http://{} (try: canopy --api {} status)",
+        cluster.core_api, cluster.core_api
+    );
+
+    let mut content = vec![0u8; args.size as usize];
+    rng.fill_bytes(&mut content);
+    let t = Instant::now();
+    let max_update = StreamConfig::default().max_update_bytes as usize / 2;
+    let mut version = 0;
+    for (i, piece) in content.chunks(max_update.max(1)).enumerate() {
+        let update = Update {
+            ops: vec![Op::Write {
+                offset: (i * max_update) as u64,
+                data: Bytes::copy_from_slice(piece),
+            }],
+        };
+        match cluster.core.write(&update, None).await? {
+            ApplyOutcome::Applied { version: v } => version = v,
+            other => bail!("loading the file: {other:?}"),
+        }
+    }
+    println!(
+        "loaded {} into the core in {:.2} s (version {version})",
+        human_bytes(args.size),
+        t.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    let mut addrs: Vec<String> = vec![cluster.core.0.cfg.advertise.to_string()];
+    let dir = cluster._dir.path().to_path_buf();
+    let stream = StreamConfig {
+        fanout: args.fanout,
+        ..Default::default()
+    };
+    for i in 0..args.relays {
+        let parent = if i < args.fanout {
+            0
+        } else {
+            1 + (i - args.fanout) / args.fanout
+        };
+        let (node, _) = start_node(
+            &dir,
+            &format!("relay-{i}"),
+            NodeKind::Relay {
+                join: vec![addrs[parent].clone()],
+            },
+            &stream,
+            &cluster.shutdown,
+        )
+        .await?;
+        addrs.push(node.0.cfg.advertise.to_string());
+        cluster.relays.push(node);
+    }
+    let pb = bar(args.relays as u64, "relays holding the file");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let synced = cluster
+            .relays
+            .iter()
+            .filter(|r| r.file().version() >= version)
+            .count();
+        pb.set_position(synced as u64);
+        if synced == cluster.relays.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {synced}/{} relays got the file within 300 s",
+                args.relays
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pb.finish();
+    let bootstrap = t.elapsed();
+    println!(
+        "{} relays hold a verified {} copy after {:.2} s",
+        args.relays,
+        human_bytes(args.size),
+        bootstrap.as_secs_f64()
+    );
+
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let stop_watch = CancellationToken::new();
+    for r in &cluster.relays {
+        let mut rx = r.applied();
+        let samples = samples.clone();
+        let stop = stop_watch.clone();
+        let start_version = version;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    c = rx.changed() => if c.is_err() { return },
+                }
+                let (v, commit_us) = *rx.borrow_and_update();
+                if v > start_version && commit_us > 0 {
+                    let lat = now_us().saturating_sub(commit_us);
+                    samples.lock().unwrap().0.push(lat);
+                }
+            }
+        });
+    }
+
+    let relayed_before = total_relayed(&cluster);
+    let interval = Duration::from_secs_f64(1.0 / args.rate);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let end = args.duration.map(|d| started + d);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let view = ProgressBar::new_spinner();
+    view.enable_steady_tick(Duration::from_millis(200));
+    let mut writes = 0u64;
+    let mut errors = 0u64;
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut last_view = Instant::now();
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => break,
+            _ = ticker.tick() => {}
+        }
+        if end.is_some_and(|e| Instant::now() >= e) {
+            break;
+        }
+        let writer = cluster.relays[rng.random_range(0..cluster.relays.len())].clone();
+        let offset = rng.random_range(0..args.size.saturating_sub(100).max(1));
+        let mut data = vec![0u8; 100];
+        rng.fill_bytes(&mut data);
+        inflight.spawn(async move {
+            writer
+                .write(
+                    &Update {
+                        ops: vec![Op::Write {
+                            offset,
+                            data: Bytes::from(data),
+                        }],
+                    },
+                    None,
+                )
+                .await
+        });
+        while let Some(r) = inflight.try_join_next() {
+            match r {
+                Ok(Ok(ApplyOutcome::Applied { .. })) => writes += 1,
+                _ => errors += 1,
+            }
+        }
+        if last_view.elapsed() >= Duration::from_millis(500) {
+            last_view = Instant::now();
+            let core_v = cluster.core.file().version();
+            let in_sync = cluster
+                .relays
+                .iter()
+                .filter(|r| r.file().version() == core_v)
+                .count();
+            let (p50, p99, max, _) = samples.lock().unwrap().summary();
+            view.set_message(format!(
+                "t={:>4.0}s writes={writes} in sync {in_sync}/{} propagation p50 {p50:.1} ms p99 {p99:.1} ms max {max:.1} ms moved {}",
+                started.elapsed().as_secs_f64(),
+                cluster.relays.len(),
+                human_bytes(total_relayed(&cluster) - relayed_before),
+            ));
+        }
+    }
+    while let Some(r) = inflight.join_next().await {
+        match r {
+            Ok(Ok(ApplyOutcome::Applied { .. })) => writes += 1,
+            _ => errors += 1,
+        }
+    }
+    view.finish_and_clear();
+    let elapsed = started.elapsed();
+    let core_file = cluster.core.file();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let in_sync = loop {
+        let n = cluster
+            .relays
+            .iter()
+            .filter(|r| {
+                let f = r.file();
+                f.version() == core_file.version() && f.root() == core_file.root()
+            })
+            .count();
+        if n == cluster.relays.len() || Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    stop_watch.cancel();
+    let (p50, p99, max, n) = samples.lock().unwrap().summary();
+    let moved = total_relayed(&cluster) - relayed_before;
+    let mut depths: BTreeMap<u32, usize> = BTreeMap::new();
+    for r in &cluster.relays {
+        *depths.entry(r.status().depth).or_default() += 1;
+    }
+    println!(
+        "summary: {in_sync}/{} relays in sync at version {} root {}; {writes} writes in {:.1} s ({:.1}/s, {errors} failed); \
+         propagation commit->applied p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms over {n} samples; \
+         bootstrap {:.2} s; moved {} during the load; depths {:?}",
+        cluster.relays.len(),
+        core_file.version(),
+        &core_file.root_hex()[..16],
+        elapsed.as_secs_f64(),
+        writes as f64 / elapsed.as_secs_f64().max(1e-9),
+        bootstrap.as_secs_f64(),
+        human_bytes(moved),
+        depths,
+    );
+    cluster.shutdown.cancel();
+    let mut all = vec![cluster.core.clone()];
+    all.extend(cluster.relays.iter().cloned());
+    futures::future::join_all(all.iter().map(|n| n.stopped())).await;
+    if in_sync != cluster.relays.len() {
+        bail!(
+            "{} relays were not in sync at the end",
+            cluster.relays.len() - in_sync
+        );
+    }
+    Ok(())
+}
+
+fn total_relayed(c: &Cluster) -> u64 {
+    std::iter::once(&c.core)
+        .chain(c.relays.iter())
+        .map(|n| n.relayed_bytes())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("50MB"), Ok(50_000_000));
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("5XB").is_err());
+        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+    }
+}

@@ -1,0 +1,1437 @@
+//! The replicated file: fixed-size copy-on-write chunks, per-chunk BLAKE3 and a Merkle root.
+//!
+//! # Layout
+//!
+//! A file of `len` bytes with chunk size `cs` (a power of two, at most 16 MiB) is split into
+//! `ceil(len / cs)` chunks. Every chunk holds exactly `cs` bytes except the last, which holds the
+//! remainder; an empty file has no chunks. Chunks are immutable [`Bytes`]: changing a chunk
+//! builds a new buffer, so a cloned [`ChunkedFile`] (a held snapshot) shares every chunk with the
+//! original and is never affected by later updates. Cloning costs O(chunk count) reference-count
+//! bumps and hash copies, never a copy of the content.
+//!
+//! # Hashing
+//!
+//! * leaf `i` = `BLAKE3(chunk i)`;
+//! * the tree is binary over the leaves, level by level: `parent = BLAKE3(0x01 || left || right)`;
+//!   an odd node at the end of a level is promoted unchanged to the next level;
+//! * tree root of zero leaves = `BLAKE3("")`; of one leaf = that leaf;
+//! * file root = `BLAKE3(0x02 || len as u64 LE || chunk_size as u32 LE || tree root)`.
+//!
+//! Leaves carry no prefix; the shape of the tree is fixed by `len` and `chunk_size`, which the
+//! file root commits to, so a leaf can never be confused with an inner node of the same tree.
+//!
+//! # Invariants
+//!
+//! * `len <= max_len`; every update that would make any intermediate length exceed `max_len`
+//!   is rejected as a whole before anything changes.
+//! * `chunks.len() == ceil(len / chunk_size)` and chunk `i` has length
+//!   `min(chunk_size, len - i * chunk_size)`.
+//! * `levels[0][i] == BLAKE3(chunks[i])`; every stored upper level is consistent with the one
+//!   below; the cached `root` is the file root of the current content.
+//! * `apply` rehashes only the changed chunks and the paths from them to the top:
+//!   O(k log n) hashes for k changed chunks of n.
+//! * A write past the end first extends the file with zeros up to `offset` (even when `data`
+//!   is empty); a truncate to a larger length extends it with zeros.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::proto;
+
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+/// Default maximum file length (guards against `Write{offset: 1<<62}` allocating the world).
+pub const DEFAULT_MAX_LEN: u64 = 64 * 1024 * 1024 * 1024;
+/// Largest accepted chunk size.
+pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+
+pub type Hash = [u8; 32];
+
+const NODE_TAG: u8 = 0x01;
+const ROOT_TAG: u8 = 0x02;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Write { offset: u64, data: Bytes },
+    Truncate { len: u64 },
+}
+
+/// An atomic batch of ops: all of it applies, or none of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Update {
+    pub ops: Vec<Op>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Precondition {
+    IfVersion(u64),
+    IfRangeHash { offset: u64, len: u64, hash: Hash },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FileError {
+    #[error("file would grow to {len} bytes, over the maximum of {max}")]
+    TooLarge { len: u64, max: u64 },
+    #[error("update op without a kind")]
+    MissingOp,
+    #[error("precondition without a kind")]
+    MissingPrecondition,
+    #[error("range hash is {len} bytes, expected 32")]
+    BadHash { len: usize },
+    #[error("bad chunk size {0}: must be a power of two no larger than 16 MiB")]
+    BadChunkSize(u32),
+    #[error("chunk {index} out of range: the file has {count} chunks")]
+    ChunkOutOfRange { index: u64, count: u64 },
+    #[error("chunk {index} is {got} bytes, expected {expected}")]
+    ChunkLength { index: u64, expected: u64, got: u64 },
+    #[error("root mismatch: expected {expected}, got {got}")]
+    RootMismatch { expected: String, got: String },
+    #[error("file incomplete: {missing} chunks missing")]
+    Incomplete { missing: u64 },
+}
+
+impl TryFrom<proto::Update> for Update {
+    type Error = FileError;
+
+    fn try_from(u: proto::Update) -> Result<Self, FileError> {
+        let ops = u
+            .ops
+            .into_iter()
+            .map(|op| match op.kind {
+                Some(proto::op::Kind::Write(w)) => Ok(Op::Write {
+                    offset: w.offset,
+                    data: w.data,
+                }),
+                Some(proto::op::Kind::Truncate(t)) => Ok(Op::Truncate { len: t.len }),
+                None => Err(FileError::MissingOp),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Update { ops })
+    }
+}
+
+impl From<&Update> for proto::Update {
+    fn from(u: &Update) -> Self {
+        let ops = u
+            .ops
+            .iter()
+            .map(|op| proto::Op {
+                kind: Some(match op {
+                    Op::Write { offset, data } => proto::op::Kind::Write(proto::Write {
+                        offset: *offset,
+                        data: data.clone(),
+                    }),
+                    Op::Truncate { len } => {
+                        proto::op::Kind::Truncate(proto::Truncate { len: *len })
+                    }
+                }),
+            })
+            .collect();
+        proto::Update { ops }
+    }
+}
+
+impl TryFrom<proto::Precondition> for Precondition {
+    type Error = FileError;
+
+    fn try_from(p: proto::Precondition) -> Result<Self, FileError> {
+        match p.kind {
+            Some(proto::precondition::Kind::IfVersion(v)) => Ok(Precondition::IfVersion(v)),
+            Some(proto::precondition::Kind::IfRangeHash(r)) => {
+                let hash: Hash = r.hash[..]
+                    .try_into()
+                    .map_err(|_| FileError::BadHash { len: r.hash.len() })?;
+                Ok(Precondition::IfRangeHash {
+                    offset: r.offset,
+                    len: r.len,
+                    hash,
+                })
+            }
+            None => Err(FileError::MissingPrecondition),
+        }
+    }
+}
+
+impl From<&Precondition> for proto::Precondition {
+    fn from(p: &Precondition) -> Self {
+        let kind = match p {
+            Precondition::IfVersion(v) => proto::precondition::Kind::IfVersion(*v),
+            Precondition::IfRangeHash { offset, len, hash } => {
+                proto::precondition::Kind::IfRangeHash(proto::RangeHash {
+                    offset: *offset,
+                    len: *len,
+                    hash: Bytes::copy_from_slice(hash),
+                })
+            }
+        };
+        proto::Precondition { kind: Some(kind) }
+    }
+}
+
+impl Update {
+    /// Payload bytes carried by the writes (for limits and metrics).
+    pub fn byte_size(&self) -> u64 {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::Write { data, .. } => data.len() as u64,
+                Op::Truncate { .. } => 0,
+            })
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Accepts a power of two in `1..=16 MiB`.
+pub fn check_chunk_size(chunk_size: u32) -> Result<(), FileError> {
+    if chunk_size == 0 || !chunk_size.is_power_of_two() || chunk_size > MAX_CHUNK_SIZE {
+        Err(FileError::BadChunkSize(chunk_size))
+    } else {
+        Ok(())
+    }
+}
+
+/// Number of chunks of a file with this length.
+pub fn chunk_count_for(len: u64, chunk_size: u32) -> u64 {
+    len.div_ceil(u64::from(chunk_size))
+}
+
+/// Length of chunk `index` of a file with this length (0 when out of range).
+pub fn chunk_len_for(len: u64, chunk_size: u32, index: u64) -> u64 {
+    let cs = u64::from(chunk_size);
+    match index.checked_mul(cs) {
+        Some(start) if start < len => cs.min(len - start),
+        _ => 0,
+    }
+}
+
+/// Leaf hash of one chunk.
+pub fn leaf_hash(chunk: &[u8]) -> Hash {
+    *blake3::hash(chunk).as_bytes()
+}
+
+/// Lowercase hex of a hash.
+pub fn hash_hex(h: &Hash) -> String {
+    blake3::Hash::from_bytes(*h).to_hex().to_string()
+}
+
+fn node_hash(left: &Hash, right: &Hash) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(&[NODE_TAG]);
+    h.update(left);
+    h.update(right);
+    *h.finalize().as_bytes()
+}
+
+fn empty_tree_root() -> Hash {
+    *blake3::hash(b"").as_bytes()
+}
+
+fn file_root(len: u64, chunk_size: u32, tree_root: &Hash) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(&[ROOT_TAG]);
+    h.update(&len.to_le_bytes());
+    h.update(&chunk_size.to_le_bytes());
+    h.update(tree_root);
+    *h.finalize().as_bytes()
+}
+
+fn parent_at(level: &[Hash], p: usize) -> Hash {
+    let l = 2 * p;
+    match level.get(l + 1) {
+        Some(r) => node_hash(&level[l], r),
+        None => level[l],
+    }
+}
+
+fn next_level(level: &[Hash]) -> Vec<Hash> {
+    (0..level.len().div_ceil(2))
+        .map(|p| parent_at(level, p))
+        .collect()
+}
+
+fn build_levels(leaves: Vec<Hash>) -> Vec<Vec<Hash>> {
+    let mut levels = vec![leaves];
+    while let Some(top) = levels.last().filter(|l| l.len() > 1) {
+        let up = next_level(top);
+        levels.push(up);
+    }
+    levels
+}
+
+/// Root of a file with this chunk size, length and these chunk hashes (what a manifest check
+/// recomputes). The caller is responsible for `chunk_hashes.len() == ceil(len / chunk_size)`.
+pub fn root_of(chunk_size: u32, len: u64, chunk_hashes: &[Hash]) -> Hash {
+    let tree = match chunk_hashes.len() {
+        0 => empty_tree_root(),
+        1 => chunk_hashes[0],
+        _ => {
+            let mut level = next_level(chunk_hashes);
+            while level.len() > 1 {
+                level = next_level(&level);
+            }
+            level[0]
+        }
+    };
+    file_root(len, chunk_size, &tree)
+}
+
+fn to_index(i: u64) -> Option<usize> {
+    usize::try_from(i).ok()
+}
+
+/// The replicated file: fixed-size copy-on-write chunks, per-chunk BLAKE3, Merkle root.
+#[derive(Clone)]
+pub struct ChunkedFile {
+    chunk_size: u32,
+    max_len: u64,
+    len: u64,
+    version: u64,
+    chunks: Vec<Bytes>,
+    levels: Vec<Vec<Hash>>,
+    root: Hash,
+}
+
+impl fmt::Debug for ChunkedFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChunkedFile")
+            .field("version", &self.version)
+            .field("len", &self.len)
+            .field("chunk_size", &self.chunk_size)
+            .field("max_len", &self.max_len)
+            .field("root", &self.root_hex())
+            .finish()
+    }
+}
+
+/// Per-batch working state of [`ChunkedFile::apply`].
+struct Staging {
+    old_count: usize,
+    bufs: BTreeMap<usize, Vec<u8>>,
+    rehash: Vec<usize>,
+    touched: Vec<usize>,
+    zero: Option<(Bytes, Hash)>,
+}
+
+impl ChunkedFile {
+    /// An empty file at version 0.
+    pub fn new(chunk_size: u32, max_len: u64) -> Result<Self, FileError> {
+        Self::from_bytes(chunk_size, max_len, &[], 0)
+    }
+
+    pub fn from_bytes(
+        chunk_size: u32,
+        max_len: u64,
+        data: &[u8],
+        version: u64,
+    ) -> Result<Self, FileError> {
+        check_chunk_size(chunk_size)?;
+        let len = data.len() as u64;
+        if len > max_len {
+            return Err(FileError::TooLarge { len, max: max_len });
+        }
+        let chunks: Vec<Bytes> = data
+            .chunks(chunk_size as usize)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        Ok(Self::from_parts(chunk_size, max_len, len, version, chunks))
+    }
+
+    fn from_parts(
+        chunk_size: u32,
+        max_len: u64,
+        len: u64,
+        version: u64,
+        chunks: Vec<Bytes>,
+    ) -> Self {
+        let leaves = chunks.iter().map(|c| leaf_hash(c)).collect();
+        Self::from_leaves(chunk_size, max_len, len, version, chunks, leaves)
+    }
+
+    fn from_leaves(
+        chunk_size: u32,
+        max_len: u64,
+        len: u64,
+        version: u64,
+        chunks: Vec<Bytes>,
+        leaves: Vec<Hash>,
+    ) -> Self {
+        let mut f = ChunkedFile {
+            chunk_size,
+            max_len,
+            len,
+            version,
+            chunks,
+            levels: build_levels(leaves),
+            root: [0; 32],
+        };
+        f.root = f.compute_root();
+        f
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn set_version(&mut self, v: u64) {
+        self.version = v;
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    pub fn max_len(&self) -> u64 {
+        self.max_len
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.chunks.len() as u64
+    }
+
+    /// Chunk `i` (shared, no copy); the last one may be short.
+    pub fn chunk(&self, i: u64) -> Option<Bytes> {
+        self.chunks.get(to_index(i)?).cloned()
+    }
+
+    pub fn chunk_hash(&self, i: u64) -> Option<Hash> {
+        self.levels[0].get(to_index(i)?).copied()
+    }
+
+    pub fn chunk_hashes(&self) -> Vec<Hash> {
+        self.levels[0].clone()
+    }
+
+    /// The file root (cached).
+    pub fn root(&self) -> Hash {
+        self.root
+    }
+
+    pub fn root_hex(&self) -> String {
+        hash_hex(&self.root)
+    }
+
+    fn compute_root(&self) -> Hash {
+        let tree = match self.levels.last().and_then(|l| l.first()) {
+            Some(h) if !self.chunks.is_empty() => *h,
+            _ => empty_tree_root(),
+        };
+        file_root(self.len, self.chunk_size, &tree)
+    }
+
+    /// Checks the precondition against the current content/version.
+    pub fn check(&self, p: &Precondition) -> bool {
+        match p {
+            Precondition::IfVersion(v) => self.version == *v,
+            Precondition::IfRangeHash { offset, len, hash } => {
+                self.range_hash(*offset, *len) == *hash
+            }
+        }
+    }
+
+    /// The length the file would have after `update`, or `TooLarge` if any op overshoots.
+    pub fn validate(&self, update: &Update) -> Result<u64, FileError> {
+        let max = self.max_len;
+        let mut len = self.len;
+        for op in &update.ops {
+            len = match op {
+                Op::Write { offset, data } => offset
+                    .checked_add(data.len() as u64)
+                    .ok_or(FileError::TooLarge { len: u64::MAX, max })?
+                    .max(len),
+                Op::Truncate { len } => *len,
+            };
+            if len > max {
+                return Err(FileError::TooLarge { len, max });
+            }
+        }
+        Ok(len)
+    }
+
+    /// Atomic: validates the whole batch first (limits), then applies all ops in order and sets
+    /// the version. Writing past the end extends with zeros up to offset. Truncate to a larger
+    /// len extends with zeros.
+    pub fn apply(&mut self, version: u64, update: &Update) -> Result<(), FileError> {
+        self.validate(update)?;
+        let mut st = Staging {
+            old_count: self.chunks.len(),
+            bufs: BTreeMap::new(),
+            rehash: Vec::new(),
+            touched: Vec::new(),
+            zero: None,
+        };
+        for op in &update.ops {
+            match op {
+                Op::Write { offset, data } => self.stage_write(&mut st, *offset, data),
+                Op::Truncate { len } => self.stage_truncate(&mut st, *len),
+            }
+        }
+        self.commit(st);
+        self.version = version;
+        Ok(())
+    }
+
+    fn cs(&self) -> u64 {
+        u64::from(self.chunk_size)
+    }
+
+    fn chunk_len(&self, i: usize) -> usize {
+        chunk_len_for(self.len, self.chunk_size, i as u64) as usize
+    }
+
+    fn stage_extend(&mut self, st: &mut Staging, new_len: u64) {
+        if new_len <= self.len {
+            return;
+        }
+        let cs = self.cs();
+        if self.len % cs != 0 {
+            let last = self.chunks.len() - 1;
+            let target = cs.min(new_len - last as u64 * cs) as usize;
+            let chunks = &self.chunks;
+            st.bufs
+                .entry(last)
+                .or_insert_with(|| chunks[last].to_vec())
+                .resize(target, 0);
+            st.rehash.push(last);
+        }
+        let new_count = chunk_count_for(new_len, self.chunk_size) as usize;
+        for i in self.chunks.len()..new_count {
+            let clen = cs.min(new_len - i as u64 * cs) as usize;
+            if clen as u64 == cs {
+                let (zero, h) = st.zero.get_or_insert_with(|| {
+                    let z = Bytes::from(vec![0u8; clen]);
+                    let h = leaf_hash(&z);
+                    (z, h)
+                });
+                self.chunks.push(zero.clone());
+                self.levels[0].push(*h);
+                st.touched.push(i);
+            } else {
+                self.chunks.push(Bytes::from(vec![0u8; clen]));
+                self.levels[0].push([0; 32]);
+                st.rehash.push(i);
+            }
+        }
+        self.len = new_len;
+    }
+
+    fn stage_truncate(&mut self, st: &mut Staging, new_len: u64) {
+        if new_len >= self.len {
+            self.stage_extend(st, new_len);
+            return;
+        }
+        let new_count = chunk_count_for(new_len, self.chunk_size) as usize;
+        if new_count > 0 {
+            let last = new_count - 1;
+            let cur = self.chunk_len(last);
+            let r = (new_len - last as u64 * self.cs()) as usize;
+            if r < cur {
+                match st.bufs.get_mut(&last) {
+                    Some(buf) => buf.truncate(r),
+                    None => self.chunks[last] = self.chunks[last].slice(..r),
+                }
+                st.rehash.push(last);
+            }
+        }
+        self.chunks.truncate(new_count);
+        self.levels[0].truncate(new_count);
+        st.bufs.split_off(&new_count);
+        self.len = new_len;
+    }
+
+    fn stage_write(&mut self, st: &mut Staging, offset: u64, data: &[u8]) {
+        let end = offset + data.len() as u64;
+        self.stage_extend(st, end);
+        if data.is_empty() {
+            return;
+        }
+        let cs = self.cs();
+        let first = (offset / cs) as usize;
+        let last = ((end - 1) / cs) as usize;
+        for i in first..=last {
+            let start = i as u64 * cs;
+            let clen = self.chunk_len(i) as u64;
+            let lo = offset.max(start);
+            let hi = end.min(start + clen);
+            let src = &data[(lo - offset) as usize..(hi - offset) as usize];
+            if lo == start && hi == start + clen {
+                st.bufs.remove(&i);
+                self.chunks[i] = Bytes::copy_from_slice(src);
+            } else {
+                let chunks = &self.chunks;
+                let buf = st.bufs.entry(i).or_insert_with(|| chunks[i].to_vec());
+                buf[(lo - start) as usize..(hi - start) as usize].copy_from_slice(src);
+            }
+            st.rehash.push(i);
+        }
+    }
+
+    fn commit(&mut self, st: Staging) {
+        let Staging {
+            old_count,
+            bufs,
+            mut rehash,
+            touched,
+            ..
+        } = st;
+        for (i, buf) in bufs {
+            self.chunks[i] = Bytes::from(buf);
+        }
+        let count = self.chunks.len();
+        rehash.retain(|&i| i < count);
+        rehash.sort_unstable();
+        rehash.dedup();
+        for &i in &rehash {
+            self.levels[0][i] = leaf_hash(&self.chunks[i]);
+        }
+        let mut dirty = rehash;
+        dirty.extend(touched.into_iter().filter(|&i| i < count));
+        if count != old_count && count > 0 {
+            dirty.push(count - 1);
+        }
+        dirty.sort_unstable();
+        dirty.dedup();
+        self.update_tree(dirty);
+        self.root = self.compute_root();
+    }
+
+    /// Recomputes the ancestors of the sorted, deduplicated leaf indices in `dirty`, resizing
+    /// the upper levels to the current leaf count.
+    fn update_tree(&mut self, mut dirty: Vec<usize>) {
+        let mut l = 0;
+        loop {
+            let n = self.levels[l].len();
+            if n <= 1 {
+                self.levels.truncate(l + 1);
+                return;
+            }
+            if self.levels.len() == l + 1 {
+                self.levels.push(Vec::new());
+            }
+            let (lower, upper) = self.levels.split_at_mut(l + 1);
+            let cur = &lower[l];
+            let up = &mut upper[0];
+            up.resize(n.div_ceil(2), [0; 32]);
+            let mut parents: Vec<usize> = Vec::with_capacity(dirty.len());
+            for &i in &dirty {
+                let p = i / 2;
+                if parents.last() != Some(&p) {
+                    up[p] = parent_at(cur, p);
+                    parents.push(p);
+                }
+            }
+            dirty = parents;
+            l += 1;
+        }
+    }
+
+    fn for_each_slice(&self, offset: u64, len: u64, mut f: impl FnMut(&[u8])) {
+        let start = offset.min(self.len);
+        let end = offset.saturating_add(len).min(self.len);
+        if start >= end {
+            return;
+        }
+        let cs = self.cs();
+        for i in (start / cs) as usize..=((end - 1) / cs) as usize {
+            let cstart = i as u64 * cs;
+            let chunk = &self.chunks[i];
+            let lo = (start.max(cstart) - cstart) as usize;
+            let hi = (end.min(cstart + chunk.len() as u64) - cstart) as usize;
+            f(&chunk[lo..hi]);
+        }
+    }
+
+    /// Bytes `[offset, offset + len)`, clamped to the end of the file.
+    pub fn read(&self, offset: u64, len: u64) -> Vec<u8> {
+        let start = offset.min(self.len);
+        let end = offset.saturating_add(len).min(self.len);
+        let mut out = Vec::with_capacity((end - start) as usize);
+        self.for_each_slice(offset, len, |s| out.extend_from_slice(s));
+        out
+    }
+
+    /// BLAKE3 of `read(offset, len)`.
+    pub fn range_hash(&self, offset: u64, len: u64) -> Hash {
+        let mut h = blake3::Hasher::new();
+        self.for_each_slice(offset, len, |s| {
+            h.update(s);
+        });
+        *h.finalize().as_bytes()
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.read(0, self.len)
+    }
+
+    /// Write the whole content to `w` chunk by chunk.
+    pub fn write_to<W: std::io::Write>(&self, w: &mut W) -> std::io::Result<()> {
+        self.chunks.iter().try_for_each(|c| w.write_all(c))
+    }
+
+    /// The smallest update (by chunk) that turns this content into `new`: one Write per run of
+    /// consecutive differing chunks (coalesced), plus a Truncate if `new` is shorter. Empty
+    /// update if equal.
+    pub fn diff_to(&self, new: &[u8]) -> Update {
+        let cs = self.chunk_size as usize;
+        let mut ops = Vec::new();
+        let mut run: Option<usize> = None;
+        let mut flush = |run: &mut Option<usize>, end: usize| {
+            if let Some(s) = run.take() {
+                ops.push(Op::Write {
+                    offset: s as u64,
+                    data: Bytes::copy_from_slice(&new[s..end]),
+                });
+            }
+        };
+        for (i, piece) in new.chunks(cs).enumerate() {
+            let same = self
+                .chunks
+                .get(i)
+                .is_some_and(|old| old.len() >= piece.len() && old[..piece.len()] == *piece);
+            let start = i * cs;
+            if same {
+                flush(&mut run, start);
+            } else if run.is_none() {
+                run = Some(start);
+            }
+        }
+        flush(&mut run, new.len());
+        if (new.len() as u64) < self.len {
+            ops.push(Op::Truncate {
+                len: new.len() as u64,
+            });
+        }
+        Update { ops }
+    }
+}
+
+/// Builds a ChunkedFile from chunks received out of order (full transfer / backfill) and
+/// verifies the root.
+pub struct FileBuilder {
+    chunk_size: u32,
+    max_len: u64,
+    len: u64,
+    version: u64,
+    expected_root: Hash,
+    chunks: Vec<Option<Bytes>>,
+    leaves: Vec<Hash>,
+    missing: u64,
+}
+
+impl fmt::Debug for FileBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileBuilder")
+            .field("version", &self.version)
+            .field("len", &self.len)
+            .field("chunk_size", &self.chunk_size)
+            .field("missing", &self.missing)
+            .field("expected_root", &hash_hex(&self.expected_root))
+            .finish()
+    }
+}
+
+impl FileBuilder {
+    pub fn new(
+        chunk_size: u32,
+        max_len: u64,
+        len: u64,
+        version: u64,
+        expected_root: Hash,
+    ) -> Result<Self, FileError> {
+        check_chunk_size(chunk_size)?;
+        if len > max_len {
+            return Err(FileError::TooLarge { len, max: max_len });
+        }
+        let count = chunk_count_for(len, chunk_size);
+        let n = to_index(count).ok_or(FileError::TooLarge { len, max: max_len })?;
+        Ok(FileBuilder {
+            chunk_size,
+            max_len,
+            len,
+            version,
+            expected_root,
+            chunks: vec![None; n],
+            leaves: vec![[0; 32]; n],
+            missing: count,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.chunks.len() as u64
+    }
+
+    /// Stores chunk `index`; its length must match the slot. Putting a chunk twice replaces it.
+    pub fn put_chunk(&mut self, index: u64, data: Bytes) -> Result<(), FileError> {
+        let count = self.chunk_count();
+        let i = to_index(index)
+            .filter(|&i| i < self.chunks.len())
+            .ok_or(FileError::ChunkOutOfRange { index, count })?;
+        let expected = chunk_len_for(self.len, self.chunk_size, index);
+        let got = data.len() as u64;
+        if got != expected {
+            return Err(FileError::ChunkLength {
+                index,
+                expected,
+                got,
+            });
+        }
+        self.leaves[i] = leaf_hash(&data);
+        if self.chunks[i].replace(data).is_none() {
+            self.missing -= 1;
+        }
+        Ok(())
+    }
+
+    /// Chunks not yet received.
+    pub fn missing(&self) -> u64 {
+        self.missing
+    }
+
+    /// The file, once every chunk is in and the root matches.
+    pub fn finish(self) -> Result<ChunkedFile, FileError> {
+        if self.missing > 0 {
+            return Err(FileError::Incomplete {
+                missing: self.missing,
+            });
+        }
+        let chunks: Vec<Bytes> = self.chunks.into_iter().flatten().collect();
+        let file = ChunkedFile::from_leaves(
+            self.chunk_size,
+            self.max_len,
+            self.len,
+            self.version,
+            chunks,
+            self.leaves,
+        );
+        if file.root != self.expected_root {
+            return Err(FileError::RootMismatch {
+                expected: hash_hex(&self.expected_root),
+                got: file.root_hex(),
+            });
+        }
+        Ok(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MAX: u64 = 4096;
+
+    fn w(offset: u64, data: &[u8]) -> Op {
+        Op::Write {
+            offset,
+            data: Bytes::copy_from_slice(data),
+        }
+    }
+
+    fn t(len: u64) -> Op {
+        Op::Truncate { len }
+    }
+
+    fn upd(ops: Vec<Op>) -> Update {
+        Update { ops }
+    }
+
+    fn model_apply(model: &[u8], update: &Update, max: u64) -> Option<Vec<u8>> {
+        let mut m = model.to_vec();
+        for op in &update.ops {
+            match op {
+                Op::Write { offset, data } => {
+                    let end = offset.checked_add(data.len() as u64)?;
+                    if end.max(m.len() as u64) > max {
+                        return None;
+                    }
+                    let (o, e) = (*offset as usize, end as usize);
+                    if m.len() < e {
+                        m.resize(e, 0);
+                    }
+                    m[o..e].copy_from_slice(data);
+                }
+                Op::Truncate { len } => {
+                    if *len > max {
+                        return None;
+                    }
+                    m.resize(*len as usize, 0);
+                }
+            }
+        }
+        Some(m)
+    }
+
+    fn assert_consistent(f: &ChunkedFile) {
+        let fresh = ChunkedFile::from_bytes(f.chunk_size(), f.max_len(), &f.to_vec(), 0).unwrap();
+        assert_eq!(f.chunk_hashes(), fresh.chunk_hashes());
+        assert_eq!(f.levels, fresh.levels);
+        assert_eq!(f.root(), fresh.root());
+        assert_eq!(
+            f.root(),
+            root_of(f.chunk_size(), f.len(), &f.chunk_hashes())
+        );
+        let cs = u64::from(f.chunk_size());
+        assert_eq!(f.chunk_count(), f.len().div_ceil(cs));
+        for i in 0..f.chunk_count() {
+            assert_eq!(
+                f.chunk(i).unwrap().len() as u64,
+                cs.min(f.len() - i * cs),
+                "chunk {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn chunk_size_validation() {
+        for bad in [0, 3, 100, MAX_CHUNK_SIZE * 2, u32::MAX] {
+            assert_eq!(
+                ChunkedFile::new(bad, MAX).unwrap_err(),
+                FileError::BadChunkSize(bad)
+            );
+        }
+        for good in [1, 4, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE] {
+            assert!(ChunkedFile::new(good, MAX).is_ok());
+        }
+    }
+
+    #[test]
+    fn empty_file_root() {
+        let f = ChunkedFile::new(4, MAX).unwrap();
+        assert_eq!(f.len(), 0);
+        assert!(f.is_empty());
+        assert_eq!(f.chunk_count(), 0);
+        assert_eq!(f.version(), 0);
+        let mut h = blake3::Hasher::new();
+        h.update(&[2]);
+        h.update(&0u64.to_le_bytes());
+        h.update(&4u32.to_le_bytes());
+        h.update(blake3::hash(b"").as_bytes());
+        assert_eq!(f.root(), *h.finalize().as_bytes());
+        assert_eq!(f.root(), root_of(4, 0, &[]));
+        assert_ne!(f.root(), ChunkedFile::new(8, MAX).unwrap().root());
+        assert_eq!(f.root_hex().len(), 64);
+        assert!(f.read(0, 10).is_empty());
+        assert_eq!(f.range_hash(0, 10), *blake3::hash(b"").as_bytes());
+    }
+
+    #[test]
+    fn root_layout() {
+        let f = ChunkedFile::from_bytes(4, MAX, b"abcdefghij", 7).unwrap();
+        let l: Vec<Hash> = [&b"abcd"[..], b"efgh", b"ij"]
+            .iter()
+            .map(|c| leaf_hash(c))
+            .collect();
+        assert_eq!(f.chunk_hashes(), l);
+        let tree = node_hash(&node_hash(&l[0], &l[1]), &l[2]);
+        assert_eq!(f.root(), file_root(10, 4, &tree));
+        assert_eq!(f.version(), 7);
+        let one = ChunkedFile::from_bytes(4, MAX, b"ab", 0).unwrap();
+        assert_eq!(one.root(), file_root(2, 4, &leaf_hash(b"ab")));
+    }
+
+    #[test]
+    fn write_past_end_extends_with_zeros() {
+        let mut f = ChunkedFile::from_bytes(4, MAX, b"ab", 0).unwrap();
+        f.apply(1, &upd(vec![w(7, b"xyz")])).unwrap();
+        assert_eq!(f.to_vec(), b"ab\0\0\0\0\0xyz");
+        assert_eq!(f.version(), 1);
+        f.apply(2, &upd(vec![w(12, b"")])).unwrap();
+        assert_eq!(f.len(), 12);
+        assert_eq!(f.read(10, 100), vec![0, 0]);
+        assert_consistent(&f);
+        let mut g = ChunkedFile::new(4, MAX).unwrap();
+        g.apply(1, &upd(vec![w(20, b"z")])).unwrap();
+        assert_eq!(g.to_vec(), [&[0u8; 20][..], b"z"].concat());
+        assert_consistent(&g);
+    }
+
+    #[test]
+    fn truncate_shorter_and_longer() {
+        let mut f = ChunkedFile::from_bytes(4, MAX, b"abcdefghij", 0).unwrap();
+        f.apply(1, &upd(vec![t(6)])).unwrap();
+        assert_eq!(f.to_vec(), b"abcdef");
+        assert_consistent(&f);
+        f.apply(2, &upd(vec![t(13)])).unwrap();
+        assert_eq!(f.to_vec(), b"abcdef\0\0\0\0\0\0\0");
+        assert_consistent(&f);
+        f.apply(3, &upd(vec![t(8)])).unwrap();
+        assert_eq!(f.to_vec(), b"abcdef\0\0");
+        assert_consistent(&f);
+        f.apply(4, &upd(vec![t(0)])).unwrap();
+        assert!(f.is_empty());
+        assert_eq!(f.root(), ChunkedFile::new(4, MAX).unwrap().root());
+        assert_consistent(&f);
+    }
+
+    #[test]
+    fn write_spanning_chunk_boundaries() {
+        let data: Vec<u8> = (0..40).collect();
+        let mut f = ChunkedFile::from_bytes(8, MAX, &data, 0).unwrap();
+        let before: Vec<Bytes> = (0..f.chunk_count()).map(|i| f.chunk(i).unwrap()).collect();
+        f.apply(1, &upd(vec![w(6, &[0xff; 12])])).unwrap();
+        let mut model = data.clone();
+        model[6..18].fill(0xff);
+        assert_eq!(f.to_vec(), model);
+        for (i, b) in before.iter().enumerate() {
+            let now = f.chunk(i as u64).unwrap();
+            assert_eq!(
+                now.as_ptr() == b.as_ptr(),
+                !(0..=2).contains(&i),
+                "chunk {i}"
+            );
+        }
+        assert_eq!(f.read(4, 6), model[4..10]);
+        assert_eq!(f.range_hash(5, 20), *blake3::hash(&model[5..25]).as_bytes());
+        assert_consistent(&f);
+    }
+
+    #[test]
+    fn small_write_into_large_file_touches_one_chunk() {
+        let data = vec![7u8; 8 * 1024 * 1024 + 5];
+        let mut f = ChunkedFile::from_bytes(DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN, &data, 0).unwrap();
+        let snap = f.clone();
+        f.apply(1, &upd(vec![w(3 * 65536 + 10, &[1; 100])]))
+            .unwrap();
+        let changed: Vec<u64> = (0..f.chunk_count())
+            .filter(|&i| f.chunk(i).unwrap().as_ptr() != snap.chunk(i).unwrap().as_ptr())
+            .collect();
+        assert_eq!(changed, vec![3]);
+        assert_eq!(snap.to_vec(), data);
+        let mut model = data;
+        model[3 * 65536 + 10..3 * 65536 + 110].fill(1);
+        assert_eq!(
+            f.root(),
+            ChunkedFile::from_bytes(DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN, &model, 0)
+                .unwrap()
+                .root()
+        );
+    }
+
+    #[test]
+    fn huge_zero_extension_is_cheap() {
+        let mut f = ChunkedFile::new(DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN).unwrap();
+        f.apply(1, &upd(vec![t(1 << 30), w(5, b"x")])).unwrap();
+        assert_eq!(f.len(), 1 << 30);
+        assert_eq!(f.chunk_count(), (1 << 30) / 65536);
+        assert_eq!(f.read(4, 3), b"\0x\0");
+        let zh = leaf_hash(&vec![0u8; 65536]);
+        assert_eq!(f.chunk_hash(1), Some(zh));
+        assert_eq!(
+            f.root(),
+            root_of(f.chunk_size(), f.len(), &f.chunk_hashes())
+        );
+    }
+
+    #[test]
+    fn preconditions() {
+        let f = ChunkedFile::from_bytes(4, MAX, b"hello world", 5).unwrap();
+        assert!(f.check(&Precondition::IfVersion(5)));
+        assert!(!f.check(&Precondition::IfVersion(4)));
+        let hash = *blake3::hash(b"lo wo").as_bytes();
+        assert!(f.check(&Precondition::IfRangeHash {
+            offset: 3,
+            len: 5,
+            hash
+        }));
+        assert!(!f.check(&Precondition::IfRangeHash {
+            offset: 2,
+            len: 5,
+            hash
+        }));
+        let tail = *blake3::hash(b"rld").as_bytes();
+        assert!(f.check(&Precondition::IfRangeHash {
+            offset: 8,
+            len: u64::MAX,
+            hash: tail
+        }));
+        let empty = *blake3::hash(b"").as_bytes();
+        assert!(f.check(&Precondition::IfRangeHash {
+            offset: 100,
+            len: 5,
+            hash: empty
+        }));
+    }
+
+    #[test]
+    fn too_large_and_atomicity() {
+        let mut f = ChunkedFile::from_bytes(4, 16, b"abcdef", 3).unwrap();
+        let root = f.root();
+        let err = f
+            .apply(4, &upd(vec![w(0, b"XY"), w(10, b"0123456789")]))
+            .unwrap_err();
+        assert_eq!(err, FileError::TooLarge { len: 20, max: 16 });
+        assert_eq!(f.to_vec(), b"abcdef");
+        assert_eq!(f.root(), root);
+        assert_eq!(f.version(), 3);
+        assert_eq!(
+            f.apply(4, &upd(vec![t(2), t(17)])).unwrap_err(),
+            FileError::TooLarge { len: 17, max: 16 }
+        );
+        assert_eq!(
+            f.apply(4, &upd(vec![w(u64::MAX, b"x")])).unwrap_err(),
+            FileError::TooLarge {
+                len: u64::MAX,
+                max: 16
+            }
+        );
+        assert_eq!(
+            f.apply(4, &upd(vec![w(1 << 62, b"")])).unwrap_err(),
+            FileError::TooLarge {
+                len: 1 << 62,
+                max: 16
+            }
+        );
+        assert_eq!(f.to_vec(), b"abcdef");
+        assert_eq!(f.version(), 3);
+        f.apply(4, &upd(vec![t(16)])).unwrap();
+        assert_eq!(f.len(), 16);
+        assert_eq!(
+            ChunkedFile::from_bytes(4, 5, b"abcdef", 0).unwrap_err(),
+            FileError::TooLarge { len: 6, max: 5 }
+        );
+    }
+
+    #[test]
+    fn from_bytes_matches_applies() {
+        let mut f = ChunkedFile::new(4, MAX).unwrap();
+        f.apply(1, &upd(vec![w(0, b"hello"), w(10, b"world")]))
+            .unwrap();
+        f.apply(2, &upd(vec![w(5, b", "), t(12), w(12, b"!")]))
+            .unwrap();
+        let g = ChunkedFile::from_bytes(4, MAX, b"hello, \0\0\0wo!", 2).unwrap();
+        assert_eq!(f.to_vec(), g.to_vec());
+        assert_eq!(f.root(), g.root());
+        assert_consistent(&f);
+        let mut out = Vec::new();
+        f.write_to(&mut out).unwrap();
+        assert_eq!(out, g.to_vec());
+    }
+
+    #[test]
+    fn diff_to_reproduces() {
+        let old = b"aaaabbbbccccdddde".to_vec();
+        let cases: Vec<Vec<u8>> = vec![
+            old.clone(),
+            b"aaaaXbbbccccdddde".to_vec(),
+            b"aaaabbbbcc".to_vec(),
+            b"aaaabbbbccccddddefgh12345".to_vec(),
+            b"XaaabbbbccccYddde".to_vec(),
+            Vec::new(),
+            b"aaaabbbb".to_vec(),
+        ];
+        let f = ChunkedFile::from_bytes(4, MAX, &old, 0).unwrap();
+        for new in cases {
+            let u = f.diff_to(&new);
+            let mut g = f.clone();
+            g.apply(1, &u).unwrap();
+            assert_eq!(g.to_vec(), new);
+            assert_eq!(
+                g.root(),
+                ChunkedFile::from_bytes(4, MAX, &new, 0).unwrap().root()
+            );
+        }
+        assert!(f.diff_to(&old).is_empty());
+        assert_eq!(f.diff_to(b"aaaabbbbcc"), upd(vec![t(10)]));
+        assert_eq!(
+            f.diff_to(b"XaaabbbbccccYddde"),
+            upd(vec![w(0, b"Xaaa"), w(12, b"Yddd")])
+        );
+        assert_eq!(
+            f.diff_to(b"aaaaXXXXYYYYdddde"),
+            upd(vec![w(4, b"XXXXYYYY")])
+        );
+        assert_eq!(f.diff_to(b"aaaabbbbccccddddefg"), upd(vec![w(16, b"efg")]));
+        let e = ChunkedFile::new(4, MAX).unwrap();
+        assert!(e.diff_to(b"").is_empty());
+        assert_eq!(e.diff_to(b"abcdef"), upd(vec![w(0, b"abcdef")]));
+    }
+
+    #[test]
+    fn proto_roundtrip() {
+        let u = upd(vec![w(3, b"abc"), t(9), w(0, b"")]);
+        let p = proto::Update::from(&u);
+        assert_eq!(Update::try_from(p).unwrap(), u);
+        assert_eq!(u.byte_size(), 3);
+        let bad = proto::Update {
+            ops: vec![proto::Op { kind: None }],
+        };
+        assert_eq!(Update::try_from(bad).unwrap_err(), FileError::MissingOp);
+
+        for pc in [
+            Precondition::IfVersion(9),
+            Precondition::IfRangeHash {
+                offset: 1,
+                len: 2,
+                hash: [5; 32],
+            },
+        ] {
+            let p = proto::Precondition::from(&pc);
+            assert_eq!(Precondition::try_from(p).unwrap(), pc);
+        }
+        let bad = proto::Precondition {
+            kind: Some(proto::precondition::Kind::IfRangeHash(proto::RangeHash {
+                offset: 0,
+                len: 0,
+                hash: Bytes::from_static(&[1; 31]),
+            })),
+        };
+        assert_eq!(
+            Precondition::try_from(bad).unwrap_err(),
+            FileError::BadHash { len: 31 }
+        );
+        assert_eq!(
+            Precondition::try_from(proto::Precondition { kind: None }).unwrap_err(),
+            FileError::MissingPrecondition
+        );
+    }
+
+    #[test]
+    fn builder_happy_path() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let src = ChunkedFile::from_bytes(64, MAX, &data, 42).unwrap();
+        let mut b = FileBuilder::new(64, MAX, 1000, 42, src.root()).unwrap();
+        assert_eq!(b.missing(), 16);
+        for i in (0..16).rev() {
+            b.put_chunk(i, src.chunk(i).unwrap()).unwrap();
+        }
+        b.put_chunk(3, src.chunk(3).unwrap()).unwrap();
+        assert_eq!(b.missing(), 0);
+        let f = b.finish().unwrap();
+        assert_eq!(f.to_vec(), data);
+        assert_eq!(f.version(), 42);
+        assert_eq!(f.root(), src.root());
+        assert_consistent(&f);
+
+        let e = FileBuilder::new(64, MAX, 0, 1, ChunkedFile::new(64, MAX).unwrap().root())
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn builder_errors() {
+        let data = vec![9u8; 100];
+        let src = ChunkedFile::from_bytes(64, MAX, &data, 1).unwrap();
+        let mut b = FileBuilder::new(64, MAX, 100, 1, src.root()).unwrap();
+        assert_eq!(
+            b.put_chunk(1, Bytes::from(vec![9u8; 64])).unwrap_err(),
+            FileError::ChunkLength {
+                index: 1,
+                expected: 36,
+                got: 64
+            }
+        );
+        assert_eq!(
+            b.put_chunk(2, Bytes::from(vec![9u8; 36])).unwrap_err(),
+            FileError::ChunkOutOfRange { index: 2, count: 2 }
+        );
+        b.put_chunk(0, src.chunk(0).unwrap()).unwrap();
+        assert_eq!(b.missing(), 1);
+        assert_eq!(
+            b.finish().unwrap_err(),
+            FileError::Incomplete { missing: 1 }
+        );
+
+        let mut b = FileBuilder::new(64, MAX, 100, 1, src.root()).unwrap();
+        b.put_chunk(0, src.chunk(0).unwrap()).unwrap();
+        b.put_chunk(1, Bytes::from(vec![8u8; 36])).unwrap();
+        match b.finish().unwrap_err() {
+            FileError::RootMismatch { expected, got } => {
+                assert_eq!(expected, src.root_hex());
+                assert_ne!(got, expected);
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        assert_eq!(
+            FileBuilder::new(64, 50, 100, 1, src.root()).unwrap_err(),
+            FileError::TooLarge { len: 100, max: 50 }
+        );
+        assert_eq!(
+            FileBuilder::new(48, MAX, 100, 1, src.root()).unwrap_err(),
+            FileError::BadChunkSize(48)
+        );
+    }
+
+    fn op_strategy() -> impl Strategy<Value = Op> {
+        let bytes = prop::collection::vec(0u8..3, 0..80);
+        prop_oneof![
+            4 => (0u64..400, bytes).prop_map(|(offset, d)| Op::Write { offset, data: Bytes::from(d) }),
+            1 => (0u64..520).prop_map(|len| Op::Truncate { len }),
+        ]
+    }
+
+    fn update_strategy() -> impl Strategy<Value = Update> {
+        prop::collection::vec(op_strategy(), 0..5).prop_map(|ops| Update { ops })
+    }
+
+    fn chunk_size_strategy() -> impl Strategy<Value = u32> {
+        prop::sample::select(vec![1u32, 4, 16, 64])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn prop_matches_model(
+            cs in chunk_size_strategy(),
+            init in prop::collection::vec(0u8..3, 0..200),
+            updates in prop::collection::vec(update_strategy(), 1..12),
+        ) {
+            let max = 512;
+            let mut f = ChunkedFile::from_bytes(cs, max, &init, 0).unwrap();
+            let mut model = init;
+            for (n, u) in updates.iter().enumerate() {
+                let v = n as u64 + 1;
+                let snap = f.clone();
+                let prev_root = f.root();
+                let prev_version = f.version();
+                let res = f.apply(v, u);
+                match model_apply(&model, u, max) {
+                    Some(next) => {
+                        prop_assert!(res.is_ok());
+                        prop_assert_eq!(f.version(), v);
+                        prop_assert_eq!(f.root() != prev_root, next != model);
+                        model = next;
+                    }
+                    None => {
+                        let too_large = matches!(res, Err(FileError::TooLarge { .. }));
+                        prop_assert!(too_large);
+                        prop_assert_eq!(f.version(), prev_version);
+                        prop_assert_eq!(f.root(), prev_root);
+                    }
+                }
+                prop_assert_eq!(f.len(), model.len() as u64);
+                prop_assert_eq!(f.to_vec(), model.clone());
+                let fresh = ChunkedFile::from_bytes(cs, max, &model, 0).unwrap();
+                prop_assert_eq!(f.root(), fresh.root());
+                prop_assert_eq!(&f.levels, &fresh.levels);
+                prop_assert_eq!(snap.root(), prev_root);
+                prop_assert_eq!(snap.version(), prev_version);
+                prop_assert_eq!(
+                    snap.root(),
+                    ChunkedFile::from_bytes(cs, max, &snap.to_vec(), 0).unwrap().root()
+                );
+            }
+            assert_consistent(&f);
+        }
+
+        #[test]
+        fn prop_snapshot_unchanged(
+            cs in chunk_size_strategy(),
+            init in prop::collection::vec(any::<u8>(), 0..300),
+            updates in prop::collection::vec(update_strategy(), 1..8),
+        ) {
+            let mut f = ChunkedFile::from_bytes(cs, 1024, &init, 0).unwrap();
+            let snap = f.clone();
+            for (n, u) in updates.iter().enumerate() {
+                let _ = f.apply(n as u64 + 1, u);
+            }
+            prop_assert_eq!(snap.to_vec(), init.clone());
+            prop_assert_eq!(snap.version(), 0);
+            prop_assert_eq!(
+                snap.root(),
+                ChunkedFile::from_bytes(cs, 1024, &init, 0).unwrap().root()
+            );
+        }
+
+        #[test]
+        fn prop_diff_to(
+            cs in chunk_size_strategy(),
+            old in prop::collection::vec(0u8..2, 0..300),
+            new in prop::collection::vec(0u8..2, 0..300),
+            edits in prop::collection::vec((0usize..300, any::<u8>()), 0..6),
+            use_edits in any::<bool>(),
+        ) {
+            let new = if use_edits {
+                let mut n = old.clone();
+                for (i, b) in edits {
+                    if i < n.len() {
+                        n[i] = b;
+                    }
+                }
+                n
+            } else {
+                new
+            };
+            let f = ChunkedFile::from_bytes(cs, 1024, &old, 0).unwrap();
+            let u = f.diff_to(&new);
+            prop_assert_eq!(u.is_empty(), old == new);
+            let mut g = f.clone();
+            g.apply(1, &u).unwrap();
+            prop_assert_eq!(g.to_vec(), new.clone());
+            prop_assert_eq!(g.root(), ChunkedFile::from_bytes(cs, 1024, &new, 0).unwrap().root());
+            prop_assert_eq!(f.to_vec(), old);
+            let csz = cs as u64;
+            let mut last_end = None;
+            for op in &u.ops {
+                if let Op::Write { offset, data } = op {
+                    prop_assert_eq!(offset % csz, 0);
+                    let end = offset + data.len() as u64;
+                    prop_assert!(end % csz == 0 || end == new.len() as u64);
+                    prop_assert!(last_end.is_none_or(|e| e < *offset));
+                    last_end = Some(end);
+                }
+            }
+        }
+    }
+}
+#[cfg(test)]
+mod perf_tmp {
+    use super::*;
+    #[test]
+    fn perf_50mb() {
+        let data: Vec<u8> = (0..50 * 1024 * 1024u32).map(|i| (i * 7) as u8).collect();
+        let t0 = std::time::Instant::now();
+        let mut f = ChunkedFile::from_bytes(DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN, &data, 0).unwrap();
+        let t1 = t0.elapsed();
+        let t0 = std::time::Instant::now();
+        let snap = f.clone();
+        let tc = t0.elapsed();
+        let t0 = std::time::Instant::now();
+        for k in 0..1000u64 {
+            f.apply(
+                k + 1,
+                &Update {
+                    ops: vec![Op::Write {
+                        offset: k * 50_000,
+                        data: Bytes::from(vec![1u8; 100]),
+                    }],
+                },
+            )
+            .unwrap();
+        }
+        let t2 = t0.elapsed();
+        let t0 = std::time::Instant::now();
+        let u = snap.diff_to(&f.to_vec());
+        let t3 = t0.elapsed();
+        eprintln!(
+            "from_bytes {t1:?} clone {tc:?} 1000 small applies {t2:?} diff {t3:?} ops {}",
+            u.ops.len()
+        );
+    }
+}

@@ -1,0 +1,997 @@
+//! The tokio driver of a node: QUIC accept loop, child streams, upstream, proposals, file.
+//!
+//! Invariants:
+//! - The replica and the child table change under one lock, so a child registered by a
+//!   subscription plan receives exactly the broadcasts after that plan: no gap, no repeat.
+//! - Broadcasting never waits on a child: frames go to per-child unbounded channels with a
+//!   byte budget; a child over budget is cut off (its stream reset) and resubscribes.
+//! - Bad input from a peer closes that peer's connection with a logged reason; the node
+//!   keeps serving everyone else.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use quinn::VarInt;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{NodeConfig, NodeKind};
+use crate::consensus::{ApplyOutcome, ConsensusError, Core, FileStateMachine, Member};
+use crate::file::{ChunkedFile, FileError, Precondition, Update};
+use crate::metrics::NodeMetrics;
+use crate::proto::{self, downstream::Kind as Down, propose_reply, request};
+use crate::replica::{snapshot_frames, Event, Replica, SubscribePlan};
+use crate::tls::SERVER_NAME;
+use crate::wire::{self, WireError};
+
+/// QUIC application close codes.
+mod code {
+    pub const SHUTDOWN: u32 = 0;
+    pub const BAD_FRAME: u32 = 2;
+    pub const CUT_OFF: u32 = 3;
+    pub const RESYNC: u32 = 4;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("config: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("file: {0}")]
+    File(#[from] FileError),
+    #[error("consensus: {0}")]
+    Consensus(#[from] ConsensusError),
+    #[error("wire: {0}")]
+    Wire(#[from] WireError),
+    #[error("connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("no core node is known yet (this relay has not reached its parent)")]
+    NoCore,
+    #[error("update of {size} bytes exceeds max_update_bytes {max}")]
+    UpdateTooLarge { size: u64, max: u64 },
+    #[error("the core rejected the proposal: {0}")]
+    Rejected(String),
+    #[error("replace did not settle after {0} attempts under concurrent writes")]
+    Contended(u32),
+    #[error("io on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("shutting down")]
+    Shutdown,
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+struct ChildLink {
+    name: String,
+    addr: String,
+    tx: mpsc::UnboundedSender<Bytes>,
+    queued: Arc<AtomicU64>,
+    cut: Arc<AtomicBool>,
+}
+
+struct State {
+    replica: Replica,
+    children: BTreeMap<u64, ChildLink>,
+    next_child: u64,
+}
+
+/// What `/v1/status` reports.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct Status {
+    pub name: String,
+    pub role: String,
+    pub version: u64,
+    pub root: String,
+    pub length: u64,
+    pub parent: String,
+    pub parent_addr: String,
+    pub children: Vec<String>,
+    pub child_addrs: Vec<String>,
+    pub depth: u32,
+    pub root_path: Vec<String>,
+    pub synced: bool,
+    pub commit_version: u64,
+    pub lag_entries: u64,
+    pub lag_seconds: f64,
+    pub file_version: Option<u64>,
+    pub core_addrs: Vec<String>,
+}
+
+/// Shared state of a running node; cheap to clone through [`Node`].
+pub struct Shared {
+    pub cfg: NodeConfig,
+    state: Mutex<State>,
+    applied: watch::Sender<(u64, u64)>,
+    materialized: watch::Sender<Option<u64>>,
+    core: OnceLock<Arc<Core>>,
+    endpoint: quinn::Endpoint,
+    core_conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    parent_addr: Mutex<String>,
+    pub metrics: NodeMetrics,
+    relayed: AtomicU64,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// A handle to a running node.
+#[derive(Clone)]
+pub struct Node(pub Arc<Shared>);
+
+struct CoreSm(Arc<Shared>);
+
+impl FileStateMachine for CoreSm {
+    fn apply(&self, log_index: u64, proposal: &proto::Proposal) -> ApplyOutcome {
+        let mut st = self.0.state.lock().unwrap();
+        let (outcome, events) = st.replica.apply_committed(log_index, proposal, now_us());
+        self.0.dispatch(&mut st, events);
+        outcome
+    }
+
+    fn current(&self) -> ChunkedFile {
+        self.0.state.lock().unwrap().replica.file().clone()
+    }
+
+    fn install(&self, file: ChunkedFile) {
+        let mut st = self.0.state.lock().unwrap();
+        let version = file.version();
+        let mut events = st.replica.install(file);
+        events.push(Event::Applied {
+            version,
+            commit_time_us: now_us(),
+        });
+        self.0.dispatch(&mut st, events);
+    }
+}
+
+impl Shared {
+    fn count_relayed(&self, n: usize) {
+        self.relayed.fetch_add(n as u64, Ordering::Relaxed);
+        self.metrics.relayed_bytes.increment(n as u64);
+    }
+
+    fn dispatch(&self, st: &mut State, events: Vec<Event>) {
+        for ev in events {
+            match ev {
+                Event::Broadcast(frame) => self.broadcast(st, &frame),
+                Event::Applied {
+                    version,
+                    commit_time_us,
+                } => {
+                    self.applied.send_replace((version, commit_time_us));
+                    self.metrics.applied_version.set(version as f64);
+                    let commit = st.replica.commit_known();
+                    self.metrics.commit_version.set(commit as f64);
+                    self.metrics
+                        .lag_entries
+                        .set(commit.saturating_sub(version) as f64);
+                    if commit_time_us > 0 {
+                        let delay = now_us().saturating_sub(commit_time_us) as f64 / 1e6;
+                        self.metrics.apply_delay.record(delay);
+                        self.metrics
+                            .lag_seconds
+                            .set(if commit > version { delay } else { 0.0 });
+                    }
+                }
+                Event::Installed { version } => {
+                    info!(node = %self.cfg.name, version, root = %st.replica.file().root_hex(), "installed snapshot");
+                }
+                Event::CheckpointVerified { .. } => self.metrics.checkpoint_ok.increment(1),
+            }
+        }
+    }
+
+    fn broadcast(&self, st: &mut State, frame: &Bytes) {
+        let len = frame.len() as u64;
+        let limit = self.cfg.stream.child_queue_bytes;
+        let mut cut = Vec::new();
+        for (id, c) in &st.children {
+            let queued = c.queued.load(Ordering::Acquire);
+            if queued + len > limit || c.tx.send(frame.clone()).is_err() {
+                cut.push(*id);
+            } else {
+                c.queued.fetch_add(len, Ordering::AcqRel);
+            }
+        }
+        for id in cut {
+            if let Some(c) = st.children.remove(&id) {
+                c.cut.store(true, Ordering::Release);
+                warn!(node = %self.cfg.name, child = %c.name, limit, "cutting off child: send queue over limit");
+                self.metrics.child_cutoffs.increment(1);
+            }
+        }
+        self.metrics.children.set(st.children.len() as f64);
+    }
+
+    fn depth(&self, st: &State) -> u32 {
+        match st.replica.parent() {
+            _ if self.cfg.is_core() => 0,
+            Some(p) => p.depth + 1,
+            None => 0,
+        }
+    }
+
+    fn root_path(&self, st: &State) -> Vec<String> {
+        let mut path = match st.replica.parent() {
+            Some(p) if !self.cfg.is_core() => p.root_path.clone(),
+            _ => Vec::new(),
+        };
+        path.push(self.cfg.name.clone());
+        path
+    }
+
+    fn core_addrs(&self, st: &State) -> Vec<String> {
+        match (&self.cfg.kind, st.replica.parent()) {
+            (NodeKind::Core { .. }, _) => vec![self.cfg.advertise.to_string()],
+            (NodeKind::Relay { .. }, Some(p)) => p.core_addrs.clone(),
+            (NodeKind::Relay { join }, None) => join.clone(),
+        }
+    }
+}
+
+impl Node {
+    /// Starts every task of a node on `endpoint` (already bound, with the node's TLS identity)
+    /// and serves the HTTP API on `api`. Tasks stop when `shutdown` is cancelled.
+    pub async fn start(
+        cfg: NodeConfig,
+        endpoint: quinn::Endpoint,
+        api: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<Node, NodeError> {
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.data).map_err(|source| NodeError::Io {
+            path: cfg.data.clone(),
+            source,
+        })?;
+        let replica = Replica::new(cfg.stream.replica(), cfg.is_core())?;
+        let shared = Arc::new(Shared {
+            metrics: NodeMetrics::new(&cfg.name),
+            state: Mutex::new(State {
+                replica,
+                children: BTreeMap::new(),
+                next_child: 0,
+            }),
+            applied: watch::channel((0, 0)).0,
+            materialized: watch::channel(None).0,
+            core: OnceLock::new(),
+            endpoint,
+            core_conn: tokio::sync::Mutex::new(None),
+            parent_addr: Mutex::new(String::new()),
+            relayed: AtomicU64::new(0),
+            shutdown,
+            tasks: TaskTracker::new(),
+            cfg,
+        });
+        let node = Node(shared.clone());
+        if let NodeKind::Core { raft, init } = &shared.cfg.kind {
+            let me = Member {
+                name: shared.cfg.name.clone(),
+                addr: shared.cfg.advertise.to_string(),
+            };
+            let core =
+                Core::open(me, &shared.cfg.data, Arc::new(CoreSm(shared.clone())), raft).await?;
+            if *init {
+                core.initialize_single().await?;
+            }
+            let _ = shared.core.set(Arc::new(core));
+            shared.tasks.spawn(core_ticker(shared.clone()));
+        }
+        if let NodeKind::Relay { .. } = &shared.cfg.kind {
+            shared.tasks.spawn(upstream_loop(shared.clone()));
+        }
+        if let Some(path) = shared.cfg.file.clone() {
+            shared.tasks.spawn(materialize_loop(shared.clone(), path));
+        }
+        shared.tasks.spawn(accept_loop(shared.clone()));
+        let router = crate::api::router(node.clone());
+        let sd = shared.shutdown.clone();
+        shared.tasks.spawn(async move {
+            if let Err(e) = axum::serve(api, router)
+                .with_graceful_shutdown(async move { sd.cancelled().await })
+                .await
+            {
+                error!("http api: {e}");
+            }
+        });
+        Ok(node)
+    }
+
+    /// Waits for shutdown, then for every task to finish.
+    pub async fn stopped(&self) {
+        self.0.shutdown.cancelled().await;
+        self.0.tasks.close();
+        if let Some(core) = self.0.core.get() {
+            if let Err(e) = core.shutdown().await {
+                warn!("raft shutdown: {e}");
+            }
+        }
+        self.0
+            .endpoint
+            .close(VarInt::from_u32(code::SHUTDOWN), b"shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.0.tasks.wait()).await;
+    }
+
+    /// Bytes this node has sent to its children (entries, checkpoints, transfers).
+    pub fn relayed_bytes(&self) -> u64 {
+        self.0.relayed.load(Ordering::Relaxed)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0.cfg.name
+    }
+
+    /// The file at the current applied version (cheap copy-on-write clone).
+    pub fn file(&self) -> ChunkedFile {
+        self.0.state.lock().unwrap().replica.file().clone()
+    }
+
+    /// Watch of `(applied version, core commit time in µs)`.
+    pub fn applied(&self) -> watch::Receiver<(u64, u64)> {
+        self.0.applied.subscribe()
+    }
+
+    pub fn status(&self) -> Status {
+        let st = self.0.state.lock().unwrap();
+        let file = st.replica.file();
+        let version = file.version();
+        let commit = st.replica.commit_known();
+        let lag_seconds = if commit > version && st.replica.last_commit_time_us() > 0 {
+            now_us().saturating_sub(st.replica.last_commit_time_us()) as f64 / 1e6
+        } else {
+            0.0
+        };
+        let role = match self.0.core.get() {
+            Some(c) if c.is_leader() => "leader",
+            Some(_) => "follower",
+            None if self.0.cfg.is_core() => "follower",
+            None => "relay",
+        };
+        Status {
+            name: self.0.cfg.name.clone(),
+            role: role.to_string(),
+            version,
+            root: file.root_hex(),
+            length: file.len(),
+            parent: match st.replica.parent() {
+                Some(p) if !self.0.cfg.is_core() => p.name.clone(),
+                _ => String::new(),
+            },
+            parent_addr: self.0.parent_addr.lock().unwrap().clone(),
+            children: st.children.values().map(|c| c.name.clone()).collect(),
+            child_addrs: st.children.values().map(|c| c.addr.clone()).collect(),
+            depth: self.0.depth(&st),
+            root_path: self.0.root_path(&st),
+            synced: st.replica.is_synced(),
+            commit_version: commit,
+            lag_entries: commit.saturating_sub(version),
+            lag_seconds,
+            file_version: *self.0.materialized.borrow(),
+            core_addrs: self.0.core_addrs(&st),
+        }
+    }
+
+    /// Waits until this node has applied `version` or `timeout` passes; true if applied.
+    pub async fn wait_applied(&self, version: u64, timeout: Duration) -> bool {
+        let mut rx = self.applied();
+        tokio::time::timeout(timeout, rx.wait_for(|(v, _)| *v >= version))
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false)
+    }
+
+    /// Commits `proposal` through the core (directly on a core node, over QUIC from a relay).
+    pub async fn propose(&self, proposal: proto::Proposal) -> Result<ApplyOutcome, NodeError> {
+        let size = proposal
+            .update
+            .as_ref()
+            .map(|u| {
+                u.ops
+                    .iter()
+                    .map(|o| match &o.kind {
+                        Some(proto::op::Kind::Write(w)) => w.data.len() as u64,
+                        _ => 0,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0);
+        let max = self.0.cfg.stream.max_update_bytes;
+        if size > max {
+            return Err(NodeError::UpdateTooLarge { size, max });
+        }
+        self.0.metrics.proposals.increment(1);
+        match self.0.core.get() {
+            Some(core) => Ok(core.propose(proposal).await?),
+            None => forward_proposal(&self.0, proposal).await,
+        }
+    }
+
+    /// Commits `update` (with an optional precondition) and returns the committed version.
+    pub async fn write(
+        &self,
+        update: &Update,
+        precondition: Option<&Precondition>,
+    ) -> Result<ApplyOutcome, NodeError> {
+        self.propose(proto::Proposal {
+            update: Some(update.into()),
+            precondition: precondition.map(Into::into),
+        })
+        .await
+    }
+
+    /// Replaces the whole file with `content` atomically: diffs it against this node's
+    /// version by chunk and commits only the changed ranges, conditional on that version
+    /// (retrying on a concurrent write, after catching up to it).
+    pub async fn replace(&self, content: &[u8]) -> Result<ApplyOutcome, NodeError> {
+        const ATTEMPTS: u32 = 20;
+        for _ in 0..ATTEMPTS {
+            let file = self.file();
+            let update = file.diff_to(content);
+            let cond = Precondition::IfVersion(file.version());
+            match self.write(&update, Some(&cond)).await? {
+                ApplyOutcome::PreconditionFailed { version } => {
+                    self.wait_applied(version, Duration::from_secs(10)).await;
+                }
+                other => return Ok(other),
+            }
+        }
+        Err(NodeError::Contended(ATTEMPTS))
+    }
+
+    /// The Raft instance of a core node.
+    pub fn core(&self) -> Option<&Arc<Core>> {
+        self.0.core.get()
+    }
+}
+
+async fn forward_proposal(
+    shared: &Arc<Shared>,
+    proposal: proto::Proposal,
+) -> Result<ApplyOutcome, NodeError> {
+    let request = proto::Request {
+        kind: Some(request::Kind::Propose(proto::Propose {
+            proposal: Some(proposal),
+        })),
+    };
+    let mut last = NodeError::NoCore;
+    for _ in 0..3 {
+        let conn = match core_connection(shared).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        let result: Result<proto::ProposeReply, NodeError> = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Connect {
+                addr: conn.remote_address().to_string(),
+                reason: e.to_string(),
+            })?;
+            wire::write_frame(&mut send, &request).await?;
+            let _ = send.finish();
+            wire::read_frame::<proto::ProposeReply>(&mut recv, shared.cfg.stream.max_frame)
+                .await?
+                .ok_or(NodeError::Wire(WireError::Truncated))
+        }
+        .await;
+        match result {
+            Ok(reply) => {
+                return match reply.kind {
+                    Some(propose_reply::Kind::CommittedVersion(v)) => {
+                        Ok(ApplyOutcome::Applied { version: v })
+                    }
+                    Some(propose_reply::Kind::PreconditionFailedVersion(v)) => {
+                        Ok(ApplyOutcome::PreconditionFailed { version: v })
+                    }
+                    Some(propose_reply::Kind::Error(e)) => Err(NodeError::Rejected(e)),
+                    None => Err(NodeError::Rejected("empty reply".into())),
+                }
+            }
+            Err(e) => {
+                warn!(node = %shared.cfg.name, "proposal to core failed, retrying: {e}");
+                *shared.core_conn.lock().await = None;
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn core_connection(shared: &Arc<Shared>) -> Result<quinn::Connection, NodeError> {
+    let mut guard = shared.core_conn.lock().await;
+    if let Some(c) = guard.as_ref() {
+        if c.close_reason().is_none() {
+            return Ok(c.clone());
+        }
+    }
+    let addrs = {
+        let st = shared.state.lock().unwrap();
+        match st.replica.parent() {
+            Some(p) if !p.core_addrs.is_empty() => p.core_addrs.clone(),
+            _ => return Err(NodeError::NoCore),
+        }
+    };
+    let mut last = NodeError::NoCore;
+    for addr in addrs {
+        match connect(shared, &addr).await {
+            Ok(c) => {
+                *guard = Some(c.clone());
+                return Ok(c);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn connect(shared: &Shared, addr: &str) -> Result<quinn::Connection, NodeError> {
+    let err = |reason: String| NodeError::Connect {
+        addr: addr.to_string(),
+        reason,
+    };
+    let sock: SocketAddr = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("no address".into()))?;
+    shared
+        .endpoint
+        .connect(sock, SERVER_NAME)
+        .map_err(|e| err(e.to_string()))?
+        .await
+        .map_err(|e| err(e.to_string()))
+}
+
+fn outcome_reply(r: Result<ApplyOutcome, NodeError>) -> proto::ProposeReply {
+    let kind = match r {
+        Ok(ApplyOutcome::Applied { version }) => propose_reply::Kind::CommittedVersion(version),
+        Ok(ApplyOutcome::PreconditionFailed { version }) => {
+            propose_reply::Kind::PreconditionFailedVersion(version)
+        }
+        Ok(ApplyOutcome::Rejected { reason, .. }) => propose_reply::Kind::Error(reason),
+        Err(e) => propose_reply::Kind::Error(e.to_string()),
+    };
+    proto::ProposeReply { kind: Some(kind) }
+}
+
+async fn accept_loop(shared: Arc<Shared>) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            i = shared.endpoint.accept() => match i { Some(i) => i, None => return },
+        };
+        let s = shared.clone();
+        shared.tasks.spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_connection(s, conn).await,
+                Err(e) => {
+                    s.metrics.handshake_failures.increment(1);
+                    warn!(node = %s.cfg.name, %remote, "refused connection: {e}");
+                }
+            }
+        });
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+    let peer = crate::tls::peer_identity(&conn)
+        .map(|(n, r)| format!("{n}/{r}"))
+        .unwrap_or_else(|| conn.remote_address().to_string());
+    debug!(node = %shared.cfg.name, %peer, "connection");
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            s = conn.accept_bi() => match s { Ok(s) => s, Err(_) => return },
+        };
+        let (s, c, p) = (shared.clone(), conn.clone(), peer.clone());
+        shared
+            .tasks
+            .spawn(async move { serve_stream(s, c, p, send, recv).await });
+    }
+}
+
+fn close_bad(shared: &Shared, conn: &quinn::Connection, peer: &str, why: &str) {
+    shared.metrics.frame_errors.increment(1);
+    warn!(node = %shared.cfg.name, %peer, "closing connection: {why}");
+    let reason = format!("bad frame: {why}");
+    conn.close(
+        VarInt::from_u32(code::BAD_FRAME),
+        &reason.as_bytes()[..reason.len().min(200)],
+    );
+}
+
+async fn serve_stream(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    peer: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let req = match wire::read_frame::<proto::Request>(&mut recv, shared.cfg.stream.max_frame).await
+    {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => return close_bad(&shared, &conn, &peer, &e.to_string()),
+    };
+    match req.kind {
+        Some(request::Kind::Subscribe(sub)) => serve_child(shared, conn, sub, send).await,
+        Some(request::Kind::Propose(p)) => {
+            let Some(proposal) = p.proposal else {
+                return close_bad(&shared, &conn, &peer, "propose without proposal");
+            };
+            let reply = outcome_reply(Node(shared.clone()).propose(proposal).await);
+            if wire::write_frame(&mut send, &reply).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+        None => close_bad(&shared, &conn, &peer, "request without kind"),
+    }
+}
+
+async fn serve_child(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    sub: proto::Subscribe,
+    mut send: quinn::SendStream,
+) {
+    let refuse = |reason: String| proto::Downstream {
+        kind: Some(Down::Refused(proto::Refused { reason })),
+    };
+    let registered = {
+        let mut st = shared.state.lock().unwrap();
+        if st.children.len() >= shared.cfg.stream.fanout {
+            Err(format!(
+                "full: {} children (fanout {})",
+                st.children.len(),
+                shared.cfg.stream.fanout
+            ))
+        } else {
+            match st.replica.plan_subscription(&sub) {
+                SubscribePlan::Refuse(r) => Err(r),
+                plan => {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let queued = Arc::new(AtomicU64::new(0));
+                    let cut = Arc::new(AtomicBool::new(false));
+                    let id = st.next_child;
+                    st.next_child += 1;
+                    st.children.insert(
+                        id,
+                        ChildLink {
+                            name: sub.name.clone(),
+                            addr: sub.listen_addr.clone(),
+                            tx,
+                            queued: queued.clone(),
+                            cut: cut.clone(),
+                        },
+                    );
+                    shared.metrics.children.set(st.children.len() as f64);
+                    let ok = proto::SubscribeOk {
+                        parent_name: shared.cfg.name.clone(),
+                        parent_depth: shared.depth(&st),
+                        resume: matches!(plan, SubscribePlan::Resume(_)),
+                        core_addrs: shared.core_addrs(&st),
+                        root_path: shared.root_path(&st),
+                        chunk_size: shared.cfg.stream.chunk_size,
+                    };
+                    Ok((
+                        id,
+                        plan,
+                        ok,
+                        rx,
+                        queued,
+                        cut,
+                        st.replica.last_commit_time_us(),
+                    ))
+                }
+            }
+        }
+    };
+    let (id, plan, ok, mut rx, queued, cut, commit_time) = match registered {
+        Ok(r) => r,
+        Err(reason) => {
+            debug!(node = %shared.cfg.name, child = %sub.name, "refusing subscription: {reason}");
+            if wire::write_frame(&mut send, &refuse(reason)).await.is_ok() {
+                let _ = send.finish();
+                let _ = send.stopped().await;
+            }
+            return;
+        }
+    };
+    info!(node = %shared.cfg.name, child = %sub.name, addr = %sub.listen_addr, have = sub.have_version, resume = ok.resume, "child subscribed");
+    let result: Result<(), WireError> = async {
+        wire::write_frame(
+            &mut send,
+            &proto::Downstream {
+                kind: Some(Down::SubscribeOk(ok)),
+            },
+        )
+        .await?;
+        match plan {
+            SubscribePlan::Resume(frames) => {
+                shared.metrics.resumes_served.increment(1);
+                for f in &frames {
+                    wire::write_raw(&mut send, f).await?;
+                }
+            }
+            SubscribePlan::Snapshot(file) => {
+                shared.metrics.full_transfers_served.increment(1);
+                for f in snapshot_frames(&file, commit_time) {
+                    wire::write_raw(&mut send, &f).await?;
+                    shared.count_relayed(f.len());
+                }
+            }
+            SubscribePlan::Refuse(_) => {}
+        }
+        loop {
+            let frame = tokio::select! {
+                _ = shared.shutdown.cancelled() => return Ok(()),
+                _ = conn.closed() => return Ok(()),
+                f = rx.recv() => f,
+            };
+            let Some(frame) = frame else { return Ok(()) };
+            wire::write_raw(&mut send, &frame).await?;
+            queued.fetch_sub(frame.len() as u64, Ordering::AcqRel);
+            shared.count_relayed(frame.len());
+        }
+    }
+    .await;
+    if cut.load(Ordering::Acquire) {
+        let _ = send.reset(VarInt::from_u32(code::CUT_OFF));
+    } else if let Err(e) = result {
+        debug!(node = %shared.cfg.name, child = %sub.name, "child stream ended: {e}");
+    }
+    let mut st = shared.state.lock().unwrap();
+    st.children.remove(&id);
+    shared.metrics.children.set(st.children.len() as f64);
+}
+
+async fn core_ticker(shared: Arc<Shared>) {
+    let hb = Duration::from_millis(shared.cfg.stream.heartbeat_ms);
+    let cp = Duration::from_millis(shared.cfg.stream.checkpoint_interval_ms);
+    let mut hb_tick = tokio::time::interval(hb);
+    let mut cp_tick = tokio::time::interval(cp);
+    hb_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    cp_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let events = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = hb_tick.tick() => {
+                let st = shared.state.lock().unwrap();
+                vec![st.replica.heartbeat(now_us())]
+            }
+            _ = cp_tick.tick() => {
+                let mut st = shared.state.lock().unwrap();
+                st.replica.checkpoint().into_iter().collect()
+            }
+        };
+        let mut st = shared.state.lock().unwrap();
+        shared.dispatch(&mut st, events);
+    }
+}
+
+async fn upstream_loop(shared: Arc<Shared>) {
+    let NodeKind::Relay { join } = shared.cfg.kind.clone() else {
+        return;
+    };
+    let mut attempt: u32 = 0;
+    let mut full = false;
+    let mut backoff = Duration::from_millis(50);
+    while !shared.shutdown.is_cancelled() {
+        let addr = &join[attempt as usize % join.len()];
+        attempt = attempt.wrapping_add(1);
+        match follow_parent(&shared, addr, full).await {
+            Ok(()) => return,
+            Err((e, progressed)) => {
+                {
+                    let mut st = shared.state.lock().unwrap();
+                    st.replica.upstream_lost();
+                }
+                *shared.parent_addr.lock().unwrap() = String::new();
+                full = matches!(&e, UpstreamError::Replica(r) if r.needs_full_resync());
+                let label = e.label();
+                shared.metrics.resync(label);
+                match &e {
+                    UpstreamError::Replica(r) if r.needs_full_resync() => {
+                        shared.metrics.checkpoint_mismatches.increment(1);
+                        error!(node = %shared.cfg.name, parent = %addr, "DIVERGED, resyncing in full: {e}");
+                    }
+                    _ => warn!(node = %shared.cfg.name, parent = %addr, "upstream lost: {e}"),
+                }
+                if progressed {
+                    backoff = Duration::from_millis(50);
+                } else {
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("{0}")]
+    Connect(NodeError),
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("{0}")]
+    Replica(#[from] crate::replica::ReplicaError),
+    #[error("parent closed the stream")]
+    Closed,
+}
+
+impl UpstreamError {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::Wire(_) => "stream",
+            Self::Replica(r) => r.label(),
+            Self::Closed => "closed",
+        }
+    }
+}
+
+/// Follows one parent until the stream fails. Returns whether anything was applied, so the
+/// caller resets its backoff after a productive stream.
+async fn follow_parent(
+    shared: &Arc<Shared>,
+    addr: &str,
+    full: bool,
+) -> Result<(), (UpstreamError, bool)> {
+    let mut progressed = false;
+    let r: Result<(), UpstreamError> = async {
+        let conn = connect(shared, addr)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
+            UpstreamError::Connect(NodeError::Connect {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })
+        })?;
+        let sub = {
+            let mut st = shared.state.lock().unwrap();
+            st.replica
+                .subscribe(&shared.cfg.name, &shared.cfg.advertise.to_string(), full)
+        };
+        if full {
+            shared.metrics.full_transfers_received.increment(1);
+        }
+        wire::write_frame(
+            &mut send,
+            &proto::Request {
+                kind: Some(request::Kind::Subscribe(sub)),
+            },
+        )
+        .await?;
+        *shared.parent_addr.lock().unwrap() = addr.to_string();
+        let max = shared.cfg.stream.max_frame;
+        let result = loop {
+            let raw = tokio::select! {
+                _ = shared.shutdown.cancelled() => return Ok(()),
+                r = wire::read_raw(&mut recv, max) => r,
+            };
+            let raw = match raw {
+                Ok(Some(raw)) => raw,
+                Ok(None) => break Err(UpstreamError::Closed),
+                Err(e) => break Err(e.into()),
+            };
+            let msg: proto::Downstream = match raw.decode() {
+                Ok(m) => m,
+                Err(e) => break Err(e.into()),
+            };
+            let mut st = shared.state.lock().unwrap();
+            let depth_before = st.replica.parent().map(|p| p.depth);
+            match st.replica.handle_downstream(raw.frame.clone(), msg) {
+                Ok(events) => {
+                    progressed |= events.iter().any(|e| matches!(e, Event::Applied { .. }));
+                    let depth_after = st.replica.parent().map(|p| p.depth);
+                    if depth_before != depth_after {
+                        shared.metrics.depth.set(shared.depth(&st) as f64);
+                    }
+                    shared.dispatch(&mut st, events);
+                }
+                Err(e) => break Err(e.into()),
+            }
+        };
+        conn.close(VarInt::from_u32(code::RESYNC), b"resubscribing");
+        result
+    }
+    .await;
+    r.map_err(|e| (e, progressed))
+}
+
+async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
+    let mut rx = shared.applied.subscribe();
+    let interval = Duration::from_millis(shared.cfg.stream.materialize_interval_ms);
+    let mut written: Option<(u64, [u8; 32])> = None;
+    loop {
+        let file = {
+            let st = shared.state.lock().unwrap();
+            st.replica.is_synced().then(|| st.replica.file().clone())
+        };
+        if let Some(file) = file {
+            let key = (file.version(), file.root());
+            if written != Some(key) {
+                let p = path.clone();
+                let version = file.version();
+                match tokio::task::spawn_blocking(move || write_atomically(&p, &file)).await {
+                    Ok(Ok(())) => {
+                        written = Some(key);
+                        shared.materialized.send_replace(Some(version));
+                        shared.metrics.materialized_version.set(version as f64);
+                    }
+                    Ok(Err(e)) => {
+                        error!(node = %shared.cfg.name, "materializing {}: {e}", path.display())
+                    }
+                    Err(e) => error!(node = %shared.cfg.name, "materializer task: {e}"),
+                }
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Writes `file` to a temporary file next to `path`, fsyncs it, renames it over `path` and
+/// fsyncs the directory, so readers see either the old or the new version, whole.
+pub fn write_atomically(path: &Path, file: &ChunkedFile) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.canopy-tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    {
+        let f = std::fs::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        file.write_to(&mut w)?;
+        w.flush()?;
+        w.get_ref().sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Runs a node until `shutdown` is cancelled: the entry point of both node binaries.
+pub async fn run(
+    cfg: NodeConfig,
+    endpoint: quinn::Endpoint,
+    api: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    let node = Node::start(cfg, endpoint, api, shutdown).await?;
+    node.stopped().await;
+    Ok(())
+}

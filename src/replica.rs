@@ -1,0 +1,599 @@
+//! A node's copy of the file and its place in the committed stream, as a sans-IO state machine.
+//!
+//! The same type serves both sides of a subscription: as a child it consumes `Downstream`
+//! frames from its parent ([`Replica::handle_downstream`]); as a parent it plans what a
+//! subscribing child needs ([`Replica::plan_subscription`]). Core nodes feed it committed
+//! Raft entries instead ([`Replica::apply_committed`]). It holds no clock, socket or task:
+//! the caller passes `now_us` and carries out the returned [`Event`]s.
+//!
+//! Invariants:
+//! - `file.version()` moves only by applying an entry whose `prev_version` equals it, or by
+//!   installing a snapshot whose recomputed root equals the advertised one.
+//! - The retained window is contiguous: each entry's `prev_version` is the version of the
+//!   one before it, and the first one's is `base.0`; its encoded size stays within
+//!   `retain_bytes` (the newest entry is always kept).
+//! - Every frame handed out in [`Event::Broadcast`] is one this node has applied or verified,
+//!   in stream order; entry frames are forwarded verbatim (encoded once at the core).
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::consensus::ApplyOutcome;
+use crate::file::{ChunkedFile, FileBuilder, FileError, Hash, Precondition, Update};
+use crate::proto::{self, downstream::Kind as Down};
+use crate::wire;
+
+/// Tuning of the replica; see [`crate::config`] for where these come from.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    /// Chunk size of the file (fixed for the cluster).
+    pub chunk_size: u32,
+    /// Largest file length accepted.
+    pub max_len: u64,
+    /// Bytes of recent entry frames kept to resume children without a full transfer.
+    pub retain_bytes: u64,
+    /// A checkpoint frame goes down the stream after this many entries.
+    pub checkpoint_every: u32,
+}
+
+/// Something the driver must do after a call into the replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Send this encoded frame, unchanged, to every child, after everything broadcast before.
+    Broadcast(Bytes),
+    /// The file is now at `version`; `commit_time_us` is when the core applied it.
+    Applied { version: u64, commit_time_us: u64 },
+    /// A snapshot replaced the file; children on older versions will resubscribe on their own.
+    Installed { version: u64 },
+    /// The parent's checkpoint matched this node's root.
+    CheckpointVerified { version: u64 },
+}
+
+/// Why the upstream stream can no longer be followed; the driver drops it and resubscribes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReplicaError {
+    /// An entry does not follow this node's version: something was skipped or repeated.
+    #[error("stream gap: holding version {have}, entry follows {prev}")]
+    Gap { have: u64, prev: u64 },
+    /// The parent's checkpoint root differs from this node's root at the same version.
+    #[error("diverged at version {version}: parent root {expected}, local root {got}")]
+    Diverged {
+        version: u64,
+        expected: String,
+        got: String,
+    },
+    /// A checkpoint names a version this node does not hold while streaming.
+    #[error("checkpoint for version {checkpoint} while holding {have}")]
+    CheckpointOutOfStep { checkpoint: u64, have: u64 },
+    /// A frame that is not valid in the current subscription state.
+    #[error("unexpected {frame} frame while {state}")]
+    Unexpected {
+        frame: &'static str,
+        state: &'static str,
+    },
+    /// The parent refused the subscription.
+    #[error("parent refused: {0}")]
+    Refused(String),
+    /// An entry or snapshot could not be applied (bad op, bad chunk, root mismatch).
+    #[error("file: {0}")]
+    File(#[from] FileError),
+}
+
+impl ReplicaError {
+    /// True when the local content can no longer be trusted and only a full transfer fixes it.
+    pub fn needs_full_resync(&self) -> bool {
+        matches!(self, Self::Diverged { .. } | Self::File(_))
+    }
+
+    /// A short stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Gap { .. } => "gap",
+            Self::Diverged { .. } => "diverged",
+            Self::CheckpointOutOfStep { .. } => "checkpoint_out_of_step",
+            Self::Unexpected { .. } => "unexpected_frame",
+            Self::Refused(_) => "refused",
+            Self::File(_) => "file",
+        }
+    }
+}
+
+/// What a parent sends a subscribing child before the live stream.
+#[derive(Clone)]
+pub enum SubscribePlan {
+    /// These retained entry frames, then the live stream.
+    Resume(Vec<Bytes>),
+    /// The whole file at this version, then the live stream.
+    Snapshot(ChunkedFile),
+    /// This node cannot serve yet (it holds no verified copy itself).
+    Refuse(String),
+}
+
+/// Where this node's parent is, as the parent described itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParentInfo {
+    pub name: String,
+    pub depth: u32,
+    pub root_path: Vec<String>,
+    pub core_addrs: Vec<String>,
+}
+
+enum Upstream {
+    Idle,
+    AwaitOk,
+    AwaitSnapshot,
+    Snapshot {
+        builder: FileBuilder,
+        version: u64,
+        commit_time_us: u64,
+    },
+    Streaming,
+}
+
+impl Upstream {
+    fn name(&self) -> &'static str {
+        match self {
+            Upstream::Idle => "idle",
+            Upstream::AwaitOk => "awaiting subscribe_ok",
+            Upstream::AwaitSnapshot => "awaiting snapshot",
+            Upstream::Snapshot { .. } => "receiving snapshot",
+            Upstream::Streaming => "streaming",
+        }
+    }
+}
+
+struct Retained {
+    version: u64,
+    root: Hash,
+    frame: Bytes,
+}
+
+/// The node's file plus its stream position; see the module docs.
+pub struct Replica {
+    cfg: ReplicaConfig,
+    file: ChunkedFile,
+    synced: bool,
+    retained: VecDeque<Retained>,
+    retained_bytes: u64,
+    base: (u64, Hash),
+    upstream: Upstream,
+    parent: Option<ParentInfo>,
+    commit_known: u64,
+    last_commit_time_us: u64,
+    since_checkpoint: u32,
+}
+
+fn frame_name(kind: &Option<Down>) -> &'static str {
+    match kind {
+        None => "empty",
+        Some(Down::SubscribeOk(_)) => "subscribe_ok",
+        Some(Down::SnapshotBegin(_)) => "snapshot_begin",
+        Some(Down::SnapshotChunk(_)) => "snapshot_chunk",
+        Some(Down::SnapshotEnd(_)) => "snapshot_end",
+        Some(Down::Entry(_)) => "entry",
+        Some(Down::Checkpoint(_)) => "checkpoint",
+        Some(Down::Heartbeat(_)) => "heartbeat",
+        Some(Down::Refused(_)) => "refused",
+    }
+}
+
+fn to_hash(b: &[u8]) -> Option<Hash> {
+    b.try_into().ok()
+}
+
+impl Replica {
+    /// An empty replica. `synced` is true for core nodes, whose file is authoritative, and
+    /// false for relays until their first snapshot or resume.
+    pub fn new(cfg: ReplicaConfig, synced: bool) -> Result<Self, FileError> {
+        let file = ChunkedFile::new(cfg.chunk_size, cfg.max_len)?;
+        let base = (file.version(), file.root());
+        Ok(Self {
+            cfg,
+            file,
+            synced,
+            retained: VecDeque::new(),
+            retained_bytes: 0,
+            base,
+            upstream: Upstream::Idle,
+            parent: None,
+            commit_known: 0,
+            last_commit_time_us: 0,
+            since_checkpoint: 0,
+        })
+    }
+
+    /// The file at the current version.
+    pub fn file(&self) -> &ChunkedFile {
+        &self.file
+    }
+
+    /// Whether this node holds a verified copy it may serve to children.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    pub fn parent(&self) -> Option<&ParentInfo> {
+        self.parent.as_ref()
+    }
+
+    /// Highest version known to be committed (from the stream or from local commits).
+    pub fn commit_known(&self) -> u64 {
+        self.commit_known.max(self.file.version())
+    }
+
+    /// Core time at which the current version was applied (0 if unknown).
+    pub fn last_commit_time_us(&self) -> u64 {
+        self.last_commit_time_us
+    }
+
+    /// Bytes of retained entry frames.
+    pub fn retained_bytes(&self) -> u64 {
+        self.retained_bytes
+    }
+
+    /// Replaces the whole state with `file` (a Raft snapshot on a core node). Retained entries
+    /// are dropped, so children resume only from here on.
+    pub fn install(&mut self, file: ChunkedFile) -> Vec<Event> {
+        self.file = file;
+        self.retained.clear();
+        self.retained_bytes = 0;
+        self.base = (self.file.version(), self.file.root());
+        self.commit_known = self.commit_known.max(self.file.version());
+        self.synced = true;
+        vec![Event::Installed {
+            version: self.file.version(),
+        }]
+    }
+
+    /// Core nodes: applies the committed proposal at Raft log index `index`.
+    /// Call once per committed normal entry, in log order; then carry out the events.
+    pub fn apply_committed(
+        &mut self,
+        index: u64,
+        proposal: &proto::Proposal,
+        now_us: u64,
+    ) -> (ApplyOutcome, Vec<Event>) {
+        let current = self.file.version();
+        let update_proto = proposal.update.clone().unwrap_or_default();
+        let update = match Update::try_from(update_proto.clone()) {
+            Ok(u) => u,
+            Err(e) => {
+                return (
+                    ApplyOutcome::Rejected {
+                        version: current,
+                        reason: e.to_string(),
+                    },
+                    vec![],
+                )
+            }
+        };
+        if let Some(p) = proposal.precondition.clone() {
+            match Precondition::try_from(p) {
+                Ok(p) if self.file.check(&p) => {}
+                Ok(_) => {
+                    return (
+                        ApplyOutcome::PreconditionFailed { version: current },
+                        vec![],
+                    )
+                }
+                Err(e) => {
+                    return (
+                        ApplyOutcome::Rejected {
+                            version: current,
+                            reason: e.to_string(),
+                        },
+                        vec![],
+                    )
+                }
+            }
+        }
+        if let Err(e) = self.file.apply(index, &update) {
+            return (
+                ApplyOutcome::Rejected {
+                    version: current,
+                    reason: e.to_string(),
+                },
+                vec![],
+            );
+        }
+        let entry = proto::Entry {
+            version: index,
+            prev_version: current,
+            commit_time_unix_us: now_us,
+            update: Some(update_proto),
+        };
+        let frame = wire::encode(&proto::Downstream {
+            kind: Some(Down::Entry(entry)),
+        });
+        self.commit_known = index;
+        let mut events = self.after_apply(frame, now_us);
+        if self.since_checkpoint >= self.cfg.checkpoint_every {
+            events.extend(self.checkpoint());
+        }
+        (ApplyOutcome::Applied { version: index }, events)
+    }
+
+    fn after_apply(&mut self, frame: Bytes, commit_time_us: u64) -> Vec<Event> {
+        self.last_commit_time_us = commit_time_us;
+        self.since_checkpoint += 1;
+        self.retain(frame.clone());
+        vec![
+            Event::Broadcast(frame),
+            Event::Applied {
+                version: self.file.version(),
+                commit_time_us,
+            },
+        ]
+    }
+
+    fn retain(&mut self, frame: Bytes) {
+        self.retained_bytes += frame.len() as u64;
+        self.retained.push_back(Retained {
+            version: self.file.version(),
+            root: self.file.root(),
+            frame,
+        });
+        while self.retained_bytes > self.cfg.retain_bytes && self.retained.len() > 1 {
+            if let Some(old) = self.retained.pop_front() {
+                self.retained_bytes -= old.frame.len() as u64;
+                self.base = (old.version, old.root);
+            }
+        }
+    }
+
+    /// Core nodes: a checkpoint frame for the current version if entries were applied since
+    /// the last one. Call on a timer (and it is called after every `checkpoint_every` entries).
+    pub fn checkpoint(&mut self) -> Option<Event> {
+        if self.since_checkpoint == 0 {
+            return None;
+        }
+        self.since_checkpoint = 0;
+        Some(Event::Broadcast(self.checkpoint_frame()))
+    }
+
+    fn checkpoint_frame(&self) -> Bytes {
+        wire::encode(&proto::Downstream {
+            kind: Some(Down::Checkpoint(proto::Checkpoint {
+                version: self.file.version(),
+                length: self.file.len(),
+                root: Bytes::copy_from_slice(&self.file.root()),
+            })),
+        })
+    }
+
+    /// Core nodes: the heartbeat frame to broadcast every heartbeat interval.
+    pub fn heartbeat(&self, now_us: u64) -> Event {
+        Event::Broadcast(wire::encode(&proto::Downstream {
+            kind: Some(Down::Heartbeat(proto::Heartbeat {
+                commit_version: self.commit_known(),
+                unix_us: now_us,
+            })),
+        }))
+    }
+
+    /// Child side: the `Subscribe` to send on a fresh stream to the parent. With `full`, it
+    /// asks for a full transfer (after divergence). Then feed every frame received on that
+    /// stream to [`Replica::handle_downstream`].
+    pub fn subscribe(&mut self, name: &str, listen_addr: &str, full: bool) -> proto::Subscribe {
+        self.upstream = Upstream::AwaitOk;
+        let (have_version, have_root) = if full || !self.synced {
+            (0, Bytes::new())
+        } else {
+            (
+                self.file.version(),
+                Bytes::copy_from_slice(&self.file.root()),
+            )
+        };
+        proto::Subscribe {
+            name: name.to_string(),
+            have_version,
+            have_root,
+            listen_addr: listen_addr.to_string(),
+        }
+    }
+
+    /// Child side: the upstream stream ended; frames from it must no longer be fed in.
+    pub fn upstream_lost(&mut self) {
+        self.upstream = Upstream::Idle;
+    }
+
+    /// Child side: one frame from the parent, `frame` being its encoded bytes as received.
+    /// On error, drop the stream, call [`Replica::upstream_lost`] and resubscribe (with
+    /// `full` when [`ReplicaError::needs_full_resync`]).
+    pub fn handle_downstream(
+        &mut self,
+        frame: Bytes,
+        msg: proto::Downstream,
+    ) -> Result<Vec<Event>, ReplicaError> {
+        let state = std::mem::replace(&mut self.upstream, Upstream::Idle);
+        let unexpected = |state: &Upstream, kind: &Option<Down>| ReplicaError::Unexpected {
+            frame: frame_name(kind),
+            state: state.name(),
+        };
+        match (state, msg.kind) {
+            (_, Some(Down::Refused(r))) => Err(ReplicaError::Refused(r.reason)),
+            (Upstream::AwaitOk, Some(Down::SubscribeOk(ok))) => {
+                self.parent = Some(ParentInfo {
+                    name: ok.parent_name,
+                    depth: ok.parent_depth,
+                    root_path: ok.root_path,
+                    core_addrs: ok.core_addrs,
+                });
+                self.upstream = if ok.resume {
+                    Upstream::Streaming
+                } else {
+                    Upstream::AwaitSnapshot
+                };
+                Ok(vec![])
+            }
+            (Upstream::AwaitSnapshot, Some(Down::SnapshotBegin(b))) => {
+                let root = to_hash(&b.root).ok_or(FileError::BadHash { len: b.root.len() })?;
+                let builder =
+                    FileBuilder::new(b.chunk_size, self.cfg.max_len, b.length, b.version, root)?;
+                self.upstream = Upstream::Snapshot {
+                    builder,
+                    version: b.version,
+                    commit_time_us: b.commit_time_unix_us,
+                };
+                Ok(vec![])
+            }
+            (
+                Upstream::Snapshot {
+                    mut builder,
+                    version,
+                    commit_time_us,
+                },
+                Some(Down::SnapshotChunk(c)),
+            ) => {
+                builder.put_chunk(c.index, c.data)?;
+                self.upstream = Upstream::Snapshot {
+                    builder,
+                    version,
+                    commit_time_us,
+                };
+                Ok(vec![])
+            }
+            (
+                Upstream::Snapshot {
+                    builder,
+                    commit_time_us,
+                    ..
+                },
+                Some(Down::SnapshotEnd(_)),
+            ) => {
+                let file = builder.finish()?;
+                let version = file.version();
+                let mut events = self.install(file);
+                self.last_commit_time_us = commit_time_us;
+                self.since_checkpoint = 0;
+                events.push(Event::Applied {
+                    version,
+                    commit_time_us,
+                });
+                self.upstream = Upstream::Streaming;
+                Ok(events)
+            }
+            (Upstream::Streaming, Some(Down::Entry(e))) => {
+                let have = self.file.version();
+                if e.prev_version != have || e.version <= have {
+                    return Err(ReplicaError::Gap {
+                        have,
+                        prev: e.prev_version,
+                    });
+                }
+                let update = Update::try_from(e.update.unwrap_or_default())?;
+                self.file.apply(e.version, &update)?;
+                self.synced = true;
+                self.commit_known = self.commit_known.max(e.version);
+                let events = self.after_apply(frame, e.commit_time_unix_us);
+                self.upstream = Upstream::Streaming;
+                Ok(events)
+            }
+            (Upstream::Streaming, Some(Down::Checkpoint(c))) => {
+                let have = self.file.version();
+                if c.version != have {
+                    return Err(ReplicaError::CheckpointOutOfStep {
+                        checkpoint: c.version,
+                        have,
+                    });
+                }
+                let local = self.file.root();
+                if c.root.as_ref() != local.as_slice() || c.length != self.file.len() {
+                    return Err(ReplicaError::Diverged {
+                        version: c.version,
+                        expected: hex::encode(&c.root),
+                        got: hex::encode(local),
+                    });
+                }
+                self.since_checkpoint = 0;
+                self.upstream = Upstream::Streaming;
+                Ok(vec![
+                    Event::Broadcast(frame),
+                    Event::CheckpointVerified { version: c.version },
+                ])
+            }
+            (state, Some(Down::Heartbeat(h)))
+                if !matches!(state, Upstream::Idle | Upstream::AwaitOk) =>
+            {
+                self.commit_known = self.commit_known.max(h.commit_version);
+                let streaming = matches!(state, Upstream::Streaming);
+                self.upstream = state;
+                Ok(if streaming {
+                    vec![Event::Broadcast(frame)]
+                } else {
+                    vec![]
+                })
+            }
+            (state, kind) => Err(unexpected(&state, &kind)),
+        }
+    }
+
+    /// Parent side: what a child that sent `sub` needs before the live stream. The caller must
+    /// register the child for broadcasts in the same critical section, so nothing is lost or
+    /// repeated between the plan and the live stream.
+    pub fn plan_subscription(&self, sub: &proto::Subscribe) -> SubscribePlan {
+        if !self.synced {
+            return SubscribePlan::Refuse("not synced yet".into());
+        }
+        if sub.have_version > self.file.version() {
+            return SubscribePlan::Refuse(format!(
+                "behind the child: at version {}, child holds {}",
+                self.file.version(),
+                sub.have_version
+            ));
+        }
+        let have = (sub.have_version, to_hash(&sub.have_root));
+        if have == (self.file.version(), Some(self.file.root())) {
+            return SubscribePlan::Resume(Vec::new());
+        }
+        if have == (self.base.0, Some(self.base.1)) {
+            return SubscribePlan::Resume(self.retained.iter().map(|r| r.frame.clone()).collect());
+        }
+        if let Some(pos) = self
+            .retained
+            .iter()
+            .position(|r| (r.version, Some(r.root)) == have)
+        {
+            return SubscribePlan::Resume(
+                self.retained
+                    .iter()
+                    .skip(pos + 1)
+                    .map(|r| r.frame.clone())
+                    .collect(),
+            );
+        }
+        SubscribePlan::Snapshot(self.file.clone())
+    }
+}
+
+/// The frames of a full transfer of `file`: `SnapshotBegin`, one `SnapshotChunk` per chunk,
+/// `SnapshotEnd`. Produced lazily so a 50 MB snapshot is never encoded all at once.
+pub fn snapshot_frames(
+    file: &ChunkedFile,
+    commit_time_us: u64,
+) -> impl Iterator<Item = Bytes> + '_ {
+    let begin = wire::encode(&proto::Downstream {
+        kind: Some(Down::SnapshotBegin(proto::SnapshotBegin {
+            version: file.version(),
+            length: file.len(),
+            root: Bytes::copy_from_slice(&file.root()),
+            chunk_size: file.chunk_size(),
+            commit_time_unix_us: commit_time_us,
+        })),
+    });
+    let chunks = (0..file.chunk_count()).map(move |i| {
+        wire::encode(&proto::Downstream {
+            kind: Some(Down::SnapshotChunk(proto::SnapshotChunk {
+                index: i,
+                data: file.chunk(i).unwrap_or_default(),
+            })),
+        })
+    });
+    let end = wire::encode(&proto::Downstream {
+        kind: Some(Down::SnapshotEnd(proto::SnapshotEnd {})),
+    });
+    std::iter::once(begin)
+        .chain(chunks)
+        .chain(std::iter::once(end))
+}

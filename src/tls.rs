@@ -1,0 +1,738 @@
+//! Cluster CA, node certificates, and mutual-TLS quinn endpoints.
+//!
+//! Invariants:
+//! - Every node certificate is signed directly by the cluster CA, valid for both `serverAuth` and
+//!   `clientAuth`, for ten years. Its subject is `CN=<name>, OU=<role>, O=canopy` (the role is
+//!   `core` or `relay`), and its SAN DNS names are [`SERVER_NAME`] and `<name>`.
+//! - Node names are 1–63 ASCII characters from `[A-Za-z0-9_-]`, start with a letter or digit, and
+//!   are never `ca` (which would collide with `ca.pem`).
+//! - Private keys are written with mode 0600; `ca_init` never overwrites an existing `ca.key`.
+//! - Endpoints only speak TLS 1.3 with ALPN `canopy/1` through the ring provider passed
+//!   explicitly; the process-default crypto provider is never consulted.
+//! - A server endpoint requires a client certificate chaining to the cluster CA; a client trusts
+//!   only the cluster CA and presents its own certificate.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+
+/// Server name to use in `endpoint.connect(addr, SERVER_NAME)`: every node cert carries it.
+pub const SERVER_NAME: &str = "canopy";
+
+/// ALPN protocol identifier negotiated on every connection.
+pub const ALPN: &[u8] = b"canopy/1";
+
+const CA_CERT_FILE: &str = "ca.pem";
+const CA_KEY_FILE: &str = "ca.key";
+const CA_COMMON_NAME: &str = "canopy cluster CA";
+const ORGANIZATION: &str = "canopy";
+const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+const NODE_VALIDITY: Duration = Duration::from_secs(3653 * 24 * 60 * 60);
+const CA_VALIDITY: Duration = Duration::from_secs(7305 * 24 * 60 * 60);
+
+/// Errors from certificate management and endpoint construction.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: no such file", .0.display())]
+    MissingFile(PathBuf),
+    #[error("{}: already exists, refusing to overwrite", .0.display())]
+    AlreadyExists(PathBuf),
+    #[error("{}: invalid PEM: {reason}", path.display())]
+    BadPem { path: PathBuf, reason: String },
+    #[error("{}: no certificate in file", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("{}: no private key in file", .0.display())]
+    NoPrivateKey(PathBuf),
+    #[error("{}: {reason}", path.display())]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error("invalid node name {0:?}: use 1-63 characters from [A-Za-z0-9_-], not starting with '-' or '_', and not \"ca\"")]
+    BadName(String),
+    #[error("invalid role {0:?}: expected \"core\" or \"relay\"")]
+    BadRole(String),
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("TLS configuration failed: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("TLS configuration has no QUIC-compatible initial cipher suite")]
+    NoQuicCipherSuite,
+    #[error("bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("creating QUIC endpoint: {0}")]
+    Endpoint(io::Error),
+    #[error("no async runtime: endpoints must be created inside a tokio runtime")]
+    NoRuntime,
+}
+
+/// What a node does in the cluster; carried in its certificate's OU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Core,
+    Relay,
+}
+
+impl Role {
+    /// The lowercase name used in certificates and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Core => "core",
+            Role::Relay => "relay",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = TlsError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "core" => Ok(Role::Core),
+            "relay" => Ok(Role::Relay),
+            other => Err(TlsError::BadRole(other.to_string())),
+        }
+    }
+}
+
+/// A node's loaded identity: its certificate chain and key, plus the cluster CA roots.
+#[derive(Clone)]
+pub struct Identity {
+    pub name: String,
+    pub role: Role,
+    certs: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    roots: Arc<RootCertStore>,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// Loads `DIR/ca.pem`, `DIR/NAME.pem` and `DIR/NAME.key`, checking that the certificate is
+    /// for `name`, carries a role, and matches the key.
+    pub fn load(dir: &Path, name: &str) -> Result<Identity, TlsError> {
+        check_name(name)?;
+        let ca_path = dir.join(CA_CERT_FILE);
+        let cert_path = dir.join(format!("{name}.pem"));
+        let key_path = dir.join(format!("{name}.key"));
+
+        let ca_certs = read_certs(&ca_path)?;
+        let certs = read_certs(&cert_path)?;
+        let key = read_key(&key_path)?;
+
+        let mut roots = RootCertStore::empty();
+        for ca in ca_certs {
+            roots.add(ca).map_err(|e| TlsError::BadCertificate {
+                path: ca_path.clone(),
+                reason: format!("unusable as a trust anchor: {e}"),
+            })?;
+        }
+
+        let (cert_name, role) =
+            name_and_role(&certs[0]).map_err(|reason| TlsError::BadCertificate {
+                path: cert_path.clone(),
+                reason,
+            })?;
+        if cert_name != name {
+            return Err(TlsError::BadCertificate {
+                path: cert_path,
+                reason: format!("certificate is for node {cert_name:?}, not {name:?}"),
+            });
+        }
+
+        let signing_key = provider()
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| TlsError::BadPem {
+                path: key_path.clone(),
+                reason: format!("unsupported private key: {e}"),
+            })?;
+        rustls::sign::CertifiedKey::new(certs.clone(), signing_key)
+            .keys_match()
+            .map_err(|e| TlsError::BadCertificate {
+                path: cert_path.clone(),
+                reason: format!("does not match {}: {e}", key_path.display()),
+            })?;
+
+        Ok(Identity {
+            name: name.to_string(),
+            role,
+            certs,
+            key: Arc::new(key),
+            roots: Arc::new(roots),
+        })
+    }
+}
+
+/// Transport tuning used by both the server and the client side of an endpoint.
+#[derive(Clone, Debug)]
+pub struct TransportConfig {
+    pub idle_timeout: Duration,
+    pub keep_alive: Duration,
+    pub stream_window: u64,
+    pub conn_window: u64,
+    pub max_concurrent_bidi: u32,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            idle_timeout: Duration::from_secs(3),
+            keep_alive: Duration::from_millis(500),
+            stream_window: 16 * 1024 * 1024,
+            conn_window: 64 * 1024 * 1024,
+            max_concurrent_bidi: 256,
+        }
+    }
+}
+
+impl TransportConfig {
+    fn to_quinn(&self) -> Arc<quinn::TransportConfig> {
+        let clamp = |v: u64| quinn::VarInt::from_u64(v).unwrap_or(quinn::VarInt::MAX);
+        let mut t = quinn::TransportConfig::default();
+        t.max_idle_timeout(quinn::IdleTimeout::try_from(self.idle_timeout).ok())
+            .keep_alive_interval(Some(self.keep_alive))
+            .stream_receive_window(clamp(self.stream_window))
+            .receive_window(clamp(self.conn_window))
+            .send_window(self.conn_window)
+            .max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_concurrent_bidi));
+        Arc::new(t)
+    }
+}
+
+/// Writes `DIR/ca.pem` and `DIR/ca.key` (key 0600), creating `DIR` if needed.
+/// Refuses to overwrite an existing `ca.key`.
+pub fn ca_init(out: &Path) -> Result<(), TlsError> {
+    let key_path = out.join(CA_KEY_FILE);
+    if key_path.exists() {
+        return Err(TlsError::AlreadyExists(key_path));
+    }
+    fs::create_dir_all(out).map_err(|source| TlsError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, CA_COMMON_NAME);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, ORGANIZATION);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    set_validity(&mut params, CA_VALIDITY);
+    let cert = params.self_signed(&key)?;
+
+    write_file(&key_path, key.serialize_pem().as_bytes(), true, true)?;
+    write_file(&out.join(CA_CERT_FILE), cert.pem().as_bytes(), false, false)
+}
+
+/// Writes `OUT/NAME.pem`, `OUT/NAME.key` (0600) and `OUT/ca.pem`, creating `OUT` if needed.
+/// The certificate is signed by the CA in `ca_dir`; see the module invariants for its contents.
+pub fn cert_issue(ca_dir: &Path, name: &str, role: Role, out: &Path) -> Result<(), TlsError> {
+    check_name(name)?;
+    let ca_cert_path = ca_dir.join(CA_CERT_FILE);
+    let ca_key_path = ca_dir.join(CA_KEY_FILE);
+    let ca_pem = read_string(&ca_cert_path)?;
+    let ca_key_pem = read_string(&ca_key_path)?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| TlsError::BadPem {
+        path: ca_key_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| TlsError::BadPem {
+        path: ca_cert_path.clone(),
+        reason: e.to_string(),
+    })?;
+
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![SERVER_NAME.to_string(), name.to_string()])?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, role.as_str());
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, ORGANIZATION);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, NODE_VALIDITY);
+    let cert = params.signed_by(&key, &issuer)?;
+
+    fs::create_dir_all(out).map_err(|source| TlsError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    write_file(
+        &out.join(format!("{name}.key")),
+        key.serialize_pem().as_bytes(),
+        true,
+        false,
+    )?;
+    write_file(
+        &out.join(format!("{name}.pem")),
+        cert.pem().as_bytes(),
+        false,
+        false,
+    )?;
+    write_file(&out.join(CA_CERT_FILE), ca_pem.as_bytes(), false, false)
+}
+
+/// The quinn server configuration for `id`: client certificates must chain to the cluster CA.
+pub fn server_config(id: &Identity, tc: &TransportConfig) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = Arc::new(provider());
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone()).build()?;
+    let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(id.certs.clone(), id.key.clone_key())?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicServerConfig::try_from(crypto).map_err(|_| TlsError::NoQuicCipherSuite)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(tc.to_quinn());
+    Ok(config)
+}
+
+/// The quinn client configuration for `id`: presents our certificate and trusts only the cluster CA.
+pub fn client_config(id: &Identity, tc: &TransportConfig) -> Result<quinn::ClientConfig, TlsError> {
+    let mut crypto = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(id.roots.clone())
+        .with_client_auth_cert(id.certs.clone(), id.key.clone_key())?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(crypto).map_err(|_| TlsError::NoQuicCipherSuite)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(tc.to_quinn());
+    Ok(config)
+}
+
+/// A quinn endpoint bound to `addr` that accepts only peers whose client certificate chains to the
+/// cluster CA, and whose default client config presents our cert and verifies the server's chain.
+/// Must be called inside a tokio runtime.
+pub fn endpoint(
+    addr: SocketAddr,
+    id: &Identity,
+    tc: &TransportConfig,
+) -> Result<quinn::Endpoint, TlsError> {
+    let sock = UdpSocket::bind(addr).map_err(|source| TlsError::Bind { addr, source })?;
+    endpoint_from_socket(sock, id, tc)
+}
+
+/// Same as [`endpoint`], from an already-bound UDP socket.
+pub fn endpoint_from_socket(
+    sock: UdpSocket,
+    id: &Identity,
+    tc: &TransportConfig,
+) -> Result<quinn::Endpoint, TlsError> {
+    let runtime = quinn::default_runtime().ok_or(TlsError::NoRuntime)?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config(id, tc)?),
+        sock,
+        runtime,
+    )
+    .map_err(TlsError::Endpoint)?;
+    endpoint.set_default_client_config(client_config(id, tc)?);
+    Ok(endpoint)
+}
+
+/// Name and role from the peer's certificate on an established connection
+/// (`None` if absent or unparseable).
+pub fn peer_identity(conn: &quinn::Connection) -> Option<(String, Role)> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    name_and_role(certs.first()?).ok()
+}
+
+fn provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+fn check_name(name: &str) -> Result<(), TlsError> {
+    let ok = (1..=63).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && name != "ca";
+    if ok {
+        Ok(())
+    } else {
+        Err(TlsError::BadName(name.to_string()))
+    }
+}
+
+fn name_and_role(der: &CertificateDer<'_>) -> Result<(String, Role), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unparseable certificate: {e}"))?;
+    let subject = cert.subject();
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .ok_or("certificate has no common name")?;
+    let role = subject
+        .iter_organizational_unit()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .ok_or("certificate has no role (OU)")?;
+    let role = role
+        .parse()
+        .map_err(|_| format!("certificate has unknown role {role:?}"))?;
+    Ok((name.to_string(), role))
+}
+
+fn set_validity(params: &mut CertificateParams, lifetime: Duration) {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let now = rcgen::date_time_ymd(1970, 1, 1) + since_epoch;
+    params.not_before = now - DAY;
+    params.not_after = now + lifetime;
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>, TlsError> {
+    fs::read(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => TlsError::MissingFile(path.to_path_buf()),
+        _ => TlsError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
+}
+
+fn read_string(path: &Path) -> Result<String, TlsError> {
+    String::from_utf8(read_bytes(path)?).map_err(|_| TlsError::BadPem {
+        path: path.to_path_buf(),
+        reason: "not UTF-8 text".to_string(),
+    })
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let data = read_bytes(path)?;
+    let certs = rustls_pemfile::certs(&mut data.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadPem {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(path.to_path_buf()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let data = read_bytes(path)?;
+    rustls_pemfile::private_key(&mut data.as_slice())
+        .map_err(|e| TlsError::BadPem {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?
+        .ok_or_else(|| TlsError::NoPrivateKey(path.to_path_buf()))
+}
+
+fn write_file(
+    path: &Path,
+    contents: &[u8],
+    secret: bool,
+    create_new: bool,
+) -> Result<(), TlsError> {
+    let io_err = |source: io::Error| match source.kind() {
+        io::ErrorKind::AlreadyExists => TlsError::AlreadyExists(path.to_path_buf()),
+        _ => TlsError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    };
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true);
+    if create_new {
+        opts.create_new(true);
+    } else {
+        opts.create(true).truncate(true);
+    }
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut file = opts.open(path).map_err(io_err)?;
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io_err)?;
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    file.write_all(contents).map_err(io_err)?;
+    file.sync_all().map_err(io_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv6Addr;
+
+    struct Cluster {
+        _dir: tempfile::TempDir,
+        ca: PathBuf,
+        nodes: PathBuf,
+    }
+
+    fn cluster() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        let nodes = dir.path().join("nodes");
+        ca_init(&ca).unwrap();
+        Cluster {
+            _dir: dir,
+            ca,
+            nodes,
+        }
+    }
+
+    impl Cluster {
+        fn identity(&self, name: &str, role: Role) -> Identity {
+            cert_issue(&self.ca, name, role, &self.nodes).unwrap();
+            Identity::load(&self.nodes, name).unwrap()
+        }
+    }
+
+    fn local_endpoint(id: &Identity) -> quinn::Endpoint {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        endpoint_from_socket(sock, id, &TransportConfig::default()).unwrap()
+    }
+
+    fn addr(ep: &quinn::Endpoint) -> SocketAddr {
+        ep.local_addr().unwrap()
+    }
+
+    #[test]
+    fn role_roundtrips_through_strings() {
+        for role in [Role::Core, Role::Relay] {
+            assert_eq!(role.to_string().parse::<Role>().unwrap(), role);
+        }
+        assert!(matches!("leaf".parse::<Role>(), Err(TlsError::BadRole(_))));
+    }
+
+    #[tokio::test]
+    async fn same_ca_nodes_connect_and_see_each_other() {
+        let c = cluster();
+        let core = c.identity("core-1", Role::Core);
+        let relay = c.identity("relay_7", Role::Relay);
+        assert_eq!((core.name.as_str(), core.role), ("core-1", Role::Core));
+        assert_eq!((relay.name.as_str(), relay.role), ("relay_7", Role::Relay));
+
+        let server = local_endpoint(&core);
+        let client = local_endpoint(&relay);
+        let server_addr = addr(&server);
+
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let peer = peer_identity(&conn);
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let mut b = [0u8; 1];
+            recv.read_exact(&mut b).await.unwrap();
+            send.write_all(&[b[0] + 1]).await.unwrap();
+            send.finish().unwrap();
+            conn.closed().await;
+            peer
+        });
+
+        let conn = client
+            .connect(server_addr, SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(
+            peer_identity(&conn),
+            Some(("core-1".to_string(), Role::Core))
+        );
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[41]).await.unwrap();
+        send.finish().unwrap();
+        let mut b = [0u8; 1];
+        recv.read_exact(&mut b).await.unwrap();
+        assert_eq!(b[0], 42);
+        conn.close(0u32.into(), b"done");
+
+        assert_eq!(
+            accept.await.unwrap(),
+            Some(("relay_7".to_string(), Role::Relay))
+        );
+        client.wait_idle().await;
+    }
+
+    #[tokio::test]
+    async fn foreign_client_is_refused_by_server() {
+        let ours = cluster();
+        let theirs = cluster();
+        let server = local_endpoint(&ours.identity("core-1", Role::Core));
+        let foreign = local_endpoint(&theirs.identity("relay-1", Role::Relay));
+        let server_addr = addr(&server);
+
+        let accept = tokio::spawn(async move { server.accept().await.unwrap().await });
+
+        let client_side = async {
+            let conn = foreign.connect(server_addr, SERVER_NAME).unwrap().await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(b"x")
+                .await
+                .map_err(|_| quinn::ConnectionError::LocallyClosed)?;
+            let mut b = [0u8; 1];
+            recv.read_exact(&mut b)
+                .await
+                .map_err(|_| quinn::ConnectionError::LocallyClosed)?;
+            Ok::<_, quinn::ConnectionError>(())
+        };
+        assert!(
+            client_side.await.is_err(),
+            "foreign client must not get a working connection"
+        );
+        assert!(
+            accept.await.unwrap().is_err(),
+            "server must refuse a client cert from another CA"
+        );
+    }
+
+    #[tokio::test]
+    async fn our_client_refuses_foreign_server() {
+        let ours = cluster();
+        let theirs = cluster();
+        let foreign_server = local_endpoint(&theirs.identity("core-1", Role::Core));
+        let client = local_endpoint(&ours.identity("relay-1", Role::Relay));
+        let server_addr = addr(&foreign_server);
+
+        let accept = tokio::spawn(async move { foreign_server.accept().await.unwrap().await });
+
+        let result = client.connect(server_addr, SERVER_NAME).unwrap().await;
+        assert!(
+            result.is_err(),
+            "client must refuse a server cert from another CA"
+        );
+        assert!(accept.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn endpoint_binds_address() {
+        let c = cluster();
+        let id = c.identity("core-1", Role::Core);
+        let ep = endpoint(
+            (Ipv6Addr::LOCALHOST, 0).into(),
+            &id,
+            &TransportConfig::default(),
+        )
+        .or_else(|_| {
+            endpoint(
+                "127.0.0.1:0".parse().unwrap(),
+                &id,
+                &TransportConfig::default(),
+            )
+        })
+        .unwrap();
+        assert_ne!(addr(&ep).port(), 0);
+    }
+
+    #[test]
+    fn load_names_missing_file() {
+        let c = cluster();
+        cert_issue(&c.ca, "core-1", Role::Core, &c.nodes).unwrap();
+        let key = c.nodes.join("core-1.key");
+        fs::remove_file(&key).unwrap();
+        let err = Identity::load(&c.nodes, "core-1").unwrap_err();
+        assert!(
+            matches!(&err, TlsError::MissingFile(p) if *p == key),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&key.display().to_string()));
+
+        let err = Identity::load(&c.nodes, "nobody").unwrap_err();
+        let cert = c.nodes.join("nobody.pem");
+        assert!(
+            err.to_string().contains(&cert.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn load_rejects_mismatched_key() {
+        let c = cluster();
+        cert_issue(&c.ca, "core-1", Role::Core, &c.nodes).unwrap();
+        cert_issue(&c.ca, "core-2", Role::Core, &c.nodes).unwrap();
+        fs::copy(c.nodes.join("core-2.key"), c.nodes.join("core-1.key")).unwrap();
+        let err = Identity::load(&c.nodes, "core-1").unwrap_err();
+        assert!(matches!(err, TlsError::BadCertificate { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn ca_init_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        ca_init(dir.path()).unwrap();
+        let before = fs::read(dir.path().join(CA_KEY_FILE)).unwrap();
+        let err = ca_init(dir.path()).unwrap_err();
+        assert!(matches!(err, TlsError::AlreadyExists(_)), "{err:?}");
+        assert_eq!(fs::read(dir.path().join(CA_KEY_FILE)).unwrap(), before);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.path().join(CA_KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let c = cluster();
+        for bad in ["", "ca", "-x", "a/b", "a.b", "..", &"x".repeat(64)] {
+            let err = cert_issue(&c.ca, bad, Role::Core, &c.nodes).unwrap_err();
+            assert!(matches!(err, TlsError::BadName(_)), "{bad:?}: {err:?}");
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! End to end: one core and five relays as separate processes keep a file byte-identical.
+
+mod common;
+
+use common::*;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The model: the same ops applied to a plain vector.
+fn write_at(model: &mut Vec<u8>, offset: usize, data: &[u8]) {
+    if model.len() < offset + data.len() {
+        model.resize(offset + data.len(), 0);
+    }
+    model[offset..offset + data.len()].copy_from_slice(data);
+}
+
+async fn write(c: &reqwest::Client, req: reqwest::RequestBuilder) -> u64 {
+    let _ = c;
+    let resp = req.send().await.expect("write request");
+    let code = resp.status();
+    let body: serde_json::Value = resp.json().await.expect("json reply");
+    assert!(code.is_success(), "write failed: {code} {body}");
+    body["version"].as_u64().expect("version in reply")
+}
+
+async fn converged(c: &reqwest::Client, nodes: &[&Proc], model: &[u8]) {
+    let expected_root = {
+        let core = nodes[0];
+        let (_, root) = version_root(c, core).await.unwrap();
+        root
+    };
+    let expected_version = version_root(c, nodes[0]).await.unwrap().0;
+    for p in nodes {
+        wait_until(
+            60,
+            &format!("{} to reach version {expected_version}", p.name),
+            || async {
+                version_root(c, p).await == Some((expected_version, expected_root.clone()))
+            },
+        )
+        .await;
+        wait_until(60, &format!("{}'s --file to match", p.name), || async {
+            let s = status(c, p).await.unwrap();
+            s["file_version"].as_u64() == Some(expected_version)
+                && std::fs::read(&p.file).map(|b| b == model).unwrap_or(false)
+        })
+        .await;
+        let resp = c.get(p.url("/v1/file")).send().await.unwrap();
+        assert_eq!(
+            resp.headers()["x-canopy-version"].to_str().unwrap(),
+            expected_version.to_string()
+        );
+        assert_eq!(
+            resp.headers()["x-canopy-root"].to_str().unwrap(),
+            expected_root
+        );
+        let body = resp.bytes().await.unwrap();
+        assert!(
+            body == model,
+            "{}: served bytes differ from the model",
+            p.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_and_five_relays_stay_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    for i in 1..=5 {
+        pki.issue(&format!("r{i}"), "relay");
+    }
+    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    let c = http();
+    wait_until(30, "core to lead", || async {
+        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
+    })
+    .await;
+    let mut model = Vec::new();
+
+    // r1, r2 under the core; r3 under r1; r4 under r3; r5 under r2.
+    let mut r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let r2 = Proc::start(root, &pki, "r2", false, &[core.quic], &[]);
+    let r3 = Proc::start(root, &pki, "r3", false, &[r1.quic], &[]);
+    let r4 = Proc::start(root, &pki, "r4", false, &[r3.quic], &[]);
+    let r5 = Proc::start(root, &pki, "r5", false, &[r2.quic], &[]);
+
+    wait_until(60, "the tree to form", || async {
+        let mut ok = true;
+        for (p, parent, depth) in [
+            (&r1, "core", 1),
+            (&r2, "core", 1),
+            (&r3, "r1", 2),
+            (&r4, "r3", 3),
+            (&r5, "r2", 2),
+        ] {
+            let s = status(&c, p).await;
+            ok &= s.is_some_and(|s| {
+                s["parent"] == parent && s["depth"] == depth && s["synced"] == true
+            });
+        }
+        ok
+    })
+    .await;
+    let s = status(&c, &core).await.unwrap();
+    let mut kids: Vec<String> = serde_json::from_value(s["children"].clone()).unwrap();
+    kids.sort();
+    assert_eq!(kids, vec!["r1", "r2"]);
+    assert_eq!(s["depth"], 0);
+    assert_eq!(s["parent"], "");
+
+    // A PATCH at a leaf, through two relays to the core.
+    let v1 = write(
+        &c,
+        c.patch(r4.url("/v1/file?offset=10&wait=applied"))
+            .body(&b"hello"[..]),
+    )
+    .await;
+    write_at(&mut model, 10, b"hello");
+    assert_eq!(
+        version_root(&c, &r4).await.unwrap().0,
+        v1,
+        "read-your-writes"
+    );
+
+    // A whole new 8 MB file, PUT at r3.
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut big = vec![0u8; 8 << 20];
+    rng.fill_bytes(&mut big);
+    write(&c, c.put(r3.url("/v1/file?wait=applied")).body(big.clone())).await;
+
+    // A second PUT changing a few chunks only.
+    let mut big2 = big.clone();
+    big2[100_000..100_010].copy_from_slice(b"0123456789");
+    big2[5_000_000] ^= 0xff;
+    write(&c, c.put(r5.url("/v1/file")).body(big2.clone())).await;
+    model = big2;
+
+    // Truncate at r1, then a PATCH past the end at r2 (zero-filled gap).
+    let newlen = model.len() - 12_345;
+    write(
+        &c,
+        c.post(r1.url(&format!("/v1/file/truncate?len={newlen}"))),
+    )
+    .await;
+    model.truncate(newlen);
+    let off = model.len() + 1000;
+    write(
+        &c,
+        c.patch(r2.url(&format!("/v1/file?offset={off}")))
+            .body(&b"tail"[..]),
+    )
+    .await;
+    write_at(&mut model, off, b"tail");
+
+    converged(&c, &[&core, &r1, &r2, &r3, &r4, &r5], &model).await;
+
+    // Range reads.
+    let resp = c
+        .get(r5.url("/v1/file"))
+        .header("Range", "bytes=10-14")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    assert_eq!(&resp.bytes().await.unwrap()[..], &model[10..15]);
+
+    // Kill r1 (parent of r3, grandparent of r4), write while it is down, restart it.
+    r1.kill();
+    for i in 0..5u8 {
+        let off = 1000 * i as usize;
+        write(
+            &c,
+            c.patch(core.url(&format!("/v1/file?offset={off}")))
+                .body(vec![i; 64]),
+        )
+        .await;
+        write_at(&mut model, off, &[i; 64]);
+    }
+    r1.restart();
+    write(
+        &c,
+        c.patch(r2.url("/v1/file?offset=3"))
+            .body(&b"after restart"[..]),
+    )
+    .await;
+    write_at(&mut model, 3, b"after restart");
+    converged(&c, &[&core, &r1, &r2, &r3, &r4, &r5], &model).await;
+    let s = status(&c, &r4).await.unwrap();
+    assert_eq!(s["parent"], "r3");
+    assert_eq!(s["root_path"], serde_json::json!(["core", "r1", "r3"]));
+
+    let metrics = c
+        .get(r4.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("canopy_applied_version"), "{metrics}");
+    assert!(metrics.contains("canopy_lag_entries"));
+    let metrics = c
+        .get(core.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("canopy_relayed_bytes_total"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_restart_keeps_the_file_and_relays_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    pki.issue("r1", "relay");
+    let mut core = Proc::start(root, &pki, "core", true, &[], &[]);
+    let c = http();
+    wait_until(30, "core to lead", || async {
+        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
+    })
+    .await;
+    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let mut model = Vec::new();
+    for i in 0..10u8 {
+        let off = 70_000 * i as usize;
+        write(
+            &c,
+            c.patch(r1.url(&format!("/v1/file?offset={off}")))
+                .body(vec![i + 1; 5000]),
+        )
+        .await;
+        write_at(&mut model, off, &[i + 1; 5000]);
+    }
+    converged(&c, &[&core, &r1], &model).await;
+    let before = version_root(&c, &core).await.unwrap();
+    core.restart();
+    wait_until(30, "restarted core to lead with its log", || async {
+        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
+            && version_root(&c, &core).await.as_ref() == Some(&before)
+    })
+    .await;
+    write(
+        &c,
+        c.patch(r1.url("/v1/file?offset=0&wait=applied"))
+            .body(&b"post"[..]),
+    )
+    .await;
+    write_at(&mut model, 0, b"post");
+    converged(&c, &[&core, &r1], &model).await;
+}

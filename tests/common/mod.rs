@@ -1,0 +1,245 @@
+//! Harness for integration tests: real `core-node`/`relay-node` processes on loopback.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const CANOPY: &str = env!("CARGO_BIN_EXE_canopy");
+pub const CORE_NODE: &str = env!("CARGO_BIN_EXE_core-node");
+pub const RELAY_NODE: &str = env!("CARGO_BIN_EXE_relay-node");
+
+/// Runs the `canopy` CLI and returns stdout; panics with stderr on failure.
+pub fn canopy(args: &[&str]) -> String {
+    let out = Command::new(CANOPY)
+        .args(args)
+        .output()
+        .expect("run canopy");
+    assert!(
+        out.status.success(),
+        "canopy {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A cluster CA and a directory of node certificates made by the real CLI.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub tls: PathBuf,
+}
+
+impl Pki {
+    pub fn new(root: &Path) -> Pki {
+        let ca = root.join("ca");
+        let tls = root.join("tls");
+        canopy(&["ca", "init", "--out", ca.to_str().unwrap()]);
+        Pki { ca, tls }
+    }
+
+    pub fn issue(&self, name: &str, role: &str) {
+        canopy(&[
+            "cert",
+            "issue",
+            "--ca",
+            self.ca.to_str().unwrap(),
+            "--name",
+            name,
+            "--role",
+            role,
+            "--out",
+            self.tls.to_str().unwrap(),
+        ]);
+    }
+}
+
+fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// One node process with the addresses it was started on.
+pub struct Proc {
+    pub name: String,
+    pub quic: SocketAddr,
+    pub api: SocketAddr,
+    pub data: PathBuf,
+    pub file: PathBuf,
+    args: Vec<String>,
+    bin: &'static str,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn_child(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(self.bin)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn node");
+        self.child = Some(child);
+    }
+
+    /// Starts a node and waits until its API answers. Retries with new ports if the ones
+    /// picked were taken in between.
+    pub fn start(
+        root: &Path,
+        pki: &Pki,
+        name: &str,
+        core: bool,
+        join: &[SocketAddr],
+        extra: &[&str],
+    ) -> Proc {
+        for _ in 0..3 {
+            let quic = free_udp();
+            let api = free_tcp();
+            let data = root.join("data").join(name);
+            let file = root.join("files").join(name);
+            let mut args: Vec<String> = vec![
+                "--name".into(),
+                name.into(),
+                "--listen".into(),
+                quic.to_string(),
+                "--api".into(),
+                api.to_string(),
+                "--data".into(),
+                data.display().to_string(),
+                "--tls".into(),
+                pki.tls.display().to_string(),
+                "--file".into(),
+                file.display().to_string(),
+            ];
+            if core {
+                args.push("--init".into());
+            } else {
+                let j: Vec<String> = join.iter().map(|a| a.to_string()).collect();
+                args.push("--join".into());
+                args.push(j.join(","));
+            }
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let mut p = Proc {
+                name: name.into(),
+                quic,
+                api,
+                data,
+                file,
+                args,
+                bin: if core { CORE_NODE } else { RELAY_NODE },
+                child: None,
+                log: root.join(format!("{name}.log")),
+            };
+            p.spawn_child();
+            if p.wait_ready() {
+                return p;
+            }
+        }
+        panic!("node {name} did not start; see its log");
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return false;
+            }
+            if std::net::TcpStream::connect(self.api).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// SIGKILLs the process.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the process again with the same flags and ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        for _ in 0..50 {
+            self.spawn_child();
+            if self.wait_ready() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{} did not restart", self.name);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.api, path)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+pub async fn status(c: &reqwest::Client, p: &Proc) -> Option<Value> {
+    c.get(p.url("/v1/status"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+/// Polls `cond` until it holds or `secs` pass; panics with `what` on timeout.
+pub async fn wait_until<F, Fut>(secs: u64, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Version and root from a node's status.
+pub async fn version_root(c: &reqwest::Client, p: &Proc) -> Option<(u64, String)> {
+    let s = status(c, p).await?;
+    Some((s["version"].as_u64()?, s["root"].as_str()?.to_string()))
+}
