@@ -1400,38 +1400,3 @@ mod tests {
         }
     }
 }
-#[cfg(test)]
-mod perf_tmp {
-    use super::*;
-    #[test]
-    fn perf_50mb() {
-        let data: Vec<u8> = (0..50 * 1024 * 1024u32).map(|i| (i * 7) as u8).collect();
-        let t0 = std::time::Instant::now();
-        let mut f = ChunkedFile::from_bytes(DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN, &data, 0).unwrap();
-        let t1 = t0.elapsed();
-        let t0 = std::time::Instant::now();
-        let snap = f.clone();
-        let tc = t0.elapsed();
-        let t0 = std::time::Instant::now();
-        for k in 0..1000u64 {
-            f.apply(
-                k + 1,
-                &Update {
-                    ops: vec![Op::Write {
-                        offset: k * 50_000,
-                        data: Bytes::from(vec![1u8; 100]),
-                    }],
-                },
-            )
-            .unwrap();
-        }
-        let t2 = t0.elapsed();
-        let t0 = std::time::Instant::now();
-        let u = snap.diff_to(&f.to_vec());
-        let t3 = t0.elapsed();
-        eprintln!(
-            "from_bytes {t1:?} clone {tc:?} 1000 small applies {t2:?} diff {t3:?} ops {}",
-            u.ops.len()
-        );
-    }
-}

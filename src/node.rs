@@ -190,6 +190,10 @@ impl Shared {
                 }
                 Event::Installed { version } => {
                     info!(node = %self.cfg.name, version, root = %st.replica.file().root_hex(), "installed snapshot");
+                    let ids: Vec<u64> = st.children.keys().copied().collect();
+                    for id in ids {
+                        self.cut_child(st, id, "parent installed a snapshot; resubscribe");
+                    }
                 }
                 Event::CheckpointVerified { .. } => self.metrics.checkpoint_ok.increment(1),
             }
@@ -209,11 +213,16 @@ impl Shared {
             }
         }
         for id in cut {
-            if let Some(c) = st.children.remove(&id) {
-                c.cut.store(true, Ordering::Release);
-                warn!(node = %self.cfg.name, child = %c.name, limit, "cutting off child: send queue over limit");
-                self.metrics.child_cutoffs.increment(1);
-            }
+            self.cut_child(st, id, "send queue over limit");
+        }
+    }
+
+    /// Drops a child's link: its writer resets the stream and the child resubscribes.
+    fn cut_child(&self, st: &mut State, id: u64, reason: &str) {
+        if let Some(c) = st.children.remove(&id) {
+            c.cut.store(true, Ordering::Release);
+            warn!(node = %self.cfg.name, child = %c.name, "cutting off child: {reason}");
+            self.metrics.child_cutoffs.increment(1);
         }
         self.metrics.children.set(st.children.len() as f64);
     }

@@ -190,7 +190,10 @@ async fn core_and_five_relays_stay_identical() {
     converged(&c, &[&core, &r1, &r2, &r3, &r4, &r5], &model).await;
     let s = status(&c, &r4).await.unwrap();
     assert_eq!(s["parent"], "r3");
-    assert_eq!(s["root_path"], serde_json::json!(["core", "r1", "r3"]));
+    assert_eq!(
+        s["root_path"],
+        serde_json::json!(["core", "r1", "r3", "r4"])
+    );
 
     let metrics = c
         .get(r4.url("/metrics"))

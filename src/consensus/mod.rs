@@ -9,8 +9,9 @@
 //!   `append` of many entries is one transaction.
 //! - The newest snapshot lives in `data_dir/snapshots/current.snap`. It is replaced only by an
 //!   atomic rename of a fully written and fsynced file, and never by an older snapshot.
-//! - On [`Core::open`] the state machine is rebuilt from the snapshot, then openraft replays the
-//!   committed log entries after it.
+//! - [`Core::open`] rebuilds the state machine from the snapshot, then openraft replays the log
+//!   entries after it up to the persisted committed id, all before `open` returns; every
+//!   outcome a caller has seen came after its entry's committed id was persisted.
 //! - A node's id is derived from its name ([`node_id`]), so every node computes every id alike.
 
 mod log_store;
@@ -330,6 +331,7 @@ pub struct Core {
 impl Core {
     /// Open (or create) the redb log at data_dir/raft.redb and the snapshot dir data_dir/snapshots/,
     /// restore the state machine from the newest snapshot (calling sm.install), and start openraft.
+    /// When it returns, `sm` also holds every entry this node had seen committed.
     pub async fn open(
         me: Member,
         data_dir: &Path,
@@ -437,7 +439,8 @@ impl Core {
         m.state == ServerState::Leader && m.current_leader == Some(self.id)
     }
 
-    /// Stop openraft and wait for its core task; the log database closes with it.
+    /// Stop openraft and wait for its core task; the log database closes with it, so the same
+    /// `data_dir` can be opened again. A `Core` dropped without this keeps openraft running.
     pub async fn shutdown(&self) -> Result<(), ConsensusError> {
         self.raft
             .shutdown()

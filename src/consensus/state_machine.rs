@@ -319,12 +319,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         });
         let sm = self.sm.clone();
         let outcomes = tokio::task::spawn_blocking(move || {
+            let mut version = None;
             entries
                 .iter()
                 .map(|entry| match &entry.payload {
-                    EntryPayload::Normal(cmd) => sm.apply(entry.log_id.index, &cmd.0),
+                    EntryPayload::Normal(cmd) => {
+                        let outcome = sm.apply(entry.log_id.index, &cmd.0);
+                        version = Some(outcome.version());
+                        outcome
+                    }
                     EntryPayload::Blank | EntryPayload::Membership(_) => ApplyOutcome::Applied {
-                        version: sm.current().version(),
+                        version: *version.get_or_insert_with(|| sm.current().version()),
                     },
                 })
                 .collect::<Vec<_>>()

@@ -116,6 +116,10 @@ async fn open_leader(dir: &Path, cfg: &RaftConfig) -> (Core, Arc<TestSm>) {
     (core, sm)
 }
 
+fn applied_index(core: &Core) -> u64 {
+    core.raft().metrics().borrow().last_applied.unwrap().index
+}
+
 async fn wait_applied(core: &Core, index: u64) {
     core.raft()
         .wait(Some(Duration::from_secs(10)))
@@ -186,7 +190,7 @@ async fn single_node_commits_and_replays_after_reopen() {
         ApplyOutcome::PreconditionFailed { version: 20 }
     );
     let before = sm.current();
-    let applied = core.raft().metrics().borrow().last_applied.unwrap().index;
+    let applied = applied_index(&core);
     core.shutdown().await.unwrap();
     assert!(matches!(
         core.propose(write(0, &b"late"[..])).await,
@@ -195,8 +199,8 @@ async fn single_node_commits_and_replays_after_reopen() {
     drop(core);
 
     let (core, sm) = open(dir.path(), &cfg).await;
-    wait_applied(&core, applied).await;
     let after = sm.current();
+    wait_applied(&core, applied).await;
     assert_eq!(sm.installs.load(Ordering::SeqCst), 0, "no snapshot yet");
     assert_eq!(after.version(), 20);
     assert_eq!(after.root(), before.root());
@@ -274,8 +278,8 @@ async fn snapshots_purge_the_log_and_restore() {
         1,
         "restored from snapshot"
     );
-    wait_applied(&core, last.index).await;
     let after = sm.current();
+    wait_applied(&core, last.index).await;
     assert_eq!(after.version(), 30);
     assert_eq!(after.root(), before.root());
     assert_eq!(after.to_vec(), before.to_vec());
@@ -291,13 +295,13 @@ async fn large_proposal_commits_and_survives_reopen() {
     let outcome = core.propose(write(0, big.clone())).await.unwrap();
     assert_eq!(outcome, ApplyOutcome::Applied { version: 1 });
     let root = sm.current().root();
-    let applied = core.raft().metrics().borrow().last_applied.unwrap().index;
+    let applied = applied_index(&core);
     core.shutdown().await.unwrap();
     drop(core);
 
     let (core, sm) = open(dir.path(), &cfg).await;
-    wait_applied(&core, applied).await;
     let file = sm.current();
+    wait_applied(&core, applied).await;
     assert_eq!(file.version(), 1);
     assert_eq!(file.root(), root);
     assert_eq!(file.to_vec(), big);
