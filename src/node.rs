@@ -32,6 +32,9 @@ use crate::replica::{snapshot_frames, Event, Replica, SubscribePlan};
 use crate::tls::SERVER_NAME;
 use crate::wire::{self, WireError};
 
+/// How long a relay that holds no copy yet keeps a subscribing child waiting for its own.
+const SYNC_WAIT: Duration = Duration::from_secs(30);
+
 /// QUIC application close codes.
 mod code {
     pub const SHUTDOWN: u32 = 0;
@@ -661,6 +664,19 @@ async fn serve_child(
     let refuse = |reason: String| proto::Downstream {
         kind: Some(Down::Refused(proto::Refused { reason })),
     };
+    let mut applied = shared.applied.subscribe();
+    let deadline = tokio::time::Instant::now() + SYNC_WAIT;
+    while !shared.state.lock().unwrap().replica.is_synced() {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = conn.closed() => return,
+            r = tokio::time::timeout_at(deadline, applied.changed()) => {
+                if !matches!(r, Ok(Ok(()))) {
+                    break;
+                }
+            }
+        }
+    }
     let registered = {
         let mut st = shared.state.lock().unwrap();
         if st.children.len() >= shared.cfg.stream.fanout {

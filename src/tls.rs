@@ -27,7 +27,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 
@@ -138,7 +138,7 @@ impl fmt::Debug for Identity {
 
 impl Identity {
     /// Loads `DIR/ca.pem`, `DIR/NAME.pem` and `DIR/NAME.key`, checking that the certificate is
-    /// for `name`, carries a role, and matches the key.
+    /// for `name`, carries a role, matches the key, and is currently valid under the CA.
     pub fn load(dir: &Path, name: &str) -> Result<Identity, TlsError> {
         check_name(name)?;
         let ca_path = dir.join(CA_CERT_FILE);
@@ -183,12 +183,21 @@ impl Identity {
                 reason: format!("does not match {}: {e}", key_path.display()),
             })?;
 
+        let roots = Arc::new(roots);
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), Arc::new(provider()))
+            .build()?
+            .verify_client_cert(&certs[0], &certs[1..], UnixTime::now())
+            .map_err(|e| TlsError::BadCertificate {
+                path: cert_path.clone(),
+                reason: format!("not valid under {}: {e}", ca_path.display()),
+            })?;
+
         Ok(Identity {
             name: name.to_string(),
             role,
             certs,
             key: Arc::new(key),
-            roots: Arc::new(roots),
+            roots,
         })
     }
 }
@@ -611,8 +620,13 @@ mod tests {
     async fn foreign_client_is_refused_by_server() {
         let ours = cluster();
         let theirs = cluster();
-        let server = local_endpoint(&ours.identity("core-1", Role::Core));
-        let foreign = local_endpoint(&theirs.identity("relay-1", Role::Relay));
+        let core = ours.identity("core-1", Role::Core);
+        let intruder = Identity {
+            roots: core.roots.clone(),
+            ..theirs.identity("relay-1", Role::Relay)
+        };
+        let server = local_endpoint(&core);
+        let foreign = local_endpoint(&intruder);
         let server_addr = addr(&server);
 
         let accept = tokio::spawn(async move { server.accept().await.unwrap().await });
@@ -698,6 +712,16 @@ mod tests {
             err.to_string().contains(&cert.display().to_string()),
             "{err}"
         );
+    }
+
+    #[test]
+    fn load_rejects_cert_from_another_ca() {
+        let ours = cluster();
+        let theirs = cluster();
+        cert_issue(&theirs.ca, "core-1", Role::Core, &ours.nodes).unwrap();
+        fs::copy(ours.ca.join(CA_CERT_FILE), ours.nodes.join(CA_CERT_FILE)).unwrap();
+        let err = Identity::load(&ours.nodes, "core-1").unwrap_err();
+        assert!(matches!(err, TlsError::BadCertificate { .. }), "{err:?}");
     }
 
     #[test]
