@@ -1,0 +1,85 @@
+//! The `canopy` CLI against real nodes: put (50 MB), cat, patch, truncate, status.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn cli(api: std::net::SocketAddr, args: &[&str]) -> Vec<u8> {
+    let out = Command::new(CANOPY)
+        .arg("--api")
+        .arg(api.to_string())
+        .args(args)
+        .output()
+        .expect("run canopy");
+    assert!(
+        out.status.success(),
+        "canopy {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_round_trip_with_a_50_mb_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    pki.issue("r1", "relay");
+    pki.issue("r2", "relay");
+    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    let c = http();
+    wait_until(30, "core to lead", || async {
+        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
+    })
+    .await;
+    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let r2 = Proc::start(root, &pki, "r2", false, &[r1.quic], &[]);
+
+    let mut model = vec![0u8; 50_000_000];
+    ChaCha8Rng::seed_from_u64(3).fill_bytes(&mut model);
+    let input = root.join("input.bin");
+    std::fs::write(&input, &model).unwrap();
+    let out = cli(r2.api, &["put", input.to_str().unwrap()]);
+    let reply: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let v = reply["version"].as_u64().unwrap();
+    assert_eq!(
+        cli(r2.api, &["cat"]),
+        model,
+        "read-your-writes after a 50 MB put"
+    );
+
+    let piece = root.join("piece.bin");
+    std::fs::write(&piece, b"patched by the cli").unwrap();
+    cli(
+        r1.api,
+        &["patch", "--offset", "49999990", piece.to_str().unwrap()],
+    );
+    model.truncate(49_999_990);
+    model.extend_from_slice(b"patched by the cli");
+    cli(core.api, &["truncate", "40000000"]);
+    model.truncate(40_000_000);
+
+    let status: serde_json::Value = serde_json::from_slice(&cli(core.api, &["status"])).unwrap();
+    let final_version = status["version"].as_u64().unwrap();
+    assert!(final_version > v);
+    assert_eq!(status["length"], 40_000_000);
+    for p in [&core, &r1, &r2] {
+        wait_until(60, &format!("{} to converge", p.name), || async {
+            version_root(&c, p).await.map(|(v, _)| v) == Some(final_version)
+        })
+        .await;
+        assert!(cli(p.api, &["cat"]) == model, "{} differs", p.name);
+        wait_until(60, &format!("{}'s --file", p.name), || async {
+            std::fs::read(&p.file).map(|b| b == model).unwrap_or(false)
+        })
+        .await;
+    }
+    let s: serde_json::Value = serde_json::from_slice(&cli(r2.api, &["status"])).unwrap();
+    assert_eq!(s["root"], status["root"]);
+    assert_eq!(s["depth"], 2);
+}
