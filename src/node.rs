@@ -651,6 +651,9 @@ async fn serve_stream(
                 let _ = send.finish();
             }
         }
+        Some(request::Kind::Raft(_)) | Some(request::Kind::Admin(_)) => {
+            close_bad(&shared, &conn, &peer, "core request to a node that cannot serve it")
+        }
         None => close_bad(&shared, &conn, &peer, "request without kind"),
     }
 }
