@@ -12,7 +12,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{NodeConfig, NodeKind, StreamConfig};
-use crate::consensus::RaftConfig;
+use crate::consensus::{Member, RaftConfig};
 use crate::tls::Identity;
 
 /// Flags common to both node binaries.
@@ -42,6 +42,10 @@ pub struct NodeArgs {
     /// Where to keep the materialized copy of the file.
     #[arg(long)]
     pub file: Option<PathBuf>,
+    /// A core member as NAME=ADDR (repeat for each; core nodes list all members, themselves
+    /// included; relays may list them to learn every core address).
+    #[arg(long = "peer", value_parser = parse_peer)]
+    pub peers: Vec<Member>,
     /// Maximum number of children this node serves.
     #[arg(long)]
     pub fanout: Option<usize>,
@@ -62,8 +66,23 @@ struct FileConfig {
     file: Option<PathBuf>,
     join: Option<Vec<String>>,
     init: Option<bool>,
+    peers: Option<Vec<String>>,
     #[serde(default)]
     stream: Option<StreamConfig>,
+}
+
+/// Parses `NAME=HOST:PORT`.
+pub fn parse_peer(s: &str) -> Result<Member, String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=ADDR, got {s:?}"))?;
+    if name.is_empty() || addr.is_empty() {
+        return Err(format!("expected NAME=ADDR, got {s:?}"));
+    }
+    Ok(Member {
+        name: name.to_string(),
+        addr: addr.to_string(),
+    })
 }
 
 /// Which binary is running, with its own flags.
@@ -121,18 +140,35 @@ pub fn prepare(args: &NodeArgs, role: Role) -> anyhow::Result<Prepared> {
     if let Some(k) = args.fanout {
         stream.fanout = k;
     }
+    let peers = if args.peers.is_empty() {
+        fc.peers
+            .unwrap_or_default()
+            .iter()
+            .map(|p| parse_peer(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow!("config peers: {e}"))?
+    } else {
+        args.peers.clone()
+    };
     let kind = match role {
         Role::Core { init } => NodeKind::Core {
             raft: RaftConfig::default(),
             init: init || fc.init.unwrap_or(false),
+            peers,
         },
-        Role::Relay { join } => NodeKind::Relay {
-            join: if join.is_empty() {
+        Role::Relay { join } => {
+            let mut join = if join.is_empty() {
                 fc.join.unwrap_or_default()
             } else {
                 join
-            },
-        },
+            };
+            for p in peers {
+                if !join.contains(&p.addr) {
+                    join.push(p.addr);
+                }
+            }
+            NodeKind::Relay { join }
+        }
     };
     let cfg = NodeConfig {
         name,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::consensus::RaftConfig;
+use crate::consensus::{Member, RaftConfig};
 use crate::file::{DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN};
 use crate::replica::ReplicaConfig;
 use crate::wire::DEFAULT_MAX_FRAME;
@@ -32,6 +32,16 @@ pub enum ConfigError {
     NoJoin,
     #[error("raft: {0}")]
     Raft(String),
+    #[error("--peer list must include this node ({0}) when it is given")]
+    PeersWithoutSelf(String),
+    #[error("--peer {0} appears twice")]
+    DuplicatePeer(String),
+    #[error("--peer {name}: address {addr} differs from this node's advertised {advertise}")]
+    SelfAddr {
+        name: String,
+        addr: String,
+        advertise: SocketAddr,
+    },
 }
 
 /// Stream and fan-out settings shared by core and relay nodes.
@@ -145,8 +155,13 @@ impl StreamConfig {
 /// Whether a node is part of the Raft core or a relay in the tree.
 #[derive(Clone, Debug)]
 pub enum NodeKind {
-    /// A core node; `init` forms a one-member cluster on first start.
-    Core { raft: RaftConfig, init: bool },
+    /// A core node. `peers` names every core member, this node included (empty: a
+    /// one-member core); `init` forms the cluster from them on first start.
+    Core {
+        raft: RaftConfig,
+        init: bool,
+        peers: Vec<Member>,
+    },
     /// A relay; `join` lists parents to try, in order.
     Relay { join: Vec<String> },
 }
@@ -178,9 +193,25 @@ impl NodeConfig {
         self.stream.validate()?;
         match &self.kind {
             NodeKind::Relay { join } if join.is_empty() => Err(ConfigError::NoJoin),
-            NodeKind::Core { raft, .. } => raft
-                .validate()
-                .map_err(|e| ConfigError::Raft(e.to_string())),
+            NodeKind::Core { raft, peers, .. } => {
+                raft.validate()
+                    .map_err(|e| ConfigError::Raft(e.to_string()))?;
+                let mut seen = std::collections::BTreeSet::new();
+                for p in peers {
+                    if !seen.insert(p.name.as_str()) {
+                        return Err(ConfigError::DuplicatePeer(p.name.clone()));
+                    }
+                }
+                match peers.iter().find(|p| p.name == self.name) {
+                    None if !peers.is_empty() => Err(ConfigError::PeersWithoutSelf(self.name.clone())),
+                    Some(me) if me.addr != self.advertise.to_string() => Err(ConfigError::SelfAddr {
+                        name: me.name.clone(),
+                        addr: me.addr.clone(),
+                        advertise: self.advertise,
+                    }),
+                    _ => Ok(()),
+                }
+            }
             _ => Ok(()),
         }
     }

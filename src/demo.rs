@@ -170,6 +170,7 @@ async fn build_cluster(args: &DemoArgs) -> anyhow::Result<Cluster> {
         NodeKind::Core {
             raft: RaftConfig::default(),
             init: true,
+            peers: Vec::new(),
         },
         &stream,
         &shutdown,

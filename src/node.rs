@@ -35,6 +35,13 @@ use crate::wire::{self, WireError};
 /// How long a relay that holds no copy yet keeps a subscribing child waiting for its own.
 const SYNC_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a core node waits for a leader before failing a proposal.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// A proposal is forwarded between core nodes at most this often (stale leader hints).
+const MAX_HOPS: u32 = 2;
+/// Connections tried when forwarding one proposal.
+const FORWARD_ATTEMPTS: usize = 4;
+
 /// QUIC application close codes.
 mod code {
     pub const SHUTDOWN: u32 = 0;
@@ -128,6 +135,7 @@ pub struct Shared {
     parent_addr: Mutex<String>,
     pub metrics: NodeMetrics,
     relayed: AtomicU64,
+    core_pick: std::sync::atomic::AtomicUsize,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -285,12 +293,13 @@ impl Node {
             core_conn: tokio::sync::Mutex::new(None),
             parent_addr: Mutex::new(String::new()),
             relayed: AtomicU64::new(0),
+            core_pick: std::sync::atomic::AtomicUsize::new(0),
             shutdown,
             tasks: TaskTracker::new(),
             cfg,
         });
         let node = Node(shared.clone());
-        if let NodeKind::Core { raft, init } = &shared.cfg.kind {
+        if let NodeKind::Core { raft, init, .. } = &shared.cfg.kind {
             let me = Member {
                 name: shared.cfg.name.clone(),
                 addr: shared.cfg.advertise.to_string(),
@@ -426,9 +435,44 @@ impl Node {
             return Err(NodeError::UpdateTooLarge { size, max });
         }
         self.0.metrics.proposals.increment(1);
-        match self.0.core.get() {
-            Some(core) => Ok(core.propose(proposal).await?),
-            None => forward_proposal(&self.0, proposal).await,
+        self.propose_hops(proposal, 0).await
+    }
+
+    /// A core node commits directly when it leads, and otherwise forwards to the leader it
+    /// knows (waiting for an election if there is none); a relay forwards to a core node.
+    async fn propose_hops(
+        &self,
+        proposal: proto::Proposal,
+        hops: u32,
+    ) -> Result<ApplyOutcome, NodeError> {
+        let Some(core) = self.0.core.get() else {
+            return forward_proposal(&self.0, proposal, hops, None).await;
+        };
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            match core.propose(proposal.clone()).await {
+                Err(ConsensusError::NotLeader { leader }) => {
+                    let leader = match leader {
+                        Some(l) if l.name != self.0.cfg.name => Some(l),
+                        _ => {
+                            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                            core.wait_for_leader(left).await.ok()
+                        }
+                    };
+                    match leader {
+                        Some(l) if l.name != self.0.cfg.name && hops < MAX_HOPS => {
+                            return forward_proposal(&self.0, proposal, hops + 1, Some(l.addr))
+                                .await
+                        }
+                        Some(l) if l.name == self.0.cfg.name => continue,
+                        _ if tokio::time::Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(50)).await
+                        }
+                        _ => return Err(ConsensusError::NotLeader { leader }.into()),
+                    }
+                }
+                other => return Ok(other?),
+            }
         }
     }
 
@@ -470,18 +514,26 @@ impl Node {
     }
 }
 
+/// Sends a proposal to `to` (a core leader), or to a core node of this relay's choice.
 async fn forward_proposal(
     shared: &Arc<Shared>,
     proposal: proto::Proposal,
+    hops: u32,
+    to: Option<String>,
 ) -> Result<ApplyOutcome, NodeError> {
     let request = proto::Request {
         kind: Some(request::Kind::Propose(proto::Propose {
             proposal: Some(proposal),
+            hops,
         })),
     };
     let mut last = NodeError::NoCore;
-    for _ in 0..3 {
-        let conn = match core_connection(shared).await {
+    for _ in 0..FORWARD_ATTEMPTS {
+        let conn = match &to {
+            Some(addr) => connect(shared, addr).await,
+            None => core_connection(shared).await,
+        };
+        let conn = match conn {
             Ok(c) => c,
             Err(e) => {
                 last = e;
@@ -515,7 +567,9 @@ async fn forward_proposal(
             }
             Err(e) => {
                 warn!(node = %shared.cfg.name, "proposal to core failed, retrying: {e}");
-                *shared.core_conn.lock().await = None;
+                let mut cached = shared.core_conn.lock().await;
+                *cached = None;
+                shared.core_pick.fetch_add(1, Ordering::Relaxed);
                 last = e;
             }
         }
@@ -538,10 +592,13 @@ async fn core_connection(shared: &Arc<Shared>) -> Result<quinn::Connection, Node
         }
     };
     let mut last = NodeError::NoCore;
-    for addr in addrs {
-        match connect(shared, &addr).await {
+    let start = shared.core_pick.load(Ordering::Relaxed);
+    for i in 0..addrs.len() {
+        let addr = &addrs[(start + i) % addrs.len()];
+        match connect(shared, addr).await {
             Ok(c) => {
                 *guard = Some(c.clone());
+                shared.core_pick.store((start + i) % addrs.len(), Ordering::Relaxed);
                 return Ok(c);
             }
             Err(e) => last = e,
@@ -646,7 +703,7 @@ async fn serve_stream(
             let Some(proposal) = p.proposal else {
                 return close_bad(&shared, &conn, &peer, "propose without proposal");
             };
-            let reply = outcome_reply(Node(shared.clone()).propose(proposal).await);
+            let reply = outcome_reply(Node(shared.clone()).propose_hops(proposal, p.hops).await);
             if wire::write_frame(&mut send, &reply).await.is_ok() {
                 let _ = send.finish();
             }
