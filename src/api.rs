@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::consensus::ApplyOutcome;
-use crate::file::{Op, Update};
+use crate::file::{Op, Precondition, Update};
 use crate::node::{Node, NodeError};
 
 /// How long `?wait=applied` waits for this node to apply a committed write.
@@ -141,6 +141,32 @@ struct WriteQuery {
     len: Option<u64>,
     wait: Option<String>,
     if_version: Option<u64>,
+    /// `OFFSET:LEN:HEX`: apply only if bytes [OFFSET, OFFSET+LEN) still hash (BLAKE3) to HEX.
+    if_range_hash: Option<String>,
+}
+
+impl WriteQuery {
+    fn precondition(&self) -> Result<Option<Precondition>, ApiError> {
+        let bad = |m: &str| ApiError(StatusCode::BAD_REQUEST, m.to_string());
+        match (&self.if_version, &self.if_range_hash) {
+            (Some(_), Some(_)) => Err(bad("give if_version or if_range_hash, not both")),
+            (Some(v), None) => Ok(Some(Precondition::IfVersion(*v))),
+            (None, Some(spec)) => {
+                let mut parts = spec.splitn(3, ':');
+                let (Some(o), Some(l), Some(h)) = (parts.next(), parts.next(), parts.next()) else {
+                    return Err(bad("if_range_hash is OFFSET:LEN:HEX"));
+                };
+                let offset = o.parse().map_err(|_| bad("if_range_hash: bad OFFSET"))?;
+                let len = l.parse().map_err(|_| bad("if_range_hash: bad LEN"))?;
+                let hash: [u8; 32] = hex::decode(h)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| bad("if_range_hash: HEX must be 64 hex digits"))?;
+                Ok(Some(Precondition::IfRangeHash { offset, len, hash }))
+            }
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 async fn finish_write(
@@ -171,7 +197,7 @@ async fn finish_write(
 }
 
 async fn write_ops(node: &Node, ops: Vec<Op>, q: &WriteQuery) -> Result<Response, ApiError> {
-    let cond = q.if_version.map(crate::file::Precondition::IfVersion);
+    let cond = q.precondition()?;
     let outcome = node.write(&Update { ops }, cond.as_ref()).await?;
     finish_write(node, outcome, q).await
 }
@@ -208,13 +234,16 @@ async fn put_file(
     Query(q): Query<WriteQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    if q.if_version.is_some() {
+    if q.if_range_hash.is_some() {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
-            "PUT takes no if_version: it is conditional on this node's version internally".into(),
+            "PUT takes if_version only".into(),
         ));
     }
-    let outcome = node.replace(&body).await?;
+    let outcome = match q.if_version {
+        Some(v) => node.replace_at(&body, v).await?,
+        None => node.replace(&body).await?,
+    };
     finish_write(&node, outcome, &q).await
 }
 

@@ -455,7 +455,8 @@ impl Node {
                     let leader = match leader {
                         Some(l) if l.name != self.0.cfg.name => Some(l),
                         _ => {
-                            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                            let left =
+                                deadline.saturating_duration_since(tokio::time::Instant::now());
                             core.wait_for_leader(left).await.ok()
                         }
                     };
@@ -506,6 +507,24 @@ impl Node {
             }
         }
         Err(NodeError::Contended(ATTEMPTS))
+    }
+
+    /// Replaces the whole file with `content` only if the file is still at `version`.
+    pub async fn replace_at(
+        &self,
+        content: &[u8],
+        version: u64,
+    ) -> Result<ApplyOutcome, NodeError> {
+        self.wait_applied(version, Duration::from_secs(10)).await;
+        let file = self.file();
+        if file.version() != version {
+            return Ok(ApplyOutcome::PreconditionFailed {
+                version: file.version(),
+            });
+        }
+        let update = file.diff_to(content);
+        self.write(&update, Some(&Precondition::IfVersion(version)))
+            .await
     }
 
     /// The Raft instance of a core node.
@@ -598,7 +617,9 @@ async fn core_connection(shared: &Arc<Shared>) -> Result<quinn::Connection, Node
         match connect(shared, addr).await {
             Ok(c) => {
                 *guard = Some(c.clone());
-                shared.core_pick.store((start + i) % addrs.len(), Ordering::Relaxed);
+                shared
+                    .core_pick
+                    .store((start + i) % addrs.len(), Ordering::Relaxed);
                 return Ok(c);
             }
             Err(e) => last = e,
@@ -708,9 +729,12 @@ async fn serve_stream(
                 let _ = send.finish();
             }
         }
-        Some(request::Kind::Raft(_)) | Some(request::Kind::Admin(_)) => {
-            close_bad(&shared, &conn, &peer, "core request to a node that cannot serve it")
-        }
+        Some(request::Kind::Raft(_)) | Some(request::Kind::Admin(_)) => close_bad(
+            &shared,
+            &conn,
+            &peer,
+            "core request to a node that cannot serve it",
+        ),
         None => close_bad(&shared, &conn, &peer, "request without kind"),
     }
 }
