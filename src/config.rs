@@ -203,12 +203,16 @@ impl NodeConfig {
                     }
                 }
                 match peers.iter().find(|p| p.name == self.name) {
-                    None if !peers.is_empty() => Err(ConfigError::PeersWithoutSelf(self.name.clone())),
-                    Some(me) if me.addr != self.advertise.to_string() => Err(ConfigError::SelfAddr {
-                        name: me.name.clone(),
-                        addr: me.addr.clone(),
-                        advertise: self.advertise,
-                    }),
+                    None if !peers.is_empty() => {
+                        Err(ConfigError::PeersWithoutSelf(self.name.clone()))
+                    }
+                    Some(me) if me.addr != self.advertise.to_string() => {
+                        Err(ConfigError::SelfAddr {
+                            name: me.name.clone(),
+                            addr: me.addr.clone(),
+                            advertise: self.advertise,
+                        })
+                    }
                     _ => Ok(()),
                 }
             }
