@@ -406,6 +406,18 @@ impl Replica {
         frame: Bytes,
         msg: proto::Downstream,
     ) -> Result<Vec<Event>, ReplicaError> {
+        let r = self.handle_frame(frame, msg);
+        if r.as_ref().is_err_and(ReplicaError::needs_full_resync) {
+            self.synced = false;
+        }
+        r
+    }
+
+    fn handle_frame(
+        &mut self,
+        frame: Bytes,
+        msg: proto::Downstream,
+    ) -> Result<Vec<Event>, ReplicaError> {
         let state = std::mem::replace(&mut self.upstream, Upstream::Idle);
         let unexpected = |state: &Upstream, kind: &Option<Down>| ReplicaError::Unexpected {
             frame: frame_name(kind),
@@ -597,3 +609,7 @@ pub fn snapshot_frames(
         .chain(chunks)
         .chain(std::iter::once(end))
 }
+
+#[cfg(test)]
+#[path = "replica_tests.rs"]
+mod tests;
