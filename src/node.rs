@@ -77,6 +77,8 @@ pub enum NodeError {
     },
     #[error("shutting down")]
     Shutdown,
+    #[error("this node is not a core node")]
+    NotCore,
 }
 
 /// Microseconds since the Unix epoch.
@@ -257,7 +259,10 @@ impl Shared {
 
     fn core_addrs(&self, st: &State) -> Vec<String> {
         match (&self.cfg.kind, st.replica.parent()) {
-            (NodeKind::Core { .. }, _) => vec![self.cfg.advertise.to_string()],
+            (NodeKind::Core { .. }, _) => match self.core.get() {
+                Some(core) => core.members().into_iter().map(|(m, _)| m.addr).collect(),
+                None => vec![self.cfg.advertise.to_string()],
+            },
             (NodeKind::Relay { .. }, Some(p)) => p.core_addrs.clone(),
             (NodeKind::Relay { join }, None) => join.clone(),
         }
@@ -299,17 +304,30 @@ impl Node {
             cfg,
         });
         let node = Node(shared.clone());
-        if let NodeKind::Core { raft, init, .. } = &shared.cfg.kind {
+        if let NodeKind::Core { raft, init, peers } = &shared.cfg.kind {
             let me = Member {
                 name: shared.cfg.name.clone(),
                 addr: shared.cfg.advertise.to_string(),
             };
-            let core =
-                Core::open(me, &shared.cfg.data, Arc::new(CoreSm(shared.clone())), raft).await?;
+            let core = Core::open(
+                me.clone(),
+                &shared.cfg.data,
+                Arc::new(CoreSm(shared.clone())),
+                raft,
+                shared.endpoint.clone(),
+                shared.cfg.stream.max_frame,
+            )
+            .await?;
+            let core = Arc::new(core);
+            let _ = shared.core.set(core.clone());
             if *init {
-                core.initialize_single().await?;
+                let members: BTreeMap<_, _> = if peers.is_empty() {
+                    BTreeMap::from([(me.id(), me)])
+                } else {
+                    peers.iter().map(|m| (m.id(), m.clone())).collect()
+                };
+                core.initialize(members).await?;
             }
-            let _ = shared.core.set(Arc::new(core));
             shared.tasks.spawn(core_ticker(shared.clone()));
         }
         if let NodeKind::Relay { .. } = &shared.cfg.kind {
@@ -527,6 +545,39 @@ impl Node {
             .await
     }
 
+    /// Applies a core membership change: on the leader directly, otherwise forwarded to it
+    /// (at most `MAX_HOPS` times).
+    pub async fn admin(&self, admin: proto::Admin, hops: u32) -> Result<(), NodeError> {
+        let core = self.0.core.get().ok_or(NodeError::NotCore)?;
+        let result = match &admin.kind {
+            Some(proto::admin::Kind::AddMember(m)) => {
+                core.add_member(Member {
+                    name: m.name.clone(),
+                    addr: m.addr.clone(),
+                })
+                .await
+            }
+            Some(proto::admin::Kind::RemoveMember(name)) => core.remove_member(name).await,
+            None => return Err(NodeError::Rejected("empty admin request".into())),
+        };
+        match result {
+            Err(ConsensusError::NotLeader { leader }) if hops <= MAX_HOPS => {
+                let leader = match leader {
+                    Some(l) => l,
+                    None => core.wait_for_leader(LEADER_WAIT).await?,
+                };
+                if leader.name == self.0.cfg.name {
+                    return Err(ConsensusError::NotLeader {
+                        leader: Some(leader),
+                    }
+                    .into());
+                }
+                forward_admin(&self.0, &leader.addr, admin).await
+            }
+            other => Ok(other?),
+        }
+    }
+
     /// The Raft instance of a core node.
     pub fn core(&self) -> Option<&Arc<Core>> {
         self.0.core.get()
@@ -646,6 +697,34 @@ async fn connect(shared: &Shared, addr: &str) -> Result<quinn::Connection, NodeE
         .map_err(|e| err(e.to_string()))
 }
 
+async fn forward_admin(
+    shared: &Arc<Shared>,
+    addr: &str,
+    admin: proto::Admin,
+) -> Result<(), NodeError> {
+    let conn = connect(shared, addr).await?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Connect {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    })?;
+    wire::write_frame(
+        &mut send,
+        &proto::Request {
+            kind: Some(request::Kind::Admin(admin)),
+        },
+    )
+    .await?;
+    let _ = send.finish();
+    let reply = wire::read_frame::<proto::AdminReply>(&mut recv, shared.cfg.stream.max_frame)
+        .await?
+        .ok_or(NodeError::Wire(WireError::Truncated))?;
+    if reply.error.is_empty() {
+        Ok(())
+    } else {
+        Err(NodeError::Rejected(reply.error))
+    }
+}
+
 fn outcome_reply(r: Result<ApplyOutcome, NodeError>) -> proto::ProposeReply {
     let kind = match r {
         Ok(ApplyOutcome::Applied { version }) => propose_reply::Kind::CommittedVersion(version),
@@ -695,6 +774,13 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     }
 }
 
+fn is_core_peer(conn: &quinn::Connection) -> bool {
+    matches!(
+        crate::tls::peer_identity(conn),
+        Some((_, crate::tls::Role::Core))
+    )
+}
+
 fn close_bad(shared: &Shared, conn: &quinn::Connection, peer: &str, why: &str) {
     shared.metrics.frame_errors.increment(1);
     warn!(node = %shared.cfg.name, %peer, "closing connection: {why}");
@@ -729,12 +815,33 @@ async fn serve_stream(
                 let _ = send.finish();
             }
         }
-        Some(request::Kind::Raft(_)) | Some(request::Kind::Admin(_)) => close_bad(
-            &shared,
-            &conn,
-            &peer,
-            "core request to a node that cannot serve it",
-        ),
+        Some(request::Kind::Raft(rpc)) => {
+            let Some(core) = shared.core.get() else {
+                return close_bad(&shared, &conn, &peer, "raft rpc to a relay");
+            };
+            if !is_core_peer(&conn) {
+                return close_bad(&shared, &conn, &peer, "raft rpc from a non-core peer");
+            }
+            let reply = core.handle_rpc(rpc).await;
+            if wire::write_frame(&mut send, &reply).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+        Some(request::Kind::Admin(admin)) => {
+            if shared.core.get().is_none() || !is_core_peer(&conn) {
+                return close_bad(&shared, &conn, &peer, "admin request outside the core");
+            }
+            let error = match Node(shared.clone()).admin(admin, MAX_HOPS + 1).await {
+                Ok(()) => String::new(),
+                Err(e) => e.to_string(),
+            };
+            if wire::write_frame(&mut send, &proto::AdminReply { error })
+                .await
+                .is_ok()
+            {
+                let _ = send.finish();
+            }
+        }
         None => close_bad(&shared, &conn, &peer, "request without kind"),
     }
 }
