@@ -31,6 +31,8 @@ pub fn router(node: Node) -> Router {
         .route("/v1/file", get(read_file).put(put_file).patch(patch_file))
         .route("/v1/file/truncate", post(truncate_file))
         .route("/v1/watch", get(watch))
+        .route("/v1/core/members", get(core_members).post(add_member))
+        .route("/v1/core/members/{name}", axum::routing::delete(remove_member))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(node)
@@ -50,6 +52,7 @@ impl From<NodeError> for ApiError {
             NodeError::UpdateTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             NodeError::Rejected(_) => StatusCode::BAD_REQUEST,
             NodeError::Contended(_) => StatusCode::CONFLICT,
+            NodeError::NotCore => StatusCode::BAD_REQUEST,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(code, e.to_string())
@@ -263,6 +266,44 @@ async fn watch(State(node): State<Node>, Query(q): Query<WatchQuery>) -> Respons
     let mut rx = node.applied();
     let _ = tokio::time::timeout(timeout, rx.wait_for(|(v, _)| *v > after)).await;
     Json(node.status()).into_response()
+}
+
+async fn core_members(State(node): State<Node>) -> Result<Response, ApiError> {
+    match node.status().core {
+        Some(core) => Ok(Json(core).into_response()),
+        None => Err(NodeError::NotCore.into()),
+    }
+}
+
+#[derive(Deserialize)]
+struct AddMemberBody {
+    name: String,
+    addr: String,
+}
+
+async fn add_member(
+    State(node): State<Node>,
+    Json(body): Json<AddMemberBody>,
+) -> Result<Response, ApiError> {
+    let admin = crate::proto::Admin {
+        kind: Some(crate::proto::admin::Kind::AddMember(crate::proto::AddMember {
+            name: body.name,
+            addr: body.addr,
+        })),
+    };
+    node.admin(admin, 0).await?;
+    core_members(State(node)).await
+}
+
+async fn remove_member(
+    State(node): State<Node>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let admin = crate::proto::Admin {
+        kind: Some(crate::proto::admin::Kind::RemoveMember(name)),
+    };
+    node.admin(admin, 0).await?;
+    core_members(State(node)).await
 }
 
 #[cfg(test)]

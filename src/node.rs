@@ -39,8 +39,8 @@ const SYNC_WAIT: Duration = Duration::from_secs(30);
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// A proposal is forwarded between core nodes at most this often (stale leader hints).
 const MAX_HOPS: u32 = 2;
-/// Connections tried when forwarding one proposal.
-const FORWARD_ATTEMPTS: usize = 4;
+/// How long connecting to a peer may take before the next one is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// QUIC application close codes.
 mod code {
@@ -79,6 +79,8 @@ pub enum NodeError {
     Shutdown,
     #[error("this node is not a core node")]
     NotCore,
+    #[error("the core may or may not have committed the write (connection lost after sending: {0}); check the version and retry if needed")]
+    OutcomeUnknown(String),
 }
 
 /// Microseconds since the Unix epoch.
@@ -104,7 +106,7 @@ struct State {
 }
 
 /// What `/v1/status` reports.
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Status {
     pub name: String,
     pub role: String,
@@ -123,6 +125,24 @@ pub struct Status {
     pub lag_seconds: f64,
     pub file_version: Option<u64>,
     pub core_addrs: Vec<String>,
+    /// Core nodes only: Raft state and the members.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub core: Option<CoreStatus>,
+}
+
+/// A core node's view of the consensus group.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CoreStatus {
+    #[serde(flatten)]
+    pub raft: crate::consensus::RaftStatus,
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub name: String,
+    pub addr: String,
+    pub voter: bool,
 }
 
 /// Shared state of a running node; cheap to clone through [`Node`].
@@ -421,6 +441,18 @@ impl Node {
             lag_seconds,
             file_version: *self.0.materialized.borrow(),
             core_addrs: self.0.core_addrs(&st),
+            core: self.0.core.get().map(|c| CoreStatus {
+                raft: c.status(),
+                members: c
+                    .members()
+                    .into_iter()
+                    .map(|(m, voter)| MemberStatus {
+                        name: m.name,
+                        addr: m.addr,
+                        voter,
+                    })
+                    .collect(),
+            }),
         }
     }
 
@@ -464,7 +496,7 @@ impl Node {
         hops: u32,
     ) -> Result<ApplyOutcome, NodeError> {
         let Some(core) = self.0.core.get() else {
-            return forward_proposal(&self.0, proposal, hops, None).await;
+            return Ok(forward_proposal(&self.0, proposal, hops, None).await?);
         };
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
@@ -480,8 +512,16 @@ impl Node {
                     };
                     match leader {
                         Some(l) if l.name != self.0.cfg.name && hops < MAX_HOPS => {
-                            return forward_proposal(&self.0, proposal, hops + 1, Some(l.addr))
+                            match forward_proposal(&self.0, proposal.clone(), hops + 1, Some(l.addr))
                                 .await
+                            {
+                                Err(Forward::NotSent(_))
+                                    if tokio::time::Instant::now() < deadline =>
+                                {
+                                    tokio::time::sleep(Duration::from_millis(50)).await
+                                }
+                                other => return Ok(other?),
+                            }
                         }
                         Some(l) if l.name == self.0.cfg.name => continue,
                         _ if tokio::time::Instant::now() < deadline => {
@@ -584,67 +624,92 @@ impl Node {
     }
 }
 
-/// Sends a proposal to `to` (a core leader), or to a core node of this relay's choice.
+/// Sends a proposal to `to` (a core leader), or to a core node of this relay's choice,
+/// retrying other core nodes while it has certainly not been sent. An error after sending
+/// leaves the outcome unknown and is returned as is: the proposal is never sent twice.
 async fn forward_proposal(
     shared: &Arc<Shared>,
     proposal: proto::Proposal,
     hops: u32,
     to: Option<String>,
-) -> Result<ApplyOutcome, NodeError> {
+) -> Result<ApplyOutcome, Forward> {
     let request = proto::Request {
         kind: Some(request::Kind::Propose(proto::Propose {
             proposal: Some(proposal),
             hops,
         })),
     };
-    let mut last = NodeError::NoCore;
-    for _ in 0..FORWARD_ATTEMPTS {
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    loop {
         let conn = match &to {
             Some(addr) => connect(shared, addr).await,
             None => core_connection(shared).await,
         };
-        let conn = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                last = e;
-                continue;
-            }
+        let sent = match conn {
+            Ok(conn) => send_proposal(shared, &conn, &request).await,
+            Err(e) => Err(Forward::NotSent(e)),
         };
-        let result: Result<proto::ProposeReply, NodeError> = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Connect {
-                addr: conn.remote_address().to_string(),
-                reason: e.to_string(),
-            })?;
-            wire::write_frame(&mut send, &request).await?;
-            let _ = send.finish();
-            wire::read_frame::<proto::ProposeReply>(&mut recv, shared.cfg.stream.max_frame)
-                .await?
-                .ok_or(NodeError::Wire(WireError::Truncated))
-        }
-        .await;
-        match result {
-            Ok(reply) => {
-                return match reply.kind {
-                    Some(propose_reply::Kind::CommittedVersion(v)) => {
-                        Ok(ApplyOutcome::Applied { version: v })
-                    }
-                    Some(propose_reply::Kind::PreconditionFailedVersion(v)) => {
-                        Ok(ApplyOutcome::PreconditionFailed { version: v })
-                    }
-                    Some(propose_reply::Kind::Error(e)) => Err(NodeError::Rejected(e)),
-                    None => Err(NodeError::Rejected("empty reply".into())),
-                }
-            }
-            Err(e) => {
-                warn!(node = %shared.cfg.name, "proposal to core failed, retrying: {e}");
-                let mut cached = shared.core_conn.lock().await;
-                *cached = None;
+        match sent {
+            Err(Forward::NotSent(e)) => {
+                warn!(node = %shared.cfg.name, "proposal not delivered to the core: {e}");
+                *shared.core_conn.lock().await = None;
                 shared.core_pick.fetch_add(1, Ordering::Relaxed);
-                last = e;
+                if to.is_some() || tokio::time::Instant::now() >= deadline {
+                    return Err(Forward::NotSent(e));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            other => return other,
         }
     }
-    Err(last)
+}
+
+/// Why forwarding a proposal failed.
+#[derive(Debug)]
+pub enum Forward {
+    /// Nothing reached the core: retrying cannot apply it twice.
+    NotSent(NodeError),
+    /// It may or may not have been committed.
+    Unknown(NodeError),
+}
+
+impl From<Forward> for NodeError {
+    fn from(f: Forward) -> Self {
+        match f {
+            Forward::NotSent(e) => e,
+            Forward::Unknown(e) => NodeError::OutcomeUnknown(e.to_string()),
+        }
+    }
+}
+
+async fn send_proposal(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    request: &proto::Request,
+) -> Result<ApplyOutcome, Forward> {
+    let not_sent = |e: String| {
+        Forward::NotSent(NodeError::Connect {
+            addr: conn.remote_address().to_string(),
+            reason: e,
+        })
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| not_sent(e.to_string()))?;
+    wire::write_frame(&mut send, request)
+        .await
+        .map_err(|e| not_sent(e.to_string()))?;
+    let _ = send.finish();
+    let reply = wire::read_frame::<proto::ProposeReply>(&mut recv, shared.cfg.stream.max_frame)
+        .await
+        .map_err(|e| Forward::Unknown(e.into()))?
+        .ok_or(Forward::Unknown(NodeError::Wire(WireError::Truncated)))?;
+    match reply.kind {
+        Some(propose_reply::Kind::CommittedVersion(v)) => Ok(ApplyOutcome::Applied { version: v }),
+        Some(propose_reply::Kind::PreconditionFailedVersion(v)) => {
+            Ok(ApplyOutcome::PreconditionFailed { version: v })
+        }
+        Some(propose_reply::Kind::Error(e)) => Err(Forward::Unknown(NodeError::Rejected(e))),
+        None => Err(Forward::Unknown(NodeError::Rejected("empty reply".into()))),
+    }
 }
 
 async fn core_connection(shared: &Arc<Shared>) -> Result<quinn::Connection, NodeError> {
@@ -689,11 +754,13 @@ async fn connect(shared: &Shared, addr: &str) -> Result<quinn::Connection, NodeE
         .map_err(|e| err(e.to_string()))?
         .next()
         .ok_or_else(|| err("no address".into()))?;
-    shared
+    let connecting = shared
         .endpoint
         .connect(sock, SERVER_NAME)
-        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(e.to_string()))?;
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
+        .map_err(|_| err(format!("no handshake within {CONNECT_TIMEOUT:?}")))?
         .map_err(|e| err(e.to_string()))
 }
 

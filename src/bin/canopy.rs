@@ -61,8 +61,23 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
+    /// The core's membership (through any core node's API).
+    Core {
+        #[command(subcommand)]
+        cmd: CoreCmd,
+    },
     /// Run a whole cluster on this machine: a core, N relays, a steady write load.
     Demo(canopy::demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum CoreCmd {
+    /// Show the members, the leader and the Raft state.
+    Members,
+    /// Add a voting member (it must be running with a core certificate).
+    Add { name: String, addr: String },
+    /// Remove a member from the voting set.
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]
@@ -223,6 +238,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 after = version;
             }
         },
+        Cmd::Core { cmd } => {
+            let req = match cmd {
+                CoreCmd::Members => http.get(url(api, "/v1/core/members")),
+                CoreCmd::Add { name, addr } => http
+                    .post(url(api, "/v1/core/members"))
+                    .json(&serde_json::json!({ "name": name, "addr": addr })),
+                CoreCmd::Remove { name } => {
+                    http.delete(url(api, &format!("/v1/core/members/{name}")))
+                }
+            };
+            let resp = check(req.send().await.context("contacting the node's API")?).await?;
+            let v: serde_json::Value = resp.json().await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
         Cmd::Demo(args) => canopy::demo::run(args).await?,
     }
     Ok(())

@@ -10,12 +10,17 @@
 //!   `append` writes all its entries in one transaction and reports the flush only after the
 //!   commit has returned.
 //! - redb work runs on the blocking thread pool, never on an async worker thread.
+//! - [`CommittedIndex`] reports the committed index last read from or durably written to `meta`.
+//! - [`entry_to_proto`] and [`entry_from_proto`] are the one conversion between openraft entries
+//!   and `RaftEntry`, used both on disk and on the wire.
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -73,15 +78,36 @@ impl From<redb::TransactionError> for LogStoreError {
     }
 }
 
+/// The committed log index as the log store last persisted it; cheap to clone and read.
+#[derive(Clone, Debug, Default)]
+pub struct CommittedIndex(Arc<AtomicU64>);
+
+impl CommittedIndex {
+    /// The committed index, if any entry is committed.
+    pub fn get(&self) -> Option<u64> {
+        self.0.load(Ordering::Acquire).checked_sub(1)
+    }
+
+    fn set(&self, committed: Option<LogId>) {
+        let raw = committed.map_or(0, |id| id.index.saturating_add(1));
+        self.0.store(raw, Ordering::Release);
+    }
+}
+
 /// The redb-backed [`RaftLogStorage`]; clones share the database and serve as log readers.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    committed: CommittedIndex,
+    fsync_seconds: metrics::Histogram,
 }
 
 impl LogStore {
-    /// Open or create the database at `path` and make sure both tables exist.
-    pub async fn open(path: PathBuf) -> Result<LogStore, LogStoreError> {
+    /// Open or create the database at `path` and make sure both tables exist. `node` labels the
+    /// `canopy_raft_fsync_seconds` histogram.
+    pub async fn open(path: PathBuf, node: &str) -> Result<LogStore, LogStoreError> {
+        let fsync_seconds =
+            metrics::histogram!("canopy_raft_fsync_seconds", "node" => node.to_string());
         blocking(move || {
             let db = Database::create(&path).map_err(|source| LogStoreError::Open {
                 path: path.clone(),
@@ -91,9 +117,18 @@ impl LogStore {
             txn.open_table(ENTRIES)?;
             txn.open_table(META)?;
             txn.commit()?;
-            Ok(LogStore { db: Arc::new(db) })
+            Ok(LogStore {
+                db: Arc::new(db),
+                committed: CommittedIndex::default(),
+                fsync_seconds,
+            })
         })
         .await
+    }
+
+    /// A handle on the committed index this store persists.
+    pub fn committed_index(&self) -> CommittedIndex {
+        self.committed.clone()
     }
 
     async fn run<T, F>(&self, f: F) -> Result<T, LogStoreError>
@@ -214,13 +249,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         self.run(move |db| LogStore::write_meta(db, COMMITTED, &committed))
             .await
-            .map_err(|e| StorageIOError::write(AnyError::new(&e)).into())
+            .map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
+        self.committed.set(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        self.run(|db| Ok(LogStore::read_meta::<Option<LogId>>(db, COMMITTED)?.flatten()))
+        let committed = self
+            .run(|db| Ok(LogStore::read_meta::<Option<LogId>>(db, COMMITTED)?.flatten()))
             .await
-            .map_err(|e| StorageIOError::read(AnyError::new(&e)).into())
+            .map_err(|e| StorageIOError::read(AnyError::new(&e)))?;
+        self.committed.set(committed);
+        Ok(committed)
     }
 
     async fn append<I>(
@@ -237,6 +277,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.log_io_completed(Ok(()));
             return Ok(());
         }
+        let fsync_seconds = self.fsync_seconds.clone();
         let result = self
             .run(move |db| {
                 let txn = db.begin_write()?;
@@ -254,7 +295,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                         prev = Some(index);
                     }
                 }
+                let started = Instant::now();
                 txn.commit()?;
+                fsync_seconds.record(started.elapsed().as_secs_f64());
                 Ok(())
             })
             .await;
@@ -322,7 +365,8 @@ fn corrupt(index: u64, reason: impl ToString) -> LogStoreError {
     }
 }
 
-fn encode_entry(entry: &Entry) -> Result<Vec<u8>, LogStoreError> {
+/// The `RaftEntry` of an openraft entry (the proposal's bytes are shared, not copied).
+pub fn entry_to_proto(entry: &Entry) -> Result<RaftEntry, LogStoreError> {
     let payload = match &entry.payload {
         EntryPayload::Blank => Payload::Blank(Empty {}),
         EntryPayload::Normal(Cmd(proposal)) => Payload::Normal(proposal.clone()),
@@ -335,18 +379,12 @@ fn encode_entry(entry: &Entry) -> Result<Vec<u8>, LogStoreError> {
         leader_node_id: entry.log_id.leader_id.node_id,
         index: entry.log_id.index,
         payload: Some(payload),
-    }
-    .encode_to_vec())
+    })
 }
 
-fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, LogStoreError> {
-    let raw = RaftEntry::decode(Bytes::copy_from_slice(bytes)).map_err(|e| corrupt(index, e))?;
-    if raw.index != index {
-        return Err(corrupt(
-            index,
-            format!("stored under index {index}, says {}", raw.index),
-        ));
-    }
+/// The openraft entry a `RaftEntry` describes.
+pub fn entry_from_proto(raw: RaftEntry) -> Result<Entry, LogStoreError> {
+    let index = raw.index;
     let payload = match raw.payload {
         Some(Payload::Blank(_)) => EntryPayload::Blank,
         Some(Payload::Normal(proposal)) => EntryPayload::Normal(Cmd(proposal)),
@@ -359,6 +397,21 @@ fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, LogStoreError> {
         log_id: log_id(raw.term, raw.leader_node_id, index),
         payload,
     })
+}
+
+fn encode_entry(entry: &Entry) -> Result<Vec<u8>, LogStoreError> {
+    Ok(entry_to_proto(entry)?.encode_to_vec())
+}
+
+fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, LogStoreError> {
+    let raw = RaftEntry::decode(Bytes::copy_from_slice(bytes)).map_err(|e| corrupt(index, e))?;
+    if raw.index != index {
+        return Err(corrupt(
+            index,
+            format!("stored under index {index}, says {}", raw.index),
+        ));
+    }
+    entry_from_proto(raw)
 }
 
 async fn blocking<T, F>(f: F) -> Result<T, LogStoreError>

@@ -13,25 +13,33 @@
 //!   entries after it up to the persisted committed id, all before `open` returns; every
 //!   outcome a caller has seen came after its entry's committed id was persisted.
 //! - A node's id is derived from its name ([`node_id`]), so every node computes every id alike.
+//! - Core members reach each other only through [`Network`] (QUIC, one stream per RPC) and serve
+//!   peers only through [`Core::handle_rpc`].
+//! - Membership changes happen only on the leader and only through openraft's joint consensus; a
+//!   member becomes a voter only after it caught up as a learner.
 
+#[cfg(test)]
+mod cluster_tests;
 mod log_store;
 mod network;
 mod state_machine;
+mod telemetry;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, Fatal, InitializeError, RaftError};
-use openraft::{Raft, ServerState, SnapshotPolicy};
+use openraft::{ChangeMembers, Raft, ServerState, SnapshotPolicy};
 
-pub use log_store::{LogStore, LogStoreError};
-pub use network::{Network, NetworkError, PeerClient};
+pub use log_store::{CommittedIndex, LogStore, LogStoreError};
+pub use network::{Network, PeerClient, TransportError};
 pub use state_machine::{SnapshotError, SnapshotStore, StateMachineStore};
+pub use telemetry::RaftStatus;
 
 /// Raft node id.
 pub type NodeId = u64;
@@ -326,17 +334,23 @@ pub struct Core {
     raft: Raft<TypeConfig>,
     id: NodeId,
     me: Member,
+    committed: CommittedIndex,
 }
+
+type WriteError = RaftError<NodeId, ClientWriteError<NodeId, Member>>;
 
 impl Core {
     /// Open (or create) the redb log at data_dir/raft.redb and the snapshot dir data_dir/snapshots/,
-    /// restore the state machine from the newest snapshot (calling sm.install), and start openraft.
+    /// restore the state machine from the newest snapshot (calling sm.install), and start openraft,
+    /// which reaches peers by dialing from `endpoint` with frames of at most `max_frame` bytes.
     /// When it returns, `sm` also holds every entry this node had seen committed.
     pub async fn open(
         me: Member,
         data_dir: &Path,
         sm: Arc<dyn FileStateMachine>,
         cfg: &RaftConfig,
+        endpoint: quinn::Endpoint,
+        max_frame: usize,
     ) -> Result<Core, ConsensusError> {
         let config = Arc::new(cfg.to_openraft()?);
         std::fs::create_dir_all(data_dir).map_err(|source| ConsensusError::DataDir {
@@ -344,16 +358,37 @@ impl Core {
             source,
         })?;
         let id = me.id();
-        let log_store = LogStore::open(data_dir.join("raft.redb")).await?;
+        let log_store = LogStore::open(data_dir.join("raft.redb"), &me.name).await?;
+        let committed = log_store.committed_index();
         let snapshots = SnapshotStore::open(data_dir.join("snapshots")).await?;
         let state_machine = StateMachineStore::restore(sm, snapshots).await?;
-        let raft = Raft::new(id, config, Network::new(id), log_store, state_machine).await?;
-        Ok(Core { raft, id, me })
+        let network = Network::new(id, endpoint, max_frame);
+        let raft = Raft::new(id, config, network, log_store, state_machine).await?;
+        tokio::spawn(telemetry::export(
+            raft.metrics(),
+            committed.clone(),
+            me.name.clone(),
+        ));
+        Ok(Core {
+            raft,
+            id,
+            me,
+            committed,
+        })
     }
 
-    /// Form a one-member cluster of this node. Harmless (Ok) if already initialized.
-    pub async fn initialize_single(&self) -> Result<(), ConsensusError> {
-        let members = BTreeMap::from([(self.id, self.me.clone())]);
+    /// Form a cluster whose voters are exactly `members` (which must include this node). Harmless
+    /// (Ok) if this node is already initialized, so every member may call it with the same set.
+    pub async fn initialize(
+        &self,
+        members: BTreeMap<NodeId, Member>,
+    ) -> Result<(), ConsensusError> {
+        if let Some((id, m)) = members.iter().find(|(id, m)| **id != m.id()) {
+            return Err(ConsensusError::Raft(format!(
+                "member {m} is listed under id {id}, its id is {}",
+                m.id()
+            )));
+        }
         match self.raft.initialize(members).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
@@ -364,20 +399,104 @@ impl Core {
         }
     }
 
+    /// Form a one-member cluster of this node. Harmless (Ok) if already initialized.
+    pub async fn initialize_single(&self) -> Result<(), ConsensusError> {
+        self.initialize(BTreeMap::from([(self.id, self.me.clone())]))
+            .await
+    }
+
     /// Commit a proposal and return how it applied. Error NotLeader if this node isn't leader.
     pub async fn propose(&self, p: crate::proto::Proposal) -> Result<ApplyOutcome, ConsensusError> {
         match self.raft.client_write(Cmd(p)).await {
             Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(fwd))) => {
-                let leader = fwd
-                    .leader_node
-                    .or_else(|| fwd.leader_id.and_then(|id| self.member_of(id)));
-                Err(ConsensusError::NotLeader { leader })
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(ConsensusError::Raft(e.to_string()))
-            }
-            Err(RaftError::Fatal(f)) => Err(f.into()),
+            Err(e) => Err(self.write_error(e)),
+        }
+    }
+
+    /// Make `m` a voter: add it as a learner, wait until it has caught up with the leader's log
+    /// (possibly through a snapshot), then change the voters to the current ones plus `m`. Only on
+    /// the leader (NotLeader otherwise). Ok at once if `m` already is a voter at the same address.
+    /// The wait for catching up is unbounded; a caller may drop the future to give up, leaving `m`
+    /// a learner until the next `add_member` or `remove_member`.
+    pub async fn add_member(&self, m: Member) -> Result<(), ConsensusError> {
+        self.ensure_leader()?;
+        let id = m.id();
+        let (known, voter) = self.membership_of(id);
+        if voter && known.as_ref() == Some(&m) {
+            return Ok(());
+        }
+        if known.is_some_and(|k| k != m) {
+            self.raft
+                .change_membership(
+                    ChangeMembers::SetNodes(BTreeMap::from([(id, m.clone())])),
+                    false,
+                )
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
+        if !voter {
+            self.raft
+                .add_learner(id, m.clone(), true)
+                .await
+                .map_err(|e| self.write_error(e))?;
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
+        tracing::info!(member = %m, "core member added");
+        Ok(())
+    }
+
+    /// Remove the member named `name` (voter or learner) from the cluster. Only on the leader
+    /// (NotLeader otherwise). Ok at once if there is no such member.
+    pub async fn remove_member(&self, name: &str) -> Result<(), ConsensusError> {
+        self.ensure_leader()?;
+        let id = node_id(name);
+        let change = match self.membership_of(id) {
+            (None, _) => return Ok(()),
+            (Some(_), true) => ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+            (Some(_), false) => ChangeMembers::RemoveNodes(BTreeSet::from([id])),
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        tracing::info!(member = name, "core member removed");
+        Ok(())
+    }
+
+    /// The members of the current (possibly not yet committed) membership, sorted by name, each
+    /// with whether it is a voter.
+    pub fn members(&self) -> Vec<(Member, bool)> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let mut members: Vec<(Member, bool)> = membership
+            .nodes()
+            .map(|(id, m)| (m.clone(), voters.contains(id)))
+            .collect();
+        members.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        members
+    }
+
+    /// A summary of this node's Raft state.
+    pub fn status(&self) -> RaftStatus {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        RaftStatus {
+            term: m.current_term,
+            leader: m.current_leader.map(|id| {
+                m.membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map_or_else(|| id.to_string(), |n| n.name.clone())
+            }),
+            commit_index: self.committed.get(),
+            applied_index: m.last_applied.map(|id| id.index),
+            last_log_index: m.last_log_index,
+            state: format!("{:?}", m.state),
         }
     }
 
@@ -446,6 +565,42 @@ impl Core {
             .shutdown()
             .await
             .map_err(|e| ConsensusError::Fatal(e.to_string()))
+    }
+
+    fn ensure_leader(&self) -> Result<(), ConsensusError> {
+        if self.is_leader() {
+            Ok(())
+        } else {
+            Err(ConsensusError::NotLeader {
+                leader: self.leader(),
+            })
+        }
+    }
+
+    /// The node with this id in the current membership, and whether it is a voter.
+    fn membership_of(&self, id: NodeId) -> (Option<Member>, bool) {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        (
+            membership.get_node(&id).cloned(),
+            membership.voter_ids().any(|v| v == id),
+        )
+    }
+
+    fn write_error(&self, e: WriteError) -> ConsensusError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(fwd)) => {
+                let leader = fwd
+                    .leader_node
+                    .or_else(|| fwd.leader_id.and_then(|id| self.member_of(id)));
+                ConsensusError::NotLeader { leader }
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                ConsensusError::Raft(e.to_string())
+            }
+            RaftError::Fatal(f) => f.into(),
+        }
     }
 
     fn member_of(&self, id: NodeId) -> Option<Member> {

@@ -1,41 +1,137 @@
-//! Raft RPC transport between core members: in this single-member stage every peer is unreachable.
+//! Raft RPCs between core members over mutual-TLS QUIC, one bidirectional stream per RPC.
 //!
 //! Invariants:
-//! - A cluster formed by [`super::Core::initialize_single`] has no peers, so openraft never needs
-//!   to send an RPC and none of these calls is made while the membership has one member.
-//! - Every RPC to a peer fails with [`openraft::error::Unreachable`], which openraft treats as a
-//!   transient condition (it backs off and retries); nothing is ever reported as delivered.
-//! - [`Network`] is the one place that turns a member (`Member::addr`) into a client, so a QUIC
-//!   client replaces [`PeerClient`] without touching storage or [`super::Core`].
+//! - One RPC is one stream: the client writes one `Request{raft}` frame and finishes the stream;
+//!   the server answers with one `RaftReply` frame ([`Core::handle_rpc`]).
+//! - Log entries travel as protobuf `RaftEntry` through the log store's conversion; every other
+//!   openraft structure travels as JSON.
+//! - There is at most one connection per target node id, shared by every client openraft makes
+//!   for it. A dial runs independently of the RPC that started it, so an RPC timing out does not
+//!   abort a handshake; a closed connection or failed dial is replaced by a new dial on the next
+//!   RPC.
+//! - A connection is used only if the peer's certificate names the target member, role core.
+//! - Connection-level failures are `Unreachable` (openraft backs off); a failure of one stream is
+//!   `NetworkError`; an error the remote Raft returned is a `RemoteError` carrying that error.
+//! - No RPC outlives its `RPCOption::hard_ttl`; a stream abandoned mid-request is reset, never
+//!   finished, so the server never sees a partial frame as a complete one.
+//! - No request larger than the frame cap is sent; an oversized AppendEntries answers
+//!   `PayloadTooLarge` with the number of entries that fit.
+//! - [`Core::handle_rpc`] answers every input, malformed or not, with a `RaftReply`.
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use openraft::error::{
+    InstallSnapshotError, NetworkError as RaftNetworkError, PayloadTooLarge, RPCError, RaftError,
+    RemoteError, Timeout, Unreachable,
+};
 use openraft::network::RPCOption;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{RaftNetwork, RaftNetworkFactory};
+use openraft::{RPCTypes, RaftNetwork, RaftNetworkFactory};
+use prost::Message;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-use super::{Member, NodeId, TypeConfig};
+use super::log_store::{entry_from_proto, entry_to_proto};
+use super::{Core, Member, NodeId, TypeConfig};
+use crate::proto::{self, raft_reply, raft_rpc, request};
+use crate::tls::{self, Role};
+use crate::wire::{self, WireError};
+
+/// Longest time one dial (address resolution plus QUIC handshake) may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Stream error code sent when an RPC is abandoned before its request was complete.
+const CANCELLED: u32 = 1;
+
+/// Frame overhead allowed per entry when estimating how many entries fit in one frame.
+const ENTRY_OVERHEAD: usize = 16;
+
+/// Frame overhead allowed for the messages around the entries (their tags and lengths grow).
+const NESTING_OVERHEAD: usize = 64;
 
 /// Errors of the Raft transport.
 #[derive(Debug, thiserror::Error)]
-pub enum NetworkError {
-    /// This build has no transport between core members.
-    #[error("no raft transport to member {target} at {addr}: the core runs as a single member")]
-    NoTransport { target: NodeId, addr: String },
+pub enum TransportError {
+    #[error("resolving {addr}: {reason}")]
+    Resolve { addr: String, reason: String },
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: quinn::ConnectError,
+    },
+    #[error("connection to {addr}: {source}")]
+    Connection {
+        addr: String,
+        source: quinn::ConnectionError,
+    },
+    #[error(transparent)]
+    Dial(Arc<TransportError>),
+    #[error("dialing {addr} took longer than {DIAL_TIMEOUT:?}")]
+    DialTimeout { addr: String },
+    #[error("peer at {addr} is {found}, not core member {expected}")]
+    WrongPeer {
+        addr: String,
+        expected: String,
+        found: String,
+    },
+    #[error("raft rpc stream: {0}")]
+    Wire(#[from] WireError),
+    #[error("peer closed the stream without a reply")]
+    NoReply,
+    #[error("peer could not serve the rpc: {0}")]
+    Refused(String),
+    #[error("raft request of {len} bytes exceeds the {max}-byte frame limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("encoding raft request: {0}")]
+    Encode(String),
+    #[error("malformed raft reply: {0}")]
+    BadReply(String),
 }
 
-/// Creates a client per peer for openraft.
-#[derive(Clone, Debug)]
+/// How a failed RPC is reported to openraft.
+enum Failure {
+    Unreachable(TransportError),
+    Network(TransportError),
+    TooManyEntries(u64),
+}
+
+impl From<TransportError> for Failure {
+    fn from(e: TransportError) -> Self {
+        Failure::Network(e)
+    }
+}
+
+type Dial = Shared<BoxFuture<'static, Result<quinn::Connection, Arc<TransportError>>>>;
+
+/// The cached connection (or dial in progress) to one target, with the address it is for.
+type Slot = Arc<Mutex<Option<(String, Dial)>>>;
+
+/// Creates openraft's per-peer clients; all of them share one connection per target.
+#[derive(Clone)]
 pub struct Network {
     me: NodeId,
+    endpoint: quinn::Endpoint,
+    max_frame: usize,
+    slots: Arc<Mutex<HashMap<NodeId, Slot>>>,
 }
 
 impl Network {
-    /// The transport of node `me`.
-    pub fn new(me: NodeId) -> Network {
-        Network { me }
+    /// The transport of node `me`, dialing from `endpoint`; no frame it sends or reads exceeds
+    /// `max_frame` bytes.
+    pub fn new(me: NodeId, endpoint: quinn::Endpoint, max_frame: usize) -> Network {
+        Network {
+            me,
+            endpoint,
+            max_frame,
+            slots: Arc::default(),
+        }
     }
 }
 
@@ -43,55 +139,396 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerClient {
-        tracing::debug!(me = self.me, target, addr = %node.addr, "raft peer client");
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(target)
+            .or_default()
+            .clone();
         PeerClient {
+            me: self.me,
             target,
             member: node.clone(),
+            endpoint: self.endpoint.clone(),
+            max_frame: self.max_frame,
+            slot,
         }
     }
 }
 
 /// Sends Raft RPCs to one peer.
-#[derive(Clone, Debug)]
 pub struct PeerClient {
+    me: NodeId,
     target: NodeId,
     member: Member,
+    endpoint: quinn::Endpoint,
+    max_frame: usize,
+    slot: Slot,
 }
 
 impl PeerClient {
-    fn unreachable<E: std::error::Error>(&self) -> RPCError<NodeId, Member, E> {
-        RPCError::Unreachable(Unreachable::new(&NetworkError::NoTransport {
-            target: self.target,
-            addr: self.member.addr.clone(),
-        }))
+    async fn connection(&self) -> Result<quinn::Connection, Arc<TransportError>> {
+        let pending = {
+            let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+            match &*slot {
+                Some((addr, dial))
+                    if *addr == self.member.addr
+                        && match dial.peek() {
+                            None => true,
+                            Some(Ok(conn)) => conn.close_reason().is_none(),
+                            Some(Err(_)) => false,
+                        } =>
+                {
+                    dial.clone()
+                }
+                _ => {
+                    let dial = dial(self.endpoint.clone(), self.member.clone())
+                        .map(|r| r.map_err(Arc::new))
+                        .boxed()
+                        .shared();
+                    *slot = Some((self.member.addr.clone(), dial.clone()));
+                    dial
+                }
+            }
+        };
+        pending.await
+    }
+
+    async fn call(&self, rpc: raft_rpc::Kind) -> Result<raft_reply::Kind, Failure> {
+        let request = proto::Request {
+            kind: Some(request::Kind::Raft(proto::RaftRpc { kind: Some(rpc) })),
+        };
+        let len = request.encoded_len();
+        if len + wire::PREFIX_LEN > self.max_frame {
+            return Err(self.oversized(&request, len));
+        }
+        let frame = wire::encode(&request);
+        drop(request);
+        let conn = self
+            .connection()
+            .await
+            .map_err(|e| Failure::Unreachable(TransportError::Dial(e)))?;
+        let (send, mut recv) = conn.open_bi().await.map_err(|source| {
+            Failure::Unreachable(TransportError::Connection {
+                addr: self.member.addr.clone(),
+                source,
+            })
+        })?;
+        let mut out = Outgoing {
+            stream: send,
+            complete: false,
+        };
+        wire::write_raw(&mut out.stream, &frame)
+            .await
+            .map_err(classify)?;
+        out.complete = true;
+        let _ = out.stream.finish();
+        drop(frame);
+        let reply = wire::read_frame::<proto::RaftReply>(&mut recv, self.max_frame)
+            .await
+            .map_err(classify)?
+            .ok_or(TransportError::NoReply)?;
+        reply
+            .kind
+            .ok_or_else(|| TransportError::BadReply("reply without kind".into()).into())
+    }
+
+    fn oversized(&self, request: &proto::Request, len: usize) -> Failure {
+        let too_large = TransportError::TooLarge {
+            len,
+            max: self.max_frame,
+        };
+        let Some(request::Kind::Raft(proto::RaftRpc {
+            kind: Some(raft_rpc::Kind::AppendEntries(ae)),
+        })) = &request.kind
+        else {
+            return Failure::Network(too_large);
+        };
+        let entries: usize = ae.entries.iter().map(|e| e.encoded_len()).sum();
+        let base = len - entries + NESTING_OVERHEAD + wire::PREFIX_LEN;
+        let mut budget = self.max_frame.saturating_sub(base);
+        let mut fit = 0u64;
+        for e in &ae.entries {
+            let need = e.encoded_len() + ENTRY_OVERHEAD;
+            if need > budget {
+                break;
+            }
+            budget -= need;
+            fit += 1;
+        }
+        if fit == 0 {
+            tracing::error!(
+                target = self.target,
+                "{too_large}: a single entry cannot be sent"
+            );
+            Failure::Network(too_large)
+        } else {
+            Failure::TooManyEntries(fit)
+        }
+    }
+
+    async fn rpc<Resp, E>(
+        &self,
+        action: RPCTypes,
+        option: &RPCOption,
+        rpc: Result<raft_rpc::Kind, TransportError>,
+    ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error,
+        RaftError<NodeId, E>: DeserializeOwned,
+    {
+        let ttl = option.hard_ttl();
+        let outcome = match rpc {
+            Ok(rpc) => match tokio::time::timeout(ttl, self.call(rpc)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(RPCError::Timeout(Timeout {
+                        action,
+                        id: self.me,
+                        target: self.target,
+                        timeout: ttl,
+                    }))
+                }
+            },
+            Err(e) => Err(Failure::Network(e)),
+        };
+        let failure = match outcome {
+            Ok(raft_reply::Kind::OkJson(json)) => match serde_json::from_str(&json) {
+                Ok(resp) => return Ok(resp),
+                Err(e) => Failure::Network(TransportError::BadReply(e.to_string())),
+            },
+            Ok(raft_reply::Kind::RaftErrorJson(json)) => {
+                match serde_json::from_str::<RaftError<NodeId, E>>(&json) {
+                    Ok(err) => {
+                        return Err(RPCError::RemoteError(RemoteError::new_with_node(
+                            self.target,
+                            self.member.clone(),
+                            err,
+                        )))
+                    }
+                    Err(e) => Failure::Network(TransportError::BadReply(e.to_string())),
+                }
+            }
+            Ok(raft_reply::Kind::Error(e)) => Failure::Unreachable(TransportError::Refused(e)),
+            Err(f) => f,
+        };
+        Err(match failure {
+            Failure::Unreachable(e) => {
+                tracing::debug!(target = self.target, ?action, "raft peer unreachable: {e}");
+                RPCError::Unreachable(Unreachable::new(&e))
+            }
+            Failure::Network(e) => {
+                tracing::debug!(target = self.target, ?action, "raft rpc failed: {e}");
+                RPCError::Network(RaftNetworkError::new(&e))
+            }
+            Failure::TooManyEntries(fit) => {
+                RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit))
+            }
+        })
     }
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        let encoded = (|| {
+            let entries = rpc
+                .entries
+                .iter()
+                .map(entry_to_proto)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TransportError::Encode(e.to_string()))?;
+            Ok(raft_rpc::Kind::AppendEntries(proto::AppendEntries {
+                vote_json: to_json(&rpc.vote)?,
+                prev_log_id_json: to_json(&rpc.prev_log_id)?,
+                leader_commit_json: to_json(&rpc.leader_commit)?,
+                entries,
+            }))
+        })();
+        drop(rpc);
+        self.rpc(RPCTypes::AppendEntries, &option, encoded).await
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        Err(self.unreachable())
+        let encoded = (|| {
+            Ok(raft_rpc::Kind::InstallSnapshot(proto::InstallSnapshot {
+                vote_json: to_json(&rpc.vote)?,
+                meta_json: to_json(&rpc.meta)?,
+                offset: rpc.offset,
+                data: Bytes::from(rpc.data),
+                done: rpc.done,
+            }))
+        })();
+        self.rpc(RPCTypes::InstallSnapshot, &option, encoded).await
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        let encoded = to_json(&rpc).map(raft_rpc::Kind::VoteJson);
+        self.rpc(RPCTypes::Vote, &option, encoded).await
     }
+}
+
+/// A request stream that is reset if dropped before the request is complete (quinn would
+/// finish it, making a partial frame look complete).
+struct Outgoing {
+    stream: quinn::SendStream,
+    complete: bool,
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        if !self.complete {
+            let _ = self.stream.reset(quinn::VarInt::from_u32(CANCELLED));
+        }
+    }
+}
+
+async fn dial(
+    endpoint: quinn::Endpoint,
+    member: Member,
+) -> Result<quinn::Connection, TransportError> {
+    let addr = member.addr.clone();
+    match tokio::time::timeout(DIAL_TIMEOUT, dial_inner(endpoint, member)).await {
+        Ok(r) => r,
+        Err(_) => Err(TransportError::DialTimeout { addr }),
+    }
+}
+
+async fn dial_inner(
+    endpoint: quinn::Endpoint,
+    member: Member,
+) -> Result<quinn::Connection, TransportError> {
+    let addr = &member.addr;
+    let resolve = |reason: String| TransportError::Resolve {
+        addr: addr.clone(),
+        reason,
+    };
+    let sockaddr = tokio::net::lookup_host(addr.as_str())
+        .await
+        .map_err(|e| resolve(e.to_string()))?
+        .next()
+        .ok_or_else(|| resolve("no addresses".into()))?;
+    let conn = endpoint
+        .connect(sockaddr, tls::SERVER_NAME)
+        .map_err(|source| TransportError::Connect {
+            addr: addr.clone(),
+            source,
+        })?
+        .await
+        .map_err(|source| TransportError::Connection {
+            addr: addr.clone(),
+            source,
+        })?;
+    match tls::peer_identity(&conn) {
+        Some((name, Role::Core)) if name == member.name => Ok(conn),
+        other => {
+            conn.close(quinn::VarInt::from_u32(0), b"not the expected core member");
+            Err(TransportError::WrongPeer {
+                addr: addr.clone(),
+                expected: member.name.clone(),
+                found: other.map_or("unidentified".into(), |(n, r)| format!("{n} ({r})")),
+            })
+        }
+    }
+}
+
+fn classify(e: WireError) -> Failure {
+    match e {
+        WireError::Read(quinn::ReadError::ConnectionLost(_))
+        | WireError::Write(quinn::WriteError::ConnectionLost(_)) => {
+            Failure::Unreachable(TransportError::Wire(e))
+        }
+        e => Failure::Network(TransportError::Wire(e)),
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String, TransportError> {
+    serde_json::to_string(v).map_err(|e| TransportError::Encode(e.to_string()))
+}
+
+fn from_json<T: DeserializeOwned>(what: &str, json: &str) -> Result<T, String> {
+    serde_json::from_str(json).map_err(|e| format!("decoding {what}: {e}"))
+}
+
+fn reply<T: Serialize, E: Serialize>(result: Result<T, E>) -> proto::RaftReply {
+    let kind = match result {
+        Ok(resp) => serde_json::to_string(&resp).map(raft_reply::Kind::OkJson),
+        Err(err) => serde_json::to_string(&err).map(raft_reply::Kind::RaftErrorJson),
+    }
+    .unwrap_or_else(|e| raft_reply::Kind::Error(format!("encoding raft reply: {e}")));
+    proto::RaftReply { kind: Some(kind) }
+}
+
+fn error_reply(e: String) -> proto::RaftReply {
+    proto::RaftReply {
+        kind: Some(raft_reply::Kind::Error(e)),
+    }
+}
+
+impl Core {
+    /// Serve one Raft RPC from a peer: decode it, hand it to openraft, and encode the answer.
+    /// Malformed input is answered with `RaftReply{error}`.
+    pub async fn handle_rpc(&self, rpc: proto::RaftRpc) -> proto::RaftReply {
+        match rpc.kind {
+            Some(raft_rpc::Kind::AppendEntries(ae)) => match decode_append_entries(ae) {
+                Ok(req) => reply(self.raft.append_entries(req).await),
+                Err(e) => error_reply(e),
+            },
+            Some(raft_rpc::Kind::VoteJson(json)) => {
+                match from_json::<VoteRequest<NodeId>>("vote request", &json) {
+                    Ok(req) => reply(self.raft.vote(req).await),
+                    Err(e) => error_reply(e),
+                }
+            }
+            Some(raft_rpc::Kind::InstallSnapshot(is)) => match decode_install_snapshot(is) {
+                Ok(req) => reply(self.raft.install_snapshot(req).await),
+                Err(e) => error_reply(e),
+            },
+            None => error_reply("raft rpc without kind".into()),
+        }
+    }
+}
+
+fn decode_append_entries(
+    ae: proto::AppendEntries,
+) -> Result<AppendEntriesRequest<TypeConfig>, String> {
+    Ok(AppendEntriesRequest {
+        vote: from_json("vote", &ae.vote_json)?,
+        prev_log_id: from_json("prev_log_id", &ae.prev_log_id_json)?,
+        leader_commit: from_json("leader_commit", &ae.leader_commit_json)?,
+        entries: ae
+            .entries
+            .into_iter()
+            .map(entry_from_proto)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("decoding entries: {e}"))?,
+    })
+}
+
+fn decode_install_snapshot(
+    is: proto::InstallSnapshot,
+) -> Result<InstallSnapshotRequest<TypeConfig>, String> {
+    Ok(InstallSnapshotRequest {
+        vote: from_json("vote", &is.vote_json)?,
+        meta: from_json("snapshot meta", &is.meta_json)?,
+        offset: is.offset,
+        data: is.data.to_vec(),
+        done: is.done,
+    })
 }

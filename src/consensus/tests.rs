@@ -1,4 +1,5 @@
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,14 +9,16 @@ use bytes::Bytes;
 use super::*;
 use crate::file::{self, ChunkedFile, Precondition, Update};
 use crate::proto;
+use crate::tls::{self, Role, TransportConfig};
+use crate::wire::DEFAULT_MAX_FRAME;
 
-struct TestSm {
+pub(super) struct TestSm {
     file: Mutex<ChunkedFile>,
-    installs: AtomicUsize,
+    pub(super) installs: AtomicUsize,
 }
 
 impl TestSm {
-    fn new() -> Arc<TestSm> {
+    pub(super) fn new() -> Arc<TestSm> {
         Arc::new(TestSm {
             file: Mutex::new(
                 ChunkedFile::new(file::DEFAULT_CHUNK_SIZE, file::DEFAULT_MAX_LEN).unwrap(),
@@ -71,6 +74,36 @@ impl FileStateMachine for TestSm {
     }
 }
 
+/// A cluster CA in a temp dir that issues core certificates on demand.
+pub(super) struct Pki {
+    dir: tempfile::TempDir,
+    ca: PathBuf,
+}
+
+impl Pki {
+    pub(super) fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        tls::ca_init(&ca).unwrap();
+        Pki { dir, ca }
+    }
+
+    /// A mutual-TLS endpoint of core `name` bound to `addr`.
+    pub(super) fn endpoint(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+    ) -> std::io::Result<quinn::Endpoint> {
+        let certs = self.dir.path().join("certs");
+        if !certs.join(format!("{name}.pem")).exists() {
+            tls::cert_issue(&self.ca, name, Role::Core, &certs).unwrap();
+        }
+        let id = tls::Identity::load(&certs, name).unwrap();
+        let sock = std::net::UdpSocket::bind(addr)?;
+        Ok(tls::endpoint_from_socket(sock, &id, &TransportConfig::default()).unwrap())
+    }
+}
+
 fn member() -> Member {
     Member {
         name: "core-a".into(),
@@ -78,7 +111,7 @@ fn member() -> Member {
     }
 }
 
-fn fast_config() -> RaftConfig {
+pub(super) fn fast_config() -> RaftConfig {
     RaftConfig {
         heartbeat_interval_ms: 50,
         election_timeout_min_ms: 150,
@@ -87,7 +120,7 @@ fn fast_config() -> RaftConfig {
     }
 }
 
-fn write(offset: u64, data: impl Into<Bytes>) -> proto::Proposal {
+pub(super) fn write(offset: u64, data: impl Into<Bytes>) -> proto::Proposal {
     proto::Proposal {
         update: Some(proto::Update {
             ops: vec![proto::Op {
@@ -102,8 +135,12 @@ fn write(offset: u64, data: impl Into<Bytes>) -> proto::Proposal {
 }
 
 async fn open(dir: &Path, cfg: &RaftConfig) -> (Core, Arc<TestSm>) {
+    let pki = Pki::new();
+    let endpoint = pki.endpoint("core-a", ([127, 0, 0, 1], 0).into()).unwrap();
     let sm = TestSm::new();
-    let core = Core::open(member(), dir, sm.clone(), cfg).await.unwrap();
+    let core = Core::open(member(), dir, sm.clone(), cfg, endpoint, DEFAULT_MAX_FRAME)
+        .await
+        .unwrap();
     (core, sm)
 }
 
@@ -191,6 +228,14 @@ async fn single_node_commits_and_replays_after_reopen() {
     );
     let before = sm.current();
     let applied = applied_index(&core);
+    let status = core.status();
+    assert_eq!(status.state, "Leader");
+    assert_eq!(status.leader.as_deref(), Some("core-a"));
+    assert_eq!(status.applied_index, Some(applied));
+    assert_eq!(status.commit_index, Some(applied));
+    assert_eq!(status.last_log_index, Some(applied));
+    assert!(status.term >= 1);
+    assert_eq!(core.members(), vec![(member(), true)]);
     core.shutdown().await.unwrap();
     assert!(matches!(
         core.propose(write(0, &b"late"[..])).await,
@@ -205,6 +250,7 @@ async fn single_node_commits_and_replays_after_reopen() {
     assert_eq!(after.version(), 20);
     assert_eq!(after.root(), before.root());
     assert_eq!(after.to_vec(), before.to_vec());
+    assert_eq!(core.status().commit_index, Some(applied));
 
     core.initialize_single().await.unwrap();
     core.wait_for_leader(Duration::from_secs(10)).await.unwrap();
@@ -259,7 +305,9 @@ async fn snapshots_purge_the_log_and_restore() {
     {
         use openraft::storage::RaftLogStorage;
         use openraft::RaftLogReader;
-        let mut log = LogStore::open(dir.path().join("raft.redb")).await.unwrap();
+        let mut log = LogStore::open(dir.path().join("raft.redb"), "core-a")
+            .await
+            .unwrap();
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id, Some(purged));
         assert!(log
@@ -305,5 +353,63 @@ async fn large_proposal_commits_and_survives_reopen() {
     assert_eq!(file.version(), 1);
     assert_eq!(file.root(), root);
     assert_eq!(file.to_vec(), big);
+    core.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn handle_rpc_answers_malformed_input_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (core, _sm) = open_leader(dir.path(), &fast_config()).await;
+    let is_error = |r: proto::RaftReply| matches!(r.kind, Some(proto::raft_reply::Kind::Error(_)));
+    let rpc = |kind| proto::RaftRpc { kind: Some(kind) };
+    assert!(is_error(
+        core.handle_rpc(proto::RaftRpc { kind: None }).await
+    ));
+    assert!(is_error(
+        core.handle_rpc(rpc(proto::raft_rpc::Kind::VoteJson("{".into())))
+            .await
+    ));
+    let vote = serde_json::to_string(&openraft::Vote::new_committed(1, 7u64)).unwrap();
+    let bad_entries = proto::AppendEntries {
+        vote_json: vote.clone(),
+        prev_log_id_json: "null".into(),
+        leader_commit_json: "null".into(),
+        entries: vec![proto::RaftEntry {
+            term: 1,
+            leader_node_id: 7,
+            index: 1,
+            payload: None,
+        }],
+    };
+    assert!(is_error(
+        core.handle_rpc(rpc(proto::raft_rpc::Kind::AppendEntries(bad_entries)))
+            .await
+    ));
+    let bad_snapshot = proto::InstallSnapshot {
+        vote_json: vote,
+        meta_json: "[]".into(),
+        offset: 0,
+        data: Bytes::from_static(b"x"),
+        done: true,
+    };
+    assert!(is_error(
+        core.handle_rpc(rpc(proto::raft_rpc::Kind::InstallSnapshot(bad_snapshot)))
+            .await
+    ));
+    let stale = openraft::raft::VoteRequest::<NodeId> {
+        vote: openraft::Vote::new(0, 7),
+        last_log_id: None,
+    };
+    let reply = core
+        .handle_rpc(rpc(proto::raft_rpc::Kind::VoteJson(
+            serde_json::to_string(&stale).unwrap(),
+        )))
+        .await;
+    let Some(proto::raft_reply::Kind::OkJson(json)) = reply.kind else {
+        panic!("a well-formed vote gets an openraft answer: {reply:?}");
+    };
+    let resp: openraft::raft::VoteResponse<NodeId> = serde_json::from_str(&json).unwrap();
+    assert!(!resp.vote_granted);
+    assert!(core.is_leader());
     core.shutdown().await.unwrap();
 }

@@ -155,6 +155,65 @@ impl Proc {
         panic!("node {name} did not start; see its log");
     }
 
+    /// Starts a core cluster: every member knows every other through `--peer`, all get
+    /// `--init` (a second init is harmless). Ports are picked up front.
+    pub fn start_core_cluster(root: &Path, pki: &Pki, names: &[&str]) -> Vec<Proc> {
+        let addrs: Vec<(SocketAddr, SocketAddr)> =
+            names.iter().map(|_| (free_udp(), free_tcp())).collect();
+        let peers: Vec<String> = names
+            .iter()
+            .zip(&addrs)
+            .flat_map(|(n, (q, _))| ["--peer".to_string(), format!("{n}={q}")])
+            .collect();
+        let mut procs: Vec<Proc> = names
+            .iter()
+            .zip(&addrs)
+            .map(|(name, (quic, api))| {
+                let data = root.join("data").join(name);
+                let file = root.join("files").join(name);
+                let mut args: Vec<String> = vec![
+                    "--name".into(),
+                    name.to_string(),
+                    "--listen".into(),
+                    quic.to_string(),
+                    "--api".into(),
+                    api.to_string(),
+                    "--data".into(),
+                    data.display().to_string(),
+                    "--tls".into(),
+                    pki.tls.display().to_string(),
+                    "--file".into(),
+                    file.display().to_string(),
+                    "--init".into(),
+                ];
+                args.extend(peers.iter().cloned());
+                Proc {
+                    name: name.to_string(),
+                    quic: *quic,
+                    api: *api,
+                    data,
+                    file,
+                    args,
+                    bin: CORE_NODE,
+                    child: None,
+                    log: root.join(format!("{name}.log")),
+                }
+            })
+            .collect();
+        for p in &mut procs {
+            p.spawn_child();
+        }
+        for p in &mut procs {
+            assert!(p.wait_ready(), "core {} did not start; see its log", p.name);
+        }
+        procs
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {

@@ -1,0 +1,314 @@
+//! A 3- and 5-node core as real processes: leader failover, restarts from disk, conditional
+//! writes. Every acknowledged write must be in the final file on every node.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const WRITE: usize = 64;
+
+fn payload(i: u64) -> Vec<u8> {
+    let h = blake3::hash(&i.to_le_bytes());
+    h.as_bytes().iter().chain(h.as_bytes()).copied().collect()
+}
+
+#[derive(Default)]
+struct Acks {
+    /// (write index, ack time)
+    acked: Vec<(u64, Instant)>,
+}
+
+/// Writers that PATCH distinct 64-byte ranges through whichever core API answers.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acks: Arc<Mutex<Acks>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(apis: Vec<std::net::SocketAddr>, writers: u64) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acks = Arc::new(Mutex::new(Acks::default()));
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let tasks = (0..writers)
+            .map(|w| {
+                let (stop, acks, client, apis) =
+                    (stop.clone(), acks.clone(), client.clone(), apis.clone());
+                tokio::spawn(async move {
+                    let mut i = w;
+                    let mut target = w as usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        let api = apis[target % apis.len()];
+                        let off = i as usize * WRITE;
+                        let r = client
+                            .patch(format!("http://{api}/v1/file?offset={off}"))
+                            .body(payload(i))
+                            .send()
+                            .await;
+                        match r {
+                            Ok(resp) if resp.status().is_success() => {
+                                acks.lock().unwrap().acked.push((i, Instant::now()));
+                                i += writers;
+                            }
+                            _ => {
+                                target += 1;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, acks, tasks }
+    }
+
+    fn count(&self) -> usize {
+        self.acks.lock().unwrap().acked.len()
+    }
+
+    async fn wait_for_more(&self, n: usize, what: &str) {
+        let base = self.count();
+        wait_until(60, what, || async { self.count() >= base + n }).await;
+    }
+
+    async fn stop(self) -> Vec<(u64, Instant)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let mut a = self.acks.lock().unwrap().acked.clone();
+        a.sort_by_key(|x| x.1);
+        a
+    }
+}
+
+async fn leader_index(c: &reqwest::Client, cores: &[Proc]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for (i, p) in cores.iter().enumerate() {
+            if p.is_running() && status(c, p).await.is_some_and(|s| s["role"] == "leader") {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader within 60 s");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Every node reaches the same version and root, and holds every acknowledged write.
+async fn check_all(c: &reqwest::Client, nodes: &[&Proc], acked: &[(u64, Instant)]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let target = loop {
+        let mut vr = Vec::new();
+        for p in nodes {
+            vr.push(version_root(c, p).await);
+        }
+        if vr.iter().all(|x| x.is_some() && *x == vr[0]) {
+            break vr[0].clone();
+        }
+        assert!(Instant::now() < deadline, "nodes did not agree: {vr:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let (version, root) = target.unwrap();
+    for p in nodes {
+        let resp = c.get(p.url("/v1/file")).send().await.unwrap();
+        assert_eq!(resp.headers()["x-canopy-root"].to_str().unwrap(), root);
+        assert_eq!(
+            resp.headers()["x-canopy-version"].to_str().unwrap(),
+            version.to_string()
+        );
+        let body = resp.bytes().await.unwrap();
+        for (i, _) in acked {
+            let off = *i as usize * WRITE;
+            assert!(
+                body.len() >= off + WRITE && body[off..off + WRITE] == payload(*i)[..],
+                "{}: acknowledged write {i} is missing",
+                p.name
+            );
+        }
+    }
+}
+
+fn max_gap_after(acked: &[(u64, Instant)], from: Instant) -> Duration {
+    let mut prev = from;
+    let mut gap = Duration::ZERO;
+    for (_, t) in acked.iter().filter(|(_, t)| *t >= from) {
+        gap = gap.max(t.duration_since(prev));
+        prev = *t;
+    }
+    gap
+}
+
+async fn failover(n: usize, kill: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    let names: Vec<String> = (1..=n).map(|i| format!("c{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    for nm in &refs {
+        pki.issue(nm, "core");
+    }
+    pki.issue("r1", "relay");
+    let mut cores = Proc::start_core_cluster(root, &pki, &refs);
+    let c = http();
+    let leader = leader_index(&c, &cores).await;
+    let joins: Vec<_> = cores.iter().map(|p| p.quic).collect();
+    let relay = Proc::start(root, &pki, "r1", false, &joins, &[]);
+
+    let load = Load::start(cores.iter().map(|p| p.api).collect(), 4);
+    load.wait_for_more(40, "writes before the kill").await;
+
+    let mut victims = vec![leader];
+    victims.extend((0..n).filter(|i| *i != leader).take(kill - 1));
+    let killed_at = Instant::now();
+    for v in &victims {
+        cores[*v].kill();
+    }
+    load.wait_for_more(40, "writes to resume after the kill").await;
+    let new_leader = leader_index(&c, &cores).await;
+    assert!(!victims.contains(&new_leader));
+    for v in &victims {
+        cores[*v].restart();
+    }
+    load.wait_for_more(40, "writes after the restart").await;
+    let acked = load.stop().await;
+    let gap = max_gap_after(&acked, killed_at);
+    assert!(
+        gap < Duration::from_secs(20),
+        "writes stalled for {gap:?} after the leader died"
+    );
+    let mut nodes: Vec<&Proc> = cores.iter().collect();
+    nodes.push(&relay);
+    check_all(&c, &nodes, &acked).await;
+    eprintln!(
+        "{n} nodes, killed {kill}: {} acknowledged writes, longest stall {gap:?}",
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_survive_a_leader_kill() {
+    failover(3, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_survive_two_kills() {
+    failover(5, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_core_restarts_from_disk_without_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    for nm in ["c1", "c2", "c3"] {
+        pki.issue(nm, "core");
+    }
+    let mut cores = Proc::start_core_cluster(root, &pki, &["c1", "c2", "c3"]);
+    let c = http();
+    leader_index(&c, &cores).await;
+    let load = Load::start(cores.iter().map(|p| p.api).collect(), 4);
+    load.wait_for_more(60, "writes").await;
+    let acked = load.stop().await;
+    for p in &mut cores {
+        p.kill();
+    }
+    for p in &mut cores {
+        p.restart();
+    }
+    leader_index(&c, &cores).await;
+    let nodes: Vec<&Proc> = cores.iter().collect();
+    check_all(&c, &nodes, &acked).await;
+    let resp = c
+        .patch(cores[0].url("/v1/file?offset=0&wait=applied"))
+        .body(&b"after full restart"[..])
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_writes_race_exactly_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    for nm in ["c1", "c2", "c3"] {
+        pki.issue(nm, "core");
+    }
+    let cores = Proc::start_core_cluster(root, &pki, &["c1", "c2", "c3"]);
+    let c = http();
+    leader_index(&c, &cores).await;
+    let resp = c
+        .patch(cores[0].url("/v1/file?offset=0&wait=applied"))
+        .body(vec![0u8; 1024])
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    for round in 0..5 {
+        let v = status(&c, &cores[1]).await.unwrap()["version"]
+            .as_u64()
+            .unwrap();
+        wait_until(30, "cores to apply", || async {
+            let mut ok = true;
+            for p in &cores {
+                ok &= version_root(&c, p).await.map(|x| x.0) == Some(v);
+            }
+            ok
+        })
+        .await;
+        let a = c
+            .patch(cores[1].url(&format!("/v1/file?offset=0&if_version={v}")))
+            .body(format!("writer A round {round}"))
+            .send();
+        let b = c
+            .patch(cores[2].url(&format!("/v1/file?offset=0&if_version={v}")))
+            .body(format!("writer B round {round}"))
+            .send();
+        let (a, b) = tokio::join!(a, b);
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let codes = [a.status().as_u16(), b.status().as_u16()];
+        assert!(
+            codes == [200, 409] || codes == [409, 200],
+            "round {round}: {codes:?}"
+        );
+        let loser = if codes[0] == 409 { a } else { b };
+        let body: serde_json::Value = loser.json().await.unwrap();
+        assert!(body["version"].as_u64().unwrap() > v, "{body}");
+    }
+    // A range-hash precondition.
+    let file = c
+        .get(cores[0].url("/v1/file"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let h = blake3::hash(&file[0..16]).to_hex();
+    let ok = c
+        .patch(cores[0].url(&format!("/v1/file?offset=100&if_range_hash=0:16:{h}")))
+        .body(&b"x"[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let stale = c
+        .patch(cores[0].url(&format!(
+            "/v1/file?offset=100&if_range_hash=0:16:{}",
+            blake3::hash(b"nope").to_hex()
+        )))
+        .body(&b"y"[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 409);
+}

@@ -1,0 +1,91 @@
+//! Arbitrary bytes into every decoder a peer can reach: errors, never panics.
+
+use bytes::Bytes;
+use canopy::proto;
+use canopy::replica::{Replica, ReplicaConfig};
+use canopy::wire;
+use proptest::prelude::*;
+use prost::Message;
+
+fn replica(synced: bool) -> Replica {
+    Replica::new(
+        ReplicaConfig {
+            chunk_size: 4096,
+            max_len: 1 << 20,
+            retain_bytes: 1 << 16,
+            checkpoint_every: 4,
+        },
+        synced,
+    )
+    .unwrap()
+}
+
+fn feed_all(r: &mut Replica, frames: &[Vec<u8>]) {
+    for body in frames {
+        if let Ok(msg) = proto::Downstream::decode(&body[..]) {
+            let mut framed = (body.len() as u32).to_be_bytes().to_vec();
+            framed.extend_from_slice(body);
+            if r.handle_downstream(Bytes::from(framed), msg).is_err() {
+                r.upstream_lost();
+                let _ = r.subscribe("fuzz", "127.0.0.1:1", false);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn frame_prefix_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..64), max in 0usize..1024) {
+        let _ = wire::decode_prefix(&buf, max);
+    }
+
+    #[test]
+    fn requests_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+        if let Ok(req) = proto::Request::decode(&body[..]) {
+            if let Some(proto::request::Kind::Propose(p)) = req.kind {
+                let mut r = replica(true);
+                if let Some(p) = p.proposal {
+                    let _ = r.apply_committed(1, &p, 0);
+                }
+            } else if let Some(proto::request::Kind::Subscribe(s)) = req.kind {
+                let _ = replica(true).plan_subscription(&s);
+            }
+        }
+    }
+
+    #[test]
+    fn downstream_frames_never_panic(frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..96), 0..12)) {
+        let mut r = replica(false);
+        let _ = r.subscribe("fuzz", "127.0.0.1:1", false);
+        feed_all(&mut r, &frames);
+    }
+
+    #[test]
+    fn structured_downstream_never_panics(
+        kinds in proptest::collection::vec((0u8..8, any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..40)), 0..16)
+    ) {
+        use proto::downstream::Kind;
+        let frames: Vec<Vec<u8>> = kinds.into_iter().map(|(k, a, b, data)| {
+            let data = Bytes::from(data);
+            let kind = match k {
+                0 => Kind::SubscribeOk(proto::SubscribeOk { resume: a % 2 == 0, ..Default::default() }),
+                1 => Kind::SnapshotBegin(proto::SnapshotBegin { version: a % 8, length: b % 100_000, root: data, chunk_size: 4096, commit_time_unix_us: 0 }),
+                2 => Kind::SnapshotChunk(proto::SnapshotChunk { index: a % 30, data }),
+                3 => Kind::SnapshotEnd(proto::SnapshotEnd {}),
+                4 => Kind::Entry(proto::Entry { version: a % 16, prev_version: b % 16, commit_time_unix_us: 0, update: Some(proto::Update { ops: vec![
+                    proto::Op { kind: Some(proto::op::Kind::Write(proto::Write { offset: b, data })) },
+                    proto::Op { kind: Some(proto::op::Kind::Truncate(proto::Truncate { len: a })) },
+                ] }) }),
+                5 => Kind::Checkpoint(proto::Checkpoint { version: a % 16, length: b, root: data }),
+                6 => Kind::Heartbeat(proto::Heartbeat { commit_version: a, unix_us: b }),
+                _ => Kind::Refused(proto::Refused { reason: String::from_utf8_lossy(&data).into() }),
+            };
+            proto::Downstream { kind: Some(kind) }.encode_to_vec()
+        }).collect();
+        let mut r = replica(false);
+        let _ = r.subscribe("fuzz", "127.0.0.1:1", false);
+        feed_all(&mut r, &frames);
+    }
+}
