@@ -171,7 +171,8 @@ async fn failover(n: usize, kill: usize) {
     for v in &victims {
         cores[*v].kill();
     }
-    load.wait_for_more(40, "writes to resume after the kill").await;
+    load.wait_for_more(40, "writes to resume after the kill")
+        .await;
     let new_leader = leader_index(&c, &cores).await;
     assert!(!victims.contains(&new_leader));
     for v in &victims {
@@ -311,4 +312,99 @@ async fn conditional_writes_race_exactly_one_wins() {
         .await
         .unwrap();
     assert_eq!(stale.status(), 409);
+}
+
+fn member_names(s: &serde_json::Value) -> Vec<(String, bool)> {
+    let mut v: Vec<(String, bool)> = s["core"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().to_string(),
+                m["voter"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    for nm in ["c1", "c2", "c3", "c4"] {
+        pki.issue(nm, "core");
+    }
+    let mut cores = Proc::start_core_cluster(root, &pki, &["c1", "c2", "c3"]);
+    let c = http();
+    let leader = leader_index(&c, &cores).await;
+    for i in 0..20u64 {
+        let r = c
+            .patch(cores[leader].url(&format!("/v1/file?offset={}", i * 64)))
+            .body(payload(i))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    let c4 = Proc::start_core_joiner(root, &pki, "c4");
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let api = cores[follower].api.to_string();
+    canopy(&["--api", &api, "core", "add", "c4", &c4.quic.to_string()]);
+    let s = status(&c, &cores[leader]).await.unwrap();
+    assert_eq!(
+        member_names(&s),
+        vec![
+            ("c1".into(), true),
+            ("c2".into(), true),
+            ("c3".into(), true),
+            ("c4".into(), true)
+        ]
+    );
+    let victim = cores[leader].name.clone();
+    canopy(&["--api", &api, "core", "remove", &victim]);
+    let new_leader = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut found = None;
+            for (i, p) in cores.iter().enumerate() {
+                if p.name != victim && status(&c, p).await.is_some_and(|s| s["role"] == "leader") {
+                    found = Some(i);
+                }
+            }
+            if let Some(i) = found {
+                break i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader after removing {victim}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    let s = status(&c, &cores[new_leader]).await.unwrap();
+    let names: Vec<String> = member_names(&s)
+        .into_iter()
+        .filter(|m| m.1)
+        .map(|m| m.0)
+        .collect();
+    assert!(
+        !names.contains(&victim) && names.contains(&"c4".to_string()),
+        "{names:?}"
+    );
+    cores[leader].kill();
+    let r = c
+        .patch(c4.url("/v1/file?offset=0&wait=applied"))
+        .body(&b"after membership change"[..])
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let mut nodes: Vec<&Proc> = cores.iter().filter(|p| p.name != victim).collect();
+    nodes.push(&c4);
+    let acked: Vec<(u64, Instant)> = (1..20u64).map(|i| (i, Instant::now())).collect();
+    check_all(&c, &nodes, &acked).await;
 }

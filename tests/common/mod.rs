@@ -209,6 +209,42 @@ impl Proc {
         procs
     }
 
+    /// Starts a core node without `--init`, to be added to a running core with
+    /// `canopy core add`.
+    pub fn start_core_joiner(root: &Path, pki: &Pki, name: &str) -> Proc {
+        let (quic, api) = (free_udp(), free_tcp());
+        let data = root.join("data").join(name);
+        let file = root.join("files").join(name);
+        let args: Vec<String> = vec![
+            "--name".into(),
+            name.to_string(),
+            "--listen".into(),
+            quic.to_string(),
+            "--api".into(),
+            api.to_string(),
+            "--data".into(),
+            data.display().to_string(),
+            "--tls".into(),
+            pki.tls.display().to_string(),
+            "--file".into(),
+            file.display().to_string(),
+        ];
+        let mut p = Proc {
+            name: name.to_string(),
+            quic,
+            api,
+            data,
+            file,
+            args,
+            bin: CORE_NODE,
+            child: None,
+            log: root.join(format!("{name}.log")),
+        };
+        p.spawn_child();
+        assert!(p.wait_ready(), "core {name} did not start; see its log");
+        p
+    }
+
     /// Whether the process is running.
     pub fn is_running(&self) -> bool {
         self.child.is_some()
