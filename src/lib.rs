@@ -14,6 +14,7 @@ pub mod demo;
 pub mod file;
 pub mod metrics;
 pub mod node;
+pub mod overlay;
 pub mod replica;
 pub mod tls;
 pub mod wire;

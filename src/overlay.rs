@@ -1,0 +1,695 @@
+//! The self-organizing tree's control plane as a sans-IO state machine: peer view, parent
+//! choice (power of d choices), referrals and rebalancing.
+//!
+//! The same code runs in the relay runtime (`node`) and in `topology-sim`. It holds no
+//! clock, socket or global RNG: callers pass `now` (ms) and an RNG to [`Overlay::handle`]
+//! and carry out the returned [`Output`]s, feeding the results back as [`Input`]s.
+//!
+//! Invariants:
+//! - A node has at most one parent, and never chooses a candidate whose root path contains
+//!   itself; a parent whose announced path contains this node is dropped at once (no cycles).
+//! - A node never has more than one attach in flight; a move (rebalance) keeps the current
+//!   parent until the new one has accepted (make-before-break is the driver's job).
+//! - A node moves only when the new parent puts it at least `rebalance_min_gain` levels
+//!   nearer the root (hysteresis, no flapping).
+//! - Iteration order that reaches an output is deterministic for a given RNG seed
+//!   (`BTreeMap`, sorted candidate lists).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::seq::IndexedRandom;
+use rand::Rng;
+
+/// Tuning of the overlay; each default says why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OverlayConfig {
+    /// Children per node. 8: the core's egress stays a handful of copies per write, and depth
+    /// stays near log8(N) (4 at 4k nodes).
+    pub fanout: u32,
+    /// Candidates compared per choice. 2: the power of two choices gives most of the benefit
+    /// of a full scan at a fraction of the probes.
+    pub choices: usize,
+    /// Peers remembered. 16: enough random candidates at any size, small to shuffle.
+    pub view_size: usize,
+    /// Peers exchanged per shuffle or sample. 6: Cyclon's usual third of the view.
+    pub shuffle_len: usize,
+    /// Period of view shuffles (ms). 2000: views stay fresh without chatter.
+    pub shuffle_ms: u64,
+    /// Mean period of rebalance checks (ms), jittered ±50 %. 10000: a tree settles in tens of
+    /// seconds without constant movement.
+    pub rebalance_ms: u64,
+    /// Levels a move must gain. 2: hysteresis against flapping.
+    pub rebalance_min_gain: u32,
+    /// How long to wait for sample answers (ms). 1000.
+    pub probe_timeout_ms: u64,
+    /// How long an attach may take before it counts as failed (ms). 5000: a parent may make a
+    /// child wait while it syncs itself.
+    pub attach_timeout_ms: u64,
+    /// Referrals followed in a row before sampling again. 4.
+    pub max_referrals: u32,
+}
+
+impl Default for OverlayConfig {
+    fn default() -> Self {
+        Self {
+            fanout: 8,
+            choices: 2,
+            view_size: 16,
+            shuffle_len: 6,
+            shuffle_ms: 2000,
+            rebalance_ms: 10_000,
+            rebalance_min_gain: 2,
+            probe_timeout_ms: 1000,
+            attach_timeout_ms: 5000,
+            max_referrals: 4,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OverlayError {
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+}
+
+impl OverlayConfig {
+    pub fn validate(&self) -> Result<(), OverlayError> {
+        for (f, v) in [
+            ("fanout", self.fanout as u64),
+            ("choices", self.choices as u64),
+            ("view_size", self.view_size as u64),
+            ("shuffle_len", self.shuffle_len as u64),
+            ("shuffle_ms", self.shuffle_ms),
+            ("rebalance_ms", self.rebalance_ms),
+            ("probe_timeout_ms", self.probe_timeout_ms),
+            ("attach_timeout_ms", self.attach_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(OverlayError::Zero(f));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a node tells others about itself.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PeerInfo {
+    pub name: String,
+    pub addr: String,
+    /// Distance from the core (0 for core nodes); None while not attached.
+    pub depth: Option<u32>,
+    /// Children it can still take.
+    pub free_slots: u32,
+    /// Names from the core down to this node (inclusive).
+    pub root_path: Vec<String>,
+}
+
+/// Events the driver feeds in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// Time passed; call every few hundred ms.
+    Tick,
+    /// `addr` answered a sample request: its own info and some peers it knows.
+    Sampled {
+        addr: String,
+        info: PeerInfo,
+        peers: Vec<PeerInfo>,
+    },
+    /// A sample request to `addr` failed.
+    SampleFailed { addr: String },
+    /// The attach to `addr` succeeded; the parent announced its depth and root path.
+    Attached {
+        addr: String,
+        name: String,
+        depth: u32,
+        root_path: Vec<String>,
+    },
+    /// `addr` refused the attach, possibly referring us to one of its children.
+    Refused {
+        addr: String,
+        referral: Option<PeerInfo>,
+    },
+    /// The attach to `addr` failed (unreachable, handshake, stream error).
+    AttachFailed { addr: String },
+    /// The parent at `addr` is gone (stream error, missed heartbeats).
+    ParentLost { addr: String },
+    /// This node now serves `count` children.
+    Children { count: u32 },
+}
+
+/// Why a node re-parented.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reason {
+    Join,
+    ParentLost,
+    Rebalance,
+}
+
+impl Reason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Join => "join",
+            Reason::ParentLost => "parent_lost",
+            Reason::Rebalance => "rebalance",
+        }
+    }
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Ask `addr` for a sample, sending it `offer` (our info and some peers); answer with
+    /// [`Input::Sampled`] or [`Input::SampleFailed`].
+    RequestSample { addr: String, offer: Vec<PeerInfo> },
+    /// Subscribe to `addr` as parent. With `moving`, keep the current parent until the new
+    /// one accepted, then drop it. Answer with Attached, Refused or AttachFailed.
+    Attach {
+        addr: String,
+        moving: bool,
+        reason: Reason,
+    },
+    /// A cycle was detected: drop the parent at `addr` (a ParentLost follows from the driver
+    /// or is implied).
+    Detach { addr: String },
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    info: Option<PeerInfo>,
+    age: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Parent {
+    addr: String,
+    name: String,
+    depth: u32,
+    root_path: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+enum Pending {
+    Idle,
+    Probing {
+        asked: BTreeSet<String>,
+        since: u64,
+        rebalance: bool,
+    },
+    Attaching {
+        addr: String,
+        since: u64,
+        moving: bool,
+        referrals: u32,
+        reason: Reason,
+    },
+}
+
+/// One node's overlay state.
+pub struct Overlay {
+    cfg: OverlayConfig,
+    name: String,
+    addr: String,
+    core: bool,
+    view: BTreeMap<String, Entry>,
+    bootstrap: Vec<String>,
+    parent: Option<Parent>,
+    pending: Pending,
+    children: u32,
+    next_shuffle: u64,
+    next_rebalance: u64,
+    reason: Reason,
+    reparents: BTreeMap<Reason, u64>,
+}
+
+impl Overlay {
+    /// A node called `name`, reachable at `addr`. Core nodes never attach; relays start
+    /// from `bootstrap` addresses (core nodes or any relays).
+    pub fn new(
+        cfg: OverlayConfig,
+        name: &str,
+        addr: &str,
+        core: bool,
+        bootstrap: Vec<String>,
+    ) -> Self {
+        let mut view = BTreeMap::new();
+        for b in &bootstrap {
+            if b != addr {
+                view.insert(b.clone(), Entry { info: None, age: 0 });
+            }
+        }
+        Self {
+            cfg,
+            name: name.to_string(),
+            addr: addr.to_string(),
+            core,
+            view,
+            bootstrap,
+            parent: None,
+            pending: Pending::Idle,
+            children: 0,
+            next_shuffle: 0,
+            next_rebalance: 0,
+            reason: Reason::Join,
+            reparents: BTreeMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &OverlayConfig {
+        &self.cfg
+    }
+
+    /// This node's own advertisement.
+    pub fn info(&self) -> PeerInfo {
+        let (depth, root_path) = if self.core {
+            (Some(0), vec![self.name.clone()])
+        } else {
+            match &self.parent {
+                Some(p) => {
+                    let mut path = p.root_path.clone();
+                    path.push(self.name.clone());
+                    (Some(p.depth + 1), path)
+                }
+                None => (None, Vec::new()),
+            }
+        };
+        PeerInfo {
+            name: self.name.clone(),
+            addr: self.addr.clone(),
+            depth,
+            free_slots: self.cfg.fanout.saturating_sub(self.children),
+            root_path,
+        }
+    }
+
+    /// The current parent's address, if attached.
+    pub fn parent_addr(&self) -> Option<&str> {
+        self.parent.as_ref().map(|p| p.addr.as_str())
+    }
+
+    /// The current parent's name, if attached.
+    pub fn parent_name(&self) -> Option<&str> {
+        self.parent.as_ref().map(|p| p.name.as_str())
+    }
+
+    /// Depth in the tree (0 for core nodes), if attached.
+    pub fn depth(&self) -> Option<u32> {
+        self.info().depth
+    }
+
+    /// Re-parent counts by reason.
+    pub fn reparents(&self) -> &BTreeMap<Reason, u64> {
+        &self.reparents
+    }
+
+    /// Addresses currently in the view (sorted).
+    pub fn view_addrs(&self) -> Vec<String> {
+        self.view.keys().cloned().collect()
+    }
+
+    /// Answer a sample request from a peer that offered `offer` (its own info first): merge
+    /// the offer and return our info and up to `shuffle_len` random peers we know.
+    pub fn answer_sample<R: Rng>(
+        &mut self,
+        offer: Vec<PeerInfo>,
+        rng: &mut R,
+    ) -> (PeerInfo, Vec<PeerInfo>) {
+        let peers = self.sample_known(rng);
+        for p in offer {
+            self.learn(p);
+        }
+        (self.info(), peers)
+    }
+
+    /// A referral for a child that found this node full: one of its children with a free
+    /// slot, picked by the driver from what the children advertise.
+    pub fn pick_referral<R: Rng>(children: &[PeerInfo], rng: &mut R) -> Option<PeerInfo> {
+        let open: Vec<&PeerInfo> = children.iter().filter(|c| c.free_slots > 0).collect();
+        open.choose(rng).map(|c| (*c).clone())
+    }
+
+    fn sample_known<R: Rng>(&self, rng: &mut R) -> Vec<PeerInfo> {
+        let known: Vec<&PeerInfo> = self.view.values().filter_map(|e| e.info.as_ref()).collect();
+        known
+            .choose_multiple(rng, self.cfg.shuffle_len)
+            .map(|p| (*p).clone())
+            .collect()
+    }
+
+    fn offer<R: Rng>(&self, rng: &mut R) -> Vec<PeerInfo> {
+        let mut offer = vec![self.info()];
+        offer.extend(self.sample_known(rng));
+        offer
+    }
+
+    fn learn(&mut self, p: PeerInfo) {
+        if p.addr == self.addr {
+            return;
+        }
+        self.view.insert(
+            p.addr.clone(),
+            Entry {
+                info: Some(p),
+                age: 0,
+            },
+        );
+        self.trim();
+    }
+
+    fn trim(&mut self) {
+        while self.view.len() > self.cfg.view_size {
+            let keep: BTreeSet<&String> = self.bootstrap.iter().collect();
+            let parent = self.parent.as_ref().map(|p| p.addr.clone());
+            let oldest = self
+                .view
+                .iter()
+                .filter(|(a, _)| !keep.contains(a) && Some(*a) != parent.as_ref())
+                .max_by_key(|(a, e)| (e.age, std::cmp::Reverse((*a).clone())))
+                .map(|(a, _)| a.clone());
+            match oldest {
+                Some(a) => {
+                    self.view.remove(&a);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn candidates(&self) -> Vec<PeerInfo> {
+        let current = self.parent.as_ref().map(|p| p.addr.as_str());
+        self.view
+            .values()
+            .filter_map(|e| e.info.clone())
+            .filter(|p| {
+                p.depth.is_some()
+                    && p.free_slots > 0
+                    && p.addr != self.addr
+                    && Some(p.addr.as_str()) != current
+                    && !p.root_path.contains(&self.name)
+            })
+            .collect()
+    }
+
+    /// Power of d choices: sample `choices` candidates, keep the shallowest (then the one
+    /// with more free slots, then the lower address).
+    fn choose<R: Rng>(&self, rng: &mut R) -> Option<PeerInfo> {
+        let cands = self.candidates();
+        cands
+            .choose_multiple(rng, self.cfg.choices)
+            .min_by_key(|p| {
+                (
+                    p.depth.unwrap_or(u32::MAX),
+                    std::cmp::Reverse(p.free_slots),
+                    p.addr.clone(),
+                )
+            })
+            .cloned()
+    }
+
+    fn probe<R: Rng>(&mut self, now: u64, rebalance: bool, rng: &mut R) -> Vec<Output> {
+        let addrs: Vec<String> = self.view.keys().cloned().collect();
+        let asked: BTreeSet<String> = addrs
+            .choose_multiple(rng, self.cfg.choices.max(2))
+            .cloned()
+            .collect();
+        if asked.is_empty() {
+            return Vec::new();
+        }
+        let offer = self.offer(rng);
+        self.pending = Pending::Probing {
+            asked: asked.clone(),
+            since: now,
+            rebalance,
+        };
+        asked
+            .into_iter()
+            .map(|addr| Output::RequestSample {
+                addr,
+                offer: offer.clone(),
+            })
+            .collect()
+    }
+
+    fn attach(&mut self, now: u64, addr: String, moving: bool, referrals: u32) -> Vec<Output> {
+        let reason = if moving {
+            Reason::Rebalance
+        } else {
+            self.reason
+        };
+        self.pending = Pending::Attaching {
+            addr: addr.clone(),
+            since: now,
+            moving,
+            referrals,
+            reason,
+        };
+        vec![Output::Attach {
+            addr,
+            moving,
+            reason,
+        }]
+    }
+
+    /// Unattached and idle: attach to a choice if there is one, else probe for fresh info.
+    fn seek<R: Rng>(&mut self, now: u64, rng: &mut R) -> Vec<Output> {
+        if self.core || self.parent.is_some() || !matches!(self.pending, Pending::Idle) {
+            return Vec::new();
+        }
+        match self.choose(rng) {
+            Some(best) => self.attach(now, best.addr, false, 0),
+            None => self.probe(now, false, rng),
+        }
+    }
+
+    fn finish_probe<R: Rng>(&mut self, now: u64, rebalance: bool, rng: &mut R) -> Vec<Output> {
+        self.pending = Pending::Idle;
+        if !rebalance {
+            return self.seek(now, rng);
+        }
+        let Some(my_depth) = self.depth() else {
+            return self.seek(now, rng);
+        };
+        match self.choose(rng) {
+            Some(best)
+                if best.depth.unwrap_or(u32::MAX) + 1 + self.cfg.rebalance_min_gain
+                    <= my_depth =>
+            {
+                self.attach(now, best.addr, true, 0)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn mark_full(&mut self, addr: &str) {
+        if let Some(e) = self.view.get_mut(addr) {
+            if let Some(i) = e.info.as_mut() {
+                i.free_slots = 0;
+            }
+        }
+    }
+
+    fn forget(&mut self, addr: &str) {
+        if !self.bootstrap.iter().any(|b| b == addr) {
+            self.view.remove(addr);
+        } else if let Some(e) = self.view.get_mut(addr) {
+            e.info = None;
+        }
+    }
+
+    /// Feeds one event in and returns what to do next. `now` is in milliseconds on any
+    /// monotonic clock; `rng` should be seeded per node for replayable runs.
+    pub fn handle<R: Rng>(&mut self, now: u64, input: Input, rng: &mut R) -> Vec<Output> {
+        let mut out = Vec::new();
+        match input {
+            Input::Tick => {
+                match self.pending.clone() {
+                    Pending::Probing {
+                        since, rebalance, ..
+                    } if now >= since + self.cfg.probe_timeout_ms => {
+                        out.extend(self.finish_probe(now, rebalance, rng));
+                    }
+                    Pending::Attaching {
+                        addr,
+                        since,
+                        moving,
+                        ..
+                    } if now >= since + self.cfg.attach_timeout_ms => {
+                        self.pending = Pending::Idle;
+                        self.forget(&addr);
+                        if !moving {
+                            out.extend(self.seek(now, rng));
+                        }
+                    }
+                    _ => {}
+                }
+                if self.core {
+                    return out;
+                }
+                if now >= self.next_shuffle {
+                    self.next_shuffle = now + self.cfg.shuffle_ms;
+                    for e in self.view.values_mut() {
+                        e.age += 1;
+                    }
+                    if matches!(self.pending, Pending::Idle) && self.parent.is_some() {
+                        let oldest = self
+                            .view
+                            .iter()
+                            .max_by_key(|(a, e)| (e.age, std::cmp::Reverse((*a).clone())))
+                            .map(|(a, _)| a.clone());
+                        if let Some(addr) = oldest {
+                            out.push(Output::RequestSample {
+                                addr,
+                                offer: self.offer(rng),
+                            });
+                        }
+                    }
+                }
+                if self.parent.is_some() && matches!(self.pending, Pending::Idle) {
+                    if self.next_rebalance == 0 {
+                        self.next_rebalance = now + self.jitter(rng);
+                    } else if now >= self.next_rebalance {
+                        self.next_rebalance = now + self.jitter(rng);
+                        if self.depth().unwrap_or(0) > self.cfg.rebalance_min_gain {
+                            out.extend(self.probe(now, true, rng));
+                        }
+                    }
+                }
+                out.extend(self.seek(now, rng));
+            }
+            Input::Sampled { addr, info, peers } => {
+                if info.addr == addr {
+                    self.learn(info);
+                } else {
+                    self.forget(&addr);
+                    self.learn(info);
+                }
+                for p in peers {
+                    self.learn(p);
+                }
+                out.extend(self.answered(now, &addr, rng));
+            }
+            Input::SampleFailed { addr } => {
+                self.forget(&addr);
+                out.extend(self.answered(now, &addr, rng));
+            }
+            Input::Attached {
+                addr,
+                name,
+                depth,
+                root_path,
+            } => {
+                let (moving, reason) = match &self.pending {
+                    Pending::Attaching {
+                        addr: a,
+                        moving,
+                        reason,
+                        ..
+                    } if *a == addr => (*moving, *reason),
+                    _ => (false, self.reason),
+                };
+                self.pending = Pending::Idle;
+                if root_path.contains(&self.name) {
+                    self.forget(&addr);
+                    out.push(Output::Detach { addr });
+                    if !moving {
+                        self.parent = None;
+                        out.extend(self.seek(now, rng));
+                    }
+                    return out;
+                }
+                *self.reparents.entry(reason).or_default() += 1;
+                self.parent = Some(Parent {
+                    addr: addr.clone(),
+                    name,
+                    depth,
+                    root_path,
+                });
+                self.reason = Reason::ParentLost;
+                if let Some(e) = self.view.get_mut(&addr) {
+                    if let Some(i) = e.info.as_mut() {
+                        i.free_slots = i.free_slots.saturating_sub(1);
+                        i.depth = Some(depth);
+                    }
+                }
+            }
+            Input::Refused { addr, referral } => {
+                let (moving, referrals) = match &self.pending {
+                    Pending::Attaching {
+                        addr: a,
+                        moving,
+                        referrals,
+                        ..
+                    } if *a == addr => (*moving, *referrals),
+                    _ => return out,
+                };
+                self.pending = Pending::Idle;
+                self.mark_full(&addr);
+                match referral {
+                    Some(r)
+                        if referrals < self.cfg.max_referrals
+                            && r.addr != self.addr
+                            && !r.root_path.contains(&self.name) =>
+                    {
+                        let addr = r.addr.clone();
+                        self.learn(r);
+                        out.extend(self.attach(now, addr, moving, referrals + 1));
+                    }
+                    _ if !moving => out.extend(self.seek(now, rng)),
+                    _ => {}
+                }
+            }
+            Input::AttachFailed { addr } => {
+                if matches!(&self.pending, Pending::Attaching { addr: a, .. } if *a == addr) {
+                    let moving =
+                        matches!(self.pending, Pending::Attaching { moving: true, .. });
+                    self.pending = Pending::Idle;
+                    self.forget(&addr);
+                    if !moving {
+                        out.extend(self.seek(now, rng));
+                    }
+                }
+            }
+            Input::ParentLost { addr } => {
+                if self.parent.as_ref().is_some_and(|p| p.addr == addr) {
+                    self.parent = None;
+                    self.forget(&addr);
+                    self.reason = Reason::ParentLost;
+                    if matches!(self.pending, Pending::Attaching { moving: true, .. }) {
+                        if let Pending::Attaching { moving, .. } = &mut self.pending {
+                            *moving = false;
+                        }
+                    } else {
+                        self.pending = Pending::Idle;
+                    }
+                    out.extend(self.seek(now, rng));
+                }
+            }
+            Input::Children { count } => self.children = count,
+        }
+        out
+    }
+
+    fn answered<R: Rng>(&mut self, now: u64, addr: &str, rng: &mut R) -> Vec<Output> {
+        if let Pending::Probing {
+            asked, rebalance, ..
+        } = &mut self.pending
+        {
+            asked.remove(addr);
+            if asked.is_empty() {
+                let rebalance = *rebalance;
+                return self.finish_probe(now, rebalance, rng);
+            }
+        }
+        Vec::new()
+    }
+
+    fn jitter<R: Rng>(&self, rng: &mut R) -> u64 {
+        let half = self.cfg.rebalance_ms / 2;
+        half + rng.random_range(0..=self.cfg.rebalance_ms)
+    }
+}
+
+#[cfg(test)]
+#[path = "overlay_tests.rs"]
+mod tests;
