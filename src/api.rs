@@ -32,7 +32,10 @@ pub fn router(node: Node) -> Router {
         .route("/v1/file/truncate", post(truncate_file))
         .route("/v1/watch", get(watch))
         .route("/v1/core/members", get(core_members).post(add_member))
-        .route("/v1/core/members/{name}", axum::routing::delete(remove_member))
+        .route(
+            "/v1/core/members/{name}",
+            axum::routing::delete(remove_member),
+        )
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(node)
@@ -286,10 +289,12 @@ async fn add_member(
     Json(body): Json<AddMemberBody>,
 ) -> Result<Response, ApiError> {
     let admin = crate::proto::Admin {
-        kind: Some(crate::proto::admin::Kind::AddMember(crate::proto::AddMember {
-            name: body.name,
-            addr: body.addr,
-        })),
+        kind: Some(crate::proto::admin::Kind::AddMember(
+            crate::proto::AddMember {
+                name: body.name,
+                addr: body.addr,
+            },
+        )),
     };
     node.admin(admin, 0).await?;
     core_members(State(node)).await

@@ -69,6 +69,8 @@ struct FileConfig {
     peers: Option<Vec<String>>,
     #[serde(default)]
     stream: Option<StreamConfig>,
+    #[serde(default)]
+    overlay: Option<crate::overlay::OverlayConfig>,
 }
 
 /// Parses `NAME=HOST:PORT`.
@@ -177,6 +179,7 @@ pub fn prepare(args: &NodeArgs, role: Role) -> anyhow::Result<Prepared> {
         file: args.file.clone().or(fc.file),
         kind,
         stream,
+        overlay: fc.overlay.unwrap_or_default(),
     };
     cfg.validate()?;
     Ok(Prepared {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::consensus::{Member, RaftConfig};
 use crate::file::{DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN};
+use crate::overlay::OverlayConfig;
 use crate::replica::ReplicaConfig;
 use crate::wire::DEFAULT_MAX_FRAME;
 
@@ -32,6 +33,8 @@ pub enum ConfigError {
     NoJoin,
     #[error("raft: {0}")]
     Raft(String),
+    #[error("overlay: {0}")]
+    Overlay(String),
     #[error("--peer list must include this node ({0}) when it is given")]
     PeersWithoutSelf(String),
     #[error("--peer {0} appears twice")]
@@ -73,9 +76,11 @@ pub struct StreamConfig {
     pub checkpoint_interval_ms: u64,
     /// Heartbeat period from the core down the tree (ms). 500: lag stays visible when idle.
     pub heartbeat_ms: u64,
-    /// QUIC idle timeout (ms): a silent parent is declared dead after this. 3000: three
-    /// missed heartbeats with keep-alives at 500 ms.
+    /// QUIC idle timeout (ms): a peer whose connection is silent this long is gone. 3000.
     pub idle_timeout_ms: u64,
+    /// A parent whose stream carries nothing (no entry, checkpoint or heartbeat) this long
+    /// is dead and the child re-attaches (ms). 1500: three heartbeat periods.
+    pub parent_timeout_ms: u64,
     /// Shortest gap between two rewrites of the materialized file (ms). 250: a burst of
     /// writes does not rewrite a 50 MB file for each one.
     pub materialize_interval_ms: u64,
@@ -95,6 +100,7 @@ impl Default for StreamConfig {
             checkpoint_interval_ms: 1000,
             heartbeat_ms: 500,
             idle_timeout_ms: 3000,
+            parent_timeout_ms: 1500,
             materialize_interval_ms: 250,
         }
     }
@@ -114,6 +120,7 @@ impl StreamConfig {
             ("checkpoint_interval_ms", self.checkpoint_interval_ms),
             ("heartbeat_ms", self.heartbeat_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
+            ("parent_timeout_ms", self.parent_timeout_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero { field });
@@ -177,6 +184,8 @@ pub struct NodeConfig {
     pub file: Option<PathBuf>,
     pub kind: NodeKind,
     pub stream: StreamConfig,
+    /// The tree's control plane; its `fanout` is kept equal to `stream.fanout`.
+    pub overlay: OverlayConfig,
 }
 
 impl NodeConfig {
@@ -191,6 +200,9 @@ impl NodeConfig {
             return Err(ConfigError::BadName(self.name.clone()));
         }
         self.stream.validate()?;
+        self.overlay
+            .validate()
+            .map_err(|e| ConfigError::Overlay(e.to_string()))?;
         match &self.kind {
             NodeKind::Relay { join } if join.is_empty() => Err(ConfigError::NoJoin),
             NodeKind::Core { raft, peers, .. } => {
@@ -239,6 +251,7 @@ mod tests {
                 join: vec!["127.0.0.1:2".into()],
             },
             stream: StreamConfig::default(),
+            overlay: OverlayConfig::default(),
         }
     }
 

@@ -145,6 +145,7 @@ async fn start_node(
         file: None,
         kind,
         stream: stream.clone(),
+        overlay: Default::default(),
     };
     let node = Node::start(cfg, endpoint, api, shutdown.child_token()).await?;
     Ok((node, api_addr))
@@ -247,29 +248,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     let t = Instant::now();
-    let mut addrs: Vec<String> = vec![cluster.core.0.cfg.advertise.to_string()];
     let dir = cluster._dir.path().to_path_buf();
     let stream = StreamConfig {
         fanout: args.fanout,
         ..Default::default()
     };
+    let core_addr = cluster.core.0.cfg.advertise.to_string();
     for i in 0..args.relays {
-        let parent = if i < args.fanout {
-            0
-        } else {
-            1 + (i - args.fanout) / args.fanout
-        };
         let (node, _) = start_node(
             &dir,
             &format!("relay-{i}"),
             NodeKind::Relay {
-                join: vec![addrs[parent].clone()],
+                join: vec![core_addr.clone()],
             },
             &stream,
             &cluster.shutdown,
         )
         .await?;
-        addrs.push(node.0.cfg.advertise.to_string());
         cluster.relays.push(node);
     }
     let pb = bar(args.relays as u64, "relays holding the file");

@@ -17,4 +17,5 @@ pub mod node;
 pub mod overlay;
 pub mod replica;
 pub mod tls;
+pub mod upstream;
 pub mod wire;

@@ -80,6 +80,12 @@ impl NodeMetrics {
         }
     }
 
+    /// Counts one change of parent, by reason (join, parent_lost, rebalance).
+    pub fn reparent(&self, reason: &'static str) {
+        metrics::counter!("canopy_reparents_total", "node" => self.node.clone(), "reason" => reason)
+            .increment(1);
+    }
+
     /// Counts one resubscription of this node's upstream, by reason.
     pub fn resync(&self, reason: &'static str) {
         metrics::counter!("canopy_resyncs_total", "node" => self.node.clone(), "reason" => reason)

@@ -27,6 +27,7 @@ use crate::config::{NodeConfig, NodeKind};
 use crate::consensus::{ApplyOutcome, ConsensusError, Core, FileStateMachine, Member};
 use crate::file::{ChunkedFile, FileError, Precondition, Update};
 use crate::metrics::NodeMetrics;
+use crate::overlay::{Input as OverlayInput, Overlay};
 use crate::proto::{self, downstream::Kind as Down, propose_reply, request};
 use crate::replica::{snapshot_frames, Event, Replica, SubscribePlan};
 use crate::tls::SERVER_NAME;
@@ -43,11 +44,12 @@ const MAX_HOPS: u32 = 2;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// QUIC application close codes.
-mod code {
+pub(crate) mod code {
     pub const SHUTDOWN: u32 = 0;
     pub const BAD_FRAME: u32 = 2;
     pub const CUT_OFF: u32 = 3;
     pub const RESYNC: u32 = 4;
+    pub const MOVED: u32 = 5;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +93,7 @@ pub fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-struct ChildLink {
+pub(crate) struct ChildLink {
     name: String,
     addr: String,
     tx: mpsc::UnboundedSender<Bytes>,
@@ -99,9 +101,9 @@ struct ChildLink {
     cut: Arc<AtomicBool>,
 }
 
-struct State {
-    replica: Replica,
-    children: BTreeMap<u64, ChildLink>,
+pub(crate) struct State {
+    pub(crate) replica: Replica,
+    pub(crate) children: BTreeMap<u64, ChildLink>,
     next_child: u64,
 }
 
@@ -148,18 +150,21 @@ pub struct MemberStatus {
 /// Shared state of a running node; cheap to clone through [`Node`].
 pub struct Shared {
     pub cfg: NodeConfig,
-    state: Mutex<State>,
+    pub(crate) state: Mutex<State>,
     applied: watch::Sender<(u64, u64)>,
     materialized: watch::Sender<Option<u64>>,
     core: OnceLock<Arc<Core>>,
     endpoint: quinn::Endpoint,
     core_conn: tokio::sync::Mutex<Option<quinn::Connection>>,
-    parent_addr: Mutex<String>,
+    pub(crate) parent_addr: Mutex<String>,
     pub metrics: NodeMetrics,
     relayed: AtomicU64,
     core_pick: std::sync::atomic::AtomicUsize,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
+    pub(crate) overlay: Mutex<Overlay>,
+    pub(crate) overlay_rng: Mutex<rand_chacha::ChaCha8Rng>,
+    pub(crate) overlay_tx: mpsc::UnboundedSender<OverlayInput>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
 }
 
 /// A handle to a running node.
@@ -198,7 +203,7 @@ impl Shared {
         self.metrics.relayed_bytes.increment(n as u64);
     }
 
-    fn dispatch(&self, st: &mut State, events: Vec<Event>) {
+    pub(crate) fn dispatch(&self, st: &mut State, events: Vec<Event>) {
         for ev in events {
             match ev {
                 Event::Broadcast(frame) => self.broadcast(st, &frame),
@@ -260,7 +265,30 @@ impl Shared {
         self.metrics.children.set(st.children.len() as f64);
     }
 
-    fn depth(&self, st: &State) -> u32 {
+    /// For a child that found this node full: one of its children, picked at random.
+    fn referral(&self, st: &State) -> Option<proto::PeerInfo> {
+        let mut rng = self.overlay_rng.lock().unwrap();
+        let path = self.root_path(st);
+        let depth = self.depth(st) + 1;
+        let kids: Vec<crate::overlay::PeerInfo> = st
+            .children
+            .values()
+            .map(|c| {
+                let mut root_path = path.clone();
+                root_path.push(c.name.clone());
+                crate::overlay::PeerInfo {
+                    name: c.name.clone(),
+                    addr: c.addr.clone(),
+                    depth: Some(depth),
+                    free_slots: 1,
+                    root_path,
+                }
+            })
+            .collect();
+        Overlay::pick_referral(&kids, &mut *rng).map(|p| crate::upstream::peer_to_proto(&p))
+    }
+
+    pub(crate) fn depth(&self, st: &State) -> u32 {
         match st.replica.parent() {
             _ if self.cfg.is_core() => 0,
             Some(p) => p.depth + 1,
@@ -269,12 +297,11 @@ impl Shared {
     }
 
     fn root_path(&self, st: &State) -> Vec<String> {
-        let mut path = match st.replica.parent() {
-            Some(p) if !self.cfg.is_core() => p.root_path.clone(),
-            _ => Vec::new(),
-        };
-        path.push(self.cfg.name.clone());
-        path
+        if self.cfg.is_core() {
+            vec![self.cfg.name.clone()]
+        } else {
+            st.replica.root_path()
+        }
     }
 
     fn core_addrs(&self, st: &State) -> Vec<String> {
@@ -303,8 +330,25 @@ impl Node {
             path: cfg.data.clone(),
             source,
         })?;
-        let replica = Replica::new(cfg.stream.replica(), cfg.is_core())?;
+        let replica = Replica::new(cfg.stream.replica(), cfg.is_core())?.with_name(&cfg.name);
+        let bootstrap = match &cfg.kind {
+            NodeKind::Relay { join } => join.clone(),
+            NodeKind::Core { .. } => Vec::new(),
+        };
+        let mut overlay_cfg = cfg.overlay.clone();
+        overlay_cfg.fanout = cfg.stream.fanout as u32;
+        let overlay = Overlay::new(
+            overlay_cfg,
+            &cfg.name,
+            &cfg.advertise.to_string(),
+            cfg.is_core(),
+            bootstrap,
+        );
+        let (overlay_tx, overlay_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
+            overlay: Mutex::new(overlay),
+            overlay_rng: Mutex::new(crate::upstream::overlay_rng(&cfg.name)),
+            overlay_tx,
             metrics: NodeMetrics::new(&cfg.name),
             state: Mutex::new(State {
                 replica,
@@ -351,7 +395,15 @@ impl Node {
             shared.tasks.spawn(core_ticker(shared.clone()));
         }
         if let NodeKind::Relay { .. } = &shared.cfg.kind {
-            shared.tasks.spawn(upstream_loop(shared.clone()));
+            let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+            shared.tasks.spawn(crate::upstream::overlay_loop(
+                shared.clone(),
+                overlay_rx,
+                cmd_tx,
+            ));
+            shared
+                .tasks
+                .spawn(crate::upstream::upstream_loop(shared.clone(), cmd_rx));
         }
         if let Some(path) = shared.cfg.file.clone() {
             shared.tasks.spawn(materialize_loop(shared.clone(), path));
@@ -466,7 +518,11 @@ impl Node {
     }
 
     /// Commits `proposal` through the core (directly on a core node, over QUIC from a relay).
-    pub async fn propose(&self, proposal: proto::Proposal) -> Result<ApplyOutcome, NodeError> {
+    pub async fn propose(&self, mut proposal: proto::Proposal) -> Result<ApplyOutcome, NodeError> {
+        if proposal.id.is_empty() {
+            let id: [u8; 16] = rand::random();
+            proposal.id = Bytes::copy_from_slice(&id);
+        }
         let size = proposal
             .update
             .as_ref()
@@ -512,11 +568,17 @@ impl Node {
                     };
                     match leader {
                         Some(l) if l.name != self.0.cfg.name && hops < MAX_HOPS => {
-                            match forward_proposal(&self.0, proposal.clone(), hops + 1, Some(l.addr))
-                                .await
+                            match forward_proposal(
+                                &self.0,
+                                proposal.clone(),
+                                hops + 1,
+                                Some(l.addr),
+                            )
+                            .await
                             {
-                                Err(Forward::NotSent(_))
-                                    if tokio::time::Instant::now() < deadline =>
+                                Err(Forward::NotSent(e) | Forward::Unknown(e))
+                                    if e.is_retryable()
+                                        && tokio::time::Instant::now() < deadline =>
                                 {
                                     tokio::time::sleep(Duration::from_millis(50)).await
                                 }
@@ -544,6 +606,7 @@ impl Node {
         self.propose(proto::Proposal {
             update: Some(update.into()),
             precondition: precondition.map(Into::into),
+            id: Bytes::new(),
         })
         .await
     }
@@ -650,17 +713,24 @@ async fn forward_proposal(
             Err(e) => Err(Forward::NotSent(e)),
         };
         match sent {
-            Err(Forward::NotSent(e)) => {
-                warn!(node = %shared.cfg.name, "proposal not delivered to the core: {e}");
+            Err(Forward::NotSent(e)) | Err(Forward::Unknown(e)) if e.is_retryable() => {
+                warn!(node = %shared.cfg.name, "proposal not confirmed by the core, retrying with the same id: {e}");
                 *shared.core_conn.lock().await = None;
                 shared.core_pick.fetch_add(1, Ordering::Relaxed);
                 if to.is_some() || tokio::time::Instant::now() >= deadline {
-                    return Err(Forward::NotSent(e));
+                    return Err(Forward::Unknown(e));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             other => return other,
         }
+    }
+}
+
+impl NodeError {
+    /// Transport failures, after which the same proposal (same id) may be sent again.
+    fn is_retryable(&self) -> bool {
+        matches!(self, NodeError::Connect { .. } | NodeError::Wire(_))
     }
 }
 
@@ -744,7 +814,7 @@ async fn core_connection(shared: &Arc<Shared>) -> Result<quinn::Connection, Node
     Err(last)
 }
 
-async fn connect(shared: &Shared, addr: &str) -> Result<quinn::Connection, NodeError> {
+pub(crate) async fn connect(shared: &Shared, addr: &str) -> Result<quinn::Connection, NodeError> {
     let err = |reason: String| NodeError::Connect {
         addr: addr.to_string(),
         reason,
@@ -894,6 +964,26 @@ async fn serve_stream(
                 let _ = send.finish();
             }
         }
+        Some(request::Kind::Sample(sample)) => {
+            let offer = sample
+                .offer
+                .into_iter()
+                .take(64)
+                .map(crate::upstream::peer_from_proto)
+                .collect();
+            let (info, peers) = {
+                let mut o = shared.overlay.lock().unwrap();
+                let mut rng = shared.overlay_rng.lock().unwrap();
+                o.answer_sample(offer, &mut *rng)
+            };
+            let reply = proto::SampleReply {
+                info: Some(crate::upstream::peer_to_proto(&info)),
+                peers: peers.iter().map(crate::upstream::peer_to_proto).collect(),
+            };
+            if wire::write_frame(&mut send, &reply).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
         Some(request::Kind::Admin(admin)) => {
             if shared.core.get().is_none() || !is_core_peer(&conn) {
                 return close_bad(&shared, &conn, &peer, "admin request outside the core");
@@ -919,8 +1009,8 @@ async fn serve_child(
     sub: proto::Subscribe,
     mut send: quinn::SendStream,
 ) {
-    let refuse = |reason: String| proto::Downstream {
-        kind: Some(Down::Refused(proto::Refused { reason })),
+    let refuse = |(reason, referral): (String, Option<proto::PeerInfo>)| proto::Downstream {
+        kind: Some(Down::Refused(proto::Refused { reason, referral })),
     };
     let mut applied = shared.applied.subscribe();
     let deadline = tokio::time::Instant::now() + SYNC_WAIT;
@@ -938,14 +1028,17 @@ async fn serve_child(
     let registered = {
         let mut st = shared.state.lock().unwrap();
         if st.children.len() >= shared.cfg.stream.fanout {
-            Err(format!(
-                "full: {} children (fanout {})",
-                st.children.len(),
-                shared.cfg.stream.fanout
+            Err((
+                format!(
+                    "full: {} children (fanout {})",
+                    st.children.len(),
+                    shared.cfg.stream.fanout
+                ),
+                shared.referral(&st),
             ))
         } else {
             match st.replica.plan_subscription(&sub) {
-                SubscribePlan::Refuse(r) => Err(r),
+                SubscribePlan::Refuse(r) => Err((r, None)),
                 plan => {
                     let (tx, rx) = mpsc::unbounded_channel();
                     let queued = Arc::new(AtomicU64::new(0));
@@ -987,7 +1080,7 @@ async fn serve_child(
     let (id, plan, ok, mut rx, queued, cut, commit_time) = match registered {
         Ok(r) => r,
         Err(reason) => {
-            debug!(node = %shared.cfg.name, child = %sub.name, "refusing subscription: {reason}");
+            debug!(node = %shared.cfg.name, child = %sub.name, "refusing subscription: {}", reason.0);
             if wire::write_frame(&mut send, &refuse(reason)).await.is_ok() {
                 let _ = send.finish();
                 let _ = send.stopped().await;
@@ -996,6 +1089,7 @@ async fn serve_child(
         }
     };
     info!(node = %shared.cfg.name, child = %sub.name, addr = %sub.listen_addr, have = sub.have_version, resume = ok.resume, "child subscribed");
+    let heartbeat = Duration::from_millis(shared.cfg.stream.heartbeat_ms);
     let result: Result<(), WireError> = async {
         wire::write_frame(
             &mut send,
@@ -1025,6 +1119,11 @@ async fn serve_child(
                 _ = shared.shutdown.cancelled() => return Ok(()),
                 _ = conn.closed() => return Ok(()),
                 f = rx.recv() => f,
+                _ = tokio::time::sleep(heartbeat) => {
+                    let hb = shared.state.lock().unwrap().replica.heartbeat(now_us());
+                    wire::write_raw(&mut send, &hb).await?;
+                    continue;
+                }
             };
             let Some(frame) = frame else { return Ok(()) };
             wire::write_raw(&mut send, &frame).await?;
@@ -1044,162 +1143,18 @@ async fn serve_child(
 }
 
 async fn core_ticker(shared: Arc<Shared>) {
-    let hb = Duration::from_millis(shared.cfg.stream.heartbeat_ms);
     let cp = Duration::from_millis(shared.cfg.stream.checkpoint_interval_ms);
-    let mut hb_tick = tokio::time::interval(hb);
     let mut cp_tick = tokio::time::interval(cp);
-    hb_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     cp_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let events = tokio::select! {
+        tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            _ = hb_tick.tick() => {
-                let st = shared.state.lock().unwrap();
-                vec![st.replica.heartbeat(now_us())]
-            }
-            _ = cp_tick.tick() => {
-                let mut st = shared.state.lock().unwrap();
-                st.replica.checkpoint().into_iter().collect()
-            }
-        };
+            _ = cp_tick.tick() => {}
+        }
         let mut st = shared.state.lock().unwrap();
+        let events = st.replica.checkpoint().into_iter().collect();
         shared.dispatch(&mut st, events);
     }
-}
-
-async fn upstream_loop(shared: Arc<Shared>) {
-    let NodeKind::Relay { join } = shared.cfg.kind.clone() else {
-        return;
-    };
-    let mut attempt: u32 = 0;
-    let mut full = false;
-    let mut backoff = Duration::from_millis(50);
-    while !shared.shutdown.is_cancelled() {
-        let addr = &join[attempt as usize % join.len()];
-        attempt = attempt.wrapping_add(1);
-        match follow_parent(&shared, addr, full).await {
-            Ok(()) => return,
-            Err((e, progressed)) => {
-                {
-                    let mut st = shared.state.lock().unwrap();
-                    st.replica.upstream_lost();
-                }
-                *shared.parent_addr.lock().unwrap() = String::new();
-                full = matches!(&e, UpstreamError::Replica(r) if r.needs_full_resync());
-                let label = e.label();
-                shared.metrics.resync(label);
-                match &e {
-                    UpstreamError::Replica(r) if r.needs_full_resync() => {
-                        shared.metrics.checkpoint_mismatches.increment(1);
-                        error!(node = %shared.cfg.name, parent = %addr, "DIVERGED, resyncing in full: {e}");
-                    }
-                    _ => warn!(node = %shared.cfg.name, parent = %addr, "upstream lost: {e}"),
-                }
-                if progressed {
-                    backoff = Duration::from_millis(50);
-                } else {
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-                tokio::select! {
-                    _ = shared.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-            }
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum UpstreamError {
-    #[error("{0}")]
-    Connect(NodeError),
-    #[error("{0}")]
-    Wire(#[from] WireError),
-    #[error("{0}")]
-    Replica(#[from] crate::replica::ReplicaError),
-    #[error("parent closed the stream")]
-    Closed,
-}
-
-impl UpstreamError {
-    fn label(&self) -> &'static str {
-        match self {
-            Self::Connect(_) => "connect",
-            Self::Wire(_) => "stream",
-            Self::Replica(r) => r.label(),
-            Self::Closed => "closed",
-        }
-    }
-}
-
-/// Follows one parent until the stream fails. Returns whether anything was applied, so the
-/// caller resets its backoff after a productive stream.
-async fn follow_parent(
-    shared: &Arc<Shared>,
-    addr: &str,
-    full: bool,
-) -> Result<(), (UpstreamError, bool)> {
-    let mut progressed = false;
-    let r: Result<(), UpstreamError> = async {
-        let conn = connect(shared, addr)
-            .await
-            .map_err(UpstreamError::Connect)?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
-            UpstreamError::Connect(NodeError::Connect {
-                addr: addr.to_string(),
-                reason: e.to_string(),
-            })
-        })?;
-        let sub = {
-            let mut st = shared.state.lock().unwrap();
-            st.replica
-                .subscribe(&shared.cfg.name, &shared.cfg.advertise.to_string(), full)
-        };
-        if full {
-            shared.metrics.full_transfers_received.increment(1);
-        }
-        wire::write_frame(
-            &mut send,
-            &proto::Request {
-                kind: Some(request::Kind::Subscribe(sub)),
-            },
-        )
-        .await?;
-        *shared.parent_addr.lock().unwrap() = addr.to_string();
-        let max = shared.cfg.stream.max_frame;
-        let result = loop {
-            let raw = tokio::select! {
-                _ = shared.shutdown.cancelled() => return Ok(()),
-                r = wire::read_raw(&mut recv, max) => r,
-            };
-            let raw = match raw {
-                Ok(Some(raw)) => raw,
-                Ok(None) => break Err(UpstreamError::Closed),
-                Err(e) => break Err(e.into()),
-            };
-            let msg: proto::Downstream = match raw.decode() {
-                Ok(m) => m,
-                Err(e) => break Err(e.into()),
-            };
-            let mut st = shared.state.lock().unwrap();
-            let depth_before = st.replica.parent().map(|p| p.depth);
-            match st.replica.handle_downstream(raw.frame.clone(), msg) {
-                Ok(events) => {
-                    progressed |= events.iter().any(|e| matches!(e, Event::Applied { .. }));
-                    let depth_after = st.replica.parent().map(|p| p.depth);
-                    if depth_before != depth_after {
-                        shared.metrics.depth.set(shared.depth(&st) as f64);
-                    }
-                    shared.dispatch(&mut st, events);
-                }
-                Err(e) => break Err(e.into()),
-            }
-        };
-        conn.close(VarInt::from_u32(code::RESYNC), b"resubscribing");
-        result
-    }
-    .await;
-    r.map_err(|e| (e, progressed))
 }
 
 async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {

@@ -288,6 +288,17 @@ impl Overlay {
         self.parent.as_ref().map(|p| p.addr.as_str())
     }
 
+    /// The parent's path changed (an ancestor moved): `path` is this node's new root path,
+    /// itself included, as announced by the parent's heartbeats.
+    pub fn update_path(&mut self, path: &[String]) {
+        if let (Some(p), Some((_, parent_path))) = (self.parent.as_mut(), path.split_last()) {
+            if !parent_path.is_empty() {
+                p.depth = (parent_path.len() - 1) as u32;
+                p.root_path = parent_path.to_vec();
+            }
+        }
+    }
+
     /// The current parent's name, if attached.
     pub fn parent_name(&self) -> Option<&str> {
         self.parent.as_ref().map(|p| p.name.as_str())
@@ -472,8 +483,7 @@ impl Overlay {
         };
         match self.choose(rng) {
             Some(best)
-                if best.depth.unwrap_or(u32::MAX) + 1 + self.cfg.rebalance_min_gain
-                    <= my_depth =>
+                if best.depth.unwrap_or(u32::MAX) + 1 + self.cfg.rebalance_min_gain <= my_depth =>
             {
                 self.attach(now, best.addr, true, 0)
             }
@@ -586,6 +596,10 @@ impl Overlay {
                         reason,
                         ..
                     } if *a == addr => (*moving, *reason),
+                    _ if self.parent.as_ref().is_some_and(|p| p.addr != addr) => {
+                        out.push(Output::Detach { addr });
+                        return out;
+                    }
                     _ => (false, self.reason),
                 };
                 self.pending = Pending::Idle;
@@ -625,11 +639,17 @@ impl Overlay {
                 };
                 self.pending = Pending::Idle;
                 self.mark_full(&addr);
+                let gains = |r: &PeerInfo| {
+                    !moving
+                        || matches!((r.depth, self.depth()), (Some(d), Some(mine))
+                            if d + 1 + self.cfg.rebalance_min_gain <= mine)
+                };
                 match referral {
                     Some(r)
                         if referrals < self.cfg.max_referrals
                             && r.addr != self.addr
-                            && !r.root_path.contains(&self.name) =>
+                            && !r.root_path.contains(&self.name)
+                            && gains(&r) =>
                     {
                         let addr = r.addr.clone();
                         self.learn(r);
@@ -641,8 +661,7 @@ impl Overlay {
             }
             Input::AttachFailed { addr } => {
                 if matches!(&self.pending, Pending::Attaching { addr: a, .. } if *a == addr) {
-                    let moving =
-                        matches!(self.pending, Pending::Attaching { moving: true, .. });
+                    let moving = matches!(self.pending, Pending::Attaching { moving: true, .. });
                     self.pending = Pending::Idle;
                     self.forget(&addr);
                     if !moving {

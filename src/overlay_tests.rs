@@ -1,2 +1,952 @@
-#[allow(unused_imports)]
+//! Exact-output tests of the overlay state machine, driven by hand with a seeded ChaCha8.
+//!
+//! The relay under test is `r1`; every peer `x` is reachable at `x:7400`. Where an output
+//! depends on the RNG (which peers a probe asks), the test either arranges a single
+//! possibility or checks the property over many seeds.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
 use super::*;
+
+const ME: &str = "r1";
+
+fn addr(name: &str) -> String {
+    format!("{name}:7400")
+}
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+fn peer(name: &str, depth: Option<u32>, free_slots: u32, root_path: &[&str]) -> PeerInfo {
+    PeerInfo {
+        name: name.to_string(),
+        addr: addr(name),
+        depth,
+        free_slots,
+        root_path: root_path.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn core_info(free_slots: u32) -> PeerInfo {
+    peer("core", Some(0), free_slots, &["core"])
+}
+
+fn relay_with(cfg: OverlayConfig) -> Overlay {
+    Overlay::new(cfg, ME, &addr(ME), false, vec![addr("core")])
+}
+
+fn relay() -> Overlay {
+    relay_with(OverlayConfig::default())
+}
+
+fn sampled(info: PeerInfo, peers: Vec<PeerInfo>) -> Input {
+    Input::Sampled {
+        addr: info.addr.clone(),
+        info,
+        peers,
+    }
+}
+
+fn attached(parent: &PeerInfo) -> Input {
+    Input::Attached {
+        addr: parent.addr.clone(),
+        name: parent.name.clone(),
+        depth: parent.depth.expect("an attached parent"),
+        root_path: parent.root_path.clone(),
+    }
+}
+
+fn attach(name: &str, moving: bool, reason: Reason) -> Output {
+    Output::Attach {
+        addr: addr(name),
+        moving,
+        reason,
+    }
+}
+
+fn unattached_info(free_slots: u32) -> PeerInfo {
+    PeerInfo {
+        name: ME.to_string(),
+        addr: addr(ME),
+        depth: None,
+        free_slots,
+        root_path: Vec::new(),
+    }
+}
+
+/// A relay that joined through the core: it is attached to the core at depth 1.
+fn joined(r: &mut ChaCha8Rng) -> Overlay {
+    let mut o = relay();
+    o.handle(0, Input::Tick, r);
+    let out = o.handle(1, sampled(core_info(8), vec![]), r);
+    assert_eq!(out, vec![attach("core", false, Reason::Join)]);
+    assert_eq!(o.handle(2, attached(&core_info(8)), r), vec![]);
+    o
+}
+
+/// A relay attached below `p` (depth 3), so at depth 4, that also knows `q`.
+fn deep(q: PeerInfo, r: &mut ChaCha8Rng) -> (Overlay, PeerInfo) {
+    let p = peer("p", Some(3), 2, &["core", "x", "y", "p"]);
+    let mut o = relay();
+    assert_eq!(
+        o.handle(0, sampled(core_info(0), vec![p.clone()]), r),
+        vec![]
+    );
+    assert_eq!(
+        o.handle(0, Input::Tick, r),
+        vec![attach("p", false, Reason::Join)]
+    );
+    assert_eq!(o.handle(0, attached(&p), r), vec![]);
+    assert_eq!(o.depth(), Some(4));
+    assert_eq!(o.handle(0, sampled(q, vec![]), r), vec![]);
+    (o, p)
+}
+
+/// A tiny driver: ticks `o` every 100 ms over `times`, answers every sample request at once
+/// from `world` (unknown addresses fail) with `gossip` as the peers, and, when `accept` is
+/// set, answers attaches with Attached (free slot) or Refused. Returns every output with the
+/// time it was emitted.
+fn drive(
+    o: &mut Overlay,
+    world: &BTreeMap<String, PeerInfo>,
+    gossip: &[PeerInfo],
+    accept: bool,
+    times: impl IntoIterator<Item = u64>,
+    r: &mut ChaCha8Rng,
+) -> Vec<(u64, Output)> {
+    let mut log = Vec::new();
+    for t in times {
+        let mut queue: VecDeque<Output> = o.handle(t, Input::Tick, r).into();
+        while let Some(out) = queue.pop_front() {
+            log.push((t, out.clone()));
+            let input = match out {
+                Output::RequestSample { addr, .. } => match world.get(&addr) {
+                    Some(info) => Input::Sampled {
+                        addr,
+                        info: info.clone(),
+                        peers: gossip.to_vec(),
+                    },
+                    None => Input::SampleFailed { addr },
+                },
+                Output::Attach { addr, .. } if accept => match world.get(&addr) {
+                    Some(info) if info.free_slots > 0 && info.depth.is_some() => attached(info),
+                    Some(_) => Input::Refused {
+                        addr,
+                        referral: None,
+                    },
+                    None => Input::AttachFailed { addr },
+                },
+                _ => continue,
+            };
+            queue.extend(o.handle(t, input, r));
+        }
+    }
+    log
+}
+
+/// Ticks every 100 ms from 100 ms on until the node emits an attach (at most 60 s); returns
+/// the time and the attach.
+fn until_attach(
+    o: &mut Overlay,
+    world: &BTreeMap<String, PeerInfo>,
+    r: &mut ChaCha8Rng,
+) -> (u64, Output) {
+    for t in (1..=600).map(|i| i * 100) {
+        if let Some(a) = attaches(&drive(o, world, &[], false, [t], r)).pop() {
+            return a;
+        }
+    }
+    panic!("no attach within 60 s");
+}
+
+fn world(peers: &[&PeerInfo]) -> BTreeMap<String, PeerInfo> {
+    peers
+        .iter()
+        .map(|p| (p.addr.clone(), (*p).clone()))
+        .collect()
+}
+
+fn attaches(log: &[(u64, Output)]) -> Vec<(u64, Output)> {
+    log.iter()
+        .filter(|(_, o)| matches!(o, Output::Attach { .. }))
+        .cloned()
+        .collect()
+}
+
+/// Ticks in which at least two sample requests went out: a probe (a shuffle asks one peer).
+fn probe_ticks(log: &[(u64, Output)]) -> usize {
+    let mut per_tick: BTreeMap<u64, usize> = BTreeMap::new();
+    for (t, o) in log {
+        if matches!(o, Output::RequestSample { .. }) {
+            *per_tick.entry(*t).or_default() += 1;
+        }
+    }
+    per_tick.values().filter(|&&n| n >= 2).count()
+}
+
+#[test]
+fn a_new_relay_probes_the_core_with_its_own_info_first() {
+    let mut r = rng(1);
+    let mut o = relay();
+    assert_eq!(o.parent_addr(), None);
+    assert_eq!(o.depth(), None);
+    assert_eq!(o.info(), unattached_info(8));
+    assert_eq!(
+        o.handle(0, Input::Tick, &mut r),
+        vec![Output::RequestSample {
+            addr: addr("core"),
+            offer: vec![unattached_info(8)],
+        }]
+    );
+    // One probe at a time: the next tick, still within the probe timeout, is quiet.
+    assert_eq!(o.handle(200, Input::Tick, &mut r), vec![]);
+}
+
+#[test]
+fn a_sampled_core_with_free_slots_is_attached_for_join() {
+    let mut r = rng(2);
+    let mut o = relay();
+    o.handle(0, Input::Tick, &mut r);
+    assert_eq!(
+        o.handle(5, sampled(core_info(8), vec![]), &mut r),
+        vec![attach("core", false, Reason::Join)]
+    );
+    // A second answer while attaching changes nothing.
+    assert_eq!(o.handle(6, sampled(core_info(8), vec![]), &mut r), vec![]);
+    assert_eq!(o.parent_addr(), None);
+}
+
+#[test]
+fn attached_sets_parent_depth_and_info() {
+    let mut r = rng(3);
+    let mut o = joined(&mut r);
+    assert_eq!(o.parent_addr(), Some(addr("core").as_str()));
+    assert_eq!(o.parent_name(), Some("core"));
+    assert_eq!(o.depth(), Some(1));
+    assert_eq!(
+        o.info(),
+        PeerInfo {
+            name: ME.into(),
+            addr: addr(ME),
+            depth: Some(1),
+            free_slots: 8,
+            root_path: vec!["core".into(), ME.into()],
+        }
+    );
+    assert_eq!(o.reparents(), &BTreeMap::from([(Reason::Join, 1)]));
+    assert_eq!(o.handle(3, Input::Children { count: 3 }, &mut r), vec![]);
+    assert_eq!(o.info().free_slots, 5);
+    o.handle(4, Input::Children { count: 9 }, &mut r);
+    assert_eq!(o.info().free_slots, 0);
+}
+
+#[test]
+fn a_refusal_with_a_referral_is_followed_up_to_max_referrals() {
+    let mut r = rng(4);
+    let mut o = relay();
+    assert_eq!(o.config().max_referrals, 4);
+    o.handle(0, Input::Tick, &mut r);
+    assert_eq!(
+        o.handle(1, sampled(core_info(8), vec![]), &mut r),
+        vec![attach("core", false, Reason::Join)]
+    );
+    let chain = ["c1", "c2", "c3", "c4", "c5"];
+    let mut path = vec!["core"];
+    let mut from = "core";
+    for (i, name) in chain.iter().enumerate() {
+        path.push(name);
+        let referral = peer(name, Some(i as u32 + 1), 3, &path);
+        // A refusal from anyone but the attach target is ignored.
+        assert_eq!(
+            o.handle(
+                10,
+                Input::Refused {
+                    addr: addr("elsewhere"),
+                    referral: Some(referral.clone()),
+                },
+                &mut r
+            ),
+            vec![]
+        );
+        let out = o.handle(
+            10,
+            Input::Refused {
+                addr: addr(from),
+                referral: Some(referral),
+            },
+            &mut r,
+        );
+        if i < 4 {
+            assert_eq!(out, vec![attach(name, false, Reason::Join)], "referral {i}");
+        } else {
+            // The fifth referral is not followed: every peer it knows is full, so it probes.
+            assert_eq!(out.len(), 2, "{out:?}");
+            let known: BTreeSet<String> = ["core", "c1", "c2", "c3", "c4"]
+                .iter()
+                .map(|n| addr(n))
+                .collect();
+            let mut asked = BTreeSet::new();
+            for o in &out {
+                match o {
+                    Output::RequestSample { addr, offer } => {
+                        assert!(known.contains(addr), "{addr}");
+                        assert_eq!(offer[0], unattached_info(8));
+                        assert!(offer[1..].iter().all(|p| p.free_slots == 0));
+                        asked.insert(addr.clone());
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert_eq!(asked.len(), 2);
+        }
+        from = name;
+    }
+    assert_eq!(o.parent_addr(), None);
+}
+
+#[test]
+fn a_refusal_without_a_referral_seeks_again() {
+    let mut r = rng(5);
+    let mut o = relay();
+    o.handle(0, Input::Tick, &mut r);
+    o.handle(1, sampled(core_info(1), vec![]), &mut r);
+    assert_eq!(
+        o.handle(
+            2,
+            Input::Refused {
+                addr: addr("core"),
+                referral: None,
+            },
+            &mut r
+        ),
+        // The core is now known to be full, so it samples again rather than retry it.
+        vec![Output::RequestSample {
+            addr: addr("core"),
+            offer: vec![unattached_info(8), core_info(0)],
+        }]
+    );
+}
+
+#[test]
+fn a_referral_to_a_descendant_or_to_itself_is_not_followed() {
+    for referral in [
+        peer("x", Some(2), 4, &["core", ME, "x"]),
+        PeerInfo {
+            name: "alias".into(),
+            addr: addr(ME),
+            depth: Some(1),
+            free_slots: 4,
+            root_path: vec!["core".into(), "alias".into()],
+        },
+    ] {
+        let mut r = rng(6);
+        let mut o = relay();
+        o.handle(0, Input::Tick, &mut r);
+        o.handle(1, sampled(core_info(8), vec![]), &mut r);
+        assert_eq!(
+            o.handle(
+                2,
+                Input::Refused {
+                    addr: addr("core"),
+                    referral: Some(referral),
+                },
+                &mut r
+            ),
+            vec![Output::RequestSample {
+                addr: addr("core"),
+                offer: vec![unattached_info(8), core_info(0)],
+            }]
+        );
+        assert_eq!(o.view_addrs(), vec![addr("core")]);
+    }
+}
+
+#[test]
+fn an_attach_failure_seeks_again() {
+    let mut r = rng(7);
+    let mut o = relay();
+    o.handle(0, Input::Tick, &mut r);
+    o.handle(1, sampled(core_info(8), vec![]), &mut r);
+    assert_eq!(
+        o.handle(
+            2,
+            Input::AttachFailed {
+                addr: addr("other")
+            },
+            &mut r
+        ),
+        vec![]
+    );
+    assert_eq!(
+        o.handle(2, Input::AttachFailed { addr: addr("core") }, &mut r),
+        // The core's info is forgotten (a bootstrap address stays in the view, unknown).
+        vec![Output::RequestSample {
+            addr: addr("core"),
+            offer: vec![unattached_info(8)],
+        }]
+    );
+}
+
+#[test]
+fn an_attach_timeout_seeks_again() {
+    let mut r = rng(8);
+    let mut o = relay();
+    let timeout = o.config().attach_timeout_ms;
+    o.handle(0, Input::Tick, &mut r);
+    assert_eq!(
+        o.handle(10, sampled(core_info(8), vec![]), &mut r),
+        vec![attach("core", false, Reason::Join)]
+    );
+    assert_eq!(o.handle(10 + timeout - 1, Input::Tick, &mut r), vec![]);
+    assert_eq!(
+        o.handle(10 + timeout, Input::Tick, &mut r),
+        vec![Output::RequestSample {
+            addr: addr("core"),
+            offer: vec![unattached_info(8)],
+        }]
+    );
+}
+
+#[test]
+fn a_probe_without_answers_times_out_and_probes_again() {
+    let mut r = rng(9);
+    let mut o = relay();
+    let timeout = o.config().probe_timeout_ms;
+    let probe = vec![Output::RequestSample {
+        addr: addr("core"),
+        offer: vec![unattached_info(8)],
+    }];
+    assert_eq!(o.handle(0, Input::Tick, &mut r), probe);
+    assert_eq!(o.handle(timeout - 1, Input::Tick, &mut r), vec![]);
+    assert_eq!(o.handle(timeout, Input::Tick, &mut r), probe);
+    assert_eq!(
+        o.handle(
+            timeout + 1,
+            Input::SampleFailed { addr: addr("core") },
+            &mut r
+        ),
+        probe
+    );
+}
+
+#[test]
+fn a_lost_parent_is_sought_again_with_reason_parent_lost() {
+    let mut r = rng(10);
+    let mut o = joined(&mut r);
+    assert_eq!(
+        o.handle(
+            10,
+            Input::ParentLost {
+                addr: addr("someone")
+            },
+            &mut r
+        ),
+        vec![]
+    );
+    assert_eq!(o.parent_addr(), Some(addr("core").as_str()));
+    assert_eq!(
+        o.handle(11, Input::ParentLost { addr: addr("core") }, &mut r),
+        vec![Output::RequestSample {
+            addr: addr("core"),
+            offer: vec![unattached_info(8)],
+        }]
+    );
+    assert_eq!(o.parent_addr(), None);
+    assert_eq!(o.depth(), None);
+    assert_eq!(
+        o.handle(12, sampled(core_info(7), vec![]), &mut r),
+        vec![attach("core", false, Reason::ParentLost)]
+    );
+    o.handle(13, attached(&core_info(7)), &mut r);
+    assert_eq!(
+        o.reparents(),
+        &BTreeMap::from([(Reason::Join, 1), (Reason::ParentLost, 1)])
+    );
+}
+
+#[test]
+fn a_parent_whose_path_holds_the_node_is_detached() {
+    let mut r = rng(11);
+    let mut o = relay();
+    let a = peer("a", Some(1), 3, &["core", "a"]);
+    o.handle(0, sampled(core_info(0), vec![a.clone()]), &mut r);
+    assert_eq!(
+        o.handle(0, Input::Tick, &mut r),
+        vec![attach("a", false, Reason::Join)]
+    );
+    // Meanwhile `a` moved below this node: the path it announces holds `r1`.
+    let out = o.handle(
+        5,
+        Input::Attached {
+            addr: addr("a"),
+            name: "a".into(),
+            depth: 2,
+            root_path: vec!["core".into(), ME.into(), "a".into()],
+        },
+        &mut r,
+    );
+    assert_eq!(
+        out,
+        vec![
+            Output::Detach { addr: addr("a") },
+            Output::RequestSample {
+                addr: addr("core"),
+                offer: vec![unattached_info(8), core_info(0)],
+            },
+        ]
+    );
+    assert_eq!(o.parent_addr(), None);
+    assert_eq!(o.depth(), None);
+    assert!(o.reparents().is_empty());
+    assert_eq!(o.view_addrs(), vec![addr("core")]);
+}
+
+#[test]
+fn candidates_whose_path_holds_the_node_are_never_chosen() {
+    for seed in 0..64 {
+        let mut r = rng(seed);
+        let mut o = relay();
+        let below = peer("a", Some(1), 5, &["core", ME, "a"]);
+        let ok = peer("b", Some(3), 1, &["core", "x", "y", "b"]);
+        o.handle(0, sampled(core_info(0), vec![below, ok]), &mut r);
+        assert_eq!(
+            o.handle(0, Input::Tick, &mut r),
+            vec![attach("b", false, Reason::Join)],
+            "seed {seed}"
+        );
+    }
+    // With only such candidates it samples instead of attaching.
+    let mut r = rng(0);
+    let mut o = relay();
+    let below = peer("a", Some(1), 5, &["core", "z", ME, "a"]);
+    o.handle(0, sampled(core_info(0), vec![below]), &mut r);
+    let out = o.handle(0, Input::Tick, &mut r);
+    assert!(!out.is_empty());
+    assert!(out
+        .iter()
+        .all(|o| matches!(o, Output::RequestSample { .. })));
+}
+
+#[test]
+fn two_choices_take_the_shallower_then_more_free_slots_then_the_lower_addr() {
+    let cases = [
+        (
+            peer("a", Some(2), 8, &["core", "x", "a"]),
+            peer("b", Some(1), 1, &["core", "b"]),
+            "b",
+        ),
+        (
+            peer("a", Some(1), 3, &["core", "a"]),
+            peer("b", Some(1), 5, &["core", "b"]),
+            "b",
+        ),
+        (
+            peer("b", Some(1), 3, &["core", "b"]),
+            peer("a", Some(1), 3, &["core", "a"]),
+            "a",
+        ),
+    ];
+    for (one, two, want) in cases {
+        for seed in 0..16 {
+            let mut r = rng(seed);
+            let mut o = relay();
+            assert_eq!(o.config().choices, 2);
+            o.handle(
+                0,
+                sampled(core_info(0), vec![one.clone(), two.clone()]),
+                &mut r,
+            );
+            assert_eq!(
+                o.handle(0, Input::Tick, &mut r),
+                vec![attach(want, false, Reason::Join)],
+                "seed {seed}"
+            );
+        }
+    }
+}
+
+#[test]
+fn two_choices_compare_two_samples_not_the_whole_view() {
+    let cands = vec![
+        peer("a", Some(1), 2, &["core", "a"]),
+        peer("b", Some(2), 2, &["core", "x", "b"]),
+        peer("c", Some(3), 2, &["core", "x", "y", "c"]),
+    ];
+    let picks = |choices: usize| {
+        let mut picked = BTreeMap::<String, usize>::new();
+        for seed in 0..200 {
+            let mut r = rng(seed);
+            let mut o = relay_with(OverlayConfig {
+                choices,
+                ..OverlayConfig::default()
+            });
+            o.handle(0, sampled(core_info(0), cands.clone()), &mut r);
+            match o.handle(0, Input::Tick, &mut r).as_slice() {
+                [Output::Attach { addr, .. }] => *picked.entry(addr.clone()).or_default() += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        picked
+    };
+    let two = picks(2);
+    assert_eq!(two.get(&addr("c")), None, "{two:?}");
+    assert!(two[&addr("a")] > two[&addr("b")], "{two:?}");
+    let one = picks(1);
+    assert!(one[&addr("c")] > 0, "{one:?}");
+    let all = picks(3);
+    assert_eq!(all, BTreeMap::from([(addr("a"), 200)]));
+}
+
+#[test]
+fn a_deep_node_moves_for_a_gain_of_two() {
+    let q = peer("q", Some(1), 3, &["core", "q"]);
+    let mut r = rng(12);
+    let (mut o, p) = deep(q.clone(), &mut r);
+    let w = world(&[&core_info(0), &p, &q]);
+    let (t, first) = until_attach(&mut o, &w, &mut r);
+    // The first tick with a parent (100 ms) draws the next check 5-15 s later.
+    assert!((5_100..=15_100).contains(&t), "{t}");
+    assert_eq!(first, attach("q", true, Reason::Rebalance));
+    // The current parent is kept until the new one accepts.
+    assert_eq!(o.parent_addr(), Some(addr("p").as_str()));
+    assert_eq!(o.depth(), Some(4));
+
+    let mut again = rng(12);
+    let (mut o2, _) = deep(q.clone(), &mut again);
+    assert_eq!(
+        until_attach(&mut o2, &w, &mut again),
+        (t, first),
+        "replayable"
+    );
+
+    assert_eq!(o.handle(t + 1, attached(&q), &mut r), vec![]);
+    assert_eq!(o.parent_addr(), Some(addr("q").as_str()));
+    assert_eq!(o.depth(), Some(2));
+    assert_eq!(o.info().root_path, vec!["core", "q", ME]);
+    assert_eq!(
+        o.reparents(),
+        &BTreeMap::from([(Reason::Join, 1), (Reason::Rebalance, 1)])
+    );
+}
+
+#[test]
+fn a_deep_node_does_not_move_for_a_gain_of_one() {
+    let mut r = rng(13);
+    let q = peer("q", Some(2), 3, &["core", "z", "q"]);
+    let (mut o, p) = deep(q.clone(), &mut r);
+    let w = world(&[&core_info(0), &p, &q]);
+    let log = drive(&mut o, &w, &[], false, (1..=600).map(|i| i * 100), &mut r);
+    assert_eq!(attaches(&log), vec![]);
+    // It did look: 60 s hold at least four checks 5-15 s apart.
+    assert!(probe_ticks(&log) >= 4, "{log:?}");
+    assert_eq!(o.parent_addr(), Some(addr("p").as_str()));
+}
+
+#[test]
+fn a_shallow_node_never_probes_for_a_move() {
+    let mut r = rng(14);
+    let p = peer("p", Some(1), 2, &["core", "p"]);
+    let mut o = relay();
+    o.handle(0, sampled(core_info(0), vec![p.clone()]), &mut r);
+    assert_eq!(
+        o.handle(0, Input::Tick, &mut r),
+        vec![attach("p", false, Reason::Join)]
+    );
+    o.handle(0, attached(&p), &mut r);
+    assert_eq!(o.depth(), Some(2));
+    let w = world(&[&core_info(8), &p]);
+    let log = drive(&mut o, &w, &[], true, (1..=600).map(|i| i * 100), &mut r);
+    assert_eq!(probe_ticks(&log), 0, "{log:?}");
+    assert_eq!(attaches(&log), vec![]);
+    assert!(log
+        .iter()
+        .all(|(_, o)| matches!(o, Output::RequestSample { .. })));
+}
+
+/// A depth-4 node with a move to `q` (depth 1) in flight, and the time it started.
+fn moving(r: &mut ChaCha8Rng) -> (Overlay, u64) {
+    let q = peer("q", Some(1), 3, &["core", "q"]);
+    let (mut o, p) = deep(q.clone(), r);
+    let w = world(&[&core_info(0), &p, &q]);
+    let (t, a) = until_attach(&mut o, &w, r);
+    assert_eq!(a, attach("q", true, Reason::Rebalance));
+    (o, t)
+}
+
+#[test]
+fn a_failed_or_refused_move_keeps_the_parent() {
+    for input in [
+        Input::Refused {
+            addr: addr("q"),
+            referral: None,
+        },
+        Input::AttachFailed { addr: addr("q") },
+    ] {
+        let mut r = rng(15);
+        let (mut o, t) = moving(&mut r);
+        assert_eq!(o.handle(t + 1, input, &mut r), vec![]);
+        assert_eq!(o.parent_addr(), Some(addr("p").as_str()));
+        assert_eq!(o.depth(), Some(4));
+    }
+}
+
+#[test]
+fn a_move_to_a_descendant_is_undone_and_the_parent_kept() {
+    let mut r = rng(16);
+    let (mut o, t) = moving(&mut r);
+    let out = o.handle(
+        t + 1,
+        Input::Attached {
+            addr: addr("q"),
+            name: "q".into(),
+            depth: 6,
+            root_path: vec!["core".into(), "p".into(), ME.into(), "q".into()],
+        },
+        &mut r,
+    );
+    assert_eq!(out, vec![Output::Detach { addr: addr("q") }]);
+    assert_eq!(o.parent_addr(), Some(addr("p").as_str()));
+    assert_eq!(o.depth(), Some(4));
+    assert_eq!(o.reparents(), &BTreeMap::from([(Reason::Join, 1)]));
+}
+
+#[test]
+fn losing_the_parent_during_a_move_turns_the_move_into_the_reattach() {
+    let mut r = rng(17);
+    let (mut o, t) = moving(&mut r);
+    assert_eq!(
+        o.handle(t + 1, Input::ParentLost { addr: addr("p") }, &mut r),
+        vec![]
+    );
+    assert_eq!(o.parent_addr(), None);
+    // The move still in flight is now the way back: a refusal seeks again.
+    let out = o.handle(
+        t + 2,
+        Input::Refused {
+            addr: addr("q"),
+            referral: None,
+        },
+        &mut r,
+    );
+    assert!(!out.is_empty());
+    assert!(out
+        .iter()
+        .all(|o| matches!(o, Output::RequestSample { .. })));
+}
+
+#[test]
+fn core_nodes_never_attach() {
+    let mut r = rng(18);
+    let mut c = Overlay::new(
+        OverlayConfig::default(),
+        "core",
+        &addr("core"),
+        true,
+        vec![addr("core"), addr("core2")],
+    );
+    assert_eq!(c.info(), core_info(8));
+    assert_eq!(c.depth(), Some(0));
+    let cand = peer("a", Some(1), 5, &["core2", "a"]);
+    let mut outputs = Vec::new();
+    outputs.extend(c.handle(0, sampled(cand.clone(), vec![core_info(3)]), &mut r));
+    for t in 0..300 {
+        outputs.extend(c.handle(t * 200, Input::Tick, &mut r));
+    }
+    outputs.extend(c.handle(
+        70_000,
+        Input::Refused {
+            addr: addr("a"),
+            referral: Some(cand.clone()),
+        },
+        &mut r,
+    ));
+    outputs.extend(c.handle(70_000, Input::AttachFailed { addr: addr("a") }, &mut r));
+    outputs.extend(c.handle(70_000, Input::ParentLost { addr: addr("a") }, &mut r));
+    outputs.extend(c.handle(70_000, Input::SampleFailed { addr: addr("a") }, &mut r));
+    assert_eq!(outputs, vec![]);
+    assert_eq!(c.parent_addr(), None);
+    let (info, peers) = c.answer_sample(vec![unattached_info(8)], &mut r);
+    assert_eq!(info, core_info(8));
+    assert!(peers.len() <= c.config().shuffle_len);
+    assert!(c.view_addrs().contains(&addr(ME)));
+    assert!(!c.view_addrs().contains(&addr("core")));
+}
+
+#[test]
+fn answer_sample_merges_the_offer_and_returns_at_most_shuffle_len_peers() {
+    let mut r = rng(19);
+    let mut o = relay();
+    let known: Vec<PeerInfo> = (0..10)
+        .map(|i| peer(&format!("k{i}"), Some(2), 1, &["core", "x", "k"]))
+        .collect();
+    o.handle(0, sampled(core_info(3), known.clone()), &mut r);
+    let before: BTreeSet<PeerInfo> = known
+        .iter()
+        .cloned()
+        .chain([core_info(3)])
+        .collect::<BTreeSet<_>>();
+    let asker = peer("asker", None, 8, &[]);
+    let offered = peer("o1", Some(1), 2, &["core", "o1"]);
+    let me_stale = peer(ME, Some(7), 0, &["zz"]);
+    let (info, peers) = o.answer_sample(
+        vec![asker.clone(), offered.clone(), me_stale.clone()],
+        &mut r,
+    );
+    assert_eq!(info, o.info());
+    assert_eq!(info.depth, None);
+    assert_eq!(peers.len(), o.config().shuffle_len);
+    let distinct: BTreeSet<&PeerInfo> = peers.iter().collect();
+    assert_eq!(distinct.len(), peers.len());
+    assert!(peers.iter().all(|p| before.contains(p)), "{peers:?}");
+    let view = o.view_addrs();
+    assert!(view.contains(&addr("asker")));
+    assert!(view.contains(&addr("o1")));
+    assert!(!view.contains(&addr(ME)), "never learns itself");
+    assert_eq!(view.len(), 13);
+
+    // With fewer known peers it returns what it has.
+    let mut o = relay();
+    o.handle(0, sampled(core_info(3), known[..2].to_vec()), &mut r);
+    let (_, peers) = o.answer_sample(vec![asker], &mut r);
+    assert_eq!(peers.len(), 3);
+}
+
+#[test]
+fn the_view_never_exceeds_view_size_and_keeps_the_bootstrap() {
+    let cfg = OverlayConfig {
+        view_size: 4,
+        ..OverlayConfig::default()
+    };
+    let mut r = rng(20);
+    let mut o = relay_with(cfg.clone());
+    for i in 0..60u32 {
+        let batch: Vec<PeerInfo> = (0..5)
+            .map(|j| peer(&format!("n{i}-{j}"), Some(1 + j), 1, &["core", "m"]))
+            .collect();
+        if i % 2 == 0 {
+            o.handle(
+                u64::from(i),
+                sampled(batch[0].clone(), batch[1..].to_vec()),
+                &mut r,
+            );
+        } else {
+            o.answer_sample(batch, &mut r);
+        }
+        if i % 7 == 0 {
+            o.handle(u64::from(i) * 1000, Input::Tick, &mut r);
+        }
+        let view = o.view_addrs();
+        assert!(view.len() <= cfg.view_size, "{view:?}");
+        assert!(view.contains(&addr("core")), "{view:?}");
+    }
+    // The parent is kept too.
+    let mut o = relay_with(cfg.clone());
+    let p = peer("p", Some(1), 3, &["core", "p"]);
+    o.handle(0, sampled(core_info(0), vec![p.clone()]), &mut r);
+    o.handle(0, Input::Tick, &mut r);
+    o.handle(0, attached(&p), &mut r);
+    for i in 0..40 {
+        let q = peer(&format!("q{i}"), Some(2), 1, &["core", "x", "q"]);
+        o.handle(1, sampled(q, vec![]), &mut r);
+        let view = o.view_addrs();
+        assert!(view.len() <= cfg.view_size);
+        assert!(view.contains(&addr("p")), "{view:?}");
+    }
+}
+
+fn scripted(seed: u64) -> Vec<(u64, Output)> {
+    let mut r = rng(seed);
+    let mut peers = vec![core_info(0)];
+    for i in 0..20u32 {
+        let depth = 1 + i % 4;
+        let mut path = vec!["core".to_string()];
+        path.extend((1..depth).map(|d| format!("x{d}")));
+        path.push(format!("w{i}"));
+        peers.push(PeerInfo {
+            name: format!("w{i}"),
+            addr: addr(&format!("w{i}")),
+            depth: Some(depth),
+            free_slots: i % 3,
+            root_path: path,
+        });
+    }
+    let w: BTreeMap<String, PeerInfo> = peers.iter().map(|p| (p.addr.clone(), p.clone())).collect();
+    let mut o = relay();
+    drive(
+        &mut o,
+        &w,
+        &peers[..6],
+        true,
+        (0..400).map(|i| i * 100),
+        &mut r,
+    )
+}
+
+#[test]
+fn the_same_seed_gives_the_same_outputs() {
+    let a = scripted(42);
+    assert!(a.len() > 20, "{a:?}");
+    assert!(!attaches(&a).is_empty());
+    assert_eq!(a, scripted(42));
+    assert_ne!(a, scripted(43));
+}
+
+#[test]
+fn a_move_follows_only_referrals_that_still_gain_enough() {
+    let mut r = rng(21);
+    let (mut o, t) = moving(&mut r);
+    assert_eq!(o.depth(), Some(4));
+    // `q` (depth 1) is full and refers to its child at depth 2: the node would land at
+    // depth 3, one level up, which is less than rebalance_min_gain (2).
+    let out = o.handle(
+        t + 1,
+        Input::Refused {
+            addr: addr("q"),
+            referral: Some(peer("c", Some(2), 3, &["core", "q", "c"])),
+        },
+        &mut r,
+    );
+    assert_eq!(out, vec![]);
+    assert_eq!(o.parent_addr(), Some(addr("p").as_str()));
+}
+
+#[test]
+fn a_late_attached_for_an_abandoned_attach_is_detached() {
+    let mut r = rng(22);
+    let a = peer("a", Some(1), 3, &["core", "a"]);
+    let mut o = relay();
+    o.handle(0, sampled(core_info(0), vec![a.clone()]), &mut r);
+    assert_eq!(
+        o.handle(0, Input::Tick, &mut r),
+        vec![attach("a", false, Reason::Join)]
+    );
+    let timeout = o.config().attach_timeout_ms;
+    o.handle(timeout, Input::Tick, &mut r);
+    assert_eq!(
+        o.handle(timeout + 1, sampled(core_info(8), vec![]), &mut r),
+        vec![attach("core", false, Reason::Join)]
+    );
+    o.handle(timeout + 2, attached(&core_info(8)), &mut r);
+    assert_eq!(o.parent_addr(), Some(addr("core").as_str()));
+    // `a` finally accepts the attach the node gave up on.
+    let out = o.handle(timeout + 3, attached(&a), &mut r);
+    assert_eq!(out, vec![Output::Detach { addr: addr("a") }]);
+    assert_eq!(o.parent_addr(), Some(addr("core").as_str()));
+    assert_eq!(o.reparents(), &BTreeMap::from([(Reason::Join, 1)]));
+}
+
+#[test]
+fn a_parent_announcing_a_new_path_is_not_a_reparent() {
+    let mut r = rng(23);
+    let q = peer("q", Some(1), 3, &["core", "q"]);
+    let (mut o, _) = deep(q, &mut r);
+    // `p` moved up: it now sits at depth 1, and its heartbeats say so.
+    let me = o.info().name.clone();
+    o.update_path(&["core".to_string(), "p".to_string(), me]);
+    assert_eq!(o.depth(), Some(2));
+    assert_eq!(o.reparents(), &BTreeMap::from([(Reason::Join, 1)]));
+}

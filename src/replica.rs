@@ -75,6 +75,9 @@ pub enum ReplicaError {
     /// The parent refused the subscription.
     #[error("parent refused: {0}")]
     Refused(String),
+    /// This node appears in its parent's path to the core: the tree has a cycle here.
+    #[error("cycle: this node is in its parent's root path {0:?}")]
+    Cycle(Vec<String>),
     /// An entry or snapshot could not be applied (bad op, bad chunk, root mismatch).
     #[error("file: {0}")]
     File(#[from] FileError),
@@ -94,6 +97,7 @@ impl ReplicaError {
             Self::CheckpointOutOfStep { .. } => "checkpoint_out_of_step",
             Self::Unexpected { .. } => "unexpected_frame",
             Self::Refused(_) => "refused",
+            Self::Cycle(_) => "cycle",
             Self::File(_) => "file",
         }
     }
@@ -152,6 +156,7 @@ struct Retained {
 /// The node's file plus its stream position; see the module docs.
 pub struct Replica {
     cfg: ReplicaConfig,
+    name: String,
     file: ChunkedFile,
     synced: bool,
     retained: VecDeque<Retained>,
@@ -162,7 +167,12 @@ pub struct Replica {
     commit_known: u64,
     last_commit_time_us: u64,
     since_checkpoint: u32,
+    recent: std::collections::HashMap<Bytes, ApplyOutcome>,
+    recent_order: VecDeque<Bytes>,
 }
+
+/// Proposal ids remembered for deduplication (per core node, rebuilt by log replay).
+pub const DEDUPE_WINDOW: usize = 100_000;
 
 fn frame_name(kind: &Option<Down>) -> &'static str {
     match kind {
@@ -190,6 +200,7 @@ impl Replica {
         let base = (file.version(), file.root());
         Ok(Self {
             cfg,
+            name: String::new(),
             file,
             synced,
             retained: VecDeque::new(),
@@ -200,7 +211,27 @@ impl Replica {
             commit_known: 0,
             last_commit_time_us: 0,
             since_checkpoint: 0,
+            recent: Default::default(),
+            recent_order: VecDeque::new(),
         })
+    }
+
+    /// Names this node (used in heartbeats' root paths and cycle checks).
+    pub fn with_name(mut self, name: &str) -> Self {
+        self.name = name.to_string();
+        self
+    }
+
+    /// Names from the core down to this node (inclusive); just this node on a core node or
+    /// while unattached.
+    pub fn root_path(&self) -> Vec<String> {
+        let mut path = self
+            .parent
+            .as_ref()
+            .map(|p| p.root_path.clone())
+            .unwrap_or_default();
+        path.push(self.name.clone());
+        path
     }
 
     /// The file at the current version.
@@ -249,6 +280,28 @@ impl Replica {
     /// Core nodes: applies the committed proposal at Raft log index `index`.
     /// Call once per committed normal entry, in log order; then carry out the events.
     pub fn apply_committed(
+        &mut self,
+        index: u64,
+        proposal: &proto::Proposal,
+        now_us: u64,
+    ) -> (ApplyOutcome, Vec<Event>) {
+        if let Some(first) = self.recent.get(&proposal.id) {
+            return (first.clone(), Vec::new());
+        }
+        let (outcome, events) = self.apply_new(index, proposal, now_us);
+        if !proposal.id.is_empty() {
+            self.recent.insert(proposal.id.clone(), outcome.clone());
+            self.recent_order.push_back(proposal.id.clone());
+            while self.recent_order.len() > DEDUPE_WINDOW {
+                if let Some(old) = self.recent_order.pop_front() {
+                    self.recent.remove(&old);
+                }
+            }
+        }
+        (outcome, events)
+    }
+
+    fn apply_new(
         &mut self,
         index: u64,
         proposal: &proto::Proposal,
@@ -362,21 +415,30 @@ impl Replica {
         })
     }
 
-    /// Core nodes: the heartbeat frame to broadcast every heartbeat interval.
-    pub fn heartbeat(&self, now_us: u64) -> Event {
-        Event::Broadcast(wire::encode(&proto::Downstream {
+    /// Parent side: the heartbeat frame to send a child on a link that was idle for a
+    /// heartbeat period (per link, never broadcast): commit version and this node's path.
+    pub fn heartbeat(&self, now_us: u64) -> Bytes {
+        wire::encode(&proto::Downstream {
             kind: Some(Down::Heartbeat(proto::Heartbeat {
                 commit_version: self.commit_known(),
                 unix_us: now_us,
+                root_path: self.root_path(),
             })),
-        }))
+        })
     }
 
     /// Child side: the `Subscribe` to send on a fresh stream to the parent. With `full`, it
     /// asks for a full transfer (after divergence). Then feed every frame received on that
     /// stream to [`Replica::handle_downstream`].
     pub fn subscribe(&mut self, name: &str, listen_addr: &str, full: bool) -> proto::Subscribe {
-        self.upstream = Upstream::AwaitOk;
+        self.name = name.to_string();
+        self.expect_subscribe_ok();
+        self.subscription(name, listen_addr, full)
+    }
+
+    /// Child side: the `Subscribe` for this node's current position, without changing any
+    /// state (for a move, before deciding to switch).
+    pub fn subscription(&self, name: &str, listen_addr: &str, full: bool) -> proto::Subscribe {
         let (have_version, have_root) = if full || !self.synced {
             (0, Bytes::new())
         } else {
@@ -391,6 +453,12 @@ impl Replica {
             have_root,
             listen_addr: listen_addr.to_string(),
         }
+    }
+
+    /// Child side: the next frame fed in will be a new parent's `SubscribeOk` (after a
+    /// [`Replica::subscription`] sent on a new stream).
+    pub fn expect_subscribe_ok(&mut self) {
+        self.upstream = Upstream::AwaitOk;
     }
 
     /// Child side: the upstream stream ended; frames from it must no longer be fed in.
@@ -528,14 +596,16 @@ impl Replica {
             (state, Some(Down::Heartbeat(h)))
                 if !matches!(state, Upstream::Idle | Upstream::AwaitOk) =>
             {
+                if !self.name.is_empty() && h.root_path.contains(&self.name) {
+                    return Err(ReplicaError::Cycle(h.root_path));
+                }
                 self.commit_known = self.commit_known.max(h.commit_version);
-                let streaming = matches!(state, Upstream::Streaming);
+                if let (Some(p), false) = (self.parent.as_mut(), h.root_path.is_empty()) {
+                    p.depth = (h.root_path.len() - 1) as u32;
+                    p.root_path = h.root_path;
+                }
                 self.upstream = state;
-                Ok(if streaming {
-                    vec![Event::Broadcast(frame)]
-                } else {
-                    vec![]
-                })
+                Ok(vec![])
             }
             (state, kind) => Err(unexpected(&state, &kind)),
         }

@@ -52,6 +52,7 @@ fn proposal(u: &Update) -> proto::Proposal {
     proto::Proposal {
         update: Some(u.into()),
         precondition: None,
+        ..Default::default()
     }
 }
 
@@ -59,6 +60,7 @@ fn guarded(u: &Update, p: &Precondition) -> proto::Proposal {
     proto::Proposal {
         update: Some(u.into()),
         precondition: Some(p.into()),
+        ..Default::default()
     }
 }
 
@@ -88,15 +90,21 @@ fn checkpoint_of(f: &ChunkedFile) -> Bytes {
 }
 
 fn heartbeat_frame(commit_version: u64, unix_us: u64) -> Bytes {
+    heartbeat_with_path(commit_version, unix_us, vec![])
+}
+
+fn heartbeat_with_path(commit_version: u64, unix_us: u64, root_path: Vec<String>) -> Bytes {
     frame(Down::Heartbeat(proto::Heartbeat {
         commit_version,
         unix_us,
+        root_path,
     }))
 }
 
 fn refused_frame(reason: &str) -> Bytes {
     frame(Down::Refused(proto::Refused {
         reason: reason.into(),
+        referral: None,
     }))
 }
 
@@ -364,6 +372,7 @@ fn apply_committed_broadcasts_entry_then_applied() {
         &proto::Proposal {
             update: None,
             precondition: None,
+            ..Default::default()
         },
         T0 + 60,
     );
@@ -564,6 +573,7 @@ fn malformed_preconditions_and_updates_are_rejected() {
                 hash: Bytes::from_static(&[0; 5]),
             })),
         }),
+        ..Default::default()
     };
     assert_eq!(
         r.apply_committed(2, &bad_hash, T0),
@@ -579,6 +589,7 @@ fn malformed_preconditions_and_updates_are_rejected() {
     let no_kind = proto::Proposal {
         update: Some((&upd(vec![w(0, b"x")])).into()),
         precondition: Some(proto::Precondition { kind: None }),
+        ..Default::default()
     };
     assert_eq!(
         r.apply_committed(2, &no_kind, T0),
@@ -601,6 +612,7 @@ fn malformed_preconditions_and_updates_are_rejected() {
             ],
         }),
         precondition: None,
+        ..Default::default()
     };
     assert_eq!(
         r.apply_committed(2, &no_op, T0),
@@ -665,12 +677,10 @@ fn update_over_max_len_is_rejected_atomically() {
 #[test]
 fn heartbeat_frame_carries_commit_known() {
     let mut r = core(1 << 20, 100);
-    assert_eq!(r.heartbeat(T0), Event::Broadcast(heartbeat_frame(0, T0)));
+    let path = r.root_path();
+    assert_eq!(r.heartbeat(T0), heartbeat_with_path(0, T0, path.clone()));
     apply(&mut r, 3, &upd(vec![w(0, b"a")]), T0);
-    assert_eq!(
-        r.heartbeat(T0 + 9),
-        Event::Broadcast(heartbeat_frame(3, T0 + 9))
-    );
+    assert_eq!(r.heartbeat(T0 + 9), heartbeat_with_path(3, T0 + 9, path));
 }
 
 #[test]
@@ -782,7 +792,7 @@ fn full_subscription_flow_then_live_entries() {
     for (i, u) in &updates {
         live.extend(broadcasts(&apply(&mut parent, *i, u, T0 + i)));
     }
-    live.push(entry_of(&[parent.heartbeat(T0 + 100)]));
+    live.push(parent.heartbeat(T0 + 100));
     assert_eq!(live.len(), 5, "3 entries, 1 checkpoint, 1 heartbeat");
 
     let mut child_out = Vec::new();
@@ -815,7 +825,8 @@ fn full_subscription_flow_then_live_entries() {
     );
     assert_eq!(
         feed(&mut child, &live[4]),
-        Ok(vec![Event::Broadcast(live[4].clone())])
+        Ok(vec![]),
+        "heartbeats are per link: noted, not forwarded"
     );
 
     assert_eq!(state(&child), state(&parent));
@@ -960,18 +971,12 @@ fn heartbeat_while_streaming_and_during_snapshot() {
         "installing version 4 keeps the known 7"
     );
 
-    // Streaming: forwarded unchanged, commit_known rises and never falls.
+    // Streaming: noted (heartbeats are per link), commit_known rises and never falls.
     let hb = heartbeat_frame(12, T0 + 1);
-    assert_eq!(
-        feed(&mut child, &hb),
-        Ok(vec![Event::Broadcast(hb.clone())])
-    );
+    assert_eq!(feed(&mut child, &hb), Ok(vec![]));
     assert_eq!(child.commit_known(), 12);
     let hb = heartbeat_frame(2, T0 + 2);
-    assert_eq!(
-        feed(&mut child, &hb),
-        Ok(vec![Event::Broadcast(hb.clone())])
-    );
+    assert_eq!(feed(&mut child, &hb), Ok(vec![]));
     assert_eq!(child.commit_known(), 12);
     assert_eq!(
         state(&child),
@@ -980,7 +985,24 @@ fn heartbeat_while_streaming_and_during_snapshot() {
     );
     assert_eq!(
         child.heartbeat(T0 + 3),
-        Event::Broadcast(heartbeat_frame(12, T0 + 3))
+        heartbeat_with_path(12, T0 + 3, child.root_path())
+    );
+    // A heartbeat naming a path updates the child's depth; one that contains the child is a
+    // cycle.
+    let path: Vec<String> = vec!["core".into(), "mid".into()];
+    assert_eq!(
+        feed(&mut child, &heartbeat_with_path(12, T0 + 4, path.clone())),
+        Ok(vec![])
+    );
+    assert_eq!(child.parent().map(|p| p.depth), Some(1));
+    assert_eq!(
+        child.root_path(),
+        vec!["core".to_string(), "mid".into(), "c".into()]
+    );
+    let cyclic: Vec<String> = vec!["core".into(), "c".into(), "mid".into()];
+    assert_eq!(
+        feed(&mut child, &heartbeat_with_path(12, T0 + 5, cyclic.clone())),
+        Err(ReplicaError::Cycle(cyclic))
     );
 }
 
@@ -1068,7 +1090,10 @@ fn entry_the_child_cannot_apply_is_a_file_error() {
         })
     );
     assert!(err.needs_full_resync());
-    assert!(!child.is_synced(), "a diverged node must not serve children");
+    assert!(
+        !child.is_synced(),
+        "a diverged node must not serve children"
+    );
     assert_eq!(err.label(), "file");
     assert_eq!((state(&child), child.file().to_vec()), before);
 
@@ -1686,7 +1711,7 @@ fn expected_child_events(f: &Bytes) -> Vec<Event> {
             commit_time_us: e.commit_time_unix_us,
         }),
         Some(Down::Checkpoint(c)) => out.push(Event::CheckpointVerified { version: c.version }),
-        Some(Down::Heartbeat(_)) => {}
+        Some(Down::Heartbeat(_)) => return vec![],
         other => panic!("unexpected broadcast {other:?}"),
     }
     out
@@ -1793,7 +1818,7 @@ proptest! {
                 events.extend(parent.checkpoint());
             }
             if step.extra == 4 {
-                events.push(parent.heartbeat(now));
+                events.push(Event::Broadcast(parent.heartbeat(now)));
             }
 
             if connected {

@@ -31,7 +31,7 @@ async fn cli_round_trip_with_a_50_mb_file() {
     pki.issue("core", "core");
     pki.issue("r1", "relay");
     pki.issue("r2", "relay");
-    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    let core = Proc::start(root, &pki, "core", true, &[], &["--fanout", "1"]);
     let c = http();
     wait_until(30, "core to lead", || async {
         status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)

@@ -23,6 +23,58 @@ async fn write(c: &reqwest::Client, req: reqwest::RequestBuilder) -> u64 {
     body["version"].as_u64().expect("version in reply")
 }
 
+/// Tree invariants from every node's status: a single parent that lists it as a child,
+/// depth = parent's depth + 1, root path = parent's path + itself, fan-out within `k`.
+async fn tree_ok(c: &reqwest::Client, core: &Proc, relays: &[Proc], k: usize) -> bool {
+    let mut by_name = std::collections::BTreeMap::new();
+    let Some(s) = status(c, core).await else {
+        return false;
+    };
+    by_name.insert("core".to_string(), s);
+    for p in relays {
+        match status(c, p).await {
+            Some(s) if s["synced"] == true => {
+                by_name.insert(p.name.clone(), s);
+            }
+            _ => return false,
+        }
+    }
+    for (name, s) in &by_name {
+        if s["children"].as_array().unwrap().len() > k {
+            return false;
+        }
+        if name == "core" {
+            continue;
+        }
+        let Some(parent) = by_name.get(s["parent"].as_str().unwrap_or("")) else {
+            return false;
+        };
+        let kids: Vec<&str> = parent["children"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        let mut path: Vec<serde_json::Value> = parent["root_path"].as_array().unwrap().clone();
+        path.push(serde_json::json!(name));
+        if !kids.contains(&name.as_str())
+            || s["depth"].as_u64() != parent["depth"].as_u64().map(|d| d + 1)
+            || s["root_path"].as_array() != Some(&path)
+        {
+            return false;
+        }
+    }
+    true
+}
+
+async fn tree_depths(c: &reqwest::Client, relays: &[Proc]) -> Vec<u64> {
+    let mut d = Vec::new();
+    for p in relays {
+        d.push(status(c, p).await.unwrap()["depth"].as_u64().unwrap());
+    }
+    d
+}
+
 async fn converged(c: &reqwest::Client, nodes: &[&Proc], model: &[u8]) {
     let expected_root = {
         let core = nodes[0];
@@ -72,7 +124,7 @@ async fn core_and_five_relays_stay_identical() {
     for i in 1..=5 {
         pki.issue(&format!("r{i}"), "relay");
     }
-    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    let core = Proc::start(root, &pki, "core", true, &[], &["--fanout", "2"]);
     let c = http();
     wait_until(30, "core to lead", || async {
         status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
@@ -80,36 +132,23 @@ async fn core_and_five_relays_stay_identical() {
     .await;
     let mut model = Vec::new();
 
-    // r1, r2 under the core; r3 under r1; r4 under r3; r5 under r2.
-    let mut r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
-    let r2 = Proc::start(root, &pki, "r2", false, &[core.quic], &[]);
-    let r3 = Proc::start(root, &pki, "r3", false, &[r1.quic], &[]);
-    let r4 = Proc::start(root, &pki, "r4", false, &[r3.quic], &[]);
-    let r5 = Proc::start(root, &pki, "r5", false, &[r2.quic], &[]);
-
+    // Fan-out 2 everywhere: the core takes two relays, the others are placed below them by
+    // the overlay (power of two choices, referrals), all bootstrapped from the core alone.
+    let fan = ["--fanout", "2"];
+    let core_join = [core.quic];
+    let mut relays: Vec<Proc> = (1..=5)
+        .map(|i| Proc::start(root, &pki, &format!("r{i}"), false, &core_join, &fan))
+        .collect();
     wait_until(60, "the tree to form", || async {
-        let mut ok = true;
-        for (p, parent, depth) in [
-            (&r1, "core", 1),
-            (&r2, "core", 1),
-            (&r3, "r1", 2),
-            (&r4, "r3", 3),
-            (&r5, "r2", 2),
-        ] {
-            let s = status(&c, p).await;
-            ok &= s.is_some_and(|s| {
-                s["parent"] == parent && s["depth"] == depth && s["synced"] == true
-            });
-        }
-        ok
+        tree_ok(&c, &core, &relays, 2).await
     })
     .await;
-    let s = status(&c, &core).await.unwrap();
-    let mut kids: Vec<String> = serde_json::from_value(s["children"].clone()).unwrap();
-    kids.sort();
-    assert_eq!(kids, vec!["r1", "r2"]);
-    assert_eq!(s["depth"], 0);
-    assert_eq!(s["parent"], "");
+    let depths = tree_depths(&c, &relays).await;
+    assert!(
+        depths.iter().any(|d| *d >= 2),
+        "some relay hangs below another: {depths:?}"
+    );
+    let (r1, r2, r3, r4, r5) = (&relays[0], &relays[1], &relays[2], &relays[3], &relays[4]);
 
     // A PATCH at a leaf, through two relays to the core.
     let v1 = write(
@@ -155,7 +194,7 @@ async fn core_and_five_relays_stay_identical() {
     .await;
     write_at(&mut model, off, b"tail");
 
-    converged(&c, &[&core, &r1, &r2, &r3, &r4, &r5], &model).await;
+    converged(&c, &[&core, r1, r2, r3, r4, r5], &model).await;
 
     // Range reads.
     let resp = c
@@ -167,8 +206,17 @@ async fn core_and_five_relays_stay_identical() {
     assert_eq!(resp.status(), 206);
     assert_eq!(&resp.bytes().await.unwrap()[..], &model[10..15]);
 
-    // Kill r1 (parent of r3, grandparent of r4), write while it is down, restart it.
-    r1.kill();
+    // Kill a relay that has children, write while it is down, restart it: its subtree
+    // re-attaches (the overlay finds new parents) and everyone converges.
+    let mut victim = None;
+    for (i, p) in relays.iter().enumerate() {
+        let s = status(&c, p).await.unwrap();
+        if !s["children"].as_array().unwrap().is_empty() {
+            victim = Some(i);
+        }
+    }
+    let victim = victim.expect("a relay with children");
+    relays[victim].kill();
     for i in 0..5u8 {
         let off = 1000 * i as usize;
         write(
@@ -179,22 +227,22 @@ async fn core_and_five_relays_stay_identical() {
         .await;
         write_at(&mut model, off, &[i; 64]);
     }
-    r1.restart();
+    relays[victim].restart();
     write(
         &c,
-        c.patch(r2.url("/v1/file?offset=3"))
+        c.patch(relays[(victim + 1) % 5].url("/v1/file?offset=3"))
             .body(&b"after restart"[..]),
     )
     .await;
     write_at(&mut model, 3, b"after restart");
-    converged(&c, &[&core, &r1, &r2, &r3, &r4, &r5], &model).await;
-    let s = status(&c, &r4).await.unwrap();
-    assert_eq!(s["parent"], "r3");
-    assert_eq!(
-        s["root_path"],
-        serde_json::json!(["core", "r1", "r3", "r4"])
-    );
-
+    let mut all: Vec<&Proc> = vec![&core];
+    all.extend(relays.iter());
+    converged(&c, &all, &model).await;
+    wait_until(60, "the tree to heal", || async {
+        tree_ok(&c, &core, &relays, 2).await
+    })
+    .await;
+    let r4 = &relays[3];
     let metrics = c
         .get(r4.url("/metrics"))
         .send()

@@ -366,27 +366,23 @@ async fn membership_changes_through_the_cli() {
     );
     let victim = cores[leader].name.clone();
     canopy(&["--api", &api, "core", "remove", &victim]);
-    let new_leader = {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let mut found = None;
-            for (i, p) in cores.iter().enumerate() {
-                if p.name != victim && status(&c, p).await.is_some_and(|s| s["role"] == "leader") {
-                    found = Some(i);
-                }
+    let mut remaining: Vec<&Proc> = cores.iter().filter(|p| p.name != victim).collect();
+    remaining.push(&c4);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let leader_status = loop {
+        let mut found = None;
+        for p in &remaining {
+            if let Some(s) = status(&c, p).await.filter(|s| s["role"] == "leader") {
+                found = Some(s);
             }
-            if let Some(i) = found {
-                break i;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no leader after removing {victim}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        if let Some(s) = found {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no leader after removing {victim}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
     };
-    let s = status(&c, &cores[new_leader]).await.unwrap();
-    let names: Vec<String> = member_names(&s)
+    let names: Vec<String> = member_names(&leader_status)
         .into_iter()
         .filter(|m| m.1)
         .map(|m| m.0)
@@ -395,6 +391,7 @@ async fn membership_changes_through_the_cli() {
         !names.contains(&victim) && names.contains(&"c4".to_string()),
         "{names:?}"
     );
+    drop(remaining);
     cores[leader].kill();
     let r = c
         .patch(c4.url("/v1/file?offset=0&wait=applied"))

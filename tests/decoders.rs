@@ -79,8 +79,8 @@ proptest! {
                     proto::Op { kind: Some(proto::op::Kind::Truncate(proto::Truncate { len: a })) },
                 ] }) }),
                 5 => Kind::Checkpoint(proto::Checkpoint { version: a % 16, length: b, root: data }),
-                6 => Kind::Heartbeat(proto::Heartbeat { commit_version: a, unix_us: b }),
-                _ => Kind::Refused(proto::Refused { reason: String::from_utf8_lossy(&data).into() }),
+                6 => Kind::Heartbeat(proto::Heartbeat { commit_version: a, unix_us: b, root_path: vec![String::from_utf8_lossy(&data).into()] }),
+                _ => Kind::Refused(proto::Refused { reason: String::from_utf8_lossy(&data).into(), referral: None }),
             };
             proto::Downstream { kind: Some(kind) }.encode_to_vec()
         }).collect();

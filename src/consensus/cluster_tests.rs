@@ -240,10 +240,16 @@ impl Cluster {
         }
     }
 
-    /// Wait until every node's file is at the leader's version, check that all files are
-    /// identical, and return a log index every node reports as applied.
+    /// Wait until every node's file is at the newest version any node has applied (a committed
+    /// one), check that all files are identical, and return a log index every node reports as
+    /// applied.
     async fn converge(&self) -> u64 {
-        let want = self.nodes[self.leader().await].sm.current();
+        let want = self
+            .nodes
+            .iter()
+            .map(|n| n.sm.current())
+            .max_by_key(|f| f.version())
+            .unwrap();
         let mut applied = u64::MAX;
         for n in &self.nodes {
             let m = n
@@ -319,6 +325,33 @@ async fn three_members_elect_one_leader_and_replicate() {
         assert!(status.last_log_index >= status.applied_index, "{status:?}");
     }
     assert_eq!(cluster.nodes[l].core.status().state, "Leader");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_entry_that_outlasts_the_append_timeout_still_commits() {
+    let cfg = RaftConfig {
+        heartbeat_interval_ms: 10,
+        election_timeout_min_ms: 2000,
+        election_timeout_max_ms: 4000,
+        ..RaftConfig::default()
+    };
+    let cluster = Cluster::start(3, cfg).await;
+    cluster.propose_all(0, 1).await;
+    let big: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let big = proto::Proposal {
+        precondition: Some((&Precondition::IfVersion(1)).into()),
+        ..write(0, big)
+    };
+    let commit = cluster.on_leader(|core| {
+        let p = big.clone();
+        async move { core.propose(p).await }
+    });
+    let outcome = tokio::time::timeout(DEADLINE, commit)
+        .await
+        .expect("the large entry commits");
+    assert_eq!(outcome.version(), 2, "{outcome:?}");
+    cluster.converge().await;
     cluster.stop().await;
 }
 

@@ -12,13 +12,20 @@
 //! - A connection is used only if the peer's certificate names the target member, role core.
 //! - Connection-level failures are `Unreachable` (openraft backs off); a failure of one stream is
 //!   `NetworkError`; an error the remote Raft returned is a `RemoteError` carrying that error.
-//! - No RPC outlives its `RPCOption::hard_ttl`; a stream abandoned mid-request is reset, never
-//!   finished, so the server never sees a partial frame as a complete one.
+//! - Every call returns within its `RPCOption::hard_ttl`. An AppendEntries that carries entries
+//!   keeps going in the background for up to [`DETACHED_LIMIT`] after its call timed out, and
+//!   the next call with the same vote, previous log id and entries waits for that delivery and
+//!   takes its answer instead of sending the entries again; at most one such delivery per client
+//!   exists, and a different request or dropping the client aborts it. (openraft's
+//!   AppendEntries timeout is the heartbeat interval, shorter than shipping a large entry.)
+//! - A stream abandoned mid-request is reset, never finished, so the server never sees a partial
+//!   frame as a complete one.
 //! - No request larger than the frame cap is sent; an oversized AppendEntries answers
 //!   `PayloadTooLarge` with the number of entries that fit.
 //! - [`Core::handle_rpc`] answers every input, malformed or not, with a `RaftReply`.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +53,9 @@ use crate::wire::{self, WireError};
 
 /// Longest time one dial (address resolution plus QUIC handshake) may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest time an AppendEntries delivery continues after its call timed out.
+const DETACHED_LIMIT: Duration = Duration::from_secs(30);
 
 /// Stream error code sent when an RPC is abandoned before its request was complete.
 const CANCELLED: u32 = 1;
@@ -93,6 +103,10 @@ pub enum TransportError {
     Encode(String),
     #[error("malformed raft reply: {0}")]
     BadReply(String),
+    #[error("append entries delivery gave up after {DETACHED_LIMIT:?}")]
+    Abandoned,
+    #[error("append entries delivery failed: {0}")]
+    Delivery(String),
 }
 
 /// How a failed RPC is reported to openraft.
@@ -148,11 +162,14 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             .clone();
         PeerClient {
             me: self.me,
-            target,
-            member: node.clone(),
-            endpoint: self.endpoint.clone(),
-            max_frame: self.max_frame,
-            slot,
+            peer: Arc::new(Peer {
+                target,
+                member: node.clone(),
+                endpoint: self.endpoint.clone(),
+                max_frame: self.max_frame,
+                slot,
+            }),
+            delivery: None,
         }
     }
 }
@@ -160,6 +177,38 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// Sends Raft RPCs to one peer.
 pub struct PeerClient {
     me: NodeId,
+    peer: Arc<Peer>,
+    delivery: Option<Delivery>,
+}
+
+/// What identifies an AppendEntries for reusing its answer: the same vote, previous log id and
+/// entries (log ids name entries uniquely).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct AppendKey {
+    vote: openraft::Vote<NodeId>,
+    prev: Option<openraft::LogId<NodeId>>,
+    first: Option<openraft::LogId<NodeId>>,
+    last: Option<openraft::LogId<NodeId>>,
+    count: usize,
+}
+
+type Reply = Shared<BoxFuture<'static, Result<raft_reply::Kind, Arc<Failure>>>>;
+
+/// An AppendEntries delivery running on its own task.
+struct Delivery {
+    key: AppendKey,
+    reply: Reply,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The target of a client and the way to reach it.
+struct Peer {
     target: NodeId,
     member: Member,
     endpoint: quinn::Endpoint,
@@ -167,7 +216,7 @@ pub struct PeerClient {
     slot: Slot,
 }
 
-impl PeerClient {
+impl Peer {
     async fn connection(&self) -> Result<quinn::Connection, Arc<TransportError>> {
         let pending = {
             let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
@@ -234,6 +283,30 @@ impl PeerClient {
             .ok_or_else(|| TransportError::BadReply("reply without kind".into()).into())
     }
 
+    /// Start delivering `rpc` on its own task, which gives up after [`DETACHED_LIMIT`].
+    fn detach(self: &Arc<Self>, key: AppendKey, rpc: raft_rpc::Kind) -> Delivery {
+        let peer = self.clone();
+        let task =
+            tokio::spawn(async move { tokio::time::timeout(DETACHED_LIMIT, peer.call(rpc)).await });
+        let abort = task.abort_handle();
+        let reply = async move {
+            match task.await {
+                Ok(Ok(reply)) => reply.map_err(Arc::new),
+                Ok(Err(_)) => Err(Arc::new(Failure::Network(TransportError::Abandoned))),
+                Err(e) => Err(Arc::new(Failure::Network(TransportError::Delivery(
+                    e.to_string(),
+                )))),
+            }
+        }
+        .boxed()
+        .shared();
+        Delivery {
+            key,
+            reply,
+            task: abort,
+        }
+    }
+
     fn oversized(&self, request: &proto::Request, len: usize) -> Failure {
         let too_large = TransportError::TooLarge {
             len,
@@ -267,7 +340,56 @@ impl PeerClient {
             Failure::TooManyEntries(fit)
         }
     }
+}
 
+impl PeerClient {
+    /// Await `reply` within the call's hard TTL and turn it into openraft's result.
+    async fn finish<Resp, E, F>(
+        &self,
+        action: RPCTypes,
+        option: &RPCOption,
+        reply: F,
+    ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error,
+        RaftError<NodeId, E>: DeserializeOwned,
+        F: Future<Output = Result<raft_reply::Kind, Arc<Failure>>>,
+    {
+        let ttl = option.hard_ttl();
+        let Ok(outcome) = tokio::time::timeout(ttl, reply).await else {
+            return Err(RPCError::Timeout(Timeout {
+                action,
+                id: self.me,
+                target: self.peer.target,
+                timeout: ttl,
+            }));
+        };
+        let peer = &self.peer;
+        let failure = match outcome {
+            Ok(raft_reply::Kind::OkJson(json)) => match serde_json::from_str(&json) {
+                Ok(resp) => return Ok(resp),
+                Err(e) => Failure::Network(TransportError::BadReply(e.to_string())),
+            },
+            Ok(raft_reply::Kind::RaftErrorJson(json)) => {
+                match serde_json::from_str::<RaftError<NodeId, E>>(&json) {
+                    Ok(err) => {
+                        return Err(RPCError::RemoteError(RemoteError::new_with_node(
+                            peer.target,
+                            peer.member.clone(),
+                            err,
+                        )))
+                    }
+                    Err(e) => Failure::Network(TransportError::BadReply(e.to_string())),
+                }
+            }
+            Ok(raft_reply::Kind::Error(e)) => Failure::Unreachable(TransportError::Refused(e)),
+            Err(f) => return Err(to_rpc_error(peer.target, action, &f)),
+        };
+        Err(to_rpc_error(peer.target, action, &failure))
+    }
+
+    /// Send `rpc` as a call bounded by the hard TTL.
     async fn rpc<Resp, E>(
         &self,
         action: RPCTypes,
@@ -279,54 +401,34 @@ impl PeerClient {
         E: std::error::Error,
         RaftError<NodeId, E>: DeserializeOwned,
     {
-        let ttl = option.hard_ttl();
-        let outcome = match rpc {
-            Ok(rpc) => match tokio::time::timeout(ttl, self.call(rpc)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Err(RPCError::Timeout(Timeout {
-                        action,
-                        id: self.me,
-                        target: self.target,
-                        timeout: ttl,
-                    }))
-                }
-            },
-            Err(e) => Err(Failure::Network(e)),
+        let peer = self.peer.clone();
+        let reply = async move {
+            match rpc {
+                Ok(rpc) => peer.call(rpc).await.map_err(Arc::new),
+                Err(e) => Err(Arc::new(Failure::Network(e))),
+            }
         };
-        let failure = match outcome {
-            Ok(raft_reply::Kind::OkJson(json)) => match serde_json::from_str(&json) {
-                Ok(resp) => return Ok(resp),
-                Err(e) => Failure::Network(TransportError::BadReply(e.to_string())),
-            },
-            Ok(raft_reply::Kind::RaftErrorJson(json)) => {
-                match serde_json::from_str::<RaftError<NodeId, E>>(&json) {
-                    Ok(err) => {
-                        return Err(RPCError::RemoteError(RemoteError::new_with_node(
-                            self.target,
-                            self.member.clone(),
-                            err,
-                        )))
-                    }
-                    Err(e) => Failure::Network(TransportError::BadReply(e.to_string())),
-                }
-            }
-            Ok(raft_reply::Kind::Error(e)) => Failure::Unreachable(TransportError::Refused(e)),
-            Err(f) => f,
-        };
-        Err(match failure {
-            Failure::Unreachable(e) => {
-                tracing::debug!(target = self.target, ?action, "raft peer unreachable: {e}");
-                RPCError::Unreachable(Unreachable::new(&e))
-            }
-            Failure::Network(e) => {
-                tracing::debug!(target = self.target, ?action, "raft rpc failed: {e}");
-                RPCError::Network(RaftNetworkError::new(&e))
-            }
-            Failure::TooManyEntries(fit) => {
-                RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit))
-            }
-        })
+        self.finish(action, option, reply).await
+    }
+}
+
+fn to_rpc_error<E: std::error::Error>(
+    target: NodeId,
+    action: RPCTypes,
+    failure: &Failure,
+) -> RPCError<NodeId, Member, RaftError<NodeId, E>> {
+    match failure {
+        Failure::Unreachable(e) => {
+            tracing::debug!(target, ?action, "raft peer unreachable: {e}");
+            RPCError::Unreachable(Unreachable::new(e))
+        }
+        Failure::Network(e) => {
+            tracing::debug!(target, ?action, "raft rpc failed: {e}");
+            RPCError::Network(RaftNetworkError::new(e))
+        }
+        Failure::TooManyEntries(fit) => {
+            RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(*fit))
+        }
     }
 }
 
@@ -336,22 +438,36 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        let encoded = (|| {
-            let entries = rpc
-                .entries
-                .iter()
-                .map(entry_to_proto)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| TransportError::Encode(e.to_string()))?;
-            Ok(raft_rpc::Kind::AppendEntries(proto::AppendEntries {
-                vote_json: to_json(&rpc.vote)?,
-                prev_log_id_json: to_json(&rpc.prev_log_id)?,
-                leader_commit_json: to_json(&rpc.leader_commit)?,
-                entries,
-            }))
-        })();
+        if rpc.entries.is_empty() {
+            let encoded = encode_append_entries(&rpc);
+            drop(rpc);
+            return self.rpc(RPCTypes::AppendEntries, &option, encoded).await;
+        }
+        let key = AppendKey {
+            vote: rpc.vote,
+            prev: rpc.prev_log_id,
+            first: rpc.entries.first().map(|e| e.log_id),
+            last: rpc.entries.last().map(|e| e.log_id),
+            count: rpc.entries.len(),
+        };
+        let delivery = match self.delivery.take() {
+            Some(d) if d.key == key && !matches!(d.reply.peek(), Some(Err(_))) => d,
+            _ => match encode_append_entries(&rpc) {
+                Ok(kind) => self.peer.detach(key, kind),
+                Err(e) => {
+                    let failure = Failure::Network(e);
+                    return Err(to_rpc_error(
+                        self.peer.target,
+                        RPCTypes::AppendEntries,
+                        &failure,
+                    ));
+                }
+            },
+        };
         drop(rpc);
-        self.rpc(RPCTypes::AppendEntries, &option, encoded).await
+        let reply = delivery.reply.clone();
+        self.delivery = Some(delivery);
+        self.finish(RPCTypes::AppendEntries, &option, reply).await
     }
 
     async fn install_snapshot(
@@ -382,6 +498,23 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let encoded = to_json(&rpc).map(raft_rpc::Kind::VoteJson);
         self.rpc(RPCTypes::Vote, &option, encoded).await
     }
+}
+
+fn encode_append_entries(
+    rpc: &AppendEntriesRequest<TypeConfig>,
+) -> Result<raft_rpc::Kind, TransportError> {
+    let entries = rpc
+        .entries
+        .iter()
+        .map(entry_to_proto)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TransportError::Encode(e.to_string()))?;
+    Ok(raft_rpc::Kind::AppendEntries(proto::AppendEntries {
+        vote_json: to_json(&rpc.vote)?,
+        prev_log_id_json: to_json(&rpc.prev_log_id)?,
+        leader_commit_json: to_json(&rpc.leader_commit)?,
+        entries,
+    }))
 }
 
 /// A request stream that is reset if dropped before the request is complete (quinn would

@@ -131,6 +131,7 @@ pub(super) fn write(offset: u64, data: impl Into<Bytes>) -> proto::Proposal {
             }],
         }),
         precondition: None,
+        ..Default::default()
     }
 }
 
@@ -278,18 +279,33 @@ async fn snapshots_purge_the_log_and_restore() {
         assert_eq!(outcome, ApplyOutcome::Applied { version: i + 1 });
     }
     let last = core.raft().metrics().borrow().last_applied.unwrap();
-    let metrics = core
-        .raft()
+    core.raft()
         .wait(Some(Duration::from_secs(10)))
         .metrics(
-            |m| {
-                m.snapshot.is_some_and(|s| s.index + 5 > last.index)
-                    && m.purged.is_some_and(|p| p.index + 10 > last.index)
-            },
-            "snapshot and purge",
+            |m| m.snapshot.is_some() && m.purged.is_some(),
+            "automatic snapshot and purge",
         )
         .await
         .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        core.raft().trigger().snapshot().await.unwrap();
+        let caught_up = core
+            .raft()
+            .wait(Some(Duration::from_millis(500)))
+            .metrics(
+                |m| {
+                    m.snapshot.is_some_and(|s| s.index >= last.index)
+                        && m.purged.is_some_and(|p| p.index + 10 > last.index)
+                },
+                "snapshot of the last entry and purge",
+            )
+            .await;
+        match caught_up {
+            Ok(m) => break m,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+        }
+    };
     let snap_path = dir.path().join("snapshots").join("current.snap");
     assert!(snap_path.exists());
     let purged = metrics.purged.unwrap();

@@ -1,0 +1,416 @@
+//! A relay's side of the tree: drives the overlay state machine and follows its parent.
+//!
+//! Invariants:
+//! - The replica consumes frames from exactly one parent stream at a time.
+//! - A move is make-before-break: while the new parent is asked, the old stream is not read;
+//!   the switch happens only if the new parent resumes exactly after this node's version
+//!   (no gap, no repeat), otherwise the old stream simply continues.
+//! - A parent silent for `parent_timeout_ms` (no entry, checkpoint or heartbeat) is dead.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::VarInt;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::node::{code, connect, now_us, Shared};
+use crate::overlay::{Input, Output, PeerInfo, Reason};
+use crate::proto::{self, downstream::Kind as Down, request};
+use crate::replica::{Event, ReplicaError};
+use crate::wire::{self, RawFrame, WireError};
+
+/// What the overlay driver asks the upstream follower to do.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Attach { addr: String, reason: Reason },
+    Detach { addr: String },
+}
+
+/// Converts between the overlay's and the wire's peer descriptions.
+pub fn peer_to_proto(p: &PeerInfo) -> proto::PeerInfo {
+    proto::PeerInfo {
+        name: p.name.clone(),
+        addr: p.addr.clone(),
+        depth: p.depth.map(|d| d as i32).unwrap_or(-1),
+        free_slots: p.free_slots,
+        root_path: p.root_path.clone(),
+    }
+}
+
+pub fn peer_from_proto(p: proto::PeerInfo) -> PeerInfo {
+    PeerInfo {
+        name: p.name,
+        addr: p.addr,
+        depth: u32::try_from(p.depth).ok(),
+        free_slots: p.free_slots,
+        root_path: p.root_path,
+    }
+}
+
+/// A seed for this node's overlay RNG, logged so a run can be replayed.
+pub(crate) fn overlay_rng(name: &str) -> ChaCha8Rng {
+    let seed = blake3::hash(format!("{name}/{}", now_us()).as_bytes());
+    let seed: [u8; 32] = *seed.as_bytes();
+    info!(node = %name, seed = %hex::encode(seed), "overlay rng seed");
+    ChaCha8Rng::from_seed(seed)
+}
+
+/// Runs the overlay: ticks, sample requests, and attach decisions handed to the follower.
+pub(crate) async fn overlay_loop(
+    shared: Arc<Shared>,
+    mut inputs: mpsc::UnboundedReceiver<Input>,
+    cmds: mpsc::UnboundedSender<Command>,
+) {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let input = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => None,
+            i = inputs.recv() => match i { Some(i) => Some(i), None => return },
+        };
+        let now = start.elapsed().as_millis() as u64;
+        let children = shared.state.lock().unwrap().children.len() as u32;
+        let outputs = {
+            let mut o = shared.overlay.lock().unwrap();
+            let mut rng = shared.overlay_rng.lock().unwrap();
+            let mut out = o.handle(now, Input::Children { count: children }, &mut *rng);
+            out.extend(o.handle(now, input.unwrap_or(Input::Tick), &mut *rng));
+            out
+        };
+        for out in outputs {
+            match out {
+                Output::RequestSample { addr, offer } => {
+                    let s = shared.clone();
+                    shared.tasks.spawn(async move {
+                        let input = match request_sample(&s, &addr, offer).await {
+                            Ok((info, peers)) => Input::Sampled { addr, info, peers },
+                            Err(e) => {
+                                warn!(node = %s.cfg.name, peer = %addr, "sample failed: {e}");
+                                Input::SampleFailed { addr }
+                            }
+                        };
+                        let _ = s.overlay_tx.send(input);
+                    });
+                }
+                Output::Attach { addr, reason, .. } => {
+                    let _ = cmds.send(Command::Attach { addr, reason });
+                }
+                Output::Detach { addr } => {
+                    let _ = cmds.send(Command::Detach { addr });
+                }
+            }
+        }
+    }
+}
+
+async fn request_sample(
+    shared: &Shared,
+    addr: &str,
+    offer: Vec<PeerInfo>,
+) -> Result<(PeerInfo, Vec<PeerInfo>), crate::node::NodeError> {
+    let conn = connect(shared, addr).await?;
+    let timeout = Duration::from_millis(shared.cfg.overlay.probe_timeout_ms);
+    let r = tokio::time::timeout(timeout, async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| WireError::Read(quinn::ReadError::ConnectionLost(e)))?;
+        wire::write_frame(
+            &mut send,
+            &proto::Request {
+                kind: Some(request::Kind::Sample(proto::Sample {
+                    offer: offer.iter().map(peer_to_proto).collect(),
+                })),
+            },
+        )
+        .await?;
+        let _ = send.finish();
+        wire::read_frame::<proto::SampleReply>(&mut recv, 1 << 20)
+            .await?
+            .ok_or(WireError::Truncated)
+    })
+    .await
+    .map_err(|_| crate::node::NodeError::Connect {
+        addr: addr.to_string(),
+        reason: "sample timed out".into(),
+    })??;
+    let info = r
+        .info
+        .map(peer_from_proto)
+        .ok_or(crate::node::NodeError::Wire(WireError::Truncated))?;
+    Ok((info, r.peers.into_iter().map(peer_from_proto).collect()))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("{0}")]
+    Connect(crate::node::NodeError),
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("{0}")]
+    Replica(#[from] ReplicaError),
+    #[error("parent closed the stream")]
+    Closed,
+    #[error("parent silent for {0:?}")]
+    Silent(Duration),
+    #[error("parent refused: {reason}")]
+    Refused {
+        reason: String,
+        referral: Option<PeerInfo>,
+    },
+    #[error("detached (cycle)")]
+    Detached,
+}
+
+impl UpstreamError {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::Wire(_) => "stream",
+            Self::Replica(r) => r.label(),
+            Self::Closed => "closed",
+            Self::Silent(_) => "silent",
+            Self::Refused { .. } => "refused",
+            Self::Detached => "detached",
+        }
+    }
+}
+
+struct Link {
+    addr: String,
+    conn: quinn::Connection,
+    recv: quinn::RecvStream,
+    _send: quinn::SendStream,
+}
+
+/// Opens a subscription to `addr` and reads its answer. The replica is only told about it
+/// (and so switches to it) when `accept` approves the `SubscribeOk`.
+async fn open_link(
+    shared: &Shared,
+    addr: &str,
+    sub: proto::Subscribe,
+) -> Result<(Link, RawFrame, proto::SubscribeOk), UpstreamError> {
+    let conn = connect(shared, addr)
+        .await
+        .map_err(UpstreamError::Connect)?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
+        UpstreamError::Connect(crate::node::NodeError::Connect {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })
+    })?;
+    wire::write_frame(
+        &mut send,
+        &proto::Request {
+            kind: Some(request::Kind::Subscribe(sub)),
+        },
+    )
+    .await?;
+    let wait = Duration::from_millis(shared.cfg.overlay.attach_timeout_ms);
+    let raw = tokio::time::timeout(wait, wire::read_raw(&mut recv, shared.cfg.stream.max_frame))
+        .await
+        .map_err(|_| UpstreamError::Silent(wait))??
+        .ok_or(UpstreamError::Closed)?;
+    let msg: proto::Downstream = raw.decode()?;
+    match msg.kind {
+        Some(Down::SubscribeOk(ok)) => Ok((
+            Link {
+                addr: addr.to_string(),
+                conn,
+                recv,
+                _send: send,
+            },
+            raw,
+            ok,
+        )),
+        Some(Down::Refused(r)) => Err(UpstreamError::Refused {
+            reason: r.reason,
+            referral: r.referral.map(peer_from_proto),
+        }),
+        _ => Err(UpstreamError::Replica(ReplicaError::Unexpected {
+            frame: "non-subscribe_ok",
+            state: "awaiting subscribe_ok",
+        })),
+    }
+}
+
+fn attach_failed(addr: &str, e: &UpstreamError) -> Input {
+    match e {
+        UpstreamError::Refused { referral, .. } => Input::Refused {
+            addr: addr.to_string(),
+            referral: referral.clone(),
+        },
+        _ => Input::AttachFailed {
+            addr: addr.to_string(),
+        },
+    }
+}
+
+/// Feeds the accepted `SubscribeOk` to the replica and tells the overlay.
+fn adopt(
+    shared: &Shared,
+    link: &Link,
+    raw: RawFrame,
+    ok: proto::SubscribeOk,
+) -> Result<(), ReplicaError> {
+    let mut st = shared.state.lock().unwrap();
+    st.replica.expect_subscribe_ok();
+    let msg = proto::Downstream {
+        kind: Some(Down::SubscribeOk(ok.clone())),
+    };
+    let events = st.replica.handle_downstream(raw.frame, msg)?;
+    shared.dispatch(&mut st, events);
+    shared.metrics.depth.set(shared.depth(&st) as f64);
+    *shared.parent_addr.lock().unwrap() = link.addr.clone();
+    let _ = shared.overlay_tx.send(Input::Attached {
+        addr: link.addr.clone(),
+        name: ok.parent_name,
+        depth: ok.parent_depth,
+        root_path: ok.root_path,
+    });
+    Ok(())
+}
+
+/// Follows the parent the overlay chooses, switching on moves and reporting losses.
+pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<Command>) {
+    let mut current: Option<Link> = None;
+    let mut full = false;
+    let silent = Duration::from_millis(shared.cfg.stream.parent_timeout_ms);
+    loop {
+        let Some(link) = current.as_mut() else {
+            let cmd = tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                c = cmds.recv() => match c { Some(c) => c, None => return },
+            };
+            let Command::Attach { addr, reason, .. } = cmd else {
+                continue;
+            };
+            let sub = subscription(&shared, full);
+            match open_link(&shared, &addr, sub).await {
+                Ok((link, raw, ok)) => match adopt(&shared, &link, raw, ok) {
+                    Ok(()) => {
+                        if full {
+                            shared.metrics.full_transfers_received.increment(1);
+                        }
+                        full = false;
+                        shared.metrics.reparent(reason.label());
+                        info!(node = %shared.cfg.name, parent = %addr, reason = reason.label(), "attached");
+                        current = Some(link);
+                    }
+                    Err(e) => {
+                        warn!(node = %shared.cfg.name, parent = %addr, "attach failed: {e}");
+                        link.conn
+                            .close(VarInt::from_u32(code::RESYNC), b"attach failed");
+                        let _ = shared.overlay_tx.send(Input::AttachFailed { addr });
+                    }
+                },
+                Err(e) => {
+                    info!(node = %shared.cfg.name, parent = %addr, "attach failed: {e}");
+                    let _ = shared.overlay_tx.send(attach_failed(&addr, &e));
+                }
+            }
+            continue;
+        };
+        let event = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            c = cmds.recv() => match c { Some(c) => Err(c), None => return },
+            r = tokio::time::timeout(silent, wire::read_raw(&mut link.recv, shared.cfg.stream.max_frame)) => Ok(r),
+        };
+        let failure = match event {
+            Err(Command::Attach { addr, reason, .. }) => {
+                try_move(&shared, &mut current, addr, reason).await;
+                continue;
+            }
+            Err(Command::Detach { addr }) if addr == link.addr => UpstreamError::Detached,
+            Err(Command::Detach { .. }) => continue,
+            Ok(Err(_)) => UpstreamError::Silent(silent),
+            Ok(Ok(Ok(None))) => UpstreamError::Closed,
+            Ok(Ok(Err(e))) => e.into(),
+            Ok(Ok(Ok(Some(raw)))) => match apply_frame(&shared, raw) {
+                Ok(()) => continue,
+                Err(e) => e,
+            },
+        };
+        let addr = link.addr.clone();
+        link.conn
+            .close(VarInt::from_u32(code::RESYNC), b"resubscribing");
+        current = None;
+        shared.state.lock().unwrap().replica.upstream_lost();
+        *shared.parent_addr.lock().unwrap() = String::new();
+        full = matches!(&failure, UpstreamError::Replica(r) if r.needs_full_resync());
+        shared.metrics.resync(failure.label());
+        if full {
+            shared.metrics.checkpoint_mismatches.increment(1);
+            error!(node = %shared.cfg.name, parent = %addr, "DIVERGED, resyncing in full: {failure}");
+        } else {
+            warn!(node = %shared.cfg.name, parent = %addr, "upstream lost: {failure}");
+        }
+        let _ = shared.overlay_tx.send(Input::ParentLost { addr });
+    }
+}
+
+fn subscription(shared: &Shared, full: bool) -> proto::Subscribe {
+    let st = shared.state.lock().unwrap();
+    st.replica
+        .subscription(&shared.cfg.name, &shared.cfg.advertise.to_string(), full)
+}
+
+fn apply_frame(shared: &Shared, raw: RawFrame) -> Result<(), UpstreamError> {
+    let msg: proto::Downstream = raw.decode()?;
+    let mut st = shared.state.lock().unwrap();
+    let depth_before = st.replica.parent().map(|p| p.depth);
+    let events = st.replica.handle_downstream(raw.frame, msg)?;
+    if st.replica.parent().map(|p| p.depth) != depth_before {
+        shared.metrics.depth.set(shared.depth(&st) as f64);
+        let path = st.replica.root_path();
+        shared.overlay.lock().unwrap().update_path(&path);
+    }
+    let installed = events.iter().any(|e| matches!(e, Event::Installed { .. }));
+    shared.dispatch(&mut st, events);
+    if installed {
+        shared.metrics.full_transfers_received.increment(1);
+    }
+    Ok(())
+}
+
+/// Make-before-break: subscribe to `addr` at this node's exact version while the current
+/// stream is not read; switch only on a resume.
+async fn try_move(shared: &Arc<Shared>, current: &mut Option<Link>, addr: String, reason: Reason) {
+    let sub = subscription(shared, false);
+    match open_link(shared, &addr, sub).await {
+        Ok((link, raw, ok)) if ok.resume => {
+            if let Some(old) = current.take() {
+                old.conn
+                    .close(VarInt::from_u32(code::MOVED), b"moved to another parent");
+            }
+            match adopt(shared, &link, raw, ok) {
+                Ok(()) => {
+                    shared.metrics.reparent(reason.label());
+                    info!(node = %shared.cfg.name, parent = %addr, "moved");
+                    *current = Some(link);
+                }
+                Err(e) => {
+                    warn!(node = %shared.cfg.name, parent = %addr, "move failed after switching: {e}");
+                    shared.state.lock().unwrap().replica.upstream_lost();
+                    let _ = shared.overlay_tx.send(Input::ParentLost { addr });
+                }
+            }
+        }
+        Ok((link, _, _)) => {
+            link.conn
+                .close(VarInt::from_u32(code::MOVED), b"move aborted: no resume");
+            let _ = shared.overlay_tx.send(Input::Refused {
+                addr,
+                referral: None,
+            });
+        }
+        Err(e) => {
+            let _ = shared.overlay_tx.send(attach_failed(&addr, &e));
+        }
+    }
+}
