@@ -31,6 +31,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/file", get(read_file).put(put_file).patch(patch_file))
         .route("/v1/file/truncate", post(truncate_file))
         .route("/v1/watch", get(watch))
+        .route("/v1/tree", get(tree))
         .route("/v1/core/members", get(core_members).post(add_member))
         .route(
             "/v1/core/members/{name}",
@@ -269,6 +270,21 @@ async fn watch(State(node): State<Node>, Query(q): Query<WatchQuery>) -> Respons
     let mut rx = node.applied();
     let _ = tokio::time::timeout(timeout, rx.wait_for(|(v, _)| *v > after)).await;
     Json(node.status()).into_response()
+}
+
+async fn tree(State(node): State<Node>) -> Response {
+    let nodes: Vec<serde_json::Value> = node
+        .tree(crate::node::MAX_TREE_DEPTH)
+        .await
+        .into_iter()
+        .map(|n| {
+            json!({
+                "name": n.name, "addr": n.addr, "parent": n.parent, "depth": n.depth,
+                "version": n.version, "children": n.children, "lag_entries": n.lag_entries,
+            })
+        })
+        .collect();
+    Json(nodes).into_response()
 }
 
 async fn core_members(State(node): State<Node>) -> Result<Response, ApiError> {

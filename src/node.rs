@@ -40,6 +40,11 @@ const SYNC_WAIT: Duration = Duration::from_secs(30);
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// A proposal is forwarded between core nodes at most this often (stale leader hints).
 const MAX_HOPS: u32 = 2;
+/// Longest path a tree query descends.
+pub const MAX_TREE_DEPTH: u32 = 64;
+/// How long one level of a tree query waits for its children.
+const TREE_WAIT: Duration = Duration::from_secs(2);
+
 /// How long connecting to a peer may take before the next one is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -107,6 +112,26 @@ pub(crate) struct State {
     next_child: u64,
 }
 
+/// Counters of this node's own stream, for checking that nothing was skipped or doubled.
+#[derive(Default, Debug)]
+pub(crate) struct StreamStats {
+    pub(crate) entries_applied: AtomicU64,
+    pub(crate) snapshots_installed: AtomicU64,
+    pub(crate) gaps: AtomicU64,
+    pub(crate) resumes: AtomicU64,
+}
+
+/// The stream counters as `/v1/status` shows them. Every entry a node applies follows the
+/// previous one (`prev_version` check), so with `gaps == 0` and one snapshot install, no
+/// entry was skipped or applied twice.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct StatsView {
+    pub entries_applied: u64,
+    pub snapshots_installed: u64,
+    pub gaps: u64,
+    pub resumes: u64,
+}
+
 /// What `/v1/status` reports.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Status {
@@ -127,6 +152,7 @@ pub struct Status {
     pub lag_seconds: f64,
     pub file_version: Option<u64>,
     pub core_addrs: Vec<String>,
+    pub stats: StatsView,
     /// Core nodes only: Raft state and the members.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub core: Option<CoreStatus>,
@@ -159,6 +185,7 @@ pub struct Shared {
     pub(crate) parent_addr: Mutex<String>,
     pub metrics: NodeMetrics,
     relayed: AtomicU64,
+    pub(crate) stats: StreamStats,
     core_pick: std::sync::atomic::AtomicUsize,
     pub(crate) overlay: Mutex<Overlay>,
     pub(crate) overlay_rng: Mutex<rand_chacha::ChaCha8Rng>,
@@ -227,6 +254,7 @@ impl Shared {
                     }
                 }
                 Event::Installed { version } => {
+                    self.stats.snapshots_installed.fetch_add(1, Ordering::Relaxed);
                     info!(node = %self.cfg.name, version, root = %st.replica.file().root_hex(), "installed snapshot");
                     let ids: Vec<u64> = st.children.keys().copied().collect();
                     for id in ids {
@@ -362,6 +390,7 @@ impl Node {
             core_conn: tokio::sync::Mutex::new(None),
             parent_addr: Mutex::new(String::new()),
             relayed: AtomicU64::new(0),
+            stats: StreamStats::default(),
             core_pick: std::sync::atomic::AtomicUsize::new(0),
             shutdown,
             tasks: TaskTracker::new(),
@@ -493,6 +522,12 @@ impl Node {
             lag_seconds,
             file_version: *self.0.materialized.borrow(),
             core_addrs: self.0.core_addrs(&st),
+            stats: StatsView {
+                entries_applied: self.0.stats.entries_applied.load(Ordering::Relaxed),
+                snapshots_installed: self.0.stats.snapshots_installed.load(Ordering::Relaxed),
+                gaps: self.0.stats.gaps.load(Ordering::Relaxed),
+                resumes: self.0.stats.resumes.load(Ordering::Relaxed),
+            },
             core: self.0.core.get().map(|c| CoreStatus {
                 raft: c.status(),
                 members: c
@@ -679,6 +714,70 @@ impl Node {
             }
             other => Ok(other?),
         }
+    }
+
+    /// This node and its subtree, gathered from the children over QUIC (each level waits
+    /// at most `TREE_WAIT` for its children; `budget` bounds the depth against cycles).
+    pub async fn tree(&self, budget: u32) -> Vec<proto::TreeNode> {
+        let (me, kids) = {
+            let st = self.0.state.lock().unwrap();
+            let status_parent = match st.replica.parent() {
+                Some(p) if !self.0.cfg.is_core() => p.name.clone(),
+                _ => String::new(),
+            };
+            let me = proto::TreeNode {
+                name: self.0.cfg.name.clone(),
+                addr: self.0.cfg.advertise.to_string(),
+                parent: status_parent,
+                depth: self.0.depth(&st),
+                version: st.replica.file().version(),
+                children: st.children.len() as u32,
+                lag_entries: st
+                    .replica
+                    .commit_known()
+                    .saturating_sub(st.replica.file().version()),
+            };
+            let kids: Vec<String> = st.children.values().map(|c| c.addr.clone()).collect();
+            (me, kids)
+        };
+        let mut nodes = vec![me];
+        if budget == 0 {
+            return nodes;
+        }
+        let asks = kids.into_iter().map(|addr| {
+            let shared = self.0.clone();
+            async move {
+                let r: Result<Vec<proto::TreeNode>, NodeError> = async {
+                    let conn = connect(&shared, &addr).await?;
+                    let (mut send, mut recv) =
+                        conn.open_bi().await.map_err(|e| NodeError::Connect {
+                            addr: addr.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    wire::write_frame(
+                        &mut send,
+                        &proto::Request {
+                            kind: Some(request::Kind::Tree(proto::TreeQuery {
+                                budget: budget - 1,
+                            })),
+                        },
+                    )
+                    .await?;
+                    let _ = send.finish();
+                    Ok(wire::read_frame::<proto::TreeReply>(&mut recv, shared.cfg.stream.max_frame)
+                        .await?
+                        .map(|r| r.nodes)
+                        .unwrap_or_default())
+                }
+                .await;
+                r.unwrap_or_default()
+            }
+        });
+        let wait = TREE_WAIT * budget.min(8);
+        if let Ok(subtrees) = tokio::time::timeout(wait, futures::future::join_all(asks)).await {
+            nodes.extend(subtrees.into_iter().flatten());
+        }
+        nodes
     }
 
     /// The Raft instance of a core node.
@@ -981,6 +1080,15 @@ async fn serve_stream(
                 peers: peers.iter().map(crate::upstream::peer_to_proto).collect(),
             };
             if wire::write_frame(&mut send, &reply).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+        Some(request::Kind::Tree(q)) => {
+            let nodes = Node(shared.clone()).tree(q.budget.min(MAX_TREE_DEPTH)).await;
+            if wire::write_frame(&mut send, &proto::TreeReply { nodes })
+                .await
+                .is_ok()
+            {
                 let _ = send.finish();
             }
         }

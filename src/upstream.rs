@@ -258,6 +258,12 @@ fn adopt(
     raw: RawFrame,
     ok: proto::SubscribeOk,
 ) -> Result<(), ReplicaError> {
+    if ok.resume {
+        shared
+            .stats
+            .resumes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let mut st = shared.state.lock().unwrap();
     st.replica.expect_subscribe_ok();
     let msg = proto::Downstream {
@@ -343,6 +349,12 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
         shared.state.lock().unwrap().replica.upstream_lost();
         *shared.parent_addr.lock().unwrap() = String::new();
         full = matches!(&failure, UpstreamError::Replica(r) if r.needs_full_resync());
+        if matches!(&failure, UpstreamError::Replica(ReplicaError::Gap { .. })) {
+            shared
+                .stats
+                .gaps
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         shared.metrics.resync(failure.label());
         if full {
             shared.metrics.checkpoint_mismatches.increment(1);
@@ -371,6 +383,16 @@ fn apply_frame(shared: &Shared, raw: RawFrame) -> Result<(), UpstreamError> {
         shared.overlay.lock().unwrap().update_path(&path);
     }
     let installed = events.iter().any(|e| matches!(e, Event::Installed { .. }));
+    let applied = events
+        .iter()
+        .filter(|e| matches!(e, Event::Applied { .. }))
+        .count() as u64;
+    if !installed {
+        shared
+            .stats
+            .entries_applied
+            .fetch_add(applied, std::sync::atomic::Ordering::Relaxed);
+    }
     shared.dispatch(&mut st, events);
     if installed {
         shared.metrics.full_transfers_received.increment(1);

@@ -56,6 +56,8 @@ enum Cmd {
     },
     /// Set the file's length (shorter drops the tail, longer pads with zeros).
     Truncate { len: u64 },
+    /// Print the tree below the node (the whole tree from a core node), indented.
+    Tree,
     /// Print a line for every new version the node applies.
     Watch {
         #[arg(long, default_value_t = 0)]
@@ -252,7 +254,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let v: serde_json::Value = resp.json().await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
+        Cmd::Tree => {
+            let resp = check(http.get(url(api, "/v1/tree")).send().await?).await?;
+            let nodes: Vec<serde_json::Value> = resp.json().await?;
+            print!("{}", render_tree(&nodes));
+        }
         Cmd::Demo(args) => canopy::demo::run(args).await?,
     }
     Ok(())
+}
+
+/// Indented text of a tree given as a flat list of nodes with `name` and `parent`.
+fn render_tree(nodes: &[serde_json::Value]) -> String {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    let names: std::collections::BTreeSet<&str> =
+        nodes.iter().filter_map(|n| n["name"].as_str()).collect();
+    let mut kids: BTreeMap<&str, Vec<&serde_json::Value>> = BTreeMap::new();
+    let mut roots = Vec::new();
+    for n in nodes {
+        let parent = n["parent"].as_str().unwrap_or("");
+        if parent.is_empty() || !names.contains(parent) {
+            roots.push(n);
+        } else {
+            kids.entry(parent).or_default().push(n);
+        }
+    }
+    fn walk(
+        out: &mut String,
+        n: &serde_json::Value,
+        kids: &BTreeMap<&str, Vec<&serde_json::Value>>,
+        indent: usize,
+    ) {
+        let name = n["name"].as_str().unwrap_or("?");
+        let _ = writeln!(
+            out,
+            "{:indent$}{name} (depth {}, version {}, lag {}, {} children) {}",
+            "",
+            n["depth"],
+            n["version"],
+            n["lag_entries"],
+            n["children"],
+            n["addr"].as_str().unwrap_or(""),
+            indent = indent * 2
+        );
+        for k in kids.get(name).map(|v| v.as_slice()).unwrap_or(&[]) {
+            walk(out, k, kids, indent + 1);
+        }
+    }
+    let mut out = String::new();
+    for r in roots {
+        walk(&mut out, r, &kids, 0);
+    }
+    let _ = writeln!(out, "{} nodes", nodes.len());
+    out
 }
