@@ -76,8 +76,12 @@ pub struct StreamConfig {
     pub checkpoint_interval_ms: u64,
     /// Heartbeat period from the core down the tree (ms). 500: lag stays visible when idle.
     pub heartbeat_ms: u64,
-    /// QUIC idle timeout (ms): a peer whose connection is silent this long is gone. 3000.
+    /// QUIC idle timeout (ms): a peer whose connection is silent this long is gone; a dead
+    /// child frees its slot after this. 2000: keep-alives every 333 ms keep live links up.
     pub idle_timeout_ms: u64,
+    /// QUIC receive window per stream (bytes). 16 MiB: a 50 MB transfer runs at loopback
+    /// speed. With `child_queue_bytes` it bounds what a parent buffers for one slow child.
+    pub stream_window_bytes: u64,
     /// A parent whose stream carries nothing (no entry, checkpoint or heartbeat) this long
     /// is dead and the child re-attaches (ms). 1500: three heartbeat periods.
     pub parent_timeout_ms: u64,
@@ -99,7 +103,8 @@ impl Default for StreamConfig {
             checkpoint_every: 32,
             checkpoint_interval_ms: 1000,
             heartbeat_ms: 500,
-            idle_timeout_ms: 3000,
+            idle_timeout_ms: 2000,
+            stream_window_bytes: 16 * 1024 * 1024,
             parent_timeout_ms: 1500,
             materialize_interval_ms: 250,
         }
@@ -120,6 +125,7 @@ impl StreamConfig {
             ("checkpoint_interval_ms", self.checkpoint_interval_ms),
             ("heartbeat_ms", self.heartbeat_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
+            ("stream_window_bytes", self.stream_window_bytes),
             ("parent_timeout_ms", self.parent_timeout_ms),
         ] {
             if v == 0 {
@@ -154,6 +160,8 @@ impl StreamConfig {
         crate::tls::TransportConfig {
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             keep_alive: Duration::from_millis((self.idle_timeout_ms / 6).max(50)),
+            stream_window: self.stream_window_bytes,
+            conn_window: (self.stream_window_bytes * 4).max(8 * 1024 * 1024),
             ..Default::default()
         }
     }

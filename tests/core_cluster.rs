@@ -379,7 +379,10 @@ async fn membership_changes_through_the_cli() {
         if let Some(s) = found {
             break s;
         }
-        assert!(Instant::now() < deadline, "no leader after removing {victim}");
+        assert!(
+            Instant::now() < deadline,
+            "no leader after removing {victim}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     let names: Vec<String> = member_names(&leader_status)
