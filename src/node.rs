@@ -254,7 +254,9 @@ impl Shared {
                     }
                 }
                 Event::Installed { version } => {
-                    self.stats.snapshots_installed.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .snapshots_installed
+                        .fetch_add(1, Ordering::Relaxed);
                     info!(node = %self.cfg.name, version, root = %st.replica.file().root_hex(), "installed snapshot");
                     let ids: Vec<u64> = st.children.keys().copied().collect();
                     for id in ids {
@@ -747,29 +749,33 @@ impl Node {
         let asks = kids.into_iter().map(|addr| {
             let shared = self.0.clone();
             async move {
-                let r: Result<Vec<proto::TreeNode>, NodeError> = async {
-                    let conn = connect(&shared, &addr).await?;
-                    let (mut send, mut recv) =
-                        conn.open_bi().await.map_err(|e| NodeError::Connect {
-                            addr: addr.clone(),
-                            reason: e.to_string(),
-                        })?;
-                    wire::write_frame(
-                        &mut send,
-                        &proto::Request {
-                            kind: Some(request::Kind::Tree(proto::TreeQuery {
-                                budget: budget - 1,
-                            })),
-                        },
-                    )
-                    .await?;
-                    let _ = send.finish();
-                    Ok(wire::read_frame::<proto::TreeReply>(&mut recv, shared.cfg.stream.max_frame)
+                let r: Result<Vec<proto::TreeNode>, NodeError> =
+                    async {
+                        let conn = connect(&shared, &addr).await?;
+                        let (mut send, mut recv) =
+                            conn.open_bi().await.map_err(|e| NodeError::Connect {
+                                addr: addr.clone(),
+                                reason: e.to_string(),
+                            })?;
+                        wire::write_frame(
+                            &mut send,
+                            &proto::Request {
+                                kind: Some(request::Kind::Tree(proto::TreeQuery {
+                                    budget: budget - 1,
+                                })),
+                            },
+                        )
+                        .await?;
+                        let _ = send.finish();
+                        Ok(wire::read_frame::<proto::TreeReply>(
+                            &mut recv,
+                            shared.cfg.stream.max_frame,
+                        )
                         .await?
                         .map(|r| r.nodes)
                         .unwrap_or_default())
-                }
-                .await;
+                    }
+                    .await;
                 r.unwrap_or_default()
             }
         });
@@ -1084,7 +1090,9 @@ async fn serve_stream(
             }
         }
         Some(request::Kind::Tree(q)) => {
-            let nodes = Node(shared.clone()).tree(q.budget.min(MAX_TREE_DEPTH)).await;
+            let nodes = Node(shared.clone())
+                .tree(q.budget.min(MAX_TREE_DEPTH))
+                .await;
             if wire::write_frame(&mut send, &proto::TreeReply { nodes })
                 .await
                 .is_ok()
