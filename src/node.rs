@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use quinn::VarInt;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -40,6 +40,13 @@ const SYNC_WAIT: Duration = Duration::from_secs(30);
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// A proposal is forwarded between core nodes at most this often (stale leader hints).
 const MAX_HOPS: u32 = 2;
+/// Proposals per group-commit batch.
+const MAX_BATCH: usize = 512;
+/// Payload bytes per batch; a larger proposal goes alone.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Batches in flight at once (openraft pipelines them).
+const MAX_INFLIGHT_BATCHES: usize = 4;
+
 /// Longest path a tree query descends.
 pub const MAX_TREE_DEPTH: u32 = 64;
 /// How long one level of a tree query waits for its children.
@@ -187,6 +194,8 @@ pub struct Shared {
     relayed: AtomicU64,
     pub(crate) stats: StreamStats,
     core_pick: std::sync::atomic::AtomicUsize,
+    batcher: OnceLock<mpsc::UnboundedSender<Pending>>,
+    peer_conns: tokio::sync::Mutex<BTreeMap<String, quinn::Connection>>,
     pub(crate) overlay: Mutex<Overlay>,
     pub(crate) overlay_rng: Mutex<rand_chacha::ChaCha8Rng>,
     pub(crate) overlay_tx: mpsc::UnboundedSender<OverlayInput>,
@@ -376,6 +385,8 @@ impl Node {
         );
         let (overlay_tx, overlay_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
+            batcher: OnceLock::new(),
+            peer_conns: tokio::sync::Mutex::new(BTreeMap::new()),
             overlay: Mutex::new(overlay),
             overlay_rng: Mutex::new(crate::upstream::overlay_rng(&cfg.name)),
             overlay_tx,
@@ -423,6 +434,11 @@ impl Node {
                 };
                 core.initialize(members).await?;
             }
+            let (btx, brx) = mpsc::unbounded_channel();
+            let _ = shared.batcher.set(btx);
+            shared
+                .tasks
+                .spawn(batcher(shared.clone(), core.clone(), brx));
             shared.tasks.spawn(core_ticker(shared.clone()));
         }
         if let NodeKind::Relay { .. } = &shared.cfg.kind {
@@ -593,7 +609,7 @@ impl Node {
         };
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
-            match core.propose(proposal.clone()).await {
+            match self.core_propose(proposal.clone()).await {
                 Err(ConsensusError::NotLeader { leader }) => {
                     let leader = match leader {
                         Some(l) if l.name != self.0.cfg.name => Some(l),
@@ -634,6 +650,21 @@ impl Node {
         }
     }
 
+    /// Commits through this core node's Raft, batched with concurrent proposals.
+    async fn core_propose(
+        &self,
+        proposal: proto::Proposal,
+    ) -> Result<ApplyOutcome, ConsensusError> {
+        let Some(batcher) = self.0.batcher.get() else {
+            return Err(ConsensusError::Stopped);
+        };
+        let (tx, rx) = oneshot::channel();
+        if batcher.send((proposal, tx)).is_err() {
+            return Err(ConsensusError::Stopped);
+        }
+        rx.await.unwrap_or(Err(ConsensusError::Stopped))
+    }
+
     /// Commits `update` (with an optional precondition) and returns the committed version.
     pub async fn write(
         &self,
@@ -643,7 +674,7 @@ impl Node {
         self.propose(proto::Proposal {
             update: Some(update.into()),
             precondition: precondition.map(Into::into),
-            id: Bytes::new(),
+            ..Default::default()
         })
         .await
     }
@@ -810,7 +841,7 @@ async fn forward_proposal(
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
     loop {
         let conn = match &to {
-            Some(addr) => connect(shared, addr).await,
+            Some(addr) => cached_connect(shared, addr).await,
             None => core_connection(shared).await,
         };
         let sent = match conn {
@@ -821,6 +852,9 @@ async fn forward_proposal(
             Err(Forward::NotSent(e)) | Err(Forward::Unknown(e)) if e.is_retryable() => {
                 warn!(node = %shared.cfg.name, "proposal not confirmed by the core, retrying with the same id: {e}");
                 *shared.core_conn.lock().await = None;
+                if let Some(addr) = &to {
+                    shared.peer_conns.lock().await.remove(addr);
+                }
                 shared.core_pick.fetch_add(1, Ordering::Relaxed);
                 if to.is_some() || tokio::time::Instant::now() >= deadline {
                     return Err(Forward::Unknown(e));
@@ -917,6 +951,20 @@ async fn core_connection(shared: &Arc<Shared>) -> Result<quinn::Connection, Node
         }
     }
     Err(last)
+}
+
+/// A cached connection to `addr` (core to core forwarding), opened on first use and
+/// replaced once closed.
+async fn cached_connect(shared: &Shared, addr: &str) -> Result<quinn::Connection, NodeError> {
+    let mut conns = shared.peer_conns.lock().await;
+    if let Some(c) = conns.get(addr) {
+        if c.close_reason().is_none() {
+            return Ok(c.clone());
+        }
+    }
+    let c = connect(shared, addr).await?;
+    conns.insert(addr.to_string(), c.clone());
+    Ok(c)
 }
 
 pub(crate) async fn connect(shared: &Shared, addr: &str) -> Result<quinn::Connection, NodeError> {
@@ -1256,6 +1304,110 @@ async fn serve_child(
     let mut st = shared.state.lock().unwrap();
     st.children.remove(&id);
     shared.metrics.children.set(st.children.len() as f64);
+}
+
+/// A proposal waiting for the batcher, with where its outcome goes.
+type Pending = (
+    proto::Proposal,
+    oneshot::Sender<Result<ApplyOutcome, ConsensusError>>,
+);
+
+fn proposal_bytes(p: &proto::Proposal) -> usize {
+    p.update
+        .as_ref()
+        .map(|u| {
+            u.ops
+                .iter()
+                .map(|o| match &o.kind {
+                    Some(proto::op::Kind::Write(w)) => w.data.len() + 16,
+                    _ => 16,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Group commit above openraft (which appends and fsyncs each `client_write` on its own):
+/// takes whatever proposals queued up while earlier batches were in flight, up to
+/// `MAX_BATCH` of them or `MAX_BATCH_BYTES`, and commits them as one entry; at most
+/// `MAX_INFLIGHT_BATCHES` are in flight. Each proposal's own outcome is read back from the
+/// replica by its id.
+async fn batcher(shared: Arc<Shared>, core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let inflight = Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_BATCHES));
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                p = rx.recv() => match p { Some(p) => p, None => return },
+            },
+        };
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes = proposal_bytes(&first.0);
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    let size = proposal_bytes(&p.0);
+                    if bytes + size > MAX_BATCH_BYTES {
+                        carry = Some(p);
+                        break;
+                    }
+                    bytes += size;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let (shared, core) = (shared.clone(), core.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            if batch.len() == 1 {
+                if let Some((p, tx)) = batch.pop() {
+                    let _ = tx.send(core.propose(p).await);
+                }
+                return;
+            }
+            let mut batch = batch;
+            for (p, _) in &mut batch {
+                if p.id.is_empty() {
+                    let id: [u8; 16] = rand::random();
+                    p.id = Bytes::copy_from_slice(&id);
+                }
+            }
+            let whole = proto::Proposal {
+                batch: batch.iter().map(|(p, _)| p.clone()).collect(),
+                ..Default::default()
+            };
+            match core.propose(whole).await {
+                Ok(_) => {
+                    let st = shared.state.lock().unwrap();
+                    for (p, tx) in batch {
+                        let outcome = st.replica.outcome_of(&p.id).ok_or_else(|| {
+                            ConsensusError::Fatal("batched outcome not found".into())
+                        });
+                        let _ = tx.send(outcome);
+                    }
+                }
+                Err(e) => {
+                    let leader = match &e {
+                        ConsensusError::NotLeader { leader } => Some(leader.clone()),
+                        _ => None,
+                    };
+                    let text = e.to_string();
+                    for (_, tx) in batch {
+                        let _ = tx.send(Err(match &leader {
+                            Some(l) => ConsensusError::NotLeader { leader: l.clone() },
+                            None => ConsensusError::Raft(text.clone()),
+                        }));
+                    }
+                }
+            }
+        });
+    }
 }
 
 async fn core_ticker(shared: Arc<Shared>) {

@@ -285,76 +285,28 @@ impl Replica {
         proposal: &proto::Proposal,
         now_us: u64,
     ) -> (ApplyOutcome, Vec<Event>) {
-        if let Some(first) = self.recent.get(&proposal.id) {
-            return (first.clone(), Vec::new());
-        }
-        let (outcome, events) = self.apply_new(index, proposal, now_us);
-        if !proposal.id.is_empty() {
-            self.recent.insert(proposal.id.clone(), outcome.clone());
-            self.recent_order.push_back(proposal.id.clone());
-            while self.recent_order.len() > DEDUPE_WINDOW {
-                if let Some(old) = self.recent_order.pop_front() {
-                    self.recent.remove(&old);
-                }
-            }
-        }
-        (outcome, events)
-    }
-
-    fn apply_new(
-        &mut self,
-        index: u64,
-        proposal: &proto::Proposal,
-        now_us: u64,
-    ) -> (ApplyOutcome, Vec<Event>) {
         let current = self.file.version();
-        let update_proto = proposal.update.clone().unwrap_or_default();
-        let update = match Update::try_from(update_proto.clone()) {
-            Ok(u) => u,
-            Err(e) => {
-                return (
-                    ApplyOutcome::Rejected {
-                        version: current,
-                        reason: e.to_string(),
-                    },
-                    vec![],
-                )
+        let mut applied = Vec::new();
+        let outcome = if proposal.batch.is_empty() {
+            self.apply_one(index, proposal, &mut applied)
+        } else {
+            for sub in &proposal.batch {
+                self.apply_one(index, sub, &mut applied);
+            }
+            ApplyOutcome::Applied {
+                version: self.file.version(),
             }
         };
-        if let Some(p) = proposal.precondition.clone() {
-            match Precondition::try_from(p) {
-                Ok(p) if self.file.check(&p) => {}
-                Ok(_) => {
-                    return (
-                        ApplyOutcome::PreconditionFailed { version: current },
-                        vec![],
-                    )
-                }
-                Err(e) => {
-                    return (
-                        ApplyOutcome::Rejected {
-                            version: current,
-                            reason: e.to_string(),
-                        },
-                        vec![],
-                    )
-                }
-            }
-        }
-        if let Err(e) = self.file.apply(index, &update) {
-            return (
-                ApplyOutcome::Rejected {
-                    version: current,
-                    reason: e.to_string(),
-                },
-                vec![],
-            );
+        if applied.is_empty() {
+            return (outcome, Vec::new());
         }
         let entry = proto::Entry {
             version: index,
             prev_version: current,
             commit_time_unix_us: now_us,
-            update: Some(update_proto),
+            update: Some(proto::Update {
+                ops: applied.into_iter().flat_map(|u| u.ops).collect(),
+            }),
         };
         let frame = wire::encode(&proto::Downstream {
             kind: Some(Down::Entry(entry)),
@@ -364,7 +316,67 @@ impl Replica {
         if self.since_checkpoint >= self.cfg.checkpoint_every {
             events.extend(self.checkpoint());
         }
-        (ApplyOutcome::Applied { version: index }, events)
+        (outcome, events)
+    }
+
+    /// How the proposal with this id applied, if it is within the dedupe window (batched
+    /// proposals are answered from here).
+    pub fn outcome_of(&self, id: &[u8]) -> Option<ApplyOutcome> {
+        self.recent.get(id).cloned()
+    }
+
+    /// Applies one proposal at `index` (deduplicated by id), pushing its update to `applied`
+    /// when it changed the file.
+    fn apply_one(
+        &mut self,
+        index: u64,
+        proposal: &proto::Proposal,
+        applied: &mut Vec<proto::Update>,
+    ) -> ApplyOutcome {
+        if let Some(first) = self.recent.get(&proposal.id) {
+            return first.clone();
+        }
+        let outcome = self.check_and_apply(index, proposal, applied);
+        if !proposal.id.is_empty() {
+            self.recent.insert(proposal.id.clone(), outcome.clone());
+            self.recent_order.push_back(proposal.id.clone());
+            while self.recent_order.len() > DEDUPE_WINDOW {
+                if let Some(old) = self.recent_order.pop_front() {
+                    self.recent.remove(&old);
+                }
+            }
+        }
+        outcome
+    }
+
+    fn check_and_apply(
+        &mut self,
+        index: u64,
+        proposal: &proto::Proposal,
+        applied: &mut Vec<proto::Update>,
+    ) -> ApplyOutcome {
+        let current = self.file.version();
+        let rejected = |e: FileError| ApplyOutcome::Rejected {
+            version: current,
+            reason: e.to_string(),
+        };
+        let update_proto = proposal.update.clone().unwrap_or_default();
+        let update = match Update::try_from(update_proto.clone()) {
+            Ok(u) => u,
+            Err(e) => return rejected(e),
+        };
+        if let Some(p) = proposal.precondition.clone() {
+            match Precondition::try_from(p) {
+                Ok(p) if self.file.check(&p) => {}
+                Ok(_) => return ApplyOutcome::PreconditionFailed { version: current },
+                Err(e) => return rejected(e),
+            }
+        }
+        if let Err(e) = self.file.apply(index, &update) {
+            return rejected(e);
+        }
+        applied.push(update_proto);
+        ApplyOutcome::Applied { version: index }
     }
 
     fn after_apply(&mut self, frame: Bytes, commit_time_us: u64) -> Vec<Event> {

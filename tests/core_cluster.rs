@@ -285,7 +285,19 @@ async fn conditional_writes_race_exactly_one_wins() {
         let body: serde_json::Value = loser.json().await.unwrap();
         assert!(body["version"].as_u64().unwrap() > v, "{body}");
     }
-    // A range-hash precondition.
+    // A range-hash precondition, checked against the bytes every core holds.
+    let mut latest = 0;
+    for p in &cores {
+        latest = latest.max(version_root(&c, p).await.unwrap().0);
+    }
+    wait_until(30, "cores to agree", || async {
+        let mut ok = true;
+        for p in &cores {
+            ok &= version_root(&c, p).await.map(|x| x.0) == Some(latest);
+        }
+        ok
+    })
+    .await;
     let file = c
         .get(cores[0].url("/v1/file"))
         .send()

@@ -220,7 +220,7 @@ async fn a_slow_child_is_cut_off_and_catches_up() {
     })
     .await;
     let fast = Proc::start(root, &pki, "fast", false, &[core.quic], &cfg_arg);
-    let mut slow = Proc::start(root, &pki, "slow", false, &[core.quic], &cfg_arg);
+    let slow = Proc::start(root, &pki, "slow", false, &[core.quic], &cfg_arg);
     wait_until(30, "both children attached", || async {
         status(&c, &core)
             .await

@@ -167,6 +167,22 @@ impl LogStore {
         Ok(())
     }
 
+    /// Like `write_meta`, without its own fsync: the value becomes durable with the next
+    /// durable commit (the next append). Only for hints that may be lost in a crash.
+    fn write_meta_lazy<T: Serialize>(
+        db: &Database,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), LogStoreError> {
+        let json =
+            serde_json::to_vec(value).map_err(|source| LogStoreError::Meta { key, source })?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(redb::Durability::None);
+        txn.open_table(META)?.insert(key, json.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
     fn read_range(db: &Database, start: u64, end: Bound<u64>) -> Result<Vec<Entry>, LogStoreError> {
         let txn = db.begin_read()?;
         let table = txn.open_table(ENTRIES)?;
@@ -247,7 +263,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.run(move |db| LogStore::write_meta(db, COMMITTED, &committed))
+        self.run(move |db| LogStore::write_meta_lazy(db, COMMITTED, &committed))
             .await
             .map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
         self.committed.set(committed);
