@@ -40,6 +40,9 @@ const SYNC_WAIT: Duration = Duration::from_secs(30);
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// A proposal is forwarded between core nodes at most this often (stale leader hints).
 const MAX_HOPS: u32 = 2;
+/// How long adding a core member waits for it to catch up.
+const ADD_MEMBER_WAIT: Duration = Duration::from_secs(120);
+
 /// Proposals per group-commit batch.
 const MAX_BATCH: usize = 512;
 /// Payload bytes per batch; a larger proposal goes alone.
@@ -722,11 +725,17 @@ impl Node {
         let core = self.0.core.get().ok_or(NodeError::NotCore)?;
         let result = match &admin.kind {
             Some(proto::admin::Kind::AddMember(m)) => {
-                core.add_member(Member {
+                let add = core.add_member(Member {
                     name: m.name.clone(),
                     addr: m.addr.clone(),
-                })
-                .await
+                });
+                match tokio::time::timeout(ADD_MEMBER_WAIT, add).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ConsensusError::Timeout {
+                        what: "the new member to catch up (it stays a learner; retry to finish)",
+                        after: ADD_MEMBER_WAIT,
+                    }),
+                }
             }
             Some(proto::admin::Kind::RemoveMember(name)) => core.remove_member(name).await,
             None => return Err(NodeError::Rejected("empty admin request".into())),
@@ -1092,6 +1101,7 @@ async fn serve_stream(
     {
         Ok(Some(r)) => r,
         Ok(None) => return,
+        Err(WireError::Read(quinn::ReadError::Reset(_))) => return,
         Err(e) => return close_bad(&shared, &conn, &peer, &e.to_string()),
     };
     match req.kind {

@@ -159,7 +159,7 @@ async fn core_and_five_relays_stay_identical() {
     .await;
     write_at(&mut model, 10, b"hello");
     assert_eq!(
-        version_root(&c, &r4).await.unwrap().0,
+        version_root(&c, r4).await.unwrap().0,
         v1,
         "read-your-writes"
     );

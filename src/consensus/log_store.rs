@@ -6,9 +6,11 @@
 //!   purging removes a prefix).
 //! - Table `meta` holds JSON values under `vote`, `committed` and `last_purged`; `last_purged`
 //!   is written in the same transaction that deletes the purged prefix.
-//! - Every write is one redb write transaction with the default (fsync-on-commit) durability;
-//!   `append` writes all its entries in one transaction and reports the flush only after the
-//!   commit has returned.
+//! - Entries, the vote and the purge point are written in redb transactions with the default
+//!   (fsync-on-commit) durability; `append` writes all its entries in one transaction and
+//!   reports the flush only after the commit has returned. The committed index is a replay
+//!   hint and is written without its own fsync: it becomes durable with the next append, and
+//!   after a crash an older value only means less is replayed before the next election.
 //! - redb work runs on the blocking thread pool, never on an async worker thread.
 //! - [`CommittedIndex`] reports the committed index last read from or durably written to `meta`.
 //! - [`entry_to_proto`] and [`entry_from_proto`] are the one conversion between openraft entries

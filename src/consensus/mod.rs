@@ -5,13 +5,14 @@
 //!   committed entries in log order through [`FileStateMachine::apply`], so all of them compute
 //!   the same [`ApplyOutcome`] and the same file.
 //! - The log (entries, vote, committed and last-purged log ids) lives in `data_dir/raft.redb`.
-//!   Every write is one redb transaction committed with fsync before openraft hears of it; an
-//!   `append` of many entries is one transaction.
+//!   Entries, vote and purge point are committed with fsync before openraft hears of it (an
+//!   `append` of many entries is one transaction); the committed index is a lazily persisted
+//!   replay hint.
 //! - The newest snapshot lives in `data_dir/snapshots/current.snap`. It is replaced only by an
 //!   atomic rename of a fully written and fsynced file, and never by an older snapshot.
 //! - [`Core::open`] rebuilds the state machine from the snapshot, then openraft replays the log
-//!   entries after it up to the persisted committed id, all before `open` returns; every
-//!   outcome a caller has seen came after its entry's committed id was persisted.
+//!   entries after it up to the persisted committed id, all before `open` returns; entries
+//!   committed after that hint are applied again once a leader re-commits them.
 //! - A node's id is derived from its name ([`node_id`]), so every node computes every id alike.
 //! - Core members reach each other only through [`Network`] (QUIC, one stream per RPC) and serve
 //!   peers only through [`Core::handle_rpc`].
