@@ -243,24 +243,10 @@ async fn core_and_five_relays_stay_identical() {
     })
     .await;
     let r4 = &relays[3];
-    let metrics = c
-        .get(r4.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains("canopy_applied_version"), "{metrics}");
-    assert!(metrics.contains("canopy_lag_entries"));
-    let metrics = c
-        .get(core.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&c, r4).await;
+    assert!(text.contains("canopy_applied_version"), "{text}");
+    assert!(text.contains("canopy_lag_entries"));
+    let metrics = metrics(&c, &core).await;
     assert!(metrics.contains("canopy_relayed_bytes_total"));
 }
 

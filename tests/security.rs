@@ -102,15 +102,8 @@ async fn foreign_ca_and_bad_frames_are_refused_and_the_node_keeps_serving() {
     })
     .await;
     assert_eq!(status(&c, &r1).await.unwrap()["parent"], "core");
-    let metrics = c
-        .get(core.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let line = metrics
+    let text = metrics(&c, &core).await;
+    let line = text
         .lines()
         .find(|l| l.starts_with("canopy_frame_errors_total"))
         .expect("frame error counter");

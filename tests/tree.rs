@@ -245,18 +245,7 @@ async fn a_slow_child_is_cut_off_and_catches_up() {
         wait_for_version(&c, &fast, last).await;
     }
     wait_until(30, "the slow child to be cut off", || async {
-        let m = c
-            .get(core.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        m.lines()
-            .find(|l| l.starts_with("canopy_child_cutoffs_total"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
+        metric_value(&metrics(&c, &core).await, "canopy_child_cutoffs_total")
             .is_some_and(|v| v >= 1.0)
     })
     .await;

@@ -161,12 +161,7 @@ impl LogStore {
         key: &'static str,
         value: &T,
     ) -> Result<(), LogStoreError> {
-        let json =
-            serde_json::to_vec(value).map_err(|source| LogStoreError::Meta { key, source })?;
-        let txn = db.begin_write()?;
-        txn.open_table(META)?.insert(key, json.as_slice())?;
-        txn.commit()?;
-        Ok(())
+        Self::write_meta_with(db, key, value, redb::Durability::Immediate)
     }
 
     /// Like `write_meta`, without its own fsync: the value becomes durable with the next
@@ -176,10 +171,19 @@ impl LogStore {
         key: &'static str,
         value: &T,
     ) -> Result<(), LogStoreError> {
+        Self::write_meta_with(db, key, value, redb::Durability::None)
+    }
+
+    fn write_meta_with<T: Serialize>(
+        db: &Database,
+        key: &'static str,
+        value: &T,
+        durability: redb::Durability,
+    ) -> Result<(), LogStoreError> {
         let json =
             serde_json::to_vec(value).map_err(|source| LogStoreError::Meta { key, source })?;
         let mut txn = db.begin_write()?;
-        txn.set_durability(redb::Durability::None);
+        txn.set_durability(durability);
         txn.open_table(META)?.insert(key, json.as_slice())?;
         txn.commit()?;
         Ok(())

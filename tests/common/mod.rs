@@ -70,6 +70,31 @@ fn free_tcp() -> SocketAddr {
         .unwrap()
 }
 
+/// The flags every node process gets.
+fn base_args(
+    name: &str,
+    quic: SocketAddr,
+    api: SocketAddr,
+    data: &Path,
+    file: &Path,
+    tls: &Path,
+) -> Vec<String> {
+    vec![
+        "--name".into(),
+        name.into(),
+        "--listen".into(),
+        quic.to_string(),
+        "--api".into(),
+        api.to_string(),
+        "--data".into(),
+        data.display().to_string(),
+        "--tls".into(),
+        tls.display().to_string(),
+        "--file".into(),
+        file.display().to_string(),
+    ]
+}
+
 /// One node process with the addresses it was started on.
 pub struct Proc {
     pub name: String,
@@ -114,20 +139,8 @@ impl Proc {
             let api = free_tcp();
             let data = root.join("data").join(name);
             let file = root.join("files").join(name);
-            let mut args: Vec<String> = vec![
-                "--name".into(),
-                name.into(),
-                "--listen".into(),
-                quic.to_string(),
-                "--api".into(),
-                api.to_string(),
-                "--data".into(),
-                data.display().to_string(),
-                "--tls".into(),
-                pki.tls.display().to_string(),
-                "--file".into(),
-                file.display().to_string(),
-            ];
+            let mut args: Vec<String> =
+                base_args(&name.to_string(), quic, api, &data, &file, &pki.tls);
             if core {
                 args.push("--init".into());
             } else {
@@ -171,21 +184,11 @@ impl Proc {
             .map(|(name, (quic, api))| {
                 let data = root.join("data").join(name);
                 let file = root.join("files").join(name);
-                let mut args: Vec<String> = vec![
-                    "--name".into(),
-                    name.to_string(),
-                    "--listen".into(),
-                    quic.to_string(),
-                    "--api".into(),
-                    api.to_string(),
-                    "--data".into(),
-                    data.display().to_string(),
-                    "--tls".into(),
-                    pki.tls.display().to_string(),
-                    "--file".into(),
-                    file.display().to_string(),
-                    "--init".into(),
-                ];
+                let mut args: Vec<String> = {
+                    let mut a = base_args(&name.to_string(), *quic, *api, &data, &file, &pki.tls);
+                    a.push("--init".into());
+                    a
+                };
                 args.extend(peers.iter().cloned());
                 Proc {
                     name: name.to_string(),
@@ -215,20 +218,7 @@ impl Proc {
         let (quic, api) = (free_udp(), free_tcp());
         let data = root.join("data").join(name);
         let file = root.join("files").join(name);
-        let args: Vec<String> = vec![
-            "--name".into(),
-            name.to_string(),
-            "--listen".into(),
-            quic.to_string(),
-            "--api".into(),
-            api.to_string(),
-            "--data".into(),
-            data.display().to_string(),
-            "--tls".into(),
-            pki.tls.display().to_string(),
-            "--file".into(),
-            file.display().to_string(),
-        ];
+        let args: Vec<String> = base_args(&name.to_string(), quic, api, &data, &file, &pki.tls);
         let mut p = Proc {
             name: name.to_string(),
             quic,
@@ -359,6 +349,25 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// The node's Prometheus text.
+pub async fn metrics(c: &reqwest::Client, p: &Proc) -> String {
+    c.get(p.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the first series of `name` in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Version and root from a node's status.
