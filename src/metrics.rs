@@ -48,6 +48,8 @@ pub struct NodeMetrics {
     pub resumes_served: Counter,
     pub full_transfers_received: Counter,
     pub proposals: Counter,
+    pub backfill_received: Counter,
+    pub backfill_served: Counter,
     pub materialized_version: Gauge,
     node: String,
 }
@@ -75,6 +77,8 @@ impl NodeMetrics {
             resumes_served: metrics::counter!("canopy_resumes_served_total", &l),
             full_transfers_received: metrics::counter!("canopy_full_transfers_received_total", &l),
             proposals: metrics::counter!("canopy_proposals_total", &l),
+            backfill_received: metrics::counter!("canopy_backfill_received_bytes_total", &l),
+            backfill_served: metrics::counter!("canopy_backfill_served_bytes_total", &l),
             materialized_version: metrics::gauge!("canopy_materialized_version", &l),
             node: n,
         }

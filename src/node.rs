@@ -129,6 +129,7 @@ pub(crate) struct StreamStats {
     pub(crate) snapshots_installed: AtomicU64,
     pub(crate) gaps: AtomicU64,
     pub(crate) resumes: AtomicU64,
+    pub(crate) backfill_received: AtomicU64,
 }
 
 /// The stream counters as `/v1/status` shows them. Every entry a node applies follows the
@@ -140,6 +141,8 @@ pub struct StatsView {
     pub snapshots_installed: u64,
     pub gaps: u64,
     pub resumes: u64,
+    /// Chunk bytes received in full or diff transfers.
+    pub backfill_received_bytes: u64,
 }
 
 /// What `/v1/status` reports.
@@ -372,7 +375,13 @@ impl Node {
             path: cfg.data.clone(),
             source,
         })?;
-        let replica = Replica::new(cfg.stream.replica(), cfg.is_core())?.with_name(&cfg.name);
+        let mut replica = Replica::new(cfg.stream.replica(), cfg.is_core())?.with_name(&cfg.name);
+        if let (NodeKind::Relay { .. }, Some(path)) = (&cfg.kind, &cfg.file) {
+            if let Some((file, trusted)) = load_local_copy(&cfg, path) {
+                info!(node = %cfg.name, version = file.version(), trusted, root = %file.root_hex(), "starting from the local copy");
+                replica.seed(file, trusted);
+            }
+        }
         let bootstrap = match &cfg.kind {
             NodeKind::Relay { join } => join.clone(),
             NodeKind::Core { .. } => Vec::new(),
@@ -548,6 +557,7 @@ impl Node {
                 snapshots_installed: self.0.stats.snapshots_installed.load(Ordering::Relaxed),
                 gaps: self.0.stats.gaps.load(Ordering::Relaxed),
                 resumes: self.0.stats.resumes.load(Ordering::Relaxed),
+                backfill_received_bytes: self.0.stats.backfill_received.load(Ordering::Relaxed),
             },
             core: self.0.core.get().map(|c| CoreStatus {
                 raft: c.status(),
@@ -1281,9 +1291,10 @@ async fn serve_child(
             }
             SubscribePlan::Snapshot(file) => {
                 shared.metrics.full_transfers_served.increment(1);
-                for f in snapshot_frames(&file, commit_time) {
+                for f in snapshot_frames(&file, commit_time, &sub.have_chunks) {
                     wire::write_raw(&mut send, &f).await?;
                     shared.count_relayed(f.len());
+                    shared.metrics.backfill_served.increment(f.len() as u64);
                 }
             }
             SubscribePlan::Refuse(_) => {}
@@ -1449,7 +1460,12 @@ async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
             if written != Some(key) {
                 let p = path.clone();
                 let version = file.version();
-                match tokio::task::spawn_blocking(move || write_atomically(&p, &file)).await {
+                let sidecar = shared.cfg.data.join(SIDECAR);
+                let write = move || {
+                    write_atomically(&p, &file)?;
+                    write_sidecar(&sidecar, &file)
+                };
+                match tokio::task::spawn_blocking(write).await {
                     Ok(Ok(())) => {
                         written = Some(key);
                         shared.materialized.send_replace(Some(version));
@@ -1472,6 +1488,58 @@ async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
             r = rx.changed() => if r.is_err() { return },
         }
     }
+}
+
+/// Where a relay records which version its materialized file holds.
+const SIDECAR: &str = "replica.json";
+
+#[derive(Serialize, serde::Deserialize)]
+struct Sidecar {
+    version: u64,
+    root: String,
+    length: u64,
+    chunk_size: u32,
+}
+
+/// Records the version, root and shape of the file just materialized (temp + fsync +
+/// rename). A crash between the file and this record leaves a record whose root does not
+/// match the file: the copy is then untrusted, and only its differing chunks are fetched.
+fn write_sidecar(path: &Path, file: &ChunkedFile) -> std::io::Result<()> {
+    let rec = Sidecar {
+        version: file.version(),
+        root: file.root_hex(),
+        length: file.len(),
+        chunk_size: file.chunk_size(),
+    };
+    let tmp = path.with_extension("json.tmp");
+    {
+        let f = std::fs::File::create(&tmp)?;
+        serde_json::to_writer(&f, &rec)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads the relay's materialized copy and its record; the copy is trusted only when its
+/// recomputed root equals the recorded one.
+fn load_local_copy(cfg: &NodeConfig, path: &Path) -> Option<(ChunkedFile, bool)> {
+    let bytes = std::fs::read(path).ok()?;
+    let rec: Option<Sidecar> = std::fs::read(cfg.data.join(SIDECAR))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let mut file =
+        ChunkedFile::from_bytes(cfg.stream.chunk_size, cfg.stream.max_len, &bytes, 0).ok()?;
+    let trusted = match rec {
+        Some(r) if r.chunk_size == file.chunk_size() && r.root == file.root_hex() => {
+            file.set_version(r.version);
+            true
+        }
+        _ => {
+            warn!(node = %cfg.name, path = %path.display(), "local copy does not match its record: fetching only the chunks that differ");
+            false
+        }
+    };
+    Some((file, trusted))
 }
 
 /// Writes `file` to a temporary file next to `path`, fsyncs it, renames it over `path` and

@@ -66,6 +66,12 @@ pub enum ReplicaError {
     /// A checkpoint names a version this node does not hold while streaming.
     #[error("checkpoint for version {checkpoint} while holding {have}")]
     CheckpointOutOfStep { checkpoint: u64, have: u64 },
+    /// A transferred chunk does not hash to its manifest entry (the sender is faulty).
+    #[error("chunk {index} does not match the manifest")]
+    BadChunk { index: u64 },
+    /// The manifest does not recompute the advertised root.
+    #[error("manifest does not match root {root}")]
+    BadManifest { root: String },
     /// A frame that is not valid in the current subscription state.
     #[error("unexpected {frame} frame while {state}")]
     Unexpected {
@@ -98,6 +104,8 @@ impl ReplicaError {
             Self::Unexpected { .. } => "unexpected_frame",
             Self::Refused(_) => "refused",
             Self::Cycle(_) => "cycle",
+            Self::BadChunk { .. } => "bad_chunk",
+            Self::BadManifest { .. } => "bad_manifest",
             Self::File(_) => "file",
         }
     }
@@ -131,6 +139,7 @@ enum Upstream {
         builder: FileBuilder,
         version: u64,
         commit_time_us: u64,
+        manifest: Vec<Hash>,
     },
     Streaming,
 }
@@ -275,6 +284,17 @@ impl Replica {
         vec![Event::Installed {
             version: self.file.version(),
         }]
+    }
+
+    /// Relays at start-up: takes the copy found on disk. A `trusted` copy (its recorded
+    /// version and root match its content) is served and resumed from; an untrusted one is
+    /// only used to fetch less (its chunk hashes go in the next subscription).
+    pub fn seed(&mut self, file: ChunkedFile, trusted: bool) {
+        self.file = file;
+        self.retained.clear();
+        self.retained_bytes = 0;
+        self.base = (self.file.version(), self.file.root());
+        self.synced = trusted;
     }
 
     /// Core nodes: applies the committed proposal at Raft log index `index`.
@@ -464,6 +484,12 @@ impl Replica {
             have_version,
             have_root,
             listen_addr: listen_addr.to_string(),
+            have_chunks: self
+                .file
+                .chunk_hashes()
+                .iter()
+                .map(|h| Bytes::copy_from_slice(h))
+                .collect(),
         }
     }
 
@@ -521,12 +547,39 @@ impl Replica {
             }
             (Upstream::AwaitSnapshot, Some(Down::SnapshotBegin(b))) => {
                 let root = to_hash(&b.root).ok_or(FileError::BadHash { len: b.root.len() })?;
-                let builder =
+                let mut builder =
                     FileBuilder::new(b.chunk_size, self.cfg.max_len, b.length, b.version, root)?;
+                let mut manifest = Vec::with_capacity(b.chunk_hashes.len());
+                for h in &b.chunk_hashes {
+                    manifest.push(to_hash(h).ok_or(FileError::BadHash { len: h.len() })?);
+                }
+                if !manifest.is_empty() {
+                    if manifest.len() as u64 != builder.chunk_count()
+                        || crate::file::root_of(b.chunk_size, b.length, &manifest) != root
+                    {
+                        return Err(ReplicaError::BadManifest {
+                            root: hex::encode(root),
+                        });
+                    }
+                    if self.file.chunk_size() == b.chunk_size {
+                        for (i, h) in manifest.iter().enumerate() {
+                            let i = i as u64;
+                            let expected = crate::file::chunk_len_for(b.length, b.chunk_size, i);
+                            if self.file.chunk_hash(i) == Some(*h) {
+                                if let Some(data) = self.file.chunk(i) {
+                                    if data.len() as u64 == expected {
+                                        builder.put_chunk(i, data)?;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
                 self.upstream = Upstream::Snapshot {
                     builder,
                     version: b.version,
                     commit_time_us: b.commit_time_unix_us,
+                    manifest,
                 };
                 Ok(vec![])
             }
@@ -535,14 +588,21 @@ impl Replica {
                     mut builder,
                     version,
                     commit_time_us,
+                    manifest,
                 },
                 Some(Down::SnapshotChunk(c)),
             ) => {
+                if let Some(h) = manifest.get(c.index as usize) {
+                    if crate::file::leaf_hash(&c.data) != *h {
+                        return Err(ReplicaError::BadChunk { index: c.index });
+                    }
+                }
                 builder.put_chunk(c.index, c.data)?;
                 self.upstream = Upstream::Snapshot {
                     builder,
                     version,
                     commit_time_us,
+                    manifest,
                 };
                 Ok(vec![])
             }
@@ -661,12 +721,16 @@ impl Replica {
     }
 }
 
-/// The frames of a full transfer of `file`: `SnapshotBegin`, one `SnapshotChunk` per chunk,
-/// `SnapshotEnd`. Produced lazily so a 50 MB snapshot is never encoded all at once.
-pub fn snapshot_frames(
-    file: &ChunkedFile,
+/// The frames of a full transfer of `file`: `SnapshotBegin` (with the manifest), one
+/// `SnapshotChunk` per chunk the child lacks (`have` holds the child's chunk hashes; a chunk
+/// whose hash it already holds at the same index is skipped), `SnapshotEnd`. Produced lazily
+/// so a 50 MB snapshot is never encoded all at once.
+pub fn snapshot_frames<'a>(
+    file: &'a ChunkedFile,
     commit_time_us: u64,
-) -> impl Iterator<Item = Bytes> + '_ {
+    have: &'a [Bytes],
+) -> impl Iterator<Item = Bytes> + 'a {
+    let hashes = file.chunk_hashes();
     let begin = wire::encode(&proto::Downstream {
         kind: Some(Down::SnapshotBegin(proto::SnapshotBegin {
             version: file.version(),
@@ -674,16 +738,21 @@ pub fn snapshot_frames(
             root: Bytes::copy_from_slice(&file.root()),
             chunk_size: file.chunk_size(),
             commit_time_unix_us: commit_time_us,
+            chunk_hashes: hashes.iter().map(|h| Bytes::copy_from_slice(h)).collect(),
         })),
     });
-    let chunks = (0..file.chunk_count()).map(move |i| {
-        wire::encode(&proto::Downstream {
-            kind: Some(Down::SnapshotChunk(proto::SnapshotChunk {
-                index: i,
-                data: file.chunk(i).unwrap_or_default(),
-            })),
+    let chunks = (0..file.chunk_count())
+        .filter(move |i| {
+            have.get(*i as usize).map(|h| h.as_ref()) != Some(&hashes[*i as usize][..])
         })
-    });
+        .map(move |i| {
+            wire::encode(&proto::Downstream {
+                kind: Some(Down::SnapshotChunk(proto::SnapshotChunk {
+                    index: i,
+                    data: file.chunk(i).unwrap_or_default(),
+                })),
+            })
+        });
     let end = wire::encode(&proto::Downstream {
         kind: Some(Down::SnapshotEnd(proto::SnapshotEnd {})),
     });

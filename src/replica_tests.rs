@@ -209,6 +209,7 @@ fn sub_at(have_version: u64, have_root: &[u8]) -> proto::Subscribe {
         have_version,
         have_root: Bytes::copy_from_slice(have_root),
         listen_addr: "10.0.0.2:4433".into(),
+        have_chunks: vec![],
     }
 }
 
@@ -232,7 +233,7 @@ fn connect(parent: &Replica, child: &mut Replica, full: bool) -> Result<Vec<Even
         }
         SubscribePlan::Snapshot(file) => {
             events.extend(feed(child, &ok_frame(false))?);
-            for f in snapshot_frames(&file, parent.last_commit_time_us()) {
+            for f in snapshot_frames(&file, parent.last_commit_time_us(), &[]) {
                 events.extend(feed(child, &f)?);
             }
         }
@@ -686,7 +687,7 @@ fn heartbeat_frame_carries_commit_known() {
 #[test]
 fn snapshot_frames_exact() {
     let (p, _) = parent_at_v4(100);
-    let frames: Vec<Bytes> = snapshot_frames(p.file(), T0 + 4).collect();
+    let frames: Vec<Bytes> = snapshot_frames(p.file(), T0 + 4, &[]).collect();
     let expected = vec![
         frame(Down::SnapshotBegin(proto::SnapshotBegin {
             version: 4,
@@ -694,6 +695,12 @@ fn snapshot_frames_exact() {
             root: Bytes::copy_from_slice(&p.file().root()),
             chunk_size: CS,
             commit_time_unix_us: T0 + 4,
+            chunk_hashes: p
+                .file()
+                .chunk_hashes()
+                .iter()
+                .map(|h| Bytes::copy_from_slice(h))
+                .collect(),
         })),
         frame(Down::SnapshotChunk(proto::SnapshotChunk {
             index: 0,
@@ -712,7 +719,7 @@ fn snapshot_frames_exact() {
     assert_eq!(frames, expected);
 
     let empty = ChunkedFile::new(CS, MAX).unwrap();
-    let frames: Vec<Bytes> = snapshot_frames(&empty, 0).collect();
+    let frames: Vec<Bytes> = snapshot_frames(&empty, 0, &[]).collect();
     assert_eq!(frames.len(), 2, "begin and end only");
 }
 
@@ -739,6 +746,7 @@ fn full_subscription_flow_then_live_entries() {
             have_version: 0,
             have_root: Bytes::new(),
             listen_addr: "10.0.0.2:4433".into(),
+            have_chunks: vec![],
         }
     );
     let file = match parent.plan_subscription(&sub) {
@@ -749,7 +757,7 @@ fn full_subscription_flow_then_live_entries() {
 
     assert_eq!(feed(&mut child, &ok_frame(false)), Ok(vec![]));
     assert_eq!(child.parent(), Some(&parent_info()));
-    let mut frames = snapshot_frames(&file, parent.last_commit_time_us());
+    let mut frames = snapshot_frames(&file, parent.last_commit_time_us(), &[]);
     let begin = frames.next().unwrap();
     assert_eq!(feed(&mut child, &begin), Ok(vec![]));
     let rest: Vec<Bytes> = frames.collect();
@@ -945,7 +953,7 @@ fn heartbeat_while_streaming_and_during_snapshot() {
     // Awaiting the snapshot: noted, not forwarded.
     assert_eq!(feed(&mut child, &heartbeat_frame(6, T0)), Ok(vec![]));
     assert_eq!(child.commit_known(), 6);
-    let frames: Vec<Bytes> = snapshot_frames(parent.file(), T0 + 4).collect();
+    let frames: Vec<Bytes> = snapshot_frames(parent.file(), T0 + 4, &[]).collect();
     for f in &frames[..2] {
         assert_eq!(feed(&mut child, f), Ok(vec![]));
     }
@@ -1216,7 +1224,7 @@ fn checkpoint_for_another_version_is_out_of_step() {
 fn frames_out_of_order_are_unexpected() {
     let (parent, _) = parent_at_v4(100);
     let entry = entry_frame(1, 0, T0, &upd(vec![w(0, b"x")]));
-    let snaps: Vec<Bytes> = snapshot_frames(parent.file(), T0).collect();
+    let snaps: Vec<Bytes> = snapshot_frames(parent.file(), T0, &[]).collect();
     let empty = wire::encode(&proto::Downstream { kind: None });
 
     let mut c = relay();
@@ -1324,7 +1332,10 @@ fn refused_in_any_state() {
     let _ = c.subscribe("c", "a:1", false);
     assert_eq!(feed(&mut c, &ok_frame(false)), Ok(vec![]));
     assert_eq!(
-        feed(&mut c, &snapshot_frames(parent.file(), 0).next().unwrap()),
+        feed(
+            &mut c,
+            &snapshot_frames(parent.file(), 0, &[]).next().unwrap()
+        ),
         Ok(vec![])
     );
     assert_eq!(
@@ -1355,10 +1366,10 @@ fn refused_in_any_state() {
 }
 
 #[test]
-fn corrupted_snapshot_chunk_fails_at_finish() {
+fn corrupted_snapshot_chunk_is_refused_against_the_manifest() {
     let (parent, _) = parent_at_v4(100);
-    let mut frames: Vec<Bytes> = snapshot_frames(parent.file(), T0).collect();
-    // Same length, one byte changed: only the root check can catch it.
+    let mut frames: Vec<Bytes> = snapshot_frames(parent.file(), T0, &[]).collect();
+    // Same length, one byte changed: the manifest catches it at that chunk.
     frames[2] = frame(Down::SnapshotChunk(proto::SnapshotChunk {
         index: 1,
         data: Bytes::from_static(b"O, w"),
@@ -1366,7 +1377,24 @@ fn corrupted_snapshot_chunk_fails_at_finish() {
     let mut c = relay();
     let _ = c.subscribe("c", "a:1", false);
     assert_eq!(feed(&mut c, &ok_frame(false)), Ok(vec![]));
-    for f in &frames[..frames.len() - 1] {
+    assert_eq!(feed(&mut c, &frames[0]), Ok(vec![]));
+    assert_eq!(feed(&mut c, &frames[1]), Ok(vec![]));
+    let err = feed(&mut c, &frames[2]).unwrap_err();
+    assert_eq!(err, ReplicaError::BadChunk { index: 1 });
+    assert!(!c.is_synced());
+    assert_eq!(c.file().version(), 0);
+    assert!(c.file().is_empty());
+
+    // Without a manifest (an older sender), only the root check at the end can catch it.
+    let mut begin: proto::Downstream = decode(&frames[0]);
+    if let Some(Down::SnapshotBegin(b)) = begin.kind.as_mut() {
+        b.chunk_hashes.clear();
+    }
+    let mut c = relay();
+    let _ = c.subscribe("c", "a:1", false);
+    assert_eq!(feed(&mut c, &ok_frame(false)), Ok(vec![]));
+    assert_eq!(feed(&mut c, &frame(begin.kind.unwrap())), Ok(vec![]));
+    for f in &frames[1..frames.len() - 1] {
         assert_eq!(feed(&mut c, f), Ok(vec![]));
     }
     let corrupt = ChunkedFile::from_bytes(CS, MAX, b"hellO, wor", 4).unwrap();
@@ -1379,10 +1407,6 @@ fn corrupted_snapshot_chunk_fails_at_finish() {
         })
     );
     assert!(err.needs_full_resync());
-    assert!(!c.is_synced());
-    assert_eq!(c.file().version(), 0);
-    assert!(c.file().is_empty());
-    assert_eq!(c.last_commit_time_us(), 0);
 
     // A retry with the right frames installs.
     c.upstream_lost();
@@ -1391,9 +1415,31 @@ fn corrupted_snapshot_chunk_fails_at_finish() {
 }
 
 #[test]
+fn a_diff_transfer_sends_only_the_chunks_the_child_lacks() {
+    let (parent, _) = parent_at_v4(100);
+    // The child holds the same content except chunk 1.
+    let mut bytes = parent.file().to_vec();
+    bytes[5] ^= 0xff;
+    let mut c = relay();
+    c.seed(ChunkedFile::from_bytes(CS, MAX, &bytes, 0).unwrap(), false);
+    let sub = c.subscribe("c", "a:1", false);
+    assert_eq!(sub.have_version, 0);
+    assert_eq!(sub.have_chunks.len() as u64, c.file().chunk_count());
+    let frames: Vec<Bytes> = snapshot_frames(parent.file(), T0, &sub.have_chunks).collect();
+    assert_eq!(frames.len(), 3, "begin, the one differing chunk, end");
+    assert_eq!(feed(&mut c, &ok_frame(false)), Ok(vec![]));
+    for f in &frames[..2] {
+        assert_eq!(feed(&mut c, f), Ok(vec![]));
+    }
+    assert!(feed(&mut c, &frames[2]).is_ok());
+    assert_eq!(state(&c), state(&parent));
+    assert_eq!(c.file().to_vec(), parent.file().to_vec());
+}
+
+#[test]
 fn malformed_snapshot_chunks_fail_at_put_chunk() {
     let (parent, _) = parent_at_v4(100);
-    let frames: Vec<Bytes> = snapshot_frames(parent.file(), T0).collect();
+    let frames: Vec<Bytes> = snapshot_frames(parent.file(), T0, &[]).collect();
     let start = |c: &mut Replica| {
         let _ = c.subscribe("c", "a:1", false);
         assert_eq!(feed(c, &ok_frame(false)), Ok(vec![]));
@@ -1410,11 +1456,7 @@ fn malformed_snapshot_chunks_fail_at_put_chunk() {
     start(&mut c);
     assert_eq!(
         feed(&mut c, &chunk(2, b"orX")),
-        Err(ReplicaError::File(FileError::ChunkLength {
-            index: 2,
-            expected: 2,
-            got: 3,
-        }))
+        Err(ReplicaError::BadChunk { index: 2 })
     );
     start(&mut c);
     assert_eq!(
@@ -1440,6 +1482,7 @@ fn malformed_snapshot_chunks_fail_at_put_chunk() {
             root: Bytes::copy_from_slice(root),
             chunk_size,
             commit_time_unix_us: T0,
+            chunk_hashes: vec![],
         }))
     };
     for (f, e) in [
@@ -1540,6 +1583,12 @@ fn plan_resumes_from_the_window() {
             have_version: 0,
             have_root: Bytes::new(),
             listen_addr: "a:1".into(),
+            have_chunks: c
+                .file()
+                .chunk_hashes()
+                .iter()
+                .map(|h| Bytes::copy_from_slice(h))
+                .collect(),
         }
     );
     assert_eq!(plan(&p, &full), snap);

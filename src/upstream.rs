@@ -374,6 +374,16 @@ fn subscription(shared: &Shared, full: bool) -> proto::Subscribe {
 
 fn apply_frame(shared: &Shared, raw: RawFrame) -> Result<(), UpstreamError> {
     let msg: proto::Downstream = raw.decode()?;
+    if let Some(Down::SnapshotChunk(c)) = &msg.kind {
+        shared
+            .metrics
+            .backfill_received
+            .increment(c.data.len() as u64);
+        shared
+            .stats
+            .backfill_received
+            .fetch_add(c.data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
     let mut st = shared.state.lock().unwrap();
     let depth_before = st.replica.parent().map(|p| p.depth);
     let events = st.replica.handle_downstream(raw.frame, msg)?;

@@ -71,7 +71,7 @@ proptest! {
             let data = Bytes::from(data);
             let kind = match k {
                 0 => Kind::SubscribeOk(proto::SubscribeOk { resume: a % 2 == 0, ..Default::default() }),
-                1 => Kind::SnapshotBegin(proto::SnapshotBegin { version: a % 8, length: b % 100_000, root: data, chunk_size: 4096, commit_time_unix_us: 0 }),
+                1 => Kind::SnapshotBegin(proto::SnapshotBegin { version: a % 8, length: b % 100_000, root: data, chunk_size: 4096, commit_time_unix_us: 0, chunk_hashes: vec![] }),
                 2 => Kind::SnapshotChunk(proto::SnapshotChunk { index: a % 30, data }),
                 3 => Kind::SnapshotEnd(proto::SnapshotEnd {}),
                 4 => Kind::Entry(proto::Entry { version: a % 16, prev_version: b % 16, commit_time_unix_us: 0, update: Some(proto::Update { ops: vec![
