@@ -139,8 +139,7 @@ impl Proc {
             let api = free_tcp();
             let data = root.join("data").join(name);
             let file = root.join("files").join(name);
-            let mut args: Vec<String> =
-                base_args(&name.to_string(), quic, api, &data, &file, &pki.tls);
+            let mut args: Vec<String> = base_args(name, quic, api, &data, &file, &pki.tls);
             if core {
                 args.push("--init".into());
             } else {
@@ -185,7 +184,7 @@ impl Proc {
                 let data = root.join("data").join(name);
                 let file = root.join("files").join(name);
                 let mut args: Vec<String> = {
-                    let mut a = base_args(&name.to_string(), *quic, *api, &data, &file, &pki.tls);
+                    let mut a = base_args(name, *quic, *api, &data, &file, &pki.tls);
                     a.push("--init".into());
                     a
                 };
@@ -218,7 +217,7 @@ impl Proc {
         let (quic, api) = (free_udp(), free_tcp());
         let data = root.join("data").join(name);
         let file = root.join("files").join(name);
-        let args: Vec<String> = base_args(&name.to_string(), quic, api, &data, &file, &pki.tls);
+        let args: Vec<String> = base_args(name, quic, api, &data, &file, &pki.tls);
         let mut p = Proc {
             name: name.to_string(),
             quic,
