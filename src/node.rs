@@ -79,7 +79,7 @@ pub enum NodeError {
     Wire(#[from] WireError),
     #[error("connect to {addr}: {reason}")]
     Connect { addr: String, reason: String },
-    #[error("no core node is known yet (this relay has not reached its parent)")]
+    #[error("no core node is known (no parent yet and no --join address)")]
     NoCore,
     #[error("update of {size} bytes exceeds max_update_bytes {max}")]
     UpdateTooLarge { size: u64, max: u64 },
@@ -888,7 +888,10 @@ async fn forward_proposal(
 impl NodeError {
     /// Transport failures, after which the same proposal (same id) may be sent again.
     fn is_retryable(&self) -> bool {
-        matches!(self, NodeError::Connect { .. } | NodeError::Wire(_))
+        matches!(
+            self,
+            NodeError::Connect { .. } | NodeError::Wire(_) | NodeError::NoCore
+        )
     }
 }
 
@@ -949,11 +952,11 @@ async fn core_connection(shared: &Arc<Shared>) -> Result<quinn::Connection, Node
     }
     let addrs = {
         let st = shared.state.lock().unwrap();
-        match st.replica.parent() {
-            Some(p) if !p.core_addrs.is_empty() => p.core_addrs.clone(),
-            _ => return Err(NodeError::NoCore),
-        }
+        shared.core_addrs(&st)
     };
+    if addrs.is_empty() {
+        return Err(NodeError::NoCore);
+    }
     let mut last = NodeError::NoCore;
     let start = shared.core_pick.load(Ordering::Relaxed);
     for i in 0..addrs.len() {
