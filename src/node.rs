@@ -799,34 +799,13 @@ impl Node {
         let asks = kids.into_iter().map(|addr| {
             let shared = self.0.clone();
             async move {
-                let r: Result<Vec<proto::TreeNode>, NodeError> =
-                    async {
-                        let conn = connect(&shared, &addr).await?;
-                        let (mut send, mut recv) =
-                            conn.open_bi().await.map_err(|e| NodeError::Connect {
-                                addr: addr.clone(),
-                                reason: e.to_string(),
-                            })?;
-                        wire::write_frame(
-                            &mut send,
-                            &proto::Request {
-                                kind: Some(request::Kind::Tree(proto::TreeQuery {
-                                    budget: budget - 1,
-                                })),
-                            },
-                        )
-                        .await?;
-                        let _ = send.finish();
-                        Ok(wire::read_frame::<proto::TreeReply>(
-                            &mut recv,
-                            shared.cfg.stream.max_frame,
-                        )
-                        .await?
-                        .map(|r| r.nodes)
-                        .unwrap_or_default())
-                    }
-                    .await;
-                r.unwrap_or_default()
+                let r: Result<proto::TreeReply, NodeError> = exchange(
+                    &shared,
+                    &addr,
+                    request::Kind::Tree(proto::TreeQuery { budget: budget - 1 }),
+                )
+                .await;
+                r.map(|r| r.nodes).unwrap_or_default()
             }
         });
         let wait = TREE_WAIT * budget.min(8);
@@ -1009,27 +988,30 @@ pub(crate) async fn connect(shared: &Shared, addr: &str) -> Result<quinn::Connec
         .map_err(|e| err(e.to_string()))
 }
 
-async fn forward_admin(
-    shared: &Arc<Shared>,
+/// One request and its single reply on a new bidirectional stream to `addr`.
+pub(crate) async fn exchange<Rep: prost::Message + Default>(
+    shared: &Shared,
     addr: &str,
-    admin: proto::Admin,
-) -> Result<(), NodeError> {
+    kind: request::Kind,
+) -> Result<Rep, NodeError> {
     let conn = connect(shared, addr).await?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Connect {
         addr: addr.to_string(),
         reason: e.to_string(),
     })?;
-    wire::write_frame(
-        &mut send,
-        &proto::Request {
-            kind: Some(request::Kind::Admin(admin)),
-        },
-    )
-    .await?;
+    wire::write_frame(&mut send, &proto::Request { kind: Some(kind) }).await?;
     let _ = send.finish();
-    let reply = wire::read_frame::<proto::AdminReply>(&mut recv, shared.cfg.stream.max_frame)
+    wire::read_frame::<Rep>(&mut recv, shared.cfg.stream.max_frame)
         .await?
-        .ok_or(NodeError::Wire(WireError::Truncated))?;
+        .ok_or(NodeError::Wire(WireError::Truncated))
+}
+
+async fn forward_admin(
+    shared: &Arc<Shared>,
+    addr: &str,
+    admin: proto::Admin,
+) -> Result<(), NodeError> {
+    let reply: proto::AdminReply = exchange(shared, addr, request::Kind::Admin(admin)).await?;
     if reply.error.is_empty() {
         Ok(())
     } else {

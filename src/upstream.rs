@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::node::{code, connect, now_us, Shared};
+use crate::node::{code, connect, exchange, now_us, Shared};
 use crate::overlay::{Input, Output, PeerInfo, Reason};
 use crate::proto::{self, downstream::Kind as Down, request};
 use crate::replica::{Event, ReplicaError};
@@ -113,31 +113,19 @@ async fn request_sample(
     addr: &str,
     offer: Vec<PeerInfo>,
 ) -> Result<(PeerInfo, Vec<PeerInfo>), crate::node::NodeError> {
-    let conn = connect(shared, addr).await?;
     let timeout = Duration::from_millis(shared.cfg.overlay.probe_timeout_ms);
-    let r = tokio::time::timeout(timeout, async {
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| WireError::Read(quinn::ReadError::ConnectionLost(e)))?;
-        wire::write_frame(
-            &mut send,
-            &proto::Request {
-                kind: Some(request::Kind::Sample(proto::Sample {
-                    offer: offer.iter().map(peer_to_proto).collect(),
-                })),
-            },
-        )
-        .await?;
-        let _ = send.finish();
-        wire::read_frame::<proto::SampleReply>(&mut recv, 1 << 20)
-            .await?
-            .ok_or(WireError::Truncated)
-    })
-    .await
-    .map_err(|_| crate::node::NodeError::Connect {
-        addr: addr.to_string(),
-        reason: "sample timed out".into(),
+    let ask = exchange::<proto::SampleReply>(
+        shared,
+        addr,
+        request::Kind::Sample(proto::Sample {
+            offer: offer.iter().map(peer_to_proto).collect(),
+        }),
+    );
+    let r = tokio::time::timeout(timeout, ask).await.map_err(|_| {
+        crate::node::NodeError::Connect {
+            addr: addr.to_string(),
+            reason: "sample timed out".into(),
+        }
     })??;
     let info = r
         .info
