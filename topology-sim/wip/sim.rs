@@ -1,0 +1,1516 @@
+//! The discrete-event engine: every node runs its own [`Overlay`] (the same code as the relay
+//! runtime) on a virtual clock, and the engine carries out the overlay's outputs as messages
+//! with a per-link latency.
+//!
+//! Model:
+//! - Time is in microseconds; the overlay sees whole milliseconds. Events are ordered by
+//!   (time, sequence number), so ties go to the one scheduled first and a run is a function
+//!   of its parameters and seed.
+//! - Each link (a, b) has a fixed latency drawn from the seed, uniform in
+//!   [mean/2, 3·mean/2]; a fixed per-link latency keeps each link in order, as a QUIC stream
+//!   does.
+//! - `RequestSample` reaches the target, which answers with `answer_sample`; a dead target
+//!   shows up as `SampleFailed` after `detect_ms`.
+//! - `Attach` reaches the target, which accepts when it is alive, knows its depth and has a
+//!   free slot (children plus accepted-but-unconfirmed attaches below the fan-out): it
+//!   reserves the slot and answers `Attached` with its depth and root path. Otherwise it
+//!   answers `Refused`, with `Overlay::pick_referral` over what its children advertise when
+//!   it is attached. A dead target shows up as `AttachFailed` after `detect_ms`.
+//! - The tree edge follows the child's overlay: when the child's parent changes, the old
+//!   edge goes and the new one comes (a move is make-before-break: the old parent is
+//!   dropped once the new one accepted). `Detach` releases the slot at the target.
+//! - A node whose path to the root changed tells its children (`PathUpdate`, one message
+//!   per child); a child whose view of its parent's path is stale gets the new path as an
+//!   `Input::Attached` from its current parent, the only input that carries a path. That is
+//!   how a node that ends up below itself notices and detaches.
+//! - Children of a dead node get `ParentLost` after `detect_ms`. Node counts reach a node
+//!   through `Input::Children` as soon as they change.
+//! - Only relays fail; core nodes (1 to 5 roots at depth 0) stay up.
+//!
+//! Invariants, checked after every event that changes the tree (an edge made, dropped or
+//! reserved) and over the whole tree at the end:
+//! - `single-parent`: a node has at most one parent, is listed exactly once among its
+//!   parent's children, and the tree and the node's overlay agree on the parent;
+//! - `acyclic`: the walk up from a node never comes back to it;
+//! - `fan-out`: no node has more than K children, reserved slots included;
+//! - `depth` (end only): every attached node's overlay depth is its parent's plus one;
+//! - `attached` (end only): every live node reaches a core within `settle` seconds of the
+//!   faults stopping.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fmt;
+
+use anyhow::{anyhow, ensure, Result};
+use canopy::overlay::{Input, Output, Overlay, OverlayConfig, PeerInfo, Reason};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// How the relays join.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum JoinMode {
+    /// Every relay at t = 0.
+    All,
+    /// One relay every `join_interval_ms`.
+    Staggered,
+}
+
+impl JoinMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            JoinMode::All => "all",
+            JoinMode::Staggered => "staggered",
+        }
+    }
+}
+
+/// Everything a run depends on.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Nodes at the start, core nodes included.
+    pub nodes: u32,
+    pub cores: u32,
+    pub overlay: OverlayConfig,
+    pub seed: u64,
+    pub join: JoinMode,
+    pub join_interval_ms: u64,
+    pub latency_ms: f64,
+    pub tick_ms: u64,
+    pub detect_ms: u64,
+    /// Fraction of the live relays killed at `kill_at_s`.
+    pub kill: f64,
+    pub kill_at_s: f64,
+    /// Fraction of the relays replaced per virtual minute, until `duration_s`.
+    pub churn: f64,
+    pub duration_s: f64,
+    pub settle_s: f64,
+    /// Stop after this many events (0: no limit).
+    pub max_events: u64,
+}
+
+impl Params {
+    pub fn new(nodes: u32, seed: u64) -> Self {
+        Self {
+            nodes,
+            cores: 1,
+            overlay: OverlayConfig::default(),
+            seed,
+            join: JoinMode::All,
+            join_interval_ms: 10,
+            latency_ms: 0.5,
+            tick_ms: 200,
+            detect_ms: 1000,
+            kill: 0.0,
+            kill_at_s: 5.0,
+            churn: 0.0,
+            duration_s: 0.0,
+            settle_s: 60.0,
+            max_events: 50_000_000,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            (1..=5).contains(&self.cores),
+            "--cores must be between 1 and 5"
+        );
+        ensure!(
+            self.nodes >= self.cores,
+            "--nodes counts the core nodes too: at least --cores"
+        );
+        self.overlay
+            .validate()
+            .map_err(|e| anyhow!("overlay config: {e}"))?;
+        ensure!(self.tick_ms > 0, "--tick-ms must be positive");
+        ensure!(
+            self.latency_ms.is_finite() && self.latency_ms >= 0.0,
+            "--latency-ms must be a non-negative number"
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.kill),
+            "--kill is a fraction in [0, 1)"
+        );
+        ensure!(
+            self.kill_at_s.is_finite() && self.kill_at_s >= 0.0,
+            "--kill-at must be a non-negative number of seconds"
+        );
+        ensure!(
+            self.churn.is_finite() && self.churn >= 0.0,
+            "--churn must be a non-negative fraction per minute"
+        );
+        ensure!(
+            self.duration_s.is_finite() && self.duration_s >= 0.0,
+            "--duration must be a non-negative number of seconds"
+        );
+        ensure!(
+            self.churn == 0.0 || self.duration_s > 0.0,
+            "--churn needs a --duration"
+        );
+        ensure!(
+            self.settle_s.is_finite() && self.settle_s >= 0.0,
+            "--settle must be a non-negative number of seconds"
+        );
+        Ok(())
+    }
+
+    fn relays(&self) -> u32 {
+        self.nodes - self.cores
+    }
+
+    /// A command line that replays this run.
+    pub fn replay(&self) -> String {
+        let d = OverlayConfig::default();
+        let mut cmd = format!(
+            "topology-sim --nodes {} --cores {} --fanout {} --choices {} --seed {} --join {} \
+             --join-interval-ms {} --latency-ms {} --tick-ms {} --detect-ms {} --settle {}",
+            self.nodes,
+            self.cores,
+            self.overlay.fanout,
+            self.overlay.choices,
+            self.seed,
+            self.join.label(),
+            self.join_interval_ms,
+            self.latency_ms,
+            self.tick_ms,
+            self.detect_ms,
+            self.settle_s,
+        );
+        if self.overlay.rebalance_ms != d.rebalance_ms {
+            cmd.push_str(&format!(" --rebalance-ms {}", self.overlay.rebalance_ms));
+        }
+        if self.kill > 0.0 {
+            cmd.push_str(&format!(
+                " --kill {} --kill-at {}",
+                self.kill, self.kill_at_s
+            ));
+        }
+        if self.churn > 0.0 {
+            cmd.push_str(&format!(" --churn {}", self.churn));
+        }
+        if self.duration_s > 0.0 {
+            cmd.push_str(&format!(" --duration {}", self.duration_s));
+        }
+        if self.max_events != Params::new(1, 0).max_events {
+            cmd.push_str(&format!(" --max-events {}", self.max_events));
+        }
+        cmd
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invariant {
+    SingleParent,
+    Acyclic,
+    FanOut,
+    Depth,
+    Attached,
+}
+
+impl fmt::Display for Invariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::SingleParent => "single-parent",
+            Self::Acyclic => "acyclic",
+            Self::FanOut => "fan-out",
+            Self::Depth => "depth",
+            Self::Attached => "attached",
+        })
+    }
+}
+
+const MS: u64 = 1000;
+const SEC: u64 = 1_000_000;
+/// How often the end condition is checked once the faults stopped.
+const CHECK_EVERY: u64 = 100 * MS;
+
+fn us(seconds: f64) -> u64 {
+    (seconds * SEC as f64).round() as u64
+}
+
+fn name(id: u32) -> String {
+    format!("n{id}")
+}
+
+fn addr(id: u32) -> String {
+    format!("a{id}")
+}
+
+fn id_of(addr: &str) -> u32 {
+    addr.strip_prefix('a')
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("the overlay produced an address the sim never gave out: {addr}"))
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[derive(Debug)]
+enum Ev {
+    Join(u32),
+    Tick(u32),
+    SampleReq {
+        from: u32,
+        to: u32,
+        offer: Vec<PeerInfo>,
+    },
+    Sampled {
+        to: u32,
+        from: u32,
+        info: PeerInfo,
+        peers: Vec<PeerInfo>,
+    },
+    SampleFailed {
+        to: u32,
+        from: u32,
+    },
+    AttachReq {
+        child: u32,
+        target: u32,
+    },
+    Attached {
+        child: u32,
+        target: u32,
+        depth: u32,
+        root_path: Vec<String>,
+    },
+    Refused {
+        child: u32,
+        target: u32,
+        referral: Option<PeerInfo>,
+    },
+    AttachFailed {
+        child: u32,
+        target: u32,
+    },
+    ParentLost {
+        child: u32,
+        parent: u32,
+    },
+    PathUpdate {
+        child: u32,
+        parent: u32,
+    },
+    Kill,
+    Churn,
+    Check,
+}
+
+/// The event queue: a min-heap of (time, sequence number, slot), the events themselves in a
+/// slab, so that the heap moves 24-byte keys rather than whole messages. The sequence number
+/// is unique, so ties in time go to the event scheduled first.
+#[derive(Default)]
+struct Queue {
+    heap: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    slab: Vec<Option<Ev>>,
+    free: Vec<u32>,
+    seq: u64,
+}
+
+impl Queue {
+    fn push(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slab[i as usize] = Some(ev);
+                i
+            }
+            None => {
+                self.slab.push(Some(ev));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        self.heap.push(Reverse((at, self.seq, slot)));
+    }
+
+    fn pop(&mut self) -> Option<(u64, Ev)> {
+        let Reverse((at, _, slot)) = self.heap.pop()?;
+        self.free.push(slot);
+        let ev = self.slab[slot as usize].take().expect("a queued event");
+        Some((at, ev))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Life {
+    NotYet,
+    Alive,
+    Dead,
+}
+
+struct Node {
+    core: bool,
+    life: Life,
+    ov: Overlay,
+    rng: ChaCha8Rng,
+    joined_us: u64,
+    attached_once: bool,
+    /// When its parent died, until it attaches again.
+    orphaned_us: Option<u64>,
+    /// Target and reason of its latest attach.
+    attaching: Option<(u32, Reason)>,
+}
+
+/// The real tree: who serves whom.
+struct Tables {
+    fanout: usize,
+    parent: Vec<Option<u32>>,
+    children: Vec<Vec<u32>>,
+    /// Attaches accepted but not yet confirmed by the child: they hold a slot.
+    reserved: Vec<Vec<u32>>,
+}
+
+impl Tables {
+    fn push(&mut self) {
+        self.parent.push(None);
+        self.children.push(Vec::new());
+        self.reserved.push(Vec::new());
+    }
+
+    fn used(&self, n: u32) -> usize {
+        self.children[n as usize].len() + self.reserved[n as usize].len()
+    }
+
+    fn link(&mut self, child: u32, parent: u32) {
+        self.parent[child as usize] = Some(parent);
+        self.children[parent as usize].push(child);
+    }
+
+    fn unlink(&mut self, child: u32) -> Option<u32> {
+        let p = self.parent[child as usize].take()?;
+        let kids = &mut self.children[p as usize];
+        if let Some(i) = kids.iter().position(|&c| c == child) {
+            kids.remove(i);
+        }
+        Some(p)
+    }
+
+    fn unreserve(&mut self, parent: u32, child: u32) -> bool {
+        let r = &mut self.reserved[parent as usize];
+        match r.iter().position(|&c| c == child) {
+            Some(i) => {
+                r.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Messages {
+    pub sample_request: u64,
+    pub sample_answer: u64,
+    pub attach_request: u64,
+    pub attach_answer: u64,
+    pub detach: u64,
+    pub path_update: u64,
+}
+
+impl Messages {
+    pub fn total(&self) -> u64 {
+        self.sample_request
+            + self.sample_answer
+            + self.attach_request
+            + self.attach_answer
+            + self.detach
+            + self.path_update
+    }
+}
+
+/// p50, p99 and max of a sample, in virtual milliseconds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Spread {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Spread {
+    fn of(mut v: Vec<u64>) -> Self {
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_unstable();
+        let rank = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        let ms = |x: u64| x as f64 / MS as f64;
+        Self {
+            count: v.len(),
+            p50_ms: ms(rank(0.50)),
+            p99_ms: ms(rank(0.99)),
+            max_ms: ms(*v.last().unwrap_or(&0)),
+        }
+    }
+}
+
+/// What a run measured.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub params: Params,
+    pub live_nodes: u64,
+    pub virtual_time_ms: f64,
+    pub events: u64,
+    pub max_depth: u32,
+    pub mean_depth: f64,
+    /// Live nodes that reach a core, by depth.
+    pub depth_histogram: BTreeMap<u32, u64>,
+    pub max_children: usize,
+    pub internal_nodes: u64,
+    pub mean_fanout_internal: f64,
+    pub cycles: u64,
+    pub unattached: u64,
+    pub time_to_attach: Spread,
+    pub time_to_reattach: Spread,
+    /// Parent changes the driver carried out, by the reason of the attach.
+    pub reparents: BTreeMap<&'static str, u64>,
+    /// The same as counted by the overlays themselves (`Overlay::reparents`).
+    pub overlay_reparents: BTreeMap<&'static str, u64>,
+    pub messages: Messages,
+    pub nodes_ever: u64,
+    pub killed: u64,
+    pub churned: u64,
+    pub cycle_detaches: u64,
+    pub path_updates_applied: u64,
+    /// End-of-run invariant violations (empty on a clean run).
+    pub violations: Vec<String>,
+}
+
+impl Report {
+    pub fn messages_per_node(&self) -> f64 {
+        self.messages.total() as f64 / self.nodes_ever.max(1) as f64
+    }
+}
+
+struct Sim {
+    p: Params,
+    now: u64,
+    queue: Queue,
+    nodes: Vec<Node>,
+    tree: Tables,
+    live_relays: Vec<u32>,
+    live_pos: Vec<usize>,
+    rng: ChaCha8Rng,
+    mean_latency_us: u64,
+    faults_end: u64,
+    path_updates_in_flight: u64,
+    events: u64,
+    msgs: Messages,
+    reparents: BTreeMap<Reason, u64>,
+    dead_overlay_reparents: BTreeMap<Reason, u64>,
+    attach_us: Vec<u64>,
+    reattach_us: Vec<u64>,
+    killed: u64,
+    churned: u64,
+    cycle_detaches: u64,
+    path_updates_applied: u64,
+    violations: Vec<String>,
+    core_addrs: Vec<String>,
+}
+
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Go,
+    Stop,
+}
+
+/// Runs one simulation. An invariant broken by an event is an error naming it; what the
+/// end-of-run census finds is listed in `Report::violations`.
+pub fn run(p: &Params) -> Result<Report> {
+    p.validate()?;
+    let mut sim = Sim::new(p.clone());
+    sim.start();
+    while let Some((at, ev)) = sim.queue.pop() {
+        sim.now = at;
+        sim.events += 1;
+        if sim.step(ev)? == Flow::Stop {
+            break;
+        }
+        if p.max_events > 0 && sim.events >= p.max_events {
+            let unattached = sim.live() - sim.connected();
+            sim.violations.push(format!(
+                "budget: stopped after {} events at t={:.3} ms with {unattached} live nodes \
+                 not reaching a core (raise --max-events, 0 = no limit)",
+                sim.events,
+                sim.now as f64 / MS as f64
+            ));
+            break;
+        }
+    }
+    Ok(sim.report())
+}
+
+impl Sim {
+    fn new(p: Params) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
+        rng.set_stream(0);
+        let core_addrs = (0..p.cores).map(addr).collect();
+        let mean_latency_us = (p.latency_ms * MS as f64).round() as u64;
+        let fanout = p.overlay.fanout as usize;
+        Self {
+            p,
+            now: 0,
+            queue: Queue::default(),
+            nodes: Vec::new(),
+            tree: Tables {
+                fanout,
+                parent: Vec::new(),
+                children: Vec::new(),
+                reserved: Vec::new(),
+            },
+            live_relays: Vec::new(),
+            live_pos: Vec::new(),
+            rng,
+            mean_latency_us,
+            faults_end: 0,
+            path_updates_in_flight: 0,
+            events: 0,
+            msgs: Messages::default(),
+            reparents: BTreeMap::new(),
+            dead_overlay_reparents: BTreeMap::new(),
+            attach_us: Vec::new(),
+            reattach_us: Vec::new(),
+            killed: 0,
+            churned: 0,
+            cycle_detaches: 0,
+            path_updates_applied: 0,
+            violations: Vec::new(),
+            core_addrs,
+        }
+    }
+
+    fn schedule(&mut self, at: u64, ev: Ev) {
+        self.queue.push(at, ev);
+    }
+
+    fn latency(&self, a: u32, b: u32) -> u64 {
+        let (x, y) = if a < b { (a, b) } else { (b, a) };
+        let h = splitmix64(self.p.seed ^ splitmix64((u64::from(x) << 32) | u64::from(y)));
+        let m = self.mean_latency_us;
+        (m / 2 + h % (m + 1)).max(1)
+    }
+
+    fn send(&mut self, from: u32, to: u32, ev: Ev) {
+        let at = self.now + self.latency(from, to);
+        self.schedule(at, ev);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now / MS
+    }
+
+    fn alive(&self, n: u32) -> bool {
+        self.nodes[n as usize].life == Life::Alive
+    }
+
+    fn add_node(&mut self, core: bool) -> u32 {
+        let id = self.nodes.len() as u32;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.p.seed);
+        rng.set_stream(u64::from(id) + 1);
+        let ov = Overlay::new(
+            self.p.overlay.clone(),
+            &name(id),
+            &addr(id),
+            core,
+            self.core_addrs.clone(),
+        );
+        self.nodes.push(Node {
+            core,
+            life: Life::NotYet,
+            ov,
+            rng,
+            joined_us: 0,
+            attached_once: core,
+            orphaned_us: None,
+            attaching: None,
+        });
+        self.tree.push();
+        self.live_pos.push(usize::MAX);
+        id
+    }
+
+    fn start(&mut self) {
+        let tick = self.p.tick_ms * MS;
+        for _ in 0..self.p.cores {
+            let id = self.add_node(true);
+            self.nodes[id as usize].life = Life::Alive;
+            let phase = self.rng.random_range(1..=tick);
+            self.schedule(phase, Ev::Tick(id));
+        }
+        let mut join_end = 0;
+        for k in 0..self.p.relays() {
+            let id = self.add_node(false);
+            let at = match self.p.join {
+                JoinMode::All => 0,
+                JoinMode::Staggered => (u64::from(k) + 1) * self.p.join_interval_ms * MS,
+            };
+            join_end = join_end.max(at);
+            self.schedule(at, Ev::Join(id));
+        }
+        let mut faults_end = join_end.max(us(self.p.duration_s));
+        if self.p.kill > 0.0 {
+            let at = us(self.p.kill_at_s);
+            faults_end = faults_end.max(at);
+            self.schedule(at, Ev::Kill);
+        }
+        if self.p.churn > 0.0 {
+            if let Some(every) = self.churn_every() {
+                if every <= us(self.p.duration_s) {
+                    self.schedule(every, Ev::Churn);
+                }
+            }
+        }
+        self.faults_end = faults_end;
+        self.schedule(faults_end, Ev::Check);
+    }
+
+    fn churn_every(&self) -> Option<u64> {
+        let per_minute = self.p.churn * f64::from(self.p.relays());
+        (per_minute > 0.0).then(|| ((60 * SEC) as f64 / per_minute).round().max(1.0) as u64)
+    }
+
+    fn join(&mut self, id: u32) -> Result<()> {
+        let n = &mut self.nodes[id as usize];
+        n.life = Life::Alive;
+        n.joined_us = self.now;
+        self.live_pos[id as usize] = self.live_relays.len();
+        self.live_relays.push(id);
+        self.deliver(id, Input::Tick)?;
+        let phase = self.rng.random_range(1..=self.p.tick_ms * MS);
+        self.schedule(self.now + phase, Ev::Tick(id));
+        Ok(())
+    }
+
+    fn step(&mut self, ev: Ev) -> Result<Flow> {
+        match ev {
+            Ev::Join(id) => self.join(id)?,
+            Ev::Tick(id) => {
+                if self.alive(id) {
+                    self.deliver(id, Input::Tick)?;
+                    self.schedule(self.now + self.p.tick_ms * MS, Ev::Tick(id));
+                }
+            }
+            // A request from a node that died in flight goes nowhere.
+            Ev::SampleReq { from, .. } if !self.alive(from) => {}
+            Ev::SampleReq { from, to, offer } => {
+                if !self.alive(to) {
+                    let at = self.now + self.p.detect_ms * MS;
+                    self.schedule(at, Ev::SampleFailed { to: from, from: to });
+                } else {
+                    let n = &mut self.nodes[to as usize];
+                    let (info, peers) = n.ov.answer_sample(offer, &mut n.rng);
+                    self.msgs.sample_answer += 1;
+                    self.send(
+                        to,
+                        from,
+                        Ev::Sampled {
+                            to: from,
+                            from: to,
+                            info,
+                            peers,
+                        },
+                    );
+                }
+            }
+            Ev::Sampled {
+                to,
+                from,
+                info,
+                peers,
+            } => {
+                if self.alive(to) {
+                    let input = Input::Sampled {
+                        addr: addr(from),
+                        info,
+                        peers,
+                    };
+                    self.deliver(to, input)?;
+                }
+            }
+            Ev::SampleFailed { to, from } => {
+                if self.alive(to) {
+                    self.deliver(to, Input::SampleFailed { addr: addr(from) })?;
+                }
+            }
+            Ev::AttachReq { child, target } => self.attach_request(child, target)?,
+            Ev::Attached {
+                child,
+                target,
+                depth,
+                root_path,
+            } => {
+                if self.alive(child) {
+                    let input = Input::Attached {
+                        addr: addr(target),
+                        name: name(target),
+                        depth,
+                        root_path,
+                    };
+                    self.deliver(child, input)?;
+                }
+                // Whatever the child made of it, an unconfirmed slot is free again.
+                if self.tree.unreserve(target, child) {
+                    self.tell_children(target);
+                }
+            }
+            Ev::Refused {
+                child,
+                target,
+                referral,
+            } => {
+                if self.alive(child) {
+                    let input = Input::Refused {
+                        addr: addr(target),
+                        referral,
+                    };
+                    self.deliver(child, input)?;
+                }
+            }
+            Ev::AttachFailed { child, target } => {
+                if self.alive(child) {
+                    self.deliver(child, Input::AttachFailed { addr: addr(target) })?;
+                }
+            }
+            Ev::ParentLost { child, parent } => {
+                if self.alive(child) {
+                    self.deliver(child, Input::ParentLost { addr: addr(parent) })?;
+                }
+            }
+            Ev::PathUpdate { child, parent } => {
+                self.path_updates_in_flight -= 1;
+                self.path_update(child, parent)?;
+            }
+            Ev::Kill => {
+                let k = (self.p.kill * self.live_relays.len() as f64).round() as usize;
+                let mut pool = self.live_relays.clone();
+                let (victims, _) = pool.partial_shuffle(&mut self.rng, k);
+                let mut victims = victims.to_vec();
+                victims.sort_unstable();
+                for v in victims {
+                    self.kill(v)?;
+                }
+            }
+            Ev::Churn => {
+                if !self.live_relays.is_empty() {
+                    let i = self.rng.random_range(0..self.live_relays.len());
+                    let v = self.live_relays[i];
+                    self.kill(v)?;
+                }
+                let id = self.add_node(false);
+                self.churned += 1;
+                self.join(id)?;
+                if let Some(every) = self.churn_every() {
+                    if self.now + every <= us(self.p.duration_s) {
+                        self.schedule(self.now + every, Ev::Churn);
+                    }
+                }
+            }
+            Ev::Check => return Ok(self.check()),
+        }
+        Ok(Flow::Go)
+    }
+
+    fn attach_request(&mut self, child: u32, target: u32) -> Result<()> {
+        if !self.alive(child) {
+            return Ok(());
+        }
+        if !self.alive(target) {
+            let at = self.now + self.p.detect_ms * MS;
+            self.schedule(at, Ev::AttachFailed { child, target });
+            return Ok(());
+        }
+        self.msgs.attach_answer += 1;
+        let info = self.nodes[target as usize].ov.info();
+        match info.depth {
+            Some(depth) if self.tree.used(target) < self.tree.fanout => {
+                self.tree.reserved[target as usize].push(child);
+                self.check_fanout(target)?;
+                self.tell_children(target);
+                self.send(
+                    target,
+                    child,
+                    Ev::Attached {
+                        child,
+                        target,
+                        depth,
+                        root_path: info.root_path,
+                    },
+                );
+            }
+            depth => {
+                let referral = if depth.is_some() {
+                    let kids: Vec<PeerInfo> = self.tree.children[target as usize]
+                        .iter()
+                        .filter(|&&c| self.alive(c))
+                        .map(|&c| self.nodes[c as usize].ov.info())
+                        .collect();
+                    let n = &mut self.nodes[target as usize];
+                    Overlay::pick_referral(&kids, &mut n.rng)
+                } else {
+                    None
+                };
+                self.send(
+                    target,
+                    child,
+                    Ev::Refused {
+                        child,
+                        target,
+                        referral,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn path_update(&mut self, child: u32, parent: u32) -> Result<()> {
+        if !self.alive(child)
+            || !self.alive(parent)
+            || self.tree.parent[child as usize] != Some(parent)
+        {
+            return Ok(());
+        }
+        let pa = addr(parent);
+        if self.nodes[child as usize].ov.parent_addr() != Some(pa.as_str()) {
+            return Ok(());
+        }
+        let pi = self.nodes[parent as usize].ov.info();
+        let Some(depth) = pi.depth else {
+            return Ok(());
+        };
+        if self.stale_path(child, &pi) {
+            self.path_updates_applied += 1;
+            let input = Input::Attached {
+                addr: pa,
+                name: pi.name,
+                depth,
+                root_path: pi.root_path,
+            };
+            self.deliver(child, input)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `child` believes something else about its parent's place than `parent` says.
+    fn stale_path(&self, child: u32, parent: &PeerInfo) -> bool {
+        let ci = self.nodes[child as usize].ov.info();
+        ci.depth != parent.depth.map(|d| d + 1)
+            || ci.root_path.len() != parent.root_path.len() + 1
+            || ci.root_path[..parent.root_path.len()] != parent.root_path[..]
+    }
+
+    fn kill(&mut self, v: u32) -> Result<()> {
+        let n = &mut self.nodes[v as usize];
+        if n.life != Life::Alive || n.core {
+            return Ok(());
+        }
+        n.life = Life::Dead;
+        n.orphaned_us = None;
+        for (r, c) in n.ov.reparents() {
+            *self.dead_overlay_reparents.entry(*r).or_default() += c;
+        }
+        self.killed += 1;
+        let pos = self.live_pos[v as usize];
+        self.live_relays.swap_remove(pos);
+        if let Some(&moved) = self.live_relays.get(pos) {
+            self.live_pos[moved as usize] = pos;
+        }
+        self.live_pos[v as usize] = usize::MAX;
+        if let Some(p) = self.tree.unlink(v) {
+            self.tell_children(p);
+        }
+        let at = self.now + self.p.detect_ms * MS;
+        for c in self.tree.children[v as usize].clone() {
+            self.nodes[c as usize].orphaned_us = Some(self.now);
+            self.schedule(
+                at,
+                Ev::ParentLost {
+                    child: c,
+                    parent: v,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn tell_children(&mut self, n: u32) {
+        let count = self.tree.used(n) as u32;
+        let node = &mut self.nodes[n as usize];
+        let out = node
+            .ov
+            .handle(self.now / MS, Input::Children { count }, &mut node.rng);
+        debug_assert!(out.is_empty());
+    }
+
+    /// Feeds one input to a node, carries out what it asks, and brings the tree in line
+    /// with its parent.
+    fn deliver(&mut self, id: u32, input: Input) -> Result<()> {
+        // Only these two inputs move a node in the tree; the end-of-run census checks that
+        // the tree and every overlay agree on the parent, so a change elsewhere would show.
+        let watch = matches!(input, Input::Attached { .. } | Input::ParentLost { .. });
+        let before = watch.then(|| self.place(id));
+        let now = self.now_ms();
+        let node = &mut self.nodes[id as usize];
+        let out = node.ov.handle(now, input, &mut node.rng);
+        self.carry_out(id, out);
+        if let Some(before) = before {
+            self.reconcile(id)?;
+            if before != self.place(id) {
+                self.announce(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn place(&self, id: u32) -> (Option<u32>, Vec<String>) {
+        let i = self.nodes[id as usize].ov.info();
+        (i.depth, i.root_path)
+    }
+
+    /// Tells the children of `id` that its place in the tree changed.
+    fn announce(&mut self, id: u32) {
+        for c in self.tree.children[id as usize].clone() {
+            self.msgs.path_update += 1;
+            self.path_updates_in_flight += 1;
+            self.send(
+                id,
+                c,
+                Ev::PathUpdate {
+                    child: c,
+                    parent: id,
+                },
+            );
+        }
+    }
+
+    fn carry_out(&mut self, id: u32, out: Vec<Output>) {
+        for o in out {
+            match o {
+                Output::RequestSample { addr, offer } => {
+                    let to = id_of(&addr);
+                    self.msgs.sample_request += 1;
+                    self.send(
+                        id,
+                        to,
+                        Ev::SampleReq {
+                            from: id,
+                            to,
+                            offer,
+                        },
+                    );
+                }
+                Output::Attach { addr, reason, .. } => {
+                    let to = id_of(&addr);
+                    self.nodes[id as usize].attaching = Some((to, reason));
+                    self.msgs.attach_request += 1;
+                    self.send(
+                        id,
+                        to,
+                        Ev::AttachReq {
+                            child: id,
+                            target: to,
+                        },
+                    );
+                }
+                Output::Detach { addr } => {
+                    let to = id_of(&addr);
+                    self.msgs.detach += 1;
+                    self.cycle_detaches += 1;
+                    if self.tree.unreserve(to, id) {
+                        self.tell_children(to);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes the tree edge of `c` match its overlay's parent.
+    fn reconcile(&mut self, c: u32) -> Result<()> {
+        let want = self.nodes[c as usize].ov.parent_addr().map(id_of);
+        let have = self.tree.parent[c as usize];
+        if want == have {
+            return Ok(());
+        }
+        if let Some(old) = self.tree.unlink(c) {
+            if self.tree.children[old as usize].contains(&c) {
+                return Err(self.violated(
+                    Invariant::SingleParent,
+                    c,
+                    format!("still listed under its old parent {old}"),
+                ));
+            }
+            self.tell_children(old);
+        }
+        let Some(new) = want else {
+            return Ok(());
+        };
+        if self.nodes[c as usize].core {
+            return Err(self.violated(Invariant::SingleParent, c, "a core node took a parent"));
+        }
+        self.tree.unreserve(new, c);
+        self.tree.link(c, new);
+        self.tell_children(new);
+        self.check_link(c, new)?;
+        let reason = match self.nodes[c as usize].attaching {
+            Some((t, r)) if t == new => r,
+            _ if have.is_some() => Reason::Rebalance,
+            _ => Reason::ParentLost,
+        };
+        *self.reparents.entry(reason).or_default() += 1;
+        let node = &mut self.nodes[c as usize];
+        if !node.attached_once {
+            node.attached_once = true;
+            self.attach_us.push(self.now - node.joined_us);
+        }
+        if let Some(t) = node.orphaned_us.take() {
+            self.reattach_us.push(self.now - t);
+        }
+        if !self.alive(new) {
+            let at = self.now + self.p.detect_ms * MS;
+            self.schedule(
+                at,
+                Ev::ParentLost {
+                    child: c,
+                    parent: new,
+                },
+            );
+        } else {
+            let pi = self.nodes[new as usize].ov.info();
+            if pi.depth.is_some() && self.stale_path(c, &pi) {
+                // The parent moved between accepting and the child hearing of it.
+                self.msgs.path_update += 1;
+                self.path_updates_in_flight += 1;
+                self.send(
+                    new,
+                    c,
+                    Ev::PathUpdate {
+                        child: c,
+                        parent: new,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn violated(&self, inv: Invariant, node: u32, detail: impl fmt::Display) -> anyhow::Error {
+        anyhow!(
+            "invariant {inv} violated at node {node}, t={:.3} ms: {detail}\nreplay: {}",
+            self.now as f64 / MS as f64,
+            self.p.replay()
+        )
+    }
+
+    fn check_fanout(&self, p: u32) -> Result<()> {
+        let used = self.tree.used(p);
+        if used > self.tree.fanout {
+            return Err(self.violated(
+                Invariant::FanOut,
+                p,
+                format!(
+                    "{used} children (reserved included), fan-out {}",
+                    self.tree.fanout
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Everything a new edge `c -> p` can break.
+    fn check_link(&self, c: u32, p: u32) -> Result<()> {
+        let listed = self.tree.children[p as usize]
+            .iter()
+            .filter(|&&x| x == c)
+            .count();
+        if listed != 1 || self.tree.reserved[p as usize].contains(&c) {
+            return Err(self.violated(
+                Invariant::SingleParent,
+                c,
+                format!("listed {listed} times among the children of {p}"),
+            ));
+        }
+        self.check_fanout(p)?;
+        let mut at = p;
+        for _ in 0..=self.nodes.len() {
+            if at == c {
+                return Err(self.violated(
+                    Invariant::Acyclic,
+                    c,
+                    format!("attached below itself (parent {p})"),
+                ));
+            }
+            match self.tree.parent[at as usize] {
+                Some(up) => at = up,
+                None => return Ok(()),
+            }
+        }
+        Err(self.violated(Invariant::Acyclic, p, "the walk up does not end"))
+    }
+
+    /// True depth of every node reachable from a live core through live nodes.
+    fn depths(&self) -> Vec<Option<u32>> {
+        let mut depth = vec![None; self.nodes.len()];
+        let mut frontier: Vec<u32> = (0..self.p.cores).filter(|&c| self.alive(c)).collect();
+        for &c in &frontier {
+            depth[c as usize] = Some(0);
+        }
+        let mut d = 0;
+        while !frontier.is_empty() {
+            d += 1;
+            let mut next = Vec::new();
+            for n in frontier {
+                for &c in &self.tree.children[n as usize] {
+                    if self.alive(c) && depth[c as usize].is_none() {
+                        depth[c as usize] = Some(d);
+                        next.push(c);
+                    }
+                }
+            }
+            frontier = next;
+        }
+        depth
+    }
+
+    fn connected(&self) -> u64 {
+        self.depths().iter().filter(|d| d.is_some()).count() as u64
+    }
+
+    fn live(&self) -> u64 {
+        self.nodes.iter().filter(|n| n.life == Life::Alive).count() as u64
+    }
+
+    fn check(&mut self) -> Flow {
+        let unattached = self.live() - self.connected();
+        if unattached == 0 && self.path_updates_in_flight == 0 {
+            return Flow::Stop;
+        }
+        if self.now >= self.faults_end + us(self.p.settle_s) {
+            self.violations.push(format!(
+                "invariant {} violated: {unattached} live nodes do not reach a core {} s after \
+                 the faults stopped",
+                Invariant::Attached,
+                self.p.settle_s
+            ));
+            return Flow::Stop;
+        }
+        self.schedule(self.now + CHECK_EVERY, Ev::Check);
+        Flow::Go
+    }
+
+    fn report(mut self) -> Report {
+        let depth = self.depths();
+        let live: Vec<u32> = (0..self.nodes.len() as u32)
+            .filter(|&n| self.alive(n))
+            .collect();
+
+        // The census over the whole tree.
+        let mut listed = vec![0u32; self.nodes.len()];
+        for &n in &live {
+            for &c in &self.tree.children[n as usize] {
+                listed[c as usize] += 1;
+            }
+        }
+        let (mut multi, mut cycles, mut unattached, mut over, mut bad_depth) = (0, 0, 0, 0, 0);
+        for &n in &live {
+            let i = n as usize;
+            let node = &self.nodes[i];
+            let tree_parent = self.tree.parent[i];
+            let ov_parent = node.ov.parent_addr().map(id_of);
+            let expected = u32::from(tree_parent.is_some_and(|p| self.alive(p)));
+            if tree_parent != ov_parent
+                || listed[i] != expected
+                || (node.core && tree_parent.is_some())
+            {
+                multi += 1;
+            }
+            if self.walk_cycles(n) {
+                cycles += 1;
+            } else if depth[i].is_none() {
+                unattached += 1;
+            }
+            if self.tree.used(n) > self.tree.fanout {
+                over += 1;
+            }
+            if let Some(d) = depth[i] {
+                if node.ov.depth() != Some(d) {
+                    bad_depth += 1;
+                }
+            }
+        }
+        for (inv, count) in [
+            (Invariant::SingleParent, multi),
+            (Invariant::Acyclic, cycles),
+            (Invariant::FanOut, over),
+            (Invariant::Depth, bad_depth),
+        ] {
+            if count > 0 {
+                self.violations.push(format!(
+                    "invariant {inv} violated by {count} nodes in the final tree"
+                ));
+            }
+        }
+        if unattached > 0 && !self.violations.iter().any(|v| v.contains("attached")) {
+            self.violations.push(format!(
+                "invariant {} violated: {unattached} live nodes do not reach a core",
+                Invariant::Attached
+            ));
+        }
+
+        let mut depth_histogram = BTreeMap::new();
+        let (mut sum, mut connected, mut max_depth) = (0u64, 0u64, 0u32);
+        for d in depth.iter().flatten() {
+            *depth_histogram.entry(*d).or_insert(0u64) += 1;
+            sum += u64::from(*d);
+            connected += 1;
+            max_depth = max_depth.max(*d);
+        }
+        let internal: Vec<usize> = live
+            .iter()
+            .map(|&n| self.tree.children[n as usize].len())
+            .filter(|&k| k > 0)
+            .collect();
+        let edges: usize = internal.iter().sum();
+
+        let mut overlay_reparents = self.dead_overlay_reparents.clone();
+        for &n in &live {
+            for (r, c) in self.nodes[n as usize].ov.reparents() {
+                *overlay_reparents.entry(*r).or_default() += c;
+            }
+        }
+        let label = |m: &BTreeMap<Reason, u64>| {
+            let mut out: BTreeMap<&'static str, u64> = [
+                Reason::Join.label(),
+                Reason::ParentLost.label(),
+                Reason::Rebalance.label(),
+            ]
+            .into_iter()
+            .map(|l| (l, 0))
+            .collect();
+            for (r, c) in m {
+                *out.entry(r.label()).or_default() += c;
+            }
+            out
+        };
+        Report {
+            live_nodes: live.len() as u64,
+            virtual_time_ms: self.now as f64 / MS as f64,
+            events: self.events,
+            max_depth,
+            mean_depth: if connected == 0 {
+                0.0
+            } else {
+                sum as f64 / connected as f64
+            },
+            depth_histogram,
+            max_children: live
+                .iter()
+                .map(|&n| self.tree.children[n as usize].len())
+                .max()
+                .unwrap_or(0),
+            internal_nodes: internal.len() as u64,
+            mean_fanout_internal: if internal.is_empty() {
+                0.0
+            } else {
+                edges as f64 / internal.len() as f64
+            },
+            cycles,
+            unattached,
+            time_to_attach: Spread::of(std::mem::take(&mut self.attach_us)),
+            time_to_reattach: Spread::of(std::mem::take(&mut self.reattach_us)),
+            reparents: label(&self.reparents),
+            overlay_reparents: label(&overlay_reparents),
+            messages: self.msgs.clone(),
+            nodes_ever: self.nodes.len() as u64,
+            killed: self.killed,
+            churned: self.churned,
+            cycle_detaches: self.cycle_detaches,
+            path_updates_applied: self.path_updates_applied,
+            violations: std::mem::take(&mut self.violations),
+            params: self.p.clone(),
+        }
+    }
+
+    /// Whether the walk up from `n` loops (it never reaches a node without a parent).
+    fn walk_cycles(&self, n: u32) -> bool {
+        let mut at = n;
+        for _ in 0..=self.nodes.len() {
+            match self.tree.parent[at as usize] {
+                Some(p) => at = p,
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(nodes: u32, fanout: u32, seed: u64) -> Params {
+        let mut p = Params::new(nodes, seed);
+        p.overlay.fanout = fanout;
+        p
+    }
+
+    fn clean(r: &Report) {
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!(r.cycles, 0);
+        assert_eq!(r.unattached, 0);
+        assert!(r.max_children <= r.params.overlay.fanout as usize);
+        assert_eq!(r.depth_histogram.values().sum::<u64>(), r.live_nodes);
+    }
+
+    #[test]
+    fn events_are_ordered_by_time_then_by_scheduling_order() {
+        let mut q = Queue::default();
+        for (at, id) in [(5, 0), (1, 1), (5, 2), (1, 3), (3, 4)] {
+            q.push(at, Ev::Tick(id));
+        }
+        let mut order = Vec::new();
+        while let Some((at, ev)) = q.pop() {
+            let Ev::Tick(id) = ev else { unreachable!() };
+            order.push((at, id));
+            if id == 1 {
+                // Scheduled later for the same time: after the ones already queued.
+                q.push(1, Ev::Tick(9));
+            }
+        }
+        assert_eq!(order, vec![(1, 1), (1, 3), (1, 9), (3, 4), (5, 0), (5, 2)]);
+        assert!(q.slab.len() <= 6, "slots are reused");
+    }
+
+    #[test]
+    fn link_latency_is_fixed_symmetric_and_near_the_mean() {
+        let sim = Sim::new(Params::new(10, 3));
+        let mut sum = 0;
+        for a in 0..100 {
+            for b in 0..100 {
+                let l = sim.latency(a, b);
+                assert_eq!(l, sim.latency(b, a));
+                assert!((250..=750).contains(&l), "{l}");
+                sum += l;
+            }
+        }
+        let mean = sum / 10_000;
+        assert!((480..=520).contains(&mean), "{mean}");
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let s = Spread::of((1..=100).map(|x| x * MS).collect());
+        assert_eq!(
+            (s.count, s.p50_ms, s.p99_ms, s.max_ms),
+            (100, 50.0, 99.0, 100.0)
+        );
+        assert_eq!(Spread::of(vec![]), Spread::default());
+        let one = Spread::of(vec![1500]);
+        assert_eq!((one.p50_ms, one.p99_ms, one.max_ms), (1.5, 1.5, 1.5));
+    }
+
+    #[test]
+    fn a_lone_core() {
+        let r = run(&params(1, 8, 7)).unwrap();
+        clean(&r);
+        assert_eq!(r.live_nodes, 1);
+        assert_eq!(r.max_depth, 0);
+        assert_eq!(r.depth_histogram, BTreeMap::from([(0, 1)]));
+        assert_eq!(r.messages.total(), 0);
+    }
+
+    #[test]
+    fn the_first_relay_attaches_to_the_core_in_one_round_trip_each() {
+        let r = run(&params(2, 8, 11)).unwrap();
+        clean(&r);
+        assert_eq!(r.depth_histogram, BTreeMap::from([(0, 1), (1, 1)]));
+        // One sample round trip, one attach round trip, nothing else.
+        assert_eq!(r.messages.sample_request, 1);
+        assert_eq!(r.messages.sample_answer, 1);
+        assert_eq!(r.messages.attach_request, 1);
+        assert_eq!(r.messages.attach_answer, 1);
+        assert_eq!(r.reparents["join"], 1);
+        assert_eq!(r.time_to_attach.count, 1);
+        assert!(r.time_to_attach.max_ms < 4.0, "{:?}", r.time_to_attach);
+    }
+
+    #[test]
+    fn small_trees_hold_every_invariant_exactly() {
+        for seed in 0..12 {
+            for fanout in 1..=3 {
+                for nodes in [2, 3, 5, 9, 17, 40] {
+                    for cores in 1..=2u32.min(nodes) {
+                        for join in [JoinMode::All, JoinMode::Staggered] {
+                            let mut p = params(nodes, fanout, seed);
+                            p.cores = cores;
+                            p.join = join;
+                            let r = run(&p).unwrap_or_else(|e| panic!("{e:#}"));
+                            clean(&r);
+                            assert_eq!(r.live_nodes, u64::from(nodes));
+                            assert_eq!(r.depth_histogram.get(&0), Some(&u64::from(cores)));
+                            // N - cores relays, each exactly one edge.
+                            let edges = r.mean_fanout_internal * r.internal_nodes as f64;
+                            assert_eq!(edges.round() as u32, nodes - cores);
+                            assert_eq!(r.time_to_attach.count as u32, nodes - cores);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fanout_one_is_a_chain() {
+        let r = run(&params(30, 1, 3)).unwrap();
+        clean(&r);
+        assert_eq!(r.max_depth, 29);
+        assert_eq!(r.max_children, 1);
+        assert!(r.depth_histogram.values().all(|&n| n == 1));
+    }
+
+    #[test]
+    fn a_rebalancing_run_stays_clean() {
+        let mut p = params(400, 4, 5);
+        p.join = JoinMode::Staggered;
+        p.overlay.rebalance_ms = 2000;
+        p.duration_s = 30.0;
+        let r = run(&p).unwrap_or_else(|e| panic!("{e:#}"));
+        clean(&r);
+        assert!(r.virtual_time_ms >= 30_000.0);
+    }
+
+    #[test]
+    fn a_churn_run_reattaches_everyone() {
+        let mut p = params(500, 4, 9);
+        p.churn = 0.2;
+        p.duration_s = 30.0;
+        let r = run(&p).unwrap_or_else(|e| panic!("{e:#}"));
+        clean(&r);
+        assert!(r.churned >= 45, "{}", r.churned);
+        assert_eq!(r.killed, r.churned);
+        assert_eq!(r.live_nodes, 500);
+        assert!(r.reparents["parent_lost"] > 0);
+    }
+
+    #[test]
+    fn bad_parameters_are_rejected() {
+        for f in [
+            (|p: &mut Params| p.cores = 0) as fn(&mut Params),
+            |p| p.cores = 6,
+            |p| p.nodes = 2,
+            |p| p.kill = 1.0,
+            |p| p.churn = 0.5,
+            |p| p.overlay.fanout = 0,
+            |p| p.latency_ms = f64::NAN,
+        ] {
+            let mut p = Params::new(10, 1);
+            p.cores = 3;
+            f(&mut p);
+            assert!(run(&p).is_err(), "{p:?}");
+        }
+    }
+}
+
