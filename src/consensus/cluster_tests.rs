@@ -427,8 +427,15 @@ async fn a_restarted_member_catches_up_by_snapshot() {
         back.sm.installs.load(Ordering::SeqCst) > restored,
         "caught up through a snapshot from the leader"
     );
-    let snapshot = back.core.raft().metrics().borrow().snapshot;
-    assert!(snapshot.is_some_and(|s| s.index > down_last));
+    back.core
+        .raft()
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index > down_last),
+            "the installed snapshot to show in the metrics",
+        )
+        .await
+        .unwrap();
     assert!(back.core.status().applied_index >= Some(applied));
 
     cluster.propose_all(43, 2).await;
