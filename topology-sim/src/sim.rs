@@ -20,9 +20,9 @@
 //!   edge goes and the new one comes (a move is make-before-break: the old parent is
 //!   dropped once the new one accepted). `Detach` releases the slot at the target.
 //! - A node whose path to the root changed tells its children (`PathUpdate`, one message
-//!   per child); a child whose view of its parent's path is stale gets the new path as an
-//!   `Input::Attached` from its current parent, the only input that carries a path. That is
-//!   how a node that ends up below itself notices and detaches.
+//!   per child, as the runtime's heartbeats carry the path): a child whose view is stale gets
+//!   `Overlay::update_path`, and a child that finds itself in the path drops the link
+//!   (`Input::ParentLost`, as the runtime does when its replica refuses such a heartbeat).
 //! - Children of a dead node get `ParentLost` after `detect_ms`. Node counts reach a node
 //!   through `Input::Children` as soon as they change.
 //! - Only relays fail; core nodes (1 to 5 roots at depth 0) stay up.
@@ -36,6 +36,11 @@
 //! - `depth` (end only): every attached node's overlay depth is its parent's plus one;
 //! - `attached` (end only): every live node reaches a core within `settle` seconds of the
 //!   faults stopping.
+//!
+//! The run ends once the faults stopped (last join, kill, `duration`), every live node
+//! reaches a core and no path update is in flight; or after `settle` more seconds (an
+//! `attached` violation); or after `max_events` events (a `budget` violation, so that a
+//! pathological overlay cannot hang the tool).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -106,7 +111,7 @@ impl Params {
             churn: 0.0,
             duration_s: 0.0,
             settle_s: 60.0,
-            max_events: 50_000_000,
+            max_events: 20_000_000,
         }
     }
 
@@ -474,7 +479,10 @@ pub struct Report {
     pub nodes_ever: u64,
     pub killed: u64,
     pub churned: u64,
+    /// `Output::Detach`es (an accepted parent whose path holds the node, or a late accept).
     pub cycle_detaches: u64,
+    /// Links dropped because a path update showed the node below itself.
+    pub path_cycles: u64,
     pub path_updates_applied: u64,
     /// End-of-run invariant violations (empty on a clean run).
     pub violations: Vec<String>,
@@ -507,6 +515,7 @@ struct Sim {
     killed: u64,
     churned: u64,
     cycle_detaches: u64,
+    path_cycles: u64,
     path_updates_applied: u64,
     violations: Vec<String>,
     core_addrs: Vec<String>,
@@ -577,6 +586,7 @@ impl Sim {
             killed: 0,
             churned: 0,
             cycle_detaches: 0,
+            path_cycles: 0,
             path_updates_applied: 0,
             violations: Vec::new(),
             core_addrs,
@@ -879,18 +889,24 @@ impl Sim {
             return Ok(());
         }
         let pi = self.nodes[parent as usize].ov.info();
-        let Some(depth) = pi.depth else {
+        if pi.depth.is_none() {
             return Ok(());
-        };
+        }
+        let me = name(child);
+        if pi.root_path.contains(&me) {
+            // It ended up below itself: the runtime refuses the heartbeat and drops the link.
+            self.path_cycles += 1;
+            return self.deliver(child, Input::ParentLost { addr: pa });
+        }
         if self.stale_path(child, &pi) {
             self.path_updates_applied += 1;
-            let input = Input::Attached {
-                addr: pa,
-                name: pi.name,
-                depth,
-                root_path: pi.root_path,
-            };
-            self.deliver(child, input)?;
+            let before = self.place(child);
+            let mut path = pi.root_path;
+            path.push(me);
+            self.nodes[child as usize].ov.update_path(&path);
+            if before != self.place(child) {
+                self.announce(child);
+            }
         }
         Ok(())
     }
@@ -1329,6 +1345,7 @@ impl Sim {
             killed: self.killed,
             churned: self.churned,
             cycle_detaches: self.cycle_detaches,
+            path_cycles: self.path_cycles,
             path_updates_applied: self.path_updates_applied,
             violations: std::mem::take(&mut self.violations),
             params: self.p.clone(),
@@ -1520,7 +1537,7 @@ mod tests {
 
     #[test]
     fn a_rebalancing_run_stays_clean() {
-        let mut p = params(400, 4, 5);
+        let mut p = params(100, 2, 5);
         p.join = JoinMode::Staggered;
         p.overlay.rebalance_ms = 2000;
         p.duration_s = 30.0;
@@ -1573,4 +1590,3 @@ mod tests {
         }
     }
 }
-
