@@ -90,6 +90,16 @@ impl NodeMetrics {
             .increment(1);
     }
 
+    /// Counts one chunk refused against its manifest, by the address that sent it.
+    pub fn bad_chunk(&self, source: &str) {
+        metrics::counter!(
+            "canopy_backfill_bad_chunks_total",
+            "node" => self.node.clone(),
+            "source" => source.to_string()
+        )
+        .increment(1);
+    }
+
     /// Counts one resubscription of this node's upstream, by reason.
     pub fn resync(&self, reason: &'static str) {
         metrics::counter!("canopy_resyncs_total", "node" => self.node.clone(), "reason" => reason)

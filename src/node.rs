@@ -130,6 +130,7 @@ pub(crate) struct StreamStats {
     pub(crate) gaps: AtomicU64,
     pub(crate) resumes: AtomicU64,
     pub(crate) backfill_received: AtomicU64,
+    pub(crate) bad_chunks: AtomicU64,
 }
 
 /// The stream counters as `/v1/status` shows them. Every entry a node applies follows the
@@ -143,6 +144,9 @@ pub struct StatsView {
     pub resumes: u64,
     /// Chunk bytes received in full or diff transfers.
     pub backfill_received_bytes: u64,
+    /// Chunks refused because they did not match the manifest (their sender is banned as
+    /// a parent for a while and the chunk is fetched elsewhere).
+    pub bad_chunks: u64,
 }
 
 /// What `/v1/status` reports.
@@ -315,19 +319,19 @@ impl Shared {
         let mut rng = self.overlay_rng.lock().unwrap();
         let path = self.root_path(st);
         let depth = self.depth(st) + 1;
-        let kids: Vec<crate::overlay::PeerInfo> = st
+        let kids: Vec<crate::overlay::Peer> = st
             .children
             .values()
             .map(|c| {
                 let mut root_path = path.clone();
                 root_path.push(c.name.clone());
-                crate::overlay::PeerInfo {
+                crate::overlay::Peer::new(crate::overlay::PeerInfo {
                     name: c.name.clone(),
                     addr: c.addr.clone(),
                     depth: Some(depth),
                     free_slots: 1,
                     root_path,
-                }
+                })
             })
             .collect();
         Overlay::pick_referral(&kids, &mut *rng).map(|p| crate::upstream::peer_to_proto(&p))
@@ -558,6 +562,7 @@ impl Node {
                 gaps: self.0.stats.gaps.load(Ordering::Relaxed),
                 resumes: self.0.stats.resumes.load(Ordering::Relaxed),
                 backfill_received_bytes: self.0.stats.backfill_received.load(Ordering::Relaxed),
+                bad_chunks: self.0.stats.bad_chunks.load(Ordering::Relaxed),
             },
             core: self.0.core.get().map(|c| CoreStatus {
                 raft: c.status(),
@@ -1136,7 +1141,10 @@ async fn serve_stream(
             };
             let reply = proto::SampleReply {
                 info: Some(crate::upstream::peer_to_proto(&info)),
-                peers: peers.iter().map(crate::upstream::peer_to_proto).collect(),
+                peers: peers
+                    .iter()
+                    .map(|p| crate::upstream::peer_to_proto(p))
+                    .collect(),
             };
             if wire::write_frame(&mut send, &reply).await.is_ok() {
                 let _ = send.finish();
@@ -1276,7 +1284,12 @@ async fn serve_child(
             }
             SubscribePlan::Snapshot(file) => {
                 shared.metrics.full_transfers_served.increment(1);
+                let corrupt = failpoint_corrupt_chunk(&sub.name);
                 for f in snapshot_frames(&file, commit_time, &sub.have_chunks) {
+                    let f = match corrupt {
+                        Some(index) => corrupt_chunk_frame(f, index),
+                        None => f,
+                    };
                     wire::write_raw(&mut send, &f).await?;
                     shared.count_relayed(f.len());
                     shared.metrics.backfill_served.increment(f.len() as u64);
@@ -1563,4 +1576,36 @@ pub async fn run(
     let node = Node::start(cfg, endpoint, api, shutdown).await?;
     node.stopped().await;
     Ok(())
+}
+
+/// Test-only fault injection: with `CANOPY_FAILPOINT_CORRUPT_CHUNK=N` in its environment, a
+/// node flips one byte of chunk `N` in every full or diff transfer it serves (only to the
+/// child named by `CANOPY_FAILPOINT_CORRUPT_FOR`, if set). The tests use it to show that a
+/// bad source is detected and the chunk fetched elsewhere.
+fn failpoint_corrupt_chunk(child: &str) -> Option<u64> {
+    let index = std::env::var("CANOPY_FAILPOINT_CORRUPT_CHUNK")
+        .ok()?
+        .parse()
+        .ok()?;
+    match std::env::var("CANOPY_FAILPOINT_CORRUPT_FOR") {
+        Ok(only) if only != child => None,
+        _ => Some(index),
+    }
+}
+
+fn corrupt_chunk_frame(frame: Bytes, index: u64) -> Bytes {
+    use prost::Message;
+    let Ok(mut msg) = proto::Downstream::decode(frame.slice(4.min(frame.len())..)) else {
+        return frame;
+    };
+    match msg.kind.as_mut() {
+        Some(Down::SnapshotChunk(c)) if c.index == index && !c.data.is_empty() => {
+            let mut data = c.data.to_vec();
+            data[0] ^= 0xff;
+            c.data = Bytes::from(data);
+            warn!(index, "failpoint: serving a corrupted chunk");
+            wire::encode(&msg)
+        }
+        _ => frame,
+    }
 }

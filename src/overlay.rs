@@ -16,6 +16,7 @@
 //!   (`BTreeMap`, sorted candidate lists).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use rand::seq::IndexedRandom;
 use rand::Rng;
@@ -37,7 +38,8 @@ pub struct OverlayConfig {
     /// Period of view shuffles (ms). 2000: views stay fresh without chatter.
     pub shuffle_ms: u64,
     /// Mean period of rebalance checks (ms), jittered ±50 %. 10000: a tree settles in tens of
-    /// seconds without constant movement.
+    /// seconds without constant movement. Each check that finds no move doubles the period
+    /// (up to 8×) until the node's place changes, so a settled tree goes quiet.
     pub rebalance_ms: u64,
     /// Levels a move must gain. 2: hysteresis against flapping.
     pub rebalance_min_gain: u32,
@@ -46,8 +48,17 @@ pub struct OverlayConfig {
     /// How long an attach may take before it counts as failed (ms). 5000: a parent may make a
     /// child wait while it syncs itself.
     pub attach_timeout_ms: u64,
-    /// Referrals followed in a row before sampling again. 4.
+    /// Referrals followed in a row before sampling again. 8: a joiner that meets a full
+    /// node descends level by level, and 8 levels hold 19 million nodes at fan-out 8.
     pub max_referrals: u32,
+    /// Wait after a probe that found no candidate before probing again (ms), doubling per
+    /// fruitless probe up to 16×. 250: a node whose peers are all full (a mass join) retries
+    /// a few times a second instead of once per round trip, and backs off to 4 s.
+    pub probe_backoff_ms: u64,
+    /// How long a peer that served data failing verification is not chosen as parent (ms).
+    /// 60000: long enough to finish a transfer from another source; short enough that a
+    /// peer repaired by its operator is used again without a restart.
+    pub faulty_ban_ms: u64,
 }
 
 impl Default for OverlayConfig {
@@ -62,7 +73,9 @@ impl Default for OverlayConfig {
             rebalance_min_gain: 2,
             probe_timeout_ms: 1000,
             attach_timeout_ms: 5000,
-            max_referrals: 4,
+            max_referrals: 8,
+            probe_backoff_ms: 250,
+            faulty_ban_ms: 60_000,
         }
     }
 }
@@ -84,6 +97,8 @@ impl OverlayConfig {
             ("rebalance_ms", self.rebalance_ms),
             ("probe_timeout_ms", self.probe_timeout_ms),
             ("attach_timeout_ms", self.attach_timeout_ms),
+            ("probe_backoff_ms", self.probe_backoff_ms),
+            ("faulty_ban_ms", self.faulty_ban_ms),
         ] {
             if v == 0 {
                 return Err(OverlayError::Zero(f));
@@ -106,6 +121,10 @@ pub struct PeerInfo {
     pub root_path: Vec<String>,
 }
 
+/// A peer's advertisement as views hold and pass it on: shared, so that forwarding it in a
+/// shuffle costs a reference count, not a copy of its root path.
+pub type Peer = Arc<PeerInfo>;
+
 /// Events the driver feeds in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
@@ -114,8 +133,8 @@ pub enum Input {
     /// `addr` answered a sample request: its own info and some peers it knows.
     Sampled {
         addr: String,
-        info: PeerInfo,
-        peers: Vec<PeerInfo>,
+        info: Peer,
+        peers: Vec<Peer>,
     },
     /// A sample request to `addr` failed.
     SampleFailed { addr: String },
@@ -129,7 +148,7 @@ pub enum Input {
     /// `addr` refused the attach, possibly referring us to one of its children.
     Refused {
         addr: String,
-        referral: Option<PeerInfo>,
+        referral: Option<Peer>,
     },
     /// The attach to `addr` failed (unreachable, handshake, stream error).
     AttachFailed { addr: String },
@@ -137,6 +156,9 @@ pub enum Input {
     ParentLost { addr: String },
     /// This node now serves `count` children.
     Children { count: u32 },
+    /// `addr` served data that failed verification (a chunk against its manifest): it is
+    /// not chosen as parent for `faulty_ban_ms`. Send `ParentLost` too if it was the parent.
+    Faulty { addr: String },
 }
 
 /// Why a node re-parented.
@@ -162,7 +184,7 @@ impl Reason {
 pub enum Output {
     /// Ask `addr` for a sample, sending it `offer` (our info and some peers); answer with
     /// [`Input::Sampled`] or [`Input::SampleFailed`].
-    RequestSample { addr: String, offer: Vec<PeerInfo> },
+    RequestSample { addr: String, offer: Vec<Peer> },
     /// Subscribe to `addr` as parent. With `moving`, keep the current parent until the new
     /// one accepted, then drop it. Answer with Attached, Refused or AttachFailed.
     Attach {
@@ -177,8 +199,9 @@ pub enum Output {
 
 #[derive(Clone, Debug)]
 struct Entry {
-    info: Option<PeerInfo>,
+    info: Option<Peer>,
     age: u32,
+    seq: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -221,6 +244,11 @@ pub struct Overlay {
     next_rebalance: u64,
     reason: Reason,
     reparents: BTreeMap<Reason, u64>,
+    learned: u64,
+    fruitless: u32,
+    probe_after: u64,
+    idle_rebalances: u32,
+    banned: BTreeMap<String, u64>,
 }
 
 impl Overlay {
@@ -236,7 +264,14 @@ impl Overlay {
         let mut view = BTreeMap::new();
         for b in &bootstrap {
             if b != addr {
-                view.insert(b.clone(), Entry { info: None, age: 0 });
+                view.insert(
+                    b.clone(),
+                    Entry {
+                        info: None,
+                        age: 0,
+                        seq: 0,
+                    },
+                );
             }
         }
         Self {
@@ -253,6 +288,11 @@ impl Overlay {
             next_rebalance: 0,
             reason: Reason::Join,
             reparents: BTreeMap::new(),
+            learned: 0,
+            fruitless: 0,
+            probe_after: 0,
+            idle_rebalances: 0,
+            banned: BTreeMap::new(),
         }
     }
 
@@ -293,7 +333,11 @@ impl Overlay {
     pub fn update_path(&mut self, path: &[String]) {
         if let (Some(p), Some((_, parent_path))) = (self.parent.as_mut(), path.split_last()) {
             if !parent_path.is_empty() {
-                p.depth = (parent_path.len() - 1) as u32;
+                let depth = (parent_path.len() - 1) as u32;
+                if depth != p.depth {
+                    self.idle_rebalances = 0;
+                }
+                p.depth = depth;
                 p.root_path = parent_path.to_vec();
             }
         }
@@ -319,43 +363,78 @@ impl Overlay {
         self.view.keys().cloned().collect()
     }
 
+    /// The earliest time (ms) at which an [`Input::Tick`] would do something: a probe or
+    /// attach timing out, a shuffle, a rebalance check, or a join attempt. Drivers may tick
+    /// periodically instead; a driver that sleeps until this deadline must ask again after
+    /// every call to [`Overlay::handle`] or [`Overlay::answer_sample`], since inputs move it.
+    /// A value at or before the current time means "tick now".
+    pub fn poll_timeout(&self) -> u64 {
+        let mut at = self.next_shuffle;
+        match &self.pending {
+            Pending::Probing { since, .. } => at = at.min(since + self.cfg.probe_timeout_ms),
+            Pending::Attaching { since, .. } => at = at.min(since + self.cfg.attach_timeout_ms),
+            Pending::Idle if self.core => {}
+            Pending::Idle if self.parent.is_some() => at = at.min(self.next_rebalance),
+            Pending::Idle if self.has_candidate() => at = 0,
+            Pending::Idle => at = at.min(self.probe_after),
+        }
+        at
+    }
+
+    fn has_candidate(&self) -> bool {
+        self.view
+            .values()
+            .filter_map(|e| e.info.as_ref())
+            .any(|p| self.is_candidate(p))
+    }
+
     /// Answer a sample request from a peer that offered `offer` (its own info first): merge
     /// the offer and return our info and up to `shuffle_len` random peers we know.
-    pub fn answer_sample<R: Rng>(
-        &mut self,
-        offer: Vec<PeerInfo>,
-        rng: &mut R,
-    ) -> (PeerInfo, Vec<PeerInfo>) {
+    pub fn answer_sample<R: Rng>(&mut self, offer: Vec<Peer>, rng: &mut R) -> (Peer, Vec<Peer>) {
         let peers = self.sample_known(rng);
         for p in offer {
             self.learn(p);
         }
-        (self.info(), peers)
+        (Arc::new(self.info()), peers)
     }
 
-    /// A referral for a child that found this node full: one of its children with a free
-    /// slot, picked by the driver from what the children advertise.
-    pub fn pick_referral<R: Rng>(children: &[PeerInfo], rng: &mut R) -> Option<PeerInfo> {
-        let open: Vec<&PeerInfo> = children.iter().filter(|c| c.free_slots > 0).collect();
-        open.choose(rng).map(|c| (*c).clone())
+    /// A referral for a child that found this node full, picked by the driver from what the
+    /// children advertise: one with a free slot, else any (whose own referral goes one level
+    /// further down, so a joiner descends towards the shallowest room).
+    pub fn pick_referral<R: Rng>(children: &[Peer], rng: &mut R) -> Option<Peer> {
+        let open: Vec<&Peer> = children.iter().filter(|c| c.free_slots > 0).collect();
+        match open.choose(rng) {
+            Some(c) => Some(Arc::clone(c)),
+            None => children.choose(rng).cloned(),
+        }
     }
 
-    fn sample_known<R: Rng>(&self, rng: &mut R) -> Vec<PeerInfo> {
-        let known: Vec<&PeerInfo> = self.view.values().filter_map(|e| e.info.as_ref()).collect();
+    fn sample_known<R: Rng>(&self, rng: &mut R) -> Vec<Peer> {
+        let known: Vec<&Peer> = self.view.values().filter_map(|e| e.info.as_ref()).collect();
         known
             .choose_multiple(rng, self.cfg.shuffle_len)
-            .map(|p| (*p).clone())
+            .map(|p| Arc::clone(p))
             .collect()
     }
 
-    fn offer<R: Rng>(&self, rng: &mut R) -> Vec<PeerInfo> {
-        let mut offer = vec![self.info()];
+    fn offer<R: Rng>(&self, rng: &mut R) -> Vec<Peer> {
+        let mut offer = vec![Arc::new(self.info())];
         offer.extend(self.sample_known(rng));
         offer
     }
 
-    fn learn(&mut self, p: PeerInfo) {
+    fn learn(&mut self, p: Peer) {
         if p.addr == self.addr {
+            return;
+        }
+        self.learned += 1;
+        let seq = self.learned;
+        if let Some(e) = self.view.get_mut(&p.addr) {
+            *e = Entry {
+                info: Some(p),
+                age: 0,
+                seq,
+            };
             return;
         }
         self.view.insert(
@@ -363,6 +442,7 @@ impl Overlay {
             Entry {
                 info: Some(p),
                 age: 0,
+                seq,
             },
         );
         self.trim();
@@ -370,13 +450,12 @@ impl Overlay {
 
     fn trim(&mut self) {
         while self.view.len() > self.cfg.view_size {
-            let keep: BTreeSet<&String> = self.bootstrap.iter().collect();
-            let parent = self.parent.as_ref().map(|p| p.addr.clone());
+            let parent = self.parent.as_ref().map(|p| p.addr.as_str());
             let oldest = self
                 .view
                 .iter()
-                .filter(|(a, _)| !keep.contains(a) && Some(*a) != parent.as_ref())
-                .max_by_key(|(a, e)| (e.age, std::cmp::Reverse((*a).clone())))
+                .filter(|(a, _)| !self.bootstrap.contains(a) && Some(a.as_str()) != parent)
+                .max_by_key(|(_, e)| (e.age, std::cmp::Reverse(e.seq)))
                 .map(|(a, _)| a.clone());
             match oldest {
                 Some(a) => {
@@ -387,24 +466,27 @@ impl Overlay {
         }
     }
 
-    fn candidates(&self) -> Vec<PeerInfo> {
+    fn is_candidate(&self, p: &Peer) -> bool {
         let current = self.parent.as_ref().map(|p| p.addr.as_str());
+        p.depth.is_some()
+            && p.free_slots > 0
+            && p.addr != self.addr
+            && Some(p.addr.as_str()) != current
+            && !p.root_path.contains(&self.name)
+            && !self.banned.contains_key(&p.addr)
+    }
+
+    fn candidates(&self) -> Vec<&Peer> {
         self.view
             .values()
-            .filter_map(|e| e.info.clone())
-            .filter(|p| {
-                p.depth.is_some()
-                    && p.free_slots > 0
-                    && p.addr != self.addr
-                    && Some(p.addr.as_str()) != current
-                    && !p.root_path.contains(&self.name)
-            })
+            .filter_map(|e| e.info.as_ref())
+            .filter(|p| self.is_candidate(p))
             .collect()
     }
 
     /// Power of d choices: sample `choices` candidates, keep the shallowest (then the one
     /// with more free slots, then the lower address).
-    fn choose<R: Rng>(&self, rng: &mut R) -> Option<PeerInfo> {
+    fn choose<R: Rng>(&self, rng: &mut R) -> Option<Peer> {
         let cands = self.candidates();
         cands
             .choose_multiple(rng, self.cfg.choices)
@@ -412,10 +494,25 @@ impl Overlay {
                 (
                     p.depth.unwrap_or(u32::MAX),
                     std::cmp::Reverse(p.free_slots),
-                    p.addr.clone(),
+                    p.addr.as_str(),
                 )
             })
-            .cloned()
+            .map(|p| Arc::clone(p))
+    }
+
+    /// For a rebalance: the shallowest candidate the view holds after a fresh sample (a
+    /// move is rare, so it takes the best rather than a power-of-d pick).
+    fn shallowest(&self) -> Option<Peer> {
+        self.candidates()
+            .into_iter()
+            .min_by_key(|p| {
+                (
+                    p.depth.unwrap_or(u32::MAX),
+                    std::cmp::Reverse(p.free_slots),
+                    p.addr.as_str(),
+                )
+            })
+            .map(Arc::clone)
     }
 
     fn probe<R: Rng>(&mut self, now: u64, rebalance: bool, rng: &mut R) -> Vec<Output> {
@@ -425,6 +522,7 @@ impl Overlay {
             .cloned()
             .collect();
         if asked.is_empty() {
+            self.probe_after = now + self.cfg.probe_backoff_ms;
             return Vec::new();
         }
         let offer = self.offer(rng);
@@ -462,39 +560,55 @@ impl Overlay {
         }]
     }
 
-    /// Unattached and idle: attach to a choice if there is one, else probe for fresh info.
+    /// Unattached and idle: attach to a choice if there is one, else probe for fresh info
+    /// (unless a fruitless probe asked to wait until `probe_after`).
     fn seek<R: Rng>(&mut self, now: u64, rng: &mut R) -> Vec<Output> {
         if self.core || self.parent.is_some() || !matches!(self.pending, Pending::Idle) {
             return Vec::new();
         }
         match self.choose(rng) {
-            Some(best) => self.attach(now, best.addr, false, 0),
-            None => self.probe(now, false, rng),
+            Some(best) => self.attach(now, best.addr.clone(), false, 0),
+            None if now >= self.probe_after => self.probe(now, false, rng),
+            None => Vec::new(),
         }
     }
 
     fn finish_probe<R: Rng>(&mut self, now: u64, rebalance: bool, rng: &mut R) -> Vec<Output> {
         self.pending = Pending::Idle;
         if !rebalance {
-            return self.seek(now, rng);
+            if self.core || self.parent.is_some() {
+                return Vec::new();
+            }
+            return match self.choose(rng) {
+                Some(best) => self.attach(now, best.addr.clone(), false, 0),
+                None => {
+                    let backoff = self.cfg.probe_backoff_ms << self.fruitless.min(4);
+                    self.fruitless += 1;
+                    self.probe_after = now + backoff / 2 + rng.random_range(0..=backoff / 2);
+                    Vec::new()
+                }
+            };
         }
         let Some(my_depth) = self.depth() else {
             return self.seek(now, rng);
         };
-        match self.choose(rng) {
+        match self.shallowest() {
             Some(best)
                 if best.depth.unwrap_or(u32::MAX) + 1 + self.cfg.rebalance_min_gain <= my_depth =>
             {
-                self.attach(now, best.addr, true, 0)
+                self.attach(now, best.addr.clone(), true, 0)
             }
-            _ => Vec::new(),
+            _ => {
+                self.idle_rebalances += 1;
+                Vec::new()
+            }
         }
     }
 
     fn mark_full(&mut self, addr: &str) {
         if let Some(e) = self.view.get_mut(addr) {
             if let Some(i) = e.info.as_mut() {
-                i.free_slots = 0;
+                Arc::make_mut(i).free_slots = 0;
             }
         }
     }
@@ -513,6 +627,7 @@ impl Overlay {
         let mut out = Vec::new();
         match input {
             Input::Tick => {
+                self.banned.retain(|_, until| *until > now);
                 match self.pending.clone() {
                     Pending::Probing {
                         since, rebalance, ..
@@ -534,6 +649,12 @@ impl Overlay {
                     _ => {}
                 }
                 if self.core {
+                    if now >= self.next_shuffle {
+                        self.next_shuffle = now + self.cfg.shuffle_ms;
+                        for e in self.view.values_mut() {
+                            e.age += 1;
+                        }
+                    }
                     return out;
                 }
                 if now >= self.next_shuffle {
@@ -545,7 +666,7 @@ impl Overlay {
                         let oldest = self
                             .view
                             .iter()
-                            .max_by_key(|(a, e)| (e.age, std::cmp::Reverse((*a).clone())))
+                            .max_by_key(|(_, e)| (e.age, std::cmp::Reverse(e.seq)))
                             .map(|(a, _)| a.clone());
                         if let Some(addr) = oldest {
                             out.push(Output::RequestSample {
@@ -612,7 +733,24 @@ impl Overlay {
                     }
                     return out;
                 }
+                // A move is checked again against the parent's depth as it answered: the
+                // view's depth may be stale, and two moves made on stale depths can close a
+                // cycle (the runtime then breaks it on the next heartbeat).
+                if moving
+                    && self
+                        .depth()
+                        .is_some_and(|mine| depth + 1 + self.cfg.rebalance_min_gain > mine)
+                {
+                    if let Some(Some(i)) = self.view.get_mut(&addr).map(|e| e.info.as_mut()) {
+                        Arc::make_mut(i).depth = Some(depth);
+                    }
+                    out.push(Output::Detach { addr });
+                    return out;
+                }
                 *self.reparents.entry(reason).or_default() += 1;
+                self.fruitless = 0;
+                self.probe_after = 0;
+                self.idle_rebalances = 0;
                 self.parent = Some(Parent {
                     addr: addr.clone(),
                     name,
@@ -622,6 +760,7 @@ impl Overlay {
                 self.reason = Reason::ParentLost;
                 if let Some(e) = self.view.get_mut(&addr) {
                     if let Some(i) = e.info.as_mut() {
+                        let i = Arc::make_mut(i);
                         i.free_slots = i.free_slots.saturating_sub(1);
                         i.depth = Some(depth);
                     }
@@ -685,6 +824,9 @@ impl Overlay {
                 }
             }
             Input::Children { count } => self.children = count,
+            Input::Faulty { addr } => {
+                self.banned.insert(addr, now + self.cfg.faulty_ban_ms);
+            }
         }
         out
     }
@@ -704,8 +846,8 @@ impl Overlay {
     }
 
     fn jitter<R: Rng>(&self, rng: &mut R) -> u64 {
-        let half = self.cfg.rebalance_ms / 2;
-        half + rng.random_range(0..=self.cfg.rebalance_ms)
+        let period = self.cfg.rebalance_ms << self.idle_rebalances.min(3);
+        period / 2 + rng.random_range(0..=period)
     }
 }
 

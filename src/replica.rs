@@ -178,6 +178,15 @@ pub struct Replica {
     since_checkpoint: u32,
     recent: std::collections::HashMap<Bytes, ApplyOutcome>,
     recent_order: VecDeque<Bytes>,
+    salvage: Salvage,
+}
+
+/// Chunks of an interrupted transfer that were verified against its manifest, kept by
+/// hash so that the next transfer (from any source) skips them.
+#[derive(Default)]
+struct Salvage {
+    manifest: Vec<Hash>,
+    chunks: std::collections::HashMap<Hash, Bytes>,
 }
 
 /// Proposal ids remembered for deduplication (per core node, rebuilt by log replay).
@@ -222,6 +231,7 @@ impl Replica {
             since_checkpoint: 0,
             recent: Default::default(),
             recent_order: VecDeque::new(),
+            salvage: Salvage::default(),
         })
     }
 
@@ -276,6 +286,7 @@ impl Replica {
     /// are dropped, so children resume only from here on.
     pub fn install(&mut self, file: ChunkedFile) -> Vec<Event> {
         self.file = file;
+        self.salvage = Salvage::default();
         self.retained.clear();
         self.retained_bytes = 0;
         self.base = (self.file.version(), self.file.root());
@@ -484,13 +495,33 @@ impl Replica {
             have_version,
             have_root,
             listen_addr: listen_addr.to_string(),
-            have_chunks: self
-                .file
-                .chunk_hashes()
-                .iter()
-                .map(|h| Bytes::copy_from_slice(h))
-                .collect(),
+            have_chunks: self.have_chunks(),
         }
+    }
+
+    /// This node's chunk hash at each index: its file's, or, past an interrupted transfer,
+    /// the manifest's where the chunk was received and verified.
+    fn have_chunks(&self) -> Vec<Bytes> {
+        let own = self.file.chunk_count() as usize;
+        let n = own.max(self.salvage.manifest.len());
+        (0..n)
+            .map(|i| {
+                let salvaged = self
+                    .salvage
+                    .manifest
+                    .get(i)
+                    .filter(|h| self.salvage.chunks.contains_key(*h));
+                match salvaged.copied().or_else(|| self.file.chunk_hash(i as u64)) {
+                    Some(h) => Bytes::copy_from_slice(&h),
+                    None => Bytes::new(),
+                }
+            })
+            .collect()
+    }
+
+    /// Bytes of verified chunks kept from interrupted transfers.
+    pub fn salvaged_bytes(&self) -> u64 {
+        self.salvage.chunks.values().map(|c| c.len() as u64).sum()
     }
 
     /// Child side: the next frame fed in will be a new parent's `SubscribeOk` (after a
@@ -561,20 +592,27 @@ impl Replica {
                             root: hex::encode(root),
                         });
                     }
-                    if self.file.chunk_size() == b.chunk_size {
-                        for (i, h) in manifest.iter().enumerate() {
-                            let i = i as u64;
-                            let expected = crate::file::chunk_len_for(b.length, b.chunk_size, i);
-                            if self.file.chunk_hash(i) == Some(*h) {
-                                if let Some(data) = self.file.chunk(i) {
-                                    if data.len() as u64 == expected {
-                                        builder.put_chunk(i, data)?;
-                                    }
+                    for (i, h) in manifest.iter().enumerate() {
+                        let i = i as u64;
+                        let expected = crate::file::chunk_len_for(b.length, b.chunk_size, i);
+                        if let Some(data) = self.salvage.chunks.get(h) {
+                            if data.len() as u64 == expected {
+                                builder.put_chunk(i, data.clone())?;
+                                continue;
+                            }
+                        }
+                        if self.file.chunk_size() == b.chunk_size
+                            && self.file.chunk_hash(i) == Some(*h)
+                        {
+                            if let Some(data) = self.file.chunk(i) {
+                                if data.len() as u64 == expected {
+                                    builder.put_chunk(i, data)?;
                                 }
                             }
                         }
                     }
                 }
+                self.salvage.manifest = manifest.clone();
                 self.upstream = Upstream::Snapshot {
                     builder,
                     version: b.version,
@@ -596,6 +634,7 @@ impl Replica {
                     if crate::file::leaf_hash(&c.data) != *h {
                         return Err(ReplicaError::BadChunk { index: c.index });
                     }
+                    self.salvage.chunks.insert(*h, c.data.clone());
                 }
                 builder.put_chunk(c.index, c.data)?;
                 self.upstream = Upstream::Snapshot {

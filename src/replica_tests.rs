@@ -1415,6 +1415,53 @@ fn corrupted_snapshot_chunk_is_refused_against_the_manifest() {
 }
 
 #[test]
+fn chunks_verified_before_a_bad_one_are_kept_for_the_next_source() {
+    let (parent, _) = parent_at_v4(100);
+    let good: Vec<Bytes> = snapshot_frames(parent.file(), T0, &[]).collect();
+    let chunks = parent.file().chunk_count() as usize;
+    assert!(chunks >= 3, "{chunks}");
+    let mut bad = good.clone();
+    bad[3] = frame(Down::SnapshotChunk(proto::SnapshotChunk {
+        index: 2,
+        data: Bytes::from_static(b"xxxx"),
+    }));
+    let mut c = relay();
+    let _ = c.subscribe("c", "a:1", false);
+    assert_eq!(feed(&mut c, &ok_frame(false)), Ok(vec![]));
+    for f in &bad[..3] {
+        assert_eq!(feed(&mut c, f), Ok(vec![]));
+    }
+    assert_eq!(
+        feed(&mut c, &bad[3]).unwrap_err(),
+        ReplicaError::BadChunk { index: 2 }
+    );
+    c.upstream_lost();
+    assert_eq!(c.salvaged_bytes(), 2 * u64::from(CS));
+
+    // The next source is told about chunks 0 and 1 and sends only the rest.
+    let sub = c.subscribe("c", "a:1", false);
+    let hashes = parent.file().chunk_hashes();
+    assert_eq!(sub.have_chunks.len(), chunks);
+    assert_eq!(&sub.have_chunks[0][..], &hashes[0][..]);
+    assert_eq!(&sub.have_chunks[1][..], &hashes[1][..]);
+    assert!(sub.have_chunks[2].is_empty());
+    let frames: Vec<Bytes> = snapshot_frames(parent.file(), T0, &sub.have_chunks).collect();
+    assert_eq!(
+        frames.len(),
+        chunks - 2 + 2,
+        "begin, the chunks from 2 on, end"
+    );
+    assert_eq!(feed(&mut c, &ok_frame(false)), Ok(vec![]));
+    for f in &frames[..frames.len() - 1] {
+        assert_eq!(feed(&mut c, f), Ok(vec![]));
+    }
+    assert!(feed(&mut c, frames.last().unwrap()).is_ok());
+    assert_eq!(state(&c), state(&parent));
+    assert_eq!(c.file().to_vec(), parent.file().to_vec());
+    assert_eq!(c.salvaged_bytes(), 0, "released once installed");
+}
+
+#[test]
 fn a_diff_transfer_sends_only_the_chunks_the_child_lacks() {
     let (parent, _) = parent_at_v4(100);
     // The child holds the same content except chunk 1.

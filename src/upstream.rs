@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::node::{code, connect, exchange, now_us, Shared};
-use crate::overlay::{Input, Output, PeerInfo, Reason};
+use crate::overlay::{Input, Output, Peer, PeerInfo, Reason};
 use crate::proto::{self, downstream::Kind as Down, request};
 use crate::replica::{Event, ReplicaError};
 use crate::wire::{self, RawFrame, WireError};
@@ -40,14 +40,14 @@ pub fn peer_to_proto(p: &PeerInfo) -> proto::PeerInfo {
     }
 }
 
-pub fn peer_from_proto(p: proto::PeerInfo) -> PeerInfo {
-    PeerInfo {
+pub fn peer_from_proto(p: proto::PeerInfo) -> Peer {
+    Peer::new(PeerInfo {
         name: p.name,
         addr: p.addr,
         depth: u32::try_from(p.depth).ok(),
         free_slots: p.free_slots,
         root_path: p.root_path,
-    }
+    })
 }
 
 /// A seed for this node's overlay RNG, logged so a run can be replayed.
@@ -111,14 +111,14 @@ pub(crate) async fn overlay_loop(
 async fn request_sample(
     shared: &Shared,
     addr: &str,
-    offer: Vec<PeerInfo>,
-) -> Result<(PeerInfo, Vec<PeerInfo>), crate::node::NodeError> {
+    offer: Vec<Peer>,
+) -> Result<(Peer, Vec<Peer>), crate::node::NodeError> {
     let timeout = Duration::from_millis(shared.cfg.overlay.probe_timeout_ms);
     let ask = exchange::<proto::SampleReply>(
         shared,
         addr,
         request::Kind::Sample(proto::Sample {
-            offer: offer.iter().map(peer_to_proto).collect(),
+            offer: offer.iter().map(|p| peer_to_proto(p)).collect(),
         }),
     );
     let r = tokio::time::timeout(timeout, ask).await.map_err(|_| {
@@ -149,7 +149,7 @@ enum UpstreamError {
     #[error("parent refused: {reason}")]
     Refused {
         reason: String,
-        referral: Option<PeerInfo>,
+        referral: Option<Peer>,
     },
     #[error("detached (cycle)")]
     Detached,
@@ -337,6 +337,15 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
         shared.state.lock().unwrap().replica.upstream_lost();
         *shared.parent_addr.lock().unwrap() = String::new();
         full = matches!(&failure, UpstreamError::Replica(r) if r.needs_full_resync());
+        if let UpstreamError::Replica(ReplicaError::BadChunk { index }) = &failure {
+            shared
+                .stats
+                .bad_chunks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared.metrics.bad_chunk(&addr);
+            error!(node = %shared.cfg.name, source = %addr, index, "refused a chunk that does not match the manifest; banning the source as parent and fetching the rest elsewhere");
+            let _ = shared.overlay_tx.send(Input::Faulty { addr: addr.clone() });
+        }
         if matches!(&failure, UpstreamError::Replica(ReplicaError::Gap { .. })) {
             shared
                 .stats

@@ -130,3 +130,108 @@ async fn returning_relays_fetch_only_what_changed() {
     );
     assert!(std::fs::read(&r1.file).unwrap() == core_file);
 }
+
+async fn put_random(c: &reqwest::Client, core: &Proc, size: usize, seed: u64) -> (u64, Vec<u8>) {
+    let mut content = vec![0u8; size];
+    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut content);
+    let r = c
+        .put(core.url("/v1/file"))
+        .body(content.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let v = r.json::<Value>().await.unwrap()["version"]
+        .as_u64()
+        .unwrap();
+    (v, content)
+}
+
+/// (d) A source that serves a corrupted chunk is detected: the chunk is refused against the
+/// manifest, the source is counted and banned as parent, and the relay finishes from another
+/// source without fetching again what it had verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_source_is_detected_and_the_chunk_fetched_elsewhere() {
+    const SIZE: usize = 8_000_000;
+    const BAD: u64 = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    for (n, role) in [("core", "core"), ("good", "relay"), ("new", "relay")] {
+        pki.issue(n, role);
+    }
+    // The core corrupts chunk 40 of what it serves to `new`, and only to `new`.
+    let bad = BAD.to_string();
+    let env = [
+        ("CANOPY_FAILPOINT_CORRUPT_CHUNK", bad.as_str()),
+        ("CANOPY_FAILPOINT_CORRUPT_FOR", "new"),
+    ];
+    let core = Proc::start_env(root, &pki, "core", true, &[], &["--fanout", "2"], &env);
+    let c = http();
+    wait_until(30, "core to lead", || async {
+        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
+    })
+    .await;
+    let (v, content) = put_random(&c, &core, SIZE, 11).await;
+    let good = Proc::start(root, &pki, "good", false, &[core.quic], &[]);
+    wait_materialized(&c, &good, v).await;
+
+    // `new` prefers the core (depth 0, a free slot), gets the bad chunk, bans the core and
+    // finishes from `good`.
+    let new = Proc::start(root, &pki, "new", false, &[core.quic], &[]);
+    let s = wait_materialized(&c, &new, v).await;
+    assert_eq!(s["stats"]["bad_chunks"].as_u64(), Some(1), "{}", s["stats"]);
+    assert_eq!(s["parent"], "good");
+    assert_eq!(s["root"], status(&c, &core).await.unwrap()["root"]);
+    assert!(std::fs::read(&new.file).unwrap() == content);
+    // Chunks 0..40 came from the core and were kept; the rest, chunk 40 included, from
+    // `good`: the file plus the one refused chunk.
+    let got = s["stats"]["backfill_received_bytes"].as_u64().unwrap();
+    assert_eq!(got, SIZE as u64 + CHUNK, "{}", s["stats"]);
+    let metrics = c
+        .get(new.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("canopy_backfill_bad_chunks_total"))
+        .unwrap_or_else(|| panic!("no bad-chunk counter in\n{metrics}"));
+    assert!(line.contains(&core.quic.to_string()), "{line}");
+    assert!(line.ends_with(" 1"), "{line}");
+}
+
+/// (e) `kill -9` in the middle of a 50 MB backfill: on restart the relay finishes, verifies
+/// and holds a byte-identical copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_during_a_backfill_finishes_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    pki.issue("r1", "relay");
+    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    let c = http();
+    wait_until(30, "core to lead", || async {
+        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
+    })
+    .await;
+    let (v, content) = put_random(&c, &core, SIZE, 13).await;
+    let mut r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    // Kill it once some chunks have arrived and before the transfer is installed.
+    wait_until(60, "the backfill to start", || async {
+        status(&c, &r1).await.is_some_and(|s| {
+            s["stats"]["backfill_received_bytes"].as_u64().unwrap_or(0) > 0
+                && s["version"].as_u64() != Some(v)
+        })
+    })
+    .await;
+    r1.kill();
+    r1.restart();
+    let s = wait_materialized(&c, &r1, v).await;
+    assert_eq!(s["root"], status(&c, &core).await.unwrap()["root"]);
+    assert!(std::fs::read(&r1.file).unwrap() == content);
+}

@@ -103,6 +103,7 @@ pub struct Proc {
     pub data: PathBuf,
     pub file: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     bin: &'static str,
     child: Option<Child>,
     log: PathBuf,
@@ -117,6 +118,7 @@ impl Proc {
             .unwrap();
         let child = Command::new(self.bin)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -133,6 +135,19 @@ impl Proc {
         core: bool,
         join: &[SocketAddr],
         extra: &[&str],
+    ) -> Proc {
+        Self::start_env(root, pki, name, core, join, extra, &[])
+    }
+
+    /// [`Proc::start`] with extra environment variables (fault injection).
+    pub fn start_env(
+        root: &Path,
+        pki: &Pki,
+        name: &str,
+        core: bool,
+        join: &[SocketAddr],
+        extra: &[&str],
+        env: &[(&str, &str)],
     ) -> Proc {
         for _ in 0..3 {
             let quic = free_udp();
@@ -155,6 +170,10 @@ impl Proc {
                 data,
                 file,
                 args,
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 bin: if core { CORE_NODE } else { RELAY_NODE },
                 child: None,
                 log: root.join(format!("{name}.log")),
@@ -196,6 +215,7 @@ impl Proc {
                     data,
                     file,
                     args,
+                    env: Vec::new(),
                     bin: CORE_NODE,
                     child: None,
                     log: root.join(format!("{name}.log")),
@@ -225,6 +245,7 @@ impl Proc {
             data,
             file,
             args,
+            env: Vec::new(),
             bin: CORE_NODE,
             child: None,
             log: root.join(format!("{name}.log")),
