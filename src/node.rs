@@ -394,8 +394,8 @@ impl Node {
         overlay_cfg.fanout = cfg.stream.fanout as u32;
         let overlay = Overlay::new(
             overlay_cfg,
-            &cfg.name,
-            &cfg.advertise.to_string(),
+            cfg.name.clone(),
+            cfg.advertise.to_string(),
             cfg.is_core(),
             bootstrap,
         );

@@ -110,57 +110,60 @@ impl OverlayConfig {
     }
 }
 
+/// How nodes are named and addressed: `String` in the runtime (names and `host:port`), a
+/// plain integer in `topology-sim`, where a 100k-node run compares and copies millions.
+pub trait Id: Clone + Ord + std::fmt::Debug + std::fmt::Display + Send + Sync + 'static {}
+
+impl<T: Clone + Ord + std::fmt::Debug + std::fmt::Display + Send + Sync + 'static> Id for T {}
+
 /// What a node tells others about itself.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PeerInfo {
-    pub name: String,
-    pub addr: String,
+pub struct PeerInfo<I = String> {
+    pub name: I,
+    pub addr: I,
     /// Distance from the core (0 for core nodes); None while not attached.
     pub depth: Option<u32>,
     /// Children it can still take.
     pub free_slots: u32,
     /// Names from the core down to this node (inclusive).
-    pub root_path: Vec<String>,
+    pub root_path: Vec<I>,
 }
 
 /// A peer's advertisement as views hold and pass it on: shared, so that forwarding it in a
 /// shuffle costs a reference count, not a copy of its root path.
-pub type Peer = Arc<PeerInfo>;
+pub type Peer<I = String> = Arc<PeerInfo<I>>;
 
 /// Events the driver feeds in.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Input {
+pub enum Input<I = String> {
     /// Time passed; call every few hundred ms.
     Tick,
     /// `addr` answered a sample request: its own info and some peers it knows.
     Sampled {
-        addr: String,
-        info: Peer,
-        peers: Vec<Peer>,
+        addr: I,
+        info: Peer<I>,
+        peers: Vec<Peer<I>>,
     },
     /// A sample request to `addr` failed.
-    SampleFailed { addr: String },
+    SampleFailed { addr: I },
     /// The attach to `addr` succeeded; the parent announced its depth and root path.
     Attached {
-        addr: String,
-        name: String,
+        addr: I,
+        name: I,
         depth: u32,
-        root_path: Vec<String>,
+        root_path: Vec<I>,
     },
     /// `addr` refused the attach, possibly referring us to one of its children.
-    Refused {
-        addr: String,
-        referral: Option<Peer>,
-    },
+    Refused { addr: I, referral: Option<Peer<I>> },
     /// The attach to `addr` failed (unreachable, handshake, stream error).
-    AttachFailed { addr: String },
+    AttachFailed { addr: I },
     /// The parent at `addr` is gone (stream error, missed heartbeats).
-    ParentLost { addr: String },
+    ParentLost { addr: I },
     /// This node now serves `count` children.
     Children { count: u32 },
     /// `addr` served data that failed verification (a chunk against its manifest): it is
     /// not chosen as parent for `faulty_ban_ms`. Send `ParentLost` too if it was the parent.
-    Faulty { addr: String },
+    Faulty { addr: I },
 }
 
 /// Why a node re-parented.
@@ -183,25 +186,82 @@ impl Reason {
 
 /// What the driver must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Output {
+pub enum Output<I = String> {
     /// Ask `addr` for a sample, sending it `offer` (our info and some peers); answer with
     /// [`Input::Sampled`] or [`Input::SampleFailed`].
-    RequestSample { addr: String, offer: Vec<Peer> },
+    RequestSample { addr: I, offer: Vec<Peer<I>> },
     /// Subscribe to `addr` as parent. With `moving`, keep the current parent until the new
     /// one accepted, then drop it. Answer with Attached, Refused or AttachFailed.
     Attach {
-        addr: String,
+        addr: I,
         moving: bool,
         reason: Reason,
     },
     /// A cycle was detected: drop the parent at `addr` (a ParentLost follows from the driver
     /// or is implied).
-    Detach { addr: String },
+    Detach { addr: I },
+}
+
+/// The partial view: a handful of entries kept sorted by address in one vector, which
+/// iterates in the same order as a `BTreeMap` and is faster to search and scan at this size.
+#[derive(Clone, Debug)]
+struct View<I>(Vec<(I, Entry<I>)>);
+
+impl<I> Default for View<I> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<I: Ord> View<I> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn find(&self, k: &I) -> Result<usize, usize> {
+        self.0.binary_search_by(|(a, _)| a.cmp(k))
+    }
+
+    fn get_mut(&mut self, k: &I) -> Option<&mut Entry<I>> {
+        match self.find(k) {
+            Ok(i) => Some(&mut self.0[i].1),
+            Err(_) => None,
+        }
+    }
+
+    fn insert(&mut self, k: I, v: Entry<I>) {
+        match self.find(&k) {
+            Ok(i) => self.0[i].1 = v,
+            Err(i) => self.0.insert(i, (k, v)),
+        }
+    }
+
+    fn remove(&mut self, k: &I) {
+        if let Ok(i) = self.find(k) {
+            self.0.remove(i);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&I, &Entry<I>)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &I> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Entry<I>> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Entry<I>> {
+        self.0.iter_mut().map(|(_, v)| v)
+    }
 }
 
 #[derive(Clone, Debug)]
-struct Entry {
-    info: Option<Peer>,
+struct Entry<I> {
+    info: Option<Peer<I>>,
     /// A bootstrap address: kept through trims and forgets.
     boot: bool,
     age: u32,
@@ -209,23 +269,23 @@ struct Entry {
 }
 
 #[derive(Clone, Debug)]
-struct Parent {
-    addr: String,
-    name: String,
+struct Parent<I> {
+    addr: I,
+    name: I,
     depth: u32,
-    root_path: Vec<String>,
+    root_path: Vec<I>,
 }
 
 #[derive(Clone, Debug)]
-enum Pending {
+enum Pending<I> {
     Idle,
     Probing {
-        asked: BTreeSet<String>,
+        asked: BTreeSet<I>,
         since: u64,
         rebalance: bool,
     },
     Attaching {
-        addr: String,
+        addr: I,
         since: u64,
         moving: bool,
         referrals: u32,
@@ -234,15 +294,15 @@ enum Pending {
 }
 
 /// One node's overlay state.
-pub struct Overlay {
+pub struct Overlay<I = String> {
     cfg: OverlayConfig,
-    name: String,
-    addr: String,
+    name: I,
+    addr: I,
     core: bool,
-    view: BTreeMap<String, Entry>,
-    bootstrap: Vec<String>,
-    parent: Option<Parent>,
-    pending: Pending,
+    view: View<I>,
+    bootstrap: Vec<I>,
+    parent: Option<Parent<I>>,
+    pending: Pending<I>,
     children: u32,
     next_shuffle: u64,
     next_rebalance: u64,
@@ -253,24 +313,18 @@ pub struct Overlay {
     probe_after: u64,
     idle_rebalances: u32,
     stable_shuffles: u32,
-    banned: BTreeMap<String, u64>,
+    banned: BTreeMap<I, u64>,
     /// This node's advertisement, built on first use after each change of place.
-    me: std::sync::OnceLock<Peer>,
+    me: std::sync::OnceLock<Peer<I>>,
 }
 
-impl Overlay {
+impl<I: Id> Overlay<I> {
     /// A node called `name`, reachable at `addr`. Core nodes never attach; relays start
     /// from `bootstrap` addresses (core nodes or any relays).
-    pub fn new(
-        cfg: OverlayConfig,
-        name: &str,
-        addr: &str,
-        core: bool,
-        bootstrap: Vec<String>,
-    ) -> Self {
-        let mut view = BTreeMap::new();
+    pub fn new(cfg: OverlayConfig, name: I, addr: I, core: bool, bootstrap: Vec<I>) -> Self {
+        let mut view = View::default();
         for b in &bootstrap {
-            if b != addr {
+            if *b != addr {
                 view.insert(
                     b.clone(),
                     Entry {
@@ -284,8 +338,8 @@ impl Overlay {
         }
         Self {
             cfg,
-            name: name.to_string(),
-            addr: addr.to_string(),
+            name,
+            addr,
             core,
             view,
             bootstrap,
@@ -311,7 +365,7 @@ impl Overlay {
     }
 
     /// This node's own advertisement.
-    pub fn info(&self) -> PeerInfo {
+    pub fn info(&self) -> PeerInfo<I> {
         let (depth, root_path) = if self.core {
             (Some(0), vec![self.name.clone()])
         } else {
@@ -334,18 +388,18 @@ impl Overlay {
     }
 
     /// [`Overlay::info`], shared and cached until this node's place changes.
-    pub fn me(&self) -> Peer {
+    pub fn me(&self) -> Peer<I> {
         Arc::clone(self.me.get_or_init(|| Arc::new(self.info())))
     }
 
     /// The current parent's address, if attached.
-    pub fn parent_addr(&self) -> Option<&str> {
-        self.parent.as_ref().map(|p| p.addr.as_str())
+    pub fn parent_addr(&self) -> Option<&I> {
+        self.parent.as_ref().map(|p| &p.addr)
     }
 
     /// The parent's path changed (an ancestor moved): `path` is this node's new root path,
     /// itself included, as announced by the parent's heartbeats.
-    pub fn update_path(&mut self, path: &[String]) {
+    pub fn update_path(&mut self, path: &[I]) {
         if let (Some(p), Some((_, parent_path))) = (self.parent.as_mut(), path.split_last()) {
             if !parent_path.is_empty() {
                 let depth = (parent_path.len() - 1) as u32;
@@ -360,8 +414,8 @@ impl Overlay {
     }
 
     /// The current parent's name, if attached.
-    pub fn parent_name(&self) -> Option<&str> {
-        self.parent.as_ref().map(|p| p.name.as_str())
+    pub fn parent_name(&self) -> Option<&I> {
+        self.parent.as_ref().map(|p| &p.name)
     }
 
     /// Depth in the tree (0 for core nodes), if attached.
@@ -375,7 +429,7 @@ impl Overlay {
     }
 
     /// Addresses currently in the view (sorted).
-    pub fn view_addrs(&self) -> Vec<String> {
+    pub fn view_addrs(&self) -> Vec<I> {
         self.view.keys().cloned().collect()
     }
 
@@ -406,7 +460,11 @@ impl Overlay {
 
     /// Answer a sample request from a peer that offered `offer` (its own info first): merge
     /// the offer and return our info and up to `shuffle_len` random peers we know.
-    pub fn answer_sample<R: Rng>(&mut self, offer: Vec<Peer>, rng: &mut R) -> (Peer, Vec<Peer>) {
+    pub fn answer_sample<R: Rng>(
+        &mut self,
+        offer: Vec<Peer<I>>,
+        rng: &mut R,
+    ) -> (Peer<I>, Vec<Peer<I>>) {
         let peers = self.sample_known(rng);
         for p in offer {
             self.learn(p);
@@ -417,29 +475,29 @@ impl Overlay {
     /// A referral for a child that found this node full, picked by the driver from what the
     /// children advertise: one with a free slot, else any (whose own referral goes one level
     /// further down, so a joiner descends towards the shallowest room).
-    pub fn pick_referral<R: Rng>(children: &[Peer], rng: &mut R) -> Option<Peer> {
-        let open: Vec<&Peer> = children.iter().filter(|c| c.free_slots > 0).collect();
+    pub fn pick_referral<R: Rng>(children: &[Peer<I>], rng: &mut R) -> Option<Peer<I>> {
+        let open: Vec<&Peer<I>> = children.iter().filter(|c| c.free_slots > 0).collect();
         match open.choose(rng) {
             Some(c) => Some(Arc::clone(c)),
             None => children.choose(rng).cloned(),
         }
     }
 
-    fn sample_known<R: Rng>(&self, rng: &mut R) -> Vec<Peer> {
-        let known: Vec<&Peer> = self.view.values().filter_map(|e| e.info.as_ref()).collect();
+    fn sample_known<R: Rng>(&self, rng: &mut R) -> Vec<Peer<I>> {
+        let known: Vec<&Peer<I>> = self.view.values().filter_map(|e| e.info.as_ref()).collect();
         known
             .choose_multiple(rng, self.cfg.shuffle_len)
             .map(|p| Arc::clone(p))
             .collect()
     }
 
-    fn offer<R: Rng>(&self, rng: &mut R) -> Vec<Peer> {
+    fn offer<R: Rng>(&self, rng: &mut R) -> Vec<Peer<I>> {
         let mut offer = vec![self.me()];
         offer.extend(self.sample_known(rng));
         offer
     }
 
-    fn learn(&mut self, p: Peer) {
+    fn learn(&mut self, p: Peer<I>) {
         if p.addr == self.addr {
             return;
         }
@@ -465,11 +523,11 @@ impl Overlay {
 
     fn trim(&mut self) {
         while self.view.len() > self.cfg.view_size {
-            let parent = self.parent.as_ref().map(|p| p.addr.as_str());
+            let parent = self.parent.as_ref().map(|p| &p.addr);
             let oldest = self
                 .view
                 .iter()
-                .filter(|(a, e)| !e.boot && Some(a.as_str()) != parent)
+                .filter(|(a, e)| !e.boot && Some(*a) != parent)
                 .max_by_key(|(_, e)| (e.age, std::cmp::Reverse(e.seq)))
                 .map(|(a, _)| a.clone());
             match oldest {
@@ -481,17 +539,17 @@ impl Overlay {
         }
     }
 
-    fn is_candidate(&self, p: &Peer) -> bool {
-        let current = self.parent.as_ref().map(|p| p.addr.as_str());
+    fn is_candidate(&self, p: &Peer<I>) -> bool {
+        let current = self.parent.as_ref().map(|p| &p.addr);
         p.depth.is_some()
             && p.free_slots > 0
             && p.addr != self.addr
-            && Some(p.addr.as_str()) != current
+            && Some(&p.addr) != current
             && !p.root_path.contains(&self.name)
             && !self.banned.contains_key(&p.addr)
     }
 
-    fn candidates(&self) -> Vec<&Peer> {
+    fn candidates(&self) -> Vec<&Peer<I>> {
         self.view
             .values()
             .filter_map(|e| e.info.as_ref())
@@ -501,7 +559,7 @@ impl Overlay {
 
     /// Power of d choices: sample `choices` candidates, keep the shallowest (then the one
     /// with more free slots, then the lower address).
-    fn choose<R: Rng>(&self, rng: &mut R) -> Option<Peer> {
+    fn choose<R: Rng>(&self, rng: &mut R) -> Option<Peer<I>> {
         let cands = self.candidates();
         cands
             .choose_multiple(rng, self.cfg.choices)
@@ -509,7 +567,7 @@ impl Overlay {
                 (
                     p.depth.unwrap_or(u32::MAX),
                     std::cmp::Reverse(p.free_slots),
-                    p.addr.as_str(),
+                    &p.addr,
                 )
             })
             .map(|p| Arc::clone(p))
@@ -517,22 +575,22 @@ impl Overlay {
 
     /// For a rebalance: the shallowest candidate the view holds after a fresh sample (a
     /// move is rare, so it takes the best rather than a power-of-d pick).
-    fn shallowest(&self) -> Option<Peer> {
+    fn shallowest(&self) -> Option<Peer<I>> {
         self.candidates()
             .into_iter()
             .min_by_key(|p| {
                 (
                     p.depth.unwrap_or(u32::MAX),
                     std::cmp::Reverse(p.free_slots),
-                    p.addr.as_str(),
+                    &p.addr,
                 )
             })
             .map(Arc::clone)
     }
 
-    fn probe<R: Rng>(&mut self, now: u64, rebalance: bool, rng: &mut R) -> Vec<Output> {
-        let addrs: Vec<String> = self.view.keys().cloned().collect();
-        let asked: BTreeSet<String> = addrs
+    fn probe<R: Rng>(&mut self, now: u64, rebalance: bool, rng: &mut R) -> Vec<Output<I>> {
+        let addrs: Vec<I> = self.view.keys().cloned().collect();
+        let asked: BTreeSet<I> = addrs
             .choose_multiple(rng, self.cfg.choices.max(2))
             .cloned()
             .collect();
@@ -555,7 +613,7 @@ impl Overlay {
             .collect()
     }
 
-    fn attach(&mut self, now: u64, addr: String, moving: bool, referrals: u32) -> Vec<Output> {
+    fn attach(&mut self, now: u64, addr: I, moving: bool, referrals: u32) -> Vec<Output<I>> {
         let reason = if moving {
             Reason::Rebalance
         } else {
@@ -577,7 +635,7 @@ impl Overlay {
 
     /// Unattached and idle: attach to a choice if there is one, else probe for fresh info
     /// (unless a fruitless probe asked to wait until `probe_after`).
-    fn seek<R: Rng>(&mut self, now: u64, rng: &mut R) -> Vec<Output> {
+    fn seek<R: Rng>(&mut self, now: u64, rng: &mut R) -> Vec<Output<I>> {
         if self.core || self.parent.is_some() || !matches!(self.pending, Pending::Idle) {
             return Vec::new();
         }
@@ -588,7 +646,7 @@ impl Overlay {
         }
     }
 
-    fn finish_probe<R: Rng>(&mut self, now: u64, rebalance: bool, rng: &mut R) -> Vec<Output> {
+    fn finish_probe<R: Rng>(&mut self, now: u64, rebalance: bool, rng: &mut R) -> Vec<Output<I>> {
         self.pending = Pending::Idle;
         if !rebalance {
             if self.core || self.parent.is_some() {
@@ -620,7 +678,7 @@ impl Overlay {
         }
     }
 
-    fn mark_full(&mut self, addr: &str) {
+    fn mark_full(&mut self, addr: &I) {
         if let Some(e) = self.view.get_mut(addr) {
             if let Some(i) = e.info.as_mut() {
                 Arc::make_mut(i).free_slots = 0;
@@ -628,7 +686,7 @@ impl Overlay {
         }
     }
 
-    fn forget(&mut self, addr: &str) {
+    fn forget(&mut self, addr: &I) {
         if !self.bootstrap.iter().any(|b| b == addr) {
             self.view.remove(addr);
         } else if let Some(e) = self.view.get_mut(addr) {
@@ -638,7 +696,7 @@ impl Overlay {
 
     /// Feeds one event in and returns what to do next. `now` is in milliseconds on any
     /// monotonic clock; `rng` should be seeded per node for replayable runs.
-    pub fn handle<R: Rng>(&mut self, now: u64, input: Input, rng: &mut R) -> Vec<Output> {
+    pub fn handle<R: Rng>(&mut self, now: u64, input: Input<I>, rng: &mut R) -> Vec<Output<I>> {
         let mut out = Vec::new();
         match input {
             Input::Tick => {
@@ -800,7 +858,7 @@ impl Overlay {
                 };
                 self.pending = Pending::Idle;
                 self.mark_full(&addr);
-                let gains = |r: &PeerInfo| {
+                let gains = |r: &PeerInfo<I>| {
                     !moving
                         || matches!((r.depth, self.depth()), (Some(d), Some(mine))
                             if d + 1 + self.cfg.rebalance_min_gain <= mine)
@@ -860,14 +918,14 @@ impl Overlay {
 
     /// Every change of parent goes through here: the advertisement is rebuilt and shuffles
     /// return to their base period.
-    fn set_parent(&mut self, now: u64, parent: Option<Parent>) {
+    fn set_parent(&mut self, now: u64, parent: Option<Parent<I>>) {
         self.parent = parent;
         self.me.take();
         self.stable_shuffles = 0;
         self.next_shuffle = self.next_shuffle.min(now + self.cfg.shuffle_ms);
     }
 
-    fn answered<R: Rng>(&mut self, now: u64, addr: &str, rng: &mut R) -> Vec<Output> {
+    fn answered<R: Rng>(&mut self, now: u64, addr: &I, rng: &mut R) -> Vec<Output<I>> {
         if let Pending::Probing {
             asked, rebalance, ..
         } = &mut self.pending

@@ -36,7 +36,7 @@ fn core_info(free_slots: u32) -> Peer {
 }
 
 fn relay_with(cfg: OverlayConfig) -> Overlay {
-    Overlay::new(cfg, ME, &addr(ME), false, vec![addr("core")])
+    Overlay::new(cfg, ME.to_string(), addr(ME), false, vec![addr("core")])
 }
 
 fn relay() -> Overlay {
@@ -224,8 +224,8 @@ fn a_sampled_core_with_free_slots_is_attached_for_join() {
 fn attached_sets_parent_depth_and_info() {
     let mut r = rng(3);
     let mut o = joined(&mut r);
-    assert_eq!(o.parent_addr(), Some(addr("core").as_str()));
-    assert_eq!(o.parent_name(), Some("core"));
+    assert_eq!(o.parent_addr(), Some(&addr("core")));
+    assert_eq!(o.parent_name(), Some(&"core".to_string()));
     assert_eq!(o.depth(), Some(1));
     assert_eq!(
         o.info(),
@@ -452,7 +452,7 @@ fn a_lost_parent_is_sought_again_with_reason_parent_lost() {
         ),
         vec![]
     );
-    assert_eq!(o.parent_addr(), Some(addr("core").as_str()));
+    assert_eq!(o.parent_addr(), Some(&addr("core")));
     assert_eq!(
         o.handle(11, Input::ParentLost { addr: addr("core") }, &mut r),
         vec![Output::RequestSample {
@@ -617,7 +617,7 @@ fn a_deep_node_moves_for_a_gain_of_two() {
     assert!((5_100..=15_100).contains(&t), "{t}");
     assert_eq!(first, attach("q", true, Reason::Rebalance));
     // The current parent is kept until the new one accepts.
-    assert_eq!(o.parent_addr(), Some(addr("p").as_str()));
+    assert_eq!(o.parent_addr(), Some(&addr("p")));
     assert_eq!(o.depth(), Some(4));
 
     let mut again = rng(12);
@@ -629,7 +629,7 @@ fn a_deep_node_moves_for_a_gain_of_two() {
     );
 
     assert_eq!(o.handle(t + 1, attached(&q), &mut r), vec![]);
-    assert_eq!(o.parent_addr(), Some(addr("q").as_str()));
+    assert_eq!(o.parent_addr(), Some(&addr("q")));
     assert_eq!(o.depth(), Some(2));
     assert_eq!(o.info().root_path, vec!["core", "q", ME]);
     assert_eq!(
@@ -649,7 +649,7 @@ fn a_deep_node_does_not_move_for_a_gain_of_one() {
     // It did look, less often each time: checks 5-15 s, then 10-30 s, then 20-60 s apart.
     let probes = probe_ticks(&log);
     assert!((2..=4).contains(&probes), "{probes} probes: {log:?}");
-    assert_eq!(o.parent_addr(), Some(addr("p").as_str()));
+    assert_eq!(o.parent_addr(), Some(&addr("p")));
 }
 
 #[test]
@@ -689,7 +689,7 @@ fn a_move_whose_parent_turned_out_deeper_is_undone() {
         &mut r,
     );
     assert_eq!(out, vec![Output::Detach { addr: addr("q") }]);
-    assert_eq!(o.parent_addr(), Some(addr("p").as_str()));
+    assert_eq!(o.parent_addr(), Some(&addr("p")));
     assert_eq!(o.depth(), Some(4));
     assert_eq!(o.reparents(), &BTreeMap::from([(Reason::Join, 1)]));
 }
@@ -716,7 +716,7 @@ fn a_failed_or_refused_move_keeps_the_parent() {
         let mut r = rng(15);
         let (mut o, t) = moving(&mut r);
         assert_eq!(o.handle(t + 1, input, &mut r), vec![]);
-        assert_eq!(o.parent_addr(), Some(addr("p").as_str()));
+        assert_eq!(o.parent_addr(), Some(&addr("p")));
         assert_eq!(o.depth(), Some(4));
     }
 }
@@ -736,7 +736,7 @@ fn a_move_to_a_descendant_is_undone_and_the_parent_kept() {
         &mut r,
     );
     assert_eq!(out, vec![Output::Detach { addr: addr("q") }]);
-    assert_eq!(o.parent_addr(), Some(addr("p").as_str()));
+    assert_eq!(o.parent_addr(), Some(&addr("p")));
     assert_eq!(o.depth(), Some(4));
     assert_eq!(o.reparents(), &BTreeMap::from([(Reason::Join, 1)]));
 }
@@ -770,8 +770,8 @@ fn core_nodes_never_attach() {
     let mut r = rng(18);
     let mut c = Overlay::new(
         OverlayConfig::default(),
-        "core",
-        &addr("core"),
+        "core".to_string(),
+        addr("core"),
         true,
         vec![addr("core"), addr("core2")],
     );
@@ -938,7 +938,7 @@ fn a_move_follows_only_referrals_that_still_gain_enough() {
         &mut r,
     );
     assert_eq!(out, vec![]);
-    assert_eq!(o.parent_addr(), Some(addr("p").as_str()));
+    assert_eq!(o.parent_addr(), Some(&addr("p")));
 }
 
 #[test]
@@ -958,11 +958,11 @@ fn a_late_attached_for_an_abandoned_attach_is_detached() {
         vec![attach("core", false, Reason::Join)]
     );
     o.handle(timeout + 2, attached(&core_info(8)), &mut r);
-    assert_eq!(o.parent_addr(), Some(addr("core").as_str()));
+    assert_eq!(o.parent_addr(), Some(&addr("core")));
     // `a` finally accepts the attach the node gave up on.
     let out = o.handle(timeout + 3, attached(&a), &mut r);
     assert_eq!(out, vec![Output::Detach { addr: addr("a") }]);
-    assert_eq!(o.parent_addr(), Some(addr("core").as_str()));
+    assert_eq!(o.parent_addr(), Some(&addr("core")));
     assert_eq!(o.reparents(), &BTreeMap::from([(Reason::Join, 1)]));
 }
 
@@ -983,8 +983,8 @@ fn a_core_view_keeps_the_latest_offers() {
     let mut r = rng(24);
     let mut c = Overlay::new(
         OverlayConfig::default(),
-        "core",
-        &addr("core"),
+        "core".to_string(),
+        addr("core"),
         true,
         vec![addr("core")],
     );
