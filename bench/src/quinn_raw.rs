@@ -1,0 +1,399 @@
+//! `quinn-raw`: the raw QUIC limit for a full-copy bootstrap on this machine.
+//!
+//! Each round builds two fresh quinn endpoints on loopback (a server and a client), connects
+//! the client (mutual TLS 1.3, ring provider), and has the server stream `--size` bytes on ONE
+//! unidirectional stream of that ONE connection, in `--chunk`-byte `Bytes` handed to
+//! `write_chunk` (no copy, like Canopy's `wire::write_raw`). The client reads with
+//! `read_chunk` (no copy) and only counts bytes: no framing, no hashing, no disk. The time runs
+//! from the start of `connect` (handshake included) to the last byte received.
+//!
+//! It uses Canopy's own TLS helpers (`canopy::tls`: cluster CA and node certificates made with
+//! rcgen, `endpoint_from_socket`) and, with `--transport canopy` (the default), the transport
+//! settings every Canopy node uses (`StreamConfig::default().transport()`: 16 MiB stream window,
+//! 64 MiB connection window), so the only difference from a relay's bootstrap is everything
+//! Canopy does above QUIC. `--transport quinn-default` uses quinn's own defaults instead.
+//!
+//! `--mode` climbs from raw QUIC towards what a relay does, to show where the time goes:
+//! - `raw`: the bytes as they are (the limit);
+//! - `frames`: the server sends what a Canopy parent sends for a full transfer (a
+//!   `SubscribeOk`, then `canopy::replica::snapshot_frames`: the manifest, one protobuf frame
+//!   per 64 KiB chunk, the end), and the client reads them with `canopy::wire::read_raw` and
+//!   decodes each one, as `upstream.rs` does;
+//! - `replica`: as `frames`, and every frame also goes through a real child
+//!   `canopy::replica::Replica::handle_downstream` (each chunk checked against the manifest,
+//!   the file built, the root verified, installed): Canopy's whole receive path minus the node
+//!   runtime (locks, metrics, API, separate processes, materializing).
+//!
+//! Prints one JSON object per round on stdout with `--json` (a summary on stderr).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use canopy::config::StreamConfig;
+use canopy::file::ChunkedFile;
+use canopy::proto::{self, downstream::Kind as Down};
+use canopy::replica::{snapshot_frames, Event, Replica};
+use canopy::tls::{self, Identity, Role};
+use canopy::wire;
+use clap::{Parser, ValueEnum};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    /// Canopy's transport config (`StreamConfig::default().transport()`).
+    Canopy,
+    /// quinn's `TransportConfig::default()` (same certificates).
+    QuinnDefault,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Raw bytes, read_chunk on the client.
+    Raw,
+    /// Canopy's full-transfer frames, read and decoded.
+    Frames,
+    /// Frames fed to a real child Replica (verify, build, install).
+    Replica,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Raw => "raw",
+            Mode::Frames => "+ canopy frames",
+            Mode::Replica => "+ canopy frames + replica verify/build",
+        }
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Stream N bytes over one quinn connection on loopback; print the time")]
+struct Args {
+    /// Bytes to stream, e.g. 50MB, 20MiB, 1000000.
+    #[arg(long, default_value = "50MB", value_parser = parse_size)]
+    size: u64,
+    /// Rounds (a fresh pair of endpoints and a fresh connection each).
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// Number of the first round (in the rows, and for the port).
+    #[arg(long, default_value_t = 1)]
+    first_round: u32,
+    /// Bytes per write_chunk call (Canopy sends one 64 KiB chunk per frame).
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    chunk: u64,
+    /// Transport settings.
+    #[arg(long, value_enum, default_value_t = Transport::Canopy)]
+    transport: Transport,
+    /// What goes over the stream and what the client does with it.
+    #[arg(long, value_enum, default_value_t = Mode::Raw)]
+    mode: Mode,
+    /// UDP port of the server in round 1 (0: any); the client binds the next one. Round r
+    /// uses port + 2 * ((r - 1) mod 40), so a closing endpoint never holds the next one's port.
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Directory for the throw-away CA and certificates (default: a temp dir).
+    #[arg(long)]
+    certs: Option<std::path::PathBuf>,
+    /// Name of these rows in the output.
+    #[arg(long, default_value = "quinn-raw")]
+    label: String,
+    /// Print one JSON object per round on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses `50MB` (10^6), `64KiB` (2^10), `1GB`, or plain bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let i = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = (&s[..i], s[i..].trim());
+    let n: f64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "bad size unit in {s:?} (B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    Ok((n * mult).round() as u64)
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+struct Round {
+    handshake: Duration,
+    first_byte: Duration,
+    total: Duration,
+    received: u64,
+}
+
+async fn one_round(
+    round: u32,
+    server_id: &Identity,
+    client_id: &Identity,
+    args: &Args,
+    data: &Bytes,
+    file: Option<&ChunkedFile>,
+) -> anyhow::Result<Round> {
+    let tc = StreamConfig::default().transport();
+    let (server_addr, client_addr): (SocketAddr, SocketAddr) = if args.port == 0 {
+        ("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?)
+    } else {
+        let port = args.port + 2 * ((round as u16 - 1) % 40);
+        (
+            format!("127.0.0.1:{port}").parse()?,
+            format!("127.0.0.1:{}", port + 1).parse()?,
+        )
+    };
+    let server = tls::endpoint_from_socket(UdpSocket::bind(server_addr)?, server_id, &tc)?;
+    let mut client = tls::endpoint_from_socket(UdpSocket::bind(client_addr)?, client_id, &tc)?;
+    if args.transport == Transport::QuinnDefault {
+        let mut sc = tls::server_config(server_id, &tc)?;
+        sc.transport_config(Arc::new(quinn::TransportConfig::default()));
+        server.set_server_config(Some(sc));
+        let mut cc = tls::client_config(client_id, &tc)?;
+        cc.transport_config(Arc::new(quinn::TransportConfig::default()));
+        client.set_default_client_config(cc);
+    }
+    let to = server.local_addr()?;
+
+    let chunk = args.chunk.max(1) as usize;
+    let payload = data.clone();
+    let mode = args.mode;
+    let want_root = file.map(|f| f.root());
+    let file = file.cloned();
+    let serve = tokio::spawn(async move {
+        let conn = server
+            .accept()
+            .await
+            .context("server endpoint closed")?
+            .await?;
+        let mut send = conn.open_uni().await?;
+        match (mode, file) {
+            (Mode::Raw, _) | (_, None) => {
+                let mut off = 0;
+                while off < payload.len() {
+                    let end = (off + chunk).min(payload.len());
+                    send.write_chunk(payload.slice(off..end)).await?;
+                    off = end;
+                }
+            }
+            (_, Some(file)) => {
+                // What serve_child writes for a full transfer.
+                let ok = wire::encode(&proto::Downstream {
+                    kind: Some(Down::SubscribeOk(proto::SubscribeOk {
+                        parent_name: "raw-server".into(),
+                        parent_depth: 0,
+                        resume: false,
+                        core_addrs: vec![],
+                        root_path: vec!["raw-server".into()],
+                        chunk_size: file.chunk_size(),
+                    })),
+                });
+                send.write_chunk(ok).await?;
+                for f in snapshot_frames(&file, 0, &[]) {
+                    send.write_chunk(f).await?;
+                }
+            }
+        }
+        send.finish()?;
+        // Keep the connection until the client has read everything and closes it.
+        conn.closed().await;
+        server.wait_idle().await;
+        anyhow::Ok(())
+    });
+
+    let start = Instant::now();
+    let conn = client.connect(to, tls::SERVER_NAME)?.await?;
+    let handshake = start.elapsed();
+    let mut recv = conn.accept_uni().await?;
+    let mut received = 0u64;
+    let mut first_byte = None;
+    match args.mode {
+        Mode::Raw => {
+            while let Some(c) = recv.read_chunk(usize::MAX, true).await? {
+                if first_byte.is_none() {
+                    first_byte = Some(start.elapsed());
+                }
+                received += c.bytes.len() as u64;
+            }
+        }
+        Mode::Frames | Mode::Replica => {
+            let max = StreamConfig::default().max_frame;
+            let mut replica = Replica::new(StreamConfig::default().replica(), false)?;
+            let _ = replica.subscribe("raw-client", "127.0.0.1:0", false);
+            let mut installed = false;
+            while let Some(raw) = wire::read_raw(&mut recv, max).await? {
+                if first_byte.is_none() {
+                    first_byte = Some(start.elapsed());
+                }
+                let msg: proto::Downstream = raw.decode()?;
+                if let Some(Down::SnapshotChunk(c)) = &msg.kind {
+                    received += c.data.len() as u64;
+                }
+                if args.mode == Mode::Replica {
+                    let events = replica.handle_downstream(raw.frame, msg)?;
+                    installed |= events.iter().any(|e| matches!(e, Event::Installed { .. }));
+                }
+            }
+            if args.mode == Mode::Replica
+                && (!installed || Some(replica.file().root()) != want_root)
+            {
+                bail!("the replica did not install the file with the right root");
+            }
+        }
+    }
+    let total = start.elapsed();
+    conn.close(0u32.into(), b"done");
+    client.wait_idle().await;
+    serve.await??;
+    if received != data.len() as u64 {
+        bail!("received {received} bytes, expected {}", data.len());
+    }
+    Ok(Round {
+        handshake,
+        first_byte: first_byte.unwrap_or(total),
+        total,
+        received,
+    })
+}
+
+/// CPU seconds (user + system, every thread) this process has used, at 100 Hz.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+fn certs(dir: &Path) -> anyhow::Result<(Identity, Identity)> {
+    let ca = dir.join("ca");
+    let nodes = dir.join("tls");
+    if !ca.join("ca.key").exists() {
+        tls::ca_init(&ca)?;
+    }
+    tls::cert_issue(&ca, "raw-server", Role::Core, &nodes)?;
+    tls::cert_issue(&ca, "raw-client", Role::Relay, &nodes)?;
+    Ok((
+        Identity::load(&nodes, "raw-server")?,
+        Identity::load(&nodes, "raw-client")?,
+    ))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.size == 0 {
+        bail!("--size must be positive");
+    }
+    let tmp;
+    let dir = match &args.certs {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let (server_id, client_id) = certs(&dir).context("making certificates")?;
+    let mut buf = vec![0u8; args.size as usize];
+    ChaCha8Rng::seed_from_u64(1).fill_bytes(&mut buf);
+    let file = match args.mode {
+        Mode::Raw => None,
+        _ => {
+            let cfg = StreamConfig::default();
+            Some(ChunkedFile::from_bytes(
+                cfg.chunk_size,
+                cfg.max_len,
+                &buf,
+                2,
+            )?)
+        }
+    };
+    let data = Bytes::from(buf);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut totals = Vec::new();
+    for round in args.first_round..args.first_round + args.rounds {
+        let cpu0 = cpu_seconds();
+        let r = rt.block_on(one_round(
+            round,
+            &server_id,
+            &client_id,
+            &args,
+            &data,
+            file.as_ref(),
+        ))?;
+        let cpu = cpu_seconds() - cpu0;
+        let mb_s = r.received as f64 / 1e6 / r.total.as_secs_f64();
+        let transfer = r.total.saturating_sub(r.handshake);
+        eprintln!(
+            "quinn-raw ({:?}, {}) round {round}: {} bytes in {:.1} ms (handshake {:.1} ms, first byte {:.1} ms): {:.0} MB/s",
+            args.transport,
+            args.mode.label(),
+            r.received,
+            ms(r.total),
+            ms(r.handshake),
+            ms(r.first_byte),
+            mb_s
+        );
+        totals.push(r.total);
+        if args.json {
+            println!(
+                "{}",
+                json!({
+                    "scenario": if args.mode == Mode::Raw { "single" } else { "ladder" },
+                    "system": "quinn-raw",
+                    "variant": match (args.mode, args.transport) {
+                        (Mode::Raw, Transport::Canopy) => "canopy transport config".to_string(),
+                        (Mode::Raw, Transport::QuinnDefault) => "quinn default transport config".to_string(),
+                        (m, _) => m.label().to_string(),
+                    },
+                    "label": args.label,
+                    "round": round,
+                    "n": 1,
+                    "size_bytes": r.received,
+                    "time_ms": ms(r.total),
+                    "handshake_ms": ms(r.handshake),
+                    "first_byte_ms": ms(r.first_byte),
+                    "transfer_ms": ms(transfer),
+                    "throughput_mb_s": (mb_s * 10.0).round() / 10.0,
+                    "transfer_mb_s": ((r.received as f64 / 1e6 / transfer.as_secs_f64()) * 10.0).round() / 10.0,
+                    "chunk_bytes": args.chunk,
+                    "cpu_s": (cpu * 100.0).round() / 100.0,
+                    "verified": true,
+                })
+            );
+        }
+    }
+    totals.sort();
+    if let Some(m) = totals.get(totals.len() / 2) {
+        eprintln!(
+            "quinn-raw ({:?}, {}) median of {} rounds: {:.1} ms, {:.0} MB/s",
+            args.transport,
+            args.mode.label(),
+            totals.len(),
+            ms(*m),
+            args.size as f64 / 1e6 / m.as_secs_f64()
+        );
+    }
+    Ok(())
+}
