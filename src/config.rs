@@ -29,6 +29,8 @@ pub enum ConfigError {
     FrameTooSmall { max_frame: usize, max_update: u64 },
     #[error("child_queue_bytes ({queue}) must be at least max_frame ({max_frame}), or one large entry cuts every child off")]
     QueueTooSmall { queue: u64, max_frame: usize },
+    #[error("backfill_bytes_per_sec ({rate}) must be 0 (no limit) or at least one chunk ({chunk} bytes) per second, or children time out between chunks")]
+    BackfillRateTooLow { rate: u64, chunk: u32 },
     #[error("a relay needs at least one --join address")]
     NoJoin,
     #[error("raft: {0}")]
@@ -88,6 +90,14 @@ pub struct StreamConfig {
     /// Shortest gap between two rewrites of the materialized file (ms). 250: a burst of
     /// writes does not rewrite a 50 MB file for each one.
     pub materialize_interval_ms: u64,
+    /// Full or diff transfers this node serves at once; more children wait their turn (their
+    /// live entries queue meanwhile). 4: half a fan-out of 8 bootstraps at once while the
+    /// node keeps CPU and uplink for the live stream.
+    pub max_backfills: u32,
+    /// Bytes per second spent on the transfers served, all of them together (0: no limit).
+    /// 0: on a LAN the link and the child's verification are the limit; set it where the
+    /// uplink is shared with other traffic. Live entries are never paced.
+    pub backfill_bytes_per_sec: u64,
 }
 
 impl Default for StreamConfig {
@@ -107,6 +117,8 @@ impl Default for StreamConfig {
             stream_window_bytes: 16 * 1024 * 1024,
             parent_timeout_ms: 1500,
             materialize_interval_ms: 250,
+            max_backfills: 4,
+            backfill_bytes_per_sec: 0,
         }
     }
 }
@@ -127,10 +139,19 @@ impl StreamConfig {
             ("idle_timeout_ms", self.idle_timeout_ms),
             ("stream_window_bytes", self.stream_window_bytes),
             ("parent_timeout_ms", self.parent_timeout_ms),
+            ("max_backfills", u64::from(self.max_backfills)),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero { field });
             }
+        }
+        if self.backfill_bytes_per_sec != 0
+            && self.backfill_bytes_per_sec < u64::from(self.chunk_size)
+        {
+            return Err(ConfigError::BackfillRateTooLow {
+                rate: self.backfill_bytes_per_sec,
+                chunk: self.chunk_size,
+            });
         }
         if (self.max_frame as u64) < self.max_update_bytes + 64 * 1024 {
             return Err(ConfigError::FrameTooSmall {
@@ -286,6 +307,23 @@ mod tests {
         s.fanout = 0;
         assert_eq!(s.validate(), Err(ConfigError::Zero { field: "fanout" }));
         s.fanout = 8;
+        s.max_backfills = 0;
+        assert_eq!(
+            s.validate(),
+            Err(ConfigError::Zero {
+                field: "max_backfills"
+            })
+        );
+        s.max_backfills = 4;
+        s.backfill_bytes_per_sec = 1000;
+        assert_eq!(
+            s.validate(),
+            Err(ConfigError::BackfillRateTooLow {
+                rate: 1000,
+                chunk: 65536
+            })
+        );
+        s.backfill_bytes_per_sec = 0;
         s.max_frame = 1024;
         assert!(matches!(
             s.validate(),

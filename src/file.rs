@@ -780,6 +780,11 @@ impl FileBuilder {
         self.version
     }
 
+    /// Bytes of the chunks put so far.
+    pub fn bytes_present(&self) -> u64 {
+        self.chunks.iter().flatten().map(|c| c.len() as u64).sum()
+    }
+
     pub fn chunk_count(&self) -> u64 {
         self.chunks.len() as u64
     }

@@ -50,6 +50,8 @@ pub struct NodeMetrics {
     pub proposals: Counter,
     pub backfill_received: Counter,
     pub backfill_served: Counter,
+    pub backfill_seconds: metrics::Histogram,
+    pub backfills_serving: Gauge,
     pub materialized_version: Gauge,
     node: String,
 }
@@ -79,6 +81,8 @@ impl NodeMetrics {
             proposals: metrics::counter!("canopy_proposals_total", &l),
             backfill_received: metrics::counter!("canopy_backfill_received_bytes_total", &l),
             backfill_served: metrics::counter!("canopy_backfill_served_bytes_total", &l),
+            backfill_seconds: metrics::histogram!("canopy_backfill_seconds", &l),
+            backfills_serving: metrics::gauge!("canopy_backfills_serving", &l),
             materialized_version: metrics::gauge!("canopy_materialized_version", &l),
             node: n,
         }

@@ -170,9 +170,26 @@ pub struct Status {
     pub file_version: Option<u64>,
     pub core_addrs: Vec<String>,
     pub stats: StatsView,
+    /// A full or diff transfer in progress (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<BackfillView>,
+    /// Full or diff transfers this node is serving to children now.
+    pub backfills_serving: u64,
     /// Core nodes only: Raft state and the members.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub core: Option<CoreStatus>,
+}
+
+/// Progress of the transfer this node is receiving.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BackfillView {
+    /// Bytes held of the version being fetched: chunks received, and chunks reused from
+    /// the local copy or an interrupted transfer.
+    pub bytes_done: u64,
+    /// The length of that version.
+    pub bytes_total: u64,
+    /// Where the chunks come from (today: the parent).
+    pub sources: Vec<String>,
 }
 
 /// A core node's view of the consensus group.
@@ -200,6 +217,14 @@ pub struct Shared {
     endpoint: quinn::Endpoint,
     core_conn: tokio::sync::Mutex<Option<quinn::Connection>>,
     pub(crate) parent_addr: Mutex<String>,
+    /// The transfer being received: when it started and the last tenth logged.
+    pub(crate) backfill_clock: Mutex<Option<(std::time::Instant, u64)>>,
+    /// Transfers being served now.
+    pub(crate) backfills_serving: AtomicU64,
+    /// One permit per transfer served at once (`stream.max_backfills`).
+    backfill_permits: Arc<tokio::sync::Semaphore>,
+    /// When the shared backfill budget (`stream.backfill_bytes_per_sec`) is next free.
+    backfill_pace: Mutex<tokio::time::Instant>,
     pub metrics: NodeMetrics,
     relayed: AtomicU64,
     pub(crate) stats: StreamStats,
@@ -418,6 +443,12 @@ impl Node {
             endpoint,
             core_conn: tokio::sync::Mutex::new(None),
             parent_addr: Mutex::new(String::new()),
+            backfill_clock: Mutex::new(None),
+            backfills_serving: AtomicU64::new(0),
+            backfill_permits: Arc::new(tokio::sync::Semaphore::new(
+                cfg.stream.max_backfills as usize,
+            )),
+            backfill_pace: Mutex::new(tokio::time::Instant::now()),
             relayed: AtomicU64::new(0),
             stats: StreamStats::default(),
             core_pick: std::sync::atomic::AtomicUsize::new(0),
@@ -520,6 +551,7 @@ impl Node {
     }
 
     pub fn status(&self) -> Status {
+        let parent_addr = self.0.parent_addr.lock().unwrap().clone();
         let st = self.0.state.lock().unwrap();
         let file = st.replica.file();
         let version = file.version();
@@ -545,7 +577,7 @@ impl Node {
                 Some(p) if !self.0.cfg.is_core() => p.name.clone(),
                 _ => String::new(),
             },
-            parent_addr: self.0.parent_addr.lock().unwrap().clone(),
+            parent_addr: parent_addr.clone(),
             children: st.children.values().map(|c| c.name.clone()).collect(),
             child_addrs: st.children.values().map(|c| c.addr.clone()).collect(),
             depth: self.0.depth(&st),
@@ -564,6 +596,15 @@ impl Node {
                 backfill_received_bytes: self.0.stats.backfill_received.load(Ordering::Relaxed),
                 bad_chunks: self.0.stats.bad_chunks.load(Ordering::Relaxed),
             },
+            backfill: st
+                .replica
+                .backfill_progress()
+                .map(|(bytes_done, bytes_total)| BackfillView {
+                    bytes_done,
+                    bytes_total,
+                    sources: vec![parent_addr.clone()],
+                }),
+            backfills_serving: self.0.backfills_serving.load(Ordering::Acquire),
             core: self.0.core.get().map(|c| CoreStatus {
                 raft: c.status(),
                 members: c
@@ -1283,13 +1324,39 @@ async fn serve_child(
                 }
             }
             SubscribePlan::Snapshot(file) => {
+                // Wait for a transfer slot, keeping the child's stream alive meanwhile.
+                let permits = Arc::clone(&shared.backfill_permits);
+                let acquire = permits.acquire_owned();
+                tokio::pin!(acquire);
+                let _permit = loop {
+                    tokio::select! {
+                        p = &mut acquire => break p.expect("the permits are never closed"),
+                        _ = shared.shutdown.cancelled() => return Ok(()),
+                        _ = conn.closed() => return Ok(()),
+                        _ = tokio::time::sleep(heartbeat) => {
+                            let hb = shared.state.lock().unwrap().replica.heartbeat(now_us());
+                            wire::write_raw(&mut send, &hb).await?;
+                        }
+                    }
+                };
+                let _serving = ServingGuard::new(&shared);
                 shared.metrics.full_transfers_served.increment(1);
                 let corrupt = failpoint_corrupt_chunk(&sub.name);
+                let rate = shared.cfg.stream.backfill_bytes_per_sec;
                 for f in snapshot_frames(&file, commit_time, &sub.have_chunks) {
                     let f = match corrupt {
                         Some(index) => corrupt_chunk_frame(f, index),
                         None => f,
                     };
+                    if rate > 0 {
+                        let at = {
+                            let mut next = shared.backfill_pace.lock().unwrap();
+                            let at = (*next).max(tokio::time::Instant::now());
+                            *next = at + Duration::from_secs_f64(f.len() as f64 / rate as f64);
+                            at
+                        };
+                        tokio::time::sleep_until(at).await;
+                    }
                     wire::write_raw(&mut send, &f).await?;
                     shared.count_relayed(f.len());
                     shared.metrics.backfill_served.increment(f.len() as u64);
@@ -1607,5 +1674,23 @@ fn corrupt_chunk_frame(frame: Bytes, index: u64) -> Bytes {
             wire::encode(&msg)
         }
         _ => frame,
+    }
+}
+
+/// Counts a transfer being served in `backfills_serving` (status and metric) while alive.
+struct ServingGuard<'a>(&'a Shared);
+
+impl<'a> ServingGuard<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        let n = shared.backfills_serving.fetch_add(1, Ordering::AcqRel) + 1;
+        shared.metrics.backfills_serving.set(n as f64);
+        Self(shared)
+    }
+}
+
+impl Drop for ServingGuard<'_> {
+    fn drop(&mut self) {
+        let n = self.0.backfills_serving.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.0.metrics.backfills_serving.set(n as f64);
     }
 }

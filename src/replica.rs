@@ -519,6 +519,15 @@ impl Replica {
             .collect()
     }
 
+    /// A full or diff transfer in progress: (bytes held so far, including chunks reused from
+    /// the local copy, and the file's length).
+    pub fn backfill_progress(&self) -> Option<(u64, u64)> {
+        match &self.upstream {
+            Upstream::Snapshot { builder, .. } => Some((builder.bytes_present(), builder.len())),
+            _ => None,
+        }
+    }
+
     /// Bytes of verified chunks kept from interrupted transfers.
     pub fn salvaged_bytes(&self) -> u64 {
         self.salvage.chunks.values().map(|c| c.len() as u64).sum()

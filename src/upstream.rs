@@ -400,11 +400,47 @@ fn apply_frame(shared: &Shared, raw: RawFrame) -> Result<(), UpstreamError> {
             .entries_applied
             .fetch_add(applied, std::sync::atomic::Ordering::Relaxed);
     }
+    log_backfill(shared, &st.replica, installed);
     shared.dispatch(&mut st, events);
     if installed {
         shared.metrics.full_transfers_received.increment(1);
     }
     Ok(())
+}
+
+/// The relay's log as a progress bar: one line per tenth of a transfer, and a summary with
+/// the throughput at the end (`canopy_backfill_seconds` gets the duration).
+fn log_backfill(shared: &Shared, replica: &crate::replica::Replica, installed: bool) {
+    let mut clock = shared.backfill_clock.lock().unwrap();
+    if installed {
+        if let Some((started, _)) = clock.take() {
+            let secs = started.elapsed().as_secs_f64();
+            let len = replica.file().len();
+            shared.metrics.backfill_seconds.record(secs);
+            info!(
+                node = %shared.cfg.name,
+                bytes = len,
+                received = shared.stats.backfill_received.load(std::sync::atomic::Ordering::Relaxed),
+                "backfill done in {secs:.2} s ({:.1} MB/s), root verified",
+                len as f64 / 1e6 / secs.max(1e-9)
+            );
+        }
+        return;
+    }
+    let Some((done, total)) = replica.backfill_progress() else {
+        return;
+    };
+    let (started, logged) = clock.get_or_insert_with(|| (std::time::Instant::now(), 0));
+    let tenth = (done * 10).checked_div(total).unwrap_or(10);
+    if tenth > *logged {
+        *logged = tenth;
+        info!(
+            node = %shared.cfg.name,
+            "backfill {}% ({done}/{total} bytes, {:.1} s)",
+            tenth * 10,
+            started.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// Make-before-break: subscribe to `addr` at this node's exact version while the current

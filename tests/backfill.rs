@@ -221,10 +221,16 @@ async fn a_relay_killed_during_a_backfill_finishes_after_restart() {
     .await;
     let (v, content) = put_random(&c, &core, SIZE, 13).await;
     let mut r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
-    // Kill it once some chunks have arrived and before the transfer is installed.
-    wait_until(60, "the backfill to start", || async {
+    // Kill it once its status shows the transfer under way, before it is installed.
+    let source = core.quic.to_string();
+    wait_until(60, "the backfill to show in the status", || async {
         status(&c, &r1).await.is_some_and(|s| {
-            s["stats"]["backfill_received_bytes"].as_u64().unwrap_or(0) > 0
+            let b = &s["backfill"];
+            b["bytes_total"].as_u64() == Some(SIZE as u64)
+                && b["bytes_done"]
+                    .as_u64()
+                    .is_some_and(|d| d > 0 && d < SIZE as u64)
+                && b["sources"][0].as_str() == Some(source.as_str())
                 && s["version"].as_u64() != Some(v)
         })
     })
@@ -234,4 +240,68 @@ async fn a_relay_killed_during_a_backfill_finishes_after_restart() {
     let s = wait_materialized(&c, &r1, v).await;
     assert_eq!(s["root"], status(&c, &core).await.unwrap()["root"]);
     assert!(std::fs::read(&r1.file).unwrap() == content);
+}
+
+/// The serving side is bounded: with `max_backfills = 1` and 4 MB/s, two relays joining at
+/// once are served one after the other, never both at once, and no faster than the rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfills_served_are_bounded_in_number_and_rate() {
+    const SIZE: usize = 4_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    for (n, role) in [("core", "core"), ("r1", "relay"), ("r2", "relay")] {
+        pki.issue(n, role);
+    }
+    let cfg = root.join("bounded.toml");
+    std::fs::write(
+        &cfg,
+        "[stream]\nmax_backfills = 1\nbackfill_bytes_per_sec = 4000000\n",
+    )
+    .unwrap();
+    let core = Proc::start(
+        root,
+        &pki,
+        "core",
+        true,
+        &[],
+        &["--config", cfg.to_str().unwrap()],
+    );
+    let c = http();
+    wait_until(30, "core to lead", || async {
+        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
+    })
+    .await;
+    let (v, content) = put_random(&c, &core, SIZE, 17).await;
+    let started = Instant::now();
+    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let r2 = Proc::start(root, &pki, "r2", false, &[core.quic], &[]);
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(&c, &core).await.unwrap();
+        most = most.max(s["backfills_serving"].as_u64().unwrap());
+        let mut done = 0;
+        for r in [&r1, &r2] {
+            if let Some(s) = status(&c, r).await {
+                if s["version"].as_u64() == Some(v) && s["file_version"].as_u64() == Some(v) {
+                    done += 1;
+                }
+            }
+        }
+        if done == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relays did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    assert_eq!(most, 1, "transfers served at once");
+    // 8 MB in all at 4 MB/s: at least 2 s minus the first chunk of each.
+    assert!(took >= Duration::from_millis(1800), "{took:?}");
+    for r in [&r1, &r2] {
+        let s = status(&c, r).await.unwrap();
+        assert_eq!(s["parent"], "core");
+        assert!(std::fs::read(&r.file).unwrap() == content);
+    }
 }

@@ -174,24 +174,62 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Cmd::Status { follow } => loop {
-            let resp = check(http.get(url(api, "/v1/status")).send().await?).await?;
-            let v: serde_json::Value = resp.json().await?;
-            if !follow {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                return Ok(());
+        Cmd::Status { follow } => {
+            let mut bar: Option<indicatif::ProgressBar> = None;
+            loop {
+                let resp = check(http.get(url(api, "/v1/status")).send().await?).await?;
+                let v: serde_json::Value = resp.json().await?;
+                if !follow {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    return Ok(());
+                }
+                if let Some(b) = v["backfill"].as_object() {
+                    let total = b["bytes_total"].as_u64().unwrap_or(0);
+                    let done = b["bytes_done"].as_u64().unwrap_or(0);
+                    let pb = bar.get_or_insert_with(|| {
+                    let pb = indicatif::ProgressBar::new(total);
+                    pb.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{msg} backfill [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                        )
+                        .expect("a valid template")
+                        .progress_chars("=> "),
+                    );
+                    pb
+                });
+                    pb.set_length(total);
+                    pb.set_position(done);
+                    pb.set_message(format!(
+                        "{} from {}",
+                        v["name"].as_str().unwrap_or(""),
+                        b["sources"]
+                            .as_array()
+                            .map(|s| s
+                                .iter()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join(","))
+                            .unwrap_or_default()
+                    ));
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                if let Some(pb) = bar.take() {
+                    pb.finish_and_clear();
+                }
+                println!(
+                    "{} {} version={} lag={} root={} children={}",
+                    v["name"].as_str().unwrap_or(""),
+                    v["role"].as_str().unwrap_or(""),
+                    v["version"],
+                    v["lag_entries"],
+                    &v["root"].as_str().unwrap_or("")
+                        [..16.min(v["root"].as_str().unwrap_or("").len())],
+                    v["children"].as_array().map(|a| a.len()).unwrap_or(0)
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            println!(
-                "{} {} version={} lag={} root={} children={}",
-                v["name"].as_str().unwrap_or(""),
-                v["role"].as_str().unwrap_or(""),
-                v["version"],
-                v["lag_entries"],
-                &v["root"].as_str().unwrap_or("")[..16.min(v["root"].as_str().unwrap_or("").len())],
-                v["children"].as_array().map(|a| a.len()).unwrap_or(0)
-            );
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        },
+        }
         Cmd::Cat => {
             let mut resp = check(http.get(url(api, "/v1/file")).send().await?).await?;
             let mut out = std::io::stdout().lock();
