@@ -314,6 +314,8 @@ pub struct Overlay<I = String> {
     idle_rebalances: u32,
     stable_shuffles: u32,
     banned: BTreeMap<I, u64>,
+    /// Full nodes that refused this join since the last probe (not tried again until then).
+    refused: BTreeSet<I>,
     /// This node's advertisement, built on first use after each change of place.
     me: std::sync::OnceLock<Peer<I>>,
 }
@@ -356,6 +358,7 @@ impl<I: Id> Overlay<I> {
             idle_rebalances: 0,
             stable_shuffles: 0,
             banned: BTreeMap::new(),
+            refused: BTreeSet::new(),
             me: std::sync::OnceLock::new(),
         }
     }
@@ -455,7 +458,17 @@ impl<I: Id> Overlay<I> {
         self.view
             .values()
             .filter_map(|e| e.info.as_ref())
-            .any(|p| self.is_candidate(p))
+            .any(|p| self.is_target(p))
+    }
+
+    /// Where a join may start: any attached node, full or not (a full one refers the joiner
+    /// down to its children), except those that refused this join already.
+    fn is_target(&self, p: &Peer<I>) -> bool {
+        p.depth.is_some()
+            && p.addr != self.addr
+            && !p.root_path.contains(&self.name)
+            && !self.banned.contains_key(&p.addr)
+            && !self.refused.contains(&p.addr)
     }
 
     /// Answer a sample request from a peer that offered `offer` (its own info first): merge
@@ -557,15 +570,23 @@ impl<I: Id> Overlay<I> {
             .collect()
     }
 
-    /// Power of d choices: sample `choices` candidates, keep the shallowest (then the one
-    /// with more free slots, then the lower address).
+    /// Power of d choices: sample `choices` join targets, keep the one that would place this
+    /// node shallowest. A full node counts one level deeper (it can only refer the joiner to
+    /// a child) and loses ties to a free one; then more free slots, then the lower address.
     fn choose<R: Rng>(&self, rng: &mut R) -> Option<Peer<I>> {
-        let cands = self.candidates();
+        let cands: Vec<&Peer<I>> = self
+            .view
+            .values()
+            .filter_map(|e| e.info.as_ref())
+            .filter(|p| self.is_target(p))
+            .collect();
         cands
             .choose_multiple(rng, self.cfg.choices)
             .min_by_key(|p| {
+                let full = p.free_slots == 0;
                 (
-                    p.depth.unwrap_or(u32::MAX),
+                    p.depth.unwrap_or(u32::MAX).saturating_add(u32::from(full)),
+                    full,
                     std::cmp::Reverse(p.free_slots),
                     &p.addr,
                 )
@@ -639,6 +660,9 @@ impl<I: Id> Overlay<I> {
         if self.core || self.parent.is_some() || !matches!(self.pending, Pending::Idle) {
             return Vec::new();
         }
+        if self.fruitless > 0 && now >= self.probe_after {
+            self.refused.clear();
+        }
         match self.choose(rng) {
             Some(best) => self.attach(now, best.addr.clone(), false, 0),
             None if now >= self.probe_after => self.probe(now, false, rng),
@@ -655,6 +679,7 @@ impl<I: Id> Overlay<I> {
             return match self.choose(rng) {
                 Some(best) => self.attach(now, best.addr.clone(), false, 0),
                 None => {
+                    // Nothing new: wait, then try again, the nodes that refused included.
                     let backoff = self.cfg.probe_backoff_ms << self.fruitless.min(4);
                     self.fruitless += 1;
                     self.probe_after = now + backoff / 2 + rng.random_range(0..=backoff / 2);
@@ -858,6 +883,9 @@ impl<I: Id> Overlay<I> {
                 };
                 self.pending = Pending::Idle;
                 self.mark_full(&addr);
+                if !moving {
+                    self.refused.insert(addr.clone());
+                }
                 let gains = |r: &PeerInfo<I>| {
                     !moving
                         || matches!((r.depth, self.depth()), (Some(d), Some(mine))
@@ -920,6 +948,7 @@ impl<I: Id> Overlay<I> {
     /// return to their base period.
     fn set_parent(&mut self, now: u64, parent: Option<Parent<I>>) {
         self.parent = parent;
+        self.refused.clear();
         self.me.take();
         self.stable_shuffles = 0;
         self.next_shuffle = self.next_shuffle.min(now + self.cfg.shuffle_ms);

@@ -51,6 +51,16 @@ fn sampled(info: Peer, peers: Vec<Peer>) -> Input {
     }
 }
 
+/// Peers learned from `s`, a relay not attached yet (so itself no join target): isolates
+/// the choice among `peers` from the full core every relay knows.
+fn gossip(peers: Vec<Peer>) -> Input {
+    Input::Sampled {
+        addr: addr("s"),
+        info: peer("s", None, 8, &[]),
+        peers,
+    }
+}
+
 fn attached(parent: &PeerInfo) -> Input {
     Input::Attached {
         addr: parent.addr.clone(),
@@ -96,8 +106,21 @@ fn deep(q: Peer, r: &mut ChaCha8Rng) -> (Overlay, Peer) {
         o.handle(0, sampled(core_info(0), vec![p.clone()]), r),
         vec![]
     );
+    // The join starts at the shallowest pick, the full core, which refuses without a
+    // referral; p is next.
     assert_eq!(
         o.handle(0, Input::Tick, r),
+        vec![attach("core", false, Reason::Join)]
+    );
+    assert_eq!(
+        o.handle(
+            0,
+            Input::Refused {
+                addr: addr("core"),
+                referral: None
+            },
+            r
+        ),
         vec![attach("p", false, Reason::Join)]
     );
     assert_eq!(o.handle(0, attached(&p), r), vec![]);
@@ -494,14 +517,12 @@ fn a_parent_whose_path_holds_the_node_is_detached() {
         },
         &mut r,
     );
+    // The full core is the only target left: the join starts there, to be referred down.
     assert_eq!(
         out,
         vec![
             Output::Detach { addr: addr("a") },
-            Output::RequestSample {
-                addr: addr("core"),
-                offer: vec![unattached_info(8), core_info(0)],
-            },
+            attach("core", false, Reason::Join),
         ]
     );
     assert_eq!(o.parent_addr(), None);
@@ -517,7 +538,7 @@ fn candidates_whose_path_holds_the_node_are_never_chosen() {
         let mut o = relay();
         let below = peer("a", Some(1), 5, &["core", ME, "a"]);
         let ok = peer("b", Some(3), 1, &["core", "x", "y", "b"]);
-        o.handle(0, sampled(core_info(0), vec![below, ok]), &mut r);
+        o.handle(0, gossip(vec![below, ok]), &mut r);
         assert_eq!(
             o.handle(0, Input::Tick, &mut r),
             vec![attach("b", false, Reason::Join)],
@@ -528,7 +549,7 @@ fn candidates_whose_path_holds_the_node_are_never_chosen() {
     let mut r = rng(0);
     let mut o = relay();
     let below = peer("a", Some(1), 5, &["core", "z", ME, "a"]);
-    o.handle(0, sampled(core_info(0), vec![below]), &mut r);
+    o.handle(0, gossip(vec![below]), &mut r);
     let out = o.handle(0, Input::Tick, &mut r);
     assert!(!out.is_empty());
     assert!(out
@@ -560,11 +581,7 @@ fn two_choices_take_the_shallower_then_more_free_slots_then_the_lower_addr() {
             let mut r = rng(seed);
             let mut o = relay();
             assert_eq!(o.config().choices, 2);
-            o.handle(
-                0,
-                sampled(core_info(0), vec![one.clone(), two.clone()]),
-                &mut r,
-            );
+            o.handle(0, gossip(vec![one.clone(), two.clone()]), &mut r);
             assert_eq!(
                 o.handle(0, Input::Tick, &mut r),
                 vec![attach(want, false, Reason::Join)],
@@ -589,7 +606,7 @@ fn two_choices_compare_two_samples_not_the_whole_view() {
                 choices,
                 ..OverlayConfig::default()
             });
-            o.handle(0, sampled(core_info(0), cands.clone()), &mut r);
+            o.handle(0, gossip(cands.clone()), &mut r);
             match o.handle(0, Input::Tick, &mut r).as_slice() {
                 [Output::Attach { addr, .. }] => *picked.entry(addr.clone()).or_default() += 1,
                 other => panic!("{other:?}"),
@@ -750,7 +767,7 @@ fn losing_the_parent_during_a_move_turns_the_move_into_the_reattach() {
         vec![]
     );
     assert_eq!(o.parent_addr(), None);
-    // The move still in flight is now the way back: a refusal seeks again.
+    // The move still in flight is now the way back: a refusal seeks again, from the core.
     let out = o.handle(
         t + 2,
         Input::Refused {
@@ -759,10 +776,7 @@ fn losing_the_parent_during_a_move_turns_the_move_into_the_reattach() {
         },
         &mut r,
     );
-    assert!(!out.is_empty());
-    assert!(out
-        .iter()
-        .all(|o| matches!(o, Output::RequestSample { .. })));
+    assert_eq!(out, vec![attach("core", false, Reason::ParentLost)]);
 }
 
 #[test]
@@ -916,10 +930,10 @@ fn scripted(seed: u64) -> Vec<(u64, Output)> {
 #[test]
 fn the_same_seed_gives_the_same_outputs() {
     let a = scripted(42);
-    assert!(a.len() > 8, "{a:?}");
+    assert!(a.len() > 6, "{a:?}");
     assert!(!attaches(&a).is_empty());
     assert_eq!(a, scripted(42));
-    assert_ne!(a, scripted(43));
+    assert!((43..60).any(|seed| scripted(seed) != a));
 }
 
 #[test]
@@ -952,9 +966,9 @@ fn a_late_attached_for_an_abandoned_attach_is_detached() {
         vec![attach("a", false, Reason::Join)]
     );
     let timeout = o.config().attach_timeout_ms;
-    o.handle(timeout, Input::Tick, &mut r);
+    // `a` timed out and is forgotten: the join starts again at the core.
     assert_eq!(
-        o.handle(timeout + 1, sampled(core_info(8), vec![]), &mut r),
+        o.handle(timeout, Input::Tick, &mut r),
         vec![attach("core", false, Reason::Join)]
     );
     o.handle(timeout + 2, attached(&core_info(8)), &mut r);
@@ -1031,8 +1045,26 @@ fn a_fruitless_probe_is_not_repeated_at_once() {
     let mut r = rng(26);
     let mut o = relay();
     assert_eq!(o.handle(0, Input::Tick, &mut r).len(), 1);
-    // The core is full and knows nobody useful.
-    assert_eq!(o.handle(1, sampled(core_info(0), vec![]), &mut r), vec![]);
+    // The core is full: the join starts there, and it refuses without a referral.
+    assert_eq!(
+        o.handle(1, sampled(core_info(0), vec![]), &mut r),
+        vec![attach("core", false, Reason::Join)]
+    );
+    let out = o.handle(
+        2,
+        Input::Refused {
+            addr: addr("core"),
+            referral: None,
+        },
+        &mut r,
+    );
+    assert!(
+        matches!(&out[..], [Output::RequestSample { .. }]),
+        "{out:?}"
+    );
+    // The core knows nobody else: nothing new, so the next try waits.
+    assert_eq!(o.handle(3, sampled(core_info(0), vec![]), &mut r), vec![]);
+    assert_eq!(o.handle(4, Input::Tick, &mut r), vec![]);
 }
 
 #[test]
@@ -1040,22 +1072,29 @@ fn a_faulty_peer_is_not_chosen_until_its_ban_ends() {
     let mut r = rng(27);
     let mut o = relay();
     let p = peer("p", Some(1), 4, &["core", "p"]);
-    o.handle(0, sampled(core_info(0), vec![p.clone()]), &mut r);
+    o.handle(0, gossip(vec![p.clone()]), &mut r);
     assert_eq!(
         o.handle(0, Input::Faulty { addr: addr("p") }, &mut r),
         vec![]
     );
     let ban = o.config().faulty_ban_ms;
-    // Only the full core is left: it probes instead of attaching to p.
-    let out = o.handle(1, Input::Tick, &mut r);
-    assert!(
+    let p_addr = addr("p");
+    let to_p = |out: &[Output]| {
         out.iter()
-            .all(|o| matches!(o, Output::RequestSample { .. })),
-        "{out:?}"
-    );
-    o.handle(2, Input::SampleFailed { addr: addr("core") }, &mut r);
-    o.handle(3, sampled(core_info(0), vec![p.clone()]), &mut r);
-    assert_eq!(o.handle(ban - 1, Input::Tick, &mut r), vec![]);
+            .any(|o| matches!(o, Output::Attach { addr: a, .. } if *a == p_addr))
+    };
+    // Until the ban ends it probes (the core cannot be reached) and never attaches to p.
+    for t in (1..ban).step_by(700) {
+        let out = o.handle(t, Input::Tick, &mut r);
+        assert!(!to_p(&out), "t={t}: {out:?}");
+        for o2 in out {
+            if let Output::RequestSample { addr, .. } = o2 {
+                let failed = o.handle(t, Input::SampleFailed { addr }, &mut r);
+                assert!(!to_p(&failed), "t={t}: {failed:?}");
+            }
+        }
+        o.handle(t, gossip(vec![p.clone()]), &mut r);
+    }
     assert_eq!(
         o.handle(ban, Input::Tick, &mut r),
         vec![attach("p", false, Reason::Join)]

@@ -482,11 +482,10 @@ mod tests {
                     .params(seed);
                     let r = sim::run(&p).unwrap();
                     assert!(r.violations.is_empty(), "{:?}", r.violations);
-                    // Joining all at once on stale views lands some nodes far down (the mean
-                    // stays near log_k n); two minutes of rebalancing bring every node within
-                    // one level of a packed tree.
-                    let (max_slack, mean_slack) =
-                        if duration == "0" { (10, 1.5) } else { (1, 1.0) };
+                    // Joiners start at the shallowest target they know and full nodes refer
+                    // them down, so even a join of everyone at once lands within two levels
+                    // of a packed tree; after two minutes every node is within one.
+                    let (max_slack, mean_slack) = if duration == "0" { (2, 1.0) } else { (1, 1.0) };
                     assert!(
                         r.max_depth <= packed + max_slack,
                         "n={nodes} k={fanout} after {duration} s: max depth {} vs packed {packed}",
@@ -497,9 +496,6 @@ mod tests {
                         "n={nodes} k={fanout} after {duration} s: mean depth {} vs log {ideal:.2}",
                         r.mean_depth
                     );
-                    if duration == "120" {
-                        assert!(r.reparents["rebalance"] > 0);
-                    }
                 }
             }
         }

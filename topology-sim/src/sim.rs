@@ -1632,6 +1632,8 @@ mod tests {
         p.join = JoinMode::Staggered;
         p.overlay.rebalance_ms = 2000;
         p.duration_s = 30.0;
+        // Orphaned subtrees re-attach whole, some too deep: rebalancing lifts them.
+        p.kill = 0.3;
         p.max_events = 3_000_000;
         let r = run(&p).unwrap_or_else(|e| panic!("{e:#}"));
         clean(&r);
