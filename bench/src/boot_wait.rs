@@ -670,7 +670,15 @@ fn main() -> anyhow::Result<()> {
         .source_pid
         .zip(source_cpu0)
         .map(|(p, c0)| cpu_seconds(&p.to_string()) - c0);
-    let instances_cpu: f64 = guard.0.iter().map(|i| i.cpu_at_ready).sum();
+    // CPU of every instance when the last one is ready (a relay that finished early and then
+    // served children is counted in full), and summed at each one's own ready time.
+    let instances_cpu: f64 = guard
+        .0
+        .iter()
+        .filter_map(|i| i.child.as_ref())
+        .map(|c| cpu_seconds(&c.id().to_string()))
+        .sum();
+    let instances_cpu_at_ready: f64 = guard.0.iter().map(|i| i.cpu_at_ready).sum();
 
     // Egress and checks after everyone is ready.
     let mut extra = serde_json::Map::new();
@@ -797,6 +805,7 @@ fn main() -> anyhow::Result<()> {
             "poll_ticks": ticks,
             "prober_cpu_s": round2(poll_cpu),
             "instances_cpu_s": round2(instances_cpu),
+            "instances_cpu_at_ready_s": round2(instances_cpu_at_ready),
             "source_cpu_s": source_cpu.map(round2),
             "verified": verified,
         });
