@@ -40,8 +40,9 @@ pub struct OverlayConfig {
     /// when the parent changes: a settled tree goes quiet, a moving one stays fresh.
     pub shuffle_ms: u64,
     /// Mean period of rebalance checks (ms), jittered ±50 %. 10000: a tree settles in tens of
-    /// seconds without constant movement. Each check that finds no move doubles the period
-    /// (up to 8×) until the node's place changes, so a settled tree goes quiet.
+    /// seconds without constant movement. A check reads the view (kept fresh by shuffles) and
+    /// sends nothing unless it moves; each check that finds no move doubles the period (up
+    /// to 8×) until the node's place changes.
     pub rebalance_ms: u64,
     /// Levels a move must gain. 2: hysteresis against flapping.
     pub rebalance_min_gain: u32,
@@ -594,8 +595,8 @@ impl<I: Id> Overlay<I> {
             .map(|p| Arc::clone(p))
     }
 
-    /// For a rebalance: the shallowest candidate the view holds after a fresh sample (a
-    /// move is rare, so it takes the best rather than a power-of-d pick).
+    /// For a rebalance: the shallowest candidate the view holds (a move is rare, so it takes
+    /// the best rather than a power-of-d pick).
     fn shallowest(&self) -> Option<Peer<I>> {
         self.candidates()
             .into_iter()
@@ -783,8 +784,9 @@ impl<I: Id> Overlay<I> {
                         self.next_rebalance = now + self.jitter(rng);
                     } else if now >= self.next_rebalance {
                         self.next_rebalance = now + self.jitter(rng);
+                        // The shuffles keep the view fresh: a check reads it, sending nothing.
                         if self.depth().unwrap_or(0) > self.cfg.rebalance_min_gain {
-                            out.extend(self.probe(now, true, rng));
+                            out.extend(self.finish_probe(now, true, rng));
                         }
                     }
                 }
