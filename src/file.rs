@@ -791,6 +791,19 @@ impl FileBuilder {
 
     /// Stores chunk `index`; its length must match the slot. Putting a chunk twice replaces it.
     pub fn put_chunk(&mut self, index: u64, data: Bytes) -> Result<(), FileError> {
+        let leaf = leaf_hash(&data);
+        self.put_hashed_chunk(index, data, leaf)
+    }
+
+    /// [`FileBuilder::put_chunk`] for a chunk whose leaf hash the caller has just computed
+    /// (a receiver that checked it against a manifest), so it is not hashed twice. A wrong
+    /// `leaf` only makes [`FileBuilder::finish`] fail its root check.
+    pub fn put_hashed_chunk(
+        &mut self,
+        index: u64,
+        data: Bytes,
+        leaf: Hash,
+    ) -> Result<(), FileError> {
         let count = self.chunk_count();
         let i = to_index(index)
             .filter(|&i| i < self.chunks.len())
@@ -804,7 +817,7 @@ impl FileBuilder {
                 got,
             });
         }
-        self.leaves[i] = leaf_hash(&data);
+        self.leaves[i] = leaf;
         if self.chunks[i].replace(data).is_none() {
             self.missing -= 1;
         }

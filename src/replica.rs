@@ -606,7 +606,7 @@ impl Replica {
                         let expected = crate::file::chunk_len_for(b.length, b.chunk_size, i);
                         if let Some(data) = self.salvage.chunks.get(h) {
                             if data.len() as u64 == expected {
-                                builder.put_chunk(i, data.clone())?;
+                                builder.put_hashed_chunk(i, data.clone(), *h)?;
                                 continue;
                             }
                         }
@@ -615,7 +615,7 @@ impl Replica {
                         {
                             if let Some(data) = self.file.chunk(i) {
                                 if data.len() as u64 == expected {
-                                    builder.put_chunk(i, data)?;
+                                    builder.put_hashed_chunk(i, data, *h)?;
                                 }
                             }
                         }
@@ -639,13 +639,16 @@ impl Replica {
                 },
                 Some(Down::SnapshotChunk(c)),
             ) => {
-                if let Some(h) = manifest.get(c.index as usize) {
-                    if crate::file::leaf_hash(&c.data) != *h {
-                        return Err(ReplicaError::BadChunk { index: c.index });
+                match manifest.get(c.index as usize) {
+                    Some(h) => {
+                        if crate::file::leaf_hash(&c.data) != *h {
+                            return Err(ReplicaError::BadChunk { index: c.index });
+                        }
+                        self.salvage.chunks.insert(*h, c.data.clone());
+                        builder.put_hashed_chunk(c.index, c.data, *h)?;
                     }
-                    self.salvage.chunks.insert(*h, c.data.clone());
+                    None => builder.put_chunk(c.index, c.data)?,
                 }
-                builder.put_chunk(c.index, c.data)?;
                 self.upstream = Upstream::Snapshot {
                     builder,
                     version,
