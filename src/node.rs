@@ -33,8 +33,12 @@ use crate::replica::{snapshot_frames, Event, Replica, SubscribePlan};
 use crate::tls::SERVER_NAME;
 use crate::wire::{self, WireError};
 
-/// How long a relay that holds no copy yet keeps a subscribing child waiting for its own.
-const SYNC_WAIT: Duration = Duration::from_secs(30);
+/// How long a relay that holds no copy yet keeps a subscribing child waiting for its own:
+/// a second less than the child's `attach_timeout_ms`, so that the child hears a refusal and
+/// goes elsewhere rather than timing out (the bootstrap benchmark lost 5 s per relay so).
+fn sync_wait(cfg: &NodeConfig) -> Duration {
+    Duration::from_millis(cfg.overlay.attach_timeout_ms.saturating_sub(1000).max(500))
+}
 
 /// How long a core node waits for a leader before failing a proposal.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
@@ -1231,7 +1235,7 @@ async fn serve_child(
         kind: Some(Down::Refused(proto::Refused { reason, referral })),
     };
     let mut applied = shared.applied.subscribe();
-    let deadline = tokio::time::Instant::now() + SYNC_WAIT;
+    let deadline = tokio::time::Instant::now() + sync_wait(&shared.cfg);
     while !shared.state.lock().unwrap().replica.is_synced() {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
