@@ -1249,7 +1249,12 @@ async fn serve_child(
     }
     let registered = {
         let mut st = shared.state.lock().unwrap();
-        if st.children.len() >= shared.cfg.stream.fanout {
+        if shared.root_path(&st).contains(&sub.name) {
+            Err((
+                format!("{} is on this node's path to the core", sub.name),
+                None,
+            ))
+        } else if st.children.len() >= shared.cfg.stream.fanout {
             Err((
                 format!(
                     "full: {} children (fanout {})",

@@ -448,6 +448,18 @@ fn log_backfill(shared: &Shared, replica: &crate::replica::Replica, installed: b
 async fn try_move(shared: &Arc<Shared>, current: &mut Option<Link>, addr: String, reason: Reason) {
     let sub = subscription(shared, false);
     match open_link(shared, &addr, sub).await {
+        Ok((link, _, ok)) if ok.root_path.contains(&shared.cfg.name) => {
+            // The new parent sits below this node now (the view was stale): switching would
+            // close a cycle, so keep the current parent.
+            link.conn.close(
+                VarInt::from_u32(code::MOVED),
+                b"move aborted: below the mover",
+            );
+            let _ = shared.overlay_tx.send(Input::Refused {
+                addr,
+                referral: None,
+            });
+        }
         Ok((link, raw, ok)) if ok.resume => {
             if let Some(old) = current.take() {
                 old.conn
