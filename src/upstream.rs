@@ -273,6 +273,9 @@ fn adopt(
 /// Follows the parent the overlay chooses, switching on moves and reporting losses.
 pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<Command>) {
     let mut current: Option<Link> = None;
+    // The parent left by the last move: if the overlay undoes that move, it still believes
+    // in this one and must hear that it is gone too.
+    let mut moved_from: Option<String> = None;
     let mut full = false;
     let silent = Duration::from_millis(shared.cfg.stream.parent_timeout_ms);
     loop {
@@ -295,6 +298,7 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
                         shared.metrics.reparent(reason.label());
                         info!(node = %shared.cfg.name, parent = %addr, reason = reason.label(), "attached");
                         current = Some(link);
+                        moved_from = None;
                     }
                     Err(e) => {
                         warn!(node = %shared.cfg.name, parent = %addr, "attach failed: {e}");
@@ -317,7 +321,9 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
         };
         let failure = match event {
             Err(Command::Attach { addr, reason, .. }) => {
-                try_move(&shared, &mut current, addr, reason).await;
+                if let Some(old) = try_move(&shared, &mut current, addr, reason).await {
+                    moved_from = Some(old);
+                }
                 continue;
             }
             Err(Command::Detach { addr }) if addr == link.addr => UpstreamError::Detached,
@@ -360,6 +366,9 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
             warn!(node = %shared.cfg.name, parent = %addr, "upstream lost: {failure}");
         }
         let _ = shared.overlay_tx.send(Input::ParentLost { addr });
+        if let Some(old) = moved_from.take() {
+            let _ = shared.overlay_tx.send(Input::ParentLost { addr: old });
+        }
     }
 }
 
@@ -443,18 +452,35 @@ fn log_backfill(shared: &Shared, replica: &crate::replica::Replica, installed: b
     }
 }
 
+/// Whether a parent at `depth` puts this node `rebalance_min_gain` levels nearer the core,
+/// the overlay's own test for a move.
+fn gains(shared: &Shared, depth: u32) -> bool {
+    let st = shared.state.lock().unwrap();
+    let mine = shared.depth(&st);
+    depth + 1 + shared.cfg.overlay.rebalance_min_gain <= mine
+}
+
 /// Make-before-break: subscribe to `addr` at this node's exact version while the current
-/// stream is not read; switch only on a resume.
-async fn try_move(shared: &Arc<Shared>, current: &mut Option<Link>, addr: String, reason: Reason) {
+/// stream is not read; switch only on a resume that keeps the tree acyclic and gains
+/// enough.
+/// Returns the address of the parent it left, if it switched.
+async fn try_move(
+    shared: &Arc<Shared>,
+    current: &mut Option<Link>,
+    addr: String,
+    reason: Reason,
+) -> Option<String> {
+    let mut left = None;
     let sub = subscription(shared, false);
     match open_link(shared, &addr, sub).await {
-        Ok((link, _, ok)) if ok.root_path.contains(&shared.cfg.name) => {
-            // The new parent sits below this node now (the view was stale): switching would
-            // close a cycle, so keep the current parent.
-            link.conn.close(
-                VarInt::from_u32(code::MOVED),
-                b"move aborted: below the mover",
-            );
+        Ok((link, _, ok))
+            if ok.root_path.contains(&shared.cfg.name) || !gains(shared, ok.parent_depth) =>
+        {
+            // The view was stale: the new parent sits below this node now (switching would
+            // close a cycle), or it is not shallow enough to be worth a move. The overlay
+            // would undo the move; keep the current parent instead of switching first.
+            link.conn
+                .close(VarInt::from_u32(code::MOVED), b"move aborted: stale view");
             let _ = shared.overlay_tx.send(Input::Refused {
                 addr,
                 referral: None,
@@ -462,6 +488,7 @@ async fn try_move(shared: &Arc<Shared>, current: &mut Option<Link>, addr: String
         }
         Ok((link, raw, ok)) if ok.resume => {
             if let Some(old) = current.take() {
+                left = Some(old.addr.clone());
                 old.conn
                     .close(VarInt::from_u32(code::MOVED), b"moved to another parent");
             }
@@ -475,6 +502,9 @@ async fn try_move(shared: &Arc<Shared>, current: &mut Option<Link>, addr: String
                     warn!(node = %shared.cfg.name, parent = %addr, "move failed after switching: {e}");
                     shared.state.lock().unwrap().replica.upstream_lost();
                     let _ = shared.overlay_tx.send(Input::ParentLost { addr });
+                    if let Some(old) = left.take() {
+                        let _ = shared.overlay_tx.send(Input::ParentLost { addr: old });
+                    }
                 }
             }
         }
@@ -490,4 +520,5 @@ async fn try_move(shared: &Arc<Shared>, current: &mut Option<Link>, addr: String
             let _ = shared.overlay_tx.send(attach_failed(&addr, &e));
         }
     }
+    left
 }
