@@ -410,6 +410,11 @@ impl<I: Id> Overlay<I> {
                 if depth != p.depth {
                     self.idle_rebalances = 0;
                 }
+                // Re-attached lower with its subtree (an ancestor's parent died): look for a
+                // better place at the next tick rather than on the timer.
+                if depth > p.depth + self.cfg.rebalance_min_gain {
+                    self.next_rebalance = 1;
+                }
                 p.depth = depth;
                 p.root_path = parent_path.to_vec();
                 self.me.take();
