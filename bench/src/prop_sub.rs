@@ -1,0 +1,904 @@
+//! `prop-sub`: one process holding N subscribers of one system, plus a writer, timing each
+//! write from "sent" to "the LAST of the N subscribers has it".
+//!
+//! - `--kind etcd`: N watch streams through etcd's v3 JSON gateway (`POST /v3/watch`, one
+//!   streaming HTTP/1.1 connection each) on the prefix `--prefix`; the writer puts key
+//!   `PREFIX%06d` (the write's sequence number) with a 100-byte value through `/v3/kv/put`.
+//! - `--kind redis`: N plain-RESP connections `SUBSCRIBE` to one channel; the writer `PUBLISH`es
+//!   100-byte messages that start with the sequence number. This is pub/sub fan-out, not
+//!   replication: nothing is stored and a slow subscriber is not caught up.
+//!
+//! - `--kind canopy`: N relays (real Canopy nodes, each with its own QUIC endpoint and
+//!   certificate, issued here from `--ca`) run inside this process and join the core-node
+//!   process at `--core-quic`; a relay's subscriber task watches its applied version. The
+//!   writer PATCHes 100 bytes at a time to the core's API (`--endpoint`); a write counts as
+//!   arrived at a relay when the relay's applied version first reaches the version the PATCH
+//!   returned. Bytes: the core's `canopy_relayed_bytes_total`.
+//!
+//! Writes are open-loop at `--rate` per second (each put is its own task, so a slow put does not
+//! delay the next). A write's time is taken just before it is sent; a subscriber's time when it
+//! has parsed the event. All clocks are this process's monotonic clock.
+//!
+//! Reported: quantiles (nearest rank) of the last-subscriber latency over the writes that every
+//! subscriber got, of every single subscriber's latency, writes missed by any subscriber; the
+//! root's CPU seconds (`--source-pid`, /proc/PID/stat, utime + stime of every thread) and bytes
+//! it sent between the first write and the last delivery (etcd: its
+//! `etcd_network_client_grpc_sent_bytes_total`, which counts what etcd's gRPC server sent to
+//! its own gateway; Redis: `INFO stats` `total_net_output_bytes`). One JSON object on stdout
+//! with `--json`, a summary on stderr.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use clap::{Parser, ValueEnum};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Kind {
+    Etcd,
+    Redis,
+    Canopy,
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "N subscribers of one system in one process; time each write to the last one")]
+struct Args {
+    #[arg(long, value_enum)]
+    kind: Kind,
+    /// etcd client address or Redis address (host:port).
+    #[arg(long)]
+    endpoint: String,
+    /// Subscribers.
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
+    /// Writes.
+    #[arg(long, default_value_t = 200)]
+    writes: usize,
+    /// Writes per second.
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Bytes per write.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// etcd key prefix / Redis channel.
+    #[arg(long, default_value = "bench/prop/")]
+    prefix: String,
+    /// The root's pid (etcd or the Redis master): its CPU time is reported.
+    #[arg(long)]
+    source_pid: Option<u32>,
+    /// etcd's Prometheus endpoint, to count the bytes it sent.
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Canopy: the core's QUIC address, relays join it.
+    #[arg(long)]
+    core_quic: Option<String>,
+    /// Canopy: the CA directory (`canopy ca init`), to issue the relays' certificates.
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
+    /// Canopy: the TLS directory (holds `ca.pem`); relay certificates are written here.
+    #[arg(long)]
+    tls: Option<std::path::PathBuf>,
+    /// Canopy: the relays' data directories go under this one.
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
+    /// Canopy: the file's length, writes go to offsets below it.
+    #[arg(long, default_value_t = 1_000_000)]
+    file_size: u64,
+    /// Canopy: children per node.
+    #[arg(long, default_value_t = 8)]
+    fanout: usize,
+    /// Milliseconds between "every subscriber is ready" and the first write.
+    #[arg(long, default_value_t = 500)]
+    settle_ms: u64,
+    /// Seconds to wait for every subscriber after the last write.
+    #[arg(long, default_value_t = 20)]
+    drain_secs: u64,
+    /// Seconds to wait for every subscriber to be subscribed.
+    #[arg(long, default_value_t = 120)]
+    setup_secs: u64,
+    /// Row label.
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What every subscriber saw: (sequence number, nanoseconds since the common base).
+type Seen = Vec<(usize, u64)>;
+
+struct Shared {
+    base: Instant,
+    ready: AtomicU64,
+    received: AtomicU64,
+    sent_ns: Vec<AtomicU64>,
+    /// Per subscriber, what it saw (each slot locked only by its subscriber until the end).
+    seen: Vec<Mutex<Seen>>,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+}
+
+fn cpu_seconds(pid: impl std::fmt::Display) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    (sorted[i] as f64 / 1e3).round() / 1e3
+}
+
+fn endpoint_url(ep: &str) -> String {
+    if ep.starts_with("http") {
+        ep.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{ep}")
+    }
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn payload(seq: usize, size: usize) -> Vec<u8> {
+    let mut p = format!("{seq:06}:").into_bytes();
+    p.resize(size.max(p.len()), b'x');
+    p
+}
+
+fn parse_seq(b: &[u8]) -> Option<usize> {
+    let end = b.iter().position(|&c| c == b':').unwrap_or(b.len());
+    std::str::from_utf8(&b[..end]).ok()?.parse().ok()
+}
+
+// ---------------------------------------------------------------- etcd
+
+async fn etcd_watcher(
+    client: reqwest::Client,
+    url: String,
+    prefix: String,
+    shared: Arc<Shared>,
+    me: usize,
+) -> anyhow::Result<()> {
+    let body = json!({"create_request": {
+        "key": B64.encode(prefix.as_bytes()),
+        "range_end": B64.encode(prefix_end(prefix.as_bytes())),
+    }});
+    let mut resp = client
+        .post(format!("{url}/v3/watch"))
+        .json(&body)
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let t = shared.now_ns();
+        buf.extend_from_slice(&chunk);
+        let mut consumed = 0;
+        let mut stream = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
+        let mut msgs = Vec::new();
+        loop {
+            match stream.next() {
+                Some(Ok(v)) => {
+                    consumed = stream.byte_offset();
+                    msgs.push(v);
+                }
+                Some(Err(e)) if e.is_eof() => break,
+                Some(Err(e)) => bail!("bad watch message: {e}"),
+                None => break,
+            }
+        }
+        buf.drain(..consumed);
+        for v in msgs {
+            let r = v.get("result").ok_or_else(|| anyhow!("watch error: {v}"))?;
+            if r.get("created").and_then(Value::as_bool) == Some(true) {
+                shared.ready.fetch_add(1, Ordering::SeqCst);
+            }
+            if r.get("canceled").and_then(Value::as_bool) == Some(true) {
+                bail!("watch canceled: {r}");
+            }
+            for ev in r
+                .get("events")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let key = ev
+                    .pointer("/kv/key")
+                    .and_then(Value::as_str)
+                    .and_then(|k| B64.decode(k).ok())
+                    .unwrap_or_default();
+                if let Some(seq) = key
+                    .strip_prefix(prefix.as_bytes())
+                    .and_then(parse_seq)
+                    .filter(|&s| s < shared.sent_ns.len())
+                {
+                    shared.seen[me].lock().unwrap().push((seq, t));
+                    shared.received.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn etcd_put(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    value: &[u8],
+) -> anyhow::Result<()> {
+    let body = json!({"key": B64.encode(key.as_bytes()), "value": B64.encode(value)});
+    client
+        .post(format!("{url}/v3/kv/put"))
+        .json(&body)
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
+    Ok(())
+}
+
+async fn metric_sum(url: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+// ---------------------------------------------------------------- Redis (plain RESP)
+
+/// One RESP value, enough for pub/sub and replies.
+#[derive(Debug, PartialEq)]
+enum Resp {
+    Bulk(Option<Vec<u8>>),
+    Int(i64),
+    Simple(String),
+    Error(String),
+    Array(Vec<Resp>),
+}
+
+fn parse_line(buf: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    let rest = buf.get(at..)?;
+    let i = rest.windows(2).position(|w| w == b"\r\n")?;
+    Some((&rest[..i], at + i + 2))
+}
+
+/// Parses one value at `at`; `None` if the buffer does not hold all of it yet.
+fn parse_resp(buf: &[u8], at: usize) -> anyhow::Result<Option<(Resp, usize)>> {
+    let Some(&tag) = buf.get(at) else {
+        return Ok(None);
+    };
+    let Some((line, next)) = parse_line(buf, at + 1) else {
+        return Ok(None);
+    };
+    let text = std::str::from_utf8(line)?;
+    Ok(match tag {
+        b'+' => Some((Resp::Simple(text.to_string()), next)),
+        b'-' => Some((Resp::Error(text.to_string()), next)),
+        b':' => Some((Resp::Int(text.parse()?), next)),
+        b'$' => {
+            let n: i64 = text.parse()?;
+            if n < 0 {
+                Some((Resp::Bulk(None), next))
+            } else {
+                let end = next + n as usize;
+                if buf.len() < end + 2 {
+                    None
+                } else {
+                    Some((Resp::Bulk(Some(buf[next..end].to_vec())), end + 2))
+                }
+            }
+        }
+        b'*' => {
+            let n: i64 = text.parse()?;
+            let mut items = Vec::new();
+            let mut pos = next;
+            for _ in 0..n.max(0) {
+                match parse_resp(buf, pos)? {
+                    Some((v, p)) => {
+                        items.push(v);
+                        pos = p;
+                    }
+                    None => return Ok(None),
+                }
+            }
+            Some((Resp::Array(items), pos))
+        }
+        t => bail!("unexpected RESP type byte {t:#x}"),
+    })
+}
+
+fn command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+struct RespConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RespConn {
+    async fn connect(ep: &str) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(ep).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    async fn send(&mut self, args: &[&[u8]]) -> anyhow::Result<()> {
+        self.stream.write_all(&command(args)).await?;
+        Ok(())
+    }
+
+    /// The next value, and when its last byte was read.
+    async fn next(&mut self, base: Instant) -> anyhow::Result<(Resp, u64)> {
+        loop {
+            if let Some((v, used)) = parse_resp(&self.buf, 0)? {
+                self.buf.drain(..used);
+                return Ok((v, base.elapsed().as_nanos() as u64));
+            }
+            let mut chunk = [0u8; 8192];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("connection closed");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+async fn redis_subscriber(
+    ep: String,
+    channel: String,
+    shared: Arc<Shared>,
+    me: usize,
+) -> anyhow::Result<()> {
+    let mut c = RespConn::connect(&ep).await?;
+    c.send(&[b"SUBSCRIBE", channel.as_bytes()]).await?;
+    loop {
+        let (v, t) = c.next(shared.base).await?;
+        let Resp::Array(items) = v else {
+            bail!("unexpected reply {v:?}");
+        };
+        match items.first() {
+            Some(Resp::Bulk(Some(k))) if k == b"subscribe" => {
+                shared.ready.fetch_add(1, Ordering::SeqCst);
+            }
+            Some(Resp::Bulk(Some(k))) if k == b"message" => {
+                if let Some(Resp::Bulk(Some(msg))) = items.get(2) {
+                    if let Some(seq) = parse_seq(msg).filter(|&s| s < shared.sent_ns.len()) {
+                        shared.seen[me].lock().unwrap().push((seq, t));
+                        shared.received.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn redis_output_bytes(c: &mut RespConn, base: Instant) -> anyhow::Result<f64> {
+    c.send(&[b"INFO", b"stats"]).await?;
+    let (v, _) = c.next(base).await?;
+    let Resp::Bulk(Some(text)) = v else {
+        bail!("INFO: unexpected reply {v:?}");
+    };
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow!("INFO stats has no total_net_output_bytes"))
+}
+
+// ---------------------------------------------------------------- Canopy
+
+/// Starts one relay in this process, waits until it holds version `v0`, then records every
+/// change of its applied version as (version, time).
+#[allow(clippy::too_many_arguments)]
+async fn canopy_relay(
+    name: String,
+    tls: std::path::PathBuf,
+    data: std::path::PathBuf,
+    core_quic: String,
+    fanout: usize,
+    v0: u64,
+    shared: Arc<Shared>,
+    shutdown: tokio_util::sync::CancellationToken,
+    me: usize,
+) -> anyhow::Result<()> {
+    use canopy::config::{NodeConfig, NodeKind, StreamConfig};
+    let stream = StreamConfig {
+        fanout,
+        ..Default::default()
+    };
+    let id = canopy::tls::Identity::load(&tls, &name)?;
+    let endpoint = canopy::tls::endpoint("127.0.0.1:0".parse()?, &id, &stream.transport())?;
+    let advertise = endpoint.local_addr()?;
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let cfg = NodeConfig {
+        name: name.clone(),
+        advertise,
+        data: data.join(&name),
+        file: None,
+        kind: NodeKind::Relay {
+            join: vec![core_quic],
+        },
+        stream,
+        overlay: Default::default(),
+    };
+    let node = canopy::node::Node::start(cfg, endpoint, api, shutdown).await?;
+    let mut rx = node.applied();
+    let mut ready = false;
+    loop {
+        let (v, _) = *rx.borrow_and_update();
+        let t = shared.now_ns();
+        if !ready && v >= v0 {
+            ready = true;
+            shared.ready.fetch_add(1, Ordering::SeqCst);
+        }
+        if ready {
+            shared.seen[me].lock().unwrap().push((v as usize, t));
+        }
+        if rx.changed().await.is_err() {
+            bail!("relay {name} stopped");
+        }
+    }
+}
+
+async fn canopy_version(http: &reqwest::Client, url: &str) -> anyhow::Result<u64> {
+    let st: Value = http
+        .get(format!("{url}/v1/status"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    st.get("version")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| anyhow!("no version in {st}"))
+}
+
+async fn canopy_patch(
+    http: &reqwest::Client,
+    url: &str,
+    offset: u64,
+    value: Vec<u8>,
+) -> anyhow::Result<u64> {
+    let r: Value = http
+        .patch(format!("{url}/v1/file?offset={offset}"))
+        .body(value)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    r.get("version")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| anyhow!("no version in {r}"))
+}
+
+// ---------------------------------------------------------------- run
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.subscribers == 0 || args.writes == 0 || args.rate <= 0.0 {
+        bail!("--subscribers, --writes and --rate must be positive");
+    }
+    let n = args.subscribers;
+    let shared = Arc::new(Shared {
+        base: Instant::now(),
+        ready: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        sent_ns: (0..args.writes).map(|_| AtomicU64::new(u64::MAX)).collect(),
+        seen: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
+    });
+    let url = endpoint_url(&args.endpoint);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(n + 8)
+        .tcp_nodelay(true)
+        .build()?;
+    // Subscribers.
+    let setup_start = Instant::now();
+    let mut subs = tokio::task::JoinSet::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut v0 = 0;
+    if args.kind == Kind::Canopy {
+        let ca = args.ca.as_ref().ok_or_else(|| anyhow!("--ca is needed"))?;
+        let tls = args
+            .tls
+            .as_ref()
+            .ok_or_else(|| anyhow!("--tls is needed"))?;
+        for i in 0..n {
+            canopy::tls::cert_issue(ca, &format!("ps{i}"), canopy::tls::Role::Relay, tls)?;
+        }
+        v0 = canopy_version(&http, &url).await?;
+    }
+    let write_version: Vec<AtomicU64> =
+        (0..args.writes).map(|_| AtomicU64::new(u64::MAX)).collect();
+    let write_version = Arc::new(write_version);
+    for me in 0..n {
+        let shared = shared.clone();
+        match args.kind {
+            Kind::Etcd => {
+                subs.spawn(etcd_watcher(
+                    http.clone(),
+                    url.clone(),
+                    args.prefix.clone(),
+                    shared,
+                    me,
+                ));
+            }
+            Kind::Redis => {
+                subs.spawn(redis_subscriber(
+                    args.endpoint.clone(),
+                    args.prefix.clone(),
+                    shared,
+                    me,
+                ));
+            }
+            Kind::Canopy => {
+                subs.spawn(canopy_relay(
+                    format!("ps{me}"),
+                    args.tls.clone().unwrap_or_default(),
+                    args.data
+                        .clone()
+                        .ok_or_else(|| anyhow!("--data is needed"))?,
+                    args.core_quic
+                        .clone()
+                        .ok_or_else(|| anyhow!("--core-quic is needed"))?,
+                    args.fanout,
+                    v0,
+                    shared,
+                    shutdown.clone(),
+                    me,
+                ));
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.setup_secs);
+    while shared.ready.load(Ordering::SeqCst) < n as u64 {
+        if let Some(r) = subs.try_join_next() {
+            r??;
+            bail!("a subscriber ended before the writes");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {}/{n} subscribers were subscribed after {} s",
+                shared.ready.load(Ordering::SeqCst),
+                args.setup_secs
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let setup = setup_start.elapsed();
+    eprintln!(
+        "prop-sub {:?}: {n} subscribers ready in {:.2} s",
+        args.kind,
+        setup.as_secs_f64()
+    );
+    // Let the subscriptions (Canopy: the tree) settle before the clock starts.
+    tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+
+    // The writer.
+    let mut redis_writer = match args.kind {
+        Kind::Redis => Some(RespConn::connect(&args.endpoint).await?),
+        _ => None,
+    };
+    let metric = match args.kind {
+        Kind::Canopy => "canopy_relayed_bytes_total",
+        _ => "etcd_network_client_grpc_sent_bytes_total",
+    };
+    let bytes_before = match (&mut redis_writer, &args.metrics) {
+        (Some(c), _) => Some(redis_output_bytes(c, shared.base).await?),
+        (None, Some(m)) => metric_sum(m, metric).await,
+        (None, None) => None,
+    };
+    let cpu_before = args.source_pid.map(cpu_seconds);
+    let self_cpu_before = cpu_seconds("self");
+    let writes_start = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let put_errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut puts = tokio::task::JoinSet::new();
+    let mut publish_receivers = Vec::new();
+    for seq in 0..args.writes {
+        ticker.tick().await;
+        let value = payload(seq, args.size);
+        match &mut redis_writer {
+            Some(c) => {
+                shared.sent_ns[seq].store(shared.now_ns(), Ordering::SeqCst);
+                c.send(&[b"PUBLISH", args.prefix.as_bytes(), &value])
+                    .await?;
+                match c.next(shared.base).await?.0 {
+                    Resp::Int(k) => publish_receivers.push(k),
+                    other => bail!("PUBLISH: unexpected reply {other:?}"),
+                }
+            }
+            None => {
+                let (http, url, shared, errs) = (
+                    http.clone(),
+                    url.clone(),
+                    shared.clone(),
+                    put_errors.clone(),
+                );
+                let key = format!("{}{seq:06}", args.prefix);
+                let canopy = args.kind == Kind::Canopy;
+                let offset =
+                    (seq as u64 * 4099) % args.file_size.saturating_sub(args.size as u64).max(1);
+                let wv = write_version.clone();
+                puts.spawn(async move {
+                    shared.sent_ns[seq].store(shared.now_ns(), Ordering::SeqCst);
+                    let r = if canopy {
+                        canopy_patch(&http, &url, offset, value)
+                            .await
+                            .map(|v| wv[seq].store(v, Ordering::SeqCst))
+                    } else {
+                        etcd_put(&http, &url, &key, &value).await
+                    };
+                    if let Err(e) = r {
+                        errs.lock().unwrap().push(format!("write {seq}: {e}"));
+                    }
+                });
+            }
+        }
+    }
+    while puts.join_next().await.is_some() {}
+    let write_time = writes_start.elapsed();
+    let expected = (n * args.writes) as u64;
+    let drain_deadline = Instant::now() + Duration::from_secs(args.drain_secs);
+    let max_version = write_version
+        .iter()
+        .map(|a| a.load(Ordering::SeqCst))
+        .filter(|&v| v != u64::MAX)
+        .max()
+        .unwrap_or(0);
+    let all_arrived = || match args.kind {
+        Kind::Canopy => shared.seen.iter().all(|s| {
+            s.lock()
+                .unwrap()
+                .last()
+                .is_some_and(|&(v, _)| v as u64 >= max_version)
+        }),
+        _ => shared.received.load(Ordering::SeqCst) >= expected,
+    };
+    while !all_arrived() && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cpu_after = args.source_pid.map(cpu_seconds);
+    let window = writes_start.elapsed();
+    let self_cpu = ((cpu_seconds("self") - self_cpu_before) * 100.0).round() / 100.0;
+    let bytes_after = match (&mut redis_writer, &args.metrics) {
+        (Some(c), _) => Some(redis_output_bytes(c, shared.base).await?),
+        (None, Some(m)) => metric_sum(m, metric).await,
+        (None, None) => None,
+    };
+    // Stop the subscribers; what they saw is in `shared.seen`.
+    drop(redis_writer);
+    subs.abort_all();
+    while subs.join_next().await.is_some() {}
+    shutdown.cancel();
+    if args.kind == Kind::Canopy {
+        // Observations are (applied version, time), in order; a write arrived at a relay the
+        // first time that relay's applied version reached the write's version.
+        let wv: Vec<u64> = write_version
+            .iter()
+            .map(|a| a.load(Ordering::SeqCst))
+            .collect();
+        for slot in &shared.seen {
+            let mut seen = slot.lock().unwrap();
+            let obs = std::mem::take(&mut *seen);
+            for (seq, &v) in wv.iter().enumerate() {
+                if v == u64::MAX {
+                    continue;
+                }
+                let i = obs.partition_point(|&(ov, _)| (ov as u64) < v);
+                if let Some(&(_, t)) = obs.get(i) {
+                    seen.push((seq, t));
+                }
+            }
+        }
+    }
+    let put_errors = put_errors.lock().unwrap().clone();
+    if !put_errors.is_empty() {
+        eprintln!(
+            "prop-sub: {} writes failed, first: {}",
+            put_errors.len(),
+            put_errors[0]
+        );
+    }
+
+    // Fold: per write, the last subscriber's arrival; per (write, subscriber), the latency.
+    let w = args.writes;
+    let mut last = vec![0u64; w];
+    let mut count = vec![0usize; w];
+    let mut each: Vec<u64> = Vec::with_capacity(n * w);
+    let sent: Vec<u64> = shared
+        .sent_ns
+        .iter()
+        .map(|a| a.load(Ordering::SeqCst))
+        .collect();
+    let mut duplicates = 0u64;
+    for slot in &shared.seen {
+        let seen = slot.lock().unwrap();
+        let mut got = vec![false; w];
+        for &(seq, t) in seen.iter() {
+            if got[seq] {
+                duplicates += 1;
+                continue;
+            }
+            got[seq] = true;
+            count[seq] += 1;
+            last[seq] = last[seq].max(t);
+            if sent[seq] != u64::MAX {
+                each.push(t.saturating_sub(sent[seq]));
+            }
+        }
+    }
+    let mut lasts: Vec<u64> = (0..w)
+        .filter(|&s| count[s] == n && sent[s] != u64::MAX)
+        .map(|s| last[s].saturating_sub(sent[s]))
+        .collect();
+    // The five slowest writes: (sequence number, ms after the first write was sent, last ms).
+    let mut slowest: Vec<(usize, u64)> = (0..w)
+        .filter(|&s| count[s] == n && sent[s] != u64::MAX)
+        .map(|s| (s, last[s].saturating_sub(sent[s])))
+        .collect();
+    slowest.sort_unstable_by_key(|&(_, l)| std::cmp::Reverse(l));
+    let first_sent = sent.iter().copied().min().unwrap_or(0);
+    let slowest: Vec<Value> = slowest
+        .iter()
+        .take(5)
+        .map(|&(s, l)| {
+            json!([
+                s,
+                (sent[s].saturating_sub(first_sent) as f64 / 1e6).round(),
+                (l as f64 / 1e3).round() / 1e3
+            ])
+        })
+        .collect();
+    let complete = lasts.len();
+    let missed_deliveries: u64 = (0..w).map(|s| (n - count[s]) as u64).sum();
+    lasts.sort_unstable();
+    each.sort_unstable();
+    let cpu = match (cpu_before, cpu_after) {
+        (Some(a), Some(b)) => Some(((b - a) * 100.0).round() / 100.0),
+        _ => None,
+    };
+    let root_bytes = match (bytes_before, bytes_after) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let (system, variant, bytes_source) = match args.kind {
+        Kind::Etcd => (
+            "etcd",
+            "1 member; N watch streams via the v3 JSON gateway",
+            "etcd_network_client_grpc_sent_bytes_total (gRPC server -> its own gateway)",
+        ),
+        Kind::Redis => (
+            "redis",
+            "1 master; N SUBSCRIBE connections (pub/sub fan-out, not replication)",
+            "INFO stats total_net_output_bytes",
+        ),
+        Kind::Canopy => (
+            "canopy",
+            "core-node process (1 node) + N relays in the prop-sub process; writes PATCHed to the core",
+            "the core's canopy_relayed_bytes_total",
+        ),
+    };
+    let min_receivers = publish_receivers.iter().copied().min();
+    let row = json!({
+        "scenario": "propagation",
+        "system": system,
+        "label": args.label,
+        "variant": variant,
+        "subscribers": n,
+        "subscriber_processes": 1,
+        "writes": w,
+        "write_bytes": args.size,
+        "rate_per_s": args.rate,
+        "measured": "write sent -> last subscriber parsed it",
+        "setup_s": (setup.as_secs_f64() * 1e3).round() / 1e3,
+        "settle_ms": args.settle_ms,
+        "write_phase_s": (write_time.as_secs_f64() * 1e3).round() / 1e3,
+        "writes_failed": put_errors.len(),
+        "writes_complete": complete,
+        "missed_deliveries": missed_deliveries,
+        "duplicate_deliveries": duplicates,
+        "last_p50_ms": quantile_ms(&lasts, 0.5),
+        "last_p99_ms": quantile_ms(&lasts, 0.99),
+        "last_max_ms": quantile_ms(&lasts, 1.0),
+        "each_p50_ms": quantile_ms(&each, 0.5),
+        "each_p99_ms": quantile_ms(&each, 0.99),
+        "each_max_ms": quantile_ms(&each, 1.0),
+        "each_samples": each.len(),
+        "slowest_writes_seq_at_ms_last_ms": slowest,
+        "root_cpu_s": cpu,
+        "subscriber_process_cpu_s": self_cpu,
+        "window_s": (window.as_secs_f64() * 1e3).round() / 1e3,
+        "root_bytes": root_bytes,
+        "root_bytes_per_write": root_bytes.map(|b| (b / w as f64).round()),
+        "root_bytes_source": bytes_source,
+        "publish_min_receivers": min_receivers,
+    });
+    eprintln!(
+        "prop-sub {system}: N={n}, {complete}/{w} writes reached all ({missed_deliveries} deliveries missed); \
+         last subscriber p50 {} ms p99 {} ms max {} ms; each subscriber p50 {} ms p99 {} ms; \
+         root CPU {:?} s, root sent {:?} bytes/write",
+        row["last_p50_ms"],
+        row["last_p99_ms"],
+        row["last_max_ms"],
+        row["each_p50_ms"],
+        row["each_p99_ms"],
+        cpu,
+        row["root_bytes_per_write"],
+    );
+    if args.json {
+        println!("{row}");
+    }
+    if complete == 0 {
+        bail!("no write reached every subscriber");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resp_parsing() {
+        let msg = b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\n00001\r\n:7\r\n";
+        let (v, used) = parse_resp(msg, 0).unwrap().unwrap();
+        assert_eq!(
+            v,
+            Resp::Array(vec![
+                Resp::Bulk(Some(b"message".to_vec())),
+                Resp::Bulk(Some(b"ch".to_vec())),
+                Resp::Bulk(Some(b"00001".to_vec())),
+            ])
+        );
+        assert_eq!(parse_resp(msg, used).unwrap().unwrap().0, Resp::Int(7));
+        assert!(parse_resp(&msg[..20], 0).unwrap().is_none());
+        assert_eq!(parse_seq(&payload(42, 100)), Some(42));
+        assert_eq!(payload(42, 100).len(), 100);
+        assert_eq!(prefix_end(b"a/"), b"a0".to_vec());
+    }
+}
