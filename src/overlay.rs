@@ -470,11 +470,41 @@ impl<I: Id> Overlay<I> {
     /// Where a join may start: any attached node, full or not (a full one refers the joiner
     /// down to its children), except those that refused this join already.
     fn is_target(&self, p: &Peer<I>) -> bool {
+        self.is_eligible(p) && !self.refused.contains(&p.addr)
+    }
+
+    /// A peer this node could hang below at all: attached, not itself, not below it, and not
+    /// banned as faulty.
+    fn is_eligible(&self, p: &Peer<I>) -> bool {
         p.depth.is_some()
             && p.addr != self.addr
             && !p.root_path.contains(&self.name)
             && !self.banned.contains_key(&p.addr)
-            && !self.refused.contains(&p.addr)
+    }
+
+    /// Orders places for this node: the depth it would get (a full node can only refer it a
+    /// level down, so it counts one deeper), free before full, more free slots, lower address.
+    fn rank(p: &Peer<I>) -> (u32, bool, std::cmp::Reverse<u32>, &I) {
+        let full = p.free_slots == 0;
+        (
+            p.depth.unwrap_or(u32::MAX).saturating_add(u32::from(full)),
+            full,
+            std::cmp::Reverse(p.free_slots),
+            &p.addr,
+        )
+    }
+
+    /// Whether a parent at `depth` puts this node `rebalance_min_gain` levels nearer the core.
+    fn gains(&self, depth: u32) -> bool {
+        self.depth()
+            .is_some_and(|mine| depth + 1 + self.cfg.rebalance_min_gain <= mine)
+    }
+
+    /// Whether this node keeps a move to a parent that answered with `depth` and `root_path`:
+    /// the path does not hold this node and the move gains enough. A driver doing
+    /// make-before-break asks before it switches; [`Input::Attached`] applies the same test.
+    pub fn keeps_move(&self, depth: u32, root_path: &[I]) -> bool {
+        !root_path.contains(&self.name) && self.gains(depth)
     }
 
     /// Answer a sample request from a peer that offered `offer` (its own info first): merge
@@ -560,12 +590,7 @@ impl<I: Id> Overlay<I> {
 
     fn is_candidate(&self, p: &Peer<I>) -> bool {
         let current = self.parent.as_ref().map(|p| &p.addr);
-        p.depth.is_some()
-            && p.free_slots > 0
-            && p.addr != self.addr
-            && Some(&p.addr) != current
-            && !p.root_path.contains(&self.name)
-            && !self.banned.contains_key(&p.addr)
+        self.is_eligible(p) && p.free_slots > 0 && Some(&p.addr) != current
     }
 
     fn candidates(&self) -> Vec<&Peer<I>> {
@@ -588,15 +613,7 @@ impl<I: Id> Overlay<I> {
             .collect();
         cands
             .choose_multiple(rng, self.cfg.choices)
-            .min_by_key(|p| {
-                let full = p.free_slots == 0;
-                (
-                    p.depth.unwrap_or(u32::MAX).saturating_add(u32::from(full)),
-                    full,
-                    std::cmp::Reverse(p.free_slots),
-                    &p.addr,
-                )
-            })
+            .min_by_key(|p| Self::rank(p))
             .map(|p| Arc::clone(p))
     }
 
@@ -605,13 +622,7 @@ impl<I: Id> Overlay<I> {
     fn shallowest(&self) -> Option<Peer<I>> {
         self.candidates()
             .into_iter()
-            .min_by_key(|p| {
-                (
-                    p.depth.unwrap_or(u32::MAX),
-                    std::cmp::Reverse(p.free_slots),
-                    &p.addr,
-                )
-            })
+            .min_by_key(|p| Self::rank(p))
             .map(Arc::clone)
     }
 
@@ -693,13 +704,11 @@ impl<I: Id> Overlay<I> {
                 }
             };
         }
-        let Some(my_depth) = self.depth() else {
+        if self.depth().is_none() {
             return self.seek(now, rng);
-        };
+        }
         match self.shallowest() {
-            Some(best)
-                if best.depth.unwrap_or(u32::MAX) + 1 + self.cfg.rebalance_min_gain <= my_depth =>
-            {
+            Some(best) if best.depth.is_some_and(|d| self.gains(d)) => {
                 self.attach(now, best.addr.clone(), true, 0)
             }
             _ => {
@@ -845,11 +854,7 @@ impl<I: Id> Overlay<I> {
                 // A move is checked again against the parent's depth as it answered: the
                 // view's depth may be stale, and two moves made on stale depths can close a
                 // cycle (the runtime then breaks it on the next heartbeat).
-                if moving
-                    && self
-                        .depth()
-                        .is_some_and(|mine| depth + 1 + self.cfg.rebalance_min_gain > mine)
-                {
+                if moving && !self.gains(depth) {
                     if let Some(Some(i)) = self.view.get_mut(&addr).map(|e| e.info.as_mut()) {
                         Arc::make_mut(i).depth = Some(depth);
                     }
@@ -893,11 +898,7 @@ impl<I: Id> Overlay<I> {
                 if !moving {
                     self.refused.insert(addr.clone());
                 }
-                let gains = |r: &PeerInfo<I>| {
-                    !moving
-                        || matches!((r.depth, self.depth()), (Some(d), Some(mine))
-                            if d + 1 + self.cfg.rebalance_min_gain <= mine)
-                };
+                let gains = |r: &PeerInfo<I>| !moving || r.depth.is_some_and(|d| self.gains(d));
                 match referral {
                     Some(r)
                         if referrals < self.cfg.max_referrals

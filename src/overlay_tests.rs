@@ -1102,3 +1102,26 @@ fn a_faulty_peer_is_not_chosen_until_its_ban_ends() {
         vec![attach("p", false, Reason::Join)]
     );
 }
+
+#[test]
+fn keeps_move_is_the_test_attached_applies() {
+    let mut r = rng(28);
+    let (mut o, t) = moving(&mut r);
+    assert_eq!(o.depth(), Some(4));
+    let path = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    assert!(o.keeps_move(1, &path(&["core", "q"])));
+    assert!(!o.keeps_move(2, &path(&["core", "z", "q"])), "a gain of one");
+    assert!(!o.keeps_move(1, &path(&["core", ME, "q"])), "below the mover");
+    // What keeps_move refuses, Attached undoes.
+    let out = o.handle(
+        t + 1,
+        Input::Attached {
+            addr: addr("q"),
+            name: "q".into(),
+            depth: 2,
+            root_path: path(&["core", "z", "q"]),
+        },
+        &mut r,
+    );
+    assert_eq!(out, vec![Output::Detach { addr: addr("q") }]);
+}

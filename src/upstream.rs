@@ -452,14 +452,6 @@ fn log_backfill(shared: &Shared, replica: &crate::replica::Replica, installed: b
     }
 }
 
-/// Whether a parent at `depth` puts this node `rebalance_min_gain` levels nearer the core,
-/// the overlay's own test for a move.
-fn gains(shared: &Shared, depth: u32) -> bool {
-    let st = shared.state.lock().unwrap();
-    let mine = shared.depth(&st);
-    depth + 1 + shared.cfg.overlay.rebalance_min_gain <= mine
-}
-
 /// Make-before-break: subscribe to `addr` at this node's exact version while the current
 /// stream is not read; switch only on a resume that keeps the tree acyclic and gains
 /// enough.
@@ -474,7 +466,11 @@ async fn try_move(
     let sub = subscription(shared, false);
     match open_link(shared, &addr, sub).await {
         Ok((link, _, ok))
-            if ok.root_path.contains(&shared.cfg.name) || !gains(shared, ok.parent_depth) =>
+            if !shared
+                .overlay
+                .lock()
+                .unwrap()
+                .keeps_move(ok.parent_depth, &ok.root_path) =>
         {
             // The view was stale: the new parent sits below this node now (switching would
             // close a cycle), or it is not shallow enough to be worth a move. The overlay
