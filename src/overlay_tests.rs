@@ -1110,8 +1110,14 @@ fn keeps_move_is_the_test_attached_applies() {
     assert_eq!(o.depth(), Some(4));
     let path = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
     assert!(o.keeps_move(1, &path(&["core", "q"])));
-    assert!(!o.keeps_move(2, &path(&["core", "z", "q"])), "a gain of one");
-    assert!(!o.keeps_move(1, &path(&["core", ME, "q"])), "below the mover");
+    assert!(
+        !o.keeps_move(2, &path(&["core", "z", "q"])),
+        "a gain of one"
+    );
+    assert!(
+        !o.keeps_move(1, &path(&["core", ME, "q"])),
+        "below the mover"
+    );
     // What keeps_move refuses, Attached undoes.
     let out = o.handle(
         t + 1,
