@@ -14,24 +14,6 @@ use serde_json::Value;
 const SIZE: usize = 50_000_000;
 const CHUNK: u64 = 64 * 1024;
 
-async fn wait_materialized(c: &reqwest::Client, p: &Proc, version: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(s) = status(c, p).await {
-            if s["version"].as_u64() == Some(version) && s["file_version"].as_u64() == Some(version)
-            {
-                return s;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} did not materialize {version}",
-            p.name
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn returning_relays_fetch_only_what_changed() {
     let dir = tempfile::tempdir().unwrap();
@@ -45,10 +27,7 @@ async fn returning_relays_fetch_only_what_changed() {
     let cfg_arg = ["--config", cfg.to_str().unwrap()];
     let core = Proc::start(root, &pki, "core", true, &[], &cfg_arg);
     let c = http();
-    wait_until(30, "core to lead", || async {
-        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
-    })
-    .await;
+    wait_leader(&c, &core).await;
     let mut content = vec![0u8; SIZE];
     ChaCha8Rng::seed_from_u64(5).fill_bytes(&mut content);
     let r = c
@@ -65,14 +44,7 @@ async fn returning_relays_fetch_only_what_changed() {
     // (a) a new relay gets a verified, byte-identical copy.
     let mut r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &cfg_arg);
     let s = wait_materialized(&c, &r1, v0).await;
-    let core_file = c
-        .get(core.url("/v1/file"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let core_file = file_of(&c, &core).await;
     assert_eq!(s["root"], status(&c, &core).await.unwrap()["root"]);
     assert!(std::fs::read(&r1.file).unwrap() == core_file);
 
@@ -96,14 +68,7 @@ async fn returning_relays_fetch_only_what_changed() {
     let s = wait_materialized(&c, &r1, last).await;
     let got = s["stats"]["backfill_received_bytes"].as_u64().unwrap();
     assert!(got > 0 && got < SIZE as u64 / 20, "received {got} bytes");
-    let core_file = c
-        .get(core.url("/v1/file"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let core_file = file_of(&c, &core).await;
     assert_eq!(s["root"], status(&c, &core).await.unwrap()["root"]);
     assert!(std::fs::read(&r1.file).unwrap() == core_file);
 
@@ -168,10 +133,7 @@ async fn a_bad_source_is_detected_and_the_chunk_fetched_elsewhere() {
     ];
     let core = Proc::start_env(root, &pki, "core", true, &[], &["--fanout", "2"], &env);
     let c = http();
-    wait_until(30, "core to lead", || async {
-        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
-    })
-    .await;
+    wait_leader(&c, &core).await;
     let (v, content) = put_random(&c, &core, SIZE, 11).await;
     let good = Proc::start(root, &pki, "good", false, &[core.quic], &[]);
     wait_materialized(&c, &good, v).await;
@@ -215,10 +177,7 @@ async fn a_relay_killed_during_a_backfill_finishes_after_restart() {
     pki.issue("r1", "relay");
     let core = Proc::start(root, &pki, "core", true, &[], &[]);
     let c = http();
-    wait_until(30, "core to lead", || async {
-        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
-    })
-    .await;
+    wait_leader(&c, &core).await;
     let (v, content) = put_random(&c, &core, SIZE, 13).await;
     let mut r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
     // Kill it once its status shows the transfer under way, before it is installed.
@@ -268,10 +227,7 @@ async fn backfills_served_are_bounded_in_number_and_rate() {
         &["--config", cfg.to_str().unwrap()],
     );
     let c = http();
-    wait_until(30, "core to lead", || async {
-        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
-    })
-    .await;
+    wait_leader(&c, &core).await;
     let (v, content) = put_random(&c, &core, SIZE, 17).await;
     let started = Instant::now();
     let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);

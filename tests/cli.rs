@@ -33,10 +33,7 @@ async fn cli_round_trip_with_a_50_mb_file() {
     pki.issue("r2", "relay");
     let core = Proc::start(root, &pki, "core", true, &[], &["--fanout", "1"]);
     let c = http();
-    wait_until(30, "core to lead", || async {
-        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
-    })
-    .await;
+    wait_leader(&c, &core).await;
     let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
     let r2 = Proc::start(root, &pki, "r2", false, &[r1.quic], &[]);
 

@@ -126,10 +126,7 @@ async fn core_and_five_relays_stay_identical() {
     }
     let core = Proc::start(root, &pki, "core", true, &[], &["--fanout", "2"]);
     let c = http();
-    wait_until(30, "core to lead", || async {
-        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
-    })
-    .await;
+    wait_leader(&c, &core).await;
     let mut model = Vec::new();
 
     // Fan-out 2 everywhere: the core takes two relays, the others are placed below them by
@@ -259,10 +256,7 @@ async fn core_restart_keeps_the_file_and_relays_resume() {
     pki.issue("r1", "relay");
     let mut core = Proc::start(root, &pki, "core", true, &[], &[]);
     let c = http();
-    wait_until(30, "core to lead", || async {
-        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
-    })
-    .await;
+    wait_leader(&c, &core).await;
     let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
     let mut model = Vec::new();
     for i in 0..10u8 {

@@ -35,10 +35,7 @@ async fn foreign_ca_and_bad_frames_are_refused_and_the_node_keeps_serving() {
     pki.issue("r1", "relay");
     let core = Proc::start(root, &pki, "core", true, &[], &[]);
     let c = http();
-    wait_until(30, "core to lead", || async {
-        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
-    })
-    .await;
+    wait_leader(&c, &core).await;
     let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
     wait_until(30, "r1 to attach", || async {
         status(&c, &r1).await.is_some_and(|s| s["parent"] == "core")

@@ -76,10 +76,7 @@ async fn sixty_relays_form_and_heal_a_tree() {
     let fan = ["--fanout", "4"];
     let core = Proc::start(root, &pki, "core", true, &[], &fan);
     let c = http();
-    wait_until(30, "core to lead", || async {
-        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
-    })
-    .await;
+    wait_leader(&c, &core).await;
     let r = c
         .patch(core.url("/v1/file?offset=0"))
         .body(vec![7u8; 256 * 1024])
@@ -215,10 +212,7 @@ async fn a_slow_child_is_cut_off_and_catches_up() {
     let cfg_arg = ["--config", cfg.to_str().unwrap()];
     let core = Proc::start(root, &pki, "core", true, &[], &cfg_arg);
     let c = http();
-    wait_until(30, "core to lead", || async {
-        status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
-    })
-    .await;
+    wait_leader(&c, &core).await;
     let fast = Proc::start(root, &pki, "fast", false, &[core.quic], &cfg_arg);
     let slow = Proc::start(root, &pki, "slow", false, &[core.quic], &cfg_arg);
     wait_until(30, "both children attached", || async {

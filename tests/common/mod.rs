@@ -395,3 +395,43 @@ pub async fn version_root(c: &reqwest::Client, p: &Proc) -> Option<(u64, String)
     let s = status(c, p).await?;
     Some((s["version"].as_u64()?, s["root"].as_str()?.to_string()))
 }
+
+/// Waits until `core` leads its core.
+pub async fn wait_leader(c: &reqwest::Client, core: &Proc) {
+    wait_until(30, "core to lead", || async {
+        status(c, core).await.map(|s| s["role"] == "leader") == Some(true)
+    })
+    .await;
+}
+
+/// Waits until `p` has applied and materialized `version` (its `--file` holds it); returns
+/// its status.
+pub async fn wait_materialized(c: &reqwest::Client, p: &Proc, version: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = status(c, p).await {
+            if s["version"].as_u64() == Some(version) && s["file_version"].as_u64() == Some(version)
+            {
+                return s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not materialize {version}",
+            p.name
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The bytes `p` serves at its current version.
+pub async fn file_of(c: &reqwest::Client, p: &Proc) -> Vec<u8> {
+    c.get(p.url("/v1/file"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec()
+}
