@@ -93,14 +93,18 @@ pub async fn read_raw(
     let len = body_len(prefix, max)?;
     let mut frame = BytesMut::with_capacity(PREFIX_LEN + len);
     frame.extend_from_slice(&prefix);
-    frame.resize(PREFIX_LEN + len, 0);
-    match recv.read_exact(&mut frame[PREFIX_LEN..]).await {
-        Ok(()) => Ok(Some(RawFrame {
-            frame: frame.freeze(),
-        })),
-        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(WireError::Truncated),
-        Err(quinn::ReadExactError::ReadError(e)) => Err(e.into()),
+    // Copy quinn's chunks straight in: no zero-fill of the buffer first.
+    while frame.len() < PREFIX_LEN + len {
+        let want = PREFIX_LEN + len - frame.len();
+        match recv.read_chunk(want, true).await {
+            Ok(Some(chunk)) => frame.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(WireError::Truncated),
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(Some(RawFrame {
+        frame: frame.freeze(),
+    }))
 }
 
 /// Reads and decodes one frame; `Ok(None)` on a clean end of stream before a new frame.
