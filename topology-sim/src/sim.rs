@@ -1535,83 +1535,75 @@ mod tests {
         assert!(r.time_to_attach.max_ms < 4.0, "{:?}", r.time_to_attach);
     }
 
-    /// Every small configuration: no event breaks single-parent, acyclic or fan-out (a
-    /// broken one is an error), and the final census finds the tree and the overlays in
-    /// agreement. Attachment itself is `small_trees_attach_every_node`.
-    #[test]
-    fn small_trees_hold_the_tree_invariants_on_every_event() {
-        for seed in 0..8 {
+    /// Every small configuration for `seeds`: fan-out 1 to 3, 2 to 40 nodes (fan-out-1
+    /// chains up to `longest_chain`), 1 or 2 cores, joins all at once or staggered.
+    fn small_configs(seeds: std::ops::Range<u64>, longest_chain: u32) -> Vec<Params> {
+        let mut out = Vec::new();
+        for seed in seeds {
             for fanout in 1..=3 {
-                // A fan-out-1 chain of 40 can leave its last joiner probing for longer
-                // than the settle bound (its one free slot is up to 39 referrals away).
-                let sizes: &[u32] = if fanout == 1 {
-                    &[2, 3, 5, 9, 17]
-                } else {
-                    &[2, 3, 5, 9, 17, 40]
-                };
-                for &nodes in sizes {
+                for nodes in [2, 3, 5, 9, 17, 40] {
+                    if fanout == 1 && nodes > longest_chain {
+                        continue;
+                    }
                     for cores in 1..=2u32.min(nodes) {
                         for join in [JoinMode::All, JoinMode::Staggered] {
                             let mut p = params(nodes, fanout, seed);
                             p.cores = cores;
                             p.join = join;
-                            p.settle_s = 2.0;
-                            p.max_events = 200_000;
-                            let r = run(&p).unwrap_or_else(|e| panic!("{e:#}"));
-                            let broken: Vec<&String> = r
-                                .violations
-                                .iter()
-                                .filter(|v| !v.contains("attached") && !v.contains("budget"))
-                                .collect();
-                            assert!(broken.is_empty(), "{broken:?} {}", p.replay());
-                            assert_eq!(r.cycles, 0);
-                            assert!(r.max_children <= fanout as usize);
-                            assert_eq!(r.live_nodes, u64::from(nodes));
-                            assert_eq!(r.depth_histogram.get(&0), Some(&u64::from(cores)));
-                            assert_eq!(
-                                r.depth_histogram.values().sum::<u64>() + r.unattached,
-                                r.live_nodes
-                            );
+                            out.push(p);
                         }
                     }
                 }
             }
         }
+        out
+    }
+
+    /// Every small configuration: no event breaks single-parent, acyclic or fan-out (a
+    /// broken one is an error), and the final census finds the tree and the overlays in
+    /// agreement. Attachment itself is `small_trees_attach_every_node`.
+    #[test]
+    fn small_trees_hold_the_tree_invariants_on_every_event() {
+        for mut p in small_configs(0..8, 40) {
+            let (nodes, fanout, cores) = (p.nodes, p.overlay.fanout, p.cores);
+            p.settle_s = 2.0;
+            p.max_events = 200_000;
+            let r = run(&p).unwrap_or_else(|e| panic!("{e:#}"));
+            let broken: Vec<&String> = r
+                .violations
+                .iter()
+                .filter(|v| !v.contains("attached") && !v.contains("budget"))
+                .collect();
+            assert!(broken.is_empty(), "{broken:?} {}", p.replay());
+            assert_eq!(r.cycles, 0);
+            assert!(r.max_children <= fanout as usize);
+            assert_eq!(r.live_nodes, u64::from(nodes));
+            assert_eq!(r.depth_histogram.get(&0), Some(&u64::from(cores)));
+            assert_eq!(
+                r.depth_histogram.values().sum::<u64>() + r.unattached,
+                r.live_nodes
+            );
+        }
     }
 
     #[test]
     fn small_trees_attach_every_node() {
-        for seed in 0..12 {
-            for fanout in 1..=3 {
-                // A fan-out-1 chain of 40 can leave its last joiner probing for longer
-                // than the settle bound (its one free slot is up to 39 referrals away).
-                let sizes: &[u32] = if fanout == 1 {
-                    &[2, 3, 5, 9, 17]
-                } else {
-                    &[2, 3, 5, 9, 17, 40]
-                };
-                for &nodes in sizes {
-                    for cores in 1..=2u32.min(nodes) {
-                        for join in [JoinMode::All, JoinMode::Staggered] {
-                            let mut p = params(nodes, fanout, seed);
-                            p.cores = cores;
-                            p.join = join;
-                            // A chain has one free slot, at its tail, which joiners
-                            // find by descending referral by referral.
-                            p.settle_s = if fanout == 1 { 120.0 } else { 20.0 };
-                            let r = run(&p).unwrap_or_else(|e| panic!("{e:#}"));
-                            clean(&r);
-                            assert_eq!(r.live_nodes, u64::from(nodes));
-                            assert_eq!(r.depth_histogram.get(&0), Some(&u64::from(cores)));
-                            // N - cores relays, each exactly one edge.
-                            let edges = r.mean_fanout_internal * r.internal_nodes as f64;
-                            assert_eq!(edges.round() as u32, nodes - cores);
-                            assert_eq!(r.time_to_attach.count as u32, nodes - cores);
-                            assert_eq!(r.reparents["join"], u64::from(nodes - cores));
-                        }
-                    }
-                }
-            }
+        // A fan-out-1 chain of 40 can leave its last joiner probing for longer than the
+        // settle bound (its one free slot is up to 39 referrals away).
+        for mut p in small_configs(0..12, 17) {
+            let (nodes, fanout, cores) = (p.nodes, p.overlay.fanout, p.cores);
+            // A chain has one free slot, at its tail, which joiners find by descending
+            // referral by referral.
+            p.settle_s = if fanout == 1 { 120.0 } else { 20.0 };
+            let r = run(&p).unwrap_or_else(|e| panic!("{e:#}"));
+            clean(&r);
+            assert_eq!(r.live_nodes, u64::from(nodes));
+            assert_eq!(r.depth_histogram.get(&0), Some(&u64::from(cores)));
+            // N - cores relays, each exactly one edge.
+            let edges = r.mean_fanout_internal * r.internal_nodes as f64;
+            assert_eq!(edges.round() as u32, nodes - cores);
+            assert_eq!(r.time_to_attach.count as u32, nodes - cores);
+            assert_eq!(r.reparents["join"], u64::from(nodes - cores));
         }
     }
 
