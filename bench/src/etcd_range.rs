@@ -13,6 +13,11 @@
 //! after (the gateway talks gRPC to its own server, so this counts what etcd served).
 //! Prints one JSON object on stdout with `--json` (a summary on stderr).
 
+#[path = "etcd_gateway.rs"]
+mod etcd_gateway;
+
+use etcd_gateway::{base, prefix_end};
+
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -78,27 +83,6 @@ struct Args {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
-}
-
-fn base(ep: &str) -> String {
-    let ep = ep.trim().trim_end_matches('/');
-    if ep.starts_with("http://") || ep.starts_with("https://") {
-        ep.to_string()
-    } else {
-        format!("http://{ep}")
-    }
-}
-
-/// The smallest key greater than every key with this prefix.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 async fn post(http: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<Value> {

@@ -27,6 +27,11 @@
 //! its own gateway; Redis: `INFO stats` `total_net_output_bytes`). One JSON object on stdout
 //! with `--json`, a summary on stderr.
 
+#[path = "etcd_gateway.rs"]
+mod etcd_gateway;
+
+use etcd_gateway::{base, prefix_end};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -142,26 +147,6 @@ fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
     }
     let i = ((sorted.len() - 1) as f64 * q).round() as usize;
     (sorted[i] as f64 / 1e3).round() / 1e3
-}
-
-fn endpoint_url(ep: &str) -> String {
-    if ep.starts_with("http") {
-        ep.trim_end_matches('/').to_string()
-    } else {
-        format!("http://{ep}")
-    }
-}
-
-/// The first key after every key that starts with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 fn payload(seq: usize, size: usize) -> Vec<u8> {
@@ -530,7 +515,7 @@ async fn main() -> anyhow::Result<()> {
         sent_ns: (0..args.writes).map(|_| AtomicU64::new(u64::MAX)).collect(),
         seen: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
     });
-    let url = endpoint_url(&args.endpoint);
+    let url = base(&args.endpoint);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(n + 8)
         .tcp_nodelay(true)
