@@ -28,18 +28,7 @@ async fn returning_relays_fetch_only_what_changed() {
     let core = Proc::start(root, &pki, "core", true, &[], &cfg_arg);
     let c = http();
     wait_leader(&c, &core).await;
-    let mut content = vec![0u8; SIZE];
-    ChaCha8Rng::seed_from_u64(5).fill_bytes(&mut content);
-    let r = c
-        .put(core.url("/v1/file"))
-        .body(content)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
-    let v0 = r.json::<Value>().await.unwrap()["version"]
-        .as_u64()
-        .unwrap();
+    let (v0, _) = put_random(&c, &core, SIZE, 5).await;
 
     // (a) a new relay gets a verified, byte-identical copy.
     let mut r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &cfg_arg);
