@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod consensus;
 pub mod demo;
+pub mod fetch;
 pub mod file;
 pub mod metrics;
 pub mod node;
