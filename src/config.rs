@@ -31,6 +31,8 @@ pub enum ConfigError {
     QueueTooSmall { queue: u64, max_frame: usize },
     #[error("backfill_bytes_per_sec ({rate}) must be 0 (no limit) or at least one chunk ({chunk} bytes) per second, or children time out between chunks")]
     BackfillRateTooLow { rate: u64, chunk: u32 },
+    #[error("fetch_window must be at most {MAX_FETCH_WINDOW} chunks (what one fetch request may ask), got {0}")]
+    FetchWindow(u32),
     #[error("a relay needs at least one --join address")]
     NoJoin,
     #[error("raft: {0}")]
@@ -48,6 +50,9 @@ pub enum ConfigError {
         advertise: SocketAddr,
     },
 }
+
+/// Most chunks one fetch request may ask for (and so the largest `fetch_window`).
+pub const MAX_FETCH_WINDOW: u32 = 1024;
 
 /// Stream and fan-out settings shared by core and relay nodes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -98,6 +103,19 @@ pub struct StreamConfig {
     /// 0: on a LAN the link and the child's verification are the limit; set it where the
     /// uplink is shared with other traffic. Live entries are never paced.
     pub backfill_bytes_per_sec: u64,
+    /// Sources one transfer draws from: the parent, plus up to this many minus one peers
+    /// from the view, which are asked for chunks from the top of the file down while the
+    /// parent pushes from the bottom (1: the parent alone). 4: a fleet starting at once
+    /// spreads its transfers over every node already holding the file instead of queueing
+    /// behind one parent's uplink; beyond a few sources each adds a connection for little.
+    pub fetch_sources: u32,
+    /// Chunks asked of one peer source and not yet received. 32 (2 MiB at 64 KiB chunks):
+    /// keeps 100 MB/s flowing over a 20 ms round trip, and bounds what a source that
+    /// vanishes leaves to re-ask elsewhere.
+    pub fetch_window: u32,
+    /// Transfers smaller than this come from the parent alone (bytes). 4 MiB: a diff of a
+    /// few chunks is not worth new connections.
+    pub fetch_min_bytes: u64,
 }
 
 impl Default for StreamConfig {
@@ -119,6 +137,9 @@ impl Default for StreamConfig {
             materialize_interval_ms: 250,
             max_backfills: 4,
             backfill_bytes_per_sec: 0,
+            fetch_sources: 4,
+            fetch_window: 32,
+            fetch_min_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -140,6 +161,8 @@ impl StreamConfig {
             ("stream_window_bytes", self.stream_window_bytes),
             ("parent_timeout_ms", self.parent_timeout_ms),
             ("max_backfills", u64::from(self.max_backfills)),
+            ("fetch_sources", u64::from(self.fetch_sources)),
+            ("fetch_window", u64::from(self.fetch_window)),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero { field });
@@ -152,6 +175,9 @@ impl StreamConfig {
                 rate: self.backfill_bytes_per_sec,
                 chunk: self.chunk_size,
             });
+        }
+        if self.fetch_window > MAX_FETCH_WINDOW {
+            return Err(ConfigError::FetchWindow(self.fetch_window));
         }
         if (self.max_frame as u64) < self.max_update_bytes + 64 * 1024 {
             return Err(ConfigError::FrameTooSmall {

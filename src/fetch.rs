@@ -208,7 +208,11 @@ impl<S: Ord + Clone> Scheduler<S> {
                 let Some(i) = self.pick(&s) else { break };
                 self.pool.remove(&i);
                 self.owner.insert(i, s.clone());
-                self.sources.get_mut(&s).expect("listed").outstanding.insert(i);
+                self.sources
+                    .get_mut(&s)
+                    .expect("listed")
+                    .outstanding
+                    .insert(i);
                 asked.push(i);
             }
             if !asked.is_empty() {
@@ -299,9 +303,18 @@ mod tests {
     fn the_peer_stops_short_of_the_push_and_the_transfer_completes() {
         let mut f = Scheduler::new(cfg(1, 2), 6, 0..6);
         let mut out = f.handle(ready("a"));
-        assert_eq!(out.remove(1), Output::Request { source: "a", indices: vec![5] });
+        assert_eq!(
+            out.remove(1),
+            Output::Request {
+                source: "a",
+                indices: vec![5]
+            }
+        );
         for i in 0..3 {
-            f.handle(Input::Received { source: None, index: i });
+            f.handle(Input::Received {
+                source: None,
+                index: i,
+            });
         }
         // Pushed up to 2; margin 2 keeps 3 and 4 for the push.
         assert_eq!(
@@ -312,8 +325,14 @@ mod tests {
             vec![]
         );
         assert_eq!(f.limit(), 5);
-        f.handle(Input::Received { source: None, index: 3 });
-        f.handle(Input::Received { source: None, index: 4 });
+        f.handle(Input::Received {
+            source: None,
+            index: 3,
+        });
+        f.handle(Input::Received {
+            source: None,
+            index: 4,
+        });
         assert_eq!(f.handle(Input::PushEnded), vec![Output::Complete]);
         assert_eq!(f.handle(Input::PushEnded), vec![]);
     }
@@ -335,7 +354,13 @@ mod tests {
                 }
             ]
         );
-        assert_eq!(f.handle(Input::Missing { source: "a", index: 3 }), vec![]);
+        assert_eq!(
+            f.handle(Input::Missing {
+                source: "a",
+                index: 3
+            }),
+            vec![]
+        );
         assert_eq!(
             f.handle(ready("b")),
             vec![Output::Request {
@@ -364,18 +389,36 @@ mod tests {
     fn stuck_when_no_source_can_serve_after_the_push() {
         let mut f = Scheduler::new(cfg(4, 0), 4, [2, 3]);
         f.handle(ready("a"));
-        f.handle(Input::Missing { source: "a", index: 3 });
-        f.handle(Input::Missing { source: "a", index: 2 });
-        assert_eq!(f.handle(Input::PushEnded), vec![Output::Stuck { missing: 2 }]);
+        f.handle(Input::Missing {
+            source: "a",
+            index: 3,
+        });
+        f.handle(Input::Missing {
+            source: "a",
+            index: 2,
+        });
+        assert_eq!(
+            f.handle(Input::PushEnded),
+            vec![Output::Stuck { missing: 2 }]
+        );
     }
 
     #[test]
     fn a_chunk_the_push_delivers_first_is_not_requested_again() {
         let mut f = Scheduler::new(cfg(1, 0), 3, 0..3);
         f.handle(ready("a"));
-        f.handle(Input::Received { source: None, index: 2 });
+        f.handle(Input::Received {
+            source: None,
+            index: 2,
+        });
         // "a" still owes its answer for 2: the window stays used until it comes.
-        assert_eq!(f.handle(Input::Received { source: None, index: 0 }), vec![]);
+        assert_eq!(
+            f.handle(Input::Received {
+                source: None,
+                index: 0
+            }),
+            vec![]
+        );
         assert_eq!(
             f.handle(Input::Received {
                 source: Some("a"),

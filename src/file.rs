@@ -829,6 +829,23 @@ impl FileBuilder {
         self.missing
     }
 
+    /// Indices of the chunks not yet received, ascending.
+    pub fn missing_indices(&self) -> Vec<u64> {
+        self.chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_none())
+            .map(|(i, _)| i as u64)
+            .collect()
+    }
+
+    /// True once chunk `index` is in.
+    pub fn has_chunk(&self, index: u64) -> bool {
+        to_index(index)
+            .and_then(|i| self.chunks.get(i))
+            .is_some_and(Option::is_some)
+    }
+
     /// The file, once every chunk is in and the root matches.
     pub fn finish(self) -> Result<ChunkedFile, FileError> {
         if self.missing > 0 {

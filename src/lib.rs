@@ -7,6 +7,7 @@ pub mod proto {
 }
 
 pub mod api;
+mod backfill;
 pub mod cli;
 pub mod config;
 pub mod consensus;

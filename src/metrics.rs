@@ -48,7 +48,10 @@ pub struct NodeMetrics {
     pub resumes_served: Counter,
     pub full_transfers_received: Counter,
     pub proposals: Counter,
+    /// Chunk bytes received from the parent (`source="parent"`).
     pub backfill_received: Counter,
+    /// Chunk bytes fetched from other peers (`source="peer"`).
+    pub backfill_received_peers: Counter,
     pub backfill_served: Counter,
     pub backfill_seconds: metrics::Histogram,
     pub backfills_serving: Gauge,
@@ -79,7 +82,16 @@ impl NodeMetrics {
             resumes_served: metrics::counter!("canopy_resumes_served_total", &l),
             full_transfers_received: metrics::counter!("canopy_full_transfers_received_total", &l),
             proposals: metrics::counter!("canopy_proposals_total", &l),
-            backfill_received: metrics::counter!("canopy_backfill_received_bytes_total", &l),
+            backfill_received: metrics::counter!(
+                "canopy_backfill_received_bytes_total",
+                "node" => n.clone(),
+                "source" => "parent"
+            ),
+            backfill_received_peers: metrics::counter!(
+                "canopy_backfill_received_bytes_total",
+                "node" => n.clone(),
+                "source" => "peer"
+            ),
             backfill_served: metrics::counter!("canopy_backfill_served_bytes_total", &l),
             backfill_seconds: metrics::histogram!("canopy_backfill_seconds", &l),
             backfills_serving: metrics::gauge!("canopy_backfills_serving", &l),

@@ -29,7 +29,7 @@ use crate::file::{ChunkedFile, FileError, Precondition, Update};
 use crate::metrics::NodeMetrics;
 use crate::overlay::{Input as OverlayInput, Overlay};
 use crate::proto::{self, downstream::Kind as Down, propose_reply, request};
-use crate::replica::{snapshot_frames, Event, Replica, SubscribePlan};
+use crate::replica::{snapshot_frames_below, Event, Replica, SubscribePlan};
 use crate::tls::SERVER_NAME;
 use crate::wire::{self, WireError};
 
@@ -114,7 +114,7 @@ pub fn now_us() -> u64 {
 
 pub(crate) struct ChildLink {
     name: String,
-    addr: String,
+    pub(crate) addr: String,
     tx: mpsc::UnboundedSender<Bytes>,
     queued: Arc<AtomicU64>,
     cut: Arc<AtomicBool>,
@@ -134,6 +134,7 @@ pub(crate) struct StreamStats {
     pub(crate) gaps: AtomicU64,
     pub(crate) resumes: AtomicU64,
     pub(crate) backfill_received: AtomicU64,
+    pub(crate) backfill_from_peers: AtomicU64,
     pub(crate) bad_chunks: AtomicU64,
 }
 
@@ -146,8 +147,10 @@ pub struct StatsView {
     pub snapshots_installed: u64,
     pub gaps: u64,
     pub resumes: u64,
-    /// Chunk bytes received in full or diff transfers.
+    /// Chunk bytes received in full or diff transfers, from every source.
     pub backfill_received_bytes: u64,
+    /// The part of them fetched from peers other than the parent.
+    pub backfill_from_peers_bytes: u64,
     /// Chunks refused because they did not match the manifest (their sender is banned as
     /// a parent for a while and the chunk is fetched elsewhere).
     pub bad_chunks: u64,
@@ -192,7 +195,7 @@ pub struct BackfillView {
     pub bytes_done: u64,
     /// The length of that version.
     pub bytes_total: u64,
-    /// Where the chunks come from (today: the parent).
+    /// Where the chunks come from: the parent, then the peers it fetches from.
     pub sources: Vec<String>,
 }
 
@@ -221,6 +224,10 @@ pub struct Shared {
     endpoint: quinn::Endpoint,
     core_conn: tokio::sync::Mutex<Option<quinn::Connection>>,
     pub(crate) parent_addr: Mutex<String>,
+    /// Peers the transfer being received fetches chunks from, besides the parent.
+    pub(crate) fetch_peers: Mutex<Vec<String>>,
+    /// Fetch sources the current parent suggested (`SubscribeOk.fetch_sources`).
+    pub(crate) suggested_sources: Mutex<Vec<String>>,
     /// The transfer being received: when it started and the last tenth logged.
     pub(crate) backfill_clock: Mutex<Option<(std::time::Instant, u64)>>,
     /// Transfers being served now.
@@ -273,6 +280,41 @@ impl FileStateMachine for CoreSm {
 }
 
 impl Shared {
+    /// Waits until `len` more bytes of transfers fit the shared budget
+    /// (`stream.backfill_bytes_per_sec`; no wait when it is 0).
+    async fn pace_backfill(&self, len: usize) {
+        let rate = self.cfg.stream.backfill_bytes_per_sec;
+        if rate == 0 {
+            return;
+        }
+        let at = {
+            let mut next = self.backfill_pace.lock().unwrap();
+            let at = (*next).max(tokio::time::Instant::now());
+            *next = at + Duration::from_secs_f64(len as f64 / rate as f64);
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+
+    /// Relays a child of this node may fetch a transfer's chunks from: this node's other
+    /// children, then the sources its own parent suggested, at most
+    /// [`MAX_SUGGESTED_SOURCES`], never `child` itself.
+    fn suggest_sources(&self, st: &State, child: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let suggested = self.suggested_sources.lock().unwrap();
+        for a in st
+            .children
+            .values()
+            .map(|c| &c.addr)
+            .chain(suggested.iter())
+        {
+            if a != child && !out.contains(a) && out.len() < MAX_SUGGESTED_SOURCES {
+                out.push(a.clone());
+            }
+        }
+        out
+    }
+
     fn count_relayed(&self, n: usize) {
         self.relayed.fetch_add(n as u64, Ordering::Relaxed);
         self.metrics.relayed_bytes.increment(n as u64);
@@ -447,6 +489,8 @@ impl Node {
             endpoint,
             core_conn: tokio::sync::Mutex::new(None),
             parent_addr: Mutex::new(String::new()),
+            fetch_peers: Mutex::new(Vec::new()),
+            suggested_sources: Mutex::new(Vec::new()),
             backfill_clock: Mutex::new(None),
             backfills_serving: AtomicU64::new(0),
             backfill_permits: Arc::new(tokio::sync::Semaphore::new(
@@ -598,6 +642,7 @@ impl Node {
                 gaps: self.0.stats.gaps.load(Ordering::Relaxed),
                 resumes: self.0.stats.resumes.load(Ordering::Relaxed),
                 backfill_received_bytes: self.0.stats.backfill_received.load(Ordering::Relaxed),
+                backfill_from_peers_bytes: self.0.stats.backfill_from_peers.load(Ordering::Relaxed),
                 bad_chunks: self.0.stats.bad_chunks.load(Ordering::Relaxed),
             },
             backfill: st
@@ -606,7 +651,9 @@ impl Node {
                 .map(|(bytes_done, bytes_total)| BackfillView {
                     bytes_done,
                     bytes_total,
-                    sources: vec![parent_addr.clone()],
+                    sources: std::iter::once(parent_addr.clone())
+                        .chain(self.0.fetch_peers.lock().unwrap().iter().cloned())
+                        .collect(),
                 }),
             backfills_serving: self.0.backfills_serving.load(Ordering::Acquire),
             core: self.0.core.get().map(|c| CoreStatus {
@@ -1150,7 +1197,10 @@ async fn serve_stream(
         Err(e) => return close_bad(&shared, &conn, &peer, &e.to_string()),
     };
     match req.kind {
-        Some(request::Kind::Subscribe(sub)) => serve_child(shared, conn, sub, send).await,
+        Some(request::Kind::Subscribe(sub)) => serve_child(shared, conn, sub, send, recv).await,
+        Some(request::Kind::Fetch(first)) => {
+            serve_fetch(shared, conn, peer, first, send, recv).await
+        }
         Some(request::Kind::Propose(p)) => {
             let Some(proposal) = p.proposal else {
                 return close_bad(&shared, &conn, &peer, "propose without proposal");
@@ -1225,11 +1275,121 @@ async fn serve_stream(
     }
 }
 
+/// Most fetch sources a parent suggests in its `SubscribeOk`.
+pub(crate) const MAX_SUGGESTED_SOURCES: usize = 8;
+
+/// Most chunks one `FetchChunks` may ask for.
+const MAX_FETCH_BATCH: usize = crate::config::MAX_FETCH_WINDOW as usize;
+
+/// Serves a peer's chunk fetches on one stream until it finishes it: each `FetchChunks` is
+/// answered with one `FetchReply` per index, in order. A batch from a node that is not a
+/// child is served only while a transfer slot (`stream.max_backfills`) is free, otherwise
+/// each index is answered `busy` so the asker turns to another source at once; served bytes
+/// are paced like pushed ones.
+async fn serve_fetch(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    peer: String,
+    first: proto::FetchChunks,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let corrupt = failpoint_corrupt_chunk(peer.split('/').next().unwrap_or_default());
+    let mut next = Some(first);
+    loop {
+        let batch = match next.take() {
+            Some(b) => b,
+            None => {
+                match wire::read_frame::<proto::FetchChunks>(&mut recv, shared.cfg.stream.max_frame)
+                    .await
+                {
+                    Ok(Some(b)) => b,
+                    Ok(None) => {
+                        let _ = send.finish();
+                        return;
+                    }
+                    Err(WireError::Read(quinn::ReadError::Reset(_))) => return,
+                    Err(e) => return close_bad(&shared, &conn, &peer, &e.to_string()),
+                }
+            }
+        };
+        if batch.indices.len() != batch.hashes.len() || batch.indices.len() > MAX_FETCH_BATCH {
+            return close_bad(&shared, &conn, &peer, "malformed fetch request");
+        }
+        // A child finishing the transfer this node pushed to it holds a slot already.
+        let child = peer.split('/').next().unwrap_or_default();
+        let is_child = {
+            let st = shared.state.lock().unwrap();
+            st.children.values().any(|c| c.name == child)
+        };
+        let permit = match is_child {
+            true => None,
+            false => Arc::clone(&shared.backfill_permits)
+                .try_acquire_owned()
+                .ok(),
+        };
+        let _serving = permit.as_ref().map(|_| ServingGuard::new(&shared));
+        for (index, hash) in batch.indices.into_iter().zip(batch.hashes) {
+            let Ok(hash) = <[u8; 32]>::try_from(hash.as_ref()) else {
+                return close_bad(&shared, &conn, &peer, "fetch with a malformed hash");
+            };
+            let mut reply = proto::FetchReply {
+                index,
+                ..Default::default()
+            };
+            match permit.is_some() || is_child {
+                false => reply.busy = true,
+                true => match shared
+                    .state
+                    .lock()
+                    .unwrap()
+                    .replica
+                    .find_chunk(index, &hash)
+                {
+                    Some(data) => reply.data = data,
+                    None => reply.missing = true,
+                },
+            }
+            if let Some(target) = corrupt {
+                corrupt_chunk(&mut reply.data, index, target);
+            }
+            let len = reply.data.len();
+            shared.pace_backfill(len).await;
+            if wire::write_frame(&mut send, &reply).await.is_err() {
+                return;
+            }
+            shared.count_relayed(len);
+            shared.metrics.backfill_served.increment(len as u64);
+        }
+    }
+}
+
+/// Reads the child's `SnapshotLimit` frames on its subscription stream into `limit`
+/// (lowered only) until the child finishes the stream or the connection ends.
+async fn read_limits(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    peer: String,
+    mut recv: quinn::RecvStream,
+    limit: Arc<AtomicU64>,
+) {
+    loop {
+        match wire::read_frame::<proto::SnapshotLimit>(&mut recv, 64).await {
+            Ok(Some(l)) => {
+                limit.fetch_min(l.below, Ordering::AcqRel);
+            }
+            Ok(None) | Err(WireError::Read(_)) => return,
+            Err(e) => return close_bad(&shared, &conn, &peer, &e.to_string()),
+        }
+    }
+}
+
 async fn serve_child(
     shared: Arc<Shared>,
     conn: quinn::Connection,
     sub: proto::Subscribe,
     mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
 ) {
     let refuse = |(reason, referral): (String, Option<proto::PeerInfo>)| proto::Downstream {
         kind: Some(Down::Refused(proto::Refused { reason, referral })),
@@ -1290,6 +1450,7 @@ async fn serve_child(
                         core_addrs: shared.core_addrs(&st),
                         root_path: shared.root_path(&st),
                         chunk_size: shared.cfg.stream.chunk_size,
+                        fetch_sources: shared.suggest_sources(&st, &sub.listen_addr),
                     };
                     Ok((
                         id,
@@ -1316,6 +1477,14 @@ async fn serve_child(
         }
     };
     info!(node = %shared.cfg.name, child = %sub.name, addr = %sub.listen_addr, have = sub.have_version, resume = ok.resume, "child subscribed");
+    let limit = Arc::new(AtomicU64::new(u64::MAX));
+    shared.tasks.spawn(read_limits(
+        shared.clone(),
+        conn.clone(),
+        sub.name.clone(),
+        recv,
+        limit.clone(),
+    ));
     let heartbeat = Duration::from_millis(shared.cfg.stream.heartbeat_ms);
     let result: Result<(), WireError> = async {
         wire::write_frame(
@@ -1351,21 +1520,17 @@ async fn serve_child(
                 let _serving = ServingGuard::new(&shared);
                 shared.metrics.full_transfers_served.increment(1);
                 let corrupt = failpoint_corrupt_chunk(&sub.name);
-                let rate = shared.cfg.stream.backfill_bytes_per_sec;
-                for f in snapshot_frames(&file, commit_time, &sub.have_chunks) {
+                let below = limit.clone();
+                let frames =
+                    snapshot_frames_below(&file, commit_time, &sub.have_chunks, move || {
+                        below.load(Ordering::Acquire)
+                    });
+                for f in frames {
                     let f = match corrupt {
                         Some(index) => corrupt_chunk_frame(f, index),
                         None => f,
                     };
-                    if rate > 0 {
-                        let at = {
-                            let mut next = shared.backfill_pace.lock().unwrap();
-                            let at = (*next).max(tokio::time::Instant::now());
-                            *next = at + Duration::from_secs_f64(f.len() as f64 / rate as f64);
-                            at
-                        };
-                        tokio::time::sleep_until(at).await;
-                    }
+                    shared.pace_backfill(f.len()).await;
                     wire::write_raw(&mut send, &f).await?;
                     shared.count_relayed(f.len());
                     shared.metrics.backfill_served.increment(f.len() as u64);
@@ -1379,7 +1544,11 @@ async fn serve_child(
                 _ = conn.closed() => return Ok(()),
                 f = rx.recv() => f,
                 _ = tokio::time::sleep(heartbeat) => {
-                    let hb = shared.state.lock().unwrap().replica.heartbeat(now_us());
+                    let hb = {
+                        let st = shared.state.lock().unwrap();
+                        let sources = shared.suggest_sources(&st, &sub.listen_addr);
+                        st.replica.heartbeat_suggesting(now_us(), sources)
+                    };
                     wire::write_raw(&mut send, &hb).await?;
                     continue;
                 }
@@ -1658,14 +1827,29 @@ pub async fn run(
 /// node flips one byte of chunk `N` in every full or diff transfer it serves (only to the
 /// child named by `CANOPY_FAILPOINT_CORRUPT_FOR`, if set). The tests use it to show that a
 /// bad source is detected and the chunk fetched elsewhere.
+/// Test failpoint: `CANOPY_FAILPOINT_CORRUPT_CHUNK` = a chunk index, or `all`, that this node
+/// serves corrupted (pushed or fetched), to the node named `CANOPY_FAILPOINT_CORRUPT_FOR`
+/// only when that is set. `u64::MAX` stands for every chunk.
 fn failpoint_corrupt_chunk(child: &str) -> Option<u64> {
-    let index = std::env::var("CANOPY_FAILPOINT_CORRUPT_CHUNK")
+    let index = match std::env::var("CANOPY_FAILPOINT_CORRUPT_CHUNK")
         .ok()?
-        .parse()
-        .ok()?;
+        .as_str()
+    {
+        "all" => u64::MAX,
+        i => i.parse().ok()?,
+    };
     match std::env::var("CANOPY_FAILPOINT_CORRUPT_FOR") {
         Ok(only) if only != child => None,
         _ => Some(index),
+    }
+}
+
+fn corrupt_chunk(data: &mut Bytes, index: u64, target: u64) {
+    if (target == index || target == u64::MAX) && !data.is_empty() {
+        let mut d = data.to_vec();
+        d[0] ^= 0xff;
+        *data = Bytes::from(d);
+        warn!(index, "failpoint: serving a corrupted chunk");
     }
 }
 
@@ -1675,11 +1859,12 @@ fn corrupt_chunk_frame(frame: Bytes, index: u64) -> Bytes {
         return frame;
     };
     match msg.kind.as_mut() {
-        Some(Down::SnapshotChunk(c)) if c.index == index && !c.data.is_empty() => {
-            let mut data = c.data.to_vec();
-            data[0] ^= 0xff;
-            c.data = Bytes::from(data);
-            warn!(index, "failpoint: serving a corrupted chunk");
+        Some(Down::SnapshotChunk(c)) => {
+            let before = c.data.clone();
+            corrupt_chunk(&mut c.data, c.index, index);
+            if c.data == before {
+                return frame;
+            }
             wire::encode(&msg)
         }
         _ => frame,

@@ -437,6 +437,20 @@ impl<I: Id> Overlay<I> {
         &self.reparents
     }
 
+    /// Peers in the view that may serve chunks of a transfer to this node: attached (they
+    /// hold a verified copy or are fetching one), not below it, not banned, not its parent
+    /// (which serves the transfer's push), and not a core node (depth 0: the uplink the
+    /// tree exists to spare). Sorted by address.
+    pub fn fetch_sources(&self) -> Vec<I> {
+        let parent = self.parent_addr();
+        self.view
+            .values()
+            .filter_map(|e| e.info.as_ref())
+            .filter(|p| self.is_eligible(p) && p.depth != Some(0) && Some(&p.addr) != parent)
+            .map(|p| p.addr.clone())
+            .collect()
+    }
+
     /// Addresses currently in the view (sorted).
     pub fn view_addrs(&self) -> Vec<I> {
         self.view.keys().cloned().collect()

@@ -140,6 +140,9 @@ enum Upstream {
         version: u64,
         commit_time_us: u64,
         manifest: Vec<Hash>,
+        /// The parent's `SnapshotEnd` came while chunks fetched from other sources were
+        /// still missing: [`Replica::finish_snapshot`] completes it.
+        ended: bool,
     },
     Streaming,
 }
@@ -461,11 +464,17 @@ impl Replica {
     /// Parent side: the heartbeat frame to send a child on a link that was idle for a
     /// heartbeat period (per link, never broadcast): commit version and this node's path.
     pub fn heartbeat(&self, now_us: u64) -> Bytes {
+        self.heartbeat_suggesting(now_us, Vec::new())
+    }
+
+    /// [`Replica::heartbeat`] that also passes the child the relays it may fetch from.
+    pub fn heartbeat_suggesting(&self, now_us: u64, fetch_sources: Vec<String>) -> Bytes {
         wire::encode(&proto::Downstream {
             kind: Some(Down::Heartbeat(proto::Heartbeat {
                 commit_version: self.commit_known(),
                 unix_us: now_us,
                 root_path: self.root_path(),
+                fetch_sources,
             })),
         })
     }
@@ -526,6 +535,98 @@ impl Replica {
             Upstream::Snapshot { builder, .. } => Some((builder.bytes_present(), builder.len())),
             _ => None,
         }
+    }
+
+    /// Child side, during a transfer: its version, the chunks still missing (ascending) and
+    /// the manifest, for fetching chunks from other sources.
+    pub fn snapshot_wanted(&self) -> Option<(u64, Vec<u64>, Vec<Hash>)> {
+        match &self.upstream {
+            Upstream::Snapshot {
+                builder,
+                version,
+                manifest,
+                ..
+            } if !manifest.is_empty() => {
+                Some((*version, builder.missing_indices(), manifest.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Child side: a chunk of the transfer at `version` fetched from another source, whose
+    /// BLAKE3 the caller computed as `hash`. True when it was new; false when the transfer
+    /// is no longer running or already held it. A hash that is not the manifest's is
+    /// [`ReplicaError::BadChunk`] (the source is faulty; the transfer goes on).
+    pub fn put_fetched_chunk(
+        &mut self,
+        version: u64,
+        index: u64,
+        data: Bytes,
+        hash: Hash,
+    ) -> Result<bool, ReplicaError> {
+        let Upstream::Snapshot {
+            builder,
+            version: v,
+            manifest,
+            ..
+        } = &mut self.upstream
+        else {
+            return Ok(false);
+        };
+        if *v != version || builder.has_chunk(index) {
+            return Ok(false);
+        }
+        if manifest.get(index as usize) != Some(&hash) {
+            return Err(ReplicaError::BadChunk { index });
+        }
+        self.salvage.chunks.insert(hash, data.clone());
+        builder.put_hashed_chunk(index, data, hash)?;
+        Ok(true)
+    }
+
+    /// Child side: the parent's `SnapshotEnd` came but chunks fetched elsewhere are missing;
+    /// the driver must not feed further frames until [`Replica::finish_snapshot`].
+    pub fn snapshot_waiting(&self) -> bool {
+        matches!(&self.upstream, Upstream::Snapshot { builder, ended: true, .. } if builder.missing() > 0)
+    }
+
+    /// Child side: installs the transfer once its `SnapshotEnd` came and every chunk is in.
+    pub fn finish_snapshot(&mut self) -> Result<Vec<Event>, ReplicaError> {
+        let state = std::mem::replace(&mut self.upstream, Upstream::Idle);
+        let Upstream::Snapshot {
+            builder,
+            commit_time_us,
+            ended: true,
+            ..
+        } = state
+        else {
+            self.upstream = state;
+            return Err(ReplicaError::Unexpected {
+                frame: "finish",
+                state: "not at the end of a transfer",
+            });
+        };
+        let file = builder.finish()?;
+        let version = file.version();
+        let mut events = self.install(file);
+        self.last_commit_time_us = commit_time_us;
+        self.since_checkpoint = 0;
+        events.push(Event::Applied {
+            version,
+            commit_time_us,
+        });
+        self.upstream = Upstream::Streaming;
+        Ok(events)
+    }
+
+    /// A chunk with BLAKE3 `hash`, to serve another node's fetch: the file's chunk at
+    /// `index` if it has that hash, or one verified during a transfer (at any index: the
+    /// asker checks it against its manifest).
+    pub fn find_chunk(&self, index: u64, hash: &Hash) -> Option<Bytes> {
+        if self.file.chunk_hash(index).as_ref() == Some(hash) {
+            return self.file.chunk(index);
+        }
+        self.salvage.chunks.get(hash).cloned()
     }
 
     /// Bytes of verified chunks kept from interrupted transfers.
@@ -627,6 +728,7 @@ impl Replica {
                     version: b.version,
                     commit_time_us: b.commit_time_unix_us,
                     manifest,
+                    ended: false,
                 };
                 Ok(vec![])
             }
@@ -636,6 +738,7 @@ impl Replica {
                     version,
                     commit_time_us,
                     manifest,
+                    ended: false,
                 },
                 Some(Down::SnapshotChunk(c)),
             ) => {
@@ -654,28 +757,31 @@ impl Replica {
                     version,
                     commit_time_us,
                     manifest,
+                    ended: false,
                 };
                 Ok(vec![])
             }
             (
                 Upstream::Snapshot {
                     builder,
+                    version,
                     commit_time_us,
-                    ..
+                    manifest,
+                    ended: false,
                 },
                 Some(Down::SnapshotEnd(_)),
             ) => {
-                let file = builder.finish()?;
-                let version = file.version();
-                let mut events = self.install(file);
-                self.last_commit_time_us = commit_time_us;
-                self.since_checkpoint = 0;
-                events.push(Event::Applied {
+                self.upstream = Upstream::Snapshot {
+                    builder,
                     version,
                     commit_time_us,
-                });
-                self.upstream = Upstream::Streaming;
-                Ok(events)
+                    manifest,
+                    ended: true,
+                };
+                if self.snapshot_waiting() {
+                    return Ok(vec![]);
+                }
+                self.finish_snapshot()
             }
             (Upstream::Streaming, Some(Down::Entry(e))) => {
                 let have = self.file.version();
@@ -781,6 +887,18 @@ pub fn snapshot_frames<'a>(
     commit_time_us: u64,
     have: &'a [Bytes],
 ) -> impl Iterator<Item = Bytes> + 'a {
+    snapshot_frames_below(file, commit_time_us, have, || u64::MAX)
+}
+
+/// [`snapshot_frames`] for a child that fetches part of the transfer elsewhere: a chunk is
+/// sent only if its index is below `limit()`, asked just before the chunk is encoded (the
+/// child lowers it with `SnapshotLimit` while the transfer runs).
+pub fn snapshot_frames_below<'a>(
+    file: &'a ChunkedFile,
+    commit_time_us: u64,
+    have: &'a [Bytes],
+    limit: impl Fn() -> u64 + 'a,
+) -> impl Iterator<Item = Bytes> + 'a {
     let hashes = file.chunk_hashes();
     let begin = wire::encode(&proto::Downstream {
         kind: Some(Down::SnapshotBegin(proto::SnapshotBegin {
@@ -795,6 +913,7 @@ pub fn snapshot_frames<'a>(
     let chunks = (0..file.chunk_count())
         .filter(move |i| {
             have.get(*i as usize).map(|h| h.as_ref()) != Some(&hashes[*i as usize][..])
+                && *i < limit()
         })
         .map(move |i| {
             wire::encode(&proto::Downstream {

@@ -98,6 +98,7 @@ fn heartbeat_with_path(commit_version: u64, unix_us: u64, root_path: Vec<String>
         commit_version,
         unix_us,
         root_path,
+        fetch_sources: vec![],
     }))
 }
 
@@ -126,6 +127,7 @@ fn ok_frame(resume: bool) -> Bytes {
         core_addrs: p.core_addrs,
         root_path: p.root_path,
         chunk_size: CS,
+        fetch_sources: vec![],
     }))
 }
 
@@ -1513,14 +1515,13 @@ fn malformed_snapshot_chunks_fail_at_put_chunk() {
             count: 3,
         }))
     );
-    // A missing chunk is caught at the end.
+    // A chunk missing at the end of the push leaves the transfer waiting for it.
     start(&mut c);
     assert_eq!(feed(&mut c, &frames[1]), Ok(vec![]));
     assert_eq!(feed(&mut c, &frames[3]), Ok(vec![]));
-    assert_eq!(
-        feed(&mut c, frames.last().unwrap()),
-        Err(ReplicaError::File(FileError::Incomplete { missing: 1 }))
-    );
+    assert_eq!(feed(&mut c, frames.last().unwrap()), Ok(vec![]));
+    assert!(c.snapshot_waiting());
+    assert_eq!(c.snapshot_wanted().unwrap().1, vec![1]);
     // A bad root length or an oversized file is refused at the begin.
     let begin = |root: &[u8], length: u64, chunk_size: u32| {
         frame(Down::SnapshotBegin(proto::SnapshotBegin {
@@ -1933,4 +1934,52 @@ proptest! {
         prop_assert_eq!(child.file().to_vec(), model);
         prop_assert_eq!(child.last_commit_time_us(), parent.last_commit_time_us());
     }
+}
+
+/// A push that ends below the limit (the rest fetched from peers): the transfer waits after
+/// `SnapshotEnd`, takes fetched chunks only at their manifest hash, and installs the exact
+/// file once the last one is in.
+#[test]
+fn a_transfer_finished_by_fetched_chunks() {
+    let (parent, _) = parent_at_v4(100);
+    let frames: Vec<Bytes> = snapshot_frames(parent.file(), T0, &[]).collect();
+    let mut c = relay();
+    let _ = c.subscribe("c", "a:1", false);
+    assert_eq!(feed(&mut c, &ok_frame(false)), Ok(vec![]));
+    assert_eq!(feed(&mut c, &frames[0]), Ok(vec![]));
+    let (version, missing, manifest) = c.snapshot_wanted().unwrap();
+    assert_eq!((version, missing.clone()), (4, vec![0, 1, 2]));
+    // Chunk 2 arrives from a peer first, then the parent pushes 0 (limit lowered to 1).
+    let chunk2 = parent.file().chunk(2).unwrap();
+    assert_eq!(
+        c.put_fetched_chunk(4, 2, chunk2.clone(), crate::file::leaf_hash(&chunk2)),
+        Ok(true)
+    );
+    assert_eq!(
+        c.put_fetched_chunk(4, 2, chunk2.clone(), manifest[2]),
+        Ok(false),
+        "a chunk held already is not taken twice"
+    );
+    assert_eq!(feed(&mut c, &frames[1]), Ok(vec![]));
+    assert_eq!(feed(&mut c, frames.last().unwrap()), Ok(vec![]));
+    assert!(c.snapshot_waiting());
+    let chunk1 = parent.file().chunk(1).unwrap();
+    assert_eq!(
+        c.put_fetched_chunk(4, 1, chunk2.clone(), crate::file::leaf_hash(&chunk2)),
+        Err(ReplicaError::BadChunk { index: 1 })
+    );
+    assert_eq!(
+        c.put_fetched_chunk(3, 1, chunk1.clone(), manifest[1]),
+        Ok(false),
+        "a chunk for another transfer is ignored"
+    );
+    // A fetched chunk is served onwards by hash while the transfer runs.
+    assert_eq!(c.find_chunk(7, &manifest[2]), Some(chunk2));
+    assert_eq!(c.put_fetched_chunk(4, 1, chunk1, manifest[1]), Ok(true));
+    assert!(!c.snapshot_waiting());
+    let events = c.finish_snapshot().unwrap();
+    assert!(events.contains(&Event::Installed { version: 4 }));
+    assert_eq!(state(&c), state(&parent));
+    assert_eq!(c.file().to_vec(), parent.file().to_vec());
+    assert!(c.finish_snapshot().is_err());
 }

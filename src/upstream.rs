@@ -16,6 +16,8 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::backfill::Transfer;
+use crate::fetch;
 use crate::node::{code, connect, exchange, now_us, Shared};
 use crate::overlay::{Input, Output, Peer, PeerInfo, Reason};
 use crate::proto::{self, downstream::Kind as Down, request};
@@ -153,6 +155,8 @@ enum UpstreamError {
     },
     #[error("detached (cycle)")]
     Detached,
+    #[error("no source left for {missing} chunks of the transfer")]
+    Stuck { missing: usize },
 }
 
 impl UpstreamError {
@@ -165,6 +169,7 @@ impl UpstreamError {
             Self::Silent(_) => "silent",
             Self::Refused { .. } => "refused",
             Self::Detached => "detached",
+            Self::Stuck { .. } => "fetch_stuck",
         }
     }
 }
@@ -173,7 +178,8 @@ struct Link {
     addr: String,
     conn: quinn::Connection,
     recv: quinn::RecvStream,
-    _send: quinn::SendStream,
+    /// Carries `SnapshotLimit` frames to the parent during a multi-source transfer.
+    send: quinn::SendStream,
 }
 
 /// Opens a subscription to `addr` and reads its answer. The replica is only told about it
@@ -211,7 +217,7 @@ async fn open_link(
                 addr: addr.to_string(),
                 conn,
                 recv,
-                _send: send,
+                send,
             },
             raw,
             ok,
@@ -261,6 +267,7 @@ fn adopt(
     shared.dispatch(&mut st, events);
     shared.metrics.depth.set(shared.depth(&st) as f64);
     *shared.parent_addr.lock().unwrap() = link.addr.clone();
+    *shared.suggested_sources.lock().unwrap() = ok.fetch_sources.clone();
     let _ = shared.overlay_tx.send(Input::Attached {
         addr: link.addr.clone(),
         name: ok.parent_name,
@@ -270,9 +277,17 @@ fn adopt(
     Ok(())
 }
 
+/// What woke the follower while it holds a parent.
+enum Wake {
+    Command(Command),
+    Frame(Result<Result<Option<RawFrame>, WireError>, tokio::time::error::Elapsed>),
+    Limit(u64),
+}
+
 /// Follows the parent the overlay chooses, switching on moves and reporting losses.
 pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<Command>) {
     let mut current: Option<Link> = None;
+    let mut transfer: Option<Transfer> = None;
     // The parent left by the last move: if the overlay undoes that move, it still believes
     // in this one and must hear that it is gone too.
     let mut moved_from: Option<String> = None;
@@ -280,6 +295,7 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
     let silent = Duration::from_millis(shared.cfg.stream.parent_timeout_ms);
     loop {
         let Some(link) = current.as_mut() else {
+            transfer = None;
             let cmd = tokio::select! {
                 _ = shared.shutdown.cancelled() => return,
                 c = cmds.recv() => match c { Some(c) => c, None => return },
@@ -314,28 +330,38 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
             }
             continue;
         };
-        let event = tokio::select! {
+        let wake = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            c = cmds.recv() => match c { Some(c) => Err(c), None => return },
-            r = tokio::time::timeout(silent, wire::read_raw(&mut link.recv, shared.cfg.stream.max_frame)) => Ok(r),
+            c = cmds.recv() => match c { Some(c) => Wake::Command(c), None => return },
+            r = tokio::time::timeout(silent, wire::read_raw(&mut link.recv, shared.cfg.stream.max_frame)) => Wake::Frame(r),
+            Some(below) = async { transfer.as_mut()?.next_limit().await }, if transfer.is_some() => Wake::Limit(below),
         };
-        let failure = match event {
-            Err(Command::Attach { addr, reason, .. }) => {
+        let failure = match wake {
+            Wake::Command(Command::Attach { addr, reason, .. }) => {
                 if let Some(old) = try_move(&shared, &mut current, addr, reason).await {
                     moved_from = Some(old);
+                    transfer = None;
                 }
                 continue;
             }
-            Err(Command::Detach { addr }) if addr == link.addr => UpstreamError::Detached,
-            Err(Command::Detach { .. }) => continue,
-            Ok(Err(_)) => UpstreamError::Silent(silent),
-            Ok(Ok(Ok(None))) => UpstreamError::Closed,
-            Ok(Ok(Err(e))) => e.into(),
-            Ok(Ok(Ok(Some(raw)))) => match apply_frame(&shared, raw) {
-                Ok(()) => continue,
-                Err(e) => e,
-            },
+            Wake::Command(Command::Detach { addr }) if addr == link.addr => UpstreamError::Detached,
+            Wake::Command(Command::Detach { .. }) => continue,
+            Wake::Limit(below) => {
+                // A lost write shows up as a failed read on the same stream.
+                let _ = wire::write_frame(&mut link.send, &proto::SnapshotLimit { below }).await;
+                continue;
+            }
+            Wake::Frame(Err(_)) => UpstreamError::Silent(silent),
+            Wake::Frame(Ok(Ok(None))) => UpstreamError::Closed,
+            Wake::Frame(Ok(Err(e))) => e.into(),
+            Wake::Frame(Ok(Ok(Some(raw)))) => {
+                match follow_frame(&shared, link, &mut transfer, raw).await {
+                    Ok(()) => continue,
+                    Err(e) => e,
+                }
+            }
         };
+        transfer = None;
         let addr = link.addr.clone();
         link.conn
             .close(VarInt::from_u32(code::RESYNC), b"resubscribing");
@@ -344,13 +370,7 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
         *shared.parent_addr.lock().unwrap() = String::new();
         full = matches!(&failure, UpstreamError::Replica(r) if r.needs_full_resync());
         if let UpstreamError::Replica(ReplicaError::BadChunk { index }) = &failure {
-            shared
-                .stats
-                .bad_chunks
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            shared.metrics.bad_chunk(&addr);
-            error!(node = %shared.cfg.name, source = %addr, index, "refused a chunk that does not match the manifest; banning the source as parent and fetching the rest elsewhere");
-            let _ = shared.overlay_tx.send(Input::Faulty { addr: addr.clone() });
+            refuse_source(&shared, &addr, *index);
         }
         if matches!(&failure, UpstreamError::Replica(ReplicaError::Gap { .. })) {
             shared
@@ -372,24 +392,117 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
     }
 }
 
+/// Counts and logs a chunk that failed the manifest, and bans its sender as a parent.
+pub(crate) fn refuse_source(shared: &Shared, addr: &str, index: u64) {
+    shared
+        .stats
+        .bad_chunks
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared.metrics.bad_chunk(addr);
+    error!(node = %shared.cfg.name, source = %addr, index, "refused a chunk that does not match the manifest; banning the source as parent and fetching the rest elsewhere");
+    let _ = shared.overlay_tx.send(Input::Faulty {
+        addr: addr.to_string(),
+    });
+}
+
+/// Feeds one frame from the parent to the replica and keeps the multi-source transfer in
+/// step with it: started after the manifest, told of every pushed chunk, and awaited when
+/// the push ends before the fetched chunks are all in.
+async fn follow_frame(
+    shared: &Arc<Shared>,
+    link: &Link,
+    transfer: &mut Option<Transfer>,
+    raw: RawFrame,
+) -> Result<(), UpstreamError> {
+    match apply_frame(shared, raw)? {
+        Fed::Begin => *transfer = Transfer::start(shared, &link.addr, &link.conn),
+        Fed::Chunk(index) => {
+            if let Some(t) = transfer.as_mut() {
+                // Peers learnt since the push began, or in place of failed ones.
+                if index % ADD_PEERS_EVERY == ADD_PEERS_EVERY - 1 {
+                    t.add_peers();
+                }
+                t.tell(fetch::Input::Received {
+                    source: None,
+                    index,
+                });
+            }
+        }
+        Fed::End => {
+            let Some(mut t) = transfer.take() else {
+                let st = shared.state.lock().unwrap();
+                if st.replica.snapshot_waiting() {
+                    let missing = st.replica.snapshot_wanted().map_or(0, |w| w.1.len());
+                    return Err(UpstreamError::Stuck { missing });
+                }
+                return Ok(());
+            };
+            t.tell(fetch::Input::PushEnded);
+            if !shared.state.lock().unwrap().replica.snapshot_waiting() {
+                return Ok(());
+            }
+            let outcome = tokio::select! {
+                _ = shared.shutdown.cancelled() => return Ok(()),
+                o = t.outcome() => o,
+            };
+            if let Err(missing) = outcome {
+                return Err(UpstreamError::Stuck { missing });
+            }
+            let mut st = shared.state.lock().unwrap();
+            let events = st.replica.finish_snapshot()?;
+            settle(shared, &mut st, events);
+        }
+        Fed::Other => {}
+    }
+    Ok(())
+}
+
 fn subscription(shared: &Shared, full: bool) -> proto::Subscribe {
     let st = shared.state.lock().unwrap();
     st.replica
         .subscription(&shared.cfg.name, &shared.cfg.advertise.to_string(), full)
 }
 
-fn apply_frame(shared: &Shared, raw: RawFrame) -> Result<(), UpstreamError> {
+/// Pushed chunks between two looks for more peers to fetch from.
+const ADD_PEERS_EVERY: u64 = 64;
+
+/// What a frame from the parent was, as far as a transfer cares.
+enum Fed {
+    Begin,
+    Chunk(u64),
+    End,
+    Other,
+}
+
+fn apply_frame(shared: &Shared, raw: RawFrame) -> Result<Fed, UpstreamError> {
     let msg: proto::Downstream = raw.decode()?;
-    if let Some(Down::SnapshotChunk(c)) = &msg.kind {
-        shared
-            .metrics
-            .backfill_received
-            .increment(c.data.len() as u64);
-        shared
-            .stats
-            .backfill_received
-            .fetch_add(c.data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    }
+    let fed = match &msg.kind {
+        Some(Down::SnapshotBegin(_)) => Fed::Begin,
+        Some(Down::SnapshotChunk(c)) => {
+            shared
+                .metrics
+                .backfill_received
+                .increment(c.data.len() as u64);
+            shared
+                .stats
+                .backfill_received
+                .fetch_add(c.data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Fed::Chunk(c.index)
+        }
+        Some(Down::SnapshotEnd(_)) => Fed::End,
+        Some(Down::Heartbeat(h)) => {
+            if !h.fetch_sources.is_empty() {
+                *shared.suggested_sources.lock().unwrap() = h
+                    .fetch_sources
+                    .iter()
+                    .take(crate::node::MAX_SUGGESTED_SOURCES)
+                    .cloned()
+                    .collect();
+            }
+            Fed::Other
+        }
+        _ => Fed::Other,
+    };
     let mut st = shared.state.lock().unwrap();
     let depth_before = st.replica.parent().map(|p| p.depth);
     let events = st.replica.handle_downstream(raw.frame, msg)?;
@@ -398,6 +511,13 @@ fn apply_frame(shared: &Shared, raw: RawFrame) -> Result<(), UpstreamError> {
         let path = st.replica.root_path();
         shared.overlay.lock().unwrap().update_path(&path);
     }
+    settle(shared, &mut st, events);
+    Ok(fed)
+}
+
+/// Counts, logs and carries out what the replica returned for a frame or a finished
+/// transfer.
+fn settle(shared: &Shared, st: &mut crate::node::State, events: Vec<Event>) {
     let installed = events.iter().any(|e| matches!(e, Event::Installed { .. }));
     let applied = events
         .iter()
@@ -410,11 +530,10 @@ fn apply_frame(shared: &Shared, raw: RawFrame) -> Result<(), UpstreamError> {
             .fetch_add(applied, std::sync::atomic::Ordering::Relaxed);
     }
     log_backfill(shared, &st.replica, installed);
-    shared.dispatch(&mut st, events);
+    shared.dispatch(st, events);
     if installed {
         shared.metrics.full_transfers_received.increment(1);
     }
-    Ok(())
 }
 
 /// The relay's log as a progress bar: one line per tenth of a transfer, and a summary with

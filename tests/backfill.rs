@@ -250,3 +250,76 @@ async fn backfills_served_are_bounded_in_number_and_rate() {
         assert!(std::fs::read(&r.file).unwrap() == content);
     }
 }
+
+/// Many sources: a relay joining below a slow parent fetches the top of the file from the
+/// other relays in its view at the same time, and a peer that serves corrupted chunks is
+/// dropped (counted, banned as a parent) while the transfer finishes from the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_draws_on_several_peers_and_drops_a_bad_one() {
+    const SIZE: usize = 20_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    for (n, role) in [
+        ("core", "core"),
+        ("h1", "relay"),
+        ("h2", "relay"),
+        ("h3", "relay"),
+        ("new", "relay"),
+    ] {
+        pki.issue(n, role);
+    }
+    // The relays serve transfers at 3 MB/s each (the core, unlimited, is full after three
+    // children), so `new`'s parent alone would take about 7 s.
+    let cfg = root.join("slow-relays.toml");
+    std::fs::write(&cfg, "[stream]\nbackfill_bytes_per_sec = 3000000\n").unwrap();
+    let cfg_arg = ["--config", cfg.to_str().unwrap()];
+    let core = Proc::start(root, &pki, "core", true, &[], &["--fanout", "3"]);
+    let c = http();
+    wait_leader(&c, &core).await;
+    let (v, content) = put_random(&c, &core, SIZE, 19).await;
+    let bad_env = [
+        ("CANOPY_FAILPOINT_CORRUPT_CHUNK", "all"),
+        ("CANOPY_FAILPOINT_CORRUPT_FOR", "new"),
+    ];
+    let mut helpers = Vec::new();
+    for name in ["h1", "h2", "h3"] {
+        let env: &[(&str, &str)] = if name == "h2" { &bad_env } else { &[] };
+        let h = Proc::start_env(root, &pki, name, false, &[core.quic], &cfg_arg, env);
+        wait_materialized(&c, &h, v).await;
+        helpers.push(h);
+    }
+    let new = Proc::start(root, &pki, "new", false, &[core.quic], &[]);
+    let s = wait_materialized(&c, &new, v).await;
+    assert_eq!(s["root"], status(&c, &core).await.unwrap()["root"]);
+    assert!(std::fs::read(&new.file).unwrap() == content);
+    let stats = &s["stats"];
+    let got = stats["backfill_received_bytes"].as_u64().unwrap();
+    let from_peers = stats["backfill_from_peers_bytes"].as_u64().unwrap();
+    assert!(from_peers > 0, "nothing fetched from peers: {stats}");
+    assert!(
+        got < SIZE as u64 + SIZE as u64 / 10,
+        "received {got} bytes: {stats}"
+    );
+    // h2 is either a fetch source or the parent: either way its chunks are refused.
+    assert!(stats["bad_chunks"].as_u64().unwrap() >= 1, "{stats}");
+    let h2 = helpers[1].quic.to_string();
+    let text = metrics(&c, &new).await;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("canopy_backfill_bad_chunks_total") && l.contains(&h2))
+        .unwrap_or_else(|| panic!("no bad-chunk counter for h2 ({h2}) in\n{text}"));
+    assert!(!line.ends_with(" 0"), "{line}");
+    assert_ne!(s["parent"], "h2");
+    let peer_series = text
+        .lines()
+        .find(|l| l.starts_with("canopy_backfill_received_bytes_total") && l.contains("peer"))
+        .unwrap_or_else(|| panic!("no peer-source series in\n{text}"));
+    assert_eq!(
+        metric_value(peer_series, "canopy_backfill_received_bytes_total"),
+        Some(from_peers as f64)
+    );
+    assert!(new
+        .log_text()
+        .contains("fetching from peers besides the parent"));
+}

@@ -62,6 +62,39 @@ proptest! {
         feed_all(&mut r, &frames);
     }
 
+    /// A peer's fetch request, and the chunks a fetch source returns, reach the replica
+    /// with arbitrary indices, hashes and data: answers and refusals, never panics.
+    #[test]
+    fn fetches_never_panic(
+        body in proptest::collection::vec(any::<u8>(), 0..256),
+        index in any::<u64>(),
+        data in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let r = replica(true);
+        if let Ok(ask) = proto::FetchChunks::decode(&body[..]) {
+            for (i, h) in ask.indices.iter().zip(&ask.hashes) {
+                if let Ok(h) = <[u8; 32]>::try_from(h.as_ref()) {
+                    let _ = r.find_chunk(*i, &h);
+                }
+            }
+        }
+        let _ = proto::FetchReply::decode(&body[..]);
+        let _ = proto::SnapshotLimit::decode(&body[..]);
+        // Mid-transfer: a snapshot of 3 chunks begun, then a fetched chunk at any index.
+        let mut c = replica(false);
+        let _ = c.subscribe("fuzz", "127.0.0.1:1", false);
+        let mut parent = replica(true);
+        parent.apply_committed(1, &proto::Proposal { update: Some(proto::Update { ops: vec![
+            proto::Op { kind: Some(proto::op::Kind::Write(proto::Write { offset: 0, data: Bytes::from(vec![7u8; 10_000]) })) },
+        ] }), ..Default::default() }, 0);
+        let ok = proto::Downstream { kind: Some(proto::downstream::Kind::SubscribeOk(proto::SubscribeOk::default())) }.encode_to_vec();
+        let begin = canopy::replica::snapshot_frames(parent.file(), 0, &[]).next().unwrap();
+        feed_all(&mut c, &[ok, begin[4..].to_vec()]);
+        let hash = canopy::file::leaf_hash(&data);
+        let _ = c.put_fetched_chunk(1, index, Bytes::from(data), hash);
+        let _ = c.put_fetched_chunk(1, index % 4, Bytes::new(), hash);
+    }
+
     #[test]
     fn structured_downstream_never_panics(
         kinds in proptest::collection::vec((0u8..8, any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..40)), 0..16)
@@ -79,7 +112,7 @@ proptest! {
                     proto::Op { kind: Some(proto::op::Kind::Truncate(proto::Truncate { len: a })) },
                 ] }) }),
                 5 => Kind::Checkpoint(proto::Checkpoint { version: a % 16, length: b, root: data }),
-                6 => Kind::Heartbeat(proto::Heartbeat { commit_version: a, unix_us: b, root_path: vec![String::from_utf8_lossy(&data).into()] }),
+                6 => Kind::Heartbeat(proto::Heartbeat { commit_version: a, unix_us: b, root_path: vec![String::from_utf8_lossy(&data).into()], fetch_sources: vec![String::from_utf8_lossy(&data).into()] }),
                 _ => Kind::Refused(proto::Refused { reason: String::from_utf8_lossy(&data).into(), referral: None }),
             };
             proto::Downstream { kind: Some(kind) }.encode_to_vec()

@@ -205,6 +205,7 @@ async fn one_round(
                         core_addrs: vec![],
                         root_path: vec!["raw-server".into()],
                         chunk_size: file.chunk_size(),
+                        fetch_sources: vec![],
                     })),
                 });
                 send.write_chunk(ok).await?;
