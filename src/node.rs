@@ -1322,11 +1322,12 @@ async fn serve_fetch(
             let st = shared.state.lock().unwrap();
             st.children.values().any(|c| c.name == child)
         };
-        let permit = match is_child {
-            true => None,
-            false => Arc::clone(&shared.backfill_permits)
+        let permit = if is_child {
+            None
+        } else {
+            Arc::clone(&shared.backfill_permits)
                 .try_acquire_owned()
-                .ok(),
+                .ok()
         };
         let _serving = permit.as_ref().map(|_| ServingGuard::new(&shared));
         for (index, hash) in batch.indices.into_iter().zip(batch.hashes) {
@@ -1337,18 +1338,14 @@ async fn serve_fetch(
                 index,
                 ..Default::default()
             };
-            match permit.is_some() || is_child {
-                false => reply.busy = true,
-                true => match shared
-                    .state
-                    .lock()
-                    .unwrap()
-                    .replica
-                    .find_chunk(index, &hash)
-                {
+            if permit.is_none() && !is_child {
+                reply.busy = true;
+            } else {
+                let st = shared.state.lock().unwrap();
+                match st.replica.find_chunk(index, &hash) {
                     Some(data) => reply.data = data,
                     None => reply.missing = true,
-                },
+                }
             }
             if let Some(target) = corrupt {
                 corrupt_chunk(&mut reply.data, index, target);
