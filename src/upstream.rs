@@ -6,6 +6,8 @@
 //!   the switch happens only if the new parent resumes exactly after this node's version
 //!   (no gap, no repeat), otherwise the old stream simply continues.
 //! - A parent silent for `parent_timeout_ms` (no entry, checkpoint or heartbeat) is dead.
+//! - A parent's stream is read by a task of its own: the follower's waits are cancel-safe,
+//!   so no command or limit ever interrupts a frame half read.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -177,9 +179,46 @@ impl UpstreamError {
 struct Link {
     addr: String,
     conn: quinn::Connection,
-    recv: quinn::RecvStream,
+    /// Frames read off the parent's stream by a task of their own, so that waiting for
+    /// the next one can be abandoned (a command, a limit to send) without losing a
+    /// frame half read.
+    frames: mpsc::Receiver<Result<Option<RawFrame>, WireError>>,
+    _reader: AbortOnDrop,
     /// Carries `SnapshotLimit` frames to the parent during a multi-source transfer.
     send: quinn::SendStream,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Frames buffered between a link's reader task and the follower.
+const LINK_FRAMES: usize = 16;
+
+/// Reads frames off `recv` into a channel until the stream ends or fails.
+fn spawn_reader(
+    mut recv: quinn::RecvStream,
+    max_frame: usize,
+) -> (
+    mpsc::Receiver<Result<Option<RawFrame>, WireError>>,
+    AbortOnDrop,
+) {
+    let (tx, rx) = mpsc::channel(LINK_FRAMES);
+    let task = tokio::spawn(async move {
+        loop {
+            let r = wire::read_raw(&mut recv, max_frame).await;
+            let end = !matches!(r, Ok(Some(_)));
+            if tx.send(r).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    (rx, AbortOnDrop(task.abort_handle()))
 }
 
 /// Opens a subscription to `addr` and reads its answer. The replica is only told about it
@@ -213,11 +252,15 @@ async fn open_link(
     let msg: proto::Downstream = raw.decode()?;
     match msg.kind {
         Some(Down::SubscribeOk(ok)) => Ok((
-            Link {
-                addr: addr.to_string(),
-                conn,
-                recv,
-                send,
+            {
+                let (frames, reader) = spawn_reader(recv, shared.cfg.stream.max_frame);
+                Link {
+                    addr: addr.to_string(),
+                    conn,
+                    frames,
+                    _reader: reader,
+                    send,
+                }
             },
             raw,
             ok,
@@ -333,7 +376,7 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
         let wake = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             c = cmds.recv() => match c { Some(c) => Wake::Command(c), None => return },
-            r = tokio::time::timeout(silent, wire::read_raw(&mut link.recv, shared.cfg.stream.max_frame)) => Wake::Frame(r),
+            r = tokio::time::timeout(silent, link.frames.recv()) => Wake::Frame(r.map(|f| f.unwrap_or(Ok(None)))),
             Some(below) = async { transfer.as_mut()?.next_limit().await }, if transfer.is_some() => Wake::Limit(below),
         };
         let failure = match wake {
