@@ -85,7 +85,10 @@ impl Transfer {
         let sched = Scheduler::new(
             FetchConfig {
                 window: cfg.fetch_window as usize,
-                margin: 2 * u64::from(cfg.fetch_window),
+                // What the parent may have sent that this node has not taken yet: the
+                // stream's flow-control window plus the link's frame buffer.
+                margin: cfg.stream_window_bytes / u64::from(cfg.chunk_size)
+                    + crate::upstream::LINK_FRAMES as u64,
             },
             manifest.len() as u64,
             missing.iter().copied(),

@@ -24,7 +24,8 @@ use std::collections::{BTreeMap, BTreeSet};
 pub struct FetchConfig {
     /// Chunks outstanding per fetch source.
     pub window: usize,
-    /// Chunks above the parent's last pushed one that stay the parent's (its push in flight).
+    /// Chunks above the last one received from the push that stay the push's: as many as
+    /// the parent may have sent and the child not taken yet, so none is fetched twice.
     pub margin: u64,
 }
 

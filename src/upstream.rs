@@ -198,7 +198,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Frames buffered between a link's reader task and the follower.
-const LINK_FRAMES: usize = 16;
+pub(crate) const LINK_FRAMES: usize = 16;
 
 /// Reads frames off `recv` into a channel until the stream ends or fails.
 fn spawn_reader(

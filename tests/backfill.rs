@@ -289,7 +289,18 @@ async fn a_transfer_draws_on_several_peers_and_drops_a_bad_one() {
         wait_materialized(&c, &h, v).await;
         helpers.push(h);
     }
-    let new = Proc::start(root, &pki, "new", false, &[core.quic], &[]);
+    // A 4 MiB stream window: the push has at most 80 chunks in flight, so peers may take
+    // everything above the first 80 (with the default 16 MiB, 272 of the 306 are the push's).
+    let new_cfg = root.join("new.toml");
+    std::fs::write(&new_cfg, "[stream]\nstream_window_bytes = 4194304\n").unwrap();
+    let new = Proc::start(
+        root,
+        &pki,
+        "new",
+        false,
+        &[core.quic],
+        &["--config", new_cfg.to_str().unwrap()],
+    );
     let s = wait_materialized(&c, &new, v).await;
     assert_eq!(s["root"], status(&c, &core).await.unwrap()["root"]);
     assert!(std::fs::read(&new.file).unwrap() == content);
