@@ -7,6 +7,15 @@
 //! - `--kind redis`: N plain-RESP connections `SUBSCRIBE` to one channel; the writer `PUBLISH`es
 //!   100-byte messages that start with the sequence number. This is pub/sub fan-out, not
 //!   replication: nothing is stored and a slow subscriber is not caught up.
+//! - `--kind redis-replica`: the writer `SET`s one key (`--prefix`) on the master
+//!   (`--endpoint`); subscriber i `SUBSCRIBE`s to `__keyspace@0__:KEY` on endpoint i of
+//!   `--endpoints`/`--endpoints-file` (Redis replicas started with
+//!   `--notify-keyspace-events K$`, replicating from the master directly or through other
+//!   replicas). A replica applies the master's stream in order, so its k-th `set` event is
+//!   write k. `--replica-pids-file` (one pid a line): their summed CPU is `replicas_cpu_s`.
+//!
+//! With several endpoints (`--endpoints a,b` or a file of host:port lines), subscriber i of
+//! either Redis kind connects to endpoint i mod their number.
 //!
 //! - `--kind canopy`: N relays (real Canopy nodes, each with its own QUIC endpoint and
 //!   certificate, issued here from `--ca`) run inside this process and join the core-node
@@ -24,8 +33,9 @@
 //! root's CPU seconds (`--source-pid`, /proc/PID/stat, utime + stime of every thread) and bytes
 //! it sent between the first write and the last delivery (etcd: its
 //! `etcd_network_client_grpc_sent_bytes_total`, which counts what etcd's gRPC server sent to
-//! its own gateway; Redis: `INFO stats` `total_net_output_bytes`). One JSON object on stdout
-//! with `--json`, a summary on stderr.
+//! its own gateway; Redis: `INFO stats` `total_net_output_bytes` of `--endpoint`, the master).
+//! One JSON object on stdout with `--json` (with `last_ms`: every complete write's last-subscriber
+//! latency in write order, for plots), a summary on stderr.
 
 #[path = "etcd_gateway.rs"]
 mod etcd_gateway;
@@ -48,6 +58,8 @@ use tokio::net::TcpStream;
 enum Kind {
     Etcd,
     Redis,
+    /// SET on a master, keyspace notifications from its replicas.
+    RedisReplica,
     Canopy,
 }
 
@@ -56,9 +68,24 @@ enum Kind {
 struct Args {
     #[arg(long, value_enum)]
     kind: Kind,
-    /// etcd client address or Redis address (host:port).
+    /// etcd client address or Redis address (host:port); redis-replica: the master.
     #[arg(long)]
     endpoint: String,
+    /// Redis kinds: subscriber i connects to endpoint i mod their number (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Redis kinds: like --endpoints, one host:port a line.
+    #[arg(long)]
+    endpoints_file: Option<std::path::PathBuf>,
+    /// Processes (one pid a line, e.g. Redis replicas) whose summed CPU is `replicas_cpu_s`.
+    #[arg(long)]
+    replica_pids_file: Option<std::path::PathBuf>,
+    /// The row's `system` (default: from --kind).
+    #[arg(long)]
+    system: Option<String>,
+    /// The row's `variant` (default: from --kind).
+    #[arg(long)]
+    variant: Option<String>,
     /// Subscribers.
     #[arg(long, default_value_t = 100)]
     subscribers: usize,
@@ -71,7 +98,7 @@ struct Args {
     /// Bytes per write.
     #[arg(long, default_value_t = 100)]
     size: usize,
-    /// etcd key prefix / Redis channel.
+    /// etcd key prefix / Redis channel / redis-replica key.
     #[arg(long, default_value = "bench/prop/")]
     prefix: String,
     /// The root's pid (etcd or the Redis master): its CPU time is reported.
@@ -141,12 +168,28 @@ fn cpu_seconds(pid: impl std::fmt::Display) -> f64 {
     (t(11) + t(12)) / 100.0
 }
 
+/// Non-empty, trimmed lines of a file (endpoint and pid lists).
+fn read_lines(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+fn ms3(ns: u64) -> f64 {
+    (ns as f64 / 1e3).round() / 1e3
+}
+
 fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
     let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    (sorted[i] as f64 / 1e3).round() / 1e3
+    ms3(sorted[i])
 }
 
 fn payload(seq: usize, size: usize) -> Vec<u8> {
@@ -369,14 +412,25 @@ impl RespConn {
     }
 }
 
+/// The keyspace channel of `key` in database 0.
+fn keyspace_channel(key: &str) -> String {
+    format!("__keyspace@0__:{key}")
+}
+
+/// Subscribes to `channel` on `ep`. Pub/sub (`keyspace` false): a message's sequence number is
+/// its prefix. Keyspace (`keyspace` true): every `set` event is the next write, in order.
 async fn redis_subscriber(
     ep: String,
     channel: String,
+    keyspace: bool,
     shared: Arc<Shared>,
     me: usize,
 ) -> anyhow::Result<()> {
-    let mut c = RespConn::connect(&ep).await?;
+    let mut c = RespConn::connect(&ep)
+        .await
+        .map_err(|e| anyhow!("connect {ep}: {e}"))?;
     c.send(&[b"SUBSCRIBE", channel.as_bytes()]).await?;
+    let mut sets = 0usize;
     loop {
         let (v, t) = c.next(shared.base).await?;
         let Resp::Array(items) = v else {
@@ -388,7 +442,16 @@ async fn redis_subscriber(
             }
             Some(Resp::Bulk(Some(k))) if k == b"message" => {
                 if let Some(Resp::Bulk(Some(msg))) = items.get(2) {
-                    if let Some(seq) = parse_seq(msg).filter(|&s| s < shared.sent_ns.len()) {
+                    let seq = if keyspace {
+                        if msg != b"set" {
+                            continue;
+                        }
+                        sets += 1;
+                        Some(sets - 1)
+                    } else {
+                        parse_seq(msg)
+                    };
+                    if let Some(seq) = seq.filter(|&s| s < shared.sent_ns.len()) {
                         shared.seen[me].lock().unwrap().push((seq, t));
                         shared.received.fetch_add(1, Ordering::SeqCst);
                     }
@@ -508,6 +571,24 @@ async fn main() -> anyhow::Result<()> {
         bail!("--subscribers, --writes and --rate must be positive");
     }
     let n = args.subscribers;
+    let mut endpoints = args.endpoints.clone();
+    if let Some(f) = &args.endpoints_file {
+        endpoints.extend(read_lines(f)?);
+    }
+    if endpoints.is_empty() {
+        endpoints.push(args.endpoint.clone());
+    }
+    let replica_pids: Vec<u32> = match &args.replica_pids_file {
+        Some(f) => read_lines(f)?
+            .iter()
+            .map(|l| l.parse().map_err(|e| anyhow!("bad pid {l:?}: {e}")))
+            .collect::<anyhow::Result<_>>()?,
+        None => Vec::new(),
+    };
+    let replicas_cpu = || -> Option<f64> {
+        (!replica_pids.is_empty()).then(|| replica_pids.iter().map(|&p| cpu_seconds(p)).sum())
+    };
+    let redis = matches!(args.kind, Kind::Redis | Kind::RedisReplica);
     let shared = Arc::new(Shared {
         base: Instant::now(),
         ready: AtomicU64::new(0),
@@ -551,10 +632,16 @@ async fn main() -> anyhow::Result<()> {
                     me,
                 ));
             }
-            Kind::Redis => {
+            Kind::Redis | Kind::RedisReplica => {
+                let keyspace = args.kind == Kind::RedisReplica;
                 subs.spawn(redis_subscriber(
-                    args.endpoint.clone(),
-                    args.prefix.clone(),
+                    endpoints[me % endpoints.len()].clone(),
+                    if keyspace {
+                        keyspace_channel(&args.prefix)
+                    } else {
+                        args.prefix.clone()
+                    },
+                    keyspace,
                     shared,
                     me,
                 ));
@@ -603,9 +690,10 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
 
     // The writer.
-    let mut redis_writer = match args.kind {
-        Kind::Redis => Some(RespConn::connect(&args.endpoint).await?),
-        _ => None,
+    let mut redis_writer = if redis {
+        Some(RespConn::connect(&args.endpoint).await?)
+    } else {
+        None
     };
     let metric = match args.kind {
         Kind::Canopy => "canopy_relayed_bytes_total",
@@ -617,6 +705,7 @@ async fn main() -> anyhow::Result<()> {
         (None, None) => None,
     };
     let cpu_before = args.source_pid.map(cpu_seconds);
+    let replicas_cpu_before = replicas_cpu();
     let self_cpu_before = cpu_seconds("self");
     let writes_start = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
@@ -628,6 +717,14 @@ async fn main() -> anyhow::Result<()> {
         ticker.tick().await;
         let value = payload(seq, args.size);
         match &mut redis_writer {
+            Some(c) if args.kind == Kind::RedisReplica => {
+                shared.sent_ns[seq].store(shared.now_ns(), Ordering::SeqCst);
+                c.send(&[b"SET", args.prefix.as_bytes(), &value]).await?;
+                match c.next(shared.base).await?.0 {
+                    Resp::Simple(ok) if ok == "OK" => {}
+                    other => bail!("SET: unexpected reply {other:?}"),
+                }
+            }
             Some(c) => {
                 shared.sent_ns[seq].store(shared.now_ns(), Ordering::SeqCst);
                 c.send(&[b"PUBLISH", args.prefix.as_bytes(), &value])
@@ -688,6 +785,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let cpu_after = args.source_pid.map(cpu_seconds);
+    let replicas_cpu_after = replicas_cpu();
     let window = writes_start.elapsed();
     let self_cpu = ((cpu_seconds("self") - self_cpu_before) * 100.0).round() / 100.0;
     let bytes_after = match (&mut redis_writer, &args.metrics) {
@@ -781,9 +879,15 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let complete = lasts.len();
     let missed_deliveries: u64 = (0..w).map(|s| (n - count[s]) as u64).sum();
+    // Every complete write's last-subscriber latency, in write order (for CDF plots).
+    let last_ms: Vec<f64> = lasts.iter().map(|&l| ms3(l)).collect();
     lasts.sort_unstable();
     each.sort_unstable();
     let cpu = match (cpu_before, cpu_after) {
+        (Some(a), Some(b)) => Some(((b - a) * 100.0).round() / 100.0),
+        _ => None,
+    };
+    let replicas_cpu_s = match (replicas_cpu_before, replicas_cpu_after) {
         (Some(a), Some(b)) => Some(((b - a) * 100.0).round() / 100.0),
         _ => None,
     };
@@ -802,11 +906,24 @@ async fn main() -> anyhow::Result<()> {
             "1 master; N SUBSCRIBE connections (pub/sub fan-out, not replication)",
             "INFO stats total_net_output_bytes",
         ),
+        Kind::RedisReplica => (
+            "redis-replica",
+            "1 master + Redis replicas (keyspace notifications); SET on the master",
+            "the master's INFO stats total_net_output_bytes",
+        ),
         Kind::Canopy => (
             "canopy",
             "core-node process (1 node) + N relays in the prop-sub process; writes PATCHed to the core",
             "the core's canopy_relayed_bytes_total",
         ),
+    };
+    let system = args.system.as_deref().unwrap_or(system);
+    let variant = args.variant.as_deref().unwrap_or(variant);
+    let measured = match args.kind {
+        Kind::RedisReplica => {
+            "write sent (SET on the master) -> last replica's keyspace notification parsed"
+        }
+        _ => "write sent -> last subscriber parsed it",
     };
     let min_receivers = publish_receivers.iter().copied().min();
     let row = json!({
@@ -819,7 +936,7 @@ async fn main() -> anyhow::Result<()> {
         "writes": w,
         "write_bytes": args.size,
         "rate_per_s": args.rate,
-        "measured": "write sent -> last subscriber parsed it",
+        "measured": measured,
         "setup_s": (setup.as_secs_f64() * 1e3).round() / 1e3,
         "settle_ms": args.settle_ms,
         "write_phase_s": (write_time.as_secs_f64() * 1e3).round() / 1e3,
@@ -842,6 +959,10 @@ async fn main() -> anyhow::Result<()> {
         "root_bytes_per_write": root_bytes.map(|b| (b / w as f64).round()),
         "root_bytes_source": bytes_source,
         "publish_min_receivers": min_receivers,
+        "subscriber_endpoints": if redis { Some(endpoints.len()) } else { None },
+        "replicas_cpu_s": replicas_cpu_s,
+        "replica_processes": if replica_pids.is_empty() { None } else { Some(replica_pids.len()) },
+        "last_ms": last_ms,
     });
     eprintln!(
         "prop-sub {system}: N={n}, {complete}/{w} writes reached all ({missed_deliveries} deliveries missed); \
@@ -885,5 +1006,7 @@ mod tests {
         assert_eq!(parse_seq(&payload(42, 100)), Some(42));
         assert_eq!(payload(42, 100).len(), 100);
         assert_eq!(prefix_end(b"a/"), b"a0".to_vec());
+        assert_eq!(keyspace_channel("k"), "__keyspace@0__:k");
+        assert_eq!(ms3(1_234_567), 1.235);
     }
 }
