@@ -12,7 +12,9 @@
 //!   `--endpoints`/`--endpoints-file` (Redis replicas started with
 //!   `--notify-keyspace-events K$`, replicating from the master directly or through other
 //!   replicas). A replica applies the master's stream in order, so its k-th `set` event is
-//!   write k. `--replica-pids-file` (one pid a line): their summed CPU is `replicas_cpu_s`.
+//!   write k (a replica that fully resyncs mid-run fires no events for the writes the RDB
+//!   carried: they show as missed deliveries, and its later events are matched to earlier
+//!   writes). `--replica-pids-file` (one pid a line): their summed CPU is `replicas_cpu_s`.
 //!
 //! With several endpoints (`--endpoints a,b` or a file of host:port lines), subscriber i of
 //! either Redis kind connects to endpoint i mod their number.
