@@ -1522,13 +1522,12 @@ async fn serve_child(
                     snapshot_frames_below(&file, commit_time, &sub.have_chunks, move || {
                         below.load(Ordering::Acquire)
                     });
-                for f in frames {
-                    let f = match corrupt {
-                        Some(index) => corrupt_chunk_frame(f, index),
-                        None => f,
-                    };
+                for (index, mut f) in frames {
+                    if let (Some(target), Some(index)) = (corrupt, index) {
+                        corrupt_chunk(&mut f.data, index, target);
+                    }
                     shared.pace_backfill(f.len()).await;
-                    wire::write_raw(&mut send, &f).await?;
+                    wire::write_parts(&mut send, &f).await?;
                     shared.count_relayed(f.len());
                     shared.metrics.backfill_served.increment(f.len() as u64);
                 }
@@ -1847,24 +1846,6 @@ fn corrupt_chunk(data: &mut Bytes, index: u64, target: u64) {
         d[0] ^= 0xff;
         *data = Bytes::from(d);
         warn!(index, "failpoint: serving a corrupted chunk");
-    }
-}
-
-fn corrupt_chunk_frame(frame: Bytes, index: u64) -> Bytes {
-    use prost::Message;
-    let Ok(mut msg) = proto::Downstream::decode(frame.slice(4.min(frame.len())..)) else {
-        return frame;
-    };
-    match msg.kind.as_mut() {
-        Some(Down::SnapshotChunk(c)) => {
-            let before = c.data.clone();
-            corrupt_chunk(&mut c.data, c.index, index);
-            if c.data == before {
-                return frame;
-            }
-            wire::encode(&msg)
-        }
-        _ => frame,
     }
 }
 

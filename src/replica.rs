@@ -889,18 +889,20 @@ pub fn snapshot_frames<'a>(
     commit_time_us: u64,
     have: &'a [Bytes],
 ) -> impl Iterator<Item = Bytes> + 'a {
-    snapshot_frames_below(file, commit_time_us, have, || u64::MAX)
+    snapshot_frames_below(file, commit_time_us, have, || u64::MAX).map(|(_, f)| f.concat())
 }
 
-/// [`snapshot_frames`] for a child that fetches part of the transfer elsewhere: a chunk is
-/// sent only if its index is below `limit()`, asked just before the chunk is encoded (the
-/// child lowers it with `SnapshotLimit` while the transfer runs).
+/// [`snapshot_frames`] in parts, each with its chunk index (`None` for the begin and the
+/// end), for a child that fetches part of the transfer elsewhere: a chunk is sent only if
+/// its index is below `limit()`, asked just before the chunk is framed (the child lowers it
+/// with `SnapshotLimit` while the transfer runs). A chunk's bytes are shared with the file,
+/// not copied into its frame.
 pub fn snapshot_frames_below<'a>(
     file: &'a ChunkedFile,
     commit_time_us: u64,
     have: &'a [Bytes],
     limit: impl Fn() -> u64 + 'a,
-) -> impl Iterator<Item = Bytes> + 'a {
+) -> impl Iterator<Item = (Option<u64>, wire::Parts)> + 'a {
     let hashes = file.chunk_hashes();
     let begin = wire::encode(&proto::Downstream {
         kind: Some(Down::SnapshotBegin(proto::SnapshotBegin {
@@ -918,19 +920,17 @@ pub fn snapshot_frames_below<'a>(
                 && *i < limit()
         })
         .map(move |i| {
-            wire::encode(&proto::Downstream {
-                kind: Some(Down::SnapshotChunk(proto::SnapshotChunk {
-                    index: i,
-                    data: file.chunk(i).unwrap_or_default(),
-                })),
-            })
+            (
+                Some(i),
+                wire::encode_chunk(i, file.chunk(i).unwrap_or_default()),
+            )
         });
     let end = wire::encode(&proto::Downstream {
         kind: Some(Down::SnapshotEnd(proto::SnapshotEnd {})),
     });
-    std::iter::once(begin)
+    std::iter::once((None, begin.into()))
         .chain(chunks)
-        .chain(std::iter::once(end))
+        .chain(std::iter::once((None, end.into())))
 }
 
 #[cfg(test)]

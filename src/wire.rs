@@ -64,6 +64,84 @@ pub fn encode<M: prost::Message>(msg: &M) -> Bytes {
     buf.freeze()
 }
 
+/// A frame in two parts, written back to back: `head` (prefix and fields) and `data`, a
+/// chunk's bytes shared with the file, so a transfer does not copy each chunk to frame it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parts {
+    pub head: Bytes,
+    pub data: Bytes,
+}
+
+impl Parts {
+    /// The frame's length on the wire.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.data.len()
+    }
+
+    /// Never true: a frame has at least its prefix.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The whole frame in one buffer (a copy; for tests and tools).
+    pub fn concat(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(self.len());
+        b.extend_from_slice(&self.head);
+        b.extend_from_slice(&self.data);
+        b.freeze()
+    }
+}
+
+impl From<Bytes> for Parts {
+    fn from(head: Bytes) -> Self {
+        Self {
+            head,
+            data: Bytes::new(),
+        }
+    }
+}
+
+/// The frame of `Downstream { snapshot_chunk: SnapshotChunk { index, data } }`, byte for byte
+/// what [`encode`] makes of it, with `data` left out of the head instead of copied.
+pub fn encode_chunk(index: u64, data: Bytes) -> Parts {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    let mut inner = 0usize;
+    if index != 0 {
+        inner += 1 + encoded_len_varint(index);
+    }
+    if !data.is_empty() {
+        inner += 1 + encoded_len_varint(data.len() as u64) + data.len();
+    }
+    let body = 1 + encoded_len_varint(inner as u64) + inner;
+    let prefix = u32::try_from(body).expect("a chunk frame fits a u32 length prefix");
+    let mut head = BytesMut::with_capacity(PREFIX_LEN + 24);
+    head.put_u32(prefix);
+    // Downstream.snapshot_chunk = 3; SnapshotChunk.index = 1, .data = 2.
+    encode_key(3, WireType::LengthDelimited, &mut head);
+    encode_varint(inner as u64, &mut head);
+    if index != 0 {
+        encode_key(1, WireType::Varint, &mut head);
+        encode_varint(index, &mut head);
+    }
+    if !data.is_empty() {
+        encode_key(2, WireType::LengthDelimited, &mut head);
+        encode_varint(data.len() as u64, &mut head);
+    }
+    Parts {
+        head: head.freeze(),
+        data,
+    }
+}
+
+/// Writes a frame given in parts without copying them.
+pub async fn write_parts(send: &mut quinn::SendStream, parts: &Parts) -> Result<(), WireError> {
+    if parts.data.is_empty() {
+        return write_raw(send, &parts.head).await;
+    }
+    let mut chunks = [parts.head.clone(), parts.data.clone()];
+    Ok(send.write_all_chunks(&mut chunks).await?)
+}
+
 /// Encodes and writes `msg` as one frame.
 pub async fn write_frame<M: prost::Message>(
     send: &mut quinn::SendStream,
@@ -158,6 +236,20 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn a_chunk_frame_in_parts_is_the_encoded_frame(index in prop_oneof![Just(0u64), any::<u64>()], data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let data = Bytes::from(data);
+            let whole = encode(&proto::Downstream {
+                kind: Some(proto::downstream::Kind::SnapshotChunk(proto::SnapshotChunk {
+                    index,
+                    data: data.clone(),
+                })),
+            });
+            let parts = encode_chunk(index, data);
+            prop_assert_eq!(parts.len(), whole.len());
+            prop_assert_eq!(parts.concat(), whole);
+        }
+
         #[test]
         fn encode_then_decode_prefix_roundtrips(
             bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..6),

@@ -16,8 +16,8 @@
 //! `--mode` climbs from raw QUIC towards what a relay does, to show where the time goes:
 //! - `raw`: the bytes as they are (the limit);
 //! - `frames`: the server sends what a Canopy parent sends for a full transfer (a
-//!   `SubscribeOk`, then `canopy::replica::snapshot_frames`: the manifest, one protobuf frame
-//!   per 64 KiB chunk, the end), and the client reads them with `canopy::wire::read_raw` and
+//!   `SubscribeOk`, then `canopy::replica::snapshot_frames_below`: the manifest, one protobuf
+//!   frame per 64 KiB chunk written in parts as `serve_child` does, the end), and the client reads them with `canopy::wire::read_raw` and
 //!   decodes each one, as `upstream.rs` does;
 //! - `replica`: as `frames`, and every frame also goes through a real child
 //!   `canopy::replica::Replica::handle_downstream` (each chunk checked against the manifest,
@@ -36,7 +36,7 @@ use bytes::Bytes;
 use canopy::config::StreamConfig;
 use canopy::file::ChunkedFile;
 use canopy::proto::{self, downstream::Kind as Down};
-use canopy::replica::{snapshot_frames, Event, Replica};
+use canopy::replica::{snapshot_frames_below, Event, Replica};
 use canopy::tls::{self, Identity, Role};
 use canopy::wire;
 use clap::{Parser, ValueEnum};
@@ -209,8 +209,8 @@ async fn one_round(
                     })),
                 });
                 send.write_chunk(ok).await?;
-                for f in snapshot_frames(&file, 0, &[]) {
-                    send.write_chunk(f).await?;
+                for (_, f) in snapshot_frames_below(&file, 0, &[], || u64::MAX) {
+                    canopy::wire::write_parts(&mut send, &f).await?;
                 }
             }
         }
