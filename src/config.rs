@@ -113,8 +113,9 @@ pub struct StreamConfig {
     /// keeps 100 MB/s flowing over a 20 ms round trip, and bounds what a source that
     /// vanishes leaves to re-ask elsewhere.
     pub fetch_window: u32,
-    /// Transfers smaller than this come from the parent alone (bytes). 4 MiB: a diff of a
-    /// few chunks is not worth new connections.
+    /// Transfers with less than this beyond what the parent's push may have in flight
+    /// (`stream_window_bytes`) come from the parent alone (bytes). 4 MiB: a diff of a few
+    /// chunks is not worth new connections.
     pub fetch_min_bytes: u64,
 }
 
