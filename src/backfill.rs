@@ -64,10 +64,11 @@ enum SourceError {
 
 impl Transfer {
     /// Call right after the replica took a `SnapshotBegin` from the parent at `parent`.
-    /// Returns `None` (the parent's push alone) when the transfer is small or
-    /// `fetch_sources` is 1. Otherwise opens the fallback fetch stream to the parent and
-    /// asks the peers in the view; call [`Transfer::add_peers`] now and then for peers
-    /// learnt since, and [`Transfer::tell`] it every pushed chunk and the end of the push.
+    /// Returns `None` (the parent's push alone) when `fetch_sources` is 1 or the transfer
+    /// holds less than `fetch_min_bytes` beyond what the push may have in flight. Otherwise
+    /// opens the fallback fetch stream to the parent and asks the peers in the view; call
+    /// [`Transfer::add_peers`] now and then for peers learnt since, and [`Transfer::tell`] it
+    /// every pushed chunk and the end of the push.
     pub(crate) fn start(
         shared: &Arc<Shared>,
         parent: &str,
@@ -79,16 +80,19 @@ impl Transfer {
         }
         let (version, missing, manifest) =
             shared.state.lock().unwrap().replica.snapshot_wanted()?;
-        if (missing.len() as u64).saturating_mul(u64::from(cfg.chunk_size)) < cfg.fetch_min_bytes {
+        // What the parent may have sent that this node has not taken yet: the stream's
+        // flow-control window plus the link's frame buffer. Peers are worth asking only
+        // for at least `fetch_min_bytes` beyond it.
+        let margin = cfg.stream_window_bytes / u64::from(cfg.chunk_size)
+            + crate::upstream::LINK_FRAMES as u64;
+        let beyond = (missing.len() as u64).saturating_sub(margin);
+        if beyond.saturating_mul(u64::from(cfg.chunk_size)) < cfg.fetch_min_bytes {
             return None;
         }
         let sched = Scheduler::new(
             FetchConfig {
                 window: cfg.fetch_window as usize,
-                // What the parent may have sent that this node has not taken yet: the
-                // stream's flow-control window plus the link's frame buffer.
-                margin: cfg.stream_window_bytes / u64::from(cfg.chunk_size)
-                    + crate::upstream::LINK_FRAMES as u64,
+                margin,
             },
             manifest.len() as u64,
             missing.iter().copied(),
