@@ -215,9 +215,13 @@ async fn main() -> anyhow::Result<()> {
                 .map(str::to_string)
                 .collect();
             anyhow::ensure!(!join.is_empty(), "--core-quic is needed");
+            // Every certificate first: issuing one rewrites the directory's CA file, which
+            // a relay starting meanwhile would read half written.
+            for i in 0..n {
+                canopy::tls::cert_issue(&ca, &format!("fleet{i}"), canopy::tls::Role::Relay, &tls)?;
+            }
             for (i, p) in pos.iter().enumerate() {
                 let name = format!("fleet{i}");
-                canopy::tls::cert_issue(&ca, &name, canopy::tls::Role::Relay, &tls)?;
                 subs.spawn(canopy_relay(
                     name,
                     tls.clone(),
