@@ -697,6 +697,7 @@ fn main() -> anyhow::Result<()> {
             let mut depths: BTreeMap<u64, u64> = BTreeMap::new();
             let mut parents: BTreeMap<String, u64> = BTreeMap::new();
             let (mut served, mut received, mut installs, mut resyncs) = (0.0, 0.0, 0u64, 0.0);
+            let mut from_peers = 0.0;
             for inst in guard.0.iter_mut() {
                 if let Ok(st) = inst
                     .conn
@@ -709,6 +710,9 @@ fn main() -> anyhow::Result<()> {
                         .or_default() += 1;
                     installs += st["stats"]["snapshots_installed"].as_u64().unwrap_or(0);
                     received += st["stats"]["backfill_received_bytes"]
+                        .as_f64()
+                        .unwrap_or(0.0);
+                    from_peers += st["stats"]["backfill_from_peers_bytes"]
                         .as_f64()
                         .unwrap_or(0.0);
                 }
@@ -729,6 +733,7 @@ fn main() -> anyhow::Result<()> {
             );
             extra.insert("relays_served_bytes".into(), json!(served));
             extra.insert("received_bytes".into(), json!(received));
+            extra.insert("received_from_peers_bytes".into(), json!(from_peers));
             extra.insert("received_copies".into(), json!(round2(received / size)));
             extra.insert("snapshots_installed".into(), json!(installs));
             extra.insert("resyncs".into(), json!(resyncs));
