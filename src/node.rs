@@ -1440,6 +1440,12 @@ async fn serve_child(
                         },
                     );
                     shared.metrics.children.set(st.children.len() as f64);
+                    // The other children learn the new one as a fetch source now, not at
+                    // their next idle heartbeat (a relay joining below one of them soon
+                    // after is offered it).
+                    let sources = shared.suggest_sources(&st, "");
+                    let hb = st.replica.heartbeat_suggesting(now_us(), sources);
+                    shared.broadcast(&mut st, &hb);
                     let ok = proto::SubscribeOk {
                         parent_name: shared.cfg.name.clone(),
                         parent_depth: shared.depth(&st),
