@@ -3,7 +3,7 @@
 //!
 //! `boot-wait --kind canopy|redis --count N [options] -- CMD ARG...`
 //!
-//! The command line is a template: `{i}` is the instance index, `{p0}`/`{p1}` are the ports
+//! The command line is a template (`{pp}`: see `--tree-fanout`): `{i}` is the instance index, `{p0}`/`{p1}` are the ports
 //! `--port-base + --port-stride * i (+ 1)`. Every instance is spawned (stdout and stderr to
 //! `--log-dir/LABEL-i.log`, pid appended to `--pidfile`), then polled every `--poll` until:
 //!
@@ -59,6 +59,13 @@ struct Args {
     port_base: u16,
     #[arg(long, default_value_t = 2)]
     port_stride: u16,
+    /// With K > 0, `{pp}` is the port of instance i's parent in a fan-out-K tree: the
+    /// root (`--tree-root-port`) for the first K instances, else instance (i - K) / K's `{p0}`.
+    #[arg(long, default_value_t = 0)]
+    tree_fanout: u32,
+    /// The tree's root port for `{pp}` (a Redis master).
+    #[arg(long, default_value_t = 0)]
+    tree_root_port: u32,
     /// Which of {p0}, {p1} answers the readiness checks.
     #[arg(long, default_value_t = 1)]
     ready_port: u16,
@@ -535,10 +542,17 @@ fn main() -> anyhow::Result<()> {
         let p0 = args.port_base as u32 + args.port_stride as u32 * i as u32;
         let p1 = p0 + 1;
         let ready_port = if args.ready_port == 0 { p0 } else { p1 };
+        let k = args.tree_fanout;
+        let pp = if k == 0 || (i as u32) < k {
+            args.tree_root_port
+        } else {
+            args.port_base as u32 + args.port_stride as u32 * ((i as u32 - k) / k)
+        };
         let sub = |s: &String| {
             s.replace("{i}", &i.to_string())
                 .replace("{p0}", &p0.to_string())
                 .replace("{p1}", &p1.to_string())
+                .replace("{pp}", &pp.to_string())
         };
         let cmd: Vec<String> = args.cmd.iter().map(sub).collect();
         let log = args.log_dir.join(format!("{}-{i}.log", args.label));
