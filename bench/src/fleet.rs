@@ -132,22 +132,7 @@ async fn etcd_watcher(
     let mut buf: Vec<u8> = Vec::new();
     while let Some(chunk) = resp.chunk().await? {
         buf.extend_from_slice(&chunk);
-        let mut consumed = 0;
-        let mut stream = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
-        let mut msgs = Vec::new();
-        loop {
-            match stream.next() {
-                Some(Ok(v)) => {
-                    consumed = stream.byte_offset();
-                    msgs.push(v);
-                }
-                Some(Err(e)) if e.is_eof() => break,
-                Some(Err(e)) => bail!("bad watch message: {e}"),
-                None => break,
-            }
-        }
-        buf.drain(..consumed);
-        for v in msgs {
+        for v in etcd_gateway::take_messages(&mut buf)? {
             let r = v.get("result").ok_or_else(|| anyhow!("watch error: {v}"))?;
             if r.get("canceled").and_then(Value::as_bool) == Some(true) {
                 bail!("watch canceled: {r}");
