@@ -653,7 +653,19 @@ impl Replica {
         frame: Bytes,
         msg: proto::Downstream,
     ) -> Result<Vec<Event>, ReplicaError> {
-        let r = self.handle_frame(frame, msg);
+        self.handle_downstream_hashed(frame, msg, None)
+    }
+
+    /// [`Replica::handle_downstream`] for a driver that hashed a `SnapshotChunk`'s data
+    /// already (`chunk_hash` must be [`crate::file::leaf_hash`] of exactly that data), so the
+    /// hashing can run beside the replica rather than under its lock.
+    pub fn handle_downstream_hashed(
+        &mut self,
+        frame: Bytes,
+        msg: proto::Downstream,
+        chunk_hash: Option<Hash>,
+    ) -> Result<Vec<Event>, ReplicaError> {
+        let r = self.handle_frame(frame, msg, chunk_hash);
         if r.as_ref().is_err_and(ReplicaError::needs_full_resync) {
             self.synced = false;
         }
@@ -664,6 +676,7 @@ impl Replica {
         &mut self,
         frame: Bytes,
         msg: proto::Downstream,
+        chunk_hash: Option<Hash>,
     ) -> Result<Vec<Event>, ReplicaError> {
         let state = std::mem::replace(&mut self.upstream, Upstream::Idle);
         let unexpected = |state: &Upstream, kind: &Option<Down>| ReplicaError::Unexpected {
@@ -746,7 +759,8 @@ impl Replica {
                     // Fetched from another source already (the push was past the limit).
                     Some(_) if builder.has_chunk(c.index) => {}
                     Some(h) => {
-                        if crate::file::leaf_hash(&c.data) != *h {
+                        let got = chunk_hash.unwrap_or_else(|| crate::file::leaf_hash(&c.data));
+                        if got != *h {
                             return Err(ReplicaError::BadChunk { index: c.index });
                         }
                         self.salvage.chunks.insert(*h, c.data.clone());

@@ -1983,3 +1983,34 @@ fn a_transfer_finished_by_fetched_chunks() {
     assert_eq!(c.file().to_vec(), parent.file().to_vec());
     assert!(c.finish_snapshot().is_err());
 }
+
+/// A chunk hashed by the driver is checked with that hash: the right one is taken, a wrong
+/// one refuses the chunk just as a wrong chunk would be refused.
+#[test]
+fn a_chunk_hash_computed_by_the_driver_is_the_one_checked() {
+    let (parent, _) = parent_at_v4(100);
+    let frames: Vec<Bytes> = snapshot_frames(parent.file(), T0, &[]).collect();
+    let start = |c: &mut Replica| {
+        let _ = c.subscribe("c", "a:1", false);
+        assert_eq!(feed(c, &ok_frame(false)), Ok(vec![]));
+        assert_eq!(feed(c, &frames[0]), Ok(vec![]));
+    };
+    let mut c = relay();
+    start(&mut c);
+    let chunk0 = parent.file().chunk(0).unwrap();
+    let right = crate::file::leaf_hash(&chunk0);
+    assert_eq!(
+        c.handle_downstream_hashed(frames[1].clone(), decode(&frames[1]), Some([7; 32])),
+        Err(ReplicaError::BadChunk { index: 0 })
+    );
+    c.upstream_lost();
+    start(&mut c);
+    for (i, f) in frames[1..].iter().enumerate() {
+        let hash = (i < 3).then(|| crate::file::leaf_hash(&parent.file().chunk(i as u64).unwrap()));
+        assert!(c
+            .handle_downstream_hashed(f.clone(), decode(f), hash)
+            .is_ok());
+    }
+    assert_eq!(right, parent.file().chunk_hash(0).unwrap());
+    assert_eq!(state(&c), state(&parent));
+}

@@ -182,7 +182,7 @@ struct Link {
     /// Frames read off the parent's stream by a task of their own, so that waiting for
     /// the next one can be abandoned (a command, a limit to send) without losing a
     /// frame half read.
-    frames: mpsc::Receiver<Result<Option<RawFrame>, WireError>>,
+    frames: mpsc::Receiver<Result<Option<LinkFrame>, WireError>>,
     _reader: AbortOnDrop,
     /// Carries `SnapshotLimit` frames to the parent during a multi-source transfer.
     send: quinn::SendStream,
@@ -200,18 +200,33 @@ impl Drop for AbortOnDrop {
 /// Frames buffered between a link's reader task and the follower.
 pub(crate) const LINK_FRAMES: usize = 16;
 
-/// Reads frames off `recv` into a channel until the stream ends or fails.
+/// A frame off the parent's stream, decoded, with its chunk's BLAKE3 when it is a
+/// `SnapshotChunk` (hashed by the reader task, beside the follower).
+type LinkFrame = (RawFrame, proto::Downstream, Option<crate::file::Hash>);
+
+/// Reads, decodes and (for a transfer's chunks) hashes frames off `recv` into a channel
+/// until the stream ends or fails.
 fn spawn_reader(
     mut recv: quinn::RecvStream,
     max_frame: usize,
 ) -> (
-    mpsc::Receiver<Result<Option<RawFrame>, WireError>>,
+    mpsc::Receiver<Result<Option<LinkFrame>, WireError>>,
     AbortOnDrop,
 ) {
     let (tx, rx) = mpsc::channel(LINK_FRAMES);
     let task = tokio::spawn(async move {
         loop {
-            let r = wire::read_raw(&mut recv, max_frame).await;
+            let r = match wire::read_raw(&mut recv, max_frame).await {
+                Ok(Some(raw)) => raw.decode::<proto::Downstream>().map(|msg| {
+                    let hash = match &msg.kind {
+                        Some(Down::SnapshotChunk(c)) => Some(crate::file::leaf_hash(&c.data)),
+                        _ => None,
+                    };
+                    Some((raw, msg, hash))
+                }),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
             let end = !matches!(r, Ok(Some(_)));
             if tx.send(r).await.is_err() || end {
                 return;
@@ -323,7 +338,7 @@ fn adopt(
 /// What woke the follower while it holds a parent.
 enum Wake {
     Command(Command),
-    Frame(Result<Result<Option<RawFrame>, WireError>, tokio::time::error::Elapsed>),
+    Frame(Result<Result<Option<LinkFrame>, WireError>, tokio::time::error::Elapsed>),
     Limit(u64),
 }
 
@@ -397,8 +412,8 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
             Wake::Frame(Err(_)) => UpstreamError::Silent(silent),
             Wake::Frame(Ok(Ok(None))) => UpstreamError::Closed,
             Wake::Frame(Ok(Err(e))) => e.into(),
-            Wake::Frame(Ok(Ok(Some(raw)))) => {
-                match follow_frame(&shared, link, &mut transfer, raw).await {
+            Wake::Frame(Ok(Ok(Some(frame)))) => {
+                match follow_frame(&shared, link, &mut transfer, frame).await {
                     Ok(()) => continue,
                     Err(e) => e,
                 }
@@ -455,9 +470,9 @@ async fn follow_frame(
     shared: &Arc<Shared>,
     link: &Link,
     transfer: &mut Option<Transfer>,
-    raw: RawFrame,
+    frame: LinkFrame,
 ) -> Result<(), UpstreamError> {
-    match apply_frame(shared, raw)? {
+    match apply_frame(shared, frame)? {
         Fed::Begin => *transfer = Transfer::start(shared, &link.addr, &link.conn),
         Fed::Chunk(index) => {
             if let Some(t) = transfer.as_mut() {
@@ -517,8 +532,7 @@ enum Fed {
     Other,
 }
 
-fn apply_frame(shared: &Shared, raw: RawFrame) -> Result<Fed, UpstreamError> {
-    let msg: proto::Downstream = raw.decode()?;
+fn apply_frame(shared: &Shared, (raw, msg, hash): LinkFrame) -> Result<Fed, UpstreamError> {
     let fed = match &msg.kind {
         Some(Down::SnapshotBegin(_)) => Fed::Begin,
         Some(Down::SnapshotChunk(c)) => {
@@ -548,7 +562,7 @@ fn apply_frame(shared: &Shared, raw: RawFrame) -> Result<Fed, UpstreamError> {
     };
     let mut st = shared.state.lock().unwrap();
     let depth_before = st.replica.parent().map(|p| p.depth);
-    let events = st.replica.handle_downstream(raw.frame, msg)?;
+    let events = st.replica.handle_downstream_hashed(raw.frame, msg, hash)?;
     if st.replica.parent().map(|p| p.depth) != depth_before {
         shared.metrics.depth.set(shared.depth(&st) as f64);
         let path = st.replica.root_path();
