@@ -108,6 +108,8 @@ pub struct StreamConfig {
     /// parent pushes from the bottom (1: the parent alone). 4: a fleet starting at once
     /// spreads its transfers over every node already holding the file instead of queueing
     /// behind one parent's uplink; beyond a few sources each adds a connection for little.
+    /// Set 1 where relays share cores: a cold start of 50 relays on one 2-core machine
+    /// spent 40 % more CPU with peers (docs/benchmarks.md).
     pub fetch_sources: u32,
     /// Chunks asked of one peer source and not yet received. 32 (2 MiB at 64 KiB chunks):
     /// keeps 100 MB/s flowing over a 20 ms round trip, and bounds what a source that
