@@ -160,10 +160,7 @@ async fn build_cluster(args: &DemoArgs) -> anyhow::Result<Cluster> {
     for i in 0..args.relays {
         crate::tls::cert_issue(&ca, &format!("relay-{i}"), Role::Relay, &tls)?;
     }
-    let stream = StreamConfig {
-        fanout: args.fanout,
-        ..Default::default()
-    };
+    let stream = demo_stream(args.fanout);
     let shutdown = CancellationToken::new();
     let (core, core_api) = start_node(
         dir.path(),
@@ -249,10 +246,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let t = Instant::now();
     let dir = cluster._dir.path().to_path_buf();
-    let stream = StreamConfig {
-        fanout: args.fanout,
-        ..Default::default()
-    };
+    let stream = demo_stream(args.fanout);
     let core_addr = cluster.core.0.cfg.advertise.to_string();
     for i in 0..args.relays {
         let (node, _) = start_node(
@@ -442,6 +436,18 @@ fn total_relayed(c: &Cluster) -> u64 {
         .chain(c.relays.iter())
         .map(|n| n.relayed_bytes())
         .sum()
+}
+
+/// The stream settings of every node in the demo: the defaults, at `fanout`, and each
+/// transfer from the parent alone (all the relays share this process's cores, where asking
+/// peers that are mid-transfer themselves costs more CPU than it saves; see
+/// `stream.fetch_sources`).
+fn demo_stream(fanout: usize) -> StreamConfig {
+    StreamConfig {
+        fanout,
+        fetch_sources: 1,
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
