@@ -25,6 +25,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 #[path = "etcd_gateway.rs"]
 mod etcd_gateway;
+#[path = "relay.rs"]
+mod relay;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Kind {
@@ -84,22 +86,8 @@ async fn canopy_relay(
     pos: Arc<AtomicU64>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    use canopy::config::{NodeConfig, NodeKind, StreamConfig};
-    let stream = StreamConfig::default();
-    let id = canopy::tls::Identity::load(&tls, &name)?;
-    let endpoint = canopy::tls::endpoint("127.0.0.1:0".parse()?, &id, &stream.transport())?;
-    let advertise = endpoint.local_addr()?;
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let cfg = NodeConfig {
-        name: name.clone(),
-        advertise,
-        data: data.join(&name),
-        file: None,
-        kind: NodeKind::Relay { join },
-        stream,
-        overlay: Default::default(),
-    };
-    let node = canopy::node::Node::start(cfg, endpoint, api, shutdown).await?;
+    let stream = canopy::config::StreamConfig::default();
+    let node = relay::start(&name, &tls, &data, join, stream, shutdown).await?;
     let mut rx = node.applied();
     loop {
         let (v, _) = *rx.borrow_and_update();

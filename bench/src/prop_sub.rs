@@ -41,6 +41,8 @@
 
 #[path = "etcd_gateway.rs"]
 mod etcd_gateway;
+#[path = "relay.rs"]
+mod relay;
 
 use etcd_gateway::{base, prefix_end};
 
@@ -478,27 +480,11 @@ async fn canopy_relay(
     shutdown: tokio_util::sync::CancellationToken,
     me: usize,
 ) -> anyhow::Result<()> {
-    use canopy::config::{NodeConfig, NodeKind, StreamConfig};
-    let stream = StreamConfig {
+    let stream = canopy::config::StreamConfig {
         fanout,
         ..Default::default()
     };
-    let id = canopy::tls::Identity::load(&tls, &name)?;
-    let endpoint = canopy::tls::endpoint("127.0.0.1:0".parse()?, &id, &stream.transport())?;
-    let advertise = endpoint.local_addr()?;
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let cfg = NodeConfig {
-        name: name.clone(),
-        advertise,
-        data: data.join(&name),
-        file: None,
-        kind: NodeKind::Relay {
-            join: vec![core_quic],
-        },
-        stream,
-        overlay: Default::default(),
-    };
-    let node = canopy::node::Node::start(cfg, endpoint, api, shutdown).await?;
+    let node = relay::start(&name, &tls, &data, vec![core_quic], stream, shutdown).await?;
     let mut rx = node.applied();
     let mut ready = false;
     loop {
