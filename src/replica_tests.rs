@@ -144,6 +144,13 @@ fn feed(r: &mut Replica, f: &Bytes) -> Result<Vec<Event>, ReplicaError> {
     r.handle_downstream(f.clone(), decode(f))
 }
 
+/// Subscribes `c` afresh and feeds it a full transfer's `SubscribeOk` and `begin` frame.
+fn begin_transfer(c: &mut Replica, begin: &Bytes) {
+    let _ = c.subscribe("c", "a:1", false);
+    assert_eq!(feed(c, &ok_frame(false)), Ok(vec![]));
+    assert_eq!(feed(c, begin), Ok(vec![]));
+}
+
 fn feed_ok(r: &mut Replica, f: &Bytes) -> Vec<Event> {
     feed(r, f).unwrap_or_else(|e| panic!("frame {:?}: {e}", decode(f)))
 }
@@ -1489,11 +1496,7 @@ fn a_diff_transfer_sends_only_the_chunks_the_child_lacks() {
 fn malformed_snapshot_chunks_fail_at_put_chunk() {
     let (parent, _) = parent_at_v4(100);
     let frames: Vec<Bytes> = snapshot_frames(parent.file(), T0, &[]).collect();
-    let start = |c: &mut Replica| {
-        let _ = c.subscribe("c", "a:1", false);
-        assert_eq!(feed(c, &ok_frame(false)), Ok(vec![]));
-        assert_eq!(feed(c, &frames[0]), Ok(vec![]));
-    };
+    let start = |c: &mut Replica| begin_transfer(c, &frames[0]);
     let chunk = |index: u64, data: &'static [u8]| {
         frame(Down::SnapshotChunk(proto::SnapshotChunk {
             index,
@@ -1944,9 +1947,7 @@ fn a_transfer_finished_by_fetched_chunks() {
     let (parent, _) = parent_at_v4(100);
     let frames: Vec<Bytes> = snapshot_frames(parent.file(), T0, &[]).collect();
     let mut c = relay();
-    let _ = c.subscribe("c", "a:1", false);
-    assert_eq!(feed(&mut c, &ok_frame(false)), Ok(vec![]));
-    assert_eq!(feed(&mut c, &frames[0]), Ok(vec![]));
+    begin_transfer(&mut c, &frames[0]);
     let (version, missing, manifest) = c.snapshot_wanted().unwrap();
     assert_eq!((version, missing.clone()), (4, vec![0, 1, 2]));
     // Chunk 2 arrives from a peer first, then the parent pushes 0 (limit lowered to 1).
@@ -1990,11 +1991,7 @@ fn a_transfer_finished_by_fetched_chunks() {
 fn a_chunk_hash_computed_by_the_driver_is_the_one_checked() {
     let (parent, _) = parent_at_v4(100);
     let frames: Vec<Bytes> = snapshot_frames(parent.file(), T0, &[]).collect();
-    let start = |c: &mut Replica| {
-        let _ = c.subscribe("c", "a:1", false);
-        assert_eq!(feed(c, &ok_frame(false)), Ok(vec![]));
-        assert_eq!(feed(c, &frames[0]), Ok(vec![]));
-    };
+    let start = |c: &mut Replica| begin_transfer(c, &frames[0]);
     let mut c = relay();
     start(&mut c);
     let chunk0 = parent.file().chunk(0).unwrap();
