@@ -1,9 +1,13 @@
-//! The local HTTP API of every node: status, file reads and writes, watch, metrics.
+//! The local HTTP API of every node: status, file reads and writes, watch, tree, metrics.
 //!
 //! Invariants: every write answers only after it is committed (and, with `?wait=applied`,
 //! applied on this node); a read serves one whole version, named by `X-Canopy-Version` and
 //! `X-Canopy-Root`; errors answer JSON `{"error": ...}` with a fitting status code.
+//!
+//! The API depends on a narrow [`Backend`] (what a node offers its local clients) and on the
+//! status types below, not on the node's insides, so it can be tested against a fake.
 
+use std::future::Future;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -12,30 +16,167 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::sync::watch;
 
-use crate::consensus::ApplyOutcome;
-use crate::file::{Op, Precondition, Update};
-use crate::node::{Node, NodeError};
+use crate::file::{ApplyOutcome, ChunkedFile, Op, Precondition, Update};
+use crate::proto;
+
+/// What a node offers its local HTTP clients.
+pub trait Backend: Clone + Send + Sync + 'static {
+    /// What `/v1/status` reports.
+    fn status(&self) -> Status;
+    /// The file at the version this node shows (a cheap copy-on-write clone).
+    fn file(&self) -> ChunkedFile;
+    /// `(version shown, its commit time in µs)`, updated as versions arrive.
+    fn versions(&self) -> watch::Receiver<(u64, u64)>;
+    /// The largest write body accepted (`stream.max_update_bytes`).
+    fn max_update_bytes(&self) -> u64;
+    /// Commits `update`, if `precondition` holds when it is applied.
+    fn write(
+        &self,
+        update: Update,
+        precondition: Option<Precondition>,
+    ) -> impl Future<Output = Result<ApplyOutcome, BackendError>> + Send;
+    /// Replaces the whole file with `content`, atomically; with `if_version`, only if the
+    /// file is still at that version.
+    fn replace(
+        &self,
+        content: Bytes,
+        if_version: Option<u64>,
+    ) -> impl Future<Output = Result<ApplyOutcome, BackendError>> + Send;
+    /// This node and the subtree below it.
+    fn tree(&self) -> impl Future<Output = Vec<proto::TreeNode>> + Send;
+    /// A core membership change.
+    fn admin(&self, admin: proto::Admin) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+/// Why a backend call failed, as far as an HTTP client needs to know.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The request is over a limit (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The request is invalid or not for this node (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// Concurrent writes kept winning (409).
+    #[error("{0}")]
+    Contended(String),
+    /// The core cannot be reached or did not answer (503).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The stream counters as `/v1/status` shows them. Every entry a node applies follows the
+/// previous one (`prev_version` check), so with `gaps == 0` and one snapshot install, no
+/// entry was skipped or applied twice.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct StatsView {
+    pub entries_applied: u64,
+    pub snapshots_installed: u64,
+    pub gaps: u64,
+    pub resumes: u64,
+    /// Chunk bytes received in full or diff transfers, from every source.
+    pub backfill_received_bytes: u64,
+    /// The part of them fetched from peers other than the parent.
+    pub backfill_from_peers_bytes: u64,
+    /// Chunks refused because they did not match the manifest (their sender is banned as
+    /// a parent for a while and the chunk is fetched elsewhere).
+    pub bad_chunks: u64,
+    /// Bytes sent to children and fetching peers (entries, checkpoints, transfers).
+    pub relayed_bytes: u64,
+}
+
+/// What `/v1/status` reports.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Status {
+    pub name: String,
+    pub role: String,
+    pub version: u64,
+    pub root: String,
+    pub length: u64,
+    pub parent: String,
+    pub parent_addr: String,
+    pub children: Vec<String>,
+    pub child_addrs: Vec<String>,
+    /// Distance from the core: 0 on a core node, absent (`null`) while a relay is unattached.
+    pub depth: Option<u32>,
+    pub root_path: Vec<String>,
+    pub synced: bool,
+    pub commit_version: u64,
+    pub lag_entries: u64,
+    pub lag_seconds: f64,
+    pub file_version: Option<u64>,
+    pub core_addrs: Vec<String>,
+    pub stats: StatsView,
+    /// A full or diff transfer in progress (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<BackfillView>,
+    /// Full or diff transfers this node is serving to children and peers now.
+    pub backfills_serving: u64,
+    /// The most transfers it has served at once since it started (bounded by
+    /// `stream.max_backfills`).
+    pub backfills_serving_most: u64,
+    /// Core nodes only: Raft state and the members.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub core: Option<CoreStatus>,
+}
+
+/// Progress of the transfer this node is receiving.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BackfillView {
+    /// Bytes held of the version being fetched: chunks received, and chunks reused from
+    /// the local copy or an interrupted transfer.
+    pub bytes_done: u64,
+    /// The length of that version.
+    pub bytes_total: u64,
+    /// Where the chunks come from: the parent, then the peers it fetches from.
+    pub sources: Vec<String>,
+}
+
+/// A core node's view of the consensus group.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CoreStatus {
+    #[serde(flatten)]
+    pub raft: crate::consensus::RaftStatus,
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub name: String,
+    pub addr: String,
+    pub voter: bool,
+}
 
 /// How long `?wait=applied` waits for this node to apply a committed write.
 const APPLY_WAIT: Duration = Duration::from_secs(30);
 /// Longest long poll a client may ask for.
 const MAX_WATCH: Duration = Duration::from_secs(300);
 
-pub fn router(node: Node) -> Router {
-    let limit = node.0.cfg.stream.max_update_bytes as usize + (1 << 20);
+/// The API's routes over `node`.
+pub fn router<B: Backend>(node: B) -> Router {
+    let limit = node.max_update_bytes() as usize + (1 << 20);
     Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/file", get(read_file).put(put_file).patch(patch_file))
-        .route("/v1/file/truncate", post(truncate_file))
-        .route("/v1/watch", get(watch))
-        .route("/v1/tree", get(tree))
-        .route("/v1/core/members", get(core_members).post(add_member))
+        .route("/v1/status", get(status::<B>))
+        .route(
+            "/v1/file",
+            get(read_file::<B>)
+                .put(put_file::<B>)
+                .patch(patch_file::<B>),
+        )
+        .route("/v1/file/truncate", post(truncate_file::<B>))
+        .route("/v1/watch", get(watch::<B>))
+        .route("/v1/tree", get(tree::<B>))
+        .route(
+            "/v1/core/members",
+            get(core_members::<B>).post(add_member::<B>),
+        )
         .route(
             "/v1/core/members/{name}",
-            axum::routing::delete(remove_member),
+            axum::routing::delete(remove_member::<B>),
         )
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limit))
@@ -50,24 +191,23 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<NodeError> for ApiError {
-    fn from(e: NodeError) -> Self {
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
         let code = match &e {
-            NodeError::UpdateTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            NodeError::Rejected(_) => StatusCode::BAD_REQUEST,
-            NodeError::Contended(_) => StatusCode::CONFLICT,
-            NodeError::NotCore => StatusCode::BAD_REQUEST,
-            _ => StatusCode::SERVICE_UNAVAILABLE,
+            BackendError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            BackendError::Invalid(_) => StatusCode::BAD_REQUEST,
+            BackendError::Contended(_) => StatusCode::CONFLICT,
+            BackendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(code, e.to_string())
     }
 }
 
-async fn status(State(node): State<Node>) -> Response {
+async fn status<B: Backend>(State(node): State<B>) -> Response {
     Json(node.status()).into_response()
 }
 
-async fn metrics(State(_node): State<Node>) -> Response {
+async fn metrics() -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -102,7 +242,7 @@ fn parse_range(h: &str, len: u64) -> Option<(u64, u64)> {
     (start <= end && start < len).then_some((start, end))
 }
 
-async fn read_file(State(node): State<Node>, headers: HeaderMap) -> Response {
+async fn read_file<B: Backend>(State(node): State<B>, headers: HeaderMap) -> Response {
     let file = node.file();
     let len = file.len();
     let mut h = HeaderMap::new();
@@ -176,14 +316,23 @@ impl WriteQuery {
     }
 }
 
-async fn finish_write(
-    node: &Node,
+/// Waits until this node shows `version` or `timeout` passes; true if it does.
+async fn wait_shown<B: Backend>(node: &B, version: u64, timeout: Duration) -> bool {
+    let mut rx = node.versions();
+    tokio::time::timeout(timeout, rx.wait_for(|(v, _)| *v >= version))
+        .await
+        .map(|r| r.is_ok())
+        .unwrap_or(false)
+}
+
+async fn finish_write<B: Backend>(
+    node: &B,
     outcome: ApplyOutcome,
     q: &WriteQuery,
 ) -> Result<Response, ApiError> {
     match outcome {
         ApplyOutcome::Applied { version } => {
-            if q.wait.as_deref() == Some("applied") && !node.wait_applied(version, APPLY_WAIT).await
+            if q.wait.as_deref() == Some("applied") && !wait_shown(node, version, APPLY_WAIT).await
             {
                 return Err(ApiError(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -203,14 +352,18 @@ async fn finish_write(
     }
 }
 
-async fn write_ops(node: &Node, ops: Vec<Op>, q: &WriteQuery) -> Result<Response, ApiError> {
+async fn write_ops<B: Backend>(
+    node: &B,
+    ops: Vec<Op>,
+    q: &WriteQuery,
+) -> Result<Response, ApiError> {
     let cond = q.precondition()?;
-    let outcome = node.write(&Update { ops }, cond.as_ref()).await?;
+    let outcome = node.write(Update { ops }, cond).await?;
     finish_write(node, outcome, q).await
 }
 
-async fn patch_file(
-    State(node): State<Node>,
+async fn patch_file<B: Backend>(
+    State(node): State<B>,
     Query(q): Query<WriteQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -223,8 +376,8 @@ async fn patch_file(
     write_ops(&node, vec![Op::Write { offset, data: body }], &q).await
 }
 
-async fn truncate_file(
-    State(node): State<Node>,
+async fn truncate_file<B: Backend>(
+    State(node): State<B>,
     Query(q): Query<WriteQuery>,
 ) -> Result<Response, ApiError> {
     let Some(len) = q.len else {
@@ -236,8 +389,8 @@ async fn truncate_file(
     write_ops(&node, vec![Op::Truncate { len }], &q).await
 }
 
-async fn put_file(
-    State(node): State<Node>,
+async fn put_file<B: Backend>(
+    State(node): State<B>,
     Query(q): Query<WriteQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -247,10 +400,7 @@ async fn put_file(
             "PUT takes if_version only".into(),
         ));
     }
-    let outcome = match q.if_version {
-        Some(v) => node.replace_at(&body, v).await?,
-        None => node.replace(&body).await?,
-    };
+    let outcome = node.replace(body, q.if_version).await?;
     finish_write(&node, outcome, &q).await
 }
 
@@ -260,21 +410,21 @@ struct WatchQuery {
     timeout: Option<f64>,
 }
 
-async fn watch(State(node): State<Node>, Query(q): Query<WatchQuery>) -> Response {
+async fn watch<B: Backend>(State(node): State<B>, Query(q): Query<WatchQuery>) -> Response {
     let after = q.after.unwrap_or(0);
     let timeout = Duration::from_secs_f64(
         q.timeout
             .unwrap_or(30.0)
             .clamp(0.0, MAX_WATCH.as_secs_f64()),
     );
-    let mut rx = node.applied();
+    let mut rx = node.versions();
     let _ = tokio::time::timeout(timeout, rx.wait_for(|(v, _)| *v > after)).await;
     Json(node.status()).into_response()
 }
 
-async fn tree(State(node): State<Node>) -> Response {
+async fn tree<B: Backend>(State(node): State<B>) -> Response {
     let nodes: Vec<serde_json::Value> = node
-        .tree(crate::node::MAX_TREE_DEPTH)
+        .tree()
         .await
         .into_iter()
         .map(|n| {
@@ -287,10 +437,13 @@ async fn tree(State(node): State<Node>) -> Response {
     Json(nodes).into_response()
 }
 
-async fn core_members(State(node): State<Node>) -> Result<Response, ApiError> {
+async fn core_members<B: Backend>(State(node): State<B>) -> Result<Response, ApiError> {
     match node.status().core {
         Some(core) => Ok(Json(core).into_response()),
-        None => Err(NodeError::NotCore.into()),
+        None => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "this node is not a core node".into(),
+        )),
     }
 }
 
@@ -300,8 +453,8 @@ struct AddMemberBody {
     addr: String,
 }
 
-async fn add_member(
-    State(node): State<Node>,
+async fn add_member<B: Backend>(
+    State(node): State<B>,
     Json(body): Json<AddMemberBody>,
 ) -> Result<Response, ApiError> {
     let admin = crate::proto::Admin {
@@ -312,18 +465,18 @@ async fn add_member(
             },
         )),
     };
-    node.admin(admin, 0).await?;
+    node.admin(admin).await?;
     core_members(State(node)).await
 }
 
-async fn remove_member(
-    State(node): State<Node>,
+async fn remove_member<B: Backend>(
+    State(node): State<B>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
     let admin = crate::proto::Admin {
         kind: Some(crate::proto::admin::Kind::RemoveMember(name)),
     };
-    node.admin(admin, 0).await?;
+    node.admin(admin).await?;
     core_members(State(node)).await
 }
 

@@ -49,6 +49,10 @@ pub struct NodeArgs {
     /// Maximum number of children this node serves.
     #[arg(long)]
     pub fanout: Option<usize>,
+    /// Seed of the overlay's random choices (default: drawn at start and logged; pass the
+    /// logged one to replay a run).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Log filter (also RUST_LOG), e.g. `info` or `canopy=debug`.
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -67,6 +71,7 @@ struct FileConfig {
     join: Option<Vec<String>>,
     init: Option<bool>,
     peers: Option<Vec<String>>,
+    seed: Option<u64>,
     #[serde(default)]
     stream: Option<StreamConfig>,
     #[serde(default)]
@@ -180,6 +185,7 @@ pub fn prepare(args: &NodeArgs, role: Role) -> anyhow::Result<Prepared> {
         kind,
         stream,
         overlay: fc.overlay.unwrap_or_default(),
+        seed: args.seed.or(fc.seed),
     };
     cfg.validate()?;
     Ok(Prepared {

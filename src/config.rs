@@ -244,6 +244,10 @@ pub struct NodeConfig {
     pub stream: StreamConfig,
     /// The tree's control plane; its `fanout` is kept equal to `stream.fanout`.
     pub overlay: OverlayConfig,
+    /// Seed of the overlay's RNG. `None` (the default): one is drawn from the name and the
+    /// clock, so nodes started together choose differently; it is logged at start, and
+    /// passing it back here replays the same choices.
+    pub seed: Option<u64>,
 }
 
 impl NodeConfig {
@@ -310,6 +314,7 @@ mod tests {
             },
             stream: StreamConfig::default(),
             overlay: OverlayConfig::default(),
+            seed: None,
         }
     }
 

@@ -1,8 +1,10 @@
 //! `canopy demo`: a core and N relays in one process, over real QUIC on loopback.
 //!
 //! Invariants: every node is a real [`Node`] with its own mutual-TLS endpoint and API port
-//! (certificates from a throwaway CA); the load is seeded, so a run is repeatable; the summary
-//! counts a relay as in sync only when its version and root equal the core's.
+//! (certificates from a throwaway CA), started and stopped here and otherwise used only
+//! through the [`Backend`] its local clients see; the load is seeded, so a run is
+//! repeatable; the summary counts a relay as in sync only when its version and root equal
+//! the core's.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,9 +17,10 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::Backend;
 use crate::config::{NodeConfig, NodeKind, StreamConfig};
-use crate::consensus::{ApplyOutcome, RaftConfig};
-use crate::file::{Op, Update};
+use crate::consensus::RaftConfig;
+use crate::file::{ApplyOutcome, Op, Update};
 use crate::node::{now_us, Node};
 use crate::tls::{Identity, Role};
 
@@ -122,6 +125,7 @@ struct Cluster {
     core: Node,
     relays: Vec<Node>,
     core_api: std::net::SocketAddr,
+    core_addr: std::net::SocketAddr,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
@@ -132,7 +136,7 @@ async fn start_node(
     kind: NodeKind,
     stream: &StreamConfig,
     shutdown: &CancellationToken,
-) -> anyhow::Result<(Node, std::net::SocketAddr)> {
+) -> anyhow::Result<(Node, std::net::SocketAddr, std::net::SocketAddr)> {
     let id = Identity::load(&dir.join("tls"), name)?;
     let endpoint = crate::tls::endpoint("127.0.0.1:0".parse()?, &id, &stream.transport())?;
     let advertise = endpoint.local_addr()?;
@@ -146,9 +150,10 @@ async fn start_node(
         kind,
         stream: stream.clone(),
         overlay: Default::default(),
+        seed: None,
     };
     let node = Node::start(cfg, endpoint, api, shutdown.child_token()).await?;
-    Ok((node, api_addr))
+    Ok((node, api_addr, advertise))
 }
 
 async fn build_cluster(args: &DemoArgs) -> anyhow::Result<Cluster> {
@@ -162,7 +167,7 @@ async fn build_cluster(args: &DemoArgs) -> anyhow::Result<Cluster> {
     }
     let stream = demo_stream(args.fanout);
     let shutdown = CancellationToken::new();
-    let (core, core_api) = start_node(
+    let (core, core_api, core_addr) = start_node(
         dir.path(),
         "core-0",
         NodeKind::Core {
@@ -175,7 +180,7 @@ async fn build_cluster(args: &DemoArgs) -> anyhow::Result<Cluster> {
     )
     .await?;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !core.core().is_some_and(|c| c.is_leader()) {
+    while core.status().role != "leader" {
         if Instant::now() > deadline {
             bail!("the core did not become leader within 20 s");
         }
@@ -185,6 +190,7 @@ async fn build_cluster(args: &DemoArgs) -> anyhow::Result<Cluster> {
         core,
         relays: Vec::new(),
         core_api,
+        core_addr,
         shutdown,
         _dir: dir,
     })
@@ -233,7 +239,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 data: Bytes::copy_from_slice(piece),
             }],
         };
-        match cluster.core.write(&update, None).await? {
+        match Backend::write(&cluster.core, update, None).await? {
             ApplyOutcome::Applied { version: v } => version = v,
             other => bail!("loading the file: {other:?}"),
         }
@@ -247,9 +253,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let t = Instant::now();
     let dir = cluster._dir.path().to_path_buf();
     let stream = demo_stream(args.fanout);
-    let core_addr = cluster.core.0.cfg.advertise.to_string();
+    let core_addr = cluster.core_addr.to_string();
     for i in 0..args.relays {
-        let (node, _) = start_node(
+        let (node, _, _) = start_node(
             &dir,
             &format!("relay-{i}"),
             NodeKind::Relay {
@@ -293,7 +299,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let samples = Arc::new(Mutex::new(Samples::default()));
     let stop_watch = CancellationToken::new();
     for r in &cluster.relays {
-        let mut rx = r.applied();
+        let mut rx = r.versions();
         let samples = samples.clone();
         let stop = stop_watch.clone();
         let start_version = version;
@@ -339,17 +345,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let mut data = vec![0u8; 100];
         rng.fill_bytes(&mut data);
         inflight.spawn(async move {
-            writer
-                .write(
-                    &Update {
-                        ops: vec![Op::Write {
-                            offset,
-                            data: Bytes::from(data),
-                        }],
-                    },
-                    None,
-                )
-                .await
+            let ops = vec![Op::Write {
+                offset,
+                data: Bytes::from(data),
+            }];
+            Backend::write(&writer, Update { ops }, None).await
         });
         while let Some(r) = inflight.try_join_next() {
             match r {
@@ -402,13 +402,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (p50, p99, max, n) = samples.lock().unwrap().summary();
     let moved = total_relayed(&cluster) - relayed_before;
     let mut depths: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut unattached = 0;
     for r in &cluster.relays {
-        *depths.entry(r.status().depth).or_default() += 1;
+        match r.status().depth {
+            Some(d) => *depths.entry(d).or_default() += 1,
+            None => unattached += 1,
+        }
     }
     println!(
         "summary: {in_sync}/{} relays in sync at version {} root {}; {writes} writes in {:.1} s ({:.1}/s, {errors} failed); \
          propagation commit->applied p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms over {n} samples; \
-         bootstrap {:.2} s; moved {} during the load; depths {:?}",
+         bootstrap {:.2} s; moved {} during the load; depths {:?}{}",
         cluster.relays.len(),
         core_file.version(),
         &core_file.root_hex()[..16],
@@ -417,6 +421,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         bootstrap.as_secs_f64(),
         human_bytes(moved),
         depths,
+        if unattached > 0 {
+            format!(", {unattached} unattached")
+        } else {
+            String::new()
+        },
     );
     cluster.shutdown.cancel();
     let mut all = vec![cluster.core.clone()];
@@ -434,7 +443,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 fn total_relayed(c: &Cluster) -> u64 {
     std::iter::once(&c.core)
         .chain(c.relays.iter())
-        .map(|n| n.relayed_bytes())
+        .map(|n| n.status().stats.relayed_bytes)
         .sum()
 }
 

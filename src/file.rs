@@ -40,6 +40,31 @@ use bytes::Bytes;
 
 use crate::proto;
 
+/// Result of applying one committed proposal to the file (deterministic on every core node).
+///
+/// Entries of the consensus log that carry no proposal (blank and membership entries) answer
+/// `Applied` with the unchanged current version.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ApplyOutcome {
+    /// The update was applied; the file is now at `version`.
+    Applied { version: u64 },
+    /// The precondition did not hold; nothing changed; the file stays at `version`.
+    PreconditionFailed { version: u64 },
+    /// The update is invalid (e.g. beyond the maximum length); nothing changed.
+    Rejected { version: u64, reason: String },
+}
+
+impl ApplyOutcome {
+    /// The file version after this outcome.
+    pub fn version(&self) -> u64 {
+        match self {
+            ApplyOutcome::Applied { version }
+            | ApplyOutcome::PreconditionFailed { version }
+            | ApplyOutcome::Rejected { version, .. } => *version,
+        }
+    }
+}
+
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 /// Default maximum file length (guards against `Write{offset: 1<<62}` allocating the world).
 pub const DEFAULT_MAX_LEN: u64 = 64 * 1024 * 1024 * 1024;

@@ -7,7 +7,6 @@ pub mod proto {
 }
 
 pub mod api;
-mod backfill;
 pub mod cli;
 pub mod config;
 pub mod consensus;
@@ -19,5 +18,5 @@ pub mod node;
 pub mod overlay;
 pub mod replica;
 pub mod tls;
-pub mod upstream;
+pub mod transport;
 pub mod wire;

@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use crate::consensus::ApplyOutcome;
+use crate::file::ApplyOutcome;
 use crate::file::{ChunkedFile, FileBuilder, FileError, Hash, Precondition, Update};
 use crate::proto::{self, downstream::Kind as Down};
 use crate::wire;
@@ -122,15 +122,6 @@ pub enum SubscribePlan {
     Refuse(String),
 }
 
-/// Where this node's parent is, as the parent described itself.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ParentInfo {
-    pub name: String,
-    pub depth: u32,
-    pub root_path: Vec<String>,
-    pub core_addrs: Vec<String>,
-}
-
 enum Upstream {
     Idle,
     AwaitOk,
@@ -175,7 +166,6 @@ pub struct Replica {
     retained_bytes: u64,
     base: (u64, Hash),
     upstream: Upstream,
-    parent: Option<ParentInfo>,
     commit_known: u64,
     last_commit_time_us: u64,
     since_checkpoint: u32,
@@ -228,7 +218,6 @@ impl Replica {
             retained_bytes: 0,
             base,
             upstream: Upstream::Idle,
-            parent: None,
             commit_known: 0,
             last_commit_time_us: 0,
             since_checkpoint: 0,
@@ -238,22 +227,10 @@ impl Replica {
         })
     }
 
-    /// Names this node (used in heartbeats' root paths and cycle checks).
+    /// Names this node (a heartbeat whose root path holds this name means a cycle).
     pub fn with_name(mut self, name: &str) -> Self {
         self.name = name.to_string();
         self
-    }
-
-    /// Names from the core down to this node (inclusive); just this node on a core node or
-    /// while unattached.
-    pub fn root_path(&self) -> Vec<String> {
-        let mut path = self
-            .parent
-            .as_ref()
-            .map(|p| p.root_path.clone())
-            .unwrap_or_default();
-        path.push(self.name.clone());
-        path
     }
 
     /// The file at the current version.
@@ -264,10 +241,6 @@ impl Replica {
     /// Whether this node holds a verified copy it may serve to children.
     pub fn is_synced(&self) -> bool {
         self.synced
-    }
-
-    pub fn parent(&self) -> Option<&ParentInfo> {
-        self.parent.as_ref()
     }
 
     /// Highest version known to be committed (from the stream or from local commits).
@@ -462,18 +435,20 @@ impl Replica {
     }
 
     /// Parent side: the heartbeat frame to send a child on a link that was idle for a
-    /// heartbeat period (per link, never broadcast): commit version and this node's path.
-    pub fn heartbeat(&self, now_us: u64) -> Bytes {
-        self.heartbeat_suggesting(now_us, Vec::new())
-    }
-
-    /// [`Replica::heartbeat`] that also passes the child the relays it may fetch from.
-    pub fn heartbeat_suggesting(&self, now_us: u64, fetch_sources: Vec<String>) -> Bytes {
+    /// heartbeat period (per link, never broadcast): the commit version, this node's
+    /// `root_path` (from the core down to itself, as the driver's overlay knows it) and the
+    /// relays the child may fetch from.
+    pub fn heartbeat(
+        &self,
+        now_us: u64,
+        root_path: Vec<String>,
+        fetch_sources: Vec<String>,
+    ) -> Bytes {
         wire::encode(&proto::Downstream {
             kind: Some(Down::Heartbeat(proto::Heartbeat {
                 commit_version: self.commit_known(),
                 unix_us: now_us,
-                root_path: self.root_path(),
+                root_path,
                 fetch_sources,
             })),
         })
@@ -686,12 +661,6 @@ impl Replica {
         match (state, msg.kind) {
             (_, Some(Down::Refused(r))) => Err(ReplicaError::Refused(r.reason)),
             (Upstream::AwaitOk, Some(Down::SubscribeOk(ok))) => {
-                self.parent = Some(ParentInfo {
-                    name: ok.parent_name,
-                    depth: ok.parent_depth,
-                    root_path: ok.root_path,
-                    core_addrs: ok.core_addrs,
-                });
                 self.upstream = if ok.resume {
                     Upstream::Streaming
                 } else {
@@ -845,10 +814,6 @@ impl Replica {
                     return Err(ReplicaError::Cycle(h.root_path));
                 }
                 self.commit_known = self.commit_known.max(h.commit_version);
-                if let (Some(p), false) = (self.parent.as_mut(), h.root_path.is_empty()) {
-                    p.depth = (h.root_path.len() - 1) as u32;
-                    p.root_path = h.root_path;
-                }
                 self.upstream = state;
                 Ok(vec![])
             }

@@ -109,23 +109,13 @@ fn refused_frame(reason: &str) -> Bytes {
     }))
 }
 
-fn parent_info() -> ParentInfo {
-    ParentInfo {
-        name: "core-a".into(),
-        depth: 0,
-        root_path: vec!["core-a".into()],
-        core_addrs: vec!["10.0.0.1:4433".into(), "10.0.0.9:4433".into()],
-    }
-}
-
 fn ok_frame(resume: bool) -> Bytes {
-    let p = parent_info();
     frame(Down::SubscribeOk(proto::SubscribeOk {
-        parent_name: p.name,
-        parent_depth: p.depth,
+        parent_name: "core-a".into(),
+        parent_depth: 0,
         resume,
-        core_addrs: p.core_addrs,
-        root_path: p.root_path,
+        core_addrs: vec!["10.0.0.1:4433".into(), "10.0.0.9:4433".into()],
+        root_path: vec!["core-a".into()],
         chunk_size: CS,
         fetch_sources: vec![],
     }))
@@ -687,10 +677,16 @@ fn update_over_max_len_is_rejected_atomically() {
 #[test]
 fn heartbeat_frame_carries_commit_known() {
     let mut r = core(1 << 20, 100);
-    let path = r.root_path();
-    assert_eq!(r.heartbeat(T0), heartbeat_with_path(0, T0, path.clone()));
+    let path = vec!["core-a".to_string()];
+    assert_eq!(
+        r.heartbeat(T0, path.clone(), vec![]),
+        heartbeat_with_path(0, T0, path.clone())
+    );
     apply(&mut r, 3, &upd(vec![w(0, b"a")]), T0);
-    assert_eq!(r.heartbeat(T0 + 9), heartbeat_with_path(3, T0 + 9, path));
+    assert_eq!(
+        r.heartbeat(T0 + 9, path.clone(), vec![]),
+        heartbeat_with_path(3, T0 + 9, path)
+    );
 }
 
 #[test]
@@ -741,7 +737,6 @@ fn full_subscription_flow_then_live_entries() {
     let (mut parent, _) = parent_at_v4(3);
     let mut child = relay();
     assert!(!child.is_synced());
-    assert_eq!(child.parent(), None);
     assert_eq!(
         plan(&child, &sub_at(0, &[])),
         Plan::Refuse("not synced yet".into())
@@ -765,7 +760,6 @@ fn full_subscription_flow_then_live_entries() {
     assert_eq!(state_of(&file), state(&parent));
 
     assert_eq!(feed(&mut child, &ok_frame(false)), Ok(vec![]));
-    assert_eq!(child.parent(), Some(&parent_info()));
     let mut frames = snapshot_frames(&file, parent.last_commit_time_us(), &[]);
     let begin = frames.next().unwrap();
     assert_eq!(feed(&mut child, &begin), Ok(vec![]));
@@ -809,7 +803,7 @@ fn full_subscription_flow_then_live_entries() {
     for (i, u) in &updates {
         live.extend(broadcasts(&apply(&mut parent, *i, u, T0 + i)));
     }
-    live.push(parent.heartbeat(T0 + 100));
+    live.push(parent.heartbeat(T0 + 100, vec![], vec![]));
     assert_eq!(live.len(), 5, "3 entries, 1 checkpoint, 1 heartbeat");
 
     let mut child_out = Vec::new();
@@ -1000,21 +994,17 @@ fn heartbeat_while_streaming_and_during_snapshot() {
         state(&parent),
         "heartbeats do not touch the file"
     );
+    let path: Vec<String> = vec!["core".into(), "mid".into(), "c".into()];
     assert_eq!(
-        child.heartbeat(T0 + 3),
-        heartbeat_with_path(12, T0 + 3, child.root_path())
+        child.heartbeat(T0 + 3, path.clone(), vec![]),
+        heartbeat_with_path(12, T0 + 3, path)
     );
-    // A heartbeat naming a path updates the child's depth; one that contains the child is a
-    // cycle.
+    // A heartbeat naming a path is taken (the driver's overlay keeps the path); one that
+    // contains the child is a cycle.
     let path: Vec<String> = vec!["core".into(), "mid".into()];
     assert_eq!(
         feed(&mut child, &heartbeat_with_path(12, T0 + 4, path.clone())),
         Ok(vec![])
-    );
-    assert_eq!(child.parent().map(|p| p.depth), Some(1));
-    assert_eq!(
-        child.root_path(),
-        vec!["core".to_string(), "mid".into(), "c".into()]
     );
     let cyclic: Vec<String> = vec!["core".into(), "c".into(), "mid".into()];
     assert_eq!(
@@ -1335,7 +1325,6 @@ fn refused_in_any_state() {
     assert!(!err.needs_full_resync());
     assert_eq!(err.label(), "refused");
     assert_eq!(err.to_string(), "parent refused: not synced yet");
-    assert_eq!(c.parent(), None);
 
     // Also mid-snapshot and while streaming.
     let _ = c.subscribe("c", "a:1", false);
@@ -1918,7 +1907,7 @@ proptest! {
                 events.extend(parent.checkpoint());
             }
             if step.extra == 4 {
-                events.push(Event::Broadcast(parent.heartbeat(now)));
+                events.push(Event::Broadcast(parent.heartbeat(now, vec![], vec![])));
             }
 
             if connected {

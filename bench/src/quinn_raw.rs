@@ -3,7 +3,7 @@
 //! Each round builds two fresh quinn endpoints on loopback (a server and a client), connects
 //! the client (mutual TLS 1.3, ring provider), and has the server stream `--size` bytes on ONE
 //! unidirectional stream of that ONE connection, in `--chunk`-byte `Bytes` handed to
-//! `write_chunk` (no copy, like Canopy's `wire::write_raw`). The client reads with
+//! `write_chunk` (no copy, like Canopy's `transport::write_raw`). The client reads with
 //! `read_chunk` (no copy) and only counts bytes: no framing, no hashing, no disk. The time runs
 //! from the start of `connect` (handshake included) to the last byte received.
 //!
@@ -17,7 +17,7 @@
 //! - `raw`: the bytes as they are (the limit);
 //! - `frames`: the server sends what a Canopy parent sends for a full transfer (a
 //!   `SubscribeOk`, then `canopy::replica::snapshot_frames_below`: the manifest, one protobuf
-//!   frame per 64 KiB chunk written in parts as `serve_child` does, the end), and the client reads them with `canopy::wire::read_raw` and
+//!   frame per 64 KiB chunk written in parts as `serve_child` does, the end), and the client reads them with `canopy::transport::read_raw` and
 //!   decodes each one, as `upstream.rs` does;
 //! - `replica`: as `frames`, and every frame also goes through a real child
 //!   `canopy::replica::Replica::handle_downstream` (each chunk checked against the manifest,
@@ -210,7 +210,7 @@ async fn one_round(
                 });
                 send.write_chunk(ok).await?;
                 for (_, f) in snapshot_frames_below(&file, 0, &[], || u64::MAX) {
-                    canopy::wire::write_parts(&mut send, &f).await?;
+                    canopy::transport::write_parts(&mut send, &f).await?;
                 }
             }
         }
@@ -241,7 +241,7 @@ async fn one_round(
             let mut replica = Replica::new(StreamConfig::default().replica(), false)?;
             let _ = replica.subscribe("raw-client", "127.0.0.1:0", false);
             let mut installed = false;
-            while let Some(raw) = wire::read_raw(&mut recv, max).await? {
+            while let Some(raw) = canopy::transport::read_raw(&mut recv, max).await? {
                 if first_byte.is_none() {
                     first_byte = Some(start.elapsed());
                 }

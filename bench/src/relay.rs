@@ -24,6 +24,7 @@ pub async fn start(
         kind: NodeKind::Relay { join },
         stream,
         overlay: Default::default(),
+        seed: None,
     };
     Ok(canopy::node::Node::start(cfg, endpoint, api, shutdown).await?)
 }

@@ -15,7 +15,8 @@ use super::tests::{write, Pki, TestSm};
 use super::*;
 use crate::file::Precondition;
 use crate::proto::{self, request};
-use crate::wire::{self, DEFAULT_MAX_FRAME};
+use crate::transport as wire;
+use crate::wire::DEFAULT_MAX_FRAME;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 

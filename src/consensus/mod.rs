@@ -140,30 +140,7 @@ impl<'de> serde::Deserialize<'de> for Cmd {
     }
 }
 
-/// Result of applying one committed proposal to the file (deterministic on every core node).
-///
-/// Entries that carry no proposal (openraft's blank and membership entries) answer
-/// `Applied` with the unchanged current version; only openraft's own calls see those answers.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum ApplyOutcome {
-    /// The update was applied; the file is now at `version`.
-    Applied { version: u64 },
-    /// The precondition did not hold; nothing changed; the file stays at `version`.
-    PreconditionFailed { version: u64 },
-    /// The update is invalid (e.g. beyond the maximum length); nothing changed.
-    Rejected { version: u64, reason: String },
-}
-
-impl ApplyOutcome {
-    /// The file version after this outcome.
-    pub fn version(&self) -> u64 {
-        match self {
-            ApplyOutcome::Applied { version }
-            | ApplyOutcome::PreconditionFailed { version }
-            | ApplyOutcome::Rejected { version, .. } => *version,
-        }
-    }
-}
+pub use crate::file::ApplyOutcome;
 
 openraft::declare_raft_types!(
     /// openraft type configuration of the core's Raft group.

@@ -49,7 +49,8 @@ use super::log_store::{entry_from_proto, entry_to_proto};
 use super::{Core, Member, NodeId, TypeConfig};
 use crate::proto::{self, raft_reply, raft_rpc, request};
 use crate::tls::{self, Role};
-use crate::wire::{self, WireError};
+use crate::transport::{self, StreamError};
+use crate::wire;
 
 /// Longest time one dial (address resolution plus QUIC handshake) may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -92,7 +93,7 @@ pub enum TransportError {
         found: String,
     },
     #[error("raft rpc stream: {0}")]
-    Wire(#[from] WireError),
+    Wire(#[from] StreamError),
     #[error("peer closed the stream without a reply")]
     NoReply,
     #[error("peer could not serve the rpc: {0}")]
@@ -268,13 +269,13 @@ impl Peer {
             stream: send,
             complete: false,
         };
-        wire::write_raw(&mut out.stream, &frame)
+        transport::write_raw(&mut out.stream, &frame)
             .await
             .map_err(classify)?;
         out.complete = true;
         let _ = out.stream.finish();
         drop(frame);
-        let reply = wire::read_frame::<proto::RaftReply>(&mut recv, self.max_frame)
+        let reply = transport::read_frame::<proto::RaftReply>(&mut recv, self.max_frame)
             .await
             .map_err(classify)?
             .ok_or(TransportError::NoReply)?;
@@ -581,13 +582,11 @@ async fn dial_inner(
     }
 }
 
-fn classify(e: WireError) -> Failure {
-    match e {
-        WireError::Read(quinn::ReadError::ConnectionLost(_))
-        | WireError::Write(quinn::WriteError::ConnectionLost(_)) => {
-            Failure::Unreachable(TransportError::Wire(e))
-        }
-        e => Failure::Network(TransportError::Wire(e)),
+fn classify(e: StreamError) -> Failure {
+    if e.is_connection_lost() {
+        Failure::Unreachable(TransportError::Wire(e))
+    } else {
+        Failure::Network(TransportError::Wire(e))
     }
 }
 
