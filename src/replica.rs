@@ -19,10 +19,12 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use crate::file::ApplyOutcome;
-use crate::file::{ChunkedFile, FileBuilder, FileError, Hash, Precondition, Update};
+use crate::file::{ApplyOutcome, ChunkedFile, FileError, Hash, Precondition, Update};
 use crate::proto::{self, downstream::Kind as Down};
+use crate::transfer::{Receiving, Salvage, TransferError};
 use crate::wire;
+
+pub use crate::transfer::{snapshot_frames, snapshot_frames_below};
 
 /// Tuning of the replica; see [`crate::config`] for where these come from.
 #[derive(Clone, Debug)]
@@ -89,6 +91,16 @@ pub enum ReplicaError {
     File(#[from] FileError),
 }
 
+impl From<TransferError> for ReplicaError {
+    fn from(e: TransferError) -> Self {
+        match e {
+            TransferError::BadChunk { index } => Self::BadChunk { index },
+            TransferError::BadManifest { root } => Self::BadManifest { root },
+            TransferError::File(f) => Self::File(f),
+        }
+    }
+}
+
 impl ReplicaError {
     /// True when the local content can no longer be trusted and only a full transfer fixes it.
     pub fn needs_full_resync(&self) -> bool {
@@ -126,15 +138,9 @@ enum Upstream {
     Idle,
     AwaitOk,
     AwaitSnapshot,
-    Snapshot {
-        builder: FileBuilder,
-        version: u64,
-        commit_time_us: u64,
-        manifest: Vec<Hash>,
-        /// The parent's `SnapshotEnd` came while chunks fetched from other sources were
-        /// still missing: [`Replica::finish_snapshot`] completes it.
-        ended: bool,
-    },
+    /// A transfer; once its `SnapshotEnd` came while chunks fetched from other sources were
+    /// still missing, [`Replica::finish_snapshot`] completes it.
+    Snapshot(Box<Receiving>),
     Streaming,
 }
 
@@ -144,7 +150,7 @@ impl Upstream {
             Upstream::Idle => "idle",
             Upstream::AwaitOk => "awaiting subscribe_ok",
             Upstream::AwaitSnapshot => "awaiting snapshot",
-            Upstream::Snapshot { .. } => "receiving snapshot",
+            Upstream::Snapshot(_) => "receiving snapshot",
             Upstream::Streaming => "streaming",
         }
     }
@@ -174,14 +180,6 @@ pub struct Replica {
     salvage: Salvage,
 }
 
-/// Chunks of an interrupted transfer that were verified against its manifest, kept by
-/// hash so that the next transfer (from any source) skips them.
-#[derive(Default)]
-struct Salvage {
-    manifest: Vec<Hash>,
-    chunks: std::collections::HashMap<Hash, Bytes>,
-}
-
 /// Proposal ids remembered for deduplication (per core node, rebuilt by log replay).
 pub const DEDUPE_WINDOW: usize = 100_000;
 
@@ -197,10 +195,6 @@ fn frame_name(kind: &Option<Down>) -> &'static str {
         Some(Down::Heartbeat(_)) => "heartbeat",
         Some(Down::Refused(_)) => "refused",
     }
-}
-
-fn to_hash(b: &[u8]) -> Option<Hash> {
-    b.try_into().ok()
 }
 
 impl Replica {
@@ -479,35 +473,15 @@ impl Replica {
             have_version,
             have_root,
             listen_addr: listen_addr.to_string(),
-            have_chunks: self.have_chunks(),
+            have_chunks: self.salvage.have_chunks(&self.file),
         }
-    }
-
-    /// This node's chunk hash at each index: its file's, or, past an interrupted transfer,
-    /// the manifest's where the chunk was received and verified.
-    fn have_chunks(&self) -> Vec<Bytes> {
-        let own = self.file.chunk_count() as usize;
-        let n = own.max(self.salvage.manifest.len());
-        (0..n)
-            .map(|i| {
-                let salvaged = self
-                    .salvage
-                    .manifest
-                    .get(i)
-                    .filter(|h| self.salvage.chunks.contains_key(*h));
-                match salvaged.copied().or_else(|| self.file.chunk_hash(i as u64)) {
-                    Some(h) => Bytes::copy_from_slice(&h),
-                    None => Bytes::new(),
-                }
-            })
-            .collect()
     }
 
     /// A full or diff transfer in progress: (bytes held so far, including chunks reused from
     /// the local copy, and the file's length).
     pub fn backfill_progress(&self) -> Option<(u64, u64)> {
         match &self.upstream {
-            Upstream::Snapshot { builder, .. } => Some((builder.bytes_present(), builder.len())),
+            Upstream::Snapshot(r) => Some(r.progress()),
             _ => None,
         }
     }
@@ -516,14 +490,7 @@ impl Replica {
     /// the manifest, for fetching chunks from other sources.
     pub fn snapshot_wanted(&self) -> Option<(u64, Vec<u64>, Vec<Hash>)> {
         match &self.upstream {
-            Upstream::Snapshot {
-                builder,
-                version,
-                manifest,
-                ..
-            } if !manifest.is_empty() => {
-                Some((*version, builder.missing_indices(), manifest.clone()))
-            }
+            Upstream::Snapshot(r) => r.wanted(),
             _ => None,
         }
     }
@@ -539,49 +506,34 @@ impl Replica {
         data: Bytes,
         hash: Hash,
     ) -> Result<bool, ReplicaError> {
-        let Upstream::Snapshot {
-            builder,
-            version: v,
-            manifest,
-            ..
-        } = &mut self.upstream
-        else {
-            return Ok(false);
-        };
-        if *v != version || builder.has_chunk(index) {
-            return Ok(false);
+        match &mut self.upstream {
+            Upstream::Snapshot(r) => {
+                Ok(r.take_fetched(version, index, data, hash, &mut self.salvage)?)
+            }
+            _ => Ok(false),
         }
-        if manifest.get(index as usize) != Some(&hash) {
-            return Err(ReplicaError::BadChunk { index });
-        }
-        self.salvage.chunks.insert(hash, data.clone());
-        builder.put_hashed_chunk(index, data, hash)?;
-        Ok(true)
     }
 
     /// Child side: the parent's `SnapshotEnd` came but chunks fetched elsewhere are missing;
     /// the driver must not feed further frames until [`Replica::finish_snapshot`].
     pub fn snapshot_waiting(&self) -> bool {
-        matches!(&self.upstream, Upstream::Snapshot { builder, ended: true, .. } if builder.missing() > 0)
+        matches!(&self.upstream, Upstream::Snapshot(r) if r.waiting())
     }
 
     /// Child side: installs the transfer once its `SnapshotEnd` came and every chunk is in.
     pub fn finish_snapshot(&mut self) -> Result<Vec<Event>, ReplicaError> {
         let state = std::mem::replace(&mut self.upstream, Upstream::Idle);
-        let Upstream::Snapshot {
-            builder,
-            commit_time_us,
-            ended: true,
-            ..
-        } = state
-        else {
-            self.upstream = state;
-            return Err(ReplicaError::Unexpected {
-                frame: "finish",
-                state: "not at the end of a transfer",
-            });
+        let r = match state {
+            Upstream::Snapshot(r) if r.is_ended() => r,
+            state => {
+                self.upstream = state;
+                return Err(ReplicaError::Unexpected {
+                    frame: "finish",
+                    state: "not at the end of a transfer",
+                });
+            }
         };
-        let file = builder.finish()?;
+        let (file, commit_time_us) = r.finish()?;
         let version = file.version();
         let mut events = self.install(file);
         self.last_commit_time_us = commit_time_us;
@@ -601,12 +553,12 @@ impl Replica {
         if self.file.chunk_hash(index).as_ref() == Some(hash) {
             return self.file.chunk(index);
         }
-        self.salvage.chunks.get(hash).cloned()
+        self.salvage.find(hash)
     }
 
     /// Bytes of verified chunks kept from interrupted transfers.
     pub fn salvaged_bytes(&self) -> u64 {
-        self.salvage.chunks.values().map(|c| c.len() as u64).sum()
+        self.salvage.bytes()
     }
 
     /// Child side: the next frame fed in will be a new parent's `SubscribeOk` (after a
@@ -669,101 +621,20 @@ impl Replica {
                 Ok(vec![])
             }
             (Upstream::AwaitSnapshot, Some(Down::SnapshotBegin(b))) => {
-                let root = to_hash(&b.root).ok_or(FileError::BadHash { len: b.root.len() })?;
-                let mut builder =
-                    FileBuilder::new(b.chunk_size, self.cfg.max_len, b.length, b.version, root)?;
-                let mut manifest = Vec::with_capacity(b.chunk_hashes.len());
-                for h in &b.chunk_hashes {
-                    manifest.push(to_hash(h).ok_or(FileError::BadHash { len: h.len() })?);
-                }
-                if !manifest.is_empty() {
-                    if manifest.len() as u64 != builder.chunk_count()
-                        || crate::file::root_of(b.chunk_size, b.length, &manifest) != root
-                    {
-                        return Err(ReplicaError::BadManifest {
-                            root: hex::encode(root),
-                        });
-                    }
-                    for (i, h) in manifest.iter().enumerate() {
-                        let i = i as u64;
-                        let expected = crate::file::chunk_len_for(b.length, b.chunk_size, i);
-                        if let Some(data) = self.salvage.chunks.get(h) {
-                            if data.len() as u64 == expected {
-                                builder.put_hashed_chunk(i, data.clone(), *h)?;
-                                continue;
-                            }
-                        }
-                        if self.file.chunk_size() == b.chunk_size
-                            && self.file.chunk_hash(i) == Some(*h)
-                        {
-                            if let Some(data) = self.file.chunk(i) {
-                                if data.len() as u64 == expected {
-                                    builder.put_hashed_chunk(i, data, *h)?;
-                                }
-                            }
-                        }
-                    }
-                }
-                self.salvage.manifest = manifest.clone();
-                self.upstream = Upstream::Snapshot {
-                    builder,
-                    version: b.version,
-                    commit_time_us: b.commit_time_unix_us,
-                    manifest,
-                    ended: false,
-                };
+                let r = Receiving::begin(b, self.cfg.max_len, &self.file, &mut self.salvage)?;
+                self.upstream = Upstream::Snapshot(Box::new(r));
                 Ok(vec![])
             }
-            (
-                Upstream::Snapshot {
-                    mut builder,
-                    version,
-                    commit_time_us,
-                    manifest,
-                    ended: false,
-                },
-                Some(Down::SnapshotChunk(c)),
-            ) => {
-                match manifest.get(c.index as usize) {
-                    // Fetched from another source already (the push was past the limit).
-                    Some(_) if builder.has_chunk(c.index) => {}
-                    Some(h) => {
-                        let got = chunk_hash.unwrap_or_else(|| crate::file::leaf_hash(&c.data));
-                        if got != *h {
-                            return Err(ReplicaError::BadChunk { index: c.index });
-                        }
-                        self.salvage.chunks.insert(*h, c.data.clone());
-                        builder.put_hashed_chunk(c.index, c.data, *h)?;
-                    }
-                    None => builder.put_chunk(c.index, c.data)?,
-                }
-                self.upstream = Upstream::Snapshot {
-                    builder,
-                    version,
-                    commit_time_us,
-                    manifest,
-                    ended: false,
-                };
+            (Upstream::Snapshot(mut r), Some(Down::SnapshotChunk(c))) if !r.is_ended() => {
+                r.take_pushed(c, chunk_hash, &mut self.salvage)?;
+                self.upstream = Upstream::Snapshot(r);
                 Ok(vec![])
             }
-            (
-                Upstream::Snapshot {
-                    builder,
-                    version,
-                    commit_time_us,
-                    manifest,
-                    ended: false,
-                },
-                Some(Down::SnapshotEnd(_)),
-            ) => {
-                self.upstream = Upstream::Snapshot {
-                    builder,
-                    version,
-                    commit_time_us,
-                    manifest,
-                    ended: true,
-                };
-                if self.snapshot_waiting() {
+            (Upstream::Snapshot(mut r), Some(Down::SnapshotEnd(_))) if !r.is_ended() => {
+                r.end();
+                let waiting = r.waiting();
+                self.upstream = Upstream::Snapshot(r);
+                if waiting {
                     return Ok(vec![]);
                 }
                 self.finish_snapshot()
@@ -835,7 +706,10 @@ impl Replica {
                 sub.have_version
             ));
         }
-        let have = (sub.have_version, to_hash(&sub.have_root));
+        let have = (
+            sub.have_version,
+            <Hash>::try_from(sub.have_root.as_ref()).ok(),
+        );
         if have == (self.file.version(), Some(self.file.root())) {
             return SubscribePlan::Resume(Vec::new());
         }
@@ -857,59 +731,6 @@ impl Replica {
         }
         SubscribePlan::Snapshot(self.file.clone())
     }
-}
-
-/// The frames of a full transfer of `file`: `SnapshotBegin` (with the manifest), one
-/// `SnapshotChunk` per chunk the child lacks (`have` holds the child's chunk hashes; a chunk
-/// whose hash it already holds at the same index is skipped), `SnapshotEnd`. Produced lazily
-/// so a 50 MB snapshot is never encoded all at once.
-pub fn snapshot_frames<'a>(
-    file: &'a ChunkedFile,
-    commit_time_us: u64,
-    have: &'a [Bytes],
-) -> impl Iterator<Item = Bytes> + 'a {
-    snapshot_frames_below(file, commit_time_us, have, || u64::MAX).map(|(_, f)| f.concat())
-}
-
-/// [`snapshot_frames`] in parts, each with its chunk index (`None` for the begin and the
-/// end), for a child that fetches part of the transfer elsewhere: a chunk is sent only if
-/// its index is below `limit()`, asked just before the chunk is framed (the child lowers it
-/// with `SnapshotLimit` while the transfer runs). A chunk's bytes are shared with the file,
-/// not copied into its frame.
-pub fn snapshot_frames_below<'a>(
-    file: &'a ChunkedFile,
-    commit_time_us: u64,
-    have: &'a [Bytes],
-    limit: impl Fn() -> u64 + 'a,
-) -> impl Iterator<Item = (Option<u64>, wire::Parts)> + 'a {
-    let hashes = file.chunk_hashes();
-    let begin = wire::encode(&proto::Downstream {
-        kind: Some(Down::SnapshotBegin(proto::SnapshotBegin {
-            version: file.version(),
-            length: file.len(),
-            root: Bytes::copy_from_slice(&file.root()),
-            chunk_size: file.chunk_size(),
-            commit_time_unix_us: commit_time_us,
-            chunk_hashes: hashes.iter().map(|h| Bytes::copy_from_slice(h)).collect(),
-        })),
-    });
-    let chunks = (0..file.chunk_count())
-        .filter(move |i| {
-            have.get(*i as usize).map(|h| h.as_ref()) != Some(&hashes[*i as usize][..])
-                && *i < limit()
-        })
-        .map(move |i| {
-            (
-                Some(i),
-                wire::encode_chunk(i, file.chunk(i).unwrap_or_default()),
-            )
-        });
-    let end = wire::encode(&proto::Downstream {
-        kind: Some(Down::SnapshotEnd(proto::SnapshotEnd {})),
-    });
-    std::iter::once((None, begin.into()))
-        .chain(chunks)
-        .chain(std::iter::once((None, end.into())))
 }
 
 #[cfg(test)]
