@@ -482,7 +482,218 @@ async fn remove_member<B: Backend>(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use std::sync::Arc;
+
+    use parking_lot::Mutex;
+
+    use super::*;
+
+    /// A node reduced to its file: writes apply locally, in order, with their preconditions.
+    #[derive(Clone)]
+    struct Fake {
+        file: Arc<Mutex<ChunkedFile>>,
+        versions: Arc<watch::Sender<(u64, u64)>>,
+    }
+
+    impl Fake {
+        fn new() -> Self {
+            Self {
+                file: Arc::new(Mutex::new(ChunkedFile::new(16, 1 << 20).unwrap())),
+                versions: Arc::new(watch::channel((0, 0)).0),
+            }
+        }
+    }
+
+    impl Backend for Fake {
+        fn status(&self) -> Status {
+            let f = self.file.lock();
+            Status {
+                name: "fake".into(),
+                role: "relay".into(),
+                version: f.version(),
+                root: f.root_hex(),
+                length: f.len(),
+                parent: String::new(),
+                parent_addr: String::new(),
+                children: vec![],
+                child_addrs: vec![],
+                depth: None,
+                root_path: vec![],
+                synced: true,
+                commit_version: f.version(),
+                lag_entries: 0,
+                lag_seconds: 0.0,
+                file_version: None,
+                core_addrs: vec![],
+                stats: StatsView {
+                    entries_applied: 0,
+                    snapshots_installed: 0,
+                    gaps: 0,
+                    resumes: 0,
+                    backfill_received_bytes: 0,
+                    backfill_from_peers_bytes: 0,
+                    bad_chunks: 0,
+                    relayed_bytes: 0,
+                },
+                backfill: None,
+                backfills_serving: 0,
+                backfills_serving_most: 0,
+                core: None,
+            }
+        }
+
+        fn file(&self) -> ChunkedFile {
+            self.file.lock().clone()
+        }
+
+        fn versions(&self) -> watch::Receiver<(u64, u64)> {
+            self.versions.subscribe()
+        }
+
+        fn max_update_bytes(&self) -> u64 {
+            64
+        }
+
+        async fn write(
+            &self,
+            update: Update,
+            precondition: Option<Precondition>,
+        ) -> Result<ApplyOutcome, BackendError> {
+            if update.byte_size() > 64 {
+                return Err(BackendError::TooLarge("over 64 bytes".into()));
+            }
+            let mut f = self.file.lock();
+            let version = f.version();
+            if precondition.is_some_and(|p| !f.check(&p)) {
+                return Ok(ApplyOutcome::PreconditionFailed { version });
+            }
+            f.apply(version + 1, &update)
+                .map_err(|e| BackendError::Invalid(e.to_string()))?;
+            self.versions.send_replace((version + 1, 0));
+            Ok(ApplyOutcome::Applied {
+                version: version + 1,
+            })
+        }
+
+        async fn replace(
+            &self,
+            content: Bytes,
+            if_version: Option<u64>,
+        ) -> Result<ApplyOutcome, BackendError> {
+            let (update, version) = {
+                let f = self.file.lock();
+                (f.diff_to(&content), f.version())
+            };
+            let v = if_version.unwrap_or(version);
+            self.write(update, Some(Precondition::IfVersion(v))).await
+        }
+
+        async fn tree(&self) -> Vec<proto::TreeNode> {
+            vec![]
+        }
+
+        async fn admin(&self, _admin: proto::Admin) -> Result<(), BackendError> {
+            Err(BackendError::Invalid("this node is not a core node".into()))
+        }
+    }
+
+    async fn serve(fake: Fake) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router(fake)).await });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn writes_reads_ranges_and_preconditions_against_a_fake_backend() {
+        let fake = Fake::new();
+        let url = serve(fake.clone()).await;
+        let c = reqwest::Client::new();
+        let r = c
+            .patch(format!("{url}/v1/file?offset=4"))
+            .body("hello")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), r#"{"version":1}"#);
+
+        let r = c.get(format!("{url}/v1/file")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-canopy-version"], "1");
+        assert_eq!(
+            r.headers()["x-canopy-root"],
+            fake.file.lock().root_hex().as_str()
+        );
+        assert_eq!(&r.bytes().await.unwrap()[..], b"\0\0\0\0hello");
+
+        let r = c
+            .get(format!("{url}/v1/file"))
+            .header("range", "bytes=5-6")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 206);
+        assert_eq!(r.headers()["content-range"], "bytes 5-6/9");
+        assert_eq!(&r.bytes().await.unwrap()[..], b"el");
+
+        let r = c
+            .put(format!("{url}/v1/file?if_version=0"))
+            .body("other")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 409);
+        assert_eq!(
+            r.json::<serde_json::Value>().await.unwrap(),
+            json!({"error": "precondition failed", "version": 1})
+        );
+
+        let r = c
+            .patch(format!("{url}/v1/file?offset=0"))
+            .body(vec![7u8; 65])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413);
+
+        let r = c
+            .post(format!("{url}/v1/file/truncate"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        assert_eq!(
+            r.json::<serde_json::Value>().await.unwrap(),
+            json!({"error": "truncate needs ?len=N"})
+        );
+
+        let r = c
+            .get(format!("{url}/v1/core/members"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+    }
+
+    #[tokio::test]
+    async fn a_watch_answers_when_the_version_passes_after() {
+        let fake = Fake::new();
+        let url = serve(fake.clone()).await;
+        let c = reqwest::Client::new();
+        let watch = c.get(format!("{url}/v1/watch?after=0&timeout=30")).send();
+        let write = async {
+            let update = Update {
+                ops: vec![Op::Truncate { len: 3 }],
+            };
+            fake.write(update, None).await.unwrap()
+        };
+        let (r, _) = tokio::join!(watch, write);
+        let s: serde_json::Value = r.unwrap().json().await.unwrap();
+        assert_eq!(s["version"], 1);
+        assert_eq!(s["length"], 3);
+        assert_eq!(s["depth"], serde_json::Value::Null);
+    }
 
     #[test]
     fn ranges() {

@@ -103,3 +103,163 @@ async fn ticker(shared: Arc<Shared>) {
         dispatch(&shared, &mut st, events);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use parking_lot::Mutex;
+
+    use super::*;
+    use crate::config::StreamConfig;
+    use crate::consensus::RaftConfig;
+    use crate::file::Precondition;
+    use crate::replica::Replica;
+    use crate::tls::{self, Role, TransportConfig};
+    use crate::wire::DEFAULT_MAX_FRAME;
+
+    /// openraft's state machine over the real replica, as `CoreSm` is minus the driver.
+    struct ReplicaSm(Mutex<Replica>, std::sync::atomic::AtomicUsize);
+
+    impl FileStateMachine for ReplicaSm {
+        fn apply(&self, log_index: u64, proposal: &proto::Proposal) -> ApplyOutcome {
+            self.0
+                .lock()
+                .apply_committed(log_index, proposal, now_us())
+                .0
+        }
+
+        fn current(&self) -> ChunkedFile {
+            self.0.lock().file().clone()
+        }
+
+        fn install(&self, file: ChunkedFile) {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.lock().install(file);
+        }
+    }
+
+    fn replica_sm() -> Arc<ReplicaSm> {
+        let replica = Replica::new(StreamConfig::default().replica(), true).unwrap();
+        Arc::new(ReplicaSm(Mutex::new(replica), Default::default()))
+    }
+
+    async fn open(dir: &std::path::Path, cfg: &RaftConfig) -> (Core, Arc<ReplicaSm>) {
+        let ca = dir.join("ca");
+        let certs = dir.join("certs");
+        if !certs.join("core-a.pem").exists() {
+            tls::ca_init(&ca).unwrap();
+            tls::cert_issue(&ca, "core-a", Role::Core, &certs).unwrap();
+        }
+        let id = tls::Identity::load(&certs, "core-a").unwrap();
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let endpoint = tls::endpoint_from_socket(sock, &id, &TransportConfig::default()).unwrap();
+        let me = Member {
+            name: "core-a".into(),
+            addr: endpoint.local_addr().unwrap().to_string(),
+        };
+        let sm = replica_sm();
+        let core = Core::open(me, dir, sm.clone(), cfg, endpoint, DEFAULT_MAX_FRAME)
+            .await
+            .unwrap();
+        (core, sm)
+    }
+
+    fn write(offset: u64, data: &[u8], precondition: Option<Precondition>) -> proto::Proposal {
+        let update = crate::file::Update {
+            ops: vec![crate::file::Op::Write {
+                offset,
+                data: Bytes::copy_from_slice(data),
+            }],
+        };
+        proto::Proposal {
+            update: Some((&update).into()),
+            precondition: precondition.as_ref().map(Into::into),
+            id: Bytes::copy_from_slice(&offset.to_le_bytes()),
+            ..Default::default()
+        }
+    }
+
+    /// A snapshot of the real replica's file, restored by a fresh replica after a restart,
+    /// holds the same version, root and bytes; conditional and batched proposals included.
+    #[tokio::test]
+    async fn a_snapshot_of_the_real_replica_restores_its_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RaftConfig {
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
+            snapshot_every_entries: 7,
+            keep_logs_after_snapshot: 2,
+            ..RaftConfig::default()
+        };
+        let (core, sm) = open(dir.path(), &cfg).await;
+        core.initialize_single().await.unwrap();
+        core.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+        let mut version = 0;
+        for i in 0..20u64 {
+            let data = format!("entry-{i:04}").into_bytes();
+            match core.propose(write(i * 70_000, &data, None)).await.unwrap() {
+                ApplyOutcome::Applied { version: v } if v > version => version = v,
+                other => panic!("write {i}: {other:?} after version {version}"),
+            }
+        }
+        let stale = core
+            .propose(write(5, b"late", Some(Precondition::IfVersion(3))))
+            .await
+            .unwrap();
+        assert_eq!(stale, ApplyOutcome::PreconditionFailed { version });
+        let batch = proto::Proposal {
+            batch: vec![write(1, b"b1", None), write(2, b"b2", None)],
+            ..Default::default()
+        };
+        core.propose(batch).await.unwrap();
+        let last = core.raft().metrics().borrow().last_applied.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            core.raft().trigger().snapshot().await.unwrap();
+            let done = core
+                .raft()
+                .wait(Some(Duration::from_millis(500)))
+                .metrics(
+                    |m| m.snapshot.is_some_and(|s| s.index >= last.index),
+                    "a snapshot of the last entry",
+                )
+                .await;
+            match done {
+                Ok(_) => break,
+                Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+            }
+        }
+        let before = sm.current();
+        assert!(
+            before.version() > version,
+            "the batch applied as one more version"
+        );
+        assert_eq!(
+            before.read(0, 5),
+            b"ebb2y",
+            "both writes of the batch, in order"
+        );
+        core.shutdown().await.unwrap();
+        drop(core);
+
+        let (core, sm) = open(dir.path(), &cfg).await;
+        core.raft()
+            .wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(Some(last.index), "replayed")
+            .await
+            .unwrap();
+        let installs = sm.1.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            installs, 1,
+            "restored from the snapshot, not only by replay"
+        );
+        let after = sm.current();
+        assert_eq!(after.version(), before.version());
+        assert_eq!(after.root(), before.root());
+        assert_eq!(after.to_vec(), before.to_vec());
+        core.shutdown().await.unwrap();
+    }
+}
