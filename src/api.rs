@@ -3,6 +3,9 @@
 //! Invariants: every write answers only after it is committed (and, with `?wait=applied`,
 //! applied on this node); a read serves one whole version, named by `X-Canopy-Version` and
 //! `X-Canopy-Root`; errors answer JSON `{"error": ...}` with a fitting status code.
+//! Writes (PUT, PATCH, truncate) and membership changes need `Authorization: Bearer TOKEN`
+//! (checked before any body is read; 401 otherwise); reads (status, file, watch, tree,
+//! metrics) are open.
 //!
 //! The API depends on a narrow [`Backend`] (what a node offers its local clients) and on the
 //! status types below, not on the node's insides, so it can be tested against a fake.
@@ -64,6 +67,9 @@ pub enum BackendError {
     /// Concurrent writes kept winning (409).
     #[error("{0}")]
     Contended(String),
+    /// This node, or the client, may not do that (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// The core cannot be reached or did not answer (503).
     #[error("{0}")]
     Unavailable(String),
@@ -156,8 +162,59 @@ const APPLY_WAIT: Duration = Duration::from_secs(30);
 /// Longest long poll a client may ask for.
 const MAX_WATCH: Duration = Duration::from_secs(300);
 
-/// The API's routes over `node`.
-pub fn router<B: Backend>(node: B) -> Router {
+/// The secret that writes and membership changes must present (`Authorization: Bearer`).
+#[derive(Clone)]
+pub struct ApiToken(blake3::Hash);
+
+impl ApiToken {
+    pub fn new(token: &str) -> Self {
+        Self(blake3::hash(token.as_bytes()))
+    }
+
+    /// Whether `presented` is the token (compared in constant time).
+    fn admits(&self, presented: &str) -> bool {
+        blake3::hash(presented.as_bytes()) == self.0
+    }
+}
+
+/// A request that presented the API token; an extractor on every write and admin route.
+struct Authorized;
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Authorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let token = parts.extensions.get::<ApiToken>().ok_or_else(|| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the API has no token configured".into(),
+            )
+        })?;
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(p) if token.admits(p.trim()) => Ok(Authorized),
+            Some(_) => Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "wrong API token (Authorization: Bearer TOKEN; see the node's api-token file)"
+                    .into(),
+            )),
+            None => Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "writes need the API token: Authorization: Bearer TOKEN (canopy --token-file, CANOPY_API_TOKEN, or --data on the node's host)".into(),
+            )),
+        }
+    }
+}
+
+/// The API's routes over `node`; writes and membership changes need `token`.
+pub fn router<B: Backend>(node: B, token: ApiToken) -> Router {
     let limit = node.max_update_bytes() as usize + (1 << 20);
     Router::new()
         .route("/v1/status", get(status::<B>))
@@ -180,6 +237,7 @@ pub fn router<B: Backend>(node: B) -> Router {
         )
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::Extension(token))
         .with_state(node)
 }
 
@@ -197,6 +255,7 @@ impl From<BackendError> for ApiError {
             BackendError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             BackendError::Invalid(_) => StatusCode::BAD_REQUEST,
             BackendError::Contended(_) => StatusCode::CONFLICT,
+            BackendError::Forbidden(_) => StatusCode::FORBIDDEN,
             BackendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(code, e.to_string())
@@ -363,6 +422,7 @@ async fn write_ops<B: Backend>(
 }
 
 async fn patch_file<B: Backend>(
+    _auth: Authorized,
     State(node): State<B>,
     Query(q): Query<WriteQuery>,
     body: Bytes,
@@ -377,6 +437,7 @@ async fn patch_file<B: Backend>(
 }
 
 async fn truncate_file<B: Backend>(
+    _auth: Authorized,
     State(node): State<B>,
     Query(q): Query<WriteQuery>,
 ) -> Result<Response, ApiError> {
@@ -390,6 +451,7 @@ async fn truncate_file<B: Backend>(
 }
 
 async fn put_file<B: Backend>(
+    _auth: Authorized,
     State(node): State<B>,
     Query(q): Query<WriteQuery>,
     body: Bytes,
@@ -454,6 +516,7 @@ struct AddMemberBody {
 }
 
 async fn add_member<B: Backend>(
+    _auth: Authorized,
     State(node): State<B>,
     Json(body): Json<AddMemberBody>,
 ) -> Result<Response, ApiError> {
@@ -470,6 +533,7 @@ async fn add_member<B: Backend>(
 }
 
 async fn remove_member<B: Backend>(
+    _auth: Authorized,
     State(node): State<B>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
@@ -597,10 +661,13 @@ mod tests {
         }
     }
 
+    const TOKEN: &str = "s3cret";
+
     async fn serve(fake: Fake) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router(fake)).await });
+        let app = router(fake, ApiToken::new(TOKEN));
+        tokio::spawn(async move { axum::serve(listener, app).await });
         format!("http://{addr}")
     }
 
@@ -611,6 +678,7 @@ mod tests {
         let c = reqwest::Client::new();
         let r = c
             .patch(format!("{url}/v1/file?offset=4"))
+            .bearer_auth(TOKEN)
             .body("hello")
             .send()
             .await
@@ -639,6 +707,7 @@ mod tests {
 
         let r = c
             .put(format!("{url}/v1/file?if_version=0"))
+            .bearer_auth(TOKEN)
             .body("other")
             .send()
             .await
@@ -651,6 +720,7 @@ mod tests {
 
         let r = c
             .patch(format!("{url}/v1/file?offset=0"))
+            .bearer_auth(TOKEN)
             .body(vec![7u8; 65])
             .send()
             .await
@@ -659,6 +729,7 @@ mod tests {
 
         let r = c
             .post(format!("{url}/v1/file/truncate"))
+            .bearer_auth(TOKEN)
             .send()
             .await
             .unwrap();
@@ -674,6 +745,48 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.status(), 400);
+    }
+
+    #[tokio::test]
+    async fn writes_need_the_token_reads_do_not() {
+        let url = serve(Fake::new()).await;
+        let c = reqwest::Client::new();
+        let patch = || c.patch(format!("{url}/v1/file?offset=0")).body("x");
+        let r = patch().send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert!(e["error"].as_str().unwrap().contains("API token"), "{e}");
+        assert_eq!(
+            patch().bearer_auth("wrong").send().await.unwrap().status(),
+            401
+        );
+        for (m, path) in [
+            (reqwest::Method::PUT, "/v1/file"),
+            (reqwest::Method::POST, "/v1/file/truncate?len=1"),
+            (reqwest::Method::POST, "/v1/core/members"),
+            (reqwest::Method::DELETE, "/v1/core/members/x"),
+        ] {
+            let r = c
+                .request(m.clone(), format!("{url}{path}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 401, "{m} {path}");
+        }
+        assert_eq!(
+            patch().bearer_auth(TOKEN).send().await.unwrap().status(),
+            200
+        );
+        for path in [
+            "/v1/status",
+            "/v1/file",
+            "/v1/watch?timeout=0",
+            "/v1/tree",
+            "/metrics",
+        ] {
+            let r = c.get(format!("{url}{path}")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "GET {path}");
+        }
     }
 
     #[tokio::test]

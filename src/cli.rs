@@ -15,6 +15,15 @@ use crate::config::{NodeConfig, NodeKind, StreamConfig};
 use crate::consensus::{Member, RaftConfig};
 use crate::tls::Identity;
 
+/// Where a core node's HTTP API listens without `--api`: loopback only, so that nothing off
+/// the host reaches it unless the operator says so.
+pub const DEFAULT_CORE_API: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7071);
+/// Where a relay's HTTP API listens without `--api` (another port than a core's, so both can
+/// run on one host).
+pub const DEFAULT_RELAY_API: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7171);
+
 /// Flags common to both node binaries.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NodeArgs {
@@ -30,7 +39,8 @@ pub struct NodeArgs {
     /// Address other nodes use to reach this one (default: --listen).
     #[arg(long)]
     pub advertise: Option<SocketAddr>,
-    /// TCP address of the local HTTP API (loopback by default).
+    /// TCP address of the local HTTP API (default 127.0.0.1:7071 for a core node,
+    /// 127.0.0.1:7171 for a relay).
     #[arg(long)]
     pub api: Option<SocketAddr>,
     /// Directory for durable state.
@@ -49,6 +59,10 @@ pub struct NodeArgs {
     /// Maximum number of children this node serves.
     #[arg(long)]
     pub fanout: Option<usize>,
+    /// File holding the token that API writes must present (default: DATA/api-token,
+    /// created at first start with mode 0600).
+    #[arg(long)]
+    pub api_token_file: Option<PathBuf>,
     /// Seed of the overlay's random choices (default: drawn at start and logged; pass the
     /// logged one to replay a run).
     #[arg(long)]
@@ -72,6 +86,7 @@ struct FileConfig {
     init: Option<bool>,
     peers: Option<Vec<String>>,
     seed: Option<u64>,
+    api_token_file: Option<PathBuf>,
     #[serde(default)]
     stream: Option<StreamConfig>,
     #[serde(default)]
@@ -125,10 +140,10 @@ pub fn prepare(args: &NodeArgs, role: Role) -> anyhow::Result<Prepared> {
         .listen
         .or(fc.listen)
         .ok_or_else(|| anyhow!("--listen is required"))?;
-    let api = args
-        .api
-        .or(fc.api)
-        .ok_or_else(|| anyhow!("--api is required"))?;
+    let api = args.api.or(fc.api).unwrap_or(match role {
+        Role::Core { .. } => DEFAULT_CORE_API,
+        Role::Relay { .. } => DEFAULT_RELAY_API,
+    });
     let data = args
         .data
         .clone()
@@ -185,6 +200,7 @@ pub fn prepare(args: &NodeArgs, role: Role) -> anyhow::Result<Prepared> {
         kind,
         stream,
         overlay: fc.overlay.unwrap_or_default(),
+        api_token_file: args.api_token_file.clone().or(fc.api_token_file),
         seed: args.seed.or(fc.seed),
     };
     cfg.validate()?;
@@ -241,8 +257,32 @@ async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
         sd.cancel();
     });
     tracing::info!(name = %p.cfg.name, quic = %p.listen, api = %p.api, "starting");
-    crate::node::run(p.cfg, endpoint, api, shutdown).await?;
+    let name = p.cfg.name.clone();
+    let node =
+        crate::node::Node::start(p.cfg, std::sync::Arc::new(id), endpoint, api, shutdown).await?;
+    tokio::spawn(reload_on_hangup(node.clone(), p.tls, name));
+    node.stopped().await;
     Ok(())
+}
+
+/// On SIGHUP, loads the node's certificate, key and CA again from `--tls` and puts them in
+/// place without a restart (see docs/security.md, rotation).
+async fn reload_on_hangup(node: crate::node::Node, tls: PathBuf, name: String) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let reloaded = Identity::load(&tls, &name)
+                .map_err(|e| e.to_string())
+                .and_then(|id| node.reload_identity(id).map_err(|e| e.to_string()));
+            if let Err(e) = reloaded {
+                tracing::error!("SIGHUP: keeping the current certificate: {e}");
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() {

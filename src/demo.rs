@@ -150,9 +150,17 @@ async fn start_node(
         kind,
         stream: stream.clone(),
         overlay: Default::default(),
+        api_token_file: None,
         seed: None,
     };
-    let node = Node::start(cfg, endpoint, api, shutdown.child_token()).await?;
+    let node = Node::start(
+        cfg,
+        std::sync::Arc::new(id),
+        endpoint,
+        api,
+        shutdown.child_token(),
+    )
+    .await?;
     Ok((node, api_addr, advertise))
 }
 

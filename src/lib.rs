@@ -21,5 +21,6 @@ pub mod replica;
 pub mod tls;
 pub mod transfer;
 pub mod transport;
+pub mod trust;
 pub mod update;
 pub mod wire;

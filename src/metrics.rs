@@ -56,6 +56,8 @@ pub struct NodeMetrics {
     pub backfill_seconds: metrics::Histogram,
     pub backfills_serving: Gauge,
     pub materialized_version: Gauge,
+    /// Seconds until this node's own certificate expires.
+    pub cert_expiry_seconds: Gauge,
     node: String,
 }
 
@@ -96,6 +98,7 @@ impl NodeMetrics {
             backfill_seconds: metrics::histogram!("canopy_backfill_seconds", &l),
             backfills_serving: metrics::gauge!("canopy_backfills_serving", &l),
             materialized_version: metrics::gauge!("canopy_materialized_version", &l),
+            cert_expiry_seconds: metrics::gauge!("canopy_cert_expiry_seconds", &l),
             node: n,
         }
     }
@@ -114,6 +117,20 @@ impl NodeMetrics {
             "source" => source.to_string()
         )
         .increment(1);
+    }
+
+    /// Counts one frame refused for lack of a valid core signature, or one refused signer
+    /// certificate, by reason.
+    pub fn untrusted(&self, reason: &'static str) {
+        metrics::counter!("canopy_untrusted_frames_total", "node" => self.node.clone(), "reason" => reason)
+            .increment(1);
+    }
+
+    /// Counts one request refused because the name a peer declared is not the one its
+    /// certificate carries, or its role may not make it, by what it was.
+    pub fn refused_identity(&self, what: &'static str) {
+        metrics::counter!("canopy_identity_refusals_total", "node" => self.node.clone(), "what" => what)
+            .increment(1);
     }
 
     /// Counts one resubscription of this node's upstream, by reason.

@@ -9,6 +9,13 @@
 //! Invariants:
 //! - `file.version()` moves only by applying an entry whose `prev_version` equals it, or by
 //!   installing a snapshot whose recomputed root equals the advertised one.
+//! - Only the core is trusted for content ([`Trust`]): a core signs every entry it produces
+//!   (a `Seal` frame right after it) and every state it serves as a snapshot; any other node
+//!   shows a version ([`Replica::file`], [`Event::Applied`]) only once a core's seal covers
+//!   it. An entry is applied and forwarded at once, but stays unsealed (not shown, not
+//!   retained, not served as a state) until its seal verifies; a frame that should be sealed
+//!   and is not, or is sealed badly, is [`ReplicaError::Untrusted`], and losing the upstream
+//!   rolls an unsealed entry back ([`Event::RolledBack`]).
 //! - The retained window is contiguous: each entry's `prev_version` is the version of the
 //!   one before it, and the first one's is `base.0`; its encoded size stays within
 //!   `retain_bytes` (the newest entry is always kept).
@@ -19,9 +26,12 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
+use std::time::SystemTime;
+
 use crate::file::{ApplyOutcome, ChunkedFile, FileError, Hash, Precondition, Update};
 use crate::proto::{self, downstream::Kind as Down};
 use crate::transfer::{Receiving, Salvage, TransferError};
+use crate::trust::{entry_digest, Anchor, Sealer, TrustError, Verifier};
 use crate::wire;
 
 pub use crate::transfer::{snapshot_frames, snapshot_frames_below};
@@ -50,7 +60,35 @@ pub enum Event {
     Installed { version: u64 },
     /// The parent's checkpoint matched this node's root.
     CheckpointVerified { version: u64 },
+    /// An entry that was applied and forwarded, but never sealed, was undone: the file is
+    /// back at `version`. Children that received the entry must resubscribe.
+    RolledBack { version: u64 },
 }
+
+/// How a replica treats core signatures.
+pub enum Trust {
+    /// A core node: signs every entry it produces and every state it serves.
+    Sign { sealer: Sealer, verifier: Verifier },
+    /// Any other node: shows a version only once a core's seal covers it.
+    Verify(Verifier),
+    /// Nothing signed or checked: the stream logic alone, in unit tests.
+    #[cfg(test)]
+    Unchecked,
+}
+
+impl Trust {
+    fn verifier(&self) -> Option<&Verifier> {
+        match self {
+            Trust::Sign { verifier, .. } | Trust::Verify(verifier) => Some(verifier),
+            #[cfg(test)]
+            Trust::Unchecked => None,
+        }
+    }
+}
+
+/// A core's signature over the state a node shows: the seal, and the digest of the entry it
+/// sealed (`None` for a state anchor).
+pub type Sealed = (proto::Seal, Option<Hash>);
 
 /// Why the upstream stream can no longer be followed; the driver drops it and resubscribes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -89,6 +127,25 @@ pub enum ReplicaError {
     /// An entry or snapshot could not be applied (bad op, bad chunk, root mismatch).
     #[error("file: {0}")]
     File(#[from] FileError),
+    /// A core signature is missing where one is due, or does not verify: the parent is
+    /// faulty or hostile. `reason` is a short stable label
+    /// (`canopy_untrusted_frames_total{reason}`).
+    #[error("untrusted ({reason}): {detail}")]
+    Untrusted {
+        reason: &'static str,
+        detail: String,
+    },
+}
+
+fn untrusted(e: TrustError) -> ReplicaError {
+    ReplicaError::Untrusted {
+        reason: e.label(),
+        detail: e.to_string(),
+    }
+}
+
+fn unsealed_error(reason: &'static str, detail: String) -> ReplicaError {
+    ReplicaError::Untrusted { reason, detail }
 }
 
 impl From<TransferError> for ReplicaError {
@@ -119,17 +176,31 @@ impl ReplicaError {
             Self::BadChunk { .. } => "bad_chunk",
             Self::BadManifest { .. } => "bad_manifest",
             Self::File(_) => "file",
+            Self::Untrusted { .. } => "untrusted",
         }
     }
+}
+
+/// A transfer a parent sends a subscribing child.
+#[derive(Clone)]
+pub struct SnapshotPlan {
+    /// The file at the version shown.
+    pub file: ChunkedFile,
+    /// The core's seal over that state (`None` only in unit tests without trust).
+    pub anchor: Option<Sealed>,
+    /// The core's commit time of that version.
+    pub commit_time_us: u64,
+    /// Frames to send after the transfer: an entry not sealed yet.
+    pub then: Vec<Bytes>,
 }
 
 /// What a parent sends a subscribing child before the live stream.
 #[derive(Clone)]
 pub enum SubscribePlan {
-    /// These retained entry frames, then the live stream.
+    /// These retained entry and seal frames, then the live stream.
     Resume(Vec<Bytes>),
-    /// The whole file at this version, then the live stream.
-    Snapshot(ChunkedFile),
+    /// A transfer of the state shown, then the live stream.
+    Snapshot(Box<SnapshotPlan>),
     /// This node cannot serve yet (it holds no verified copy itself).
     Refuse(String),
 }
@@ -160,6 +231,18 @@ struct Retained {
     version: u64,
     root: Hash,
     frame: Bytes,
+    /// The seal that followed the entry (empty without trust).
+    seal: Bytes,
+}
+
+/// An entry applied and forwarded, waiting for its seal.
+struct Unsealed {
+    version: u64,
+    digest: Hash,
+    frame: Bytes,
+    commit_time_us: u64,
+    /// The file as it was before the entry: what is shown until the seal verifies.
+    before: ChunkedFile,
 }
 
 /// The node's file plus its stream position; see the module docs.
@@ -178,6 +261,10 @@ pub struct Replica {
     recent: std::collections::HashMap<Bytes, ApplyOutcome>,
     recent_order: VecDeque<Bytes>,
     salvage: Salvage,
+    trust: Trust,
+    /// The core's seal over the version shown.
+    anchor: Option<Sealed>,
+    unsealed: Option<Unsealed>,
 }
 
 /// Proposal ids remembered for deduplication (per core node, rebuilt by log replay).
@@ -194,16 +281,19 @@ fn frame_name(kind: &Option<Down>) -> &'static str {
         Some(Down::Checkpoint(_)) => "checkpoint",
         Some(Down::Heartbeat(_)) => "heartbeat",
         Some(Down::Refused(_)) => "refused",
+        Some(Down::Seal(_)) => "seal",
+        Some(Down::Signers(_)) => "signers",
     }
 }
 
 impl Replica {
-    /// An empty replica. `synced` is true for core nodes, whose file is authoritative, and
-    /// false for relays until their first snapshot or resume.
-    pub fn new(cfg: ReplicaConfig, synced: bool) -> Result<Self, FileError> {
+    /// An empty replica. A core node's (`Trust::Sign`) is synced from the start: its file is
+    /// authoritative; any other is not until its first snapshot or resume.
+    pub fn new(cfg: ReplicaConfig, trust: Trust) -> Result<Self, FileError> {
         let file = ChunkedFile::new(cfg.chunk_size, cfg.max_len)?;
         let base = (file.version(), file.root());
-        Ok(Self {
+        let synced = matches!(trust, Trust::Sign { .. });
+        let mut r = Self {
             cfg,
             name: String::new(),
             file,
@@ -218,7 +308,140 @@ impl Replica {
             recent: Default::default(),
             recent_order: VecDeque::new(),
             salvage: Salvage::default(),
-        })
+            trust,
+            anchor: None,
+            unsealed: None,
+        };
+        r.sign_state();
+        Ok(r)
+    }
+
+    /// A replica that signs and checks nothing, for tests of the stream logic alone.
+    #[cfg(test)]
+    pub fn unchecked(cfg: ReplicaConfig, synced: bool) -> Self {
+        let mut r = Self::new(cfg, Trust::Unchecked).expect("valid test config");
+        r.synced = synced;
+        r
+    }
+
+    /// Core nodes: signs the current state (after it was installed rather than applied).
+    fn sign_state(&mut self) {
+        if let Trust::Sign { sealer, .. } = &self.trust {
+            let anchor = Anchor {
+                version: self.file.version(),
+                length: self.file.len(),
+                chunk_size: self.file.chunk_size(),
+                root: self.file.root(),
+                commit_time_us: self.last_commit_time_us,
+                entry: None,
+            };
+            self.anchor = sealer.seal(&anchor).ok().map(|s| (s, None));
+        }
+    }
+
+    /// The core's seal over the version shown (for a snapshot's begin, or a sidecar).
+    pub fn anchor(&self) -> Option<&Sealed> {
+        self.anchor.as_ref()
+    }
+
+    /// The core signer certificates this node knows (its own, on a core node): what a child
+    /// needs to verify the seals this node forwards.
+    pub fn signer_certs(&self) -> Vec<Bytes> {
+        let mut certs = Vec::new();
+        if let Trust::Sign { sealer, .. } = &self.trust {
+            certs.push(sealer.cert().clone());
+        }
+        if let Some(v) = self.trust.verifier() {
+            for c in v.certs() {
+                if !certs.contains(&c) {
+                    certs.push(c);
+                }
+            }
+        }
+        certs
+    }
+
+    /// Checks and keeps signer certificates (from `SubscribeOk.signers` or a `Signers`
+    /// frame) at `now`. Returns the ones that were new, to pass on to children first, and the
+    /// ones refused with why (a parent may pass on an expired one; it is not used).
+    pub fn learn_signers(
+        &mut self,
+        certs: &[Bytes],
+        now: SystemTime,
+    ) -> (Vec<Bytes>, Vec<TrustError>) {
+        let (mut new, mut refused) = (Vec::new(), Vec::new());
+        let verifier = match &mut self.trust {
+            Trust::Sign { verifier, .. } | Trust::Verify(verifier) => verifier,
+            #[cfg(test)]
+            Trust::Unchecked => return (new, refused),
+        };
+        for c in certs.iter().take(crate::trust::MAX_SIGNERS) {
+            match verifier.learn(c, now) {
+                Ok(true) => new.push(c.clone()),
+                Ok(false) => {}
+                Err(e) => refused.push(e),
+            }
+        }
+        (new, refused)
+    }
+
+    /// Takes a new identity's trust (a reloaded certificate or CA) at `now`: the signers learnt
+    /// so far are checked again under it (those that no longer verify are dropped), and a core
+    /// node signs from now on with its new key. Carry out the returned events: a core node's
+    /// children learn its new certificate before anything it signs with it.
+    pub fn reload_trust(&mut self, trust: Trust, now: SystemTime) -> Vec<Event> {
+        let known = self.signer_certs();
+        self.trust = trust;
+        let _ = self.learn_signers(&known, now);
+        match &self.trust {
+            Trust::Sign { sealer, .. } => {
+                let frame = wire::encode(&proto::Downstream {
+                    kind: Some(Down::Signers(proto::Signers {
+                        certs: vec![sealer.cert().clone()],
+                    })),
+                });
+                self.sign_state();
+                vec![Event::Broadcast(frame)]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Forgets signers whose certificate has expired at `now`.
+    pub fn expire_signers(&mut self, now: SystemTime) {
+        match &mut self.trust {
+            Trust::Sign { verifier, .. } | Trust::Verify(verifier) => verifier.expire(now),
+            #[cfg(test)]
+            Trust::Unchecked => {}
+        }
+    }
+
+    /// Checks that `sealed` is a core's signature over `file`'s state. True without trust.
+    fn covers(&self, sealed: &Sealed, file: &ChunkedFile) -> Result<(), ReplicaError> {
+        let Some(verifier) = self.trust.verifier() else {
+            return Ok(());
+        };
+        let (seal, entry) = sealed;
+        let anchor = Anchor::of_seal(seal, *entry).map_err(untrusted)?;
+        verifier.verify(&anchor, seal).map_err(untrusted)?;
+        if (
+            anchor.version,
+            anchor.length,
+            anchor.chunk_size,
+            anchor.root,
+        ) != (file.version(), file.len(), file.chunk_size(), file.root())
+        {
+            return Err(unsealed_error(
+                "anchor_mismatch",
+                format!(
+                    "the core's seal is for version {} root {}, not this state (version {})",
+                    anchor.version,
+                    hex::encode(&anchor.root[..8]),
+                    file.version()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Names this node (a heartbeat whose root path holds this name means a cycle).
@@ -227,9 +450,10 @@ impl Replica {
         self
     }
 
-    /// The file at the current version.
+    /// The file at the version shown: the newest one a core's seal covers (an entry applied
+    /// but not sealed yet is not shown).
     pub fn file(&self) -> &ChunkedFile {
-        &self.file
+        self.unsealed.as_ref().map_or(&self.file, |u| &u.before)
     }
 
     /// Whether this node holds a verified copy it may serve to children.
@@ -256,6 +480,8 @@ impl Replica {
     /// are dropped, so children resume only from here on.
     pub fn install(&mut self, file: ChunkedFile) -> Vec<Event> {
         self.file = file;
+        self.unsealed = None;
+        self.sign_state();
         self.salvage = Salvage::default();
         self.retained.clear();
         self.retained_bytes = 0;
@@ -267,15 +493,27 @@ impl Replica {
         }]
     }
 
-    /// Relays at start-up: takes the copy found on disk. A `trusted` copy (its recorded
-    /// version and root match its content) is served and resumed from; an untrusted one is
-    /// only used to fetch less (its chunk hashes go in the next subscription).
-    pub fn seed(&mut self, file: ChunkedFile, trusted: bool) {
+    /// Relays at start-up: takes the copy found on disk, with the core's seal recorded for it.
+    /// The copy is trusted (served, resumed from) only if the seal verifies over its content;
+    /// otherwise it is only used to fetch less (its chunk hashes go in the next subscription).
+    /// Returns whether it is trusted.
+    pub fn seed(
+        &mut self,
+        file: ChunkedFile,
+        sealed: Option<Sealed>,
+    ) -> Result<bool, ReplicaError> {
+        let trusted = match &sealed {
+            Some(s) => self.covers(s, &file).map(|()| true),
+            None => Ok(false),
+        };
         self.file = file;
+        self.unsealed = None;
         self.retained.clear();
         self.retained_bytes = 0;
         self.base = (self.file.version(), self.file.root());
-        self.synced = trusted;
+        self.synced = matches!(trusted, Ok(true));
+        self.anchor = sealed.filter(|_| self.synced);
+        trusted
     }
 
     /// Core nodes: applies the committed proposal at Raft log index `index`.
@@ -313,7 +551,8 @@ impl Replica {
             kind: Some(Down::Entry(entry)),
         });
         self.commit_known = index;
-        let mut events = self.after_apply(frame, now_us);
+        let seal = self.seal_entry(&frame, now_us);
+        let mut events = self.after_apply(frame, seal, now_us);
         if self.since_checkpoint >= self.cfg.checkpoint_every {
             events.extend(self.checkpoint());
         }
@@ -380,32 +619,77 @@ impl Replica {
         ApplyOutcome::Applied { version: index }
     }
 
-    fn after_apply(&mut self, frame: Bytes, commit_time_us: u64) -> Vec<Event> {
-        self.last_commit_time_us = commit_time_us;
-        self.since_checkpoint += 1;
-        self.retain(frame.clone());
-        vec![
-            Event::Broadcast(frame),
-            Event::Applied {
-                version: self.file.version(),
-                commit_time_us,
-            },
-        ]
+    /// Core nodes: the seal frame of the entry `frame` just applied (empty without trust).
+    fn seal_entry(&mut self, frame: &Bytes, commit_time_us: u64) -> Bytes {
+        let Trust::Sign { sealer, .. } = &self.trust else {
+            return Bytes::new();
+        };
+        let digest = entry_digest(frame);
+        let anchor = Anchor {
+            version: self.file.version(),
+            length: self.file.len(),
+            chunk_size: self.file.chunk_size(),
+            root: self.file.root(),
+            commit_time_us,
+            entry: Some(digest),
+        };
+        match sealer.seal(&anchor) {
+            Ok(seal) => {
+                let f = wire::encode(&proto::Downstream {
+                    kind: Some(Down::Seal(seal.clone())),
+                });
+                self.anchor = Some((seal, Some(digest)));
+                f
+            }
+            Err(_) => Bytes::new(),
+        }
     }
 
-    fn retain(&mut self, frame: Bytes) {
-        self.retained_bytes += frame.len() as u64;
+    /// After an entry applied (on a relay: and sealed): broadcast it with its seal (entry
+    /// first unless it went down already), retain both, and show the version.
+    fn after_apply(&mut self, frame: Bytes, seal: Bytes, commit_time_us: u64) -> Vec<Event> {
+        self.last_commit_time_us = commit_time_us;
+        self.since_checkpoint += 1;
+        let mut events = vec![Event::Broadcast(frame.clone())];
+        if !seal.is_empty() {
+            events.push(Event::Broadcast(seal.clone()));
+        }
+        self.retain(frame, seal);
+        events.push(Event::Applied {
+            version: self.file.version(),
+            commit_time_us,
+        });
+        events
+    }
+
+    fn retain(&mut self, frame: Bytes, seal: Bytes) {
+        self.retained_bytes += (frame.len() + seal.len()) as u64;
         self.retained.push_back(Retained {
             version: self.file.version(),
             root: self.file.root(),
             frame,
+            seal,
         });
         while self.retained_bytes > self.cfg.retain_bytes && self.retained.len() > 1 {
             if let Some(old) = self.retained.pop_front() {
-                self.retained_bytes -= old.frame.len() as u64;
+                self.retained_bytes -= (old.frame.len() + old.seal.len()) as u64;
                 self.base = (old.version, old.root);
             }
         }
+    }
+
+    /// Entry and seal frames of the retained entries after position `skip`, then the
+    /// unsealed entry, if any: what a resuming child needs before the live stream.
+    fn frames_after(&self, skip: usize) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        for r in self.retained.iter().skip(skip) {
+            out.push(r.frame.clone());
+            if !r.seal.is_empty() {
+                out.push(r.seal.clone());
+            }
+        }
+        out.extend(self.unsealed.as_ref().map(|u| u.frame.clone()));
+        out
     }
 
     /// Core nodes: a checkpoint frame for the current version if entries were applied since
@@ -453,27 +737,25 @@ impl Replica {
     /// stream to [`Replica::handle_downstream`].
     pub fn subscribe(&mut self, name: &str, listen_addr: &str, full: bool) -> proto::Subscribe {
         self.name = name.to_string();
-        self.expect_subscribe_ok();
+        let _ = self.expect_subscribe_ok();
         self.subscription(name, listen_addr, full)
     }
 
     /// Child side: the `Subscribe` for this node's current position, without changing any
     /// state (for a move, before deciding to switch).
     pub fn subscription(&self, name: &str, listen_addr: &str, full: bool) -> proto::Subscribe {
+        let shown = self.file();
         let (have_version, have_root) = if full || !self.synced {
             (0, Bytes::new())
         } else {
-            (
-                self.file.version(),
-                Bytes::copy_from_slice(&self.file.root()),
-            )
+            (shown.version(), Bytes::copy_from_slice(&shown.root()))
         };
         proto::Subscribe {
             name: name.to_string(),
             have_version,
             have_root,
             listen_addr: listen_addr.to_string(),
-            have_chunks: self.salvage.have_chunks(&self.file),
+            have_chunks: self.salvage.have_chunks(shown),
         }
     }
 
@@ -533,9 +815,10 @@ impl Replica {
                 });
             }
         };
-        let (file, commit_time_us) = r.finish()?;
+        let (file, commit_time_us, anchor) = r.finish()?;
         let version = file.version();
         let mut events = self.install(file);
+        self.anchor = anchor.or(self.anchor.take());
         self.last_commit_time_us = commit_time_us;
         self.since_checkpoint = 0;
         events.push(Event::Applied {
@@ -562,14 +845,28 @@ impl Replica {
     }
 
     /// Child side: the next frame fed in will be a new parent's `SubscribeOk` (after a
-    /// [`Replica::subscription`] sent on a new stream).
-    pub fn expect_subscribe_ok(&mut self) {
+    /// [`Replica::subscription`] sent on a new stream, which named the version shown). An
+    /// entry of the old stream not sealed yet is undone: carry out the returned events.
+    pub fn expect_subscribe_ok(&mut self) -> Vec<Event> {
+        let events = self.upstream_lost();
         self.upstream = Upstream::AwaitOk;
+        events
     }
 
-    /// Child side: the upstream stream ended; frames from it must no longer be fed in.
-    pub fn upstream_lost(&mut self) {
+    /// Child side: the upstream stream ended; frames from it must no longer be fed in. An
+    /// entry that was applied but never sealed is undone: carry out the returned events (the
+    /// children that got it must resubscribe).
+    pub fn upstream_lost(&mut self) -> Vec<Event> {
         self.upstream = Upstream::Idle;
+        match self.unsealed.take() {
+            Some(u) => {
+                self.file = u.before;
+                vec![Event::RolledBack {
+                    version: self.file.version(),
+                }]
+            }
+            None => Vec::new(),
+        }
     }
 
     /// Child side: one frame from the parent, `frame` being its encoded bytes as received.
@@ -621,6 +918,7 @@ impl Replica {
                 Ok(vec![])
             }
             (Upstream::AwaitSnapshot, Some(Down::SnapshotBegin(b))) => {
+                self.check_begin(&b)?;
                 let r = Receiving::begin(b, self.cfg.max_len, &self.file, &mut self.salvage)?;
                 self.upstream = Upstream::Snapshot(Box::new(r));
                 Ok(vec![])
@@ -640,6 +938,12 @@ impl Replica {
                 self.finish_snapshot()
             }
             (Upstream::Streaming, Some(Down::Entry(e))) => {
+                if let Some(u) = &self.unsealed {
+                    return Err(unsealed_error(
+                        "seal_missing",
+                        format!("an entry came before the seal of version {}", u.version),
+                    ));
+                }
                 let have = self.file.version();
                 if e.prev_version != have || e.version <= have {
                     return Err(ReplicaError::Gap {
@@ -648,20 +952,81 @@ impl Replica {
                     });
                 }
                 let update = Update::try_from(e.update.unwrap_or_default())?;
+                let before = self.file.clone();
                 self.file.apply(e.version, &update)?;
                 self.synced = true;
                 self.commit_known = self.commit_known.max(e.version);
-                let events = self.after_apply(frame, e.commit_time_unix_us);
                 self.upstream = Upstream::Streaming;
+                if self.trust.verifier().is_none() {
+                    return Ok(self.after_apply(frame, Bytes::new(), e.commit_time_unix_us));
+                }
+                self.unsealed = Some(Unsealed {
+                    version: e.version,
+                    digest: entry_digest(&frame),
+                    frame: frame.clone(),
+                    commit_time_us: e.commit_time_unix_us,
+                    before,
+                });
+                Ok(vec![Event::Broadcast(frame)])
+            }
+            (Upstream::Streaming, Some(Down::Seal(seal))) => {
+                let Some(u) = self.unsealed.take() else {
+                    return Err(unsealed_error(
+                        "seal_unexpected",
+                        format!("a seal of version {} without its entry", seal.version),
+                    ));
+                };
+                let anchor = Anchor::of_seal(&seal, Some(u.digest)).map_err(untrusted)?;
+                let verified = self
+                    .trust
+                    .verifier()
+                    .map(|v| v.verify(&anchor, &seal).map(|_| ()));
+                if let Some(Err(e)) = verified {
+                    self.unsealed = Some(u);
+                    return Err(untrusted(e));
+                }
+                let local = (self.file.version(), self.file.len(), self.file.root());
+                if local != (anchor.version, anchor.length, anchor.root) {
+                    self.unsealed = Some(u);
+                    return Err(ReplicaError::Diverged {
+                        version: anchor.version,
+                        expected: hex::encode(anchor.root),
+                        got: hex::encode(local.2),
+                    });
+                }
+                self.anchor = Some((seal, Some(u.digest)));
+                self.upstream = Upstream::Streaming;
+                let mut events = self.after_apply(u.frame, frame, u.commit_time_us);
+                // The entry went down when it came; only its seal goes now.
+                events.remove(0);
                 Ok(events)
             }
             (Upstream::Streaming, Some(Down::Checkpoint(c))) => {
+                if let Some(u) = &self.unsealed {
+                    return Err(unsealed_error(
+                        "seal_missing",
+                        format!("a checkpoint came before the seal of version {}", u.version),
+                    ));
+                }
                 let have = self.file.version();
                 if c.version != have {
                     return Err(ReplicaError::CheckpointOutOfStep {
                         checkpoint: c.version,
                         have,
                     });
+                }
+                if let Some((seal, _)) = &self.anchor {
+                    if (seal.version, seal.length, &seal.root[..])
+                        != (c.version, c.length, &c.root[..])
+                    {
+                        return Err(unsealed_error(
+                            "checkpoint_contradicts",
+                            format!(
+                                "the checkpoint of version {} differs from the core's seal of it",
+                                c.version
+                            ),
+                        ));
+                    }
                 }
                 let local = self.file.root();
                 if c.root.as_ref() != local.as_slice() || c.length != self.file.len() {
@@ -684,6 +1049,12 @@ impl Replica {
                 if !self.name.is_empty() && h.root_path.contains(&self.name) {
                     return Err(ReplicaError::Cycle(h.root_path));
                 }
+                if let Some(u) = &self.unsealed {
+                    return Err(unsealed_error(
+                        "seal_missing",
+                        format!("a heartbeat came before the seal of version {}", u.version),
+                    ));
+                }
                 self.commit_known = self.commit_known.max(h.commit_version);
                 self.upstream = state;
                 Ok(vec![])
@@ -694,15 +1065,17 @@ impl Replica {
 
     /// Parent side: what a child that sent `sub` needs before the live stream. The caller must
     /// register the child for broadcasts in the same critical section, so nothing is lost or
-    /// repeated between the plan and the live stream.
+    /// repeated between the plan and the live stream. Only sealed state is served as a
+    /// snapshot; an entry not sealed yet follows the plan, and its seal the live stream.
     pub fn plan_subscription(&self, sub: &proto::Subscribe) -> SubscribePlan {
         if !self.synced {
             return SubscribePlan::Refuse("not synced yet".into());
         }
-        if sub.have_version > self.file.version() {
+        let shown = self.file();
+        if sub.have_version > shown.version() {
             return SubscribePlan::Refuse(format!(
                 "behind the child: at version {}, child holds {}",
-                self.file.version(),
+                shown.version(),
                 sub.have_version
             ));
         }
@@ -710,26 +1083,81 @@ impl Replica {
             sub.have_version,
             <Hash>::try_from(sub.have_root.as_ref()).ok(),
         );
-        if have == (self.file.version(), Some(self.file.root())) {
-            return SubscribePlan::Resume(Vec::new());
+        let pending = || self.frames_after(self.retained.len());
+        if have == (shown.version(), Some(shown.root())) {
+            return SubscribePlan::Resume(pending());
         }
         if have == (self.base.0, Some(self.base.1)) {
-            return SubscribePlan::Resume(self.retained.iter().map(|r| r.frame.clone()).collect());
+            return SubscribePlan::Resume(self.frames_after(0));
         }
         if let Some(pos) = self
             .retained
             .iter()
             .position(|r| (r.version, Some(r.root)) == have)
         {
-            return SubscribePlan::Resume(
-                self.retained
-                    .iter()
-                    .skip(pos + 1)
-                    .map(|r| r.frame.clone())
-                    .collect(),
-            );
+            return SubscribePlan::Resume(self.frames_after(pos + 1));
         }
-        SubscribePlan::Snapshot(self.file.clone())
+        if self.trust.verifier().is_some() && self.anchor.is_none() {
+            return SubscribePlan::Refuse("no core seal over this node's state yet".into());
+        }
+        SubscribePlan::Snapshot(Box::new(SnapshotPlan {
+            file: shown.clone(),
+            anchor: self.anchor.clone(),
+            commit_time_us: self
+                .anchor
+                .as_ref()
+                .map_or(self.last_commit_time_us, |(s, _)| s.commit_time_unix_us),
+            then: pending(),
+        }))
+    }
+
+    /// Child side: a transfer is accepted only under a core's seal of exactly the state it
+    /// announces (version, length, chunk size, root, commit time).
+    fn check_begin(&self, b: &proto::SnapshotBegin) -> Result<(), ReplicaError> {
+        let Some(verifier) = self.trust.verifier() else {
+            return Ok(());
+        };
+        let Some(seal) = &b.anchor else {
+            return Err(unsealed_error(
+                "seal_missing",
+                format!("a transfer of version {} without a core seal", b.version),
+            ));
+        };
+        let entry = match b.anchor_entry.len() {
+            0 => None,
+            _ => Some(<Hash>::try_from(b.anchor_entry.as_ref()).map_err(|_| {
+                unsealed_error("malformed", "anchor entry digest is not 32 bytes".into())
+            })?),
+        };
+        let anchor = Anchor::of_seal(seal, entry).map_err(untrusted)?;
+        let announced = (
+            b.version,
+            b.length,
+            b.chunk_size,
+            &b.root[..],
+            b.commit_time_unix_us,
+        );
+        let sealed = (
+            anchor.version,
+            anchor.length,
+            anchor.chunk_size,
+            &anchor.root[..],
+            anchor.commit_time_us,
+        );
+        if announced != sealed {
+            return Err(unsealed_error(
+                "anchor_mismatch",
+                format!(
+                    "the transfer announces version {} root {}, the core sealed version {} root {}",
+                    b.version,
+                    hex::encode(&b.root),
+                    anchor.version,
+                    hex::encode(anchor.root)
+                ),
+            ));
+        }
+        verifier.verify(&anchor, seal).map_err(untrusted)?;
+        Ok(())
     }
 }
 

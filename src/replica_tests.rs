@@ -25,12 +25,12 @@ fn cfg(retain_bytes: u64, checkpoint_every: u32) -> ReplicaConfig {
 
 /// A core node's replica (authoritative, synced from the start).
 fn core(retain_bytes: u64, checkpoint_every: u32) -> Replica {
-    Replica::new(cfg(retain_bytes, checkpoint_every), true).unwrap()
+    Replica::unchecked(cfg(retain_bytes, checkpoint_every), true)
 }
 
 /// A relay's replica (not synced until its first snapshot).
 fn relay() -> Replica {
-    Replica::new(cfg(1 << 20, 1000), false).unwrap()
+    Replica::unchecked(cfg(1 << 20, 1000), false)
 }
 
 fn w(offset: u64, data: &[u8]) -> Op {
@@ -118,6 +118,7 @@ fn ok_frame(resume: bool) -> Bytes {
         root_path: vec!["core-a".into()],
         chunk_size: CS,
         fetch_sources: vec![],
+        signers: vec![],
     }))
 }
 
@@ -185,10 +186,10 @@ enum Plan {
 fn plan(parent: &Replica, sub: &proto::Subscribe) -> Plan {
     match parent.plan_subscription(sub) {
         SubscribePlan::Resume(f) => Plan::Resume(f),
-        SubscribePlan::Snapshot(f) => Plan::Snapshot {
-            version: f.version(),
-            root: f.root(),
-            content: f.to_vec(),
+        SubscribePlan::Snapshot(p) => Plan::Snapshot {
+            version: p.file.version(),
+            root: p.file.root(),
+            content: p.file.to_vec(),
         },
         SubscribePlan::Refuse(r) => Plan::Refuse(r),
     }
@@ -230,7 +231,8 @@ fn connect(parent: &Replica, child: &mut Replica, full: bool) -> Result<Vec<Even
                 events.extend(feed(child, f)?);
             }
         }
-        SubscribePlan::Snapshot(file) => {
+        SubscribePlan::Snapshot(p) => {
+            let file = p.file;
             events.extend(feed(child, &ok_frame(false))?);
             for f in snapshot_frames(&file, parent.last_commit_time_us(), &[]) {
                 events.extend(feed(child, &f)?);
@@ -706,6 +708,7 @@ fn snapshot_frames_exact() {
                 .iter()
                 .map(|h| Bytes::copy_from_slice(h))
                 .collect(),
+            ..Default::default()
         })),
         frame(Down::SnapshotChunk(proto::SnapshotChunk {
             index: 0,
@@ -754,7 +757,7 @@ fn full_subscription_flow_then_live_entries() {
         }
     );
     let file = match parent.plan_subscription(&sub) {
-        SubscribePlan::Snapshot(f) => f,
+        SubscribePlan::Snapshot(p) => p.file,
         _ => panic!("an unsynced child needs a snapshot"),
     };
     assert_eq!(state_of(&file), state(&parent));
@@ -1466,7 +1469,7 @@ fn a_diff_transfer_sends_only_the_chunks_the_child_lacks() {
     let mut bytes = parent.file().to_vec();
     bytes[5] ^= 0xff;
     let mut c = relay();
-    c.seed(ChunkedFile::from_bytes(CS, MAX, &bytes, 0).unwrap(), false);
+    let _ = c.seed(ChunkedFile::from_bytes(CS, MAX, &bytes, 0).unwrap(), None);
     let sub = c.subscribe("c", "a:1", false);
     assert_eq!(sub.have_version, 0);
     assert_eq!(sub.have_chunks.len() as u64, c.file().chunk_count());
@@ -1522,7 +1525,7 @@ fn malformed_snapshot_chunks_fail_at_put_chunk() {
             root: Bytes::copy_from_slice(root),
             chunk_size,
             commit_time_unix_us: T0,
-            chunk_hashes: vec![],
+            ..Default::default()
         }))
     };
     for (f, e) in [
@@ -1820,11 +1823,10 @@ proptest! {
     ) {
         let max = 40;
         let mk = |synced| {
-            Replica::new(
+            Replica::unchecked(
                 ReplicaConfig { chunk_size, max_len: max, retain_bytes, checkpoint_every },
                 synced,
             )
-            .unwrap()
         };
         let mut parent = mk(true);
         let mut child = mk(false);

@@ -75,12 +75,17 @@ fn to_hash(b: &[u8]) -> Result<Hash, FileError> {
         .map_err(|_| FileError::BadHash { len: b.len() })
 }
 
+/// A core's seal over a transfer's state and the entry digest it signed, as the parent sent
+/// them (checked by the replica before the transfer starts).
+pub(crate) type Anchored = Option<(proto::Seal, Option<Hash>)>;
+
 /// A transfer being received.
 pub(crate) struct Receiving {
     builder: FileBuilder,
     version: u64,
     commit_time_us: u64,
     manifest: Vec<Hash>,
+    anchor: Anchored,
     /// The parent's `SnapshotEnd` came (chunks fetched elsewhere may still be missing).
     ended: bool,
 }
@@ -128,11 +133,13 @@ impl Receiving {
             }
         }
         salvage.manifest = manifest.clone();
+        let entry = <Hash>::try_from(b.anchor_entry.as_ref()).ok();
         Ok(Self {
             builder,
             version: b.version,
             commit_time_us: b.commit_time_unix_us,
             manifest,
+            anchor: b.anchor.map(|s| (s, entry)),
             ended: false,
         })
     }
@@ -213,9 +220,9 @@ impl Receiving {
         })
     }
 
-    /// The verified file and the core's commit time of its version.
-    pub(crate) fn finish(self) -> Result<(ChunkedFile, u64), TransferError> {
-        Ok((self.builder.finish()?, self.commit_time_us))
+    /// The verified file, the core's commit time of its version, and the core's seal of it.
+    pub(crate) fn finish(self) -> Result<(ChunkedFile, u64, Anchored), TransferError> {
+        Ok((self.builder.finish()?, self.commit_time_us, self.anchor))
     }
 }
 
@@ -228,18 +235,20 @@ pub fn snapshot_frames<'a>(
     commit_time_us: u64,
     have: &'a [Bytes],
 ) -> impl Iterator<Item = Bytes> + 'a {
-    snapshot_frames_below(file, commit_time_us, have, || u64::MAX).map(|(_, f)| f.concat())
+    snapshot_frames_below(file, commit_time_us, have, None, || u64::MAX).map(|(_, f)| f.concat())
 }
 
 /// [`snapshot_frames`] in parts, each with its chunk index (`None` for the begin and the
 /// end), for a child that fetches part of the transfer elsewhere: a chunk is sent only if
 /// its index is below `limit()`, asked just before the chunk is framed (the child lowers it
 /// with `SnapshotLimit` while the transfer runs). A chunk's bytes are shared with the file,
-/// not copied into its frame.
+/// not copied into its frame. `anchor` is the core's seal over this state (and the entry
+/// digest it signed), which the child requires.
 pub fn snapshot_frames_below<'a>(
     file: &'a ChunkedFile,
     commit_time_us: u64,
     have: &'a [Bytes],
+    anchor: Option<&(proto::Seal, Option<Hash>)>,
     limit: impl Fn() -> u64 + 'a,
 ) -> impl Iterator<Item = (Option<u64>, wire::Parts)> + 'a {
     let hashes = file.chunk_hashes();
@@ -251,6 +260,10 @@ pub fn snapshot_frames_below<'a>(
             chunk_size: file.chunk_size(),
             commit_time_unix_us: commit_time_us,
             chunk_hashes: hashes.iter().map(|h| Bytes::copy_from_slice(h)).collect(),
+            anchor: anchor.map(|(s, _)| s.clone()),
+            anchor_entry: anchor
+                .and_then(|(_, e)| e.map(|e| Bytes::copy_from_slice(&e)))
+                .unwrap_or_default(),
         })),
     });
     let chunks = (0..file.chunk_count())

@@ -9,9 +9,12 @@
 //! - A frame read by [`read_raw`] is forwarded byte for byte by [`write_raw`].
 //! - [`dial`] returns a connection only once its handshake completed within the timeout and
 //!   the peer's certificate matched what the caller expects of it.
+//! - No connection outlives its peer's certificate: the handshake refuses an expired one, and
+//!   [`close_at_peer_expiry`] (on every dialed and accepted connection) looks again at least
+//!   every minute.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 
@@ -115,15 +118,49 @@ impl DialError {
     }
 }
 
+/// QUIC close code of a connection whose peer's certificate expired.
+pub const CERT_EXPIRED: u32 = 6;
+
+/// How often an open connection's peer certificate is looked at again.
+const EXPIRY_CHECK: Duration = Duration::from_secs(60);
+
+/// Watches `conn` and closes it once its peer's certificate has expired (checked every
+/// minute against the wall clock, so a clock change is noticed too).
+pub fn close_at_peer_expiry(conn: &quinn::Connection) {
+    let Some(until) = tls::peer_not_after(conn) else {
+        return;
+    };
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        loop {
+            let left = until.duration_since(SystemTime::now()).unwrap_or_default();
+            if left.is_zero() {
+                tracing::warn!(peer = %conn.remote_address(), "closing a connection: the peer's certificate expired");
+                conn.close(
+                    quinn::VarInt::from_u32(CERT_EXPIRED),
+                    b"certificate expired",
+                );
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(left.min(EXPIRY_CHECK)) => {}
+                _ = conn.closed() => return,
+            }
+        }
+    });
+}
+
 /// Resolves `addr`, connects, and checks the peer's certificate against `expect`, all within
 /// `timeout`. A peer that does not match is closed before the connection is returned.
+/// `client` replaces the endpoint's default client configuration (a reloaded certificate).
 pub async fn dial(
     endpoint: &quinn::Endpoint,
+    client: Option<quinn::ClientConfig>,
     addr: &str,
     timeout: Duration,
     expect: Expect<'_>,
 ) -> Result<quinn::Connection, DialError> {
-    match tokio::time::timeout(timeout, dial_inner(endpoint, addr, expect)).await {
+    match tokio::time::timeout(timeout, dial_inner(endpoint, client, addr, expect)).await {
         Ok(r) => r,
         Err(_) => Err(DialError::Timeout {
             addr: addr.to_string(),
@@ -134,6 +171,7 @@ pub async fn dial(
 
 async fn dial_inner(
     endpoint: &quinn::Endpoint,
+    client: Option<quinn::ClientConfig>,
     addr: &str,
     expect: Expect<'_>,
 ) -> Result<quinn::Connection, DialError> {
@@ -146,8 +184,11 @@ async fn dial_inner(
         .map_err(|e| resolve(e.to_string()))?
         .next()
         .ok_or_else(|| resolve("no address".into()))?;
-    let conn = endpoint
-        .connect(sock, tls::SERVER_NAME)
+    let connecting = match client {
+        Some(c) => endpoint.connect_with(c, sock, tls::SERVER_NAME),
+        None => endpoint.connect(sock, tls::SERVER_NAME),
+    };
+    let conn = connecting
         .map_err(|source| DialError::Connect {
             addr: addr.to_string(),
             source,
@@ -159,6 +200,7 @@ async fn dial_inner(
         })?;
     let found = tls::peer_identity(&conn);
     if expect.admits(found.as_ref()) {
+        close_at_peer_expiry(&conn);
         return Ok(conn);
     }
     conn.close(quinn::VarInt::from_u32(0), b"not the expected peer");

@@ -85,22 +85,6 @@ async fn returning_relays_fetch_only_what_changed() {
     assert!(std::fs::read(&r1.file).unwrap() == core_file);
 }
 
-async fn put_random(c: &reqwest::Client, core: &Proc, size: usize, seed: u64) -> (u64, Vec<u8>) {
-    let mut content = vec![0u8; size];
-    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut content);
-    let r = c
-        .put(core.url("/v1/file"))
-        .body(content.clone())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
-    let v = r.json::<Value>().await.unwrap()["version"]
-        .as_u64()
-        .unwrap();
-    (v, content)
-}
-
 /// (d) A source that serves a corrupted chunk is detected: the chunk is refused against the
 /// manifest, the source is counted and banned as parent, and the relay finishes from another
 /// source without fetching again what it had verified.

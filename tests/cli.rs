@@ -12,6 +12,7 @@ fn cli(api: std::net::SocketAddr, args: &[&str]) -> Vec<u8> {
     let out = Command::new(CANOPY)
         .arg("--api")
         .arg(api.to_string())
+        .env("CANOPY_API_TOKEN", TOKEN)
         .args(args)
         .output()
         .expect("run canopy");

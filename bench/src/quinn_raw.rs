@@ -179,6 +179,24 @@ async fn one_round(
     let mode = args.mode;
     let want_root = file.map(|f| f.root());
     let file = file.cloned();
+    // What a core parent sends with a transfer: its certificate, and its seal over the state.
+    let sealer = canopy::trust::Sealer::new(server_id)?;
+    let signer = sealer.cert().clone();
+    let anchor = match &file {
+        Some(f) => Some((
+            sealer.seal(&canopy::trust::Anchor {
+                version: f.version(),
+                length: f.len(),
+                chunk_size: f.chunk_size(),
+                root: f.root(),
+                commit_time_us: 0,
+                entry: None,
+            })?,
+            None,
+        )),
+        None => None,
+    };
+    let signers = vec![signer.clone()];
     let serve = tokio::spawn(async move {
         let conn = server
             .accept()
@@ -206,10 +224,11 @@ async fn one_round(
                         root_path: vec!["raw-server".into()],
                         chunk_size: file.chunk_size(),
                         fetch_sources: vec![],
+                        signers,
                     })),
                 });
                 send.write_chunk(ok).await?;
-                for (_, f) in snapshot_frames_below(&file, 0, &[], || u64::MAX) {
+                for (_, f) in snapshot_frames_below(&file, 0, &[], anchor.as_ref(), || u64::MAX) {
                     canopy::transport::write_parts(&mut send, &f).await?;
                 }
             }
@@ -238,7 +257,10 @@ async fn one_round(
         }
         Mode::Frames | Mode::Replica => {
             let max = StreamConfig::default().max_frame;
-            let mut replica = Replica::new(StreamConfig::default().replica(), false)?;
+            let verifier = canopy::trust::Verifier::new(Arc::new(client_id.clone()));
+            let trust = canopy::replica::Trust::Verify(verifier);
+            let mut replica = Replica::new(StreamConfig::default().replica(), trust)?;
+            replica.learn_signers(&[signer], std::time::SystemTime::now());
             let _ = replica.subscribe("raw-client", "127.0.0.1:0", false);
             let mut installed = false;
             while let Some(raw) = canopy::transport::read_raw(&mut recv, max).await? {

@@ -24,7 +24,9 @@ pub async fn start(
         kind: NodeKind::Relay { join },
         stream,
         overlay: Default::default(),
+        api_token_file: None,
         seed: None,
     };
-    Ok(canopy::node::Node::start(cfg, endpoint, api, shutdown).await?)
+    let id = std::sync::Arc::new(id);
+    Ok(canopy::node::Node::start(cfg, id, endpoint, api, shutdown).await?)
 }

@@ -22,8 +22,30 @@ struct Cli {
         env = "CANOPY_API"
     )]
     api: String,
+    /// File holding the node's API token (writes need it).
+    #[arg(long, global = true, env = "CANOPY_API_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The node's --data directory, on the node's own host: its api-token file is used.
+    #[arg(long, global = true)]
+    data: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// The API token for writes: `CANOPY_API_TOKEN`, else `--token-file`, else the node's own
+/// `DATA/api-token` when `--data` is given.
+fn api_token(cli: &Cli) -> anyhow::Result<Option<String>> {
+    if let Ok(t) = std::env::var("CANOPY_API_TOKEN") {
+        return Ok(Some(t.trim().to_string()));
+    }
+    let path = match (&cli.token_file, &cli.data) {
+        (Some(f), _) => f.clone(),
+        (None, Some(d)) => d.join(canopy::node::API_TOKEN_FILE),
+        (None, None) => return Ok(None),
+    };
+    let t = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the API token from {}", path.display()))?;
+    Ok(Some(t.trim().to_string()))
 }
 
 #[derive(Subcommand)]
@@ -99,10 +121,15 @@ enum CertCmd {
         ca: PathBuf,
         #[arg(long)]
         name: String,
+        /// core, relay (may write) or reader (may not write).
         #[arg(long)]
         role: canopy::tls::Role,
         #[arg(long)]
         out: PathBuf,
+        /// Days the certificate is valid (default: ten years; 0 issues one already expired,
+        /// for tests).
+        #[arg(long)]
+        days: Option<u64>,
     },
 }
 
@@ -148,8 +175,16 @@ async fn send_write(req: reqwest::RequestBuilder) -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = api_token(&cli)? {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("the API token is not a valid header value")?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
+        .default_headers(headers)
         .build()?;
     let api = cli.api.as_str();
     match cli.cmd {
@@ -166,9 +201,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     name,
                     role,
                     out,
+                    days,
                 },
         } => {
-            canopy::tls::cert_issue(&ca, &name, role, &out)?;
+            match days {
+                Some(d) => canopy::tls::cert_issue_valid(
+                    &ca,
+                    &name,
+                    role,
+                    &out,
+                    Duration::from_secs(d.saturating_mul(86400)),
+                )?,
+                None => canopy::tls::cert_issue(&ca, &name, role, &out)?,
+            }
             println!(
                 "wrote {0}/{name}.pem, {0}/{name}.key, {0}/ca.pem",
                 out.display()

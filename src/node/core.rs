@@ -140,8 +140,12 @@ mod tests {
         }
     }
 
-    fn replica_sm() -> Arc<ReplicaSm> {
-        let replica = Replica::new(StreamConfig::default().replica(), true).unwrap();
+    fn replica_sm(id: &Arc<tls::Identity>) -> Arc<ReplicaSm> {
+        let trust = crate::replica::Trust::Sign {
+            sealer: crate::trust::Sealer::new(id).unwrap(),
+            verifier: crate::trust::Verifier::new(id.clone()),
+        };
+        let replica = Replica::new(StreamConfig::default().replica(), trust).unwrap();
         Arc::new(ReplicaSm(Mutex::new(replica), Default::default()))
     }
 
@@ -152,14 +156,14 @@ mod tests {
             tls::ca_init(&ca).unwrap();
             tls::cert_issue(&ca, "core-a", Role::Core, &certs).unwrap();
         }
-        let id = tls::Identity::load(&certs, "core-a").unwrap();
+        let id = Arc::new(tls::Identity::load(&certs, "core-a").unwrap());
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let endpoint = tls::endpoint_from_socket(sock, &id, &TransportConfig::default()).unwrap();
         let me = Member {
             name: "core-a".into(),
             addr: endpoint.local_addr().unwrap().to_string(),
         };
-        let sm = replica_sm();
+        let sm = replica_sm(&id);
         let core = Core::open(me, dir, sm.clone(), cfg, endpoint, DEFAULT_MAX_FRAME)
             .await
             .unwrap();

@@ -3,9 +3,12 @@
 //! Invariants:
 //! - Readers of `--file` see one whole version: it is written to a temporary file, fsynced,
 //!   renamed over the old one, and the directory fsynced.
-//! - The record of what the file holds (`replica.json`) is written after the file, so a
-//!   crash in between leaves a record that does not match: the copy is then untrusted at
-//!   start, and only its differing chunks are fetched.
+//! - The record of what the file holds (`replica.json`: its version, and the core's seal over
+//!   that state with the signer's certificate) is written after the file, so a crash in
+//!   between leaves a record that does not match: the copy is then untrusted at start, and
+//!   only its differing chunks are fetched. A copy is trusted only when the seal verifies
+//!   over its recomputed content.
+//! - Only a version the node shows (one a core seal covers) is ever written.
 //! - The materializer writes the newest version, at most once per
 //!   `materialize_interval_ms`, however many versions arrive.
 
@@ -13,11 +16,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use prost::Message;
 use serde::Serialize;
 use tracing::{error, warn};
 
 use crate::config::NodeConfig;
 use crate::file::ChunkedFile;
+use crate::proto;
+use crate::replica::Sealed;
 
 use super::shared::Shared;
 
@@ -26,11 +33,21 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
     let interval = Duration::from_millis(shared.cfg.stream.materialize_interval_ms);
     let mut written: Option<(u64, [u8; 32])> = None;
     loop {
-        let file = {
+        let shown = {
             let st = shared.state.lock();
-            st.replica.is_synced().then(|| st.replica.file().clone())
+            let signers = st.replica.signer_certs();
+            st.replica.is_synced().then(|| {
+                let sealed = st.replica.anchor().cloned();
+                let signer = sealed.as_ref().and_then(|(s, _)| {
+                    signers
+                        .iter()
+                        .find(|c| crate::trust::fingerprint(c)[..] == s.signer[..])
+                        .cloned()
+                });
+                (st.replica.file().clone(), sealed, signer)
+            })
         };
-        if let Some(file) = file {
+        if let Some((file, sealed, signer)) = shown {
             let key = (file.version(), file.root());
             if written != Some(key) {
                 let p = path.clone();
@@ -38,7 +55,7 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
                 let sidecar = shared.cfg.data.join(SIDECAR);
                 let write = move || {
                     write_atomically(&p, &file)?;
-                    write_sidecar(&sidecar, &file)
+                    write_sidecar(&sidecar, &file, sealed.as_ref(), signer.as_ref())
                 };
                 match tokio::task::spawn_blocking(write).await {
                     Ok(Ok(())) => {
@@ -74,17 +91,34 @@ struct Sidecar {
     root: String,
     length: u64,
     chunk_size: u32,
+    /// The core's seal over this state (hex of the `Seal` message), the entry digest it
+    /// signed (hex, empty for a state seal) and the signer's certificate (hex DER).
+    #[serde(default)]
+    seal: String,
+    #[serde(default)]
+    seal_entry: String,
+    #[serde(default)]
+    signer: String,
 }
 
-/// Records the version, root and shape of the file just materialized (temp + fsync +
-/// rename). A crash between the file and this record leaves a record whose root does not
-/// match the file: the copy is then untrusted, and only its differing chunks are fetched.
-fn write_sidecar(path: &Path, file: &ChunkedFile) -> std::io::Result<()> {
+/// Records the version, root, shape and core seal of the file just materialized (temp +
+/// fsync + rename).
+fn write_sidecar(
+    path: &Path,
+    file: &ChunkedFile,
+    sealed: Option<&Sealed>,
+    signer: Option<&Bytes>,
+) -> std::io::Result<()> {
     let rec = Sidecar {
         version: file.version(),
         root: file.root_hex(),
         length: file.len(),
         chunk_size: file.chunk_size(),
+        seal: sealed.map_or_else(String::new, |(s, _)| hex::encode(s.encode_to_vec())),
+        seal_entry: sealed
+            .and_then(|(_, e)| e.map(hex::encode))
+            .unwrap_or_default(),
+        signer: signer.map_or_else(String::new, hex::encode),
     };
     let tmp = path.with_extension("json.tmp");
     {
@@ -95,26 +129,47 @@ fn write_sidecar(path: &Path, file: &ChunkedFile) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Reads the relay's materialized copy and its record; the copy is trusted only when its
-/// recomputed root equals the recorded one.
-pub(crate) fn load_local_copy(cfg: &NodeConfig, path: &Path) -> Option<(ChunkedFile, bool)> {
+/// A relay's copy found on disk, with the seal and signer its record names (the replica
+/// decides whether to trust it).
+pub(crate) struct LocalCopy {
+    pub(crate) file: ChunkedFile,
+    pub(crate) sealed: Option<Sealed>,
+    pub(crate) signer: Option<Bytes>,
+}
+
+/// Reads the relay's materialized copy and its record. The record's version is taken only
+/// when the recomputed root equals the recorded one; the replica then checks the seal.
+pub(crate) fn load_local_copy(cfg: &NodeConfig, path: &Path) -> Option<LocalCopy> {
     let bytes = std::fs::read(path).ok()?;
     let rec: Option<Sidecar> = std::fs::read(cfg.data.join(SIDECAR))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     let mut file =
         ChunkedFile::from_bytes(cfg.stream.chunk_size, cfg.stream.max_len, &bytes, 0).ok()?;
-    let trusted = match rec {
-        Some(r) if r.chunk_size == file.chunk_size() && r.root == file.root_hex() => {
-            file.set_version(r.version);
-            true
-        }
+    let rec = match rec {
+        Some(r) if r.chunk_size == file.chunk_size() && r.root == file.root_hex() => r,
         _ => {
             warn!(node = %cfg.name, path = %path.display(), "local copy does not match its record: fetching only the chunks that differ");
-            false
+            return Some(LocalCopy {
+                file,
+                sealed: None,
+                signer: None,
+            });
         }
     };
-    Some((file, trusted))
+    file.set_version(rec.version);
+    let seal = hex::decode(&rec.seal)
+        .ok()
+        .and_then(|b| proto::Seal::decode(b.as_slice()).ok());
+    let entry = hex::decode(&rec.seal_entry)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok());
+    let signer = hex::decode(&rec.signer).ok().map(Bytes::from);
+    Some(LocalCopy {
+        file,
+        sealed: seal.map(|s| (s, entry)),
+        signer,
+    })
 }
 
 /// Writes `file` to a temporary file next to `path`, fsyncs it, renames it over `path` and

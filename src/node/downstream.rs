@@ -23,10 +23,11 @@ use tracing::{debug, info, warn};
 use crate::config::NodeConfig;
 use crate::overlay::{self, Input, Overlay};
 use crate::proto::{self, downstream::Kind as Down};
-use crate::replica::{snapshot_frames_below, Event, SubscribePlan};
+use crate::replica::{snapshot_frames_below, Event, SnapshotPlan, SubscribePlan};
 use crate::transport::{self, StreamError};
 
 use super::error::code;
+use super::failpoint::{self, Rogue, Tampering};
 use super::overlay_driver::{self, peer_to_proto};
 use super::shared::{now_us, ChildLink, Shared, State};
 
@@ -78,6 +79,18 @@ pub(crate) fn dispatch(shared: &Shared, st: &mut State, events: Vec<Event>) {
                 }
             }
             Event::CheckpointVerified { .. } => shared.metrics.checkpoint_ok.increment(1),
+            Event::RolledBack { version } => {
+                warn!(node = %shared.cfg.name, version, "undid an entry its parent never sealed");
+                let ids: Vec<u64> = st.children.keys().copied().collect();
+                for id in ids {
+                    cut_child(
+                        shared,
+                        st,
+                        id,
+                        "parent undid an unsealed entry; resubscribe",
+                    );
+                }
+            }
         }
     }
 }
@@ -202,7 +215,6 @@ struct Registered {
     rx: mpsc::UnboundedReceiver<Bytes>,
     queued: Arc<AtomicU64>,
     cut: Arc<AtomicBool>,
-    commit_time_us: u64,
 }
 
 /// Decides on a subscription and, if accepted, registers the child for broadcasts, all under
@@ -210,6 +222,7 @@ struct Registered {
 fn register(
     shared: &Shared,
     sub: &proto::Subscribe,
+    rogue: Option<&Rogue>,
 ) -> Result<Registered, (String, Option<proto::PeerInfo>)> {
     let mut st = shared.state.lock();
     if shared.root_path().contains(&sub.name) {
@@ -228,9 +241,12 @@ fn register(
             referral(shared, &st),
         ));
     }
-    let plan = st.replica.plan_subscription(sub);
+    let mut plan = st.replica.plan_subscription(sub);
     if let SubscribePlan::Refuse(r) = plan {
         return Err((r, None));
+    }
+    if let (Some(rogue), SubscribePlan::Snapshot(p)) = (rogue, &mut plan) {
+        (p.file, p.anchor) = rogue.snapshot(&p.file);
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicU64::new(0));
@@ -252,7 +268,7 @@ fn register(
     // heartbeat (a relay joining below one of them soon after is offered it).
     let hb = heartbeat(shared, &st, "");
     broadcast(shared, &mut st, &hb);
-    let ok = proto::SubscribeOk {
+    let mut ok = proto::SubscribeOk {
         parent_name: shared.cfg.name.clone(),
         parent_depth: shared.depth().unwrap_or(0),
         resume: matches!(plan, SubscribePlan::Resume(_)),
@@ -260,7 +276,11 @@ fn register(
         root_path: shared.root_path(),
         chunk_size: shared.cfg.stream.chunk_size,
         fetch_sources: suggest_sources(&st, &sub.listen_addr),
+        signers: st.replica.signer_certs(),
     };
+    if let Some(rogue) = rogue {
+        rogue.subscribe_ok(&mut ok, &shared.cfg.advertise.to_string());
+    }
     Ok(Registered {
         id,
         plan,
@@ -268,7 +288,6 @@ fn register(
         rx,
         queued,
         cut,
-        commit_time_us: st.replica.last_commit_time_us(),
     })
 }
 
@@ -294,6 +313,8 @@ pub(crate) async fn serve_child(
             }
         }
     }
+    let rogue = Rogue::from_env(&shared.identity.lock());
+    let mut tampering = Tampering::default();
     let Registered {
         id,
         plan,
@@ -301,8 +322,7 @@ pub(crate) async fn serve_child(
         mut rx,
         queued,
         cut,
-        commit_time_us,
-    } = match register(&shared, &sub) {
+    } = match register(&shared, &sub, rogue.as_ref()) {
         Ok(r) => r,
         Err((reason, referral)) => {
             debug!(node = %shared.cfg.name, child = %sub.name, "refusing subscription: {reason}");
@@ -335,10 +355,20 @@ pub(crate) async fn serve_child(
             SubscribePlan::Resume(frames) => {
                 shared.metrics.resumes_served.increment(1);
                 for f in &frames {
-                    transport::write_raw(&mut send, f).await?;
+                    let f = match &rogue {
+                        Some(r) => r.tamper(&mut tampering, f),
+                        None => f.clone(),
+                    };
+                    transport::write_raw(&mut send, &f).await?;
                 }
             }
-            SubscribePlan::Snapshot(file) => {
+            SubscribePlan::Snapshot(p) => {
+                let SnapshotPlan {
+                    file,
+                    anchor,
+                    commit_time_us,
+                    then,
+                } = *p;
                 // Wait for a transfer slot, keeping the child's stream alive meanwhile.
                 let acquire = Arc::clone(&shared.serving.permits).acquire_owned();
                 tokio::pin!(acquire);
@@ -355,20 +385,30 @@ pub(crate) async fn serve_child(
                 };
                 let _serving = ServingGuard::new(&shared);
                 shared.metrics.full_transfers_served.increment(1);
-                let corrupt = failpoint_corrupt_chunk(&sub.name);
+                let corrupt = failpoint::corrupt_chunk_for(&sub.name);
                 let below = limit.clone();
-                let frames =
-                    snapshot_frames_below(&file, commit_time_us, &sub.have_chunks, move || {
-                        below.load(Ordering::Acquire)
-                    });
+                let frames = snapshot_frames_below(
+                    &file,
+                    commit_time_us,
+                    &sub.have_chunks,
+                    anchor.as_ref(),
+                    move || below.load(Ordering::Acquire),
+                );
                 for (index, mut f) in frames {
                     if let (Some(target), Some(index)) = (corrupt, index) {
-                        corrupt_chunk(&mut f.data, index, target);
+                        failpoint::corrupt_chunk(&mut f.data, index, target);
                     }
                     pace_backfill(&shared, f.len()).await;
                     transport::write_parts(&mut send, &f).await?;
                     shared.count_relayed(f.len());
                     shared.metrics.backfill_served.increment(f.len() as u64);
+                }
+                for f in &then {
+                    let f = match &rogue {
+                        Some(r) => r.tamper(&mut tampering, f),
+                        None => f.clone(),
+                    };
+                    transport::write_raw(&mut send, &f).await?;
                 }
             }
             SubscribePlan::Refuse(_) => {}
@@ -385,8 +425,13 @@ pub(crate) async fn serve_child(
                 }
             };
             let Some(frame) = frame else { return Ok(()) };
+            let len = frame.len() as u64;
+            let frame = match &rogue {
+                Some(r) => r.tamper(&mut tampering, &frame),
+                None => frame,
+            };
             transport::write_raw(&mut send, &frame).await?;
-            queued.fetch_sub(frame.len() as u64, Ordering::AcqRel);
+            queued.fetch_sub(len, Ordering::AcqRel);
             shared.count_relayed(frame.len());
         }
     }
@@ -436,7 +481,7 @@ pub(crate) async fn serve_fetch(
     mut recv: quinn::RecvStream,
 ) {
     let peer_name = peer.split('/').next().unwrap_or_default().to_string();
-    let corrupt = failpoint_corrupt_chunk(&peer_name);
+    let corrupt = failpoint::corrupt_chunk_for(&peer_name);
     let mut next = Some(first);
     loop {
         let batch = match next.take() {
@@ -485,7 +530,7 @@ pub(crate) async fn serve_fetch(
                 }
             }
             if let Some(target) = corrupt {
-                corrupt_chunk(&mut reply.data, index, target);
+                failpoint::corrupt_chunk(&mut reply.data, index, target);
             }
             let len = reply.data.len();
             pace_backfill(&shared, len).await;
@@ -508,31 +553,4 @@ pub(crate) fn close_bad(shared: &Shared, conn: &quinn::Connection, peer: &str, w
         VarInt::from_u32(code::BAD_FRAME),
         &reason.as_bytes()[..reason.len().min(200)],
     );
-}
-
-/// Test failpoint: `CANOPY_FAILPOINT_CORRUPT_CHUNK` = a chunk index, or `all`, that this node
-/// serves corrupted (pushed or fetched), to the node named `CANOPY_FAILPOINT_CORRUPT_FOR`
-/// only when that is set. `u64::MAX` stands for every chunk. The tests use it to show that a
-/// bad source is detected and the chunk fetched elsewhere.
-fn failpoint_corrupt_chunk(child: &str) -> Option<u64> {
-    let index = match std::env::var("CANOPY_FAILPOINT_CORRUPT_CHUNK")
-        .ok()?
-        .as_str()
-    {
-        "all" => u64::MAX,
-        i => i.parse().ok()?,
-    };
-    match std::env::var("CANOPY_FAILPOINT_CORRUPT_FOR") {
-        Ok(only) if only != child => None,
-        _ => Some(index),
-    }
-}
-
-fn corrupt_chunk(data: &mut Bytes, index: u64, target: u64) {
-    if (target == index || target == u64::MAX) && !data.is_empty() {
-        let mut d = data.to_vec();
-        d[0] ^= 0xff;
-        *data = Bytes::from(d);
-        warn!(index, "failpoint: serving a corrupted chunk");
-    }
 }

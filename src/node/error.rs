@@ -49,6 +49,10 @@ pub enum NodeError {
     Shutdown,
     #[error("this node is not a core node")]
     NotCore,
+    #[error("identity: {0}")]
+    Identity(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("the core may or may not have committed the write (connection lost after sending: {0}); check the version and retry if needed")]
     OutcomeUnknown(String),
 }

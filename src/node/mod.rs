@@ -14,6 +14,7 @@
 //! | `core` | the Raft state machine glue and the checkpoint ticker |
 //! | `inspect` | status and tree |
 //! | `disk` | materializing `--file` and loading it at start |
+//! | `identity` | this node's certificate: its expiry, reloading it, expiring signers |
 //!
 //! Invariants: a node's tasks all stop when its shutdown token is cancelled; the overlay owns
 //! the node's place in the tree (parent, depth, root path), and every other module reads it
@@ -24,6 +25,8 @@ mod core;
 mod disk;
 mod downstream;
 mod error;
+mod failpoint;
+mod identity;
 mod inspect;
 mod net;
 mod overlay_driver;
@@ -35,7 +38,7 @@ mod upstream;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -52,7 +55,9 @@ use crate::file::{ApplyOutcome, ChunkedFile, Precondition, Update};
 use crate::metrics::NodeMetrics;
 use crate::overlay::Overlay;
 use crate::proto;
-use crate::replica::Replica;
+use crate::replica::{Replica, Trust};
+use crate::tls::{Identity, Role};
+use crate::trust::{Sealer, Verifier};
 
 pub use error::NodeError;
 pub use inspect::MAX_TREE_DEPTH;
@@ -67,24 +72,60 @@ use shared::{OverlayCell, Serving, State, StreamStats};
 pub struct Node(pub Arc<Shared>);
 
 impl Node {
-    /// Starts every task of a node on `endpoint` (already bound, with the node's TLS identity)
-    /// and serves the HTTP API on `api`. Tasks stop when `shutdown` is cancelled.
+    /// Starts every task of a node on `endpoint` (already bound, with the node's TLS identity
+    /// `id`) and serves the HTTP API on `api`. Tasks stop when `shutdown` is cancelled.
     pub async fn start(
         cfg: NodeConfig,
+        id: Arc<Identity>,
         endpoint: quinn::Endpoint,
         api: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> Result<Node, NodeError> {
         cfg.validate()?;
+        if id.name != cfg.name {
+            return Err(NodeError::Identity(format!(
+                "the certificate is for {}, the node is named {}",
+                id.name, cfg.name
+            )));
+        }
+        if cfg.is_core() != (id.role == Role::Core) {
+            return Err(NodeError::Identity(format!(
+                "a {} node needs a certificate with the {} role; this one has the {} role",
+                if cfg.is_core() { "core" } else { "relay" },
+                if cfg.is_core() {
+                    "core"
+                } else {
+                    "relay or reader"
+                },
+                id.role
+            )));
+        }
         std::fs::create_dir_all(&cfg.data).map_err(|source| NodeError::Io {
             path: cfg.data.clone(),
             source,
         })?;
-        let mut replica = Replica::new(cfg.stream.replica(), cfg.is_core())?.with_name(&cfg.name);
+        let verifier = Verifier::new(id.clone());
+        let trust = if cfg.is_core() {
+            let sealer = Sealer::new(&id).map_err(|e| NodeError::Identity(e.to_string()))?;
+            Trust::Sign { sealer, verifier }
+        } else {
+            Trust::Verify(verifier)
+        };
+        let mut replica = Replica::new(cfg.stream.replica(), trust)?.with_name(&cfg.name);
         if let (NodeKind::Relay { .. }, Some(path)) = (&cfg.kind, &cfg.file) {
-            if let Some((file, trusted)) = disk::load_local_copy(&cfg, path) {
-                info!(node = %cfg.name, version = file.version(), trusted, root = %file.root_hex(), "starting from the local copy");
-                replica.seed(file, trusted);
+            if let Some(copy) = disk::load_local_copy(&cfg, path) {
+                let (version, root) = (copy.file.version(), copy.file.root_hex());
+                if let Some(cert) = &copy.signer {
+                    replica.learn_signers(std::slice::from_ref(cert), SystemTime::now());
+                }
+                let trusted = match replica.seed(copy.file, copy.sealed) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        warn!(node = %cfg.name, "the local copy's seal does not verify ({e}): fetching only the chunks that differ");
+                        false
+                    }
+                };
+                info!(node = %cfg.name, version, trusted, %root, "starting from the local copy");
             }
         }
         let bootstrap = match &cfg.kind {
@@ -135,6 +176,9 @@ impl Node {
             metrics: NodeMetrics::new(&cfg.name),
             relayed: AtomicU64::new(0),
             stats: StreamStats::default(),
+            role: id.role,
+            identity: Mutex::new(id.clone()),
+            client_config: Mutex::new(None),
             shutdown,
             tasks: TaskTracker::new(),
             cfg,
@@ -153,8 +197,13 @@ impl Node {
                 .spawn(disk::materialize_loop(shared.clone(), path));
         }
         shared.tasks.spawn(serve::accept_loop(shared.clone()));
+        shared.tasks.spawn(identity::watch(shared.clone()));
+        if failpoint::is_rogue() {
+            warn!(node = %shared.cfg.name, "failpoint: this node behaves as a rogue relay");
+        }
+        let token = api_token(&shared.cfg)?;
         let node = Node(shared.clone());
-        let router = crate::api::router(node.clone());
+        let router = crate::api::router(node.clone(), token);
         let sd = shared.shutdown.clone();
         shared.tasks.spawn(async move {
             if let Err(e) = axum::serve(api, router)
@@ -255,6 +304,51 @@ impl Node {
     pub fn core(&self) -> Option<&Arc<Core>> {
         self.0.core.get()
     }
+
+    /// Takes a renewed certificate and key, or a new CA, without a restart: new connections
+    /// use them at once, and a core node signs with its new key after telling its children.
+    pub fn reload_identity(&self, id: Identity) -> Result<(), NodeError> {
+        identity::reload(&self.0, Arc::new(id))
+    }
+}
+
+/// Where the API token lives when no file is configured.
+pub const API_TOKEN_FILE: &str = "api-token";
+
+/// The API token: read from `api_token_file`, or from `DATA/api-token`, created with a
+/// random token (mode 0600) at first start. The token itself is never logged.
+fn api_token(cfg: &NodeConfig) -> Result<crate::api::ApiToken, NodeError> {
+    let path = cfg
+        .api_token_file
+        .clone()
+        .unwrap_or_else(|| cfg.data.join(API_TOKEN_FILE));
+    let io = |source| NodeError::Io {
+        path: path.clone(),
+        source,
+    };
+    if cfg.api_token_file.is_none() && !path.exists() {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let token = hex::encode(rand::random::<[u8; 32]>());
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        f.write_all(token.as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        info!(node = %cfg.name, path = %path.display(), "created the API token file (writes need it)");
+    }
+    let token = std::fs::read_to_string(&path).map_err(io)?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(NodeError::Identity(format!(
+            "the API token file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(crate::api::ApiToken::new(token))
 }
 
 impl From<NodeError> for BackendError {
@@ -262,6 +356,7 @@ impl From<NodeError> for BackendError {
         match e {
             NodeError::UpdateTooLarge { .. } => BackendError::TooLarge(e.to_string()),
             NodeError::Rejected(_) | NodeError::NotCore => BackendError::Invalid(e.to_string()),
+            NodeError::Forbidden(_) => BackendError::Forbidden(e.to_string()),
             NodeError::Contended(_) => BackendError::Contended(e.to_string()),
             e => BackendError::Unavailable(e.to_string()),
         }
@@ -313,11 +408,12 @@ impl Backend for Node {
 /// Runs a node until `shutdown` is cancelled: the entry point of both node binaries.
 pub async fn run(
     cfg: NodeConfig,
+    id: Arc<Identity>,
     endpoint: quinn::Endpoint,
     api: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
-    let node = Node::start(cfg, endpoint, api, shutdown).await?;
+    let node = Node::start(cfg, id, endpoint, api, shutdown).await?;
     node.stopped().await;
     Ok(())
 }

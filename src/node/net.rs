@@ -24,7 +24,15 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A new connection to `addr`, whoever it is in the cluster.
 pub(crate) async fn connect(shared: &Shared, addr: &str) -> Result<quinn::Connection, NodeError> {
-    Ok(transport::dial(&shared.endpoint, addr, CONNECT_TIMEOUT, Expect::Anyone).await?)
+    let client = shared.client_config.lock().clone();
+    Ok(transport::dial(
+        &shared.endpoint,
+        client,
+        addr,
+        CONNECT_TIMEOUT,
+        Expect::Anyone,
+    )
+    .await?)
 }
 
 /// One request and its single reply on a new bidirectional stream to `addr`.
@@ -55,7 +63,8 @@ pub(crate) async fn request<Rep: prost::Message + Default>(
 }
 
 /// The cached connection to the core node at `addr`, dialed on first use and replaced once
-/// closed.
+/// closed. Only a peer whose certificate has the core role is accepted: whoever named the
+/// address (a parent's `SubscribeOk`, a leader hint), a write goes to the core or fails.
 pub(crate) async fn core_conn(shared: &Shared, addr: &str) -> Result<quinn::Connection, NodeError> {
     let mut conns = shared.core_conns.lock().await;
     if let Some(c) = conns.get(addr) {
@@ -63,7 +72,9 @@ pub(crate) async fn core_conn(shared: &Shared, addr: &str) -> Result<quinn::Conn
             return Ok(c.clone());
         }
     }
-    let c = connect(shared, addr).await?;
+    let expect = Expect::Role(crate::tls::Role::Core);
+    let client = shared.client_config.lock().clone();
+    let c = transport::dial(&shared.endpoint, client, addr, CONNECT_TIMEOUT, expect).await?;
     conns.insert(addr.to_string(), c.clone());
     Ok(c)
 }

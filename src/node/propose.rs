@@ -23,6 +23,7 @@ use crate::transport;
 use crate::wire::WireError;
 
 use super::error::NodeError;
+use super::failpoint;
 use super::net;
 use super::shared::{QueuedProposal, Shared};
 
@@ -45,6 +46,12 @@ pub(crate) async fn propose(
     shared: &Arc<Shared>,
     mut proposal: proto::Proposal,
 ) -> Result<ApplyOutcome, NodeError> {
+    if !shared.role.may_write() && !failpoint::write_anyway() {
+        return Err(NodeError::Forbidden(format!(
+            "{} is a {}: its certificate may not write",
+            shared.cfg.name, shared.role
+        )));
+    }
     if proposal.id.is_empty() {
         let id: [u8; 16] = rand::random();
         proposal.id = Bytes::copy_from_slice(&id);
@@ -272,6 +279,8 @@ async fn forward_proposal(
         })),
     };
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    // Whether any attempt may have reached a core: only then is the outcome unknown.
+    let mut maybe_sent = false;
     loop {
         let conn = match &to {
             Some(addr) => net::core_conn(shared, addr)
@@ -283,19 +292,24 @@ async fn forward_proposal(
             Ok((addr, conn)) => (Some(addr), send_proposal(shared, &conn, &request).await),
             Err(e) => (None, Err(Forward::NotSent(e))),
         };
-        match sent {
-            Err(Forward::NotSent(e)) | Err(Forward::Unknown(e)) if e.is_retryable() => {
-                warn!(node = %shared.cfg.name, "proposal not confirmed by the core, retrying with the same id: {e}");
-                if let Some(addr) = &addr {
-                    net::forget_core(shared, addr).await;
-                }
-                if to.is_some() || tokio::time::Instant::now() >= deadline {
-                    return Err(Forward::Unknown(e));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        let (e, sent_it) = match sent {
+            Err(Forward::NotSent(e)) if e.is_retryable() => (e, false),
+            Err(Forward::Unknown(e)) if e.is_retryable() => (e, true),
             other => return other,
+        };
+        warn!(node = %shared.cfg.name, "proposal not confirmed by the core, retrying with the same id: {e}");
+        if let Some(addr) = &addr {
+            net::forget_core(shared, addr).await;
         }
+        maybe_sent |= sent_it;
+        if to.is_some() || tokio::time::Instant::now() >= deadline {
+            return Err(if maybe_sent {
+                Forward::Unknown(e)
+            } else {
+                Forward::NotSent(e)
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -326,6 +340,7 @@ async fn send_proposal(
             Ok(ApplyOutcome::PreconditionFailed { version: v })
         }
         Some(propose_reply::Kind::Error(e)) => Err(Forward::Unknown(NodeError::Rejected(e))),
+        Some(propose_reply::Kind::Refused(e)) => Err(Forward::NotSent(NodeError::Forbidden(e))),
         None => Err(Forward::Unknown(NodeError::Rejected("empty reply".into()))),
     }
 }
@@ -338,6 +353,7 @@ pub(crate) fn outcome_reply(r: Result<ApplyOutcome, NodeError>) -> proto::Propos
             propose_reply::Kind::PreconditionFailedVersion(version)
         }
         Ok(ApplyOutcome::Rejected { reason, .. }) => propose_reply::Kind::Error(reason),
+        Err(NodeError::Forbidden(e)) => propose_reply::Kind::Refused(e),
         Err(e) => propose_reply::Kind::Error(e.to_string()),
     };
     proto::ProposeReply { kind: Some(kind) }

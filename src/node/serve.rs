@@ -2,8 +2,12 @@
 //!
 //! Invariants:
 //! - Every stream carries one `Request` first; its kind decides who serves the stream.
-//! - Raft RPCs and membership requests are served only on core nodes, and only to peers whose
-//!   certificate has the core role.
+//! - A name a peer declares (`Subscribe.name`, its own entry in a sample offer) must be the
+//!   name in the certificate on that connection, or the request is refused and counted.
+//! - Raft RPCs are served only on core nodes, and only to current members under the name in
+//!   their core certificate; membership requests only to core certificates.
+//! - Proposals are taken only by core nodes, and only from certificates whose role may write
+//!   (a reader's are refused with a clear error).
 //! - Bad input from a peer closes that peer's connection with a logged reason, counted in
 //!   `canopy_frame_errors_total`; the node keeps serving everyone else.
 
@@ -16,6 +20,8 @@ use crate::tls::{self, Role};
 use crate::transport;
 
 use super::downstream::{close_bad, serve_child, serve_fetch};
+use super::error::NodeError;
+use super::failpoint;
 use super::inspect::{self, MAX_TREE_DEPTH};
 use super::overlay_driver::{self, peer_from_proto, peer_to_proto};
 use super::propose::{self, outcome_reply, MAX_HOPS};
@@ -46,24 +52,39 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
 }
 
 async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
-    let peer = tls::peer_identity(&conn)
-        .map(|(n, r)| format!("{n}/{r}"))
-        .unwrap_or_else(|| conn.remote_address().to_string());
+    let Some(id) = tls::peer_identity(&conn) else {
+        shared.metrics.refused_identity("certificate");
+        warn!(node = %shared.cfg.name, remote = %conn.remote_address(), "closing a connection whose certificate names no node and role");
+        conn.close(
+            quinn::VarInt::from_u32(2),
+            b"certificate without name and role",
+        );
+        return;
+    };
+    let peer = format!("{}/{}", id.0, id.1);
+    transport::close_at_peer_expiry(&conn);
     debug!(node = %shared.cfg.name, %peer, "connection");
     loop {
         let (send, recv) = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             s = conn.accept_bi() => match s { Ok(s) => s, Err(_) => return },
         };
-        let (s, c, p) = (shared.clone(), conn.clone(), peer.clone());
+        let (s, c, p, i) = (shared.clone(), conn.clone(), peer.clone(), id.clone());
         shared
             .tasks
-            .spawn(async move { serve_stream(s, c, p, send, recv).await });
+            .spawn(async move { serve_stream(s, c, p, i, send, recv).await });
     }
 }
 
-fn is_core_peer(conn: &quinn::Connection) -> bool {
-    matches!(tls::peer_identity(conn), Some((_, Role::Core)))
+/// Refuses a request whose declared name is not the certificate's: counted and logged.
+fn wrong_name(shared: &Shared, what: &'static str, declared: &str, id: &(String, Role)) -> String {
+    shared.metrics.refused_identity(what);
+    let why = format!(
+        "{what}: the name {declared:?} is not the certificate's ({})",
+        id.0
+    );
+    warn!(node = %shared.cfg.name, peer = %id.0, "refused {why}");
+    why
 }
 
 /// Writes the single reply of a request stream and finishes the stream.
@@ -77,6 +98,7 @@ async fn serve_stream(
     shared: Arc<Shared>,
     conn: quinn::Connection,
     peer: String,
+    id: (String, Role),
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -88,6 +110,16 @@ async fn serve_stream(
         Err(e) => return close_bad(&shared, &conn, &peer, &e.to_string()),
     };
     match req.kind {
+        Some(request::Kind::Subscribe(sub)) if sub.name != id.0 => {
+            let reason = wrong_name(&shared, "subscribe", &sub.name, &id);
+            let refusal = proto::Downstream {
+                kind: Some(proto::downstream::Kind::Refused(proto::Refused {
+                    reason,
+                    referral: None,
+                })),
+            };
+            reply(&mut send, &refusal).await;
+        }
         Some(request::Kind::Subscribe(sub)) => serve_child(shared, conn, sub, send, recv).await,
         Some(request::Kind::Fetch(first)) => {
             serve_fetch(shared, conn, peer, first, send, recv).await
@@ -96,17 +128,47 @@ async fn serve_stream(
             let Some(proposal) = p.proposal else {
                 return close_bad(&shared, &conn, &peer, "propose without proposal");
             };
-            let outcome = propose::propose_hops(&shared, proposal, p.hops).await;
+            let outcome = if failpoint::is_rogue() {
+                Ok(crate::file::ApplyOutcome::Applied { version: 1 << 40 })
+            } else if shared.core.get().is_none() {
+                shared.metrics.refused_identity("propose");
+                Err(NodeError::Forbidden(
+                    "proposals go to core nodes, not to a relay".into(),
+                ))
+            } else if !id.1.may_write() {
+                shared.metrics.refused_identity("propose");
+                warn!(node = %shared.cfg.name, %peer, "refused a write from a {} certificate", id.1);
+                Err(NodeError::Forbidden(format!(
+                    "{} has the {} role, which may not write",
+                    id.0, id.1
+                )))
+            } else {
+                propose::propose_hops(&shared, proposal, p.hops).await
+            };
             reply(&mut send, &outcome_reply(outcome)).await;
         }
         Some(request::Kind::Raft(rpc)) => {
             let Some(core) = shared.core.get() else {
                 return close_bad(&shared, &conn, &peer, "raft rpc to a relay");
             };
-            if !is_core_peer(&conn) {
-                return close_bad(&shared, &conn, &peer, "raft rpc from a non-core peer");
+            let member = core.members().iter().any(|(m, _)| m.name == id.0);
+            if id.1 != Role::Core || !member {
+                shared.metrics.refused_identity("raft");
+                return close_bad(
+                    &shared,
+                    &conn,
+                    &peer,
+                    "raft rpc from a peer that is not a core member",
+                );
             }
             reply(&mut send, &core.handle_rpc(rpc).await).await;
+        }
+        Some(request::Kind::Sample(sample))
+            if sample.offer.first().is_some_and(|me| me.name != id.0) =>
+        {
+            let declared = sample.offer[0].name.clone();
+            wrong_name(&shared, "sample", &declared, &id);
+            let _ = send.finish();
         }
         Some(request::Kind::Sample(sample)) => {
             let offer = sample
@@ -115,7 +177,12 @@ async fn serve_stream(
                 .take(MAX_SAMPLE_OFFER)
                 .map(peer_from_proto)
                 .collect();
-            let (info, peers) = overlay_driver::answer_sample(&shared, offer);
+            let (mut info, peers) = overlay_driver::answer_sample(&shared, offer);
+            if failpoint::is_rogue() {
+                let mut fake = (*info).clone();
+                fake.depth = Some(0);
+                info = fake.into();
+            }
             let answer = proto::SampleReply {
                 info: Some(peer_to_proto(&info)),
                 peers: peers.iter().map(|p| peer_to_proto(p)).collect(),
@@ -127,7 +194,7 @@ async fn serve_stream(
             reply(&mut send, &proto::TreeReply { nodes }).await;
         }
         Some(request::Kind::Admin(admin)) => {
-            if shared.core.get().is_none() || !is_core_peer(&conn) {
+            if shared.core.get().is_none() || id.1 != Role::Core {
                 return close_bad(&shared, &conn, &peer, "admin request outside the core");
             }
             let error = match propose::admin(&shared, admin, MAX_HOPS + 1).await {

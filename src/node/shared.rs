@@ -7,6 +7,8 @@
 //!    live stream start exactly after its subscription plan (no gap, no repeat).
 //! 2. [`Shared::overlay`]: the overlay state machine and its RNG.
 //! 3. [`Shared::backfill_pace`]: the shared pacing clock of transfers served.
+//! 4. [`Shared::identity`], [`Shared::client_config`]: this node's certificate and key, and
+//!    the client configuration made of them, replaced on reload.
 //!
 //! The tokio mutex over connections ([`Shared::core_conns`]) is taken only with none of the
 //! above held. All locks are `parking_lot` locks: a panic in one request cannot poison them
@@ -143,6 +145,13 @@ pub struct Shared {
     pub metrics: NodeMetrics,
     pub(crate) relayed: AtomicU64,
     pub(crate) stats: StreamStats,
+    /// This node's role, from its certificate (a reader may not write).
+    pub(crate) role: crate::tls::Role,
+    /// This node's certificate and key (replaced when they are reloaded).
+    pub(crate) identity: Mutex<Arc<crate::tls::Identity>>,
+    /// The client configuration of outgoing connections once the identity was reloaded
+    /// (`None`: the endpoint's default, made at start).
+    pub(crate) client_config: Mutex<Option<quinn::ClientConfig>>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
 }
@@ -186,16 +195,24 @@ impl Shared {
         )
     }
 
-    /// The core's addresses as this node knows them: the members (core), the parent's
-    /// word (an attached relay) or the `--join` list.
+    /// The core's addresses as this node knows them: the members (core), or the parent's
+    /// word followed by the `--join` list (a relay). A relay's list is only a list of places
+    /// to try: a connection to one is kept only if its certificate has the core role.
     pub(crate) fn core_addrs(&self, st: &State) -> Vec<String> {
         match &self.cfg.kind {
             NodeKind::Core { .. } => match self.core.get() {
                 Some(core) => core.members().into_iter().map(|(m, _)| m.addr).collect(),
                 None => vec![self.cfg.advertise.to_string()],
             },
-            NodeKind::Relay { join } if st.parent_core_addrs.is_empty() => join.clone(),
-            NodeKind::Relay { .. } => st.parent_core_addrs.clone(),
+            NodeKind::Relay { join } => {
+                let mut addrs = st.parent_core_addrs.clone();
+                for a in join {
+                    if !addrs.contains(a) {
+                        addrs.push(a.clone());
+                    }
+                }
+                addrs
+            }
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::wire::RawFrame;
 use super::backfill::{refuse_source, Transfer, LINK_FRAMES};
 use super::downstream::{dispatch, MAX_SUGGESTED_SOURCES};
 use super::error::{code, NodeError};
+use super::failpoint;
 use super::net::connect;
 use super::overlay_driver::{self, peer_from_proto};
 use super::shared::{Shared, State, UpstreamCommand};
@@ -94,7 +95,7 @@ impl Drop for AbortOnDrop {
 
 /// A frame off the parent's stream, decoded, with its chunk's BLAKE3 when it is a
 /// `SnapshotChunk` (hashed by the reader task, beside the follower).
-type LinkFrame = (RawFrame, proto::Downstream, Option<crate::file::Hash>);
+type LinkFrame = (RawFrame, Box<proto::Downstream>, Option<crate::file::Hash>);
 
 /// Reads, decodes and (for a transfer's chunks) hashes frames off `recv` into a channel
 /// until the stream ends or fails.
@@ -115,7 +116,7 @@ fn spawn_reader(
                             Some(Down::SnapshotChunk(c)) => Some(crate::file::leaf_hash(&c.data)),
                             _ => None,
                         };
-                        Ok(Some((raw, msg, hash)))
+                        Ok(Some((raw, Box::new(msg), hash)))
                     }
                     Err(e) => Err(StreamError::Frame(e)),
                 },
@@ -213,7 +214,9 @@ fn adopt(
         shared.stats.resumes.fetch_add(1, Ordering::Relaxed);
     }
     let mut st = shared.state.lock();
-    st.replica.expect_subscribe_ok();
+    learn_signers(shared, &mut st, &ok.signers);
+    let events = st.replica.expect_subscribe_ok();
+    dispatch(shared, &mut st, events);
     let msg = proto::Downstream {
         kind: Some(Down::SubscribeOk(ok.clone())),
     };
@@ -234,6 +237,25 @@ fn adopt(
         shared.metrics.depth.set(d as f64);
     }
     Ok(())
+}
+
+/// Checks and keeps core signer certificates a parent passed down, and passes the new ones
+/// on to this node's children before any frame they sign. Refused ones are counted, not
+/// used; a seal by an unknown signer fails later, on its own.
+fn learn_signers(shared: &Shared, st: &mut State, certs: &[bytes::Bytes]) {
+    let (new, refused) = st
+        .replica
+        .learn_signers(certs, std::time::SystemTime::now());
+    for e in refused {
+        shared.metrics.untrusted(e.label());
+        warn!(node = %shared.cfg.name, "ignoring a signer certificate from the parent: {e}");
+    }
+    if !new.is_empty() {
+        let frame = crate::wire::encode(&proto::Downstream {
+            kind: Some(Down::Signers(proto::Signers { certs: new })),
+        });
+        dispatch(shared, st, vec![Event::Broadcast(frame)]);
+    }
 }
 
 /// What woke the follower while it holds a parent.
@@ -332,19 +354,32 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
         link.conn
             .close(VarInt::from_u32(code::RESYNC), b"resubscribing");
         current = None;
-        shared.state.lock().replica.upstream_lost();
+        {
+            let mut st = shared.state.lock();
+            let events = st.replica.upstream_lost();
+            dispatch(&shared, &mut st, events);
+        }
         full = matches!(&failure, UpstreamError::Replica(r) if r.needs_full_resync());
         if let UpstreamError::Replica(ReplicaError::BadChunk { index }) = &failure {
             refuse_source(&shared, &addr, *index);
+        }
+        if let UpstreamError::Replica(ReplicaError::Untrusted { reason, detail }) = &failure {
+            shared.metrics.untrusted(reason);
+            error!(node = %shared.cfg.name, parent = %addr, reason, "UNTRUSTED parent, banned and re-attaching elsewhere: {detail}");
+            overlay_driver::input(&shared, Input::Faulty { addr: addr.clone() });
         }
         if matches!(&failure, UpstreamError::Replica(ReplicaError::Gap { .. })) {
             shared.stats.gaps.fetch_add(1, Ordering::Relaxed);
         }
         shared.metrics.resync(failure.label());
+        let untrusted = matches!(
+            &failure,
+            UpstreamError::Replica(ReplicaError::Untrusted { .. })
+        );
         if full {
             shared.metrics.checkpoint_mismatches.increment(1);
             error!(node = %shared.cfg.name, parent = %addr, "DIVERGED, resyncing in full: {failure}");
-        } else {
+        } else if !untrusted {
             warn!(node = %shared.cfg.name, parent = %addr, "upstream lost: {failure}");
         }
         overlay_driver::input(&shared, Input::ParentLost { addr });
@@ -408,9 +443,10 @@ async fn follow_frame(
 }
 
 fn subscription(shared: &Shared, full: bool) -> proto::Subscribe {
+    let name = failpoint::declared_name().unwrap_or_else(|| shared.cfg.name.clone());
     let st = shared.state.lock();
     st.replica
-        .subscription(&shared.cfg.name, &shared.cfg.advertise.to_string(), full)
+        .subscription(&name, &shared.cfg.advertise.to_string(), full)
 }
 
 /// Pushed chunks between two looks for more peers to fetch from.
@@ -452,6 +488,11 @@ fn apply_frame(
         }
         _ => Fed::Other,
     };
+    if let Some(Down::Signers(signers)) = &msg.kind {
+        let mut st = shared.state.lock();
+        learn_signers(shared, &mut st, &signers.certs);
+        return Ok(Fed::Other);
+    }
     let sources = match &msg.kind {
         Some(Down::Heartbeat(h)) if !h.fetch_sources.is_empty() => Some(
             h.fetch_sources
@@ -463,7 +504,7 @@ fn apply_frame(
         _ => None,
     };
     let mut st = shared.state.lock();
-    let events = st.replica.handle_downstream_hashed(raw.frame, msg, hash)?;
+    let events = st.replica.handle_downstream_hashed(raw.frame, *msg, hash)?;
     if let Some(sources) = sources {
         st.suggested_sources = sources;
     }
@@ -581,7 +622,10 @@ async fn try_move(
                 }
                 Err(e) => {
                     warn!(node = %shared.cfg.name, parent = %addr, "move failed after switching: {e}");
-                    shared.state.lock().replica.upstream_lost();
+                    let mut st = shared.state.lock();
+                    let events = st.replica.upstream_lost();
+                    dispatch(shared, &mut st, events);
+                    drop(st);
                     overlay_driver::input(shared, Input::ParentLost { addr });
                     if let Some(old) = left.take() {
                         overlay_driver::input(shared, Input::ParentLost { addr: old });
