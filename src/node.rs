@@ -267,9 +267,19 @@ impl FileStateMachine for CoreSm {
         self.0.state.lock().unwrap().replica.file().clone()
     }
 
-    fn install(&self, file: ChunkedFile) {
+    fn dedup(&self) -> crate::consensus::DedupTable {
+        self.0.state.lock().unwrap().replica.dedup().clone()
+    }
+
+    fn version_root(&self) -> (u64, crate::file::Hash) {
+        let st = self.0.state.lock().unwrap();
+        (st.replica.file().version(), st.replica.file().root())
+    }
+
+    fn install(&self, file: ChunkedFile, dedup: crate::consensus::DedupTable) {
         let mut st = self.0.state.lock().unwrap();
         let version = file.version();
+        st.replica.restore_dedup(dedup);
         let mut events = st.replica.install(file);
         events.push(Event::Applied {
             version,
@@ -844,7 +854,7 @@ impl Node {
                     }),
                 }
             }
-            Some(proto::admin::Kind::RemoveMember(name)) => core.remove_member(name).await,
+            Some(proto::admin::Kind::RemoveMember(name)) => core.remove_member(name, false).await,
             None => return Err(NodeError::Rejected("empty admin request".into())),
         };
         match result {
