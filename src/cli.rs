@@ -194,9 +194,13 @@ pub fn prepare(args: &NodeArgs, role: Role) -> anyhow::Result<Prepared> {
 pub fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .finish()
+        .with(crate::consensus::QuietPeerErrors)
         .try_init();
 }
 
