@@ -479,11 +479,18 @@ async fn a_new_leader_takes_over_when_the_leader_stops() {
 
     let old = cluster.nodes.remove(cluster.leader().await);
     let old_id = old.core.id();
+    let old_name = old.member().name;
     let old_term = old.core.status().term;
     old.stop().await;
 
     let started = Instant::now();
     for n in &cluster.nodes {
+        let next = n
+            .core
+            .wait_for_leader_except(std::slice::from_ref(&old_name), DEADLINE)
+            .await
+            .unwrap();
+        assert_ne!(next.name, old_name);
         n.core
             .raft()
             .wait(Some(Duration::from_secs(10)))

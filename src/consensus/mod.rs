@@ -851,6 +851,17 @@ impl Core {
 
     /// Wait until some node is known as leader and return it.
     pub async fn wait_for_leader(&self, timeout: Duration) -> Result<Member, ConsensusError> {
+        self.wait_for_leader_except(&[], timeout).await
+    }
+
+    /// Wait until a member whose name is not in `except` is known as leader and return it: a
+    /// node that failed to reach the leader it knew waits for the next one (an election
+    /// replaces a dead leader within about a second) instead of retrying the dead one.
+    pub async fn wait_for_leader_except(
+        &self,
+        except: &[String],
+        timeout: Duration,
+    ) -> Result<Member, ConsensusError> {
         let mut metrics = self.raft.metrics();
         let wait = async {
             loop {
@@ -861,6 +872,7 @@ impl Core {
                     }
                     m.current_leader
                         .and_then(|id| m.membership_config.membership().get_node(&id).cloned())
+                        .filter(|l| !except.contains(&l.name))
                 };
                 if let Some(leader) = leader {
                     return Ok(leader);
