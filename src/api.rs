@@ -527,18 +527,28 @@ async fn add_member<B: Backend>(
                 addr: body.addr,
             },
         )),
+        force: false,
     };
     node.admin(admin).await?;
     core_members(State(node)).await
+}
+
+#[derive(Deserialize)]
+struct RemoveQuery {
+    /// Remove even if fewer than a quorum of the voters left answered the leader lately.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn remove_member<B: Backend>(
     _auth: Authorized,
     State(node): State<B>,
     axum::extract::Path(name): axum::extract::Path<String>,
+    Query(q): Query<RemoveQuery>,
 ) -> Result<Response, ApiError> {
     let admin = crate::proto::Admin {
         kind: Some(crate::proto::admin::Kind::RemoveMember(name)),
+        force: q.force,
     };
     node.admin(admin).await?;
     core_members(State(node)).await

@@ -91,6 +91,8 @@ struct FileConfig {
     stream: Option<StreamConfig>,
     #[serde(default)]
     overlay: Option<crate::overlay::OverlayConfig>,
+    #[serde(default)]
+    raft: Option<RaftConfig>,
 }
 
 /// Parses `NAME=HOST:PORT`.
@@ -174,7 +176,7 @@ pub fn prepare(args: &NodeArgs, role: Role) -> anyhow::Result<Prepared> {
     };
     let kind = match role {
         Role::Core { init } => NodeKind::Core {
-            raft: RaftConfig::default(),
+            raft: fc.raft.unwrap_or_default(),
             init: init || fc.init.unwrap_or(false),
             peers,
         },
@@ -216,9 +218,13 @@ pub fn prepare(args: &NodeArgs, role: Role) -> anyhow::Result<Prepared> {
 pub fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .finish()
+        .with(crate::consensus::QuietPeerErrors)
         .try_init();
 }
 
@@ -258,10 +264,16 @@ async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
     });
     tracing::info!(name = %p.cfg.name, quic = %p.listen, api = %p.api, "starting");
     let name = p.cfg.name.clone();
-    let node =
-        crate::node::Node::start(p.cfg, std::sync::Arc::new(id), endpoint, api, shutdown).await?;
+    let node = crate::node::Node::start(
+        p.cfg,
+        std::sync::Arc::new(id),
+        endpoint,
+        api,
+        shutdown.clone(),
+    )
+    .await?;
     tokio::spawn(reload_on_hangup(node.clone(), p.tls, name));
-    node.stopped().await;
+    node.stopped_or_fatal(shutdown).await?;
     Ok(())
 }
 

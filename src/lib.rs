@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod consensus;
+pub mod dedup;
 pub mod demo;
 pub mod fetch;
 pub mod file;

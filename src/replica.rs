@@ -28,6 +28,7 @@ use bytes::Bytes;
 
 use std::time::SystemTime;
 
+use crate::dedup::DedupTable;
 use crate::file::{ApplyOutcome, ChunkedFile, FileError, Hash, Precondition, Update};
 use crate::proto::{self, downstream::Kind as Down};
 use crate::transfer::{Receiving, Salvage, TransferError};
@@ -258,17 +259,13 @@ pub struct Replica {
     commit_known: u64,
     last_commit_time_us: u64,
     since_checkpoint: u32,
-    recent: std::collections::HashMap<Bytes, ApplyOutcome>,
-    recent_order: VecDeque<Bytes>,
+    dedup: DedupTable,
     salvage: Salvage,
     trust: Trust,
     /// The core's seal over the version shown.
     anchor: Option<Sealed>,
     unsealed: Option<Unsealed>,
 }
-
-/// Proposal ids remembered for deduplication (per core node, rebuilt by log replay).
-pub const DEDUPE_WINDOW: usize = 100_000;
 
 fn frame_name(kind: &Option<Down>) -> &'static str {
     match kind {
@@ -305,8 +302,7 @@ impl Replica {
             commit_known: 0,
             last_commit_time_us: 0,
             since_checkpoint: 0,
-            recent: Default::default(),
-            recent_order: VecDeque::new(),
+            dedup: DedupTable::default(),
             salvage: Salvage::default(),
             trust,
             anchor: None,
@@ -562,7 +558,17 @@ impl Replica {
     /// How the proposal with this id applied, if it is within the dedupe window (batched
     /// proposals are answered from here).
     pub fn outcome_of(&self, id: &[u8]) -> Option<ApplyOutcome> {
-        self.recent.get(id).cloned()
+        self.dedup.get(id).cloned()
+    }
+
+    /// Core nodes: the proposal-id dedup table (replicated state, carried by Raft snapshots).
+    pub fn dedup(&self) -> &DedupTable {
+        &self.dedup
+    }
+
+    /// Core nodes: replaces the dedup table (with the file, when a Raft snapshot is installed).
+    pub fn restore_dedup(&mut self, dedup: DedupTable) {
+        self.dedup = dedup;
     }
 
     /// Applies one proposal at `index` (deduplicated by id), pushing its update to `applied`
@@ -573,19 +579,11 @@ impl Replica {
         proposal: &proto::Proposal,
         applied: &mut Vec<proto::Update>,
     ) -> ApplyOutcome {
-        if let Some(first) = self.recent.get(&proposal.id) {
+        if let Some(first) = self.dedup.get(&proposal.id) {
             return first.clone();
         }
         let outcome = self.check_and_apply(index, proposal, applied);
-        if !proposal.id.is_empty() {
-            self.recent.insert(proposal.id.clone(), outcome.clone());
-            self.recent_order.push_back(proposal.id.clone());
-            while self.recent_order.len() > DEDUPE_WINDOW {
-                if let Some(old) = self.recent_order.pop_front() {
-                    self.recent.remove(&old);
-                }
-            }
-        }
+        self.dedup.record(proposal.id.clone(), outcome.clone());
         outcome
     }
 

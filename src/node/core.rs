@@ -15,7 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::config::NodeKind;
 use crate::consensus::{Core, FileStateMachine, Member};
-use crate::file::{ApplyOutcome, ChunkedFile};
+use crate::dedup::DedupTable;
+use crate::file::{ApplyOutcome, ChunkedFile, Hash};
 use crate::proto;
 use crate::replica::Event;
 
@@ -39,9 +40,19 @@ impl FileStateMachine for CoreSm {
         self.0.state.lock().replica.file().clone()
     }
 
-    fn install(&self, file: ChunkedFile) {
+    fn dedup(&self) -> DedupTable {
+        self.0.state.lock().replica.dedup().clone()
+    }
+
+    fn version_root(&self) -> (u64, Hash) {
+        let st = self.0.state.lock();
+        (st.replica.file().version(), st.replica.file().root())
+    }
+
+    fn install(&self, file: ChunkedFile, dedup: DedupTable) {
         let mut st = self.0.state.lock();
         let version = file.version();
+        st.replica.restore_dedup(dedup);
         let mut events = st.replica.install(file);
         events.push(Event::Applied {
             version,
@@ -134,8 +145,18 @@ mod tests {
             self.0.lock().file().clone()
         }
 
-        fn install(&self, file: ChunkedFile) {
+        fn dedup(&self) -> DedupTable {
+            self.0.lock().dedup().clone()
+        }
+
+        fn version_root(&self) -> (u64, Hash) {
+            let r = self.0.lock();
+            (r.file().version(), r.file().root())
+        }
+
+        fn install(&self, file: ChunkedFile, dedup: DedupTable) {
             self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.lock().restore_dedup(dedup);
             self.0.lock().install(file);
         }
     }

@@ -50,7 +50,7 @@ use tracing::{error, info, warn};
 
 use crate::api::{Backend, BackendError, Status};
 use crate::config::{NodeConfig, NodeKind};
-use crate::consensus::Core;
+use crate::consensus::{ConsensusError, Core};
 use crate::file::{ApplyOutcome, ChunkedFile, Precondition, Update};
 use crate::metrics::NodeMetrics;
 use crate::overlay::Overlay;
@@ -231,6 +231,25 @@ impl Node {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.0.tasks.wait()).await;
     }
 
+    /// Waits for shutdown, or for the core role to fail: then the node stops every task and
+    /// returns the reason, so its supervisor restarts it and its children re-attach
+    /// elsewhere instead of following a core that no longer applies anything.
+    pub async fn stopped_or_fatal(&self, shutdown: CancellationToken) -> Result<(), NodeError> {
+        let Some(core) = self.core().cloned() else {
+            self.stopped().await;
+            return Ok(());
+        };
+        tokio::select! {
+            _ = self.stopped() => Ok(()),
+            reason = core.fatal() => {
+                error!(node = %self.name(), "the core role failed, exiting: {reason}");
+                shutdown.cancel();
+                self.stopped().await;
+                Err(NodeError::Consensus(reason))
+            }
+        }
+    }
+
     /// Bytes this node has sent to its children (entries, checkpoints, transfers).
     pub fn relayed_bytes(&self) -> u64 {
         self.0.relayed.load(Ordering::Relaxed)
@@ -354,7 +373,16 @@ fn api_token(cfg: &NodeConfig) -> Result<crate::api::ApiToken, NodeError> {
 impl From<NodeError> for BackendError {
     fn from(e: NodeError) -> Self {
         match e {
-            NodeError::UpdateTooLarge { .. } => BackendError::TooLarge(e.to_string()),
+            NodeError::UpdateTooLarge { .. }
+            | NodeError::Consensus(ConsensusError::TooLarge { .. }) => {
+                BackendError::TooLarge(e.to_string())
+            }
+            NodeError::Consensus(
+                ConsensusError::InvalidProposal(_) | ConsensusError::BadMember { .. },
+            ) => BackendError::Invalid(e.to_string()),
+            NodeError::Consensus(
+                ConsensusError::WouldLoseQuorum { .. } | ConsensusError::CatchUpTimeout { .. },
+            ) => BackendError::Contended(e.to_string()),
             NodeError::Rejected(_) | NodeError::NotCore => BackendError::Invalid(e.to_string()),
             NodeError::Forbidden(_) => BackendError::Forbidden(e.to_string()),
             NodeError::Contended(_) => BackendError::Contended(e.to_string()),
@@ -413,7 +441,6 @@ pub async fn run(
     api: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
-    let node = Node::start(cfg, id, endpoint, api, shutdown).await?;
-    node.stopped().await;
-    Ok(())
+    let node = Node::start(cfg, id, endpoint, api, shutdown.clone()).await?;
+    node.stopped_or_fatal(shutdown).await
 }

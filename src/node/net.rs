@@ -104,6 +104,12 @@ pub(crate) async fn any_core(shared: &Shared) -> Result<(String, quinn::Connecti
     Err(last)
 }
 
+/// How many core addresses this node knows.
+pub(crate) fn core_addr_count(shared: &Shared) -> usize {
+    let st = shared.state.lock();
+    shared.core_addrs(&st).len()
+}
+
 /// Drops the cached connection to `addr` and makes [`any_core`] start with the next core
 /// node: called after a failure on it.
 pub(crate) async fn forget_core(shared: &Shared, addr: &str) {

@@ -31,8 +31,6 @@ use super::shared::{QueuedProposal, Shared};
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// A proposal is forwarded between core nodes at most this often (stale leader hints).
 pub(crate) const MAX_HOPS: u32 = 2;
-/// How long adding a core member waits for it to catch up.
-const ADD_MEMBER_WAIT: Duration = Duration::from_secs(120);
 
 /// Proposals per group-commit batch.
 const MAX_BATCH: usize = 512;
@@ -89,24 +87,35 @@ pub(crate) async fn propose_hops(
     };
     let me = &shared.cfg.name;
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    // Leaders this proposal failed to reach: their hints are not followed again; the next
+    // leader is waited for instead.
+    let mut dead: Vec<String> = Vec::new();
     loop {
         match core_propose(shared, proposal.clone()).await {
             Err(ConsensusError::NotLeader { leader }) => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let leader = match leader {
-                    Some(l) if l.name != *me => Some(l),
-                    _ => {
-                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                        core.wait_for_leader(left).await.ok()
-                    }
+                    Some(l) if l.name != *me && !dead.contains(&l.name) => Some(l),
+                    _ => core.wait_for_leader_except(&dead, left).await.ok(),
                 };
                 match leader {
                     Some(l) if l.name != *me && hops < MAX_HOPS => {
-                        let to = Some(l.addr);
-                        match forward_proposal(shared, proposal.clone(), hops + 1, to).await {
+                        let to = Some(l.addr.clone());
+                        let forwarded = tokio::select! {
+                            r = forward_proposal(shared, proposal.clone(), hops + 1, to) => r,
+                            Ok(_) = core.wait_for_leader_except(std::slice::from_ref(&l.name), left) => {
+                                Err(Forward::Unknown(NodeError::Connect {
+                                    addr: l.addr.clone(),
+                                    reason: "the leader was replaced".into(),
+                                }))
+                            }
+                        };
+                        match forwarded {
                             Err(Forward::NotSent(e) | Forward::Unknown(e))
                                 if e.is_retryable() && tokio::time::Instant::now() < deadline =>
                             {
-                                tokio::time::sleep(Duration::from_millis(50)).await
+                                // The same id again is safe: every member deduplicates it.
+                                dead.push(l.name.clone());
                             }
                             other => return Ok(other?),
                         }
@@ -205,19 +214,13 @@ pub(crate) async fn admin(
     let core = shared.core.get().ok_or(NodeError::NotCore)?;
     let result = match &admin.kind {
         Some(proto::admin::Kind::AddMember(m)) => {
-            let add = core.add_member(Member {
+            core.add_member(Member {
                 name: m.name.clone(),
                 addr: m.addr.clone(),
-            });
-            match tokio::time::timeout(ADD_MEMBER_WAIT, add).await {
-                Ok(r) => r,
-                Err(_) => Err(ConsensusError::Timeout {
-                    what: "the new member to catch up (it stays a learner; retry to finish)",
-                    after: ADD_MEMBER_WAIT,
-                }),
-            }
+            })
+            .await
         }
-        Some(proto::admin::Kind::RemoveMember(name)) => core.remove_member(name).await,
+        Some(proto::admin::Kind::RemoveMember(name)) => core.remove_member(name, admin.force).await,
         None => return Err(NodeError::Rejected("empty admin request".into())),
     };
     match result {
@@ -281,6 +284,7 @@ async fn forward_proposal(
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
     // Whether any attempt may have reached a core: only then is the outcome unknown.
     let mut maybe_sent = false;
+    let mut tried = 0;
     loop {
         let conn = match &to {
             Some(addr) => net::core_conn(shared, addr)
@@ -309,7 +313,11 @@ async fn forward_proposal(
                 Forward::NotSent(e)
             });
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Every core address is tried once at once; then the retries are paced.
+        tried += 1;
+        if tried >= net::core_addr_count(shared) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -359,19 +367,10 @@ pub(crate) fn outcome_reply(r: Result<ApplyOutcome, NodeError>) -> proto::Propos
     proto::ProposeReply { kind: Some(kind) }
 }
 
+/// What a proposal adds to a batch's entry: its encoded size within the batch.
 fn proposal_bytes(p: &proto::Proposal) -> usize {
-    p.update
-        .as_ref()
-        .map(|u| {
-            u.ops
-                .iter()
-                .map(|o| match &o.kind {
-                    Some(proto::op::Kind::Write(w)) => w.data.len() + 16,
-                    _ => 16,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
+    let len = prost::Message::encoded_len(p);
+    len + prost::encoding::encoded_len_varint(len as u64) + 1
 }
 
 /// Group commit above openraft (which appends and fsyncs each `client_write` on its own):
@@ -386,6 +385,14 @@ pub(crate) async fn batcher(
 ) {
     let inflight = Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_BATCHES));
     let mut carry: Option<QueuedProposal> = None;
+    // A batch is one Raft entry: it must fit one frame with its envelope.
+    let max_bytes = MAX_BATCH_BYTES.min(
+        shared
+            .cfg
+            .stream
+            .max_frame
+            .saturating_sub(crate::consensus::ENTRY_FRAME_OVERHEAD),
+    );
     loop {
         let first = match carry.take() {
             Some(p) => p,
@@ -399,11 +406,11 @@ pub(crate) async fn batcher(
         };
         let mut bytes = proposal_bytes(&first.proposal);
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+        while batch.len() < MAX_BATCH && bytes < max_bytes {
             match rx.try_recv() {
                 Ok(p) => {
                     let size = proposal_bytes(&p.proposal);
-                    if bytes + size > MAX_BATCH_BYTES {
+                    if bytes + size > max_bytes {
                         carry = Some(p);
                         break;
                     }
