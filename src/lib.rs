@@ -19,5 +19,7 @@ pub mod node;
 pub mod overlay;
 pub mod replica;
 pub mod tls;
+pub mod tool;
 pub mod upstream;
+pub mod watch;
 pub mod wire;

@@ -41,7 +41,7 @@ async fn cli_round_trip_with_a_50_mb_file() {
     ChaCha8Rng::seed_from_u64(3).fill_bytes(&mut model);
     let input = root.join("input.bin");
     std::fs::write(&input, &model).unwrap();
-    let out = cli(r2.api, &["put", input.to_str().unwrap()]);
+    let out = cli(r2.api, &["--json", "put", input.to_str().unwrap()]);
     let reply: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let v = reply["version"].as_u64().unwrap();
     assert_eq!(
