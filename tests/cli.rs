@@ -1,4 +1,4 @@
-//! The `canopy` CLI against real nodes: put (50 MB), cat, patch, truncate, status.
+//! The `canopy` CLI against real nodes: put (50 MB), cat, patch, truncate, status, a refusal.
 
 mod common;
 
@@ -36,6 +36,16 @@ async fn cli_round_trip_with_a_50_mb_file() {
     wait_leader(&c, &core).await;
     let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
     let r2 = Proc::start(root, &pki, "r2", false, &[r1.quic], &[]);
+
+    // A request the node refuses: one line naming why, exit 4 (`canopy --help`).
+    let out = Command::new(CANOPY)
+        .args(["--api", &r1.api.to_string(), "core", "members"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("refused the request") && stderr.contains("not a core node"));
 
     let mut model = vec![0u8; 50_000_000];
     ChaCha8Rng::seed_from_u64(3).fill_bytes(&mut model);
