@@ -75,6 +75,9 @@ fn completion_scripts_generate_for_bash_zsh_and_fish() {
     }
     let shells = bash_complete("canopy completions ");
     for s in ["bash", "zsh", "fish"] {
-        assert!(shells.contains(&s.to_string()), "{s} missing from {shells:?}");
+        assert!(
+            shells.contains(&s.to_string()),
+            "{s} missing from {shells:?}"
+        );
     }
 }
