@@ -294,3 +294,107 @@ fn free_tcp_port() -> std::net::SocketAddr {
         .local_addr()
         .unwrap()
 }
+
+/// The CA rotation of docs/deploy.md: while every node's ca.pem holds the old and the new
+/// CA, a node with a certificate from the old CA and one with a certificate from the new CA
+/// accept each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_bundle_lets_old_and_new_certificates_meet_during_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (old, new) = (root.join("old-ca"), root.join("new-ca"));
+    canopy(&["ca", "init", "--out", old.to_str().unwrap()]);
+    canopy(&["ca", "init", "--out", new.to_str().unwrap()]);
+    let bundle = [
+        std::fs::read_to_string(old.join("ca.pem")).unwrap(),
+        std::fs::read_to_string(new.join("ca.pem")).unwrap(),
+    ]
+    .concat();
+    let issue = |ca: &Path, name: &str, role: &str| {
+        let staging = root.join(format!("staging-{name}"));
+        canopy(&[
+            "cert",
+            "issue",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--name",
+            name,
+            "--role",
+            role,
+            "--out",
+            staging.to_str().unwrap(),
+        ]);
+        let tls = root.join(format!("tls-{name}"));
+        std::fs::create_dir_all(&tls).unwrap();
+        for f in [format!("{name}.pem"), format!("{name}.key")] {
+            std::fs::copy(staging.join(&f), tls.join(&f)).unwrap();
+        }
+        std::fs::write(tls.join("ca.pem"), &bundle).unwrap();
+        tls
+    };
+    let core_tls = issue(&old, "c1", "core");
+    let relay_tls = issue(&new, "r1", "relay");
+    let core_quic = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (core_api, relay_api) = (free_tcp_port(), free_tcp_port());
+    let _core = KillOnDrop(
+        Command::new(CORE_NODE)
+            .args(["--name", "c1", "--init", "--listen", &core_quic.to_string()])
+            .args(["--api", &core_api.to_string()])
+            .arg("--data")
+            .arg(root.join("c1"))
+            .arg("--tls")
+            .arg(&core_tls)
+            .stderr(std::fs::File::create(root.join("c1.log")).unwrap())
+            .spawn()
+            .unwrap(),
+        root.join("c1.log"),
+    );
+    let relay_quic = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let _relay = KillOnDrop(
+        Command::new(RELAY_NODE)
+            .args(["--name", "r1", "--listen", &relay_quic.to_string()])
+            .args([
+                "--api",
+                &relay_api.to_string(),
+                "--join",
+                &core_quic.to_string(),
+            ])
+            .arg("--data")
+            .arg(root.join("r1"))
+            .arg("--tls")
+            .arg(&relay_tls)
+            .stderr(std::fs::File::create(root.join("r1.log")).unwrap())
+            .spawn()
+            .unwrap(),
+        root.join("r1.log"),
+    );
+    let c = http();
+    let get = |api: std::net::SocketAddr| {
+        let c = c.clone();
+        async move {
+            c.get(format!("http://{api}/v1/status"))
+                .send()
+                .await
+                .ok()?
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+        }
+    };
+    wait_until(60, "the core to lead", || async {
+        get(core_api).await.is_some_and(|s| s["role"] == "leader")
+    })
+    .await;
+    wait_until(
+        60,
+        "the new-CA relay to attach to the old-CA core",
+        || async { get(relay_api).await.is_some_and(|s| s["parent"] == "c1") },
+    )
+    .await;
+}
