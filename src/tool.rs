@@ -93,7 +93,7 @@ pub enum Cmd {
     },
     /// Set the file's length (shorter drops the tail, longer pads with zeros).
     Truncate { len: u64 },
-    /// Print the tree below the node (the whole tree from a core node), indented.
+    /// Print the tree below the node, indented (from a core node: the relays attached below it).
     Tree,
     /// Print a line for every new version the node applies, or run a command on it (--exec).
     Watch(WatchArgs),
