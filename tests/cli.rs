@@ -90,3 +90,48 @@ async fn cli_round_trip_with_a_50_mb_file() {
     assert_eq!(s["root"], status["root"]);
     assert_eq!(s["depth"], 2);
 }
+
+/// `put` draws a progress bar (bytes, rate, ETA) when stderr is a terminal, and prints one
+/// plain line when it is not; `--json` prints one object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_shows_progress_on_a_terminal_and_one_line_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    wait_leader(&http(), &core).await;
+    let input = root.join("input.bin");
+    let mut data = vec![0u8; 20_000_000];
+    ChaCha8Rng::seed_from_u64(5).fill_bytes(&mut data);
+    std::fs::write(&input, &data).unwrap();
+    let api = core.api.to_string();
+
+    let plain = String::from_utf8(cli(core.api, &["put", input.to_str().unwrap()])).unwrap();
+    assert_eq!(plain.lines().count(), 1, "{plain}");
+    assert!(
+        plain.starts_with("version ") && plain.contains("19.07 MiB in"),
+        "{plain}"
+    );
+
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("script(1) is not installed: the terminal case is not checked");
+        return;
+    }
+    data[0] ^= 1;
+    std::fs::write(&input, &data).unwrap();
+    let line = format!("{CANOPY} --api {api} put {}", input.display());
+    let out = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("COLUMNS", "100")
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(
+        tty.contains("put [") && tty.contains("/19.07 MiB") && tty.contains("eta"),
+        "a progress bar with bytes, total, rate and ETA: {tty}"
+    );
+    assert!(tty.contains("MiB/s"), "{tty}");
+    assert!(tty.contains("version "), "{tty}");
+}

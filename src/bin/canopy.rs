@@ -348,23 +348,22 @@ async fn put(api: &Api, file: &Path, json_out: bool) -> Result<()> {
         let pb = indicatif::ProgressBar::new(len);
         pb.set_style(
             indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                "{msg} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
             )
             .expect("a valid template")
             .progress_chars("=> "),
         );
-        pb.set_message(format!("put {}", file.display()));
+        pb.set_message("put");
         pb
     } else {
         indicatif::ProgressBar::hidden()
     };
     let counter = bar.clone();
-    let path = file.to_path_buf();
     let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20).map(move |chunk| {
         if let Ok(c) = &chunk {
             counter.inc(c.len() as u64);
             if counter.position() >= counter.length().unwrap_or(0) {
-                counter.set_message(format!("{}: sent, committing", path.display()));
+                counter.set_message("sent, committing");
             }
         }
         chunk
@@ -396,7 +395,7 @@ async fn follow_status(api: &Api, json_out: bool) -> Result<()> {
                 let pb = indicatif::ProgressBar::new(total);
                 pb.set_style(
                     indicatif::ProgressStyle::with_template(
-                        "{msg} backfill [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                        "{msg} backfill [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
                     )
                     .expect("a valid template")
                     .progress_chars("=> "),
