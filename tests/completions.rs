@@ -81,3 +81,23 @@ fn completion_scripts_generate_for_bash_zsh_and_fish() {
         );
     }
 }
+
+/// The man pages and completions come from the library's definitions; the binaries must
+/// parse exactly those, so their `--help` is the same text.
+#[test]
+fn the_binaries_use_the_library_definitions() {
+    use clap::CommandFactory;
+    for (bin, mut cmd) in [
+        (common::CANOPY, canopy::tool::Cli::command()),
+        (common::CORE_NODE, canopy::cli::CoreNodeCli::command()),
+        (common::RELAY_NODE, canopy::cli::RelayNodeCli::command()),
+    ] {
+        let out = Command::new(bin).arg("--help").output().unwrap();
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            help.trim_end(),
+            cmd.render_help().to_string().trim_end(),
+            "{bin}"
+        );
+    }
+}

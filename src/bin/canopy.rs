@@ -438,36 +438,56 @@ async fn follow_status(api: &Api, json_out: bool) -> Result<()> {
 
 /// How long one long poll of `/v1/watch` waits on the node.
 const WATCH_POLL: Duration = Duration::from_secs(30);
-/// Poll period while the node's materialized copy lags its version.
+/// Poll period while the node's materialized copy lags its version...
 const FILE_POLL: Duration = Duration::from_millis(100);
+/// ...and once it has lagged for [`FILE_LAG_HINT`] (a node without that --file never
+/// catches up).
+const FILE_POLL_SLOW: Duration = Duration::from_secs(1);
+/// How long the copy may lag before the watcher says what may be wrong.
+const FILE_LAG_HINT: Duration = Duration::from_secs(10);
 /// Longest pause between two attempts to reach a node that is down.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 
-fn visible(v: &Value) -> Option<canopy::watch::Visible> {
+/// The node's visible version. With `file` (the node's `--file`), a node that has not
+/// materialized anything yet counts as holding version 0 there.
+fn visible(v: &Value, file: Option<&Path>) -> Option<canopy::watch::Visible> {
+    let materialized = v["file_version"].as_u64();
     Some(canopy::watch::Visible {
         version: v["version"].as_u64()?,
         root: v["root"].as_str()?.to_string(),
-        file_version: v["file_version"].as_u64(),
+        file_version: match file {
+            Some(_) => Some(materialized.unwrap_or(0)),
+            None => materialized,
+        },
     })
 }
 
 /// Follows the node's visible version for as long as `tx` is open, reconnecting with
 /// back-off when the node is down or restarting.
-async fn poll_versions(api: &Api, tx: tokio::sync::mpsc::Sender<canopy::watch::Visible>) {
+async fn poll_versions(
+    api: &Api,
+    file: Option<&Path>,
+    tx: tokio::sync::mpsc::Sender<canopy::watch::Visible>,
+) {
     let mut after = 0u64;
-    let mut lagging = false;
+    let mut lagging_since: Option<Instant> = None;
+    let mut hinted = false;
     let mut down_since: Option<Instant> = None;
     let mut last_report = Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
-        let wait = if lagging { FILE_POLL } else { WATCH_POLL };
+        let wait = match lagging_since {
+            Some(t) if t.elapsed() >= FILE_LAG_HINT => FILE_POLL_SLOW,
+            Some(_) => FILE_POLL,
+            None => WATCH_POLL,
+        };
         let req = api
             .get(&format!(
                 "/v1/watch?after={after}&timeout={}",
                 wait.as_secs_f64()
             ))
             .timeout(wait + Duration::from_secs(10));
-        match api.json(req).await.map(|v| visible(&v)) {
+        match api.json(req).await.map(|v| visible(&v, file)) {
             Ok(Some(v)) => {
                 if let Some(since) = down_since.take() {
                     eprintln!(
@@ -478,7 +498,22 @@ async fn poll_versions(api: &Api, tx: tokio::sync::mpsc::Sender<canopy::watch::V
                 }
                 delay = Duration::from_millis(100);
                 after = after.max(v.version);
-                lagging = v.file_version.is_some_and(|f| f < v.version);
+                if v.file_version.is_some_and(|f| f < v.version) {
+                    let since = *lagging_since.get_or_insert_with(Instant::now);
+                    if !hinted && since.elapsed() >= FILE_LAG_HINT {
+                        hinted = true;
+                        eprintln!(
+                            "canopy watch: the node at {} has not written version {} to its --file for {} s; is {} the node's --file?",
+                            api.base,
+                            v.version,
+                            FILE_LAG_HINT.as_secs(),
+                            file.map(|f| f.display().to_string()).unwrap_or_default()
+                        );
+                    }
+                } else {
+                    lagging_since = None;
+                    hinted = false;
+                }
                 if tx.send(v).await.is_err() {
                     return;
                 }
@@ -603,7 +638,7 @@ async fn watch(api: &Api, args: WatchArgs, json_out: bool) -> Result<u8> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let Some(shell) = args.exec else {
         first?;
-        let poller = poll_versions(api, tx);
+        let poller = poll_versions(api, None, tx);
         let printer = async {
             let mut after = args.after;
             while let Some(v) = rx.recv().await {
@@ -626,15 +661,6 @@ async fn watch(api: &Api, args: WatchArgs, json_out: bool) -> Result<u8> {
         return Ok(0);
     };
     match &first {
-        Ok(s) if args.file.is_some() && s["file_version"].is_null() => {
-            return Err(CliError::new(
-                exit::USAGE,
-                format!(
-                    "--file is given but the node at {} keeps no materialized copy: start it with --file, or drop --file here and read the file with `canopy cat`",
-                    api.base
-                ),
-            ))
-        }
         Ok(s) => eprintln!(
             "canopy watch: following {} at version {}; running `{shell}` on each new version",
             api.base, s["version"]
@@ -648,9 +674,10 @@ async fn watch(api: &Api, args: WatchArgs, json_out: bool) -> Result<u8> {
         retry_delay: args.retry_delay,
         once: args.once,
     };
+    let file = args.file.map(|f| std::path::absolute(&f).unwrap_or(f));
     let command = canopy::watch::Command {
         shell: shell.clone(),
-        file: args.file.map(|f| std::path::absolute(&f).unwrap_or(f)),
+        file: file.clone(),
         api: api.base.trim_start_matches("http://").to_string(),
     };
     let mut reporter = WatchReporter {
@@ -660,7 +687,7 @@ async fn watch(api: &Api, args: WatchArgs, json_out: bool) -> Result<u8> {
     let driver = canopy::watch::run(policy, args.after, command, rx, terminate, &mut reporter);
     let code = tokio::select! {
         code = driver => code,
-        _ = poll_versions(api, tx) => 0,
+        _ = poll_versions(api, file.as_deref(), tx) => 0,
     };
     Ok(u8::try_from(code).unwrap_or(exit::FAILURE))
 }
