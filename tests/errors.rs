@@ -11,11 +11,35 @@ use std::process::Command;
 
 use common::*;
 
-/// Runs `cmd`; returns (exit code, the one stderr line). Fails if stderr has more lines.
+/// Runs `cmd`; returns (exit code, the one stderr line). Fails if stderr has more lines, or
+/// if the process is still running after 30 s (it should have refused to start).
 fn one_line_failure(cmd: &mut Command) -> (i32, String) {
-    let out = cmd.output().expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    let code = out.status.code().expect("an exit code");
+    let err = tempfile::NamedTempFile::new().unwrap();
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(err.reopen().unwrap())
+        .spawn()
+        .expect("run");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} still runs after 30 s instead of refusing to start:\n{}",
+                std::fs::read_to_string(err.path()).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(err.path())
+        .unwrap()
+        .trim()
+        .to_string();
+    let code = status.code().expect("an exit code");
     assert_ne!(code, 0, "{cmd:?} succeeded: {stderr}");
     assert_eq!(
         stderr.lines().count(),
