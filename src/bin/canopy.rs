@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use serde_json::{json, Value};
 
 use canopy::tool::{exit, CaCmd, CertCmd, Cli, Cmd, CoreCmd, WatchArgs};
@@ -34,7 +34,13 @@ impl CliError {
 type Result<T> = std::result::Result<T, CliError>;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let api_defaulted =
+        matches.value_source("api") == Some(clap::parser::ValueSource::DefaultValue);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -42,7 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, api_defaulted)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {}", e.msg.replace('\n', " "));
@@ -60,8 +66,7 @@ struct Api {
 }
 
 impl Api {
-    fn new(addr: &str) -> Result<Api> {
-        let from_default = addr == "127.0.0.1:7070" && std::env::var_os("CANOPY_API").is_none();
+    fn new(addr: &str, from_default: bool) -> Result<Api> {
         let hostport = addr.strip_prefix("http://").unwrap_or(addr);
         let hostport = hostport.trim_end_matches('/');
         let valid = match hostport.rsplit_once(':') {
@@ -181,7 +186,7 @@ fn print_json(v: &Value, pretty: bool) {
     println!("{}", text.unwrap_or_default());
 }
 
-async fn run(cli: Cli) -> Result<u8> {
+async fn run(cli: Cli, api_defaulted: bool) -> Result<u8> {
     let json_out = cli.json;
     match cli.cmd {
         Cmd::Ca {
@@ -229,7 +234,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Cmd::Demo(args) => canopy::demo::run(args)
             .await
             .map_err(|e| CliError::new(exit::FAILURE, format!("{e:#}")))?,
-        cmd => return run_api(&Api::new(&cli.api)?, cmd, json_out).await,
+        cmd => return run_api(&Api::new(&cli.api, api_defaulted)?, cmd, json_out).await,
     }
     Ok(0)
 }
