@@ -177,13 +177,33 @@ impl Api {
     }
 }
 
+/// Writes `text` to stdout. A reader that went away (`canopy status | head -1`) ends the
+/// process quietly, as it would any Unix tool.
+fn emit(text: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(text).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing stdout: {e}");
+        std::process::exit(i32::from(exit::LOCAL_FILE));
+    }
+}
+
+/// `println!` through [`emit`].
+macro_rules! say {
+    ($($arg:tt)*) => {
+        emit(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 fn print_json(v: &Value, pretty: bool) {
     let text = if pretty {
         serde_json::to_string_pretty(v)
     } else {
         serde_json::to_string(v)
     };
-    println!("{}", text.unwrap_or_default());
+    say!("{}", text.unwrap_or_default());
 }
 
 async fn run(cli: Cli, api_defaulted: bool) -> Result<u8> {
@@ -199,7 +219,7 @@ async fn run(cli: Cli, api_defaulted: bool) -> Result<u8> {
                     false,
                 );
             } else {
-                println!("wrote {}/ca.pem and ca.key", out.display());
+                say!("wrote {}/ca.pem and ca.key", out.display());
             }
         }
         Cmd::Cert {
@@ -222,7 +242,7 @@ async fn run(cli: Cli, api_defaulted: bool) -> Result<u8> {
                     false,
                 );
             } else {
-                println!(
+                say!(
                     "wrote {0}/{name}.pem, {0}/{name}.key, {0}/ca.pem",
                     out.display()
                 );
@@ -258,8 +278,12 @@ async fn run_api(api: &Api, cmd: Cmd, json_out: bool) -> Result<u8> {
         Cmd::Cat => {
             let mut resp = api.send(api.get("/v1/file")).await?;
             let mut out = std::io::stdout().lock();
-            let write_err =
-                |e: std::io::Error| CliError::new(exit::LOCAL_FILE, format!("writing stdout: {e}"));
+            let write_err = |e: std::io::Error| {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    std::process::exit(0);
+                }
+                CliError::new(exit::LOCAL_FILE, format!("writing stdout: {e}"))
+            };
             while let Some(chunk) = resp.chunk().await.map_err(|e| api.transport_error(&e))? {
                 out.write_all(&chunk).map_err(write_err)?;
             }
@@ -303,7 +327,7 @@ async fn run_api(api: &Api, cmd: Cmd, json_out: bool) -> Result<u8> {
                 print_json(&v, false);
             } else {
                 let nodes = v.as_array().cloned().unwrap_or_default();
-                print!("{}", render_tree(&nodes));
+                emit(format_args!("{}", render_tree(&nodes)));
             }
         }
         Cmd::Ca { .. } | Cmd::Cert { .. } | Cmd::Completions { .. } | Cmd::Demo(_) => {
@@ -325,13 +349,13 @@ fn report_write(reply: Value, bytes: u64, elapsed: Option<Duration>, json_out: b
         return;
     }
     match elapsed {
-        Some(e) => println!(
+        Some(e) => say!(
             "version {version}: {} in {:.1} s ({}/s)",
             indicatif::HumanBytes(bytes),
             e.as_secs_f64(),
             indicatif::HumanBytes((bytes as f64 / e.as_secs_f64().max(1e-3)) as u64)
         ),
-        None => println!("version {version}"),
+        None => say!("version {version}"),
     }
 }
 
@@ -428,7 +452,7 @@ async fn follow_status(api: &Api, json_out: bool) -> Result<()> {
             pb.finish_and_clear();
         }
         let root = v["root"].as_str().unwrap_or("");
-        println!(
+        say!(
             "{} {} version={} lag={} root={} children={}",
             v["name"].as_str().unwrap_or(""),
             v["role"].as_str().unwrap_or(""),
@@ -610,7 +634,6 @@ impl canopy::watch::Reporter for WatchReporter {
         };
         if self.json {
             print_json(&v, false);
-            let _ = std::io::stdout().flush();
         } else {
             eprintln!("canopy watch: {line}");
         }
@@ -652,9 +675,8 @@ async fn watch(api: &Api, args: WatchArgs, json_out: bool) -> Result<u8> {
                     if json_out {
                         print_json(&json!({"version": v.version, "root": v.root}), false);
                     } else {
-                        println!("version={} root={}", v.version, v.root);
+                        say!("version={} root={}", v.version, v.root);
                     }
-                    let _ = std::io::stdout().flush();
                 }
             }
         };

@@ -4,6 +4,7 @@
 //! - `cargo xtask completions [DIR]`: `canopy.bash`, `_canopy` (zsh) and `canopy.fish`
 //!   (default `target/completions`).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -28,8 +29,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(files) => {
+            let mut out = std::io::stdout().lock();
             for f in files {
-                println!("{}", f.display());
+                if writeln!(out, "{}", f.display()).is_err() {
+                    break;
+                }
             }
             ExitCode::SUCCESS
         }
