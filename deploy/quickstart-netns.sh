@@ -42,19 +42,33 @@ declare -A ADDR
 i=11; for n in "${CORES[@]}"; do ADDR[$n]="10.77.0.$i"; i=$((i + 1)); done
 i=21; for n in "${RELAYS[@]}"; do ADDR[$n]="10.77.0.$i"; i=$((i + 1)); done
 BRIDGE_NS="$RUN-bridge"
-PIDS=()
 
 ns() { echo "$RUN-$1"; }
 # Runs a command "on host" $1, i.e. inside its namespace.
 on() { local host="$1"; shift; ip netns exec "$(ns "$host")" "$@"; }
 
+# Stops every process inside this run's namespaces (SIGTERM, then SIGKILL after 10 s), then
+# deletes the namespaces: a deleted namespace's processes would otherwise run on unseen.
+stop_all() {
+  local n pids deadline
+  for n in "${CORES[@]}" "${RELAYS[@]}"; do
+    ip netns pids "$(ns "$n")" 2>/dev/null | xargs -r kill 2>/dev/null || true
+  done
+  deadline=$(( $(date +%s) + 10 ))
+  for n in "${CORES[@]}" "${RELAYS[@]}"; do
+    while pids="$(ip netns pids "$(ns "$n")" 2>/dev/null)" && [ -n "$pids" ]; do
+      if [ "$(date +%s)" -ge "$deadline" ]; then echo "$pids" | xargs -r kill -9 2>/dev/null || true; fi
+      sleep 0.1
+    done
+    ip netns del "$(ns "$n")" 2>/dev/null || true
+  done
+  ip netns del "$BRIDGE_NS" 2>/dev/null || true
+}
+
 cleanup() {
   local code=$?
   if [ "$KEEP" = 1 ] && [ "$code" = 0 ]; then return; fi
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  for n in "${CORES[@]}" "${RELAYS[@]}"; do ip netns del "$(ns "$n")" 2>/dev/null || true; done
-  ip netns del "$BRIDGE_NS" 2>/dev/null || true
+  stop_all
   if [ "$code" != 0 ]; then
     echo "quickstart: failed (exit $code); last log lines:" >&2
     for f in "$WORK"/logs/*.log; do [ -f "$f" ] && { echo "--- $f" >&2; tail -n 5 "$f" >&2; }; done
@@ -80,7 +94,7 @@ for n in "${CORES[@]}"; do "$CANOPY" cert issue --ca "$WORK/ca" --name "$n" --ro
 for n in "${RELAYS[@]}"; do "$CANOPY" cert issue --ca "$WORK/ca" --name "$n" --role relay --out "$WORK/tls" >/dev/null; done
 
 say "2. network: a bridge, and one namespace per node with its own address (10.77.0.0/24)"
-say "namespaces $RUN-bridge, $RUN-core-1 ... $RUN-relay-6"
+say "namespaces $RUN-bridge, $RUN-core-1 ... $RUN-relay-6; files in $WORK"
 ip netns add "$BRIDGE_NS"
 ip -n "$BRIDGE_NS" link add br0 type bridge
 ip -n "$BRIDGE_NS" link set br0 up
@@ -103,10 +117,9 @@ JOIN="$(for n in "${CORES[@]}"; do printf '%s:7000,' "${ADDR[$n]}"; done)"; JOIN
 
 say "3. three core nodes (QUIC on <address>:7000, the API on each host's 127.0.0.1:7070; fan-out 2)"
 for n in "${CORES[@]}"; do
-  on "$n" "$CORE_NODE" --name "$n" --listen "${ADDR[$n]}:7000" --api 127.0.0.1:7070 \
+  ip netns exec "$(ns "$n")" "$CORE_NODE" --name "$n" --listen "${ADDR[$n]}:7000" --api 127.0.0.1:7070 \
     --data "$WORK/data/$n" --tls "$WORK/tls" "${PEERS[@]}" --init --fanout 2 \
     > "$WORK/logs/$n.log" 2>&1 &
-  PIDS+=($!)
 done
 leader() {
   for n in "${CORES[@]}"; do
@@ -119,11 +132,10 @@ say "   a leader is elected"
 
 say "4. six relays (fan-out 2, so that the tree has depth); each keeps its copy in --file"
 for n in "${RELAYS[@]}"; do
-  on "$n" "$RELAY_NODE" --name "$n" --listen "${ADDR[$n]}:7000" --api 127.0.0.1:7070 \
+  ip netns exec "$(ns "$n")" "$RELAY_NODE" --name "$n" --listen "${ADDR[$n]}:7000" --api 127.0.0.1:7070 \
     --data "$WORK/data/$n" --tls "$WORK/tls" --join "$JOIN" --fanout 2 \
     --file "$WORK/files/$n/table.bin" \
     > "$WORK/logs/$n.log" 2>&1 &
-  PIDS+=($!)
 done
 
 say "5. write a $SIZE-byte file through relay-6 (relays forward writes to the core)"
@@ -151,6 +163,6 @@ for n in "${CORES[@]}"; do on "$n" "$CANOPY" tree; done
 
 if [ "$KEEP" = 1 ]; then
   say "the cluster keeps running. Reach a host with: ip netns exec $(ns relay-3) $CANOPY status"
-  say "remove it with: kill ${PIDS[*]}; for n in \$(ip netns list | grep -o '^$RUN-[a-z0-9-]*'); do ip netns del \$n; done; rm -rf $WORK"
+  say "remove it with: for n in \$(ip netns list | grep -o '^$RUN-[a-z0-9-]*'); do ip netns pids \$n | xargs -r kill; ip netns del \$n; done; rm -rf $WORK"
 fi
 say "converged"

@@ -58,12 +58,22 @@ fn quickstart_script_converges_across_namespaces() {
         relays_in_trees, 6,
         "every relay is in a core's tree:\n{stdout}"
     );
-    let run = stdout
+    let line = stdout
         .lines()
         .find_map(|l| l.strip_prefix("quickstart: namespaces "))
-        .and_then(|l| l.split('-').next())
-        .expect("the script names its namespaces")
-        .to_string();
+        .expect("the script names its namespaces");
+    let run = line.split('-').next().unwrap().to_string();
+    let work = line.rsplit("files in ").next().unwrap().trim().to_string();
+    let survivors: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&work))
+        .collect();
+    assert!(
+        survivors.is_empty(),
+        "the script stopped every node it started: {survivors:?}"
+    );
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let left = String::from_utf8_lossy(&left.stdout);
     assert!(
