@@ -14,6 +14,7 @@ pub mod consensus;
 pub mod demo;
 pub mod fetch;
 pub mod file;
+pub mod measure;
 pub mod metrics;
 pub mod node;
 pub mod overlay;

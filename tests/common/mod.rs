@@ -382,13 +382,7 @@ pub async fn metrics(c: &reqwest::Client, p: &Proc) -> String {
         .unwrap()
 }
 
-/// The value of the first series of `name` in Prometheus text.
-pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
+pub use canopy::measure::metric_value;
 
 /// Version and root from a node's status.
 pub async fn version_root(c: &reqwest::Client, p: &Proc) -> Option<(u64, String)> {
