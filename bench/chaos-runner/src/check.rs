@@ -84,6 +84,9 @@ pub struct Sample {
     pub version: u64,
     pub root: String,
     pub file_version: Option<u64>,
+    /// The node said it leads the core.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub leader: bool,
 }
 
 /// What the checker judges.
@@ -438,6 +441,7 @@ mod tests {
             version,
             root: root.into(),
             file_version: None,
+            leader: false,
         }
     }
 

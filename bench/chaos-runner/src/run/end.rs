@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::shared::Shared;
-use crate::check::WriteRec;
+use crate::check::{Sample, WriteRec};
 use crate::plan::FaultKind;
 
 /// How writes fared after the leader was killed or cut off.
@@ -23,12 +23,24 @@ pub struct LeaderFault {
     pub kind: String,
     pub t_s: f64,
     pub hold_s: f64,
+    /// The leader it was made on.
+    pub leader: String,
+    /// From the fault to the first sample of another core member saying it leads.
+    pub other_leader_after_s: Option<f64>,
+    /// From the fault to the first sample of the same node leading again (after its restart
+    /// or the end of its isolation).
+    pub same_leader_after_s: Option<f64>,
     /// From the fault to the first acknowledgment of a write invoked after it.
     pub first_ack_after_s: Option<f64>,
 }
 
-/// Leader faults among `events`, with the first acknowledgment after each.
-pub(super) fn leader_faults(events: &[Value], writes: &[WriteRec]) -> Vec<LeaderFault> {
+/// Leader faults among `events`, with the next leader and the first acknowledgment after each.
+pub(super) fn leader_faults(
+    events: &[Value],
+    writes: &[WriteRec],
+    samples: &[Sample],
+    names: &[String],
+) -> Vec<LeaderFault> {
     let kinds = [FaultKind::KillLeader, FaultKind::PartitionLeaderAlone].map(|k| k.name());
     events
         .iter()
@@ -37,6 +49,16 @@ pub(super) fn leader_faults(events: &[Value], writes: &[WriteRec]) -> Vec<Leader
             let kind = e["kind"].as_str()?;
             kinds.iter().any(|k| k == kind).then_some(())?;
             let t = e["t_s"].as_f64()?;
+            let leader = e["nodes"][0].as_str()?.to_string();
+            let ms = |d: f64| ((d - t) * 1e3).round() / 1e3;
+            let next_leading = |same: bool| {
+                samples
+                    .iter()
+                    .filter(|s| s.leader && s.t_s > t && (names[s.node] == leader) == same)
+                    .map(|s| s.t_s)
+                    .min_by(f64::total_cmp)
+                    .map(ms)
+            };
             let first = writes
                 .iter()
                 .filter(|w| w.version.is_some() && w.invoked_s >= t)
@@ -46,7 +68,10 @@ pub(super) fn leader_faults(events: &[Value], writes: &[WriteRec]) -> Vec<Leader
                 kind: kind.to_string(),
                 t_s: t,
                 hold_s: e["hold_s"].as_f64().unwrap_or(0.0),
-                first_ack_after_s: first.map(|d| ((d - t) * 1e3).round() / 1e3),
+                other_leader_after_s: next_leading(false),
+                same_leader_after_s: next_leading(true),
+                first_ack_after_s: first.map(ms),
+                leader,
             })
         })
         .collect()

@@ -549,7 +549,7 @@ async fn drive(sh: &Arc<Shared>, work: &Path) -> anyhow::Result<Report> {
         error_lines: errors,
         warn_lines: warns,
         error_lines_by_node,
-        leader_faults: leader_faults(&sh.events.lock().unwrap(), &writes),
+        leader_faults: leader_faults(&sh.events.lock().unwrap(), &writes, &samples, &sh.names),
         proxy: sh.proxy.stats(),
         work_dir: work.display().to_string(),
         elapsed_s: 0.0,

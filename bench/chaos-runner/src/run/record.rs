@@ -148,6 +148,7 @@ pub(super) async fn sampler(sh: Arc<Shared>, i: usize) {
             version,
             root: root.to_string(),
             file_version: s["file_version"].as_u64(),
+            leader: s["role"] == "leader",
         });
         let strings = |v: &Value| -> Vec<String> {
             v.as_array()
