@@ -31,14 +31,15 @@ async fn a_seeded_chaos_minute_loses_no_acknowledged_write() {
     let json = serde_json::to_string_pretty(&r).unwrap();
     eprintln!(
         "chaos seed {}: {} faults {:?}, {} acked, {} failed, convergence {:?} s",
-        r.seed, r.verdict, r.faults, r.acked, r.failed, r.max_convergence_s
+        r.seed, r.verdict, r.faults, r.check.acked, r.check.failed, r.max_convergence_s
     );
     assert_eq!(r.verdict, "pass", "{json}");
+    let c = &r.check;
     assert_eq!(
-        (r.lost, r.twice, r.regressions, r.foreign_roots),
+        (c.lost, c.twice, c.regressions, c.foreign_roots),
         (0, 0, 0, 0)
     );
-    assert!(r.acked > 0, "no write was acknowledged: {json}");
+    assert!(c.acked > 0, "no write was acknowledged: {json}");
     let made = |k: FaultKind| r.faults.get(&k.name()).copied().unwrap_or(0);
     for k in [
         FaultKind::KillLeader,

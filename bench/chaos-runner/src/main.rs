@@ -93,15 +93,15 @@ fn main() -> ExitCode {
         report.seed,
         report.verdict,
         report.faults.values().sum::<u64>(),
-        report.acked,
-        report.failed,
-        report.lost,
-        report.twice,
-        report.regressions,
-        report.foreign_roots,
+        report.check.acked,
+        report.check.failed,
+        report.check.lost,
+        report.check.twice,
+        report.check.regressions,
+        report.check.foreign_roots,
         report.max_convergence_s,
     );
-    for f in &report.failures {
+    for f in &report.check.failures {
         eprintln!("  {} ({}): first: {}", f.property, f.count, f.first);
     }
     if report.verdict != "pass" {
