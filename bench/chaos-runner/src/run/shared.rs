@@ -93,19 +93,22 @@ impl Shared {
         (s["name"] == self.names[i].as_str()).then_some(s)
     }
 
-    /// The core member that says it leads now (asked now, not from the samples).
+    /// The core member that says it leads now (asked now, not from the samples); of two
+    /// that say so (one cut off and not yet aware), the one of the higher term.
     pub(super) async fn leader(&self) -> Option<usize> {
+        let mut best: Option<(u64, usize)> = None;
         for i in self.of_kind(Kind::Core) {
             if self.state(i) != State::Up {
                 continue;
             }
             if let Some(s) = self.status(i, Duration::from_secs(1)).await {
-                if s["role"] == "leader" {
-                    return Some(i);
+                let term = s["core"]["term"].as_u64().unwrap_or(0);
+                if s["role"] == "leader" && best.is_none_or(|(t, _)| term > t) {
+                    best = Some((term, i));
                 }
             }
         }
-        None
+        best.map(|(_, i)| i)
     }
 
     /// The leader, waiting up to `CORE_WAIT` for one (an election may be under way).
