@@ -382,7 +382,10 @@ pub async fn metrics(c: &reqwest::Client, p: &Proc) -> String {
         .unwrap()
 }
 
-pub use canopy::measure::metric_value;
+/// The value of the first series of `name` in Prometheus text (the library's one parser).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    canopy::measure::metric_value(text, name)
+}
 
 /// Version and root from a node's status.
 pub async fn version_root(c: &reqwest::Client, p: &Proc) -> Option<(u64, String)> {
