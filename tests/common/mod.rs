@@ -438,12 +438,9 @@ pub async fn metrics(c: &reqwest::Client, p: &Proc) -> String {
         .unwrap()
 }
 
-/// The value of the first series of `name` in Prometheus text.
+/// The value of the first series of `name` in Prometheus text (the library's one parser).
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    canopy::measure::metric_value(text, name)
 }
 
 /// Version and root from a node's status.
