@@ -114,7 +114,11 @@ pub struct Status {
     pub commit_version: u64,
     pub lag_entries: u64,
     pub lag_seconds: f64,
+    /// The version the `--file` holds (once written), its root, and its path: what a program
+    /// reading the file sees.
     pub file_version: Option<u64>,
+    pub file_root: Option<String>,
+    pub file_path: Option<String>,
     pub core_addrs: Vec<String>,
     pub stats: StatsView,
     /// A full or diff transfer in progress (absent otherwise).
@@ -598,6 +602,8 @@ mod tests {
                 lag_entries: 0,
                 lag_seconds: 0.0,
                 file_version: None,
+                file_root: None,
+                file_path: None,
                 core_addrs: vec![],
                 stats: StatsView {
                     entries_applied: 0,

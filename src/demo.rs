@@ -162,12 +162,23 @@ fn bar(len: u64, msg: &str) -> ProgressBar {
 }
 
 /// Runs the demo to its summary.
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+/// Runs the demo to its summary; with `json`, the summary is one JSON object on stdout and the
+/// progress lines go to stderr.
+pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
+    macro_rules! say {
+        ($($t:tt)*) => {
+            if json {
+                eprintln!($($t)*)
+            } else {
+                println!($($t)*)
+            }
+        };
+    }
     if args.fanout == 0 || args.rate <= 0.0 {
         bail!("--fanout and --rate must be positive");
     }
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-    println!(
+    say!(
         "canopy demo: 1 core + {} relays, fanout {}, file {}, {} writes/s, seed {}",
         args.relays,
         args.fanout,
@@ -176,9 +187,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.seed
     );
     let mut cluster = build_cluster(&args).await?;
-    println!(
+    say!(
         "core API on http://{} (try: canopy --api {} status)",
-        cluster.core_api, cluster.core_api
+        cluster.core_api,
+        cluster.core_api
     );
 
     let mut content = vec![0u8; args.size as usize];
@@ -198,7 +210,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             other => bail!("loading the file: {other:?}"),
         }
     }
-    println!(
+    say!(
         "loaded {} into the core in {:.2} s (version {version})",
         human_bytes(args.size),
         t.elapsed().as_secs_f64()
@@ -244,7 +256,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     pb.finish();
     let bootstrap = t.elapsed();
-    println!(
+    say!(
         "{} relays hold a verified {} copy after {:.2} s",
         args.relays,
         human_bytes(args.size),
@@ -364,7 +376,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             None => unattached += 1,
         }
     }
-    println!(
+    let summary = format!(
         "summary: {in_sync}/{} relays in sync at version {} root {}; {writes} writes in {:.1} s ({:.1}/s, {errors} failed); \
          propagation commit->applied p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms over {n} samples; \
          bootstrap {:.2} s; moved {} during the load; depths {:?}{}",
@@ -382,6 +394,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             String::new()
         },
     );
+    if json {
+        let doc = serde_json::json!({
+            "relays": cluster.relays.len(),
+            "relays_in_sync": in_sync,
+            "version": core_file.version(),
+            "root": core_file.root_hex(),
+            "writes": writes,
+            "failed_writes": errors,
+            "seconds": elapsed.as_secs_f64(),
+            "propagation_ms": {"p50": p50, "p99": p99, "max": max, "samples": n},
+            "bootstrap_s": bootstrap.as_secs_f64(),
+            "moved_bytes": moved,
+            "depths": depths,
+            "unattached": unattached,
+        });
+        println!("{doc}");
+    } else {
+        println!("{summary}");
+    }
     cluster.shutdown.cancel();
     let mut all = vec![cluster.core.clone()];
     all.extend(cluster.relays.iter().cloned());

@@ -136,7 +136,8 @@ pub struct WatchArgs {
     #[arg(long, value_name = "CMD")]
     pub exec: Option<String>,
     /// The node's materialized copy (its --file), passed as CANOPY_FILE; the command runs
-    /// only once that file holds the version or a newer one.
+    /// only once that file holds the version or a newer one. Default: the file the node
+    /// reports in its status (`file_path`), when it keeps one.
     #[arg(long, requires = "exec")]
     pub file: Option<PathBuf>,
     /// A run starts once the version has stayed the same this long: a burst of writes gives

@@ -291,7 +291,7 @@ async fn run(cli: Cli, api_defaulted: bool) -> Result<u8> {
         Cmd::Completions { shell } => {
             canopy::tool::write_completions(shell, &mut std::io::stdout().lock());
         }
-        Cmd::Demo(args) => canopy::demo::run(args)
+        Cmd::Demo(args) => canopy::demo::run(args, json_out)
             .await
             .map_err(|e| CliError::new(exit::FAILURE, format!("{e:#}")))?,
         _ => {
@@ -746,7 +746,15 @@ async fn watch(api: &Api, args: WatchArgs, json_out: bool) -> Result<u8> {
         retry_delay: args.retry_delay,
         once: args.once,
     };
-    let file = args.file.map(|f| std::path::absolute(&f).unwrap_or(f));
+    // Without --file, the node's own --file (as its status names it) is the file to wait for.
+    let file = args
+        .file
+        .or_else(|| {
+            first.as_ref().ok()?["file_path"]
+                .as_str()
+                .map(std::path::PathBuf::from)
+        })
+        .map(|f| std::path::absolute(&f).unwrap_or(f));
     let command = canopy::watch::Command {
         shell: shell.clone(),
         file: file.clone(),

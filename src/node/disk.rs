@@ -60,7 +60,7 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
                 match tokio::task::spawn_blocking(write).await {
                     Ok(Ok(())) => {
                         written = Some(key);
-                        shared.materialized.send_replace(Some(version));
+                        shared.materialized.send_replace(Some(key));
                         shared.metrics.materialized_version.set(version as f64);
                     }
                     Ok(Err(e)) => {

@@ -56,7 +56,9 @@ pub(crate) fn status(shared: &Shared) -> Status {
         commit_version: commit,
         lag_entries: commit.saturating_sub(version),
         lag_seconds,
-        file_version: *shared.materialized.borrow(),
+        file_version: shared.materialized.borrow().map(|(v, _)| v),
+        file_root: shared.materialized.borrow().map(|(_, r)| hex::encode(r)),
+        file_path: shared.cfg.file.as_ref().map(|p| p.display().to_string()),
         core_addrs: shared.core_addrs(&st),
         stats: StatsView {
             entries_applied: stats.entries_applied.load(Ordering::Relaxed),

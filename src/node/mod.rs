@@ -179,6 +179,7 @@ impl Node {
             role: id.role,
             identity: Mutex::new(id.clone()),
             client_config: Mutex::new(None),
+            cert_warned: Mutex::new(Default::default()),
             shutdown,
             tasks: TaskTracker::new(),
             cfg,

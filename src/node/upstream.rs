@@ -309,7 +309,15 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
                     }
                 },
                 Err(e) => {
-                    info!(node = %shared.cfg.name, parent = %addr, "attach failed: {e}");
+                    let explained = match &e {
+                        UpstreamError::Connect(c) => {
+                            super::net::explain_certificate_failure(&shared, &addr, c)
+                        }
+                        _ => false,
+                    };
+                    if !explained {
+                        info!(node = %shared.cfg.name, parent = %addr, "attach failed: {e}");
+                    }
                     overlay_driver::input(&shared, attach_failed(&addr, &e));
                 }
             }
