@@ -155,6 +155,19 @@ pub struct MemberStatus {
     pub name: String,
     pub addr: String,
     pub voter: bool,
+    /// `leader`, `follower` (a voter) or `learner`, as the answering node knows it
+    /// (`/v1/core/members` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// `ok` when the member answered, else why not (`/v1/core/members` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+    /// The version the member shows, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Entries the member is behind the highest commit any answer reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_entries: Option<u64>,
 }
 
 /// How long `?wait=applied` waits for this node to apply a committed write.
@@ -272,7 +285,7 @@ async fn metrics() -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::handle().render(),
+        crate::metrics::render(),
     )
         .into_response()
 }

@@ -61,9 +61,12 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
                     Ok(Ok(())) => {
                         written = Some(key);
                         shared.materialized.send_replace(Some(version));
-                        shared.metrics.materialized_version.set(version as f64);
+                        shared.metrics.disk_full.set(0.0);
                     }
                     Ok(Err(e)) => {
+                        if crate::metrics::is_no_space(&e) {
+                            shared.metrics.disk_full.set(1.0);
+                        }
                         error!(node = %shared.cfg.name, "materializing {}: {e}", path.display())
                     }
                     Err(e) => error!(node = %shared.cfg.name, "materializer task: {e}"),

@@ -8,11 +8,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::api::{BackfillView, CoreStatus, MemberStatus, StatsView, Status};
+use crate::metrics::Live;
 use crate::proto::{self, request};
 
 use super::error::NodeError;
 use super::net::exchange;
-use super::shared::{now_us, Shared};
+use super::shared::{now_us, Shared, State};
 
 /// Longest path a tree query descends.
 pub const MAX_TREE_DEPTH: u32 = 64;
@@ -27,12 +28,7 @@ pub(crate) fn status(shared: &Shared) -> Status {
     let st = shared.state.lock();
     let file = st.replica.file();
     let version = file.version();
-    let commit = st.replica.commit_known();
-    let lag_seconds = if commit > version && st.replica.last_commit_time_us() > 0 {
-        now_us().saturating_sub(st.replica.last_commit_time_us()) as f64 / 1e6
-    } else {
-        0.0
-    };
+    let (commit, lag_seconds) = lag(&st);
     let role = match shared.core.get() {
         Some(c) if c.is_leader() => "leader",
         Some(_) => "follower",
@@ -89,9 +85,44 @@ pub(crate) fn status(shared: &Shared) -> Status {
                     name: m.name,
                     addr: m.addr,
                     voter,
+                    role: None,
+                    health: None,
+                    version: None,
+                    lag_entries: None,
                 })
                 .collect(),
         }),
+    }
+}
+
+/// The commit version this node knows of, and how old the commit it is behind by is (0
+/// when it is not behind): what `/v1/status` and `canopy_lag_seconds` both report.
+fn lag(st: &State) -> (u64, f64) {
+    let version = st.replica.file().version();
+    let commit = st.replica.commit_known();
+    let lag_seconds = if commit > version && st.replica.last_commit_time_us() > 0 {
+        now_us().saturating_sub(st.replica.last_commit_time_us()) as f64 / 1e6
+    } else {
+        0.0
+    };
+    (commit, lag_seconds)
+}
+
+/// This node's position as of now, for a scrape of `/metrics`.
+pub(crate) fn live(shared: &Shared) -> Live {
+    let depth = shared.depth();
+    let st = shared.state.lock();
+    let version = st.replica.file().version();
+    let (commit, lag_seconds) = lag(&st);
+    Live {
+        node: shared.cfg.name.clone(),
+        applied_version: version,
+        commit_version: commit,
+        lag_entries: commit.saturating_sub(version),
+        lag_seconds,
+        depth,
+        materialized_version: *shared.materialized.borrow(),
+        backfill: st.replica.backfill_progress(),
     }
 }
 

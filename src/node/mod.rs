@@ -183,6 +183,10 @@ impl Node {
             tasks: TaskTracker::new(),
             cfg,
         });
+        let weak = Arc::downgrade(&shared);
+        crate::metrics::register_live(Box::new(move || {
+            weak.upgrade().map(|s| inspect::live(&s))
+        }));
         core::start(&shared).await?;
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         shared
