@@ -98,7 +98,16 @@ impl OpsCluster {
         let _ = put_random(&c, &cores[0], 256 * 1024, 16).await;
         let join: Vec<std::net::SocketAddr> = cores.iter().map(|p| p.quic).collect();
         let relays: Vec<Proc> = (1..=relays)
-            .map(|i| Proc::start(&root, &pki, &format!("r{i:02}"), false, &join, &["--fanout", "3"]))
+            .map(|i| {
+                Proc::start(
+                    &root,
+                    &pki,
+                    &format!("r{i:02}"),
+                    false,
+                    &join,
+                    &["--fanout", "3"],
+                )
+            })
             .collect();
         let cluster = OpsCluster {
             pki,
