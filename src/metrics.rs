@@ -69,7 +69,13 @@ pub const IDENTITY_REFUSALS: &[&str] = &["certificate", "subscribe", "sample", "
 
 /// Why a proposal through this node failed (`canopy_proposal_failures_total{reason}`):
 /// `unavailable` is the core's (no leader, unreachable, timed out), the others the client's.
-pub const PROPOSAL_FAILURES: &[&str] = &["unavailable", "too_large", "invalid", "forbidden", "contended"];
+pub const PROPOSAL_FAILURES: &[&str] = &[
+    "unavailable",
+    "too_large",
+    "invalid",
+    "forbidden",
+    "contended",
+];
 
 /// Where a refused chunk came from (`canopy_backfill_bad_chunks_total{source}`), and where
 /// received backfill bytes came from: the parent's push and fallback, or a fetching peer.
@@ -435,7 +441,11 @@ impl NodeMetrics {
         by("canopy_untrusted_frames_total", "reason", UNTRUSTED_REASONS);
         by("canopy_identity_refusals_total", "what", IDENTITY_REFUSALS);
         by("canopy_backfill_bad_chunks_total", "source", CHUNK_SOURCES);
-        by("canopy_proposal_failures_total", "reason", PROPOSAL_FAILURES);
+        by(
+            "canopy_proposal_failures_total",
+            "reason",
+            PROPOSAL_FAILURES,
+        );
         let disk_full = metrics::gauge!("canopy_disk_full", &l);
         disk_full.set(0.0);
         Self {
@@ -472,7 +482,10 @@ impl NodeMetrics {
 
     /// Counts one change of parent, by reason ([`REPARENT_REASONS`]).
     pub fn reparent(&self, reason: &'static str) {
-        debug_assert!(REPARENT_REASONS.contains(&reason), "unknown reason {reason}");
+        debug_assert!(
+            REPARENT_REASONS.contains(&reason),
+            "unknown reason {reason}"
+        );
         metrics::counter!("canopy_reparents_total", "node" => self.node.clone(), "reason" => reason)
             .increment(1);
     }
@@ -493,7 +506,10 @@ impl NodeMetrics {
     /// Counts one frame refused for lack of a valid core signature, or one refused signer
     /// certificate, by reason ([`UNTRUSTED_REASONS`]).
     pub fn untrusted(&self, reason: &'static str) {
-        debug_assert!(UNTRUSTED_REASONS.contains(&reason), "unknown reason {reason}");
+        debug_assert!(
+            UNTRUSTED_REASONS.contains(&reason),
+            "unknown reason {reason}"
+        );
         metrics::counter!("canopy_untrusted_frames_total", "node" => self.node.clone(), "reason" => reason)
             .increment(1);
     }
@@ -509,7 +525,10 @@ impl NodeMetrics {
 
     /// Counts one failed proposal, by reason ([`PROPOSAL_FAILURES`]).
     pub fn proposal_failed(&self, reason: &'static str) {
-        debug_assert!(PROPOSAL_FAILURES.contains(&reason), "unknown reason {reason}");
+        debug_assert!(
+            PROPOSAL_FAILURES.contains(&reason),
+            "unknown reason {reason}"
+        );
         metrics::counter!("canopy_proposal_failures_total", "node" => self.node.clone(), "reason" => reason)
             .increment(1);
     }
@@ -544,7 +563,11 @@ mod tests {
             ("canopy_untrusted_frames_total", "reason", UNTRUSTED_REASONS),
             ("canopy_identity_refusals_total", "what", IDENTITY_REFUSALS),
             ("canopy_backfill_bad_chunks_total", "source", CHUNK_SOURCES),
-            ("canopy_proposal_failures_total", "reason", PROPOSAL_FAILURES),
+            (
+                "canopy_proposal_failures_total",
+                "reason",
+                PROPOSAL_FAILURES,
+            ),
         ] {
             let lines = series(&text, family, "zero-test");
             assert_eq!(lines.len(), values.len(), "{family}: {lines:?}");
@@ -576,7 +599,10 @@ mod tests {
         }));
         let text = render();
         let n = "live-\\\"test\\\"";
-        assert_eq!(series(&text, "canopy_lag_seconds", n), [format!("canopy_lag_seconds{{node=\"{n}\"}} 1.5")]);
+        assert_eq!(
+            series(&text, "canopy_lag_seconds", n),
+            [format!("canopy_lag_seconds{{node=\"{n}\"}} 1.5")]
+        );
         assert_eq!(series(&text, "canopy_commit_version", n).len(), 1);
         assert!(series(&text, "canopy_depth", n).is_empty(), "{text}");
         assert!(series(&text, "canopy_materialized_version", n).is_empty());
@@ -618,9 +644,12 @@ mod tests {
         let text = render();
         let b = series(&text, "canopy_backfill_seconds_bucket", "bucket-test");
         assert!(
-            b.iter().any(|l| l.contains("le=\"60\"") && l.ends_with(" 1")),
+            b.iter()
+                .any(|l| l.contains("le=\"60\"") && l.ends_with(" 1")),
             "{b:?}"
         );
-        assert!(b.iter().any(|l| l.contains("le=\"30\"") && l.ends_with(" 0")));
+        assert!(b
+            .iter()
+            .any(|l| l.contains("le=\"30\"") && l.ends_with(" 0")));
     }
 }

@@ -474,7 +474,14 @@ async fn failures(
 }
 
 /// Evaluates every panel until all pass or `secs` pass; panics listing the failures.
-async fn until_all_pass(prom: &Prometheus, c: &reqwest::Client, phase: Phase, cx: &Ctx, started: Instant, secs: u64) {
+async fn until_all_pass(
+    prom: &Prometheus,
+    c: &reqwest::Client,
+    phase: Phase,
+    cx: &Ctx,
+    started: Instant,
+    secs: u64,
+) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let range = format!("{}s", started.elapsed().as_secs().max(60));
@@ -488,7 +495,12 @@ async fn until_all_pass(prom: &Prometheus, c: &reqwest::Client, phase: Phase, cx
                 "{} panel expressions failed:\n{}\n---- prometheus log ----\n{}",
                 bad.len(),
                 bad.join("\n"),
-                prom.log().lines().rev().take(20).collect::<Vec<_>>().join("\n")
+                prom.log()
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -507,7 +519,12 @@ async fn check_metrics(c: &reqwest::Client, p: &Proc) {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let said = format!(
         "{}{}",
@@ -590,7 +607,10 @@ async fn every_panel_answers_on_a_real_prometheus_and_shows_a_relay_killed() {
     until_all_pass(&prom, &c, Phase::Rest, &cx, started, 30).await;
 
     let firing = prom.alerts_firing(&c).await;
-    assert!(firing.is_empty(), "alerts fire on a healthy cluster: {firing:?}");
+    assert!(
+        firing.is_empty(),
+        "alerts fire on a healthy cluster: {firing:?}"
+    );
 
     // kill -9 a relay with children: within a minute the panels show the target down and
     // the re-attach of its children.

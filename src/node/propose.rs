@@ -82,9 +82,8 @@ pub(crate) async fn propose(
 /// The `reason` of `canopy_proposal_failures_total` for a proposal that failed with `e`.
 fn failure_label(e: &NodeError) -> &'static str {
     match e {
-        NodeError::UpdateTooLarge { .. } | NodeError::Consensus(ConsensusError::TooLarge { .. }) => {
-            "too_large"
-        }
+        NodeError::UpdateTooLarge { .. }
+        | NodeError::Consensus(ConsensusError::TooLarge { .. }) => "too_large",
         NodeError::Consensus(ConsensusError::InvalidProposal(_)) | NodeError::Rejected(_) => {
             "invalid"
         }
