@@ -95,12 +95,14 @@ pub(crate) fn status(shared: &Shared) -> Status {
     }
 }
 
-/// The commit version this node knows of, and how old the commit it is behind by is (0
-/// when it is not behind): what `/v1/status` and `canopy_lag_seconds` both report.
+/// The commit version this node knows of, and the age of the version it shows while it is
+/// behind (it knows of a newer commit, or it receives a transfer), else 0: what
+/// `/v1/status` and `canopy_lag_seconds` both report.
 fn lag(st: &State) -> (u64, f64) {
     let version = st.replica.file().version();
     let commit = st.replica.commit_known();
-    let lag_seconds = if commit > version && st.replica.last_commit_time_us() > 0 {
+    let behind = commit > version || st.replica.backfill_progress().is_some();
+    let lag_seconds = if behind && st.replica.last_commit_time_us() > 0 {
         now_us().saturating_sub(st.replica.last_commit_time_us()) as f64 / 1e6
     } else {
         0.0
