@@ -2,7 +2,8 @@
 //! through a real Prometheus scraping a real cluster (3 cores, 12 relays, fan-out 3, a light
 //! write load), `promtool check metrics` on a core's and a relay's scrape, and the alert rules
 //! of `dashboards/alerts.yml` through `promtool test rules`, then loaded into that Prometheus,
-//! where none fires on the healthy cluster.
+//! where none fires on the healthy cluster. And the metric fixes each with a test: the lag
+//! read at the scrape, absent series for unknown values, the disk full flag.
 
 mod common;
 mod tools;
@@ -738,4 +739,93 @@ async fn lag_seconds_grows_while_a_node_is_behind_and_agrees_with_status() {
     .await;
     let (s, m, e, _, total) = lags().await;
     assert_eq!((s, m, e, total), (0.0, Some(0.0), Some(0.0), None));
+}
+
+/// "None" is an absent series: a relay that never attached exports its versions but no
+/// `canopy_depth` (what the "Relays unattached" panel and alert select), and a node that
+/// wrote no file no `canopy_materialized_version`; neither is a 0 that reads as the core's
+/// depth or version 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_depth_and_materialized_version_are_absent_not_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("lonely", "relay");
+    // Its only --join address answers nothing.
+    let lonely = Proc::start(root, &pki, "lonely", false, &[free_udp()], &[]);
+    let c = http();
+    let s = status(&c, &lonely).await.unwrap();
+    assert!(s["depth"].is_null() && s["file_version"].is_null(), "{s}");
+    let text = metrics(&c, &lonely).await;
+    let has = |family: &str| text.contains(&format!("{family}{{node=\"lonely\"}} "));
+    assert!(
+        has("canopy_applied_version") && has("canopy_lag_seconds"),
+        "{text}"
+    );
+    assert!(!has("canopy_depth"), "{text}");
+    assert!(!has("canopy_materialized_version"), "{text}");
+}
+
+/// Mounts a tmpfs of `mb` MiB at `dir`; None (with the reason printed) where mounting is not
+/// permitted.
+fn mount_tmpfs(dir: &Path, mb: u64) -> Option<Mount> {
+    std::fs::create_dir_all(dir).unwrap();
+    let out = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+        .arg(dir)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(Mount(dir.to_path_buf())),
+        Ok(o) => {
+            eprintln!(
+                "skipping: cannot mount a tmpfs ({})",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("skipping: cannot run mount ({e})");
+            None
+        }
+    }
+}
+
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A relay whose `--file` lies on a full filesystem raises `canopy_disk_full` (what the
+/// `CanopyDiskFull` alert fires on) and keeps serving the version it applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_raises_the_disk_full_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    pki.issue("r1", "relay");
+    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    let c = http();
+    wait_leader(&c, &core).await;
+    let (v, _) = put_random(&c, &core, 2 << 20, 9).await;
+    // r1's --file goes to files/r1 (tests/common): a 1 MiB filesystem cannot hold 2 MiB.
+    let Some(_mount) = mount_tmpfs(&root.join("files"), 1) else {
+        return;
+    };
+    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let flag = |text: &str, node: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("canopy_disk_full{{node=\"{node}\"}} ")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    wait_until(60, "r1's disk full flag", || async {
+        flag(&metrics(&c, &r1).await, "r1") == Some(1.0)
+    })
+    .await;
+    assert_eq!(status(&c, &r1).await.unwrap()["version"].as_u64(), Some(v));
+    assert_eq!(flag(&metrics(&c, &core).await, "core"), Some(0.0));
+    assert!(r1.log_text().contains("materializing"));
 }
