@@ -811,21 +811,22 @@ async fn a_full_disk_raises_the_disk_full_flag() {
     let c = http();
     wait_leader(&c, &core).await;
     let (v, _) = put_random(&c, &core, 2 << 20, 9).await;
-    // r1's --file goes to files/r1 (tests/common): a 1 MiB filesystem cannot hold 2 MiB.
-    let Some(_mount) = mount_tmpfs(&root.join("files"), 1) else {
-        return;
-    };
-    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    wait_materialized(&c, &core, v).await;
     let flag = |text: &str, node: &str| {
         text.lines()
             .find(|l| l.starts_with(&format!("canopy_disk_full{{node=\"{node}\"}} ")))
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
     };
+    assert_eq!(flag(&metrics(&c, &core).await, "core"), Some(0.0));
+    // r1's --file goes to files/r1 (tests/common): a 1 MiB filesystem cannot hold 2 MiB.
+    let Some(_mount) = mount_tmpfs(&root.join("files"), 1) else {
+        return;
+    };
+    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
     wait_until(60, "r1's disk full flag", || async {
         flag(&metrics(&c, &r1).await, "r1") == Some(1.0)
     })
     .await;
     assert_eq!(status(&c, &r1).await.unwrap()["version"].as_u64(), Some(v));
-    assert_eq!(flag(&metrics(&c, &core).await, "core"), Some(0.0));
     assert!(r1.log_text().contains("materializing"));
 }
