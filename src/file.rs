@@ -51,6 +51,16 @@ fn to_index(i: u64) -> Option<usize> {
     usize::try_from(i).ok()
 }
 
+/// What [`ChunkedFile::undo`] needs to reverse one [`ChunkedFile::apply_undoable`].
+#[derive(Debug)]
+pub struct Undo {
+    version: u64,
+    len: u64,
+    count: usize,
+    chunks: Vec<(usize, Bytes)>,
+    root: Hash,
+}
+
 /// The replicated file: fixed-size copy-on-write chunks, per-chunk BLAKE3, Merkle root.
 #[derive(Clone)]
 pub struct ChunkedFile {
@@ -248,6 +258,77 @@ impl ChunkedFile {
         self.commit(st);
         self.version = version;
         Ok(())
+    }
+
+    /// [`ChunkedFile::apply`], also returning what [`ChunkedFile::undo`] needs to put the file
+    /// back as it was: the previous bytes of only the chunks `update` may change (one or two
+    /// for a small write; every chunk a truncate removes), not a copy of the file.
+    pub fn apply_undoable(&mut self, version: u64, update: &Update) -> Result<Undo, FileError> {
+        self.validate(update)?;
+        let cs = self.cs();
+        let count = self.chunks.len();
+        let mut len = self.len;
+        let mut touched = std::collections::BTreeSet::new();
+        for op in &update.ops {
+            let (lo, hi) = match op {
+                Op::Write { offset, data } => {
+                    let end = offset.saturating_add(data.len() as u64);
+                    let r = if end > len {
+                        ((*offset).min(len), end)
+                    } else {
+                        (*offset, end)
+                    };
+                    len = len.max(end);
+                    r
+                }
+                Op::Truncate { len: n } => {
+                    let r = ((*n).min(len), (*n).max(len));
+                    len = *n;
+                    r
+                }
+            };
+            if hi > lo {
+                let first = usize::try_from(lo / cs).unwrap_or(usize::MAX);
+                let last = usize::try_from((hi - 1) / cs).unwrap_or(usize::MAX);
+                touched.extend(first.min(count)..last.saturating_add(1).min(count));
+            }
+        }
+        let undo = Undo {
+            version: self.version,
+            len: self.len,
+            count,
+            chunks: touched
+                .into_iter()
+                .map(|i| (i, self.chunks[i].clone()))
+                .collect(),
+            root: self.root,
+        };
+        self.apply(version, update)?;
+        Ok(undo)
+    }
+
+    /// Puts the file back as it was before the [`ChunkedFile::apply_undoable`] that returned
+    /// `undo`; nothing else may have changed the file in between.
+    pub fn undo(&mut self, undo: Undo) {
+        let count = self.chunks.len();
+        self.chunks.resize(undo.count, Bytes::new());
+        self.levels[0].resize(undo.count, [0; 32]);
+        let mut dirty = Vec::with_capacity(undo.chunks.len() + 1);
+        for (i, chunk) in undo.chunks {
+            self.levels[0][i] = leaf_hash(&chunk);
+            self.chunks[i] = chunk;
+            dirty.push(i);
+        }
+        if count != undo.count && undo.count > 0 {
+            dirty.push(undo.count - 1);
+        }
+        dirty.sort_unstable();
+        dirty.dedup();
+        self.len = undo.len;
+        self.version = undo.version;
+        self.update_tree(dirty);
+        self.root = self.compute_root();
+        debug_assert_eq!(self.root, undo.root);
     }
 
     fn cs(&self) -> u64 {
@@ -1141,6 +1222,32 @@ mod tests {
                     ChunkedFile::from_bytes(cs, max, &snap.to_vec(), 0).unwrap().root()
                 );
             }
+            assert_consistent(&f);
+        }
+
+        #[test]
+        fn prop_undo_restores_exactly(
+            cs in chunk_size_strategy(),
+            init in prop::collection::vec(any::<u8>(), 0..300),
+            before in prop::collection::vec(update_strategy(), 0..4),
+            update in update_strategy(),
+        ) {
+            let mut f = ChunkedFile::from_bytes(cs, 512, &init, 0).unwrap();
+            for (n, u) in before.iter().enumerate() {
+                let _ = f.apply(n as u64 + 1, u);
+            }
+            let (bytes, root, version, levels) = (f.to_vec(), f.root(), f.version(), f.levels.clone());
+            match f.apply_undoable(99, &update) {
+                Ok(undo) => {
+                    prop_assert_eq!(f.version(), 99);
+                    f.undo(undo);
+                }
+                Err(_) => {}
+            }
+            prop_assert_eq!(f.to_vec(), bytes);
+            prop_assert_eq!(f.root(), root);
+            prop_assert_eq!(f.version(), version);
+            prop_assert_eq!(&f.levels, &levels);
             assert_consistent(&f);
         }
 

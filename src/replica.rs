@@ -12,10 +12,12 @@
 //! - Only the core is trusted for content ([`Trust`]): a core signs every entry it produces
 //!   (a `Seal` frame right after it) and every state it serves as a snapshot; any other node
 //!   shows a version ([`Replica::file`], [`Event::Applied`]) only once a core's seal covers
-//!   it. An entry is applied and forwarded at once, but stays unsealed (not shown, not
-//!   retained, not served as a state) until its seal verifies; a frame that should be sealed
-//!   and is not, or is sealed badly, is [`ReplicaError::Untrusted`], and losing the upstream
-//!   rolls an unsealed entry back ([`Event::RolledBack`]).
+//!   it. An entry is checked (its place in the stream, its update's form) and forwarded at
+//!   once, but applied only when its seal verifies: until then it is not shown, not
+//!   retained, not served as a state. So nothing is ever undone, and no copy of the file is
+//!   kept for it. A frame that should be sealed and is not, or is sealed badly, is
+//!   [`ReplicaError::Untrusted`]; losing the upstream drops an unsealed entry, and the
+//!   children that got it are told ([`Event::RolledBack`]).
 //! - The retained window is contiguous: each entry's `prev_version` is the version of the
 //!   one before it, and the first one's is `base.0`; its encoded size stays within
 //!   `retain_bytes` (the newest entry is always kept).
@@ -236,14 +238,13 @@ struct Retained {
     seal: Bytes,
 }
 
-/// An entry applied and forwarded, waiting for its seal.
+/// An entry checked and forwarded, waiting for its seal to be applied.
 struct Unsealed {
     version: u64,
     digest: Hash,
     frame: Bytes,
     commit_time_us: u64,
-    /// The file as it was before the entry: what is shown until the seal verifies.
-    before: ChunkedFile,
+    update: Update,
 }
 
 /// The node's file plus its stream position; see the module docs.
@@ -449,7 +450,7 @@ impl Replica {
     /// The file at the version shown: the newest one a core's seal covers (an entry applied
     /// but not sealed yet is not shown).
     pub fn file(&self) -> &ChunkedFile {
-        self.unsealed.as_ref().map_or(&self.file, |u| &u.before)
+        &self.file
     }
 
     /// Whether this node holds a verified copy it may serve to children.
@@ -857,12 +858,9 @@ impl Replica {
     pub fn upstream_lost(&mut self) -> Vec<Event> {
         self.upstream = Upstream::Idle;
         match self.unsealed.take() {
-            Some(u) => {
-                self.file = u.before;
-                vec![Event::RolledBack {
-                    version: self.file.version(),
-                }]
-            }
+            Some(_) => vec![Event::RolledBack {
+                version: self.file.version(),
+            }],
             None => Vec::new(),
         }
     }
@@ -950,12 +948,12 @@ impl Replica {
                     });
                 }
                 let update = Update::try_from(e.update.unwrap_or_default())?;
-                let before = self.file.clone();
-                self.file.apply(e.version, &update)?;
-                self.synced = true;
+                self.file.validate(&update)?;
                 self.commit_known = self.commit_known.max(e.version);
                 self.upstream = Upstream::Streaming;
                 if self.trust.verifier().is_none() {
+                    self.file.apply(e.version, &update)?;
+                    self.synced = true;
                     return Ok(self.after_apply(frame, Bytes::new(), e.commit_time_unix_us));
                 }
                 self.unsealed = Some(Unsealed {
@@ -963,7 +961,7 @@ impl Replica {
                     digest: entry_digest(&frame),
                     frame: frame.clone(),
                     commit_time_us: e.commit_time_unix_us,
-                    before,
+                    update,
                 });
                 Ok(vec![Event::Broadcast(frame)])
             }
@@ -987,8 +985,16 @@ impl Replica {
                     self.unsealed = Some(u);
                     return Err(untrusted(e));
                 }
+                let undo = match self.file.apply_undoable(u.version, &u.update) {
+                    Ok(undo) => undo,
+                    Err(e) => {
+                        self.unsealed = Some(u);
+                        return Err(e.into());
+                    }
+                };
                 let local = (self.file.version(), self.file.len(), self.file.root());
                 if local != (anchor.version, anchor.length, anchor.root) {
+                    self.file.undo(undo);
                     self.unsealed = Some(u);
                     return Err(ReplicaError::Diverged {
                         version: anchor.version,
@@ -996,6 +1002,7 @@ impl Replica {
                         got: hex::encode(local.2),
                     });
                 }
+                self.synced = true;
                 self.anchor = Some((seal, Some(u.digest)));
                 self.upstream = Upstream::Streaming;
                 let mut events = self.after_apply(u.frame, frame, u.commit_time_us);

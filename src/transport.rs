@@ -233,6 +233,15 @@ pub async fn write_raw(send: &mut quinn::SendStream, frame: &Bytes) -> Result<()
     Ok(send.write_chunk(frame.clone()).await?)
 }
 
+/// Writes already-encoded frames in order, in one call, so that frames queued together leave
+/// in as few packets as they fit.
+pub async fn write_raws(
+    send: &mut quinn::SendStream,
+    frames: &mut [Bytes],
+) -> Result<(), StreamError> {
+    Ok(send.write_all_chunks(frames).await?)
+}
+
 /// Reads one frame; `Ok(None)` on a clean end of stream before a new frame. Refuses lengths over
 /// `max` before allocating.
 pub async fn read_raw(

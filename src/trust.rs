@@ -17,6 +17,12 @@
 //! - At most [`MAX_SIGNERS`] signer certificates are kept; learning one more forgets the one
 //!   that expires first.
 //! - Nothing here reads a clock: callers pass the time at which certificates are checked.
+//! - A signature check that succeeded is remembered, process-wide, by the BLAKE3 of the exact
+//!   (algorithm, public key, message, signature) it checked, for the last
+//!   [`VERIFIED_MEMO`] checks: the result is a pure function of those bytes, so a hit is the
+//!   same answer without the curve arithmetic. Several nodes in one process (`canopy demo`,
+//!   tests) then check each seal once; a deployment, one node per process, gains nothing
+//!   and loses nothing. Failures are never remembered.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,6 +42,60 @@ pub const MAX_SIGNERS: usize = 16;
 pub const MAX_CERT_BYTES: usize = 16 * 1024;
 
 const DOMAIN: &[u8] = b"canopy-anchor-v1\0";
+
+/// How many successful signature checks are remembered (a few seconds of seals at a high
+/// write rate; 40 bytes each).
+pub const VERIFIED_MEMO: usize = 4096;
+
+/// The memo of successful signature checks (see the module's invariants).
+static VERIFIED: parking_lot::Mutex<Memo> = parking_lot::Mutex::new(Memo {
+    set: std::collections::BTreeSet::new(),
+    order: std::collections::VecDeque::new(),
+});
+
+struct Memo {
+    set: std::collections::BTreeSet<Hash>,
+    order: std::collections::VecDeque<Hash>,
+}
+
+impl Memo {
+    fn insert(&mut self, key: Hash) {
+        if self.set.insert(key) {
+            self.order.push_back(key);
+            if self.order.len() > VERIFIED_MEMO {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// Checks `signature` over `message` with `key` under `alg`, through the memo.
+fn verify_memoized(
+    alg: &'static dyn ring::signature::VerificationAlgorithm,
+    key: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> bool {
+    let mut h = blake3::Hasher::new();
+    h.update(&(std::ptr::from_ref(alg).cast::<()>() as usize).to_le_bytes());
+    for part in [key, message, signature] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    let memo_key: Hash = *h.finalize().as_bytes();
+    if VERIFIED.lock().set.contains(&memo_key) {
+        return true;
+    }
+    let ok = ring::signature::UnparsedPublicKey::new(alg, key)
+        .verify(message, signature)
+        .is_ok();
+    if ok {
+        VERIFIED.lock().insert(memo_key);
+    }
+    ok
+}
 
 /// Why something was not trusted.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -301,9 +361,10 @@ impl Verifier {
             .signers
             .get(&fp)
             .ok_or_else(|| TrustError::UnknownSigner(hex::encode(&fp[..8])))?;
-        ring::signature::UnparsedPublicKey::new(signer.alg, &signer.key[..])
-            .verify(&anchor.message(&signer.cluster), &seal.signature)
-            .map_err(|_| TrustError::BadSignature(signer.name.clone()))?;
+        let message = anchor.message(&signer.cluster);
+        if !verify_memoized(signer.alg, &signer.key, &message, &seal.signature) {
+            return Err(TrustError::BadSignature(signer.name.clone()));
+        }
         Ok(&signer.name)
     }
 }
@@ -344,6 +405,36 @@ mod tests {
             commit_time_us: 42,
             entry,
         }
+    }
+
+    /// A remembered check answers only the same question: another node that has not learnt
+    /// the signer still refuses, and any changed byte of the signature is checked afresh.
+    #[test]
+    fn the_memo_of_checks_bypasses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, relay, _) = identities(dir.path());
+        let now = SystemTime::now();
+        let sealer = Sealer::new(&core).unwrap();
+        let a = anchor(Some([5; 32]));
+        let seal = sealer.seal(&a).unwrap();
+        let mut first = Verifier::new(Arc::new(relay.clone()));
+        first.learn(sealer.cert(), now).unwrap();
+        assert_eq!(first.verify(&a, &seal), Ok("core-a"));
+        assert_eq!(first.verify(&a, &seal), Ok("core-a"));
+        let stranger = Verifier::new(Arc::new(relay));
+        assert!(matches!(
+            stranger.verify(&a, &seal),
+            Err(TrustError::UnknownSigner(_))
+        ));
+        let mut bad = seal.clone();
+        let mut sig = bad.signature.to_vec();
+        let last = sig.len() - 1;
+        sig[last] ^= 1;
+        bad.signature = sig.into();
+        assert_eq!(
+            first.verify(&a, &bad),
+            Err(TrustError::BadSignature("core-a".into()))
+        );
     }
 
     #[test]

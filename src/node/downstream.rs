@@ -37,6 +37,12 @@ pub(crate) const MAX_SUGGESTED_SOURCES: usize = 8;
 /// Most chunks one `FetchChunks` may ask for.
 const MAX_FETCH_BATCH: usize = crate::config::MAX_FETCH_WINDOW as usize;
 
+/// Most frames one write to a child carries: what is queued when the sender wakes goes out
+/// together, so an entry and its seal share packets, within this many frames ...
+const SEND_BATCH_FRAMES: usize = 64;
+/// ... and about this many bytes (a batch stops growing once it reaches them).
+const SEND_BATCH_BYTES: usize = 1 << 20;
+
 /// How long a relay that holds no copy yet keeps a subscribing child waiting for its own:
 /// a second less than the child's `attach_timeout_ms`, so that the child hears a refusal and
 /// goes elsewhere rather than timing out (the bootstrap benchmark lost 5 s per relay so).
@@ -418,14 +424,26 @@ pub(crate) async fn serve_child(
                 }
             };
             let Some(frame) = frame else { return Ok(()) };
-            let len = frame.len() as u64;
-            let frame = match &rogue {
-                Some(r) => r.tamper(&mut tampering, &frame),
-                None => frame,
-            };
-            transport::write_raw(&mut send, &frame).await?;
-            queued.fetch_sub(len, Ordering::AcqRel);
-            shared.count_relayed(frame.len());
+            let mut batch = vec![frame];
+            let mut len = batch[0].len();
+            while batch.len() < SEND_BATCH_FRAMES && len < SEND_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(f) => {
+                        len += f.len();
+                        batch.push(f);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if let Some(r) = &rogue {
+                for f in &mut batch {
+                    *f = r.tamper(&mut tampering, f);
+                }
+            }
+            let sent: usize = batch.iter().map(Bytes::len).sum();
+            transport::write_raws(&mut send, &mut batch).await?;
+            queued.fetch_sub(len as u64, Ordering::AcqRel);
+            shared.count_relayed(sent);
         }
     }
     .await;
