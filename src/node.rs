@@ -113,7 +113,7 @@ pub fn now_us() -> u64 {
 }
 
 pub(crate) struct ChildLink {
-    name: String,
+    pub(crate) name: String,
     pub(crate) addr: String,
     tx: mpsc::UnboundedSender<Bytes>,
     queued: Arc<AtomicU64>,
@@ -402,6 +402,9 @@ impl Shared {
                     depth: Some(depth),
                     free_slots: 1,
                     root_path,
+                    height: 0,
+                    room: 0,
+                    zone: None,
                 })
             })
             .collect();

@@ -51,6 +51,9 @@ pub fn peer_from_proto(p: proto::PeerInfo) -> Peer {
         depth: u32::try_from(p.depth).ok(),
         free_slots: p.free_slots,
         root_path: p.root_path,
+        height: 0,
+        room: 0,
+        zone: None,
     })
 }
 
@@ -78,11 +81,21 @@ pub(crate) async fn overlay_loop(
             i = inputs.recv() => match i { Some(i) => Some(i), None => return },
         };
         let now = start.elapsed().as_millis() as u64;
-        let children = shared.state.lock().unwrap().children.len() as u32;
+        let children: Vec<(String, String)> = shared
+            .state
+            .lock()
+            .unwrap()
+            .children
+            .values()
+            .map(|c| (c.name.clone(), c.addr.clone()))
+            .collect();
         let outputs = {
             let mut o = shared.overlay.lock().unwrap();
             let mut rng = shared.overlay_rng.lock().unwrap();
-            let mut out = o.handle(now, Input::Children { count: children }, &mut *rng);
+            let mut out = Vec::new();
+            for change in o.children_changes(&children) {
+                out.extend(o.handle(now, change, &mut *rng));
+            }
             out.extend(o.handle(now, input.unwrap_or(Input::Tick), &mut *rng));
             out
         };
@@ -107,6 +120,7 @@ pub(crate) async fn overlay_loop(
                 Output::Detach { addr } => {
                     let _ = cmds.send(Command::Detach { addr });
                 }
+                Output::Report(_) => {}
             }
         }
     }
