@@ -50,9 +50,24 @@ struct Args {
     /// Virtual time between two joins with --join staggered, in milliseconds.
     #[arg(long, default_value_t = 10)]
     join_interval_ms: u64,
-    /// Mean one-way link latency (ms); each link is fixed in [mean/2, 3·mean/2].
+    /// Mean one-way link latency (ms) inside a zone; each link is fixed in
+    /// [mean/2, 3·mean/2].
     #[arg(long, default_value_t = 0.5)]
     latency_ms: f64,
+    /// Zones the relays are spread over at random (the cores are in zone 0).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    zones: u32,
+    /// Mean one-way latency of a link between two zones (ms).
+    #[arg(long, default_value_t = 40.0)]
+    cross_zone_ms: f64,
+    /// Overlays are told neither their zone nor RTTs: parent choice by depth alone (the
+    /// baseline for --zones).
+    #[arg(long)]
+    depth_only: bool,
+    /// Levels of depth a nearer candidate may lose and still win (the overlay's
+    /// latency_slack).
+    #[arg(long)]
+    latency_slack: Option<u32>,
     /// Period of each node's overlay tick (ms; phases are staggered), as a runtime that ticks
     /// on an interval; 0 ticks each node exactly at its overlay's next deadline.
     #[arg(long, default_value_t = 0)]
@@ -95,6 +110,9 @@ impl Args {
         if let Some(ms) = self.rebalance_ms {
             overlay.rebalance_ms = ms;
         }
+        if let Some(slack) = self.latency_slack {
+            overlay.latency_slack = slack;
+        }
         Params {
             nodes: self.nodes,
             cores: self.cores,
@@ -103,6 +121,9 @@ impl Args {
             join: self.join,
             join_interval_ms: self.join_interval_ms,
             latency_ms: self.latency_ms,
+            zones: self.zones,
+            cross_zone_ms: self.cross_zone_ms,
+            latency_aware: !self.depth_only,
             tick_ms: self.tick_ms,
             detect_ms: self.detect_ms,
             kill: self.kill,
@@ -136,6 +157,13 @@ fn to_json(r: &Report) -> Value {
         "join": p.join.label(),
         "join_interval_ms": p.join_interval_ms,
         "latency_ms": p.latency_ms,
+        "zones": p.zones,
+        "cross_zone_ms": p.cross_zone_ms,
+        "latency_aware": p.latency_aware,
+        "latency_slack": p.overlay.latency_slack,
+        "root_latency_ms": spread_json(&r.root_latency),
+        "cross_zone_edges": r.cross_zone_edges,
+        "min_cross_zone_edges": r.min_cross_zone_edges,
         "detect_ms": p.detect_ms,
         "kill": p.kill,
         "kill_at_s": p.kill_at_s,
@@ -170,6 +198,7 @@ fn to_json(r: &Report) -> Value {
             "attach_answer": m.attach_answer,
             "detach": m.detach,
             "path_update": m.path_update,
+            "child_report": m.child_report,
         },
         "cycle_detaches": r.cycle_detaches,
         "path_cycles": r.path_cycles,
@@ -216,6 +245,11 @@ fn to_table(r: &Report) -> String {
         ("unattached", r.unattached.to_string()),
         ("attach ms p50/p99/max", ms(&r.time_to_attach)),
         ("reattach ms p50/p99/max", ms(&r.time_to_reattach)),
+        ("root latency p50/p99/max", ms(&r.root_latency)),
+        (
+            "cross-zone edges (min)",
+            format!("{} ({})", r.cross_zone_edges, r.min_cross_zone_edges),
+        ),
         (
             "reparents j/pl/rb",
             format!(
@@ -246,6 +280,7 @@ fn to_table(r: &Report) -> String {
             "  detach / path update",
             format!("{} / {}", m.detach, m.path_update),
         ),
+        ("  child report", m.child_report.to_string()),
         ("path_updates_applied", r.path_updates_applied.to_string()),
         (
             "detaches / path cycles / transient",
