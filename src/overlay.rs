@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, IteratorRandom};
 use rand::Rng;
 
 /// Tuning of the overlay; each default says why.
@@ -436,6 +436,9 @@ pub struct Overlay<I = String> {
     reported: Option<Report>,
     /// Depth before the parent was lost, until the node is attached again.
     lost_depth: Option<u32>,
+    /// Where a joiner starting at a core would land (the shallowest room of the tree, as
+    /// the cores last advertised it; `u32::MAX` while unknown).
+    core_landing: u32,
     zone: Option<I>,
     next_shuffle: u64,
     next_rebalance: u64,
@@ -484,6 +487,7 @@ impl<I: Id> Overlay<I> {
             children: BTreeMap::new(),
             reported: None,
             lost_depth: None,
+            core_landing: u32::MAX,
             zone: None,
             next_shuffle: 0,
             next_rebalance: 0,
@@ -739,19 +743,51 @@ impl<I: Id> Overlay<I> {
             .map(|(p, _)| *p)
     }
 
-    /// Levels a move must gain: fewer when this node brings a subtree along.
+    /// Levels a move must gain: `subtree_min_gain` when this node brings a subtree along,
+    /// or when it hangs more than a level below the shallowest room the cores advertise
+    /// (where a packed tree would have it); else `rebalance_min_gain`.
     fn min_gain(&self) -> u32 {
-        if self.children.is_empty() {
+        if self.children.is_empty() && !self.too_deep() {
             self.cfg.rebalance_min_gain
         } else {
             self.cfg.subtree_min_gain
         }
     }
 
+    /// Whether this node hangs more than a level below the shallowest room the cores
+    /// advertise.
+    fn too_deep(&self) -> bool {
+        self.depth()
+            .is_some_and(|d| d > self.core_landing.saturating_add(1))
+    }
+
+    /// After a move that did not happen: a node still too deep checks again soon (the
+    /// place it tried was stale; the view may hold another).
+    fn retry_move(&mut self, now: u64) {
+        if self.too_deep() {
+            self.next_rebalance = now + self.cfg.probe_backoff_ms;
+        }
+    }
+
+    /// Recomputes [`Overlay::core_landing`] from the bootstrap entries (a full core that
+    /// did not say where its room is tells nothing).
+    fn refresh_core_landing(&mut self) {
+        self.core_landing = self
+            .view
+            .values()
+            .filter(|e| e.boot)
+            .filter_map(|e| e.info.as_ref())
+            .filter(|p| p.depth == Some(0) && (p.free_slots > 0 || p.room > 0))
+            .map(|p| Self::landing(p))
+            .min()
+            .unwrap_or(u32::MAX);
+    }
+
     /// Whether a parent at `depth` puts this node [`Self::min_gain`] levels nearer the core.
     fn gains(&self, depth: u32) -> bool {
         let gain = self.min_gain();
-        self.depth().is_some_and(|mine| depth + 1 + gain <= mine)
+        self.depth()
+            .is_some_and(|mine| depth.saturating_add(1 + gain) <= mine)
     }
 
     /// Whether a move to a parent at `depth` is worth it: it gains enough, or, for a move
@@ -890,10 +926,12 @@ impl<I: Id> Overlay<I> {
     }
 
     fn sample_known<R: Rng>(&self, rng: &mut R) -> Vec<Peer<I>> {
-        let known: Vec<&Peer<I>> = self.view.values().filter_map(|e| e.info.as_ref()).collect();
-        known
+        self.view
+            .values()
+            .filter_map(|e| e.info.as_ref())
             .choose_multiple(rng, self.cfg.shuffle_len)
-            .map(|p| Arc::clone(p))
+            .into_iter()
+            .map(Arc::clone)
             .collect()
     }
 
@@ -917,6 +955,9 @@ impl<I: Id> Overlay<I> {
             e.info = Some(p);
             e.age = 0;
             e.seq = seq;
+            if e.boot {
+                self.refresh_core_landing();
+            }
             return;
         }
         self.view.insert(
@@ -965,10 +1006,10 @@ impl<I: Id> Overlay<I> {
         } else {
             0
         };
-        self.is_eligible(p)
-            && p.addr != parent.addr
-            && (p.free_slots > 0 || p.room > 0)
+        (p.free_slots > 0 || p.room > 0)
             && self.gains(Self::landing(p).saturating_sub(1).saturating_add(extra))
+            && p.addr != parent.addr
+            && self.is_eligible(p)
     }
 
     /// Peers of the view passing `keep`, with their measured RTT.
@@ -1114,10 +1155,18 @@ impl<I: Id> Overlay<I> {
         }
     }
 
-    fn mark_full(&mut self, addr: &I) {
+    /// `addr` refused: it is full, and without a referral its room is unknown too.
+    fn mark_full(&mut self, addr: &I, referred: bool) {
         if let Some(e) = self.view.get_mut(addr) {
             if let Some(i) = e.info.as_mut() {
-                Arc::make_mut(i).free_slots = 0;
+                let i = Arc::make_mut(i);
+                i.free_slots = 0;
+                if !referred {
+                    i.room = 0;
+                }
+            }
+            if e.boot {
+                self.refresh_core_landing();
             }
         }
     }
@@ -1127,6 +1176,7 @@ impl<I: Id> Overlay<I> {
             self.view.remove(addr);
         } else if let Some(e) = self.view.get_mut(addr) {
             e.info = None;
+            self.refresh_core_landing();
         }
     }
 
@@ -1270,6 +1320,7 @@ impl<I: Id> Overlay<I> {
                         Arc::make_mut(i).depth = Some(depth);
                     }
                     out.push(Output::Detach { addr });
+                    self.retry_move(now);
                     return out;
                 }
                 *self.reparents.entry(reason).or_default() += 1;
@@ -1297,6 +1348,9 @@ impl<I: Id> Overlay<I> {
                 );
                 self.reason = Reason::ParentLost;
                 self.reported = report;
+                if self.too_deep() {
+                    self.next_rebalance = 1;
+                }
                 if let Some(e) = self.view.get_mut(&addr) {
                     if let Some(i) = e.info.as_mut() {
                         let i = Arc::make_mut(i);
@@ -1317,7 +1371,7 @@ impl<I: Id> Overlay<I> {
                     _ => return out,
                 };
                 self.pending = Pending::Idle;
-                self.mark_full(&addr);
+                self.mark_full(&addr, referral.is_some());
                 if !moving {
                     self.refused.insert(addr.clone());
                 }
@@ -1340,7 +1394,7 @@ impl<I: Id> Overlay<I> {
                         out.extend(self.attach(now, addr, moving, nearer, referrals + 1));
                     }
                     _ if !moving => out.extend(self.seek(now, rng)),
-                    _ => {}
+                    _ => self.retry_move(now),
                 }
             }
             Input::AttachFailed { addr } => {
@@ -1350,6 +1404,8 @@ impl<I: Id> Overlay<I> {
                     self.forget(&addr);
                     if !moving {
                         out.extend(self.seek(now, rng));
+                    } else {
+                        self.retry_move(now);
                     }
                 }
             }

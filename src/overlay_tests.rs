@@ -1604,3 +1604,28 @@ fn subtree_min_gain_and_rebalance_min_gain_must_be_positive() {
     }
     assert_eq!(OverlayConfig::default().validate(), Ok(()));
 }
+
+#[test]
+fn a_node_more_than_a_level_below_the_cores_room_moves_as_soon_as_it_hears_of_it() {
+    // As in a_deep_node_does_not_move_for_a_gain_of_one, but the core then says its
+    // shallowest room is a level below it: a joiner would land at depth 2, this node is at 4.
+    let mut r = rng(13);
+    let q = peer("q", Some(2), 3, &["core", "z", "q"]);
+    let (mut o, p) = deep(q.clone(), &mut r);
+    let core = Peer::new(PeerInfo {
+        room: 1,
+        ..(*core_info(0)).clone()
+    });
+    let w = world(&[&core, &p, &q]);
+    assert_eq!(drive(&mut o, &w, &[], true, [100], &mut r), vec![]);
+    o.handle(150, sampled(core.clone(), vec![]), &mut r);
+    assert!(o.poll_timeout() <= 150);
+    let log = drive(&mut o, &w, &[], true, [200], &mut r);
+    assert_eq!(
+        attaches(&log),
+        vec![(200, attach("core", true, Reason::Rebalance))]
+    );
+    // Refused without a referral: the core's room is not believed any more, and the node
+    // waits for its timer again.
+    assert!(o.poll_timeout() > 1_000, "{}", o.poll_timeout());
+}

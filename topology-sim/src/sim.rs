@@ -54,8 +54,7 @@
 //! `attached` violation); or after `max_events` events (a `budget` violation, so that a
 //! pathological overlay cannot hang the tool).
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 use std::fmt;
 
 use anyhow::{anyhow, ensure, Result};
@@ -366,15 +365,37 @@ enum Ev {
     CycleCheck(u32),
 }
 
-/// The event queue: a min-heap of (time, sequence number, slot), the events themselves in a
-/// slab, so that the heap moves 24-byte keys rather than whole messages. The sequence number
-/// is unique, so ties in time go to the event scheduled first.
-#[derive(Default)]
+/// The event queue: a radix heap of (time, sequence number) keys with slab slots, the events
+/// themselves in a slab, so that the queue moves small keys rather than whole messages. The
+/// sequence number is unique, so ties in time go to the event scheduled first.
+///
+/// A radix heap needs every key pushed to be at least the last one popped, which a
+/// simulation that never schedules into the past gives; in exchange a pop touches one
+/// bucket instead of a path through a binary heap of 10^5 to 10^6 keys, each step a cache
+/// miss (the binary heap took a fifth of a 100k-node run).
 struct Queue {
-    heap: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    /// Bucket b > 0 holds the keys whose highest bit differing from `last` is bit b - 1;
+    /// bucket 0 the key equal to `last`.
+    buckets: Vec<Vec<(u128, u32)>>,
+    /// Bit b - 1 set: bucket b is not empty.
+    nonempty: u128,
+    last: u128,
     slab: Vec<Option<Ev>>,
     free: Vec<u32>,
     seq: u64,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Self {
+            buckets: (0..=128).map(|_| Vec::new()).collect(),
+            nonempty: 0,
+            last: 0,
+            slab: Vec::new(),
+            free: Vec::new(),
+            seq: 0,
+        }
+    }
 }
 
 impl Queue {
@@ -390,14 +411,37 @@ impl Queue {
                 (self.slab.len() - 1) as u32
             }
         };
-        self.heap.push(Reverse((at, self.seq, slot)));
+        let key = (u128::from(at) << 64) | u128::from(self.seq);
+        debug_assert!(key > self.last, "an event scheduled into the past");
+        self.insert((key.max(self.last), slot));
+    }
+
+    fn insert(&mut self, item: (u128, u32)) {
+        let b = (128 - (item.0 ^ self.last).leading_zeros()) as usize;
+        if b > 0 {
+            self.nonempty |= 1 << (b - 1);
+        }
+        self.buckets[b].push(item);
     }
 
     fn pop(&mut self) -> Option<(u64, Ev)> {
-        let Reverse((at, _, slot)) = self.heap.pop()?;
+        if self.buckets[0].is_empty() {
+            if self.nonempty == 0 {
+                return None;
+            }
+            let b = self.nonempty.trailing_zeros() as usize + 1;
+            self.nonempty &= !(1 << (b - 1));
+            let mut moved = std::mem::take(&mut self.buckets[b]);
+            self.last = moved.iter().map(|x| x.0).min().expect("a non-empty bucket");
+            for item in moved.drain(..) {
+                self.insert(item);
+            }
+            self.buckets[b] = moved;
+        }
+        let (key, slot) = self.buckets[0].pop()?;
         self.free.push(slot);
         let ev = self.slab[slot as usize].take().expect("a queued event");
-        Some((at, ev))
+        Some(((key >> 64) as u64, ev))
     }
 }
 
@@ -1119,6 +1163,7 @@ impl Sim {
             let mut path = pi.root_path;
             path.push(me);
             self.nodes[child as usize].ov.update_path(&path);
+            self.rearm(child);
             if before != self.place(child) {
                 self.announce(child);
             }
