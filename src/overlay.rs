@@ -952,7 +952,11 @@ impl<I: Id> Overlay<I> {
             self.next_rebalance = 1;
         }
         if let Some(e) = self.view.get_mut(&p.addr) {
-            e.info = Some(p);
+            // The same advert again (the peer's place has not changed): keeping the one
+            // held spares touching a second record.
+            if !e.info.as_ref().is_some_and(|held| Arc::ptr_eq(held, &p)) {
+                e.info = Some(p);
+            }
             e.age = 0;
             e.seq = seq;
             if e.boot {
