@@ -106,6 +106,16 @@ pub struct Params {
     /// interval does; 0 (the default) ticks each node exactly at `Overlay::poll_timeout`.
     pub tick_ms: u64,
     pub detect_ms: u64,
+    /// A child notices a dead parent up to this much before `detect_ms` (ms): it counts
+    /// the silence from the last frame it had, which came up to one heartbeat earlier.
+    pub detect_jitter_ms: u64,
+    /// How long until a parent notices a dead child and frees its slot (ms).
+    pub child_detect_ms: u64,
+    /// How long a sample or attach to a dead node takes to fail (ms).
+    pub dead_target_ms: u64,
+    /// How long a relay that just attached (after a join or a lost parent) takes to sync
+    /// before it serves children; a subscriber meanwhile waits, as in the runtime (ms).
+    pub sync_ms: u64,
     /// Fraction of the live relays killed at `kill_at_s`.
     pub kill: f64,
     pub kill_at_s: f64,
@@ -132,6 +142,10 @@ impl Params {
             latency_aware: true,
             tick_ms: 0,
             detect_ms: 1000,
+            detect_jitter_ms: 0,
+            child_detect_ms: 1000,
+            dead_target_ms: 1000,
+            sync_ms: 0,
             kill: 0.0,
             kill_at_s: 5.0,
             churn: 0.0,
@@ -240,6 +254,18 @@ impl Params {
         }
         if self.duration_s > 0.0 {
             cmd.push_str(&format!(" --duration {}", self.duration_s));
+        }
+        if self.detect_jitter_ms > 0 {
+            cmd.push_str(&format!(" --detect-jitter-ms {}", self.detect_jitter_ms));
+        }
+        if self.child_detect_ms != self.detect_ms {
+            cmd.push_str(&format!(" --child-detect-ms {}", self.child_detect_ms));
+        }
+        if self.dead_target_ms != self.detect_ms {
+            cmd.push_str(&format!(" --dead-target-ms {}", self.dead_target_ms));
+        }
+        if self.sync_ms > 0 {
+            cmd.push_str(&format!(" --sync-ms {}", self.sync_ms));
         }
         if self.max_events != Params::new(1, 0).max_events {
             cmd.push_str(&format!(" --max-events {}", self.max_events));
@@ -454,6 +480,8 @@ struct Node {
     attaching: Option<(u32, Reason)>,
     /// When its next tick is queued (µs; `u64::MAX`: none), with timer-driven ticks.
     tick_at: u64,
+    /// From when it serves children (µs): `sync_ms` after it attached without a parent.
+    serves_at: u64,
 }
 
 /// The real tree: who serves whom.
@@ -590,6 +618,8 @@ pub struct Report {
     pub cycles: u64,
     pub unattached: u64,
     pub time_to_attach: Spread,
+    /// Virtual time at which the last node to join first attached (ms).
+    pub all_attached_ms: f64,
     pub time_to_reattach: Spread,
     /// Parent changes the driver carried out, by the reason of the attach.
     pub reparents: BTreeMap<&'static str, u64>,
@@ -640,6 +670,8 @@ struct Sim {
     reparents: BTreeMap<Reason, u64>,
     dead_overlay_reparents: BTreeMap<Reason, u64>,
     attach_us: Vec<u64>,
+    /// When the last node that ever joined first attached.
+    all_attached_us: u64,
     reattach_us: Vec<u64>,
     killed: u64,
     churned: u64,
@@ -715,6 +747,7 @@ impl Sim {
             reparents: BTreeMap::new(),
             dead_overlay_reparents: BTreeMap::new(),
             attach_us: Vec::new(),
+            all_attached_us: 0,
             reattach_us: Vec::new(),
             killed: 0,
             churned: 0,
@@ -789,6 +822,7 @@ impl Sim {
             orphaned_us: None,
             attaching: None,
             tick_at: u64::MAX,
+            serves_at: 0,
         });
         self.tree.push();
         self.live_pos.push(usize::MAX);
@@ -886,7 +920,7 @@ impl Sim {
             Ev::SampleReq { from, .. } if !self.alive(from) => {}
             Ev::SampleReq { from, to, offer } => {
                 if !self.alive(to) {
-                    let at = self.now + self.p.detect_ms * MS;
+                    let at = self.now + self.p.dead_target_ms * MS;
                     self.schedule(at, Ev::SampleFailed { to: from, from: to });
                 } else {
                     let n = &mut self.nodes[to as usize];
@@ -978,8 +1012,8 @@ impl Sim {
                     self.deliver(child, input)?;
                 } else if let Some(link) = self.tree.link_of(target, child) {
                     // Accepted by a node that died meanwhile: the parent notices the silent
-                    // link after detect_ms.
-                    let at = self.now + self.p.detect_ms * MS;
+                    // link after child_detect_ms.
+                    let at = self.now + self.p.child_detect_ms * MS;
                     self.schedule(
                         at,
                         Ev::LinkEnd {
@@ -1068,12 +1102,26 @@ impl Sim {
             return Ok(());
         }
         if !self.alive(target) {
-            let at = self.now + self.p.detect_ms * MS;
+            let at = self.now + self.p.dead_target_ms * MS;
             self.schedule(at, Ev::AttachFailed { child, target });
             return Ok(());
         }
         self.msgs.attach_answer += 1;
         let info = self.nodes[target as usize].ov.info();
+        let serves_at = self.nodes[target as usize].serves_at;
+        if info.depth.is_some() && self.now < serves_at {
+            // Still syncing: the subscriber waits, as the runtime makes it.
+            self.msgs.attach_answer -= 1;
+            self.schedule(
+                serves_at,
+                Ev::AttachReq {
+                    child,
+                    target,
+                    report,
+                },
+            );
+            return Ok(());
+        }
         let Some(depth) = info.depth else {
             self.send(
                 target,
@@ -1185,12 +1233,18 @@ impl Sim {
             self.live_pos[moved as usize] = pos;
         }
         self.live_pos[v as usize] = usize::MAX;
-        let at = self.now + self.p.detect_ms * MS;
         if let Some(p) = self.tree.unlink(v) {
+            let at = self.now + self.p.child_detect_ms * MS;
             self.end_link(p, v, at);
         }
         for c in self.tree.children[v as usize].clone() {
             self.nodes[c as usize].orphaned_us = Some(self.now);
+            // The child counts from the last frame it had, up to a heartbeat before.
+            let early = match self.p.detect_jitter_ms {
+                0 => 0,
+                j => self.rng.random_range(0..=j * MS),
+            };
+            let at = self.now + (self.p.detect_ms * MS).saturating_sub(early);
             self.schedule(
                 at,
                 Ev::ParentLost {
@@ -1352,10 +1406,15 @@ impl Sim {
             _ => Reason::ParentLost,
         };
         *self.reparents.entry(reason).or_default() += 1;
+        let sync_ms = self.p.sync_ms;
         let node = &mut self.nodes[c as usize];
+        if have.is_none() {
+            node.serves_at = self.now + sync_ms * MS;
+        }
         if !node.attached_once {
             node.attached_once = true;
             self.attach_us.push(self.now - node.joined_us);
+            self.all_attached_us = self.now;
         }
         if let Some(t) = node.orphaned_us.take() {
             self.reattach_us.push(self.now - t);
@@ -1667,6 +1726,7 @@ impl Sim {
             cycles,
             unattached,
             time_to_attach: Spread::of(std::mem::take(&mut self.attach_us)),
+            all_attached_ms: self.all_attached_us as f64 / MS as f64,
             time_to_reattach: Spread::of(std::mem::take(&mut self.reattach_us)),
             reparents: label(&self.reparents),
             overlay_reparents: label(&overlay_reparents),
