@@ -59,7 +59,7 @@ pub struct SweepArgs {
 pub const HEADER: &str = "nodes,fanout,choices,churn,zones,latency_aware,seed,duration_s,\
 bound,max_depth,p99_depth,mean_depth,attach_p50_ms,attach_p99_ms,reattach_p50_ms,\
 reattach_p99_ms,reattach_max_ms,messages_per_node,root_latency_p50_ms,root_latency_p99_ms,\
-cross_zone_edges,min_cross_zone_edges,violations,wall_s,replay";
+cross_zone_edges,min_cross_zone_edges,violations,wall_s,join,replay";
 
 /// ceil(log_k(n)) + 1: the depth goal (the deepest node of a packed tree, plus one).
 pub fn bound(n: u32, k: u32) -> u32 {
@@ -89,7 +89,7 @@ fn p99_depth(r: &Report) -> u32 {
 
 fn row(p: &Params, r: &Report, wall_s: f64) -> String {
     format!(
-        "{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.1},{:.1},{:.1},{:.1},{:.1},{:.2},{:.2},{:.2},{},{},{},{:.2},\"{}\"",
+        "{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.1},{:.1},{:.1},{:.1},{:.1},{:.2},{:.2},{:.2},{},{},{},{:.2},{},\"{}\"",
         p.nodes,
         p.overlay.fanout,
         p.overlay.choices,
@@ -114,6 +114,7 @@ fn row(p: &Params, r: &Report, wall_s: f64) -> String {
         r.min_cross_zone_edges,
         r.violations.len(),
         wall_s,
+        p.join.label(),
         p.replay(),
     )
 }
