@@ -1010,8 +1010,16 @@ impl<I: Id> Overlay<I> {
         } else {
             0
         };
+        // No place is shallower than the cores' shallowest room: an advert that says so is
+        // stale, and a move to it would end in refusals.
+        let floor = if self.core_landing == u32::MAX {
+            0
+        } else {
+            self.core_landing
+        };
+        let landing = Self::landing(p).max(floor);
         (p.free_slots > 0 || p.room > 0)
-            && self.gains(Self::landing(p).saturating_sub(1).saturating_add(extra))
+            && self.gains(landing.saturating_sub(1).saturating_add(extra))
             && p.addr != parent.addr
             && self.is_eligible(p)
     }
