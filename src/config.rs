@@ -244,6 +244,14 @@ pub struct NodeConfig {
     pub stream: StreamConfig,
     /// The tree's control plane; its `fanout` is kept equal to `stream.fanout`.
     pub overlay: OverlayConfig,
+    /// The file holding the token that API writes and membership changes must present.
+    /// `None` (the default): `DATA/api-token`, created with a random token and mode 0600 at
+    /// first start, so a node is never writable by anyone who can reach its API port.
+    pub api_token_file: Option<PathBuf>,
+    /// Seed of the overlay's RNG. `None` (the default): one is drawn from the name and the
+    /// clock, so nodes started together choose differently; it is logged at start, and
+    /// passing it back here replays the same choices.
+    pub seed: Option<u64>,
 }
 
 impl NodeConfig {
@@ -310,6 +318,8 @@ mod tests {
             },
             stream: StreamConfig::default(),
             overlay: OverlayConfig::default(),
+            api_token_file: None,
+            seed: None,
         }
     }
 

@@ -1,8 +1,10 @@
 //! `canopy demo`: a core and N relays in one process, over real QUIC on loopback.
 //!
 //! Invariants: every node is a real [`Node`] with its own mutual-TLS endpoint and API port
-//! (certificates from a throwaway CA); the load is seeded, so a run is repeatable; the summary
-//! counts a relay as in sync only when its version and root equal the core's.
+//! (certificates from a throwaway CA), started and stopped here and otherwise used only
+//! through the [`Backend`] its local clients see; the load is seeded, so a run is
+//! repeatable; the summary counts a relay as in sync only when its version and root equal
+//! the core's.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,11 +17,13 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{NodeConfig, NodeKind, StreamConfig};
-use crate::consensus::{ApplyOutcome, RaftConfig};
-use crate::file::{Op, Update};
+use crate::api::Backend;
+use crate::config::{NodeKind, StreamConfig};
+use crate::consensus::RaftConfig;
+use crate::file::{ApplyOutcome, Op, Update};
+use crate::measure::{parse_duration, parse_size, percentile, start_local_node, LocalNode};
 use crate::node::{now_us, Node};
-use crate::tls::{Identity, Role};
+use crate::tls::Role;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -43,56 +47,13 @@ pub struct DemoArgs {
     pub seed: u64,
 }
 
-/// Parses `50MB`, `8MiB`, `1GB`, `4096` (bytes).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        u => return Err(format!("unknown size unit {u:?}")),
-    };
-    Ok((n * mult) as u64)
-}
-
-/// Parses `20s`, `500ms`, `2m`, `1h`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1e3,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        u => return Err(format!("unknown duration unit {u:?}")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
-
 /// Latency samples (µs) from commit on the core to apply on each relay.
 #[derive(Default)]
 struct Samples(Vec<u64>);
 
 impl Samples {
     fn quantile(sorted: &[u64], q: f64) -> f64 {
-        if sorted.is_empty() {
-            return 0.0;
-        }
-        let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-        sorted[i] as f64 / 1000.0
+        percentile(sorted, q) as f64 / 1000.0
     }
 
     fn summary(&self) -> (f64, f64, f64, usize) {
@@ -122,6 +83,7 @@ struct Cluster {
     core: Node,
     relays: Vec<Node>,
     core_api: std::net::SocketAddr,
+    core_addr: std::net::SocketAddr,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
@@ -132,23 +94,16 @@ async fn start_node(
     kind: NodeKind,
     stream: &StreamConfig,
     shutdown: &CancellationToken,
-) -> anyhow::Result<(Node, std::net::SocketAddr)> {
-    let id = Identity::load(&dir.join("tls"), name)?;
-    let endpoint = crate::tls::endpoint("127.0.0.1:0".parse()?, &id, &stream.transport())?;
-    let advertise = endpoint.local_addr()?;
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let api_addr = api.local_addr()?;
-    let cfg = NodeConfig {
-        name: name.to_string(),
-        advertise,
-        data: dir.join("data").join(name),
-        file: None,
+) -> anyhow::Result<LocalNode> {
+    start_local_node(
+        name,
+        &dir.join("tls"),
+        &dir.join("data"),
         kind,
-        stream: stream.clone(),
-        overlay: Default::default(),
-    };
-    let node = Node::start(cfg, endpoint, api, shutdown.child_token()).await?;
-    Ok((node, api_addr))
+        stream.clone(),
+        shutdown.child_token(),
+    )
+    .await
 }
 
 async fn build_cluster(args: &DemoArgs) -> anyhow::Result<Cluster> {
@@ -162,7 +117,11 @@ async fn build_cluster(args: &DemoArgs) -> anyhow::Result<Cluster> {
     }
     let stream = demo_stream(args.fanout);
     let shutdown = CancellationToken::new();
-    let (core, core_api) = start_node(
+    let LocalNode {
+        node: core,
+        api: core_api,
+        quic: core_addr,
+    } = start_node(
         dir.path(),
         "core-0",
         NodeKind::Core {
@@ -175,7 +134,7 @@ async fn build_cluster(args: &DemoArgs) -> anyhow::Result<Cluster> {
     )
     .await?;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !core.core().is_some_and(|c| c.is_leader()) {
+    while core.status().role != "leader" {
         if Instant::now() > deadline {
             bail!("the core did not become leader within 20 s");
         }
@@ -185,6 +144,7 @@ async fn build_cluster(args: &DemoArgs) -> anyhow::Result<Cluster> {
         core,
         relays: Vec::new(),
         core_api,
+        core_addr,
         shutdown,
         _dir: dir,
     })
@@ -202,12 +162,23 @@ fn bar(len: u64, msg: &str) -> ProgressBar {
 }
 
 /// Runs the demo to its summary.
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+/// Runs the demo to its summary; with `json`, the summary is one JSON object on stdout and the
+/// progress lines go to stderr.
+pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
+    macro_rules! say {
+        ($($t:tt)*) => {
+            if json {
+                eprintln!($($t)*)
+            } else {
+                println!($($t)*)
+            }
+        };
+    }
     if args.fanout == 0 || args.rate <= 0.0 {
         bail!("--fanout and --rate must be positive");
     }
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-    println!(
+    say!(
         "canopy demo: 1 core + {} relays, fanout {}, file {}, {} writes/s, seed {}",
         args.relays,
         args.fanout,
@@ -216,9 +187,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.seed
     );
     let mut cluster = build_cluster(&args).await?;
-    println!(
+    say!(
         "core API on http://{} (try: canopy --api {} status)",
-        cluster.core_api, cluster.core_api
+        cluster.core_api,
+        cluster.core_api
     );
 
     let mut content = vec![0u8; args.size as usize];
@@ -233,12 +205,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 data: Bytes::copy_from_slice(piece),
             }],
         };
-        match cluster.core.write(&update, None).await? {
+        match Backend::write(&cluster.core, update, None).await? {
             ApplyOutcome::Applied { version: v } => version = v,
             other => bail!("loading the file: {other:?}"),
         }
     }
-    println!(
+    say!(
         "loaded {} into the core in {:.2} s (version {version})",
         human_bytes(args.size),
         t.elapsed().as_secs_f64()
@@ -247,9 +219,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let t = Instant::now();
     let dir = cluster._dir.path().to_path_buf();
     let stream = demo_stream(args.fanout);
-    let core_addr = cluster.core.0.cfg.advertise.to_string();
+    let core_addr = cluster.core_addr.to_string();
     for i in 0..args.relays {
-        let (node, _) = start_node(
+        let node = start_node(
             &dir,
             &format!("relay-{i}"),
             NodeKind::Relay {
@@ -258,7 +230,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             &stream,
             &cluster.shutdown,
         )
-        .await?;
+        .await?
+        .node;
         cluster.relays.push(node);
     }
     let pb = bar(args.relays as u64, "relays holding the file");
@@ -283,7 +256,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     pb.finish();
     let bootstrap = t.elapsed();
-    println!(
+    say!(
         "{} relays hold a verified {} copy after {:.2} s",
         args.relays,
         human_bytes(args.size),
@@ -293,7 +266,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let samples = Arc::new(Mutex::new(Samples::default()));
     let stop_watch = CancellationToken::new();
     for r in &cluster.relays {
-        let mut rx = r.applied();
+        let mut rx = r.versions();
         let samples = samples.clone();
         let stop = stop_watch.clone();
         let start_version = version;
@@ -339,17 +312,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let mut data = vec![0u8; 100];
         rng.fill_bytes(&mut data);
         inflight.spawn(async move {
-            writer
-                .write(
-                    &Update {
-                        ops: vec![Op::Write {
-                            offset,
-                            data: Bytes::from(data),
-                        }],
-                    },
-                    None,
-                )
-                .await
+            let ops = vec![Op::Write {
+                offset,
+                data: Bytes::from(data),
+            }];
+            Backend::write(&writer, Update { ops }, None).await
         });
         while let Some(r) = inflight.try_join_next() {
             match r {
@@ -402,13 +369,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (p50, p99, max, n) = samples.lock().unwrap().summary();
     let moved = total_relayed(&cluster) - relayed_before;
     let mut depths: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut unattached = 0;
     for r in &cluster.relays {
-        *depths.entry(r.status().depth).or_default() += 1;
+        match r.status().depth {
+            Some(d) => *depths.entry(d).or_default() += 1,
+            None => unattached += 1,
+        }
     }
-    println!(
+    let summary = format!(
         "summary: {in_sync}/{} relays in sync at version {} root {}; {writes} writes in {:.1} s ({:.1}/s, {errors} failed); \
          propagation commit->applied p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms over {n} samples; \
-         bootstrap {:.2} s; moved {} during the load; depths {:?}",
+         bootstrap {:.2} s; moved {} during the load; depths {:?}{}",
         cluster.relays.len(),
         core_file.version(),
         &core_file.root_hex()[..16],
@@ -417,7 +388,31 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         bootstrap.as_secs_f64(),
         human_bytes(moved),
         depths,
+        if unattached > 0 {
+            format!(", {unattached} unattached")
+        } else {
+            String::new()
+        },
     );
+    if json {
+        let doc = serde_json::json!({
+            "relays": cluster.relays.len(),
+            "relays_in_sync": in_sync,
+            "version": core_file.version(),
+            "root": core_file.root_hex(),
+            "writes": writes,
+            "failed_writes": errors,
+            "seconds": elapsed.as_secs_f64(),
+            "propagation_ms": {"p50": p50, "p99": p99, "max": max, "samples": n},
+            "bootstrap_s": bootstrap.as_secs_f64(),
+            "moved_bytes": moved,
+            "depths": depths,
+            "unattached": unattached,
+        });
+        println!("{doc}");
+    } else {
+        println!("{summary}");
+    }
     cluster.shutdown.cancel();
     let mut all = vec![cluster.core.clone()];
     all.extend(cluster.relays.iter().cloned());
@@ -434,7 +429,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 fn total_relayed(c: &Cluster) -> u64 {
     std::iter::once(&c.core)
         .chain(c.relays.iter())
-        .map(|n| n.relayed_bytes())
+        .map(|n| n.status().stats.relayed_bytes)
         .sum()
 }
 
@@ -447,21 +442,5 @@ fn demo_stream(fanout: usize) -> StreamConfig {
         fanout,
         fetch_sources: 1,
         ..Default::default()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_and_durations() {
-        assert_eq!(parse_size("50MB"), Ok(50_000_000));
-        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("5XB").is_err());
-        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
     }
 }

@@ -7,17 +7,24 @@ pub mod proto {
 }
 
 pub mod api;
-mod backfill;
 pub mod cli;
 pub mod config;
 pub mod consensus;
+pub mod dedup;
 pub mod demo;
 pub mod fetch;
 pub mod file;
+pub mod measure;
+pub mod merkle;
 pub mod metrics;
 pub mod node;
 pub mod overlay;
 pub mod replica;
 pub mod tls;
-pub mod upstream;
+pub mod tool;
+pub mod transfer;
+pub mod transport;
+pub mod trust;
+pub mod update;
+pub mod watch;
 pub mod wire;

@@ -9,6 +9,13 @@
 //! Invariants:
 //! - `file.version()` moves only by applying an entry whose `prev_version` equals it, or by
 //!   installing a snapshot whose recomputed root equals the advertised one.
+//! - Only the core is trusted for content ([`Trust`]): a core signs every entry it produces
+//!   (a `Seal` frame right after it) and every state it serves as a snapshot; any other node
+//!   shows a version ([`Replica::file`], [`Event::Applied`]) only once a core's seal covers
+//!   it. An entry is applied and forwarded at once, but stays unsealed (not shown, not
+//!   retained, not served as a state) until its seal verifies; a frame that should be sealed
+//!   and is not, or is sealed badly, is [`ReplicaError::Untrusted`], and losing the upstream
+//!   rolls an unsealed entry back ([`Event::RolledBack`]).
 //! - The retained window is contiguous: each entry's `prev_version` is the version of the
 //!   one before it, and the first one's is `base.0`; its encoded size stays within
 //!   `retain_bytes` (the newest entry is always kept).
@@ -19,10 +26,16 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use crate::consensus::ApplyOutcome;
-use crate::file::{ChunkedFile, FileBuilder, FileError, Hash, Precondition, Update};
+use std::time::SystemTime;
+
+use crate::dedup::DedupTable;
+use crate::file::{ApplyOutcome, ChunkedFile, FileError, Hash, Precondition, Update};
 use crate::proto::{self, downstream::Kind as Down};
+use crate::transfer::{Receiving, Salvage, TransferError};
+use crate::trust::{entry_digest, Anchor, Sealer, TrustError, Verifier};
 use crate::wire;
+
+pub use crate::transfer::{snapshot_frames, snapshot_frames_below};
 
 /// Tuning of the replica; see [`crate::config`] for where these come from.
 #[derive(Clone, Debug)]
@@ -48,7 +61,35 @@ pub enum Event {
     Installed { version: u64 },
     /// The parent's checkpoint matched this node's root.
     CheckpointVerified { version: u64 },
+    /// An entry that was applied and forwarded, but never sealed, was undone: the file is
+    /// back at `version`. Children that received the entry must resubscribe.
+    RolledBack { version: u64 },
 }
+
+/// How a replica treats core signatures.
+pub enum Trust {
+    /// A core node: signs every entry it produces and every state it serves.
+    Sign { sealer: Sealer, verifier: Verifier },
+    /// Any other node: shows a version only once a core's seal covers it.
+    Verify(Verifier),
+    /// Nothing signed or checked: the stream logic alone, in unit tests.
+    #[cfg(test)]
+    Unchecked,
+}
+
+impl Trust {
+    fn verifier(&self) -> Option<&Verifier> {
+        match self {
+            Trust::Sign { verifier, .. } | Trust::Verify(verifier) => Some(verifier),
+            #[cfg(test)]
+            Trust::Unchecked => None,
+        }
+    }
+}
+
+/// A core's signature over the state a node shows: the seal, and the digest of the entry it
+/// sealed (`None` for a state anchor).
+pub type Sealed = (proto::Seal, Option<Hash>);
 
 /// Why the upstream stream can no longer be followed; the driver drops it and resubscribes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -87,6 +128,35 @@ pub enum ReplicaError {
     /// An entry or snapshot could not be applied (bad op, bad chunk, root mismatch).
     #[error("file: {0}")]
     File(#[from] FileError),
+    /// A core signature is missing where one is due, or does not verify: the parent is
+    /// faulty or hostile. `reason` is a short stable label
+    /// (`canopy_untrusted_frames_total{reason}`).
+    #[error("untrusted ({reason}): {detail}")]
+    Untrusted {
+        reason: &'static str,
+        detail: String,
+    },
+}
+
+fn untrusted(e: TrustError) -> ReplicaError {
+    ReplicaError::Untrusted {
+        reason: e.label(),
+        detail: e.to_string(),
+    }
+}
+
+fn unsealed_error(reason: &'static str, detail: String) -> ReplicaError {
+    ReplicaError::Untrusted { reason, detail }
+}
+
+impl From<TransferError> for ReplicaError {
+    fn from(e: TransferError) -> Self {
+        match e {
+            TransferError::BadChunk { index } => Self::BadChunk { index },
+            TransferError::BadManifest { root } => Self::BadManifest { root },
+            TransferError::File(f) => Self::File(f),
+        }
+    }
 }
 
 impl ReplicaError {
@@ -107,43 +177,42 @@ impl ReplicaError {
             Self::BadChunk { .. } => "bad_chunk",
             Self::BadManifest { .. } => "bad_manifest",
             Self::File(_) => "file",
+            Self::Untrusted { .. } => "untrusted",
         }
     }
+}
+
+/// A transfer a parent sends a subscribing child.
+#[derive(Clone)]
+pub struct SnapshotPlan {
+    /// The file at the version shown.
+    pub file: ChunkedFile,
+    /// The core's seal over that state (`None` only in unit tests without trust).
+    pub anchor: Option<Sealed>,
+    /// The core's commit time of that version.
+    pub commit_time_us: u64,
+    /// Frames to send after the transfer: an entry not sealed yet.
+    pub then: Vec<Bytes>,
 }
 
 /// What a parent sends a subscribing child before the live stream.
 #[derive(Clone)]
 pub enum SubscribePlan {
-    /// These retained entry frames, then the live stream.
+    /// These retained entry and seal frames, then the live stream.
     Resume(Vec<Bytes>),
-    /// The whole file at this version, then the live stream.
-    Snapshot(ChunkedFile),
+    /// A transfer of the state shown, then the live stream.
+    Snapshot(Box<SnapshotPlan>),
     /// This node cannot serve yet (it holds no verified copy itself).
     Refuse(String),
-}
-
-/// Where this node's parent is, as the parent described itself.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ParentInfo {
-    pub name: String,
-    pub depth: u32,
-    pub root_path: Vec<String>,
-    pub core_addrs: Vec<String>,
 }
 
 enum Upstream {
     Idle,
     AwaitOk,
     AwaitSnapshot,
-    Snapshot {
-        builder: FileBuilder,
-        version: u64,
-        commit_time_us: u64,
-        manifest: Vec<Hash>,
-        /// The parent's `SnapshotEnd` came while chunks fetched from other sources were
-        /// still missing: [`Replica::finish_snapshot`] completes it.
-        ended: bool,
-    },
+    /// A transfer; once its `SnapshotEnd` came while chunks fetched from other sources were
+    /// still missing, [`Replica::finish_snapshot`] completes it.
+    Snapshot(Box<Receiving>),
     Streaming,
 }
 
@@ -153,7 +222,7 @@ impl Upstream {
             Upstream::Idle => "idle",
             Upstream::AwaitOk => "awaiting subscribe_ok",
             Upstream::AwaitSnapshot => "awaiting snapshot",
-            Upstream::Snapshot { .. } => "receiving snapshot",
+            Upstream::Snapshot(_) => "receiving snapshot",
             Upstream::Streaming => "streaming",
         }
     }
@@ -163,6 +232,18 @@ struct Retained {
     version: u64,
     root: Hash,
     frame: Bytes,
+    /// The seal that followed the entry (empty without trust).
+    seal: Bytes,
+}
+
+/// An entry applied and forwarded, waiting for its seal.
+struct Unsealed {
+    version: u64,
+    digest: Hash,
+    frame: Bytes,
+    commit_time_us: u64,
+    /// The file as it was before the entry: what is shown until the seal verifies.
+    before: ChunkedFile,
 }
 
 /// The node's file plus its stream position; see the module docs.
@@ -175,25 +256,16 @@ pub struct Replica {
     retained_bytes: u64,
     base: (u64, Hash),
     upstream: Upstream,
-    parent: Option<ParentInfo>,
     commit_known: u64,
     last_commit_time_us: u64,
     since_checkpoint: u32,
-    recent: std::collections::HashMap<Bytes, ApplyOutcome>,
-    recent_order: VecDeque<Bytes>,
+    dedup: DedupTable,
     salvage: Salvage,
+    trust: Trust,
+    /// The core's seal over the version shown.
+    anchor: Option<Sealed>,
+    unsealed: Option<Unsealed>,
 }
-
-/// Chunks of an interrupted transfer that were verified against its manifest, kept by
-/// hash so that the next transfer (from any source) skips them.
-#[derive(Default)]
-struct Salvage {
-    manifest: Vec<Hash>,
-    chunks: std::collections::HashMap<Hash, Bytes>,
-}
-
-/// Proposal ids remembered for deduplication (per core node, rebuilt by log replay).
-pub const DEDUPE_WINDOW: usize = 100_000;
 
 fn frame_name(kind: &Option<Down>) -> &'static str {
     match kind {
@@ -206,20 +278,19 @@ fn frame_name(kind: &Option<Down>) -> &'static str {
         Some(Down::Checkpoint(_)) => "checkpoint",
         Some(Down::Heartbeat(_)) => "heartbeat",
         Some(Down::Refused(_)) => "refused",
+        Some(Down::Seal(_)) => "seal",
+        Some(Down::Signers(_)) => "signers",
     }
 }
 
-fn to_hash(b: &[u8]) -> Option<Hash> {
-    b.try_into().ok()
-}
-
 impl Replica {
-    /// An empty replica. `synced` is true for core nodes, whose file is authoritative, and
-    /// false for relays until their first snapshot or resume.
-    pub fn new(cfg: ReplicaConfig, synced: bool) -> Result<Self, FileError> {
+    /// An empty replica. A core node's (`Trust::Sign`) is synced from the start: its file is
+    /// authoritative; any other is not until its first snapshot or resume.
+    pub fn new(cfg: ReplicaConfig, trust: Trust) -> Result<Self, FileError> {
         let file = ChunkedFile::new(cfg.chunk_size, cfg.max_len)?;
         let base = (file.version(), file.root());
-        Ok(Self {
+        let synced = matches!(trust, Trust::Sign { .. });
+        let mut r = Self {
             cfg,
             name: String::new(),
             file,
@@ -228,46 +299,162 @@ impl Replica {
             retained_bytes: 0,
             base,
             upstream: Upstream::Idle,
-            parent: None,
             commit_known: 0,
             last_commit_time_us: 0,
             since_checkpoint: 0,
-            recent: Default::default(),
-            recent_order: VecDeque::new(),
+            dedup: DedupTable::default(),
             salvage: Salvage::default(),
-        })
+            trust,
+            anchor: None,
+            unsealed: None,
+        };
+        r.sign_state();
+        Ok(r)
     }
 
-    /// Names this node (used in heartbeats' root paths and cycle checks).
+    /// A replica that signs and checks nothing, for tests of the stream logic alone.
+    #[cfg(test)]
+    pub fn unchecked(cfg: ReplicaConfig, synced: bool) -> Self {
+        let mut r = Self::new(cfg, Trust::Unchecked).expect("valid test config");
+        r.synced = synced;
+        r
+    }
+
+    /// Core nodes: signs the current state (after it was installed rather than applied).
+    fn sign_state(&mut self) {
+        if let Trust::Sign { sealer, .. } = &self.trust {
+            let anchor = Anchor {
+                version: self.file.version(),
+                length: self.file.len(),
+                chunk_size: self.file.chunk_size(),
+                root: self.file.root(),
+                commit_time_us: self.last_commit_time_us,
+                entry: None,
+            };
+            self.anchor = sealer.seal(&anchor).ok().map(|s| (s, None));
+        }
+    }
+
+    /// The core's seal over the version shown (for a snapshot's begin, or a sidecar).
+    pub fn anchor(&self) -> Option<&Sealed> {
+        self.anchor.as_ref()
+    }
+
+    /// The core signer certificates this node knows (its own, on a core node): what a child
+    /// needs to verify the seals this node forwards.
+    pub fn signer_certs(&self) -> Vec<Bytes> {
+        let mut certs = Vec::new();
+        if let Trust::Sign { sealer, .. } = &self.trust {
+            certs.push(sealer.cert().clone());
+        }
+        if let Some(v) = self.trust.verifier() {
+            for c in v.certs() {
+                if !certs.contains(&c) {
+                    certs.push(c);
+                }
+            }
+        }
+        certs
+    }
+
+    /// Checks and keeps signer certificates (from `SubscribeOk.signers` or a `Signers`
+    /// frame) at `now`. Returns the ones that were new, to pass on to children first, and the
+    /// ones refused with why (a parent may pass on an expired one; it is not used).
+    pub fn learn_signers(
+        &mut self,
+        certs: &[Bytes],
+        now: SystemTime,
+    ) -> (Vec<Bytes>, Vec<TrustError>) {
+        let (mut new, mut refused) = (Vec::new(), Vec::new());
+        let verifier = match &mut self.trust {
+            Trust::Sign { verifier, .. } | Trust::Verify(verifier) => verifier,
+            #[cfg(test)]
+            Trust::Unchecked => return (new, refused),
+        };
+        for c in certs.iter().take(crate::trust::MAX_SIGNERS) {
+            match verifier.learn(c, now) {
+                Ok(true) => new.push(c.clone()),
+                Ok(false) => {}
+                Err(e) => refused.push(e),
+            }
+        }
+        (new, refused)
+    }
+
+    /// Takes a new identity's trust (a reloaded certificate or CA) at `now`: the signers learnt
+    /// so far are checked again under it (those that no longer verify are dropped), and a core
+    /// node signs from now on with its new key. Carry out the returned events: a core node's
+    /// children learn its new certificate before anything it signs with it.
+    pub fn reload_trust(&mut self, trust: Trust, now: SystemTime) -> Vec<Event> {
+        let known = self.signer_certs();
+        self.trust = trust;
+        let _ = self.learn_signers(&known, now);
+        match &self.trust {
+            Trust::Sign { sealer, .. } => {
+                let frame = wire::encode(&proto::Downstream {
+                    kind: Some(Down::Signers(proto::Signers {
+                        certs: vec![sealer.cert().clone()],
+                    })),
+                });
+                self.sign_state();
+                vec![Event::Broadcast(frame)]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Forgets signers whose certificate has expired at `now`.
+    pub fn expire_signers(&mut self, now: SystemTime) {
+        match &mut self.trust {
+            Trust::Sign { verifier, .. } | Trust::Verify(verifier) => verifier.expire(now),
+            #[cfg(test)]
+            Trust::Unchecked => {}
+        }
+    }
+
+    /// Checks that `sealed` is a core's signature over `file`'s state. True without trust.
+    fn covers(&self, sealed: &Sealed, file: &ChunkedFile) -> Result<(), ReplicaError> {
+        let Some(verifier) = self.trust.verifier() else {
+            return Ok(());
+        };
+        let (seal, entry) = sealed;
+        let anchor = Anchor::of_seal(seal, *entry).map_err(untrusted)?;
+        verifier.verify(&anchor, seal).map_err(untrusted)?;
+        if (
+            anchor.version,
+            anchor.length,
+            anchor.chunk_size,
+            anchor.root,
+        ) != (file.version(), file.len(), file.chunk_size(), file.root())
+        {
+            return Err(unsealed_error(
+                "anchor_mismatch",
+                format!(
+                    "the core's seal is for version {} root {}, not this state (version {})",
+                    anchor.version,
+                    hex::encode(&anchor.root[..8]),
+                    file.version()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Names this node (a heartbeat whose root path holds this name means a cycle).
     pub fn with_name(mut self, name: &str) -> Self {
         self.name = name.to_string();
         self
     }
 
-    /// Names from the core down to this node (inclusive); just this node on a core node or
-    /// while unattached.
-    pub fn root_path(&self) -> Vec<String> {
-        let mut path = self
-            .parent
-            .as_ref()
-            .map(|p| p.root_path.clone())
-            .unwrap_or_default();
-        path.push(self.name.clone());
-        path
-    }
-
-    /// The file at the current version.
+    /// The file at the version shown: the newest one a core's seal covers (an entry applied
+    /// but not sealed yet is not shown).
     pub fn file(&self) -> &ChunkedFile {
-        &self.file
+        self.unsealed.as_ref().map_or(&self.file, |u| &u.before)
     }
 
     /// Whether this node holds a verified copy it may serve to children.
     pub fn is_synced(&self) -> bool {
         self.synced
-    }
-
-    pub fn parent(&self) -> Option<&ParentInfo> {
-        self.parent.as_ref()
     }
 
     /// Highest version known to be committed (from the stream or from local commits).
@@ -289,6 +476,8 @@ impl Replica {
     /// are dropped, so children resume only from here on.
     pub fn install(&mut self, file: ChunkedFile) -> Vec<Event> {
         self.file = file;
+        self.unsealed = None;
+        self.sign_state();
         self.salvage = Salvage::default();
         self.retained.clear();
         self.retained_bytes = 0;
@@ -300,15 +489,27 @@ impl Replica {
         }]
     }
 
-    /// Relays at start-up: takes the copy found on disk. A `trusted` copy (its recorded
-    /// version and root match its content) is served and resumed from; an untrusted one is
-    /// only used to fetch less (its chunk hashes go in the next subscription).
-    pub fn seed(&mut self, file: ChunkedFile, trusted: bool) {
+    /// Relays at start-up: takes the copy found on disk, with the core's seal recorded for it.
+    /// The copy is trusted (served, resumed from) only if the seal verifies over its content;
+    /// otherwise it is only used to fetch less (its chunk hashes go in the next subscription).
+    /// Returns whether it is trusted.
+    pub fn seed(
+        &mut self,
+        file: ChunkedFile,
+        sealed: Option<Sealed>,
+    ) -> Result<bool, ReplicaError> {
+        let trusted = match &sealed {
+            Some(s) => self.covers(s, &file).map(|()| true),
+            None => Ok(false),
+        };
         self.file = file;
+        self.unsealed = None;
         self.retained.clear();
         self.retained_bytes = 0;
         self.base = (self.file.version(), self.file.root());
-        self.synced = trusted;
+        self.synced = matches!(trusted, Ok(true));
+        self.anchor = sealed.filter(|_| self.synced);
+        trusted
     }
 
     /// Core nodes: applies the committed proposal at Raft log index `index`.
@@ -346,7 +547,8 @@ impl Replica {
             kind: Some(Down::Entry(entry)),
         });
         self.commit_known = index;
-        let mut events = self.after_apply(frame, now_us);
+        let seal = self.seal_entry(&frame, now_us);
+        let mut events = self.after_apply(frame, seal, now_us);
         if self.since_checkpoint >= self.cfg.checkpoint_every {
             events.extend(self.checkpoint());
         }
@@ -356,7 +558,17 @@ impl Replica {
     /// How the proposal with this id applied, if it is within the dedupe window (batched
     /// proposals are answered from here).
     pub fn outcome_of(&self, id: &[u8]) -> Option<ApplyOutcome> {
-        self.recent.get(id).cloned()
+        self.dedup.get(id).cloned()
+    }
+
+    /// Core nodes: the proposal-id dedup table (replicated state, carried by Raft snapshots).
+    pub fn dedup(&self) -> &DedupTable {
+        &self.dedup
+    }
+
+    /// Core nodes: replaces the dedup table (with the file, when a Raft snapshot is installed).
+    pub fn restore_dedup(&mut self, dedup: DedupTable) {
+        self.dedup = dedup;
     }
 
     /// Applies one proposal at `index` (deduplicated by id), pushing its update to `applied`
@@ -367,19 +579,11 @@ impl Replica {
         proposal: &proto::Proposal,
         applied: &mut Vec<proto::Update>,
     ) -> ApplyOutcome {
-        if let Some(first) = self.recent.get(&proposal.id) {
+        if let Some(first) = self.dedup.get(&proposal.id) {
             return first.clone();
         }
         let outcome = self.check_and_apply(index, proposal, applied);
-        if !proposal.id.is_empty() {
-            self.recent.insert(proposal.id.clone(), outcome.clone());
-            self.recent_order.push_back(proposal.id.clone());
-            while self.recent_order.len() > DEDUPE_WINDOW {
-                if let Some(old) = self.recent_order.pop_front() {
-                    self.recent.remove(&old);
-                }
-            }
-        }
+        self.dedup.record(proposal.id.clone(), outcome.clone());
         outcome
     }
 
@@ -413,32 +617,77 @@ impl Replica {
         ApplyOutcome::Applied { version: index }
     }
 
-    fn after_apply(&mut self, frame: Bytes, commit_time_us: u64) -> Vec<Event> {
-        self.last_commit_time_us = commit_time_us;
-        self.since_checkpoint += 1;
-        self.retain(frame.clone());
-        vec![
-            Event::Broadcast(frame),
-            Event::Applied {
-                version: self.file.version(),
-                commit_time_us,
-            },
-        ]
+    /// Core nodes: the seal frame of the entry `frame` just applied (empty without trust).
+    fn seal_entry(&mut self, frame: &Bytes, commit_time_us: u64) -> Bytes {
+        let Trust::Sign { sealer, .. } = &self.trust else {
+            return Bytes::new();
+        };
+        let digest = entry_digest(frame);
+        let anchor = Anchor {
+            version: self.file.version(),
+            length: self.file.len(),
+            chunk_size: self.file.chunk_size(),
+            root: self.file.root(),
+            commit_time_us,
+            entry: Some(digest),
+        };
+        match sealer.seal(&anchor) {
+            Ok(seal) => {
+                let f = wire::encode(&proto::Downstream {
+                    kind: Some(Down::Seal(seal.clone())),
+                });
+                self.anchor = Some((seal, Some(digest)));
+                f
+            }
+            Err(_) => Bytes::new(),
+        }
     }
 
-    fn retain(&mut self, frame: Bytes) {
-        self.retained_bytes += frame.len() as u64;
+    /// After an entry applied (on a relay: and sealed): broadcast it with its seal (entry
+    /// first unless it went down already), retain both, and show the version.
+    fn after_apply(&mut self, frame: Bytes, seal: Bytes, commit_time_us: u64) -> Vec<Event> {
+        self.last_commit_time_us = commit_time_us;
+        self.since_checkpoint += 1;
+        let mut events = vec![Event::Broadcast(frame.clone())];
+        if !seal.is_empty() {
+            events.push(Event::Broadcast(seal.clone()));
+        }
+        self.retain(frame, seal);
+        events.push(Event::Applied {
+            version: self.file.version(),
+            commit_time_us,
+        });
+        events
+    }
+
+    fn retain(&mut self, frame: Bytes, seal: Bytes) {
+        self.retained_bytes += (frame.len() + seal.len()) as u64;
         self.retained.push_back(Retained {
             version: self.file.version(),
             root: self.file.root(),
             frame,
+            seal,
         });
         while self.retained_bytes > self.cfg.retain_bytes && self.retained.len() > 1 {
             if let Some(old) = self.retained.pop_front() {
-                self.retained_bytes -= old.frame.len() as u64;
+                self.retained_bytes -= (old.frame.len() + old.seal.len()) as u64;
                 self.base = (old.version, old.root);
             }
         }
+    }
+
+    /// Entry and seal frames of the retained entries after position `skip`, then the
+    /// unsealed entry, if any: what a resuming child needs before the live stream.
+    fn frames_after(&self, skip: usize) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        for r in self.retained.iter().skip(skip) {
+            out.push(r.frame.clone());
+            if !r.seal.is_empty() {
+                out.push(r.seal.clone());
+            }
+        }
+        out.extend(self.unsealed.as_ref().map(|u| u.frame.clone()));
+        out
     }
 
     /// Core nodes: a checkpoint frame for the current version if entries were applied since
@@ -462,18 +711,20 @@ impl Replica {
     }
 
     /// Parent side: the heartbeat frame to send a child on a link that was idle for a
-    /// heartbeat period (per link, never broadcast): commit version and this node's path.
-    pub fn heartbeat(&self, now_us: u64) -> Bytes {
-        self.heartbeat_suggesting(now_us, Vec::new())
-    }
-
-    /// [`Replica::heartbeat`] that also passes the child the relays it may fetch from.
-    pub fn heartbeat_suggesting(&self, now_us: u64, fetch_sources: Vec<String>) -> Bytes {
+    /// heartbeat period (per link, never broadcast): the commit version, this node's
+    /// `root_path` (from the core down to itself, as the driver's overlay knows it) and the
+    /// relays the child may fetch from.
+    pub fn heartbeat(
+        &self,
+        now_us: u64,
+        root_path: Vec<String>,
+        fetch_sources: Vec<String>,
+    ) -> Bytes {
         wire::encode(&proto::Downstream {
             kind: Some(Down::Heartbeat(proto::Heartbeat {
                 commit_version: self.commit_known(),
                 unix_us: now_us,
-                root_path: self.root_path(),
+                root_path,
                 fetch_sources,
             })),
         })
@@ -484,55 +735,33 @@ impl Replica {
     /// stream to [`Replica::handle_downstream`].
     pub fn subscribe(&mut self, name: &str, listen_addr: &str, full: bool) -> proto::Subscribe {
         self.name = name.to_string();
-        self.expect_subscribe_ok();
+        let _ = self.expect_subscribe_ok();
         self.subscription(name, listen_addr, full)
     }
 
     /// Child side: the `Subscribe` for this node's current position, without changing any
     /// state (for a move, before deciding to switch).
     pub fn subscription(&self, name: &str, listen_addr: &str, full: bool) -> proto::Subscribe {
+        let shown = self.file();
         let (have_version, have_root) = if full || !self.synced {
             (0, Bytes::new())
         } else {
-            (
-                self.file.version(),
-                Bytes::copy_from_slice(&self.file.root()),
-            )
+            (shown.version(), Bytes::copy_from_slice(&shown.root()))
         };
         proto::Subscribe {
             name: name.to_string(),
             have_version,
             have_root,
             listen_addr: listen_addr.to_string(),
-            have_chunks: self.have_chunks(),
+            have_chunks: self.salvage.have_chunks(shown),
         }
-    }
-
-    /// This node's chunk hash at each index: its file's, or, past an interrupted transfer,
-    /// the manifest's where the chunk was received and verified.
-    fn have_chunks(&self) -> Vec<Bytes> {
-        let own = self.file.chunk_count() as usize;
-        let n = own.max(self.salvage.manifest.len());
-        (0..n)
-            .map(|i| {
-                let salvaged = self
-                    .salvage
-                    .manifest
-                    .get(i)
-                    .filter(|h| self.salvage.chunks.contains_key(*h));
-                match salvaged.copied().or_else(|| self.file.chunk_hash(i as u64)) {
-                    Some(h) => Bytes::copy_from_slice(&h),
-                    None => Bytes::new(),
-                }
-            })
-            .collect()
     }
 
     /// A full or diff transfer in progress: (bytes held so far, including chunks reused from
     /// the local copy, and the file's length).
     pub fn backfill_progress(&self) -> Option<(u64, u64)> {
         match &self.upstream {
-            Upstream::Snapshot { builder, .. } => Some((builder.bytes_present(), builder.len())),
+            Upstream::Snapshot(r) => Some(r.progress()),
             _ => None,
         }
     }
@@ -541,14 +770,7 @@ impl Replica {
     /// the manifest, for fetching chunks from other sources.
     pub fn snapshot_wanted(&self) -> Option<(u64, Vec<u64>, Vec<Hash>)> {
         match &self.upstream {
-            Upstream::Snapshot {
-                builder,
-                version,
-                manifest,
-                ..
-            } if !manifest.is_empty() => {
-                Some((*version, builder.missing_indices(), manifest.clone()))
-            }
+            Upstream::Snapshot(r) => r.wanted(),
             _ => None,
         }
     }
@@ -564,51 +786,37 @@ impl Replica {
         data: Bytes,
         hash: Hash,
     ) -> Result<bool, ReplicaError> {
-        let Upstream::Snapshot {
-            builder,
-            version: v,
-            manifest,
-            ..
-        } = &mut self.upstream
-        else {
-            return Ok(false);
-        };
-        if *v != version || builder.has_chunk(index) {
-            return Ok(false);
+        match &mut self.upstream {
+            Upstream::Snapshot(r) => {
+                Ok(r.take_fetched(version, index, data, hash, &mut self.salvage)?)
+            }
+            _ => Ok(false),
         }
-        if manifest.get(index as usize) != Some(&hash) {
-            return Err(ReplicaError::BadChunk { index });
-        }
-        self.salvage.chunks.insert(hash, data.clone());
-        builder.put_hashed_chunk(index, data, hash)?;
-        Ok(true)
     }
 
     /// Child side: the parent's `SnapshotEnd` came but chunks fetched elsewhere are missing;
     /// the driver must not feed further frames until [`Replica::finish_snapshot`].
     pub fn snapshot_waiting(&self) -> bool {
-        matches!(&self.upstream, Upstream::Snapshot { builder, ended: true, .. } if builder.missing() > 0)
+        matches!(&self.upstream, Upstream::Snapshot(r) if r.waiting())
     }
 
     /// Child side: installs the transfer once its `SnapshotEnd` came and every chunk is in.
     pub fn finish_snapshot(&mut self) -> Result<Vec<Event>, ReplicaError> {
         let state = std::mem::replace(&mut self.upstream, Upstream::Idle);
-        let Upstream::Snapshot {
-            builder,
-            commit_time_us,
-            ended: true,
-            ..
-        } = state
-        else {
-            self.upstream = state;
-            return Err(ReplicaError::Unexpected {
-                frame: "finish",
-                state: "not at the end of a transfer",
-            });
+        let r = match state {
+            Upstream::Snapshot(r) if r.is_ended() => r,
+            state => {
+                self.upstream = state;
+                return Err(ReplicaError::Unexpected {
+                    frame: "finish",
+                    state: "not at the end of a transfer",
+                });
+            }
         };
-        let file = builder.finish()?;
+        let (file, commit_time_us, anchor) = r.finish()?;
         let version = file.version();
         let mut events = self.install(file);
+        self.anchor = anchor.or(self.anchor.take());
         self.last_commit_time_us = commit_time_us;
         self.since_checkpoint = 0;
         events.push(Event::Applied {
@@ -626,23 +834,37 @@ impl Replica {
         if self.file.chunk_hash(index).as_ref() == Some(hash) {
             return self.file.chunk(index);
         }
-        self.salvage.chunks.get(hash).cloned()
+        self.salvage.find(hash)
     }
 
     /// Bytes of verified chunks kept from interrupted transfers.
     pub fn salvaged_bytes(&self) -> u64 {
-        self.salvage.chunks.values().map(|c| c.len() as u64).sum()
+        self.salvage.bytes()
     }
 
     /// Child side: the next frame fed in will be a new parent's `SubscribeOk` (after a
-    /// [`Replica::subscription`] sent on a new stream).
-    pub fn expect_subscribe_ok(&mut self) {
+    /// [`Replica::subscription`] sent on a new stream, which named the version shown). An
+    /// entry of the old stream not sealed yet is undone: carry out the returned events.
+    pub fn expect_subscribe_ok(&mut self) -> Vec<Event> {
+        let events = self.upstream_lost();
         self.upstream = Upstream::AwaitOk;
+        events
     }
 
-    /// Child side: the upstream stream ended; frames from it must no longer be fed in.
-    pub fn upstream_lost(&mut self) {
+    /// Child side: the upstream stream ended; frames from it must no longer be fed in. An
+    /// entry that was applied but never sealed is undone: carry out the returned events (the
+    /// children that got it must resubscribe).
+    pub fn upstream_lost(&mut self) -> Vec<Event> {
         self.upstream = Upstream::Idle;
+        match self.unsealed.take() {
+            Some(u) => {
+                self.file = u.before;
+                vec![Event::RolledBack {
+                    version: self.file.version(),
+                }]
+            }
+            None => Vec::new(),
+        }
     }
 
     /// Child side: one frame from the parent, `frame` being its encoded bytes as received.
@@ -686,12 +908,6 @@ impl Replica {
         match (state, msg.kind) {
             (_, Some(Down::Refused(r))) => Err(ReplicaError::Refused(r.reason)),
             (Upstream::AwaitOk, Some(Down::SubscribeOk(ok))) => {
-                self.parent = Some(ParentInfo {
-                    name: ok.parent_name,
-                    depth: ok.parent_depth,
-                    root_path: ok.root_path,
-                    core_addrs: ok.core_addrs,
-                });
                 self.upstream = if ok.resume {
                     Upstream::Streaming
                 } else {
@@ -700,106 +916,32 @@ impl Replica {
                 Ok(vec![])
             }
             (Upstream::AwaitSnapshot, Some(Down::SnapshotBegin(b))) => {
-                let root = to_hash(&b.root).ok_or(FileError::BadHash { len: b.root.len() })?;
-                let mut builder =
-                    FileBuilder::new(b.chunk_size, self.cfg.max_len, b.length, b.version, root)?;
-                let mut manifest = Vec::with_capacity(b.chunk_hashes.len());
-                for h in &b.chunk_hashes {
-                    manifest.push(to_hash(h).ok_or(FileError::BadHash { len: h.len() })?);
-                }
-                if !manifest.is_empty() {
-                    if manifest.len() as u64 != builder.chunk_count()
-                        || crate::file::root_of(b.chunk_size, b.length, &manifest) != root
-                    {
-                        return Err(ReplicaError::BadManifest {
-                            root: hex::encode(root),
-                        });
-                    }
-                    for (i, h) in manifest.iter().enumerate() {
-                        let i = i as u64;
-                        let expected = crate::file::chunk_len_for(b.length, b.chunk_size, i);
-                        if let Some(data) = self.salvage.chunks.get(h) {
-                            if data.len() as u64 == expected {
-                                builder.put_hashed_chunk(i, data.clone(), *h)?;
-                                continue;
-                            }
-                        }
-                        if self.file.chunk_size() == b.chunk_size
-                            && self.file.chunk_hash(i) == Some(*h)
-                        {
-                            if let Some(data) = self.file.chunk(i) {
-                                if data.len() as u64 == expected {
-                                    builder.put_hashed_chunk(i, data, *h)?;
-                                }
-                            }
-                        }
-                    }
-                }
-                self.salvage.manifest = manifest.clone();
-                self.upstream = Upstream::Snapshot {
-                    builder,
-                    version: b.version,
-                    commit_time_us: b.commit_time_unix_us,
-                    manifest,
-                    ended: false,
-                };
+                self.check_begin(&b)?;
+                let r = Receiving::begin(b, self.cfg.max_len, &self.file, &mut self.salvage)?;
+                self.upstream = Upstream::Snapshot(Box::new(r));
                 Ok(vec![])
             }
-            (
-                Upstream::Snapshot {
-                    mut builder,
-                    version,
-                    commit_time_us,
-                    manifest,
-                    ended: false,
-                },
-                Some(Down::SnapshotChunk(c)),
-            ) => {
-                match manifest.get(c.index as usize) {
-                    // Fetched from another source already (the push was past the limit).
-                    Some(_) if builder.has_chunk(c.index) => {}
-                    Some(h) => {
-                        let got = chunk_hash.unwrap_or_else(|| crate::file::leaf_hash(&c.data));
-                        if got != *h {
-                            return Err(ReplicaError::BadChunk { index: c.index });
-                        }
-                        self.salvage.chunks.insert(*h, c.data.clone());
-                        builder.put_hashed_chunk(c.index, c.data, *h)?;
-                    }
-                    None => builder.put_chunk(c.index, c.data)?,
-                }
-                self.upstream = Upstream::Snapshot {
-                    builder,
-                    version,
-                    commit_time_us,
-                    manifest,
-                    ended: false,
-                };
+            (Upstream::Snapshot(mut r), Some(Down::SnapshotChunk(c))) if !r.is_ended() => {
+                r.take_pushed(c, chunk_hash, &mut self.salvage)?;
+                self.upstream = Upstream::Snapshot(r);
                 Ok(vec![])
             }
-            (
-                Upstream::Snapshot {
-                    builder,
-                    version,
-                    commit_time_us,
-                    manifest,
-                    ended: false,
-                },
-                Some(Down::SnapshotEnd(_)),
-            ) => {
-                self.upstream = Upstream::Snapshot {
-                    builder,
-                    version,
-                    commit_time_us,
-                    manifest,
-                    ended: true,
-                };
-                if self.snapshot_waiting() {
+            (Upstream::Snapshot(mut r), Some(Down::SnapshotEnd(_))) if !r.is_ended() => {
+                r.end();
+                let waiting = r.waiting();
+                self.upstream = Upstream::Snapshot(r);
+                if waiting {
                     return Ok(vec![]);
                 }
                 self.finish_snapshot()
             }
             (Upstream::Streaming, Some(Down::Entry(e))) => {
+                if let Some(u) = &self.unsealed {
+                    return Err(unsealed_error(
+                        "seal_missing",
+                        format!("an entry came before the seal of version {}", u.version),
+                    ));
+                }
                 let have = self.file.version();
                 if e.prev_version != have || e.version <= have {
                     return Err(ReplicaError::Gap {
@@ -808,20 +950,85 @@ impl Replica {
                     });
                 }
                 let update = Update::try_from(e.update.unwrap_or_default())?;
+                let before = self.file.clone();
                 self.file.apply(e.version, &update)?;
                 self.synced = true;
                 self.commit_known = self.commit_known.max(e.version);
-                let events = self.after_apply(frame, e.commit_time_unix_us);
                 self.upstream = Upstream::Streaming;
+                if self.trust.verifier().is_none() {
+                    return Ok(self.after_apply(frame, Bytes::new(), e.commit_time_unix_us));
+                }
+                self.unsealed = Some(Unsealed {
+                    version: e.version,
+                    digest: entry_digest(&frame),
+                    frame: frame.clone(),
+                    commit_time_us: e.commit_time_unix_us,
+                    before,
+                });
+                Ok(vec![Event::Broadcast(frame)])
+            }
+            (Upstream::Streaming, Some(Down::Seal(_))) if self.trust.verifier().is_none() => {
+                self.upstream = Upstream::Streaming;
+                Ok(vec![Event::Broadcast(frame)])
+            }
+            (Upstream::Streaming, Some(Down::Seal(seal))) => {
+                let Some(u) = self.unsealed.take() else {
+                    return Err(unsealed_error(
+                        "seal_unexpected",
+                        format!("a seal of version {} without its entry", seal.version),
+                    ));
+                };
+                let anchor = Anchor::of_seal(&seal, Some(u.digest)).map_err(untrusted)?;
+                let verified = self
+                    .trust
+                    .verifier()
+                    .map(|v| v.verify(&anchor, &seal).map(|_| ()));
+                if let Some(Err(e)) = verified {
+                    self.unsealed = Some(u);
+                    return Err(untrusted(e));
+                }
+                let local = (self.file.version(), self.file.len(), self.file.root());
+                if local != (anchor.version, anchor.length, anchor.root) {
+                    self.unsealed = Some(u);
+                    return Err(ReplicaError::Diverged {
+                        version: anchor.version,
+                        expected: hex::encode(anchor.root),
+                        got: hex::encode(local.2),
+                    });
+                }
+                self.anchor = Some((seal, Some(u.digest)));
+                self.upstream = Upstream::Streaming;
+                let mut events = self.after_apply(u.frame, frame, u.commit_time_us);
+                // The entry went down when it came; only its seal goes now.
+                events.remove(0);
                 Ok(events)
             }
             (Upstream::Streaming, Some(Down::Checkpoint(c))) => {
+                if let Some(u) = &self.unsealed {
+                    return Err(unsealed_error(
+                        "seal_missing",
+                        format!("a checkpoint came before the seal of version {}", u.version),
+                    ));
+                }
                 let have = self.file.version();
                 if c.version != have {
                     return Err(ReplicaError::CheckpointOutOfStep {
                         checkpoint: c.version,
                         have,
                     });
+                }
+                if let Some((seal, _)) = &self.anchor {
+                    if (seal.version, seal.length, &seal.root[..])
+                        != (c.version, c.length, &c.root[..])
+                    {
+                        return Err(unsealed_error(
+                            "checkpoint_contradicts",
+                            format!(
+                                "the checkpoint of version {} differs from the core's seal of it",
+                                c.version
+                            ),
+                        ));
+                    }
                 }
                 let local = self.file.root();
                 if c.root.as_ref() != local.as_slice() || c.length != self.file.len() {
@@ -844,11 +1051,13 @@ impl Replica {
                 if !self.name.is_empty() && h.root_path.contains(&self.name) {
                     return Err(ReplicaError::Cycle(h.root_path));
                 }
-                self.commit_known = self.commit_known.max(h.commit_version);
-                if let (Some(p), false) = (self.parent.as_mut(), h.root_path.is_empty()) {
-                    p.depth = (h.root_path.len() - 1) as u32;
-                    p.root_path = h.root_path;
+                if let Some(u) = &self.unsealed {
+                    return Err(unsealed_error(
+                        "seal_missing",
+                        format!("a heartbeat came before the seal of version {}", u.version),
+                    ));
                 }
+                self.commit_known = self.commit_known.max(h.commit_version);
                 self.upstream = state;
                 Ok(vec![])
             }
@@ -858,93 +1067,100 @@ impl Replica {
 
     /// Parent side: what a child that sent `sub` needs before the live stream. The caller must
     /// register the child for broadcasts in the same critical section, so nothing is lost or
-    /// repeated between the plan and the live stream.
+    /// repeated between the plan and the live stream. Only sealed state is served as a
+    /// snapshot; an entry not sealed yet follows the plan, and its seal the live stream.
     pub fn plan_subscription(&self, sub: &proto::Subscribe) -> SubscribePlan {
         if !self.synced {
             return SubscribePlan::Refuse("not synced yet".into());
         }
-        if sub.have_version > self.file.version() {
+        let shown = self.file();
+        if sub.have_version > shown.version() {
             return SubscribePlan::Refuse(format!(
                 "behind the child: at version {}, child holds {}",
-                self.file.version(),
+                shown.version(),
                 sub.have_version
             ));
         }
-        let have = (sub.have_version, to_hash(&sub.have_root));
-        if have == (self.file.version(), Some(self.file.root())) {
-            return SubscribePlan::Resume(Vec::new());
+        let have = (
+            sub.have_version,
+            <Hash>::try_from(sub.have_root.as_ref()).ok(),
+        );
+        let pending = || self.frames_after(self.retained.len());
+        if have == (shown.version(), Some(shown.root())) {
+            return SubscribePlan::Resume(pending());
         }
         if have == (self.base.0, Some(self.base.1)) {
-            return SubscribePlan::Resume(self.retained.iter().map(|r| r.frame.clone()).collect());
+            return SubscribePlan::Resume(self.frames_after(0));
         }
         if let Some(pos) = self
             .retained
             .iter()
             .position(|r| (r.version, Some(r.root)) == have)
         {
-            return SubscribePlan::Resume(
-                self.retained
-                    .iter()
-                    .skip(pos + 1)
-                    .map(|r| r.frame.clone())
-                    .collect(),
-            );
+            return SubscribePlan::Resume(self.frames_after(pos + 1));
         }
-        SubscribePlan::Snapshot(self.file.clone())
+        if self.trust.verifier().is_some() && self.anchor.is_none() {
+            return SubscribePlan::Refuse("no core seal over this node's state yet".into());
+        }
+        SubscribePlan::Snapshot(Box::new(SnapshotPlan {
+            file: shown.clone(),
+            anchor: self.anchor.clone(),
+            commit_time_us: self
+                .anchor
+                .as_ref()
+                .map_or(self.last_commit_time_us, |(s, _)| s.commit_time_unix_us),
+            then: pending(),
+        }))
     }
-}
 
-/// The frames of a full transfer of `file`: `SnapshotBegin` (with the manifest), one
-/// `SnapshotChunk` per chunk the child lacks (`have` holds the child's chunk hashes; a chunk
-/// whose hash it already holds at the same index is skipped), `SnapshotEnd`. Produced lazily
-/// so a 50 MB snapshot is never encoded all at once.
-pub fn snapshot_frames<'a>(
-    file: &'a ChunkedFile,
-    commit_time_us: u64,
-    have: &'a [Bytes],
-) -> impl Iterator<Item = Bytes> + 'a {
-    snapshot_frames_below(file, commit_time_us, have, || u64::MAX).map(|(_, f)| f.concat())
-}
-
-/// [`snapshot_frames`] in parts, each with its chunk index (`None` for the begin and the
-/// end), for a child that fetches part of the transfer elsewhere: a chunk is sent only if
-/// its index is below `limit()`, asked just before the chunk is framed (the child lowers it
-/// with `SnapshotLimit` while the transfer runs). A chunk's bytes are shared with the file,
-/// not copied into its frame.
-pub fn snapshot_frames_below<'a>(
-    file: &'a ChunkedFile,
-    commit_time_us: u64,
-    have: &'a [Bytes],
-    limit: impl Fn() -> u64 + 'a,
-) -> impl Iterator<Item = (Option<u64>, wire::Parts)> + 'a {
-    let hashes = file.chunk_hashes();
-    let begin = wire::encode(&proto::Downstream {
-        kind: Some(Down::SnapshotBegin(proto::SnapshotBegin {
-            version: file.version(),
-            length: file.len(),
-            root: Bytes::copy_from_slice(&file.root()),
-            chunk_size: file.chunk_size(),
-            commit_time_unix_us: commit_time_us,
-            chunk_hashes: hashes.iter().map(|h| Bytes::copy_from_slice(h)).collect(),
-        })),
-    });
-    let chunks = (0..file.chunk_count())
-        .filter(move |i| {
-            have.get(*i as usize).map(|h| h.as_ref()) != Some(&hashes[*i as usize][..])
-                && *i < limit()
-        })
-        .map(move |i| {
-            (
-                Some(i),
-                wire::encode_chunk(i, file.chunk(i).unwrap_or_default()),
-            )
-        });
-    let end = wire::encode(&proto::Downstream {
-        kind: Some(Down::SnapshotEnd(proto::SnapshotEnd {})),
-    });
-    std::iter::once((None, begin.into()))
-        .chain(chunks)
-        .chain(std::iter::once((None, end.into())))
+    /// Child side: a transfer is accepted only under a core's seal of exactly the state it
+    /// announces (version, length, chunk size, root, commit time).
+    fn check_begin(&self, b: &proto::SnapshotBegin) -> Result<(), ReplicaError> {
+        let Some(verifier) = self.trust.verifier() else {
+            return Ok(());
+        };
+        let Some(seal) = &b.anchor else {
+            return Err(unsealed_error(
+                "seal_missing",
+                format!("a transfer of version {} without a core seal", b.version),
+            ));
+        };
+        let entry = match b.anchor_entry.len() {
+            0 => None,
+            _ => Some(<Hash>::try_from(b.anchor_entry.as_ref()).map_err(|_| {
+                unsealed_error("malformed", "anchor entry digest is not 32 bytes".into())
+            })?),
+        };
+        let anchor = Anchor::of_seal(seal, entry).map_err(untrusted)?;
+        let announced = (
+            b.version,
+            b.length,
+            b.chunk_size,
+            &b.root[..],
+            b.commit_time_unix_us,
+        );
+        let sealed = (
+            anchor.version,
+            anchor.length,
+            anchor.chunk_size,
+            &anchor.root[..],
+            anchor.commit_time_us,
+        );
+        if announced != sealed {
+            return Err(unsealed_error(
+                "anchor_mismatch",
+                format!(
+                    "the transfer announces version {} root {}, the core sealed version {} root {}",
+                    b.version,
+                    hex::encode(&b.root),
+                    anchor.version,
+                    hex::encode(anchor.root)
+                ),
+            ));
+        }
+        verifier.verify(&anchor, seal).map_err(untrusted)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

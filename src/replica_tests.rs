@@ -25,12 +25,12 @@ fn cfg(retain_bytes: u64, checkpoint_every: u32) -> ReplicaConfig {
 
 /// A core node's replica (authoritative, synced from the start).
 fn core(retain_bytes: u64, checkpoint_every: u32) -> Replica {
-    Replica::new(cfg(retain_bytes, checkpoint_every), true).unwrap()
+    Replica::unchecked(cfg(retain_bytes, checkpoint_every), true)
 }
 
 /// A relay's replica (not synced until its first snapshot).
 fn relay() -> Replica {
-    Replica::new(cfg(1 << 20, 1000), false).unwrap()
+    Replica::unchecked(cfg(1 << 20, 1000), false)
 }
 
 fn w(offset: u64, data: &[u8]) -> Op {
@@ -109,25 +109,16 @@ fn refused_frame(reason: &str) -> Bytes {
     }))
 }
 
-fn parent_info() -> ParentInfo {
-    ParentInfo {
-        name: "core-a".into(),
-        depth: 0,
-        root_path: vec!["core-a".into()],
-        core_addrs: vec!["10.0.0.1:4433".into(), "10.0.0.9:4433".into()],
-    }
-}
-
 fn ok_frame(resume: bool) -> Bytes {
-    let p = parent_info();
     frame(Down::SubscribeOk(proto::SubscribeOk {
-        parent_name: p.name,
-        parent_depth: p.depth,
+        parent_name: "core-a".into(),
+        parent_depth: 0,
         resume,
-        core_addrs: p.core_addrs,
-        root_path: p.root_path,
+        core_addrs: vec!["10.0.0.1:4433".into(), "10.0.0.9:4433".into()],
+        root_path: vec!["core-a".into()],
         chunk_size: CS,
         fetch_sources: vec![],
+        signers: vec![],
     }))
 }
 
@@ -195,10 +186,10 @@ enum Plan {
 fn plan(parent: &Replica, sub: &proto::Subscribe) -> Plan {
     match parent.plan_subscription(sub) {
         SubscribePlan::Resume(f) => Plan::Resume(f),
-        SubscribePlan::Snapshot(f) => Plan::Snapshot {
-            version: f.version(),
-            root: f.root(),
-            content: f.to_vec(),
+        SubscribePlan::Snapshot(p) => Plan::Snapshot {
+            version: p.file.version(),
+            root: p.file.root(),
+            content: p.file.to_vec(),
         },
         SubscribePlan::Refuse(r) => Plan::Refuse(r),
     }
@@ -240,7 +231,8 @@ fn connect(parent: &Replica, child: &mut Replica, full: bool) -> Result<Vec<Even
                 events.extend(feed(child, f)?);
             }
         }
-        SubscribePlan::Snapshot(file) => {
+        SubscribePlan::Snapshot(p) => {
+            let file = p.file;
             events.extend(feed(child, &ok_frame(false))?);
             for f in snapshot_frames(&file, parent.last_commit_time_us(), &[]) {
                 events.extend(feed(child, &f)?);
@@ -687,10 +679,16 @@ fn update_over_max_len_is_rejected_atomically() {
 #[test]
 fn heartbeat_frame_carries_commit_known() {
     let mut r = core(1 << 20, 100);
-    let path = r.root_path();
-    assert_eq!(r.heartbeat(T0), heartbeat_with_path(0, T0, path.clone()));
+    let path = vec!["core-a".to_string()];
+    assert_eq!(
+        r.heartbeat(T0, path.clone(), vec![]),
+        heartbeat_with_path(0, T0, path.clone())
+    );
     apply(&mut r, 3, &upd(vec![w(0, b"a")]), T0);
-    assert_eq!(r.heartbeat(T0 + 9), heartbeat_with_path(3, T0 + 9, path));
+    assert_eq!(
+        r.heartbeat(T0 + 9, path.clone(), vec![]),
+        heartbeat_with_path(3, T0 + 9, path)
+    );
 }
 
 #[test]
@@ -710,6 +708,7 @@ fn snapshot_frames_exact() {
                 .iter()
                 .map(|h| Bytes::copy_from_slice(h))
                 .collect(),
+            ..Default::default()
         })),
         frame(Down::SnapshotChunk(proto::SnapshotChunk {
             index: 0,
@@ -741,7 +740,6 @@ fn full_subscription_flow_then_live_entries() {
     let (mut parent, _) = parent_at_v4(3);
     let mut child = relay();
     assert!(!child.is_synced());
-    assert_eq!(child.parent(), None);
     assert_eq!(
         plan(&child, &sub_at(0, &[])),
         Plan::Refuse("not synced yet".into())
@@ -759,13 +757,12 @@ fn full_subscription_flow_then_live_entries() {
         }
     );
     let file = match parent.plan_subscription(&sub) {
-        SubscribePlan::Snapshot(f) => f,
+        SubscribePlan::Snapshot(p) => p.file,
         _ => panic!("an unsynced child needs a snapshot"),
     };
     assert_eq!(state_of(&file), state(&parent));
 
     assert_eq!(feed(&mut child, &ok_frame(false)), Ok(vec![]));
-    assert_eq!(child.parent(), Some(&parent_info()));
     let mut frames = snapshot_frames(&file, parent.last_commit_time_us(), &[]);
     let begin = frames.next().unwrap();
     assert_eq!(feed(&mut child, &begin), Ok(vec![]));
@@ -809,7 +806,7 @@ fn full_subscription_flow_then_live_entries() {
     for (i, u) in &updates {
         live.extend(broadcasts(&apply(&mut parent, *i, u, T0 + i)));
     }
-    live.push(parent.heartbeat(T0 + 100));
+    live.push(parent.heartbeat(T0 + 100, vec![], vec![]));
     assert_eq!(live.len(), 5, "3 entries, 1 checkpoint, 1 heartbeat");
 
     let mut child_out = Vec::new();
@@ -1000,21 +997,17 @@ fn heartbeat_while_streaming_and_during_snapshot() {
         state(&parent),
         "heartbeats do not touch the file"
     );
+    let path: Vec<String> = vec!["core".into(), "mid".into(), "c".into()];
     assert_eq!(
-        child.heartbeat(T0 + 3),
-        heartbeat_with_path(12, T0 + 3, child.root_path())
+        child.heartbeat(T0 + 3, path.clone(), vec![]),
+        heartbeat_with_path(12, T0 + 3, path)
     );
-    // A heartbeat naming a path updates the child's depth; one that contains the child is a
-    // cycle.
+    // A heartbeat naming a path is taken (the driver's overlay keeps the path); one that
+    // contains the child is a cycle.
     let path: Vec<String> = vec!["core".into(), "mid".into()];
     assert_eq!(
         feed(&mut child, &heartbeat_with_path(12, T0 + 4, path.clone())),
         Ok(vec![])
-    );
-    assert_eq!(child.parent().map(|p| p.depth), Some(1));
-    assert_eq!(
-        child.root_path(),
-        vec!["core".to_string(), "mid".into(), "c".into()]
     );
     let cyclic: Vec<String> = vec!["core".into(), "c".into(), "mid".into()];
     assert_eq!(
@@ -1335,7 +1328,6 @@ fn refused_in_any_state() {
     assert!(!err.needs_full_resync());
     assert_eq!(err.label(), "refused");
     assert_eq!(err.to_string(), "parent refused: not synced yet");
-    assert_eq!(c.parent(), None);
 
     // Also mid-snapshot and while streaming.
     let _ = c.subscribe("c", "a:1", false);
@@ -1477,7 +1469,7 @@ fn a_diff_transfer_sends_only_the_chunks_the_child_lacks() {
     let mut bytes = parent.file().to_vec();
     bytes[5] ^= 0xff;
     let mut c = relay();
-    c.seed(ChunkedFile::from_bytes(CS, MAX, &bytes, 0).unwrap(), false);
+    let _ = c.seed(ChunkedFile::from_bytes(CS, MAX, &bytes, 0).unwrap(), None);
     let sub = c.subscribe("c", "a:1", false);
     assert_eq!(sub.have_version, 0);
     assert_eq!(sub.have_chunks.len() as u64, c.file().chunk_count());
@@ -1533,7 +1525,7 @@ fn malformed_snapshot_chunks_fail_at_put_chunk() {
             root: Bytes::copy_from_slice(root),
             chunk_size,
             commit_time_unix_us: T0,
-            chunk_hashes: vec![],
+            ..Default::default()
         }))
     };
     for (f, e) in [
@@ -1831,11 +1823,10 @@ proptest! {
     ) {
         let max = 40;
         let mk = |synced| {
-            Replica::new(
+            Replica::unchecked(
                 ReplicaConfig { chunk_size, max_len: max, retain_bytes, checkpoint_every },
                 synced,
             )
-            .unwrap()
         };
         let mut parent = mk(true);
         let mut child = mk(false);
@@ -1918,7 +1909,7 @@ proptest! {
                 events.extend(parent.checkpoint());
             }
             if step.extra == 4 {
-                events.push(Event::Broadcast(parent.heartbeat(now)));
+                events.push(Event::Broadcast(parent.heartbeat(now, vec![], vec![])));
             }
 
             if connected {

@@ -2,8 +2,12 @@
 //!
 //! Invariants:
 //! - Every node certificate is signed directly by the cluster CA, valid for both `serverAuth` and
-//!   `clientAuth`, for ten years. Its subject is `CN=<name>, OU=<role>, O=canopy` (the role is
-//!   `core` or `relay`), and its SAN DNS names are [`SERVER_NAME`] and `<name>`.
+//!   `clientAuth`, for ten years unless issued for fewer days. Its subject is
+//!   `CN=<name>, OU=<role>, O=canopy` (the role is `core`, `relay` or `reader`), and its SAN DNS
+//!   names are [`SERVER_NAME`] and `<name>`.
+//! - A certificate is trusted only while it chains to the cluster CA and is within its validity
+//!   period: at the handshake (rustls/webpki), and by [`Identity::verify_cert`] for certificates
+//!   that arrive as data (a core signer's).
 //! - Node names are 1–63 ASCII characters from `[A-Za-z0-9_-]`, start with a letter or digit, and
 //!   are never `ca` (which would collide with `ca.pem`).
 //! - Private keys are written with mode 0600; `ca_init` never overwrites an existing `ca.key`.
@@ -64,7 +68,7 @@ pub enum TlsError {
     BadCertificate { path: PathBuf, reason: String },
     #[error("invalid node name {0:?}: use 1-63 characters from [A-Za-z0-9_-], not starting with '-' or '_', and not \"ca\"")]
     BadName(String),
-    #[error("invalid role {0:?}: expected \"core\" or \"relay\"")]
+    #[error("invalid role {0:?}: expected \"core\", \"relay\" or \"reader\"")]
     BadRole(String),
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -85,8 +89,13 @@ pub enum TlsError {
 /// What a node does in the cluster; carried in its certificate's OU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
+    /// A Raft member: orders and signs what it commits.
     Core,
+    /// A relay that may write (its writes are forwarded to the core).
     Relay,
+    /// A relay that may only read: it follows, keeps its file and serves children and
+    /// backfill, but the core refuses its writes.
+    Reader,
 }
 
 impl Role {
@@ -95,7 +104,13 @@ impl Role {
         match self {
             Role::Core => "core",
             Role::Relay => "relay",
+            Role::Reader => "reader",
         }
+    }
+
+    /// Whether writes from a node with this role are accepted.
+    pub fn may_write(self) -> bool {
+        matches!(self, Role::Core | Role::Relay)
     }
 }
 
@@ -112,6 +127,7 @@ impl FromStr for Role {
         match s {
             "core" => Ok(Role::Core),
             "relay" => Ok(Role::Relay),
+            "reader" => Ok(Role::Reader),
             other => Err(TlsError::BadRole(other.to_string())),
         }
     }
@@ -125,6 +141,10 @@ pub struct Identity {
     certs: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     roots: Arc<RootCertStore>,
+    /// Each CA certificate of `ca.pem` (two while a CA is rotated) with its own root store.
+    cas: Vec<(CertificateDer<'static>, Arc<RootCertStore>)>,
+    /// BLAKE3 of the CA certificate that issued this node's certificate.
+    cluster: [u8; 32],
 }
 
 impl fmt::Debug for Identity {
@@ -150,6 +170,13 @@ impl Identity {
         let key = read_key(&key_path)?;
 
         let mut roots = RootCertStore::empty();
+        let mut cas = Vec::new();
+        for ca in &ca_certs {
+            let mut one = RootCertStore::empty();
+            if one.add(ca.clone()).is_ok() {
+                cas.push((ca.clone(), Arc::new(one)));
+            }
+        }
         for ca in ca_certs {
             roots.add(ca).map_err(|e| TlsError::BadCertificate {
                 path: ca_path.clone(),
@@ -184,22 +211,127 @@ impl Identity {
             })?;
 
         let roots = Arc::new(roots);
+        // Test-only: `CANOPY_FAILPOINT_ALLOW_EXPIRED=1` loads an expired certificate (checked
+        // as of its start), so a test can show that peers refuse it.
+        let at = match std::env::var("CANOPY_FAILPOINT_ALLOW_EXPIRED").as_deref() {
+            Ok("1") => validity(&certs[0])
+                .ok()
+                .and_then(|(from, _)| from.duration_since(UNIX_EPOCH).ok())
+                .map(|d| UnixTime::since_unix_epoch(d + Duration::from_secs(1)))
+                .unwrap_or_else(UnixTime::now),
+            _ => UnixTime::now(),
+        };
         WebPkiClientVerifier::builder_with_provider(roots.clone(), Arc::new(provider()))
             .build()?
-            .verify_client_cert(&certs[0], &certs[1..], UnixTime::now())
+            .verify_client_cert(&certs[0], &certs[1..], at)
             .map_err(|e| TlsError::BadCertificate {
                 path: cert_path.clone(),
                 reason: format!("not valid under {}: {e}", ca_path.display()),
             })?;
 
+        let cluster = issuer(&cas, &certs[0], at).unwrap_or([0; 32]);
         Ok(Identity {
             name: name.to_string(),
             role,
             certs,
             key: Arc::new(key),
             roots,
+            cas,
+            cluster,
         })
     }
+
+    /// The cluster's id as this node signs it: BLAKE3 of the CA certificate that issued its
+    /// own certificate. Signatures name it, so one cluster's never verify in another.
+    pub fn cluster_id(&self) -> [u8; 32] {
+        self.cluster
+    }
+
+    /// This node's certificate (DER).
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.certs[0]
+    }
+
+    /// This node's private key as a signer (the key its certificate certifies).
+    pub fn signing_key(&self) -> Result<Arc<dyn rustls::sign::SigningKey>, TlsError> {
+        provider()
+            .key_provider
+            .load_private_key(self.key.clone_key())
+            .map_err(TlsError::Rustls)
+    }
+
+    /// When this node's own certificate expires.
+    pub fn not_after(&self) -> SystemTime {
+        validity(&self.certs[0]).map_or(UNIX_EPOCH, |(_, until)| until)
+    }
+
+    /// Checks a certificate that arrived as data: it must chain to a CA of `ca.pem` and be
+    /// valid at `now`. Returns its name, role, the end of its validity, and the cluster id
+    /// its signatures carry (BLAKE3 of the CA that issued it).
+    pub fn verify_cert(&self, der: &[u8], now: SystemTime) -> Result<Verified, String> {
+        let cert = CertificateDer::from(der.to_vec());
+        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let cluster = issuer(&self.cas, &cert, UnixTime::since_unix_epoch(since))
+            .ok_or("not issued by the cluster CA, or not valid now")?;
+        let (name, role) = name_and_role(&cert)?;
+        let (_, until) = validity(&cert)?;
+        Ok(Verified {
+            name,
+            role,
+            until,
+            cluster,
+        })
+    }
+}
+
+/// A certificate that [`Identity::verify_cert`] accepted.
+#[derive(Clone, Debug)]
+pub struct Verified {
+    pub name: String,
+    pub role: Role,
+    pub until: SystemTime,
+    /// BLAKE3 of the CA certificate that issued it.
+    pub cluster: [u8; 32],
+}
+
+/// The id (BLAKE3) of the CA among `cas` under which `cert` verifies at `at`.
+fn issuer(
+    cas: &[(CertificateDer<'static>, Arc<RootCertStore>)],
+    cert: &CertificateDer<'_>,
+    at: UnixTime,
+) -> Option<[u8; 32]> {
+    cas.iter().find_map(|(ca, roots)| {
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), Arc::new(provider()))
+            .build()
+            .ok()?
+            .verify_client_cert(cert, &[], at)
+            .ok()
+            .map(|_| *blake3::hash(ca).as_bytes())
+    })
+}
+
+/// A certificate's validity period.
+fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unparseable certificate: {e}"))?;
+    let v = cert.validity();
+    let at = |t: i64| UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+    Ok((at(v.not_before.timestamp()), at(v.not_after.timestamp())))
+}
+
+/// The subject public key of a certificate: its algorithm OID and raw key bytes.
+pub fn public_key(der: &[u8]) -> Result<(String, Vec<u8>, Option<String>), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unparseable certificate: {e}"))?;
+    let spki = cert.public_key();
+    let alg = spki.algorithm.algorithm.to_id_string();
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .map(|o| o.to_id_string());
+    Ok((alg, spki.subject_public_key.data.to_vec(), curve))
 }
 
 /// Transport tuning used by both the server and the client side of an endpoint.
@@ -274,6 +406,18 @@ pub fn ca_init(out: &Path) -> Result<(), TlsError> {
 /// Writes `OUT/NAME.pem`, `OUT/NAME.key` (0600) and `OUT/ca.pem`, creating `OUT` if needed.
 /// The certificate is signed by the CA in `ca_dir`; see the module invariants for its contents.
 pub fn cert_issue(ca_dir: &Path, name: &str, role: Role, out: &Path) -> Result<(), TlsError> {
+    cert_issue_valid(ca_dir, name, role, out, NODE_VALIDITY)
+}
+
+/// [`cert_issue`] for a certificate valid for `validity` from now (it is back-dated a day for
+/// clock skew, so a validity of zero issues one that has already expired).
+pub fn cert_issue_valid(
+    ca_dir: &Path,
+    name: &str,
+    role: Role,
+    out: &Path,
+    validity: Duration,
+) -> Result<(), TlsError> {
     check_name(name)?;
     let ca_cert_path = ca_dir.join(CA_CERT_FILE);
     let ca_key_path = ca_dir.join(CA_KEY_FILE);
@@ -304,7 +448,7 @@ pub fn cert_issue(ca_dir: &Path, name: &str, role: Role, out: &Path) -> Result<(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params, NODE_VALIDITY);
+    set_validity(&mut params, validity);
     let cert = params.signed_by(&key, &issuer)?;
 
     fs::create_dir_all(out).map_err(|source| TlsError::Io {
@@ -385,6 +529,16 @@ pub fn endpoint_from_socket(
     Ok(endpoint)
 }
 
+/// When the peer's certificate on an established connection expires (`None` if absent or
+/// unparseable).
+pub fn peer_not_after(conn: &quinn::Connection) -> Option<SystemTime> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    validity(certs.first()?).ok().map(|(_, until)| until)
+}
+
 /// Name and role from the peer's certificate on an established connection
 /// (`None` if absent or unparseable).
 pub fn peer_identity(conn: &quinn::Connection) -> Option<(String, Role)> {
@@ -439,7 +593,8 @@ fn set_validity(params: &mut CertificateParams, lifetime: Duration) {
         .unwrap_or_default();
     let now = rcgen::date_time_ymd(1970, 1, 1) + since_epoch;
     params.not_before = now - DAY;
-    params.not_after = now + lifetime;
+    // A second short, so a lifetime of zero issues a certificate that has already expired.
+    params.not_after = now + lifetime - Duration::from_secs(1);
 }
 
 fn read_bytes(path: &Path) -> Result<Vec<u8>, TlsError> {

@@ -1,13 +1,11 @@
-//! Length-delimited, size-capped protobuf frames over QUIC streams.
+//! The pure codec of length-delimited, size-capped protobuf frames (no IO; the quinn stream
+//! side is [`crate::transport`]).
 //!
 //! Invariants:
 //! - A frame is a big-endian `u32` body length followed by exactly that many bytes of protobuf.
-//! - A reader checks the length against its cap before allocating anything for the body, then
-//!   allocates the whole frame once.
-//! - End of stream exactly between frames is a clean end (`Ok(None)`); end of stream anywhere
-//!   inside a frame, including inside the prefix, is [`WireError::Truncated`].
+//! - A length is checked against its cap before anything is allocated for the body.
 //! - A [`RawFrame`] holds the frame byte-for-byte as received (prefix included), so it can be
-//!   forwarded verbatim with [`write_raw`].
+//!   forwarded verbatim.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -17,13 +15,9 @@ pub const DEFAULT_MAX_FRAME: usize = 72 * 1024 * 1024;
 /// Size of the length prefix.
 pub const PREFIX_LEN: usize = 4;
 
-/// Errors reading, writing or decoding frames.
+/// Errors framing or decoding a message.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    #[error("reading frame: {0}")]
-    Read(#[from] quinn::ReadError),
-    #[error("writing frame: {0}")]
-    Write(#[from] quinn::WriteError),
     #[error("frame of {len} bytes exceeds the {max}-byte limit")]
     TooLarge { len: usize, max: usize },
     #[error("decoding frame: {0}")]
@@ -133,69 +127,6 @@ pub fn encode_chunk(index: u64, data: Bytes) -> Parts {
     }
 }
 
-/// Writes a frame given in parts without copying them.
-pub async fn write_parts(send: &mut quinn::SendStream, parts: &Parts) -> Result<(), WireError> {
-    if parts.data.is_empty() {
-        return write_raw(send, &parts.head).await;
-    }
-    let mut chunks = [parts.head.clone(), parts.data.clone()];
-    Ok(send.write_all_chunks(&mut chunks).await?)
-}
-
-/// Encodes and writes `msg` as one frame.
-pub async fn write_frame<M: prost::Message>(
-    send: &mut quinn::SendStream,
-    msg: &M,
-) -> Result<(), WireError> {
-    write_raw(send, &encode(msg)).await
-}
-
-/// Writes an already-encoded frame (from [`encode`] or [`read_raw`]) without copying it.
-pub async fn write_raw(send: &mut quinn::SendStream, frame: &Bytes) -> Result<(), WireError> {
-    Ok(send.write_chunk(frame.clone()).await?)
-}
-
-/// Reads one frame; `Ok(None)` on a clean end of stream before a new frame. Refuses lengths over
-/// `max` before allocating.
-pub async fn read_raw(
-    recv: &mut quinn::RecvStream,
-    max: usize,
-) -> Result<Option<RawFrame>, WireError> {
-    let mut prefix = [0u8; PREFIX_LEN];
-    match recv.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(WireError::Truncated),
-        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
-    }
-    let len = body_len(prefix, max)?;
-    let mut frame = BytesMut::with_capacity(PREFIX_LEN + len);
-    frame.extend_from_slice(&prefix);
-    // Copy quinn's chunks straight in: no zero-fill of the buffer first.
-    while frame.len() < PREFIX_LEN + len {
-        let want = PREFIX_LEN + len - frame.len();
-        match recv.read_chunk(want, true).await {
-            Ok(Some(chunk)) => frame.extend_from_slice(&chunk.bytes),
-            Ok(None) => return Err(WireError::Truncated),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(Some(RawFrame {
-        frame: frame.freeze(),
-    }))
-}
-
-/// Reads and decodes one frame; `Ok(None)` on a clean end of stream before a new frame.
-pub async fn read_frame<M: prost::Message + Default>(
-    recv: &mut quinn::RecvStream,
-    max: usize,
-) -> Result<Option<M>, WireError> {
-    match read_raw(recv, max).await? {
-        Some(raw) => raw.decode().map(Some),
-        None => Ok(None),
-    }
-}
-
 /// Parses one frame from the front of `buf`: its total length (prefix included) and a copy of its
 /// body. `Ok(None)` if `buf` holds only part of a frame.
 pub fn decode_prefix(buf: &[u8], max: usize) -> Result<Option<(usize, Bytes)>, WireError> {
@@ -209,7 +140,7 @@ pub fn decode_prefix(buf: &[u8], max: usize) -> Result<Option<(usize, Bytes)>, W
         .map(|body| (total, Bytes::copy_from_slice(body))))
 }
 
-fn body_len(prefix: [u8; PREFIX_LEN], max: usize) -> Result<usize, WireError> {
+pub(crate) fn body_len(prefix: [u8; PREFIX_LEN], max: usize) -> Result<usize, WireError> {
     let len = u32::from_be_bytes(prefix) as usize;
     if len > max {
         return Err(WireError::TooLarge { len, max });
@@ -221,7 +152,6 @@ fn body_len(prefix: [u8; PREFIX_LEN], max: usize) -> Result<usize, WireError> {
 mod tests {
     use super::*;
     use crate::proto;
-    use crate::tls::{self, Role, TransportConfig};
     use proptest::prelude::*;
 
     fn write_op(offset: u64, data: Vec<u8>) -> proto::Update {
@@ -343,117 +273,6 @@ mod tests {
         assert!(matches!(
             raw.decode::<proto::Update>(),
             Err(WireError::Decode(_))
-        ));
-    }
-
-    fn pair() -> (tempfile::TempDir, tls::Identity, tls::Identity) {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca");
-        tls::ca_init(&ca).unwrap();
-        tls::cert_issue(&ca, "a", Role::Core, dir.path()).unwrap();
-        tls::cert_issue(&ca, "b", Role::Relay, dir.path()).unwrap();
-        let a = tls::Identity::load(dir.path(), "a").unwrap();
-        let b = tls::Identity::load(dir.path(), "b").unwrap();
-        (dir, a, b)
-    }
-
-    async fn connected() -> (
-        tempfile::TempDir,
-        quinn::Endpoint,
-        quinn::Connection,
-        quinn::Connection,
-    ) {
-        let (dir, a, b) = pair();
-        let tc = TransportConfig::default();
-        let bind = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let server = tls::endpoint_from_socket(bind(), &a, &tc).unwrap();
-        let client = tls::endpoint_from_socket(bind(), &b, &tc).unwrap();
-        let addr = server.local_addr().unwrap();
-        let (server_conn, client_conn) = tokio::join!(
-            async { server.accept().await.unwrap().await.unwrap() },
-            async {
-                client
-                    .connect(addr, tls::SERVER_NAME)
-                    .unwrap()
-                    .await
-                    .unwrap()
-            },
-        );
-        (dir, client, server_conn, client_conn)
-    }
-
-    #[tokio::test]
-    async fn frames_over_quinn_including_a_large_one() {
-        let (_dir, _client, server_conn, client_conn) = connected().await;
-
-        let big: Vec<u8> = (0..10 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
-        let msgs = vec![
-            write_op(0, b"hello".to_vec()),
-            write_op(7, Vec::new()),
-            write_op(1 << 40, big),
-            proto::Update::default(),
-            write_op(3, vec![9; 1000]),
-        ];
-
-        let sent = msgs.clone();
-        let writer = tokio::spawn(async move {
-            let (mut send, _recv) = client_conn.open_bi().await.unwrap();
-            for (i, m) in sent.iter().enumerate() {
-                if i % 2 == 0 {
-                    write_frame(&mut send, m).await.unwrap();
-                } else {
-                    write_raw(&mut send, &encode(m)).await.unwrap();
-                }
-            }
-            send.finish().unwrap();
-            send.stopped().await.unwrap();
-            client_conn
-        });
-
-        let (_send, mut recv) = server_conn.accept_bi().await.unwrap();
-        let mut got = Vec::new();
-        while let Some(raw) = read_raw(&mut recv, DEFAULT_MAX_FRAME).await.unwrap() {
-            assert_eq!(raw.frame, encode(&msgs[got.len()]));
-            got.push(raw.decode::<proto::Update>().unwrap());
-        }
-        assert_eq!(got, msgs);
-        assert!(read_frame::<proto::Update>(&mut recv, DEFAULT_MAX_FRAME)
-            .await
-            .unwrap()
-            .is_none());
-        writer.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn quinn_reader_enforces_cap_and_detects_truncation() {
-        let (_dir, _client, server_conn, client_conn) = connected().await;
-
-        let big = encode(&write_op(0, vec![1; 2000]));
-        let (mut send, _r) = client_conn.open_bi().await.unwrap();
-        write_raw(&mut send, &big).await.unwrap();
-        send.finish().unwrap();
-        let (_s, mut recv) = server_conn.accept_bi().await.unwrap();
-        assert!(matches!(
-            read_raw(&mut recv, 1000).await,
-            Err(WireError::TooLarge { max: 1000, .. })
-        ));
-
-        let (mut send, _r) = client_conn.open_bi().await.unwrap();
-        send.write_all(&big[..big.len() - 1]).await.unwrap();
-        send.finish().unwrap();
-        let (_s, mut recv) = server_conn.accept_bi().await.unwrap();
-        assert!(matches!(
-            read_frame::<proto::Update>(&mut recv, DEFAULT_MAX_FRAME).await,
-            Err(WireError::Truncated)
-        ));
-
-        let (mut send, _r) = client_conn.open_bi().await.unwrap();
-        send.write_all(&big[..2]).await.unwrap();
-        send.finish().unwrap();
-        let (_s, mut recv) = server_conn.accept_bi().await.unwrap();
-        assert!(matches!(
-            read_raw(&mut recv, DEFAULT_MAX_FRAME).await,
-            Err(WireError::Truncated)
         ));
     }
 }

@@ -1,4 +1,4 @@
-//! The `canopy` CLI against real nodes: put (50 MB), cat, patch, truncate, status.
+//! The `canopy` CLI against real nodes: put (50 MB), cat, patch, truncate, status, a refusal.
 
 mod common;
 
@@ -12,6 +12,7 @@ fn cli(api: std::net::SocketAddr, args: &[&str]) -> Vec<u8> {
     let out = Command::new(CANOPY)
         .arg("--api")
         .arg(api.to_string())
+        .env("CANOPY_API_TOKEN", TOKEN)
         .args(args)
         .output()
         .expect("run canopy");
@@ -37,11 +38,21 @@ async fn cli_round_trip_with_a_50_mb_file() {
     let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
     let r2 = Proc::start(root, &pki, "r2", false, &[r1.quic], &[]);
 
+    // A request the node refuses: one line naming why, exit 4 (`canopy --help`).
+    let out = Command::new(CANOPY)
+        .args(["--api", &r1.api.to_string(), "core", "members"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("refused the request") && stderr.contains("not a core node"));
+
     let mut model = vec![0u8; 50_000_000];
     ChaCha8Rng::seed_from_u64(3).fill_bytes(&mut model);
     let input = root.join("input.bin");
     std::fs::write(&input, &model).unwrap();
-    let out = cli(r2.api, &["put", input.to_str().unwrap()]);
+    let out = cli(r2.api, &["--json", "put", input.to_str().unwrap()]);
     let reply: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let v = reply["version"].as_u64().unwrap();
     assert_eq!(
@@ -79,4 +90,50 @@ async fn cli_round_trip_with_a_50_mb_file() {
     let s: serde_json::Value = serde_json::from_slice(&cli(r2.api, &["status"])).unwrap();
     assert_eq!(s["root"], status["root"]);
     assert_eq!(s["depth"], 2);
+}
+
+/// `put` draws a progress bar (bytes, rate, ETA) when stderr is a terminal, and prints one
+/// plain line when it is not; `--json` prints one object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_shows_progress_on_a_terminal_and_one_line_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    wait_leader(&http(), &core).await;
+    let input = root.join("input.bin");
+    let mut data = vec![0u8; 20_000_000];
+    ChaCha8Rng::seed_from_u64(5).fill_bytes(&mut data);
+    std::fs::write(&input, &data).unwrap();
+    let api = core.api.to_string();
+
+    let plain = String::from_utf8(cli(core.api, &["put", input.to_str().unwrap()])).unwrap();
+    assert_eq!(plain.lines().count(), 1, "{plain}");
+    assert!(
+        plain.starts_with("version ") && plain.contains("19.07 MiB in"),
+        "{plain}"
+    );
+
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("script(1) is not installed: the terminal case is not checked");
+        return;
+    }
+    data[0] ^= 1;
+    std::fs::write(&input, &data).unwrap();
+    let line = format!("{CANOPY} --api {api} put {}", input.display());
+    let out = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("COLUMNS", "100")
+        .env("CANOPY_API_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(
+        tty.contains("put [") && tty.contains("/19.07 MiB") && tty.contains("eta"),
+        "a progress bar with bytes, total, rate and ETA: {tty}"
+    );
+    assert!(tty.contains("MiB/s"), "{tty}");
+    assert!(tty.contains("version "), "{tty}");
 }

@@ -271,6 +271,8 @@ async fn core_restart_keeps_the_file_and_relays_resume() {
     }
     converged(&c, &[&core, &r1], &model).await;
     let before = version_root(&c, &core).await.unwrap();
+    let stats = |s: serde_json::Value, k: &str| s["stats"][k].as_u64().unwrap();
+    let r1_before = status(&c, &r1).await.unwrap();
     core.restart();
     wait_until(30, "restarted core to lead with its log", || async {
         status(&c, &core).await.map(|s| s["role"] == "leader") == Some(true)
@@ -285,4 +287,17 @@ async fn core_restart_keeps_the_file_and_relays_resume() {
     .await;
     write_at(&mut model, 0, b"post");
     converged(&c, &[&core, &r1], &model).await;
+    let r1_after = status(&c, &r1).await.unwrap();
+    assert!(
+        stats(r1_after.clone(), "resumes") > stats(r1_before.clone(), "resumes"),
+        "the relay resumed from the restarted core: {r1_before} -> {r1_after}"
+    );
+    for k in ["snapshots_installed", "backfill_received_bytes"] {
+        assert_eq!(
+            stats(r1_after.clone(), k),
+            stats(r1_before.clone(), k),
+            "{k}: no transfer after the restart"
+        );
+    }
+    assert_eq!(stats(r1_after, "gaps"), 0);
 }

@@ -1,23 +1,55 @@
 //! Arbitrary bytes into every decoder a peer can reach: errors, never panics.
 
+use std::sync::{Arc, OnceLock};
+
 use bytes::Bytes;
 use canopy::proto;
-use canopy::replica::{Replica, ReplicaConfig};
+use canopy::replica::{Replica, ReplicaConfig, Trust};
+use canopy::tls::{self, Identity, Role};
+use canopy::trust::{Sealer, Verifier};
 use canopy::wire;
 use proptest::prelude::*;
 use prost::Message;
 
-fn replica(synced: bool) -> Replica {
-    Replica::new(
+/// A core's and a relay's identity, made once for all cases.
+fn identities() -> &'static (tempfile::TempDir, Arc<Identity>, Arc<Identity>) {
+    static IDS: OnceLock<(tempfile::TempDir, Arc<Identity>, Arc<Identity>)> = OnceLock::new();
+    IDS.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        tls::ca_init(&ca).unwrap();
+        tls::cert_issue(&ca, "core", Role::Core, dir.path()).unwrap();
+        tls::cert_issue(&ca, "fuzz", Role::Relay, dir.path()).unwrap();
+        let core = Arc::new(Identity::load(dir.path(), "core").unwrap());
+        let relay = Arc::new(Identity::load(dir.path(), "fuzz").unwrap());
+        (dir, core, relay)
+    })
+}
+
+/// A core's replica (`core`: it signs) or a relay's (it verifies, and knows the core).
+fn replica(core: bool) -> Replica {
+    let (_, core_id, relay_id) = identities();
+    let trust = if core {
+        Trust::Sign {
+            sealer: Sealer::new(core_id).unwrap(),
+            verifier: Verifier::new(core_id.clone()),
+        }
+    } else {
+        Trust::Verify(Verifier::new(relay_id.clone()))
+    };
+    let mut r = Replica::new(
         ReplicaConfig {
             chunk_size: 4096,
             max_len: 1 << 20,
             retain_bytes: 1 << 16,
             checkpoint_every: 4,
         },
-        synced,
+        trust,
     )
-    .unwrap()
+    .unwrap();
+    let cert = Bytes::copy_from_slice(core_id.cert_der());
+    r.learn_signers(&[cert], std::time::SystemTime::now());
+    r
 }
 
 fn feed_all(r: &mut Replica, frames: &[Vec<u8>]) {
@@ -97,14 +129,14 @@ proptest! {
 
     #[test]
     fn structured_downstream_never_panics(
-        kinds in proptest::collection::vec((0u8..8, any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..40)), 0..16)
+        kinds in proptest::collection::vec((0u8..10, any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..40)), 0..16)
     ) {
         use proto::downstream::Kind;
         let frames: Vec<Vec<u8>> = kinds.into_iter().map(|(k, a, b, data)| {
             let data = Bytes::from(data);
             let kind = match k {
                 0 => Kind::SubscribeOk(proto::SubscribeOk { resume: a % 2 == 0, ..Default::default() }),
-                1 => Kind::SnapshotBegin(proto::SnapshotBegin { version: a % 8, length: b % 100_000, root: data, chunk_size: 4096, commit_time_unix_us: 0, chunk_hashes: vec![] }),
+                1 => Kind::SnapshotBegin(proto::SnapshotBegin { version: a % 8, length: b % 100_000, root: data, chunk_size: 4096, ..Default::default() }),
                 2 => Kind::SnapshotChunk(proto::SnapshotChunk { index: a % 30, data }),
                 3 => Kind::SnapshotEnd(proto::SnapshotEnd {}),
                 4 => Kind::Entry(proto::Entry { version: a % 16, prev_version: b % 16, commit_time_unix_us: 0, update: Some(proto::Update { ops: vec![
@@ -113,6 +145,8 @@ proptest! {
                 ] }) }),
                 5 => Kind::Checkpoint(proto::Checkpoint { version: a % 16, length: b, root: data }),
                 6 => Kind::Heartbeat(proto::Heartbeat { commit_version: a, unix_us: b, root_path: vec![String::from_utf8_lossy(&data).into()], fetch_sources: vec![String::from_utf8_lossy(&data).into()] }),
+                8 => Kind::Seal(proto::Seal { version: a % 16, length: b % 100_000, root: data.clone(), signer: data.clone(), signature: data, ..Default::default() }),
+                9 => Kind::Signers(proto::Signers { certs: vec![data] }),
                 _ => Kind::Refused(proto::Refused { reason: String::from_utf8_lossy(&data).into(), referral: None }),
             };
             proto::Downstream { kind: Some(kind) }.encode_to_vec()

@@ -3,7 +3,7 @@
 //! Each round builds two fresh quinn endpoints on loopback (a server and a client), connects
 //! the client (mutual TLS 1.3, ring provider), and has the server stream `--size` bytes on ONE
 //! unidirectional stream of that ONE connection, in `--chunk`-byte `Bytes` handed to
-//! `write_chunk` (no copy, like Canopy's `wire::write_raw`). The client reads with
+//! `write_chunk` (no copy, like Canopy's `transport::write_raw`). The client reads with
 //! `read_chunk` (no copy) and only counts bytes: no framing, no hashing, no disk. The time runs
 //! from the start of `connect` (handshake included) to the last byte received.
 //!
@@ -17,7 +17,7 @@
 //! - `raw`: the bytes as they are (the limit);
 //! - `frames`: the server sends what a Canopy parent sends for a full transfer (a
 //!   `SubscribeOk`, then `canopy::replica::snapshot_frames_below`: the manifest, one protobuf
-//!   frame per 64 KiB chunk written in parts as `serve_child` does, the end), and the client reads them with `canopy::wire::read_raw` and
+//!   frame per 64 KiB chunk written in parts as `serve_child` does, the end), and the client reads them with `canopy::transport::read_raw` and
 //!   decodes each one, as `upstream.rs` does;
 //! - `replica`: as `frames`, and every frame also goes through a real child
 //!   `canopy::replica::Replica::handle_downstream` (each chunk checked against the manifest,
@@ -35,6 +35,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use canopy::config::StreamConfig;
 use canopy::file::ChunkedFile;
+use canopy::measure::parse_size;
 use canopy::proto::{self, downstream::Kind as Down};
 use canopy::replica::{snapshot_frames_below, Event, Replica};
 use canopy::tls::{self, Identity, Role};
@@ -43,6 +44,8 @@ use clap::{Parser, ValueEnum};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
+
+use canopy_bench::cpu_seconds;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Transport {
@@ -108,31 +111,6 @@ struct Args {
     json: bool,
 }
 
-/// Parses `50MB` (10^6), `64KiB` (2^10), `1GB`, or plain bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let i = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = (&s[..i], s[i..].trim());
-    let n: f64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mult = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        _ => {
-            return Err(format!(
-                "bad size unit in {s:?} (B, KB, MB, GB, KiB, MiB, GiB)"
-            ))
-        }
-    };
-    Ok((n * mult).round() as u64)
-}
-
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
@@ -179,6 +157,24 @@ async fn one_round(
     let mode = args.mode;
     let want_root = file.map(|f| f.root());
     let file = file.cloned();
+    // What a core parent sends with a transfer: its certificate, and its seal over the state.
+    let sealer = canopy::trust::Sealer::new(server_id)?;
+    let signer = sealer.cert().clone();
+    let anchor = match &file {
+        Some(f) => Some((
+            sealer.seal(&canopy::trust::Anchor {
+                version: f.version(),
+                length: f.len(),
+                chunk_size: f.chunk_size(),
+                root: f.root(),
+                commit_time_us: 0,
+                entry: None,
+            })?,
+            None,
+        )),
+        None => None,
+    };
+    let signers = vec![signer.clone()];
     let serve = tokio::spawn(async move {
         let conn = server
             .accept()
@@ -206,11 +202,12 @@ async fn one_round(
                         root_path: vec!["raw-server".into()],
                         chunk_size: file.chunk_size(),
                         fetch_sources: vec![],
+                        signers,
                     })),
                 });
                 send.write_chunk(ok).await?;
-                for (_, f) in snapshot_frames_below(&file, 0, &[], || u64::MAX) {
-                    canopy::wire::write_parts(&mut send, &f).await?;
+                for (_, f) in snapshot_frames_below(&file, 0, &[], anchor.as_ref(), || u64::MAX) {
+                    canopy::transport::write_parts(&mut send, &f).await?;
                 }
             }
         }
@@ -238,10 +235,13 @@ async fn one_round(
         }
         Mode::Frames | Mode::Replica => {
             let max = StreamConfig::default().max_frame;
-            let mut replica = Replica::new(StreamConfig::default().replica(), false)?;
+            let verifier = canopy::trust::Verifier::new(Arc::new(client_id.clone()));
+            let trust = canopy::replica::Trust::Verify(verifier);
+            let mut replica = Replica::new(StreamConfig::default().replica(), trust)?;
+            replica.learn_signers(&[signer], std::time::SystemTime::now());
             let _ = replica.subscribe("raw-client", "127.0.0.1:0", false);
             let mut installed = false;
-            while let Some(raw) = wire::read_raw(&mut recv, max).await? {
+            while let Some(raw) = canopy::transport::read_raw(&mut recv, max).await? {
                 if first_byte.is_none() {
                     first_byte = Some(start.elapsed());
                 }
@@ -274,15 +274,6 @@ async fn one_round(
         total,
         received,
     })
-}
-
-/// CPU seconds (user + system, every thread) this process has used, at 100 Hz.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
 }
 
 fn certs(dir: &Path) -> anyhow::Result<(Identity, Identity)> {
@@ -334,7 +325,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let mut totals = Vec::new();
     for round in args.first_round..args.first_round + args.rounds {
-        let cpu0 = cpu_seconds();
+        let cpu0 = cpu_seconds("self");
         let r = rt.block_on(one_round(
             round,
             &server_id,
@@ -343,7 +334,7 @@ fn main() -> anyhow::Result<()> {
             &data,
             file.as_ref(),
         ))?;
-        let cpu = cpu_seconds() - cpu0;
+        let cpu = cpu_seconds("self") - cpu0;
         let mb_s = r.received as f64 / 1e6 / r.total.as_secs_f64();
         let transfer = r.total.saturating_sub(r.handshake);
         eprintln!(

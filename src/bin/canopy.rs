@@ -1,163 +1,255 @@
-//! `canopy`: the user's tool: certificates, the file through a node's API, and the demo.
+//! `canopy`: the user's tool: certificates, the file through a node's API, watch, the demo.
+//!
+//! Every failure is one line on stderr and an exit code from `canopy::tool::exit`.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches};
+use serde_json::{json, Value};
 
-#[derive(Parser)]
-#[command(
-    version,
-    about = "Canopy: keep one large file byte-identical on thousands of hosts"
-)]
-struct Cli {
-    /// HTTP API of the node to talk to.
-    #[arg(
-        long,
-        global = true,
-        default_value = "127.0.0.1:7070",
-        env = "CANOPY_API"
-    )]
-    api: String,
-    #[command(subcommand)]
-    cmd: Cmd,
+use canopy::tool::{exit, CaCmd, CertCmd, Cli, Cmd, CoreCmd, WatchArgs};
+
+/// A failure with the exit code it maps to.
+struct CliError {
+    code: u8,
+    msg: String,
 }
 
-#[derive(Subcommand)]
-enum Cmd {
-    /// Cluster certificate authority.
-    Ca {
-        #[command(subcommand)]
-        cmd: CaCmd,
-    },
-    /// Node certificates.
-    Cert {
-        #[command(subcommand)]
-        cmd: CertCmd,
-    },
-    /// Show the node's status as JSON.
-    Status {
-        /// Keep printing one line per second.
-        #[arg(long)]
-        follow: bool,
-    },
-    /// Write the file (at the node's current version) to stdout.
-    Cat,
-    /// Replace the whole file with FILE (only changed chunks are sent through the core).
-    Put { file: PathBuf },
-    /// Write FILE's bytes at --offset.
-    Patch {
-        #[arg(long)]
-        offset: u64,
-        file: PathBuf,
-    },
-    /// Set the file's length (shorter drops the tail, longer pads with zeros).
-    Truncate { len: u64 },
-    /// Print the tree below the node (the whole tree from a core node), indented.
-    Tree,
-    /// Print a line for every new version the node applies.
-    Watch {
-        #[arg(long, default_value_t = 0)]
-        after: u64,
-    },
-    /// The core's membership (through any core node's API).
-    Core {
-        #[command(subcommand)]
-        cmd: CoreCmd,
-    },
-    /// Run a whole cluster on this machine: a core, N relays, a steady write load.
-    Demo(canopy::demo::DemoArgs),
+impl CliError {
+    fn new(code: u8, msg: impl Into<String>) -> Self {
+        CliError {
+            code,
+            msg: msg.into(),
+        }
+    }
+
+    fn local(what: &str, path: &Path, e: impl std::fmt::Display) -> Self {
+        CliError::new(exit::LOCAL_FILE, format!("{what} {}: {e}", path.display()))
+    }
 }
 
-#[derive(Subcommand)]
-enum CoreCmd {
-    /// Show the members, the leader and the Raft state.
-    Members,
-    /// Add a voting member (it must be running with a core certificate).
-    Add { name: String, addr: String },
-    /// Remove a member from the voting set.
-    Remove { name: String },
-}
-
-#[derive(Subcommand)]
-enum CaCmd {
-    /// Create ca.pem and ca.key in --out.
-    Init {
-        #[arg(long)]
-        out: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-enum CertCmd {
-    /// Issue NAME.pem/NAME.key (plus a copy of ca.pem) in --out, signed by the CA in --ca.
-    Issue {
-        #[arg(long)]
-        ca: PathBuf,
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        role: canopy::tls::Role,
-        #[arg(long)]
-        out: PathBuf,
-    },
-}
+type Result<T> = std::result::Result<T, CliError>;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let api_defaulted =
+        matches.value_source("api") == Some(clap::parser::ValueSource::DefaultValue);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(exit::FAILURE);
         }
     };
-    match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+    match rt.block_on(run(cli, api_defaulted)) {
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("error: {}", e.msg.replace('\n', " "));
+            ExitCode::from(e.code)
         }
     }
 }
 
-fn url(api: &str, path: &str) -> String {
-    if api.starts_with("http://") {
-        format!("{api}{path}")
+/// A node's HTTP API. Every request is built by [`Api::request`] and sent by [`Api::send`],
+/// so credentials, when the API takes them, are added in one place.
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    from_default: bool,
+}
+
+/// The API token for writes: `CANOPY_API_TOKEN`, else `--token-file`, else the node's own
+/// `DATA/api-token` when `--data` is given; `None` when none of them is (reads need none).
+fn api_token(cli: &Cli) -> Result<Option<String>> {
+    if let Ok(t) = std::env::var("CANOPY_API_TOKEN") {
+        return Ok(Some(t.trim().to_string()));
+    }
+    let path = match (&cli.token_file, &cli.data) {
+        (Some(f), _) => f.clone(),
+        (None, Some(d)) => d.join(canopy::node::API_TOKEN_FILE),
+        (None, None) => return Ok(None),
+    };
+    std::fs::read_to_string(&path)
+        .map(|t| Some(t.trim().to_string()))
+        .map_err(|e| CliError::local("reading the API token from", &path, e))
+}
+
+impl Api {
+    fn new(addr: &str, from_default: bool, token: Option<String>) -> Result<Api> {
+        let hostport = addr.strip_prefix("http://").unwrap_or(addr);
+        let hostport = hostport.trim_end_matches('/');
+        let valid = match hostport.rsplit_once(':') {
+            Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok(),
+            None => false,
+        };
+        if !valid || addr.starts_with("https://") {
+            return Err(CliError::new(
+                exit::USAGE,
+                format!(
+                    "--api {addr:?}: expected HOST:PORT of a node's HTTP API, e.g. 127.0.0.1:7070"
+                ),
+            ));
+        }
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = token {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| {
+                    CliError::new(
+                        exit::USAGE,
+                        "the API token has characters a header cannot carry",
+                    )
+                })?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .default_headers(headers)
+            .build()
+            .map_err(|e| CliError::new(exit::FAILURE, format!("HTTP client: {e}")))?;
+        Ok(Api {
+            http,
+            base: format!("http://{hostport}"),
+            from_default,
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base))
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::GET, path)
+    }
+
+    /// Sends `req`; a non-success answer becomes a [`CliError`] naming the cause.
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let resp = req.send().await.map_err(|e| self.transport_error(&e))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let path = resp.url().path().to_string();
+        let body = resp.text().await.unwrap_or_default();
+        let reason = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string));
+        Err(match reason {
+            Some(reason) if status.is_server_error() => CliError::new(
+                exit::UNAVAILABLE,
+                format!("the node at {} cannot do it now ({status}): {reason}; retry later", self.base),
+            ),
+            Some(reason) => CliError::new(
+                exit::REFUSED,
+                format!("the node at {} refused the request ({status}): {reason}", self.base),
+            ),
+            None => CliError::new(
+                exit::UNREACHABLE,
+                format!(
+                    "{} answered {status} for {path}, not like a Canopy node: give a node's --api address (HTTP, TCP), not its --listen (QUIC) port",
+                    self.base
+                ),
+            ),
+        })
+    }
+
+    fn transport_error(&self, e: &reqwest::Error) -> CliError {
+        let mut cause: &dyn std::error::Error = e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        let how = if self.from_default {
+            "--api was not given, so the default 127.0.0.1:7070 was tried; give the node's --api address with --api HOST:PORT or CANOPY_API"
+        } else {
+            "check that the node runs and that --api (or CANOPY_API) is its --api address"
+        };
+        if e.is_timeout() {
+            CliError::new(
+                exit::UNAVAILABLE,
+                format!(
+                    "the node at {} did not answer in time ({cause}); retry later",
+                    self.base
+                ),
+            )
+        } else if e.is_connect() || e.is_request() {
+            CliError::new(
+                exit::UNREACHABLE,
+                format!("no Canopy node answers at {} ({cause}): {how}", self.base),
+            )
+        } else {
+            CliError::new(
+                exit::UNREACHABLE,
+                format!("talking to {} failed ({cause}): {how}", self.base),
+            )
+        }
+    }
+
+    async fn json(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+        self.send(req).await?.json().await.map_err(|e| {
+            CliError::new(
+                exit::UNREACHABLE,
+                format!("{}: not a Canopy answer: {e}", self.base),
+            )
+        })
+    }
+
+    async fn status(&self) -> Result<Value> {
+        self.json(self.get("/v1/status").timeout(Duration::from_secs(30)))
+            .await
+    }
+}
+
+/// Writes `text` to stdout. A reader that went away (`canopy status | head -1`) ends the
+/// process quietly, as it would any Unix tool.
+fn emit(text: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(text).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing stdout: {e}");
+        std::process::exit(i32::from(exit::LOCAL_FILE));
+    }
+}
+
+/// `println!` through [`emit`].
+macro_rules! say {
+    ($($arg:tt)*) => {
+        emit(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+fn print_json(v: &Value, pretty: bool) {
+    let text = if pretty {
+        serde_json::to_string_pretty(v)
     } else {
-        format!("http://{api}{path}")
-    }
+        serde_json::to_string(v)
+    };
+    say!("{}", text.unwrap_or_default());
 }
 
-async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
-    let status = resp.status();
-    if status.is_success() {
-        return Ok(resp);
-    }
-    let body = resp.text().await.unwrap_or_default();
-    bail!("{status}: {body}")
-}
-
-async fn send_write(req: reqwest::RequestBuilder) -> anyhow::Result<()> {
-    let resp = check(req.send().await.context("contacting the node's API")?).await?;
-    println!("{}", resp.text().await?);
-    Ok(())
-}
-
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(600))
-        .build()?;
-    let api = cli.api.as_str();
+async fn run(cli: Cli, api_defaulted: bool) -> Result<u8> {
+    let json_out = cli.json;
     match cli.cmd {
         Cmd::Ca {
             cmd: CaCmd::Init { out },
         } => {
-            canopy::tls::ca_init(&out)?;
-            println!("wrote {}/ca.pem and ca.key", out.display());
+            canopy::tls::ca_init(&out).map_err(|e| tls_error(&e))?;
+            if json_out {
+                print_json(
+                    &json!({"ca_cert": out.join("ca.pem"), "ca_key": out.join("ca.key")}),
+                    false,
+                );
+            } else {
+                say!("wrote {}/ca.pem and ca.key", out.display());
+            }
         }
         Cmd::Cert {
             cmd:
@@ -166,149 +258,533 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     name,
                     role,
                     out,
+                    days,
                 },
         } => {
-            canopy::tls::cert_issue(&ca, &name, role, &out)?;
-            println!(
-                "wrote {0}/{name}.pem, {0}/{name}.key, {0}/ca.pem",
-                out.display()
-            );
-        }
-        Cmd::Status { follow } => {
-            let mut bar: Option<indicatif::ProgressBar> = None;
-            loop {
-                let resp = check(http.get(url(api, "/v1/status")).send().await?).await?;
-                let v: serde_json::Value = resp.json().await?;
-                if !follow {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                    return Ok(());
-                }
-                if let Some(b) = v["backfill"].as_object() {
-                    let total = b["bytes_total"].as_u64().unwrap_or(0);
-                    let done = b["bytes_done"].as_u64().unwrap_or(0);
-                    let pb = bar.get_or_insert_with(|| {
-                    let pb = indicatif::ProgressBar::new(total);
-                    pb.set_style(
-                        indicatif::ProgressStyle::with_template(
-                            "{msg} backfill [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                        )
-                        .expect("a valid template")
-                        .progress_chars("=> "),
-                    );
-                    pb
-                });
-                    pb.set_length(total);
-                    pb.set_position(done);
-                    pb.set_message(format!(
-                        "{} from {}",
-                        v["name"].as_str().unwrap_or(""),
-                        b["sources"]
-                            .as_array()
-                            .map(|s| s
-                                .iter()
-                                .filter_map(|x| x.as_str())
-                                .collect::<Vec<_>>()
-                                .join(","))
-                            .unwrap_or_default()
-                    ));
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                if let Some(pb) = bar.take() {
-                    pb.finish_and_clear();
-                }
-                println!(
-                    "{} {} version={} lag={} root={} children={}",
-                    v["name"].as_str().unwrap_or(""),
-                    v["role"].as_str().unwrap_or(""),
-                    v["version"],
-                    v["lag_entries"],
-                    &v["root"].as_str().unwrap_or("")
-                        [..16.min(v["root"].as_str().unwrap_or("").len())],
-                    v["children"].as_array().map(|a| a.len()).unwrap_or(0)
+            let issued = match days {
+                Some(d) => canopy::tls::cert_issue_valid(
+                    &ca,
+                    &name,
+                    role,
+                    &out,
+                    Duration::from_secs(d.saturating_mul(86400)),
+                ),
+                None => canopy::tls::cert_issue(&ca, &name, role, &out),
+            };
+            issued.map_err(|e| tls_error(&e))?;
+            if json_out {
+                print_json(
+                    &json!({
+                        "cert": out.join(format!("{name}.pem")),
+                        "key": out.join(format!("{name}.key")),
+                        "ca_cert": out.join("ca.pem"),
+                    }),
+                    false,
                 );
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            } else {
+                say!(
+                    "wrote {0}/{name}.pem, {0}/{name}.key, {0}/ca.pem",
+                    out.display()
+                );
             }
         }
+        Cmd::Completions { shell } => {
+            canopy::tool::write_completions(shell, &mut std::io::stdout().lock());
+        }
+        Cmd::Demo(args) => canopy::demo::run(args, json_out)
+            .await
+            .map_err(|e| CliError::new(exit::FAILURE, format!("{e:#}")))?,
+        _ => {
+            let token = api_token(&cli)?;
+            let api = Api::new(&cli.api, api_defaulted, token)?;
+            return run_api(&api, cli.cmd, json_out).await;
+        }
+    }
+    Ok(0)
+}
+
+/// A certificate command's error: a missing or unwritable path is a local file error.
+fn tls_error(e: &canopy::tls::TlsError) -> CliError {
+    use canopy::tls::TlsError;
+    let code = match e {
+        TlsError::Io { .. } | TlsError::MissingFile(_) | TlsError::AlreadyExists(_) => {
+            exit::LOCAL_FILE
+        }
+        _ => exit::FAILURE,
+    };
+    CliError::new(code, e.to_string())
+}
+
+async fn run_api(api: &Api, cmd: Cmd, json_out: bool) -> Result<u8> {
+    match cmd {
+        Cmd::Status { follow: false } => print_json(&api.status().await?, !json_out),
+        Cmd::Status { follow: true } => follow_status(api, json_out).await?,
         Cmd::Cat => {
-            let mut resp = check(http.get(url(api, "/v1/file")).send().await?).await?;
+            let mut resp = api.send(api.get("/v1/file")).await?;
             let mut out = std::io::stdout().lock();
-            while let Some(chunk) = resp.chunk().await? {
-                out.write_all(&chunk)?;
+            let write_err = |e: std::io::Error| {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    std::process::exit(0);
+                }
+                CliError::new(exit::LOCAL_FILE, format!("writing stdout: {e}"))
+            };
+            while let Some(chunk) = resp.chunk().await.map_err(|e| api.transport_error(&e))? {
+                out.write_all(&chunk).map_err(write_err)?;
             }
-            out.flush()?;
+            out.flush().map_err(write_err)?;
         }
-        Cmd::Put { file } => {
-            let body =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            send_write(http.put(url(api, "/v1/file?wait=applied")).body(body)).await?;
-        }
+        Cmd::Put { file } => put(api, &file, json_out).await?,
         Cmd::Patch { offset, file } => {
-            let body =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            send_write(
-                http.patch(url(api, &format!("/v1/file?offset={offset}&wait=applied")))
-                    .body(body),
-            )
-            .await?;
+            let body = std::fs::read(&file).map_err(|e| CliError::local("reading", &file, e))?;
+            let bytes = body.len() as u64;
+            let req = api
+                .request(
+                    reqwest::Method::PATCH,
+                    &format!("/v1/file?offset={offset}&wait=applied"),
+                )
+                .body(body);
+            report_write(api.json(req).await?, bytes, None, json_out);
         }
         Cmd::Truncate { len } => {
-            send_write(http.post(url(
-                api,
+            let req = api.request(
+                reqwest::Method::POST,
                 &format!("/v1/file/truncate?len={len}&wait=applied"),
-            )))
-            .await?;
+            );
+            report_write(api.json(req).await?, 0, None, json_out);
         }
-        Cmd::Watch { mut after } => loop {
-            let resp = check(
-                http.get(url(api, &format!("/v1/watch?after={after}&timeout=30")))
-                    .send()
-                    .await?,
-            )
-            .await?;
-            let v: serde_json::Value = resp.json().await?;
-            let version = v["version"].as_u64().unwrap_or(after);
-            if version > after {
-                println!(
-                    "version={} length={} root={}",
-                    version,
-                    v["length"],
-                    v["root"].as_str().unwrap_or("")
-                );
-                after = version;
-            }
-        },
+        Cmd::Watch(args) => return watch(api, args, json_out).await,
         Cmd::Core { cmd } => {
             let req = match cmd {
-                CoreCmd::Members => http.get(url(api, "/v1/core/members")),
-                CoreCmd::Add { name, addr } => http
-                    .post(url(api, "/v1/core/members"))
-                    .json(&serde_json::json!({ "name": name, "addr": addr })),
-                CoreCmd::Remove { name } => {
-                    http.delete(url(api, &format!("/v1/core/members/{name}")))
-                }
+                CoreCmd::Members => api.get("/v1/core/members"),
+                CoreCmd::Add { name, addr } => api
+                    .request(reqwest::Method::POST, "/v1/core/members")
+                    .json(&json!({ "name": name, "addr": addr })),
+                CoreCmd::Remove { name, force } => api.request(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/core/members/{name}?force={force}"),
+                ),
             };
-            let resp = check(req.send().await.context("contacting the node's API")?).await?;
-            let v: serde_json::Value = resp.json().await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            let v = api.json(req).await?;
+            if json_out {
+                print_json(&v, false);
+            } else {
+                emit(format_args!("{}", render_members(&v)));
+            }
         }
         Cmd::Tree => {
-            let resp = check(http.get(url(api, "/v1/tree")).send().await?).await?;
-            let nodes: Vec<serde_json::Value> = resp.json().await?;
-            print!("{}", render_tree(&nodes));
+            let v = api.json(api.get("/v1/tree")).await?;
+            if json_out {
+                print_json(&v, false);
+            } else {
+                let nodes = v.as_array().cloned().unwrap_or_default();
+                emit(format_args!("{}", render_tree(&nodes)));
+            }
         }
-        Cmd::Demo(args) => canopy::demo::run(args).await?,
+        Cmd::Ca { .. } | Cmd::Cert { .. } | Cmd::Completions { .. } | Cmd::Demo(_) => {
+            unreachable!("handled without the API")
+        }
     }
+    Ok(0)
+}
+
+/// Prints a write's result: `version V` (with size and rate when known), or JSON.
+fn report_write(reply: Value, bytes: u64, elapsed: Option<Duration>, json_out: bool) {
+    let version = reply["version"].as_u64().unwrap_or(0);
+    if json_out {
+        let mut v = json!({ "version": version, "bytes": bytes });
+        if let Some(e) = elapsed {
+            v["seconds"] = json!(e.as_secs_f64());
+        }
+        print_json(&v, false);
+        return;
+    }
+    match elapsed {
+        Some(e) => say!(
+            "version {version}: {} in {:.1} s ({}/s)",
+            indicatif::HumanBytes(bytes),
+            e.as_secs_f64(),
+            indicatif::HumanBytes((bytes as f64 / e.as_secs_f64().max(1e-3)) as u64)
+        ),
+        None => say!("version {version}"),
+    }
+}
+
+/// `put`: streams FILE to the node with a progress bar on a terminal.
+async fn put(api: &Api, file: &Path, json_out: bool) -> Result<()> {
+    use futures::StreamExt;
+    let f = tokio::fs::File::open(file)
+        .await
+        .map_err(|e| CliError::local("reading", file, e))?;
+    let meta = f
+        .metadata()
+        .await
+        .map_err(|e| CliError::local("reading", file, e))?;
+    if !meta.is_file() {
+        return Err(CliError::local("reading", file, "not a regular file"));
+    }
+    let len = meta.len();
+    let bar = if std::io::stderr().is_terminal() && !json_out {
+        let pb = indicatif::ProgressBar::new(len);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        pb.set_message("put");
+        pb
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let counter = bar.clone();
+    let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20).map(move |chunk| {
+        if let Ok(c) = &chunk {
+            counter.inc(c.len() as u64);
+            if counter.position() >= counter.length().unwrap_or(0) {
+                counter.set_message("sent, committing");
+            }
+        }
+        chunk
+    });
+    let started = Instant::now();
+    let req = api
+        .request(reqwest::Method::PUT, "/v1/file?wait=applied")
+        .header(reqwest::header::CONTENT_LENGTH, len)
+        .body(reqwest::Body::wrap_stream(stream));
+    let result = api.json(req).await;
+    bar.finish_and_clear();
+    report_write(result?, len, Some(started.elapsed()), json_out);
     Ok(())
 }
 
-/// Indented text of a tree given as a flat list of nodes with `name` and `parent`.
-fn render_tree(nodes: &[serde_json::Value]) -> String {
+async fn follow_status(api: &Api, json_out: bool) -> Result<()> {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    loop {
+        let v = api.status().await?;
+        if json_out {
+            print_json(&v, false);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        if let Some(b) = v["backfill"].as_object() {
+            let total = b["bytes_total"].as_u64().unwrap_or(0);
+            let done = b["bytes_done"].as_u64().unwrap_or(0);
+            let pb = bar.get_or_insert_with(|| {
+                let pb = indicatif::ProgressBar::new(total);
+                pb.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} backfill [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+                );
+                pb
+            });
+            pb.set_length(total);
+            pb.set_position(done);
+            pb.set_message(format!(
+                "{} from {}",
+                v["name"].as_str().unwrap_or(""),
+                b["sources"]
+                    .as_array()
+                    .map(|s| s
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","))
+                    .unwrap_or_default()
+            ));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        if let Some(pb) = bar.take() {
+            pb.finish_and_clear();
+        }
+        let root = v["root"].as_str().unwrap_or("");
+        say!(
+            "{} {} version={} lag={} root={} children={}",
+            v["name"].as_str().unwrap_or(""),
+            v["role"].as_str().unwrap_or(""),
+            v["version"],
+            v["lag_entries"],
+            &root[..16.min(root.len())],
+            v["children"].as_array().map(|a| a.len()).unwrap_or(0)
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// How long one long poll of `/v1/watch` waits on the node.
+const WATCH_POLL: Duration = Duration::from_secs(30);
+/// Poll period while the node's materialized copy lags its version...
+const FILE_POLL: Duration = Duration::from_millis(100);
+/// ...and once it has lagged for [`FILE_LAG_HINT`] (a node without that --file never
+/// catches up).
+const FILE_POLL_SLOW: Duration = Duration::from_secs(1);
+/// How long the copy may lag before the watcher says what may be wrong.
+const FILE_LAG_HINT: Duration = Duration::from_secs(10);
+/// Longest pause between two attempts to reach a node that is down.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+
+/// The node's visible version. With `file` (the node's `--file`), a node that has not
+/// materialized anything yet counts as holding version 0 there.
+fn visible(v: &Value, file: Option<&Path>) -> Option<canopy::watch::Visible> {
+    let materialized = v["file_version"].as_u64();
+    Some(canopy::watch::Visible {
+        version: v["version"].as_u64()?,
+        root: v["root"].as_str()?.to_string(),
+        file_version: match file {
+            Some(_) => Some(materialized.unwrap_or(0)),
+            None => materialized,
+        },
+    })
+}
+
+/// Follows the node's visible version for as long as `tx` is open, reconnecting with
+/// back-off when the node is down or restarting.
+async fn poll_versions(
+    api: &Api,
+    file: Option<&Path>,
+    tx: tokio::sync::mpsc::Sender<canopy::watch::Visible>,
+) {
+    let mut after = 0u64;
+    let mut lagging_since: Option<Instant> = None;
+    let mut hinted = false;
+    let mut down_since: Option<Instant> = None;
+    let mut last_report = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let wait = match lagging_since {
+            Some(t) if t.elapsed() >= FILE_LAG_HINT => FILE_POLL_SLOW,
+            Some(_) => FILE_POLL,
+            None => WATCH_POLL,
+        };
+        let req = api
+            .get(&format!(
+                "/v1/watch?after={after}&timeout={}",
+                wait.as_secs_f64()
+            ))
+            .timeout(wait + Duration::from_secs(10));
+        match api.json(req).await.map(|v| visible(&v, file)) {
+            Ok(Some(v)) => {
+                if let Some(since) = down_since.take() {
+                    eprintln!(
+                        "canopy watch: reached the node at {} again after {:.1} s",
+                        api.base,
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                delay = Duration::from_millis(100);
+                after = after.max(v.version);
+                if v.file_version.is_some_and(|f| f < v.version) {
+                    let since = *lagging_since.get_or_insert_with(Instant::now);
+                    if !hinted && since.elapsed() >= FILE_LAG_HINT {
+                        hinted = true;
+                        eprintln!(
+                            "canopy watch: the node at {} has not written version {} to its --file for {} s; is {} the node's --file?",
+                            api.base,
+                            v.version,
+                            FILE_LAG_HINT.as_secs(),
+                            file.map(|f| f.display().to_string()).unwrap_or_default()
+                        );
+                    }
+                } else {
+                    lagging_since = None;
+                    hinted = false;
+                }
+                if tx.send(v).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) | Err(_) if tx.is_closed() => return,
+            Ok(None) => {
+                eprintln!(
+                    "canopy watch: {}: /v1/watch answered without a version",
+                    api.base
+                );
+                tokio::time::sleep(MAX_RECONNECT_DELAY).await;
+            }
+            Err(e) => {
+                let first = down_since.is_none();
+                let since = *down_since.get_or_insert_with(Instant::now);
+                if first || last_report.elapsed() >= Duration::from_secs(30) {
+                    eprintln!(
+                        "canopy watch: {} (down for {:.0} s; retrying)",
+                        e.msg,
+                        since.elapsed().as_secs_f64()
+                    );
+                    last_report = Instant::now();
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+            }
+        }
+    }
+}
+
+/// Prints the scheduler's events: lines on stderr, or JSON lines on stdout.
+struct WatchReporter {
+    json: bool,
+    command: String,
+}
+
+impl canopy::watch::Reporter for WatchReporter {
+    fn event(&mut self, out: &canopy::watch::Output) {
+        use canopy::watch::Output;
+        let (line, v) = match out {
+            Output::Run { target, attempt } => (
+                format!(
+                    "version {} (root {}): running `{}`{}",
+                    target.version,
+                    &target.root[..16.min(target.root.len())],
+                    self.command,
+                    if *attempt > 1 {
+                        format!(" (attempt {attempt})")
+                    } else {
+                        String::new()
+                    }
+                ),
+                json!({"event": "run", "version": target.version, "root": target.root, "attempt": attempt}),
+            ),
+            Output::Succeeded { version } => (
+                format!("version {version}: the command succeeded"),
+                json!({"event": "succeeded", "version": version}),
+            ),
+            Output::RetryScheduled {
+                version,
+                code,
+                attempt,
+                delay,
+            } => (
+                format!(
+                    "version {version}: the command exited {code} (attempt {attempt}); retrying in {:.1} s",
+                    delay.as_secs_f64()
+                ),
+                json!({"event": "failed", "version": version, "code": code, "attempt": attempt, "retry_in_seconds": delay.as_secs_f64()}),
+            ),
+            Output::GaveUp {
+                version,
+                code,
+                attempts,
+            } => (
+                format!(
+                    "version {version}: the command exited {code}, {attempts} attempts in a row; waiting for a newer version"
+                ),
+                json!({"event": "gave_up", "version": version, "code": code, "attempts": attempts}),
+            ),
+            Output::Draining { version } => (
+                format!("terminating: waiting for the command running for version {version}"),
+                json!({"event": "draining", "version": version}),
+            ),
+            Output::Exit(code) => (
+                format!("exiting with status {code}"),
+                json!({"event": "exit", "code": code}),
+            ),
+        };
+        if self.json {
+            print_json(&v, false);
+        } else {
+            eprintln!("canopy watch: {line}");
+        }
+    }
+}
+
+/// SIGTERM or SIGINT, registered before this returns so that none is missed later.
+fn terminate_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+}
+
+async fn watch(api: &Api, args: WatchArgs, json_out: bool) -> Result<u8> {
+    let terminate = terminate_signal();
+    let first = api.status().await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let Some(shell) = args.exec else {
+        first?;
+        let poller = poll_versions(api, None, tx);
+        let printer = async {
+            let mut after = args.after;
+            while let Some(v) = rx.recv().await {
+                if v.version > after {
+                    after = v.version;
+                    if json_out {
+                        print_json(&json!({"version": v.version, "root": v.root}), false);
+                    } else {
+                        say!("version={} root={}", v.version, v.root);
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = poller => {}
+            _ = printer => {}
+            _ = terminate => {}
+        }
+        return Ok(0);
+    };
+    match &first {
+        Ok(s) => eprintln!(
+            "canopy watch: following {} at version {}; running `{shell}` on each new version",
+            api.base, s["version"]
+        ),
+        Err(e) => eprintln!("canopy watch: {}; retrying until it answers", e.msg),
+    }
+    let policy = canopy::watch::Policy {
+        min_interval: args.min_interval,
+        max_wait: args.max_wait,
+        retries: args.retries,
+        retry_delay: args.retry_delay,
+        once: args.once,
+    };
+    // Without --file, the node's own --file (as its status names it) is the file to wait for.
+    let file = args
+        .file
+        .or_else(|| {
+            first.as_ref().ok()?["file_path"]
+                .as_str()
+                .map(std::path::PathBuf::from)
+        })
+        .map(|f| std::path::absolute(&f).unwrap_or(f));
+    let command = canopy::watch::Command {
+        shell: shell.clone(),
+        file: file.clone(),
+        api: api.base.trim_start_matches("http://").to_string(),
+    };
+    let mut reporter = WatchReporter {
+        json: json_out,
+        command: shell,
+    };
+    let driver = canopy::watch::run(policy, args.after, command, rx, terminate, &mut reporter);
+    let code = tokio::select! {
+        code = driver => code,
+        _ = poll_versions(api, file.as_deref(), tx) => 0,
+    };
+    Ok(u8::try_from(code).unwrap_or(exit::FAILURE))
+}
+
+/// A `pstree`-like outline of a tree given as a flat list of nodes with `name` and `parent`:
+/// one line per node with its version, lag and children, roots (the core members) first.
+fn render_tree(nodes: &[Value]) -> String {
     use std::collections::BTreeMap;
     use std::fmt::Write as _;
     let names: std::collections::BTreeSet<&str> =
         nodes.iter().filter_map(|n| n["name"].as_str()).collect();
-    let mut kids: BTreeMap<&str, Vec<&serde_json::Value>> = BTreeMap::new();
+    let mut kids: BTreeMap<&str, Vec<&Value>> = BTreeMap::new();
     let mut roots = Vec::new();
     for n in nodes {
         let parent = n["parent"].as_str().unwrap_or("");
@@ -318,32 +794,105 @@ fn render_tree(nodes: &[serde_json::Value]) -> String {
             kids.entry(parent).or_default().push(n);
         }
     }
+    let name_of = |n: &&Value| n["name"].as_str().unwrap_or("").to_string();
+    roots.sort_by_key(name_of);
+    for list in kids.values_mut() {
+        list.sort_by_key(name_of);
+    }
     fn walk(
         out: &mut String,
-        n: &serde_json::Value,
-        kids: &BTreeMap<&str, Vec<&serde_json::Value>>,
-        indent: usize,
+        n: &Value,
+        kids: &BTreeMap<&str, Vec<&Value>>,
+        prefix: &str,
+        branch: &str,
+        seen: &mut std::collections::BTreeSet<String>,
     ) {
         let name = n["name"].as_str().unwrap_or("?");
+        let children = n["children"].as_u64().unwrap_or(0);
         let _ = writeln!(
             out,
-            "{:indent$}{name} (depth {}, version {}, lag {}, {} children) {}",
-            "",
-            n["depth"],
+            "{prefix}{branch}{name}  v{} lag {} {} {}",
             n["version"],
             n["lag_entries"],
-            n["children"],
-            n["addr"].as_str().unwrap_or(""),
-            indent = indent * 2
+            children,
+            if children == 1 { "child" } else { "children" },
         );
-        for k in kids.get(name).map(|v| v.as_slice()).unwrap_or(&[]) {
-            walk(out, k, kids, indent + 1);
+        if !seen.insert(name.to_string()) {
+            return;
+        }
+        let list = kids.get(name).map(|v| v.as_slice()).unwrap_or(&[]);
+        let next = match branch {
+            "" => String::new(),
+            "└─ " => format!("{prefix}   "),
+            _ => format!("{prefix}│  "),
+        };
+        for (i, k) in list.iter().enumerate() {
+            let b = if i + 1 == list.len() {
+                "└─ "
+            } else {
+                "├─ "
+            };
+            walk(out, k, kids, &next, b, seen);
         }
     }
     let mut out = String::new();
-    for r in roots {
-        walk(&mut out, r, &kids, 0);
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &roots {
+        walk(&mut out, r, &kids, "", "", &mut seen);
     }
-    let _ = writeln!(out, "{} nodes", nodes.len());
+    let depth = nodes
+        .iter()
+        .filter_map(|n| n["depth"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let _ = writeln!(out, "{} nodes, max depth {depth}", nodes.len());
+    out
+}
+
+/// The core's members as a table: name, role, health, version, lag, address.
+fn render_members(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "ROLE".into(),
+        "HEALTH".into(),
+        "VERSION".into(),
+        "LAG".into(),
+        "ADDR".into(),
+    ]];
+    let text = |v: &Value| match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    for m in v["members"].as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+        rows.push([
+            text(&m["name"]),
+            text(&m["role"]),
+            text(&m["health"]),
+            text(&m["version"]),
+            text(&m["lag_entries"]),
+            text(&m["addr"]),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    let _ = writeln!(
+        out,
+        "term {}, leader {}, commit index {} (as the answering node knows it)",
+        v["term"],
+        v["leader"].as_str().unwrap_or("none"),
+        v["commit_index"]
+    );
     out
 }

@@ -1,10 +1,12 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
 
 use openraft::error::RPCError;
 use openraft::network::RPCOption;
@@ -15,7 +17,8 @@ use super::tests::{write, Pki, TestSm};
 use super::*;
 use crate::file::Precondition;
 use crate::proto::{self, request};
-use crate::wire::{self, DEFAULT_MAX_FRAME};
+use crate::transport as wire;
+use crate::wire::DEFAULT_MAX_FRAME;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -28,24 +31,112 @@ fn cluster_config() -> RaftConfig {
     }
 }
 
+/// The real socket addresses of members cut off from all others (both directions).
+#[derive(Clone, Default)]
+struct Partition(Arc<Mutex<BTreeSet<SocketAddr>>>);
+
+impl Partition {
+    fn blocks(&self, a: SocketAddr, b: SocketAddr) -> bool {
+        let cut = self.0.lock().unwrap();
+        cut.contains(&a) || cut.contains(&b)
+    }
+
+    fn set(&self, addr: SocketAddr, cut: bool) {
+        let mut set = self.0.lock().unwrap();
+        if cut {
+            set.insert(addr);
+        } else {
+            set.remove(&addr);
+        }
+    }
+}
+
+/// A UDP relay in front of one member's socket: peers reach the member at `front`, and the
+/// relay drops every datagram to or from a member the partition cuts off.
+struct Proxy {
+    front: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr, partition: Partition) -> Proxy {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut backs: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut replies = tokio::task::JoinSet::new();
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, client)) = front.recv_from(&mut buf).await {
+                let back = match backs.get(&client) {
+                    Some(b) => b.clone(),
+                    None => {
+                        let b = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                        b.connect(target).await.unwrap();
+                        let (b2, f2, p2) = (b.clone(), front.clone(), partition.clone());
+                        replies.spawn(async move {
+                            let mut buf = vec![0u8; 65536];
+                            while let Ok(n) = b2.recv(&mut buf).await {
+                                if !p2.blocks(client, target) {
+                                    let _ = f2.send_to(&buf[..n], client).await;
+                                }
+                            }
+                        });
+                        backs.insert(client, b.clone());
+                        b
+                    }
+                };
+                if !partition.blocks(client, target) {
+                    let _ = back.send(&buf[..n]).await;
+                }
+            }
+        });
+        Proxy { front: addr, task }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// How test members are set up beyond their Raft config.
+#[derive(Clone)]
+struct Opts {
+    max_frame: usize,
+    /// Put every member behind a [`Proxy`] governed by this partition.
+    partition: Option<Partition>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            max_frame: DEFAULT_MAX_FRAME,
+            partition: None,
+        }
+    }
+}
+
 /// Answer every stream of every connection the way a core node does: one `Request` frame in,
 /// one `RaftReply` frame out. Aborting the task aborts every connection and stream task.
-async fn serve(endpoint: quinn::Endpoint, core: Arc<Core>) {
+async fn serve(endpoint: quinn::Endpoint, core: Arc<Core>, max_frame: usize) {
     let mut conns = tokio::task::JoinSet::new();
     while let Some(incoming) = endpoint.accept().await {
         let core = core.clone();
         conns.spawn(async move {
             let Ok(conn) = incoming.await else { return };
+            let from = crate::tls::peer_identity(&conn)
+                .map(|(name, _)| crate::consensus::node_id(&name))
+                .unwrap_or_default();
             let mut streams = tokio::task::JoinSet::new();
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let core = core.clone();
                 streams.spawn(async move {
-                    let req =
-                        wire::read_frame::<proto::Request>(&mut recv, DEFAULT_MAX_FRAME).await;
+                    let req = wire::read_frame::<proto::Request>(&mut recv, max_frame).await;
                     let reply = match req {
                         Ok(Some(proto::Request {
                             kind: Some(request::Kind::Raft(rpc)),
-                        })) => core.handle_rpc(rpc).await,
+                        })) => core.handle_rpc(rpc, from).await,
                         _ => return,
                     };
                     if wire::write_frame(&mut send, &reply).await.is_ok() {
@@ -63,12 +154,24 @@ struct Node {
     endpoint: quinn::Endpoint,
     server: tokio::task::JoinHandle<()>,
     data: PathBuf,
+    _proxy: Option<Proxy>,
 }
 
 impl Node {
     /// Open a core named `name` on `data` with a fresh endpoint bound to `addr`, waiting for the
     /// address to become free if a stopped node still holds it.
     async fn start(pki: &Pki, name: &str, addr: SocketAddr, data: &Path, cfg: &RaftConfig) -> Node {
+        Node::start_with(pki, name, addr, data, cfg, &Opts::default()).await
+    }
+
+    async fn start_with(
+        pki: &Pki,
+        name: &str,
+        addr: SocketAddr,
+        data: &Path,
+        cfg: &RaftConfig,
+        opts: &Opts,
+    ) -> Node {
         let started = Instant::now();
         let endpoint = loop {
             match pki.endpoint(name, addr) {
@@ -80,29 +183,28 @@ impl Node {
                 Err(e) => panic!("binding {addr}: {e}"),
             }
         };
+        let real = endpoint.local_addr().unwrap();
+        let proxy = match &opts.partition {
+            Some(p) => Some(Proxy::start(real, p.clone()).await),
+            None => None,
+        };
         let me = Member {
             name: name.into(),
-            addr: endpoint.local_addr().unwrap().to_string(),
+            addr: proxy.as_ref().map_or(real, |p| p.front).to_string(),
         };
         let sm = TestSm::new();
-        let core = Core::open(
-            me,
-            data,
-            sm.clone(),
-            cfg,
-            endpoint.clone(),
-            DEFAULT_MAX_FRAME,
-        )
-        .await
-        .unwrap();
+        let core = Core::open(me, data, sm.clone(), cfg, endpoint.clone(), opts.max_frame)
+            .await
+            .unwrap();
         let core = Arc::new(core);
-        let server = tokio::spawn(serve(endpoint.clone(), core.clone()));
+        let server = tokio::spawn(serve(endpoint.clone(), core.clone(), opts.max_frame));
         Node {
             core,
             sm,
             endpoint,
             server,
             data: data.to_path_buf(),
+            _proxy: proxy,
         }
     }
 
@@ -128,19 +230,25 @@ struct Cluster {
     pki: Pki,
     root: tempfile::TempDir,
     cfg: RaftConfig,
+    opts: Opts,
     nodes: Vec<Node>,
 }
 
 impl Cluster {
     /// Start `n` members and initialize every one of them with the same member set.
     async fn start(n: usize, cfg: RaftConfig) -> Cluster {
+        Cluster::start_with(n, cfg, Opts::default()).await
+    }
+
+    async fn start_with(n: usize, cfg: RaftConfig, opts: Opts) -> Cluster {
         let pki = Pki::new();
         let root = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
         for i in 0..n {
             let name = format!("core-{i}");
             let data = root.path().join(&name);
-            nodes.push(Node::start(&pki, &name, ([127, 0, 0, 1], 0).into(), &data, &cfg).await);
+            let any = ([127, 0, 0, 1], 0).into();
+            nodes.push(Node::start_with(&pki, &name, any, &data, &cfg, &opts).await);
         }
         let members: BTreeMap<NodeId, Member> =
             nodes.iter().map(|n| (n.core.id(), n.member())).collect();
@@ -152,19 +260,31 @@ impl Cluster {
             pki,
             root,
             cfg,
+            opts,
             nodes,
         }
+    }
+
+    /// Cut member `i` off from every other member, or join it again.
+    fn cut(&self, i: usize, cut: bool) {
+        let partition = self
+            .opts
+            .partition
+            .as_ref()
+            .expect("members behind proxies");
+        partition.set(self.nodes[i].addr(), cut);
     }
 
     /// Start one more, uninitialized member.
     async fn spawn(&mut self, name: &str) -> usize {
         let data = self.root.path().join(name);
-        let node = Node::start(
+        let node = Node::start_with(
             &self.pki,
             name,
             ([127, 0, 0, 1], 0).into(),
             &data,
             &self.cfg,
+            &self.opts,
         )
         .await;
         self.nodes.push(node);
@@ -363,11 +483,18 @@ async fn a_new_leader_takes_over_when_the_leader_stops() {
 
     let old = cluster.nodes.remove(cluster.leader().await);
     let old_id = old.core.id();
+    let old_name = old.member().name;
     let old_term = old.core.status().term;
     old.stop().await;
 
     let started = Instant::now();
     for n in &cluster.nodes {
+        let next = n
+            .core
+            .wait_for_leader_except(std::slice::from_ref(&old_name), DEADLINE)
+            .await
+            .unwrap();
+        assert_ne!(next.name, old_name);
         n.core
             .raft()
             .wait(Some(Duration::from_secs(10)))
@@ -476,7 +603,21 @@ async fn members_are_added_and_removed() {
     let gone = cluster.nodes[(l + 1) % 3].member();
     for name in [gone.name.as_str(), gone.name.as_str(), "never-a-member"] {
         cluster
-            .on_leader(|core| async move { core.remove_member(name).await })
+            .on_leader(|core| async move {
+                // A voter that answered no heartbeat in the last second (a loaded machine)
+                // makes the removal wait: it is refused until the voters answer again.
+                let deadline = Instant::now() + DEADLINE;
+                loop {
+                    match core.remove_member(name, false).await {
+                        Err(ConsensusError::WouldLoseQuorum { .. })
+                            if Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(50)).await
+                        }
+                        r => return r,
+                    }
+                }
+            })
             .await;
     }
     let l = cluster.leader().await;
@@ -599,4 +740,368 @@ async fn rpcs_to_the_wrong_peer_or_no_peer_are_unreachable() {
     ));
 
     accept.abort();
+}
+
+/// Accept connections on `endpoint` and never answer a stream: a peer with the right
+/// certificate that does not take part.
+fn silent(endpoint: &quinn::Endpoint) -> tokio::task::JoinHandle<()> {
+    let endpoint = endpoint.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(incoming) = endpoint.accept().await {
+            if let Ok(conn) = incoming.await {
+                held.push(conn);
+            }
+        }
+    })
+}
+
+fn voters_of(core: &Core) -> Vec<String> {
+    core.members()
+        .into_iter()
+        .filter(|(_, voter)| *voter)
+        .map(|(m, _)| m.name)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitioned_member_that_returns_does_not_depose_the_leader() {
+    let cfg = cluster_config();
+    let opts = Opts {
+        partition: Some(Partition::default()),
+        ..Opts::default()
+    };
+    let cluster = Cluster::start_with(3, cfg.clone(), opts).await;
+    cluster.propose_all(0, 5).await;
+    cluster.converge().await;
+    let l = cluster.leader().await;
+    let x = (l + 1) % 3;
+    let term = cluster.nodes[l].core.status().term;
+
+    cluster.cut(x, true);
+    // Cut off for several of its election timeouts, while the others commit.
+    let until = Instant::now() + Duration::from_millis(4 * cfg.election_timeout_max_ms);
+    let mut next = 5;
+    while Instant::now() < until {
+        let p = proto::Proposal {
+            precondition: Some((&Precondition::IfVersion(next)).into()),
+            ..write(next * 100, format!("entry-{next:05}").into_bytes())
+        };
+        let outcome = cluster.nodes[l].core.propose(p).await.unwrap();
+        assert_eq!(outcome, ApplyOutcome::Applied { version: next + 1 });
+        next += 1;
+    }
+    assert_eq!(
+        cluster.nodes[x].core.status().term,
+        term,
+        "a member cut off from the others must not raise its term"
+    );
+    cluster.cut(x, false);
+    cluster.propose_all(next, 3).await;
+    cluster.converge().await;
+    assert_eq!(cluster.leader().await, l, "the healthy leader stays");
+    for n in &cluster.nodes {
+        assert_eq!(n.core.status().term, term, "{}: no election", n.member());
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_entry_fits_one_append_entries_frame() {
+    let max_frame = 1 << 20;
+    let opts = Opts {
+        max_frame,
+        ..Opts::default()
+    };
+    let cluster = Cluster::start_with(3, cluster_config(), opts).await;
+    cluster.propose_all(0, 1).await;
+    let fits = vec![7u8; max_frame - ENTRY_FRAME_OVERHEAD - 64];
+    let outcome = tokio::time::timeout(
+        DEADLINE,
+        cluster.on_leader(|core| {
+            let p = write(0, fits.clone());
+            async move { core.propose(p).await }
+        }),
+    )
+    .await
+    .expect("the largest entry that fits commits");
+    assert_eq!(outcome.version(), 2);
+    cluster.converge().await;
+
+    let l = cluster.leader().await;
+    let last = cluster.nodes[l].core.status().last_log_index;
+    let too_large = write(0, vec![9u8; max_frame - 100]);
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        cluster.nodes[l].core.propose(too_large),
+    )
+    .await
+    .expect("refused at once, not left to hang");
+    match refused {
+        Err(ConsensusError::TooLarge { len, max }) => {
+            assert!(len > max);
+            assert_eq!(max, max_frame);
+        }
+        other => panic!("expected TooLarge: {other:?}"),
+    }
+    assert_eq!(
+        cluster.nodes[l].core.status().last_log_index,
+        last,
+        "nothing appended"
+    );
+    cluster.propose_all(2, 1).await;
+    cluster.converge().await;
+    cluster.stop().await;
+}
+
+/// A proposal retried with the same id after the members took snapshots and one restarted from
+/// its snapshot is applied once everywhere, and the root cross-checks find no difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_straddling_a_snapshot_and_a_restart_is_applied_once() {
+    let cfg = RaftConfig {
+        snapshot_every_entries: 5,
+        keep_logs_after_snapshot: 1000,
+        root_check_interval_ms: 100,
+        ..cluster_config()
+    };
+    let mut cluster = Cluster::start(3, cfg.clone()).await;
+    let first = proto::Proposal {
+        id: bytes::Bytes::from_static(b"retried-id"),
+        ..write(0, &b"first"[..])
+    };
+    let p = first.clone();
+    let outcome = cluster
+        .on_leader(|core| {
+            let p = p.clone();
+            async move { core.propose(p).await }
+        })
+        .await;
+    let ApplyOutcome::Applied { version: v1 } = outcome else {
+        panic!("{outcome:?}");
+    };
+    let more = |from: u64| {
+        (from..from + 20).map(|i| proto::Proposal {
+            id: bytes::Bytes::from(format!("w{i}")),
+            ..write(100 + i * 10, format!("{i:08}").into_bytes())
+        })
+    };
+    for p in more(0) {
+        cluster
+            .on_leader(|core| {
+                let p = p.clone();
+                async move { core.propose(p).await }
+            })
+            .await;
+    }
+    let l = cluster.leader().await;
+    let f = (l + 1) % 3;
+    let down = cluster.nodes.remove(f);
+    let (name, addr, data) = (down.member().name, down.addr(), down.data.clone());
+    down.core
+        .raft()
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index > v1),
+            "a snapshot holding the first copy",
+        )
+        .await
+        .unwrap();
+    down.stop().await;
+    let back = Node::start(&cluster.pki, &name, addr, &data, &cfg).await;
+    assert_eq!(back.sm.installs.load(Ordering::SeqCst), 1, "restored");
+    cluster.nodes.push(back);
+
+    let second = write(0, &b"other"[..]);
+    cluster
+        .on_leader(|core| {
+            let p = second.clone();
+            async move { core.propose(p).await }
+        })
+        .await;
+    let retry = cluster
+        .on_leader(|core| {
+            let p = first.clone();
+            async move { core.propose(p).await }
+        })
+        .await;
+    assert_eq!(retry, ApplyOutcome::Applied { version: v1 });
+    for p in more(20) {
+        cluster
+            .on_leader(|core| {
+                let p = p.clone();
+                async move { core.propose(p).await }
+            })
+            .await;
+    }
+    cluster.converge().await;
+    for n in &cluster.nodes {
+        assert_eq!(&n.sm.current().to_vec()[..5], b"other", "{}", n.member());
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while cluster
+        .nodes
+        .iter()
+        .any(|n| n.core.root_checks().matched == 0)
+    {
+        assert!(Instant::now() < deadline, "no root cross-check matched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in &cluster.nodes {
+        assert_eq!(n.core.root_checks().mismatched, 0, "{}", n.member());
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_root_cross_check_counts_a_diverging_member() {
+    let cfg = RaftConfig {
+        root_check_interval_ms: 100,
+        ..cluster_config()
+    };
+    let cluster = Cluster::start(3, cfg).await;
+    cluster.propose_all(0, 3).await;
+    cluster.converge().await;
+    let l = cluster.leader().await;
+    let x = (l + 1) % 3;
+    cluster.nodes[x].sm.corrupt.store(true, Ordering::SeqCst);
+    cluster.propose_all(3, 3).await;
+    let deadline = Instant::now() + DEADLINE;
+    while cluster.nodes[x].core.root_checks().mismatched == 0 {
+        assert!(Instant::now() < deadline, "the divergence was not detected");
+        cluster
+            .propose_all(cluster.nodes[l].sm.current().version(), 1)
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        if i != x {
+            assert_eq!(n.core.root_checks().mismatched, 0, "{}", n.member());
+            assert!(n.core.root_checks().matched > 0, "{}", n.member());
+        }
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_is_not_a_core_or_does_not_catch_up_is_not_added() {
+    let cfg = RaftConfig {
+        catch_up_timeout_ms: 1500,
+        ..cluster_config()
+    };
+    let cluster = Cluster::start(3, cfg).await;
+    cluster.propose_all(0, 3).await;
+    let before = voters_of(&cluster.nodes[cluster.leader().await].core);
+
+    let relay = cluster
+        .pki
+        .endpoint_as(
+            "relay-1",
+            crate::tls::Role::Relay,
+            ([127, 0, 0, 1], 0).into(),
+        )
+        .unwrap();
+    let accept = silent(&relay);
+    let m = Member {
+        name: "relay-1".into(),
+        addr: relay.local_addr().unwrap().to_string(),
+    };
+    let err = cluster
+        .on_leader(|core| {
+            let m = m.clone();
+            async move {
+                match core.add_member(m).await {
+                    Err(ConsensusError::NotLeader { leader }) => {
+                        Err(ConsensusError::NotLeader { leader })
+                    }
+                    other => Ok(other),
+                }
+            }
+        })
+        .await;
+    match err {
+        Err(ConsensusError::BadMember { reason, .. }) => {
+            assert!(reason.contains("relay"), "{reason}")
+        }
+        other => panic!("expected BadMember: {other:?}"),
+    }
+
+    let stuck = cluster
+        .pki
+        .endpoint("core-9", ([127, 0, 0, 1], 0).into())
+        .unwrap();
+    let accept_stuck = silent(&stuck);
+    let m = Member {
+        name: "core-9".into(),
+        addr: stuck.local_addr().unwrap().to_string(),
+    };
+    let err = cluster
+        .on_leader(|core| {
+            let m = m.clone();
+            async move {
+                match core.add_member(m).await {
+                    Err(ConsensusError::NotLeader { leader }) => {
+                        Err(ConsensusError::NotLeader { leader })
+                    }
+                    other => Ok(other),
+                }
+            }
+        })
+        .await;
+    assert!(
+        matches!(err, Err(ConsensusError::CatchUpTimeout { .. })),
+        "{err:?}"
+    );
+    let l = cluster.leader().await;
+    assert_eq!(voters_of(&cluster.nodes[l].core), before);
+    assert_eq!(
+        cluster.nodes[l].core.members().len(),
+        3,
+        "the learner was removed again"
+    );
+    cluster.propose_all(3, 2).await;
+    accept.abort();
+    accept_stuck.abort();
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removing_a_voter_that_would_lose_the_quorum_needs_force() {
+    let mut cluster = Cluster::start(3, cluster_config()).await;
+    cluster.propose_all(0, 3).await;
+    let l = cluster.leader().await;
+    let (b, c) = ((l + 1) % 3, (l + 2) % 3);
+    let (b_name, c_name) = (
+        cluster.nodes[b].member().name,
+        cluster.nodes[c].member().name,
+    );
+    let leader_id = cluster.nodes[l].core.id();
+    let down = cluster.nodes.remove(b);
+    down.stop().await;
+    let core = cluster.nodes[cluster.position(leader_id)].core.clone();
+    let deadline = Instant::now() + DEADLINE;
+    while core.unreachable_voters() != Some(vec![b_name.clone()]) {
+        assert!(Instant::now() < deadline, "{:?}", core.unreachable_voters());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match core.remove_member(&c_name, false).await {
+        Err(ConsensusError::WouldLoseQuorum {
+            reachable,
+            needed,
+            unreachable,
+            ..
+        }) => {
+            assert_eq!((reachable, needed), (1, 2));
+            assert_eq!(unreachable, b_name);
+        }
+        other => panic!("expected WouldLoseQuorum: {other:?}"),
+    }
+    assert_eq!(voters_of(&core).len(), 3);
+    core.remove_member(&b_name, false).await.unwrap();
+    let mut left = voters_of(&core);
+    left.sort();
+    let mut want = vec![core.member().name.clone(), c_name];
+    want.sort();
+    assert_eq!(left, want);
+    cluster.propose_all(3, 2).await;
+    cluster.stop().await;
 }

@@ -13,6 +13,8 @@
 //!   after a crash an older value only means less is replayed before the next election.
 //! - redb work runs on the blocking thread pool, never on an async worker thread.
 //! - [`CommittedIndex`] reports the committed index last read from or durably written to `meta`.
+//! - [`LogStore::last_log_id`] is the id of the last stored entry (or the purge point when the
+//!   log is empty), updated after every append, truncation and purge; pre-votes compare it.
 //! - [`entry_to_proto`] and [`entry_from_proto`] are the one conversion between openraft entries
 //!   and `RaftEntry`, used both on disk and on the wire.
 
@@ -21,7 +23,7 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -101,6 +103,7 @@ impl CommittedIndex {
 pub struct LogStore {
     db: Arc<Database>,
     committed: CommittedIndex,
+    last: Arc<Mutex<Option<LogId>>>,
     fsync_seconds: metrics::Histogram,
 }
 
@@ -119,9 +122,11 @@ impl LogStore {
             txn.open_table(ENTRIES)?;
             txn.open_table(META)?;
             txn.commit()?;
+            let last = LogStore::stored_last(&db)?;
             Ok(LogStore {
                 db: Arc::new(db),
                 committed: CommittedIndex::default(),
+                last: Arc::new(Mutex::new(last)),
                 fsync_seconds,
             })
         })
@@ -131,6 +136,20 @@ impl LogStore {
     /// A handle on the committed index this store persists.
     pub fn committed_index(&self) -> CommittedIndex {
         self.committed.clone()
+    }
+
+    /// A handle on the id of the last stored entry (or the purge point of an empty log).
+    pub fn last_log_id(&self) -> Arc<Mutex<Option<LogId>>> {
+        self.last.clone()
+    }
+
+    fn stored_last(db: &Database) -> Result<Option<LogId>, LogStoreError> {
+        let last_purged: Option<LogId> = LogStore::read_meta(db, LAST_PURGED)?;
+        Ok(LogStore::last_entry_id(db)?.or(last_purged))
+    }
+
+    fn set_last(&self, last: Option<LogId>) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = last;
     }
 
     async fn run<T, F>(&self, f: F) -> Result<T, LogStoreError>
@@ -200,7 +219,7 @@ impl LogStore {
         Ok(entries)
     }
 
-    fn last_log_id(db: &Database) -> Result<Option<LogId>, LogStoreError> {
+    fn last_entry_id(db: &Database) -> Result<Option<LogId>, LogStoreError> {
         let txn = db.begin_read()?;
         let table = txn.open_table(ENTRIES)?;
         let Some((index, value)) = table.last()? else {
@@ -241,7 +260,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         self.run(|db| {
             let last_purged_log_id: Option<LogId> = LogStore::read_meta(db, LAST_PURGED)?;
-            let last_log_id = LogStore::last_log_id(db)?.or(last_purged_log_id);
+            let last_log_id = LogStore::last_entry_id(db)?.or(last_purged_log_id);
             Ok(LogState {
                 last_purged_log_id,
                 last_log_id,
@@ -295,10 +314,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        if entries.is_empty() {
+        let Some(last) = entries.last().map(|e| e.log_id) else {
             callback.log_io_completed(Ok(()));
             return Ok(());
-        }
+        };
         let fsync_seconds = self.fsync_seconds.clone();
         let result = self
             .run(move |db| {
@@ -325,6 +344,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await;
         match result {
             Ok(()) => {
+                self.set_last(Some(last));
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
@@ -336,32 +356,38 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.run(move |db| {
-            let txn = db.begin_write()?;
-            txn.open_table(ENTRIES)?
-                .retain_in(log_id.index.., |_, _| false)?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)).into())
+        let last = self
+            .run(move |db| {
+                let txn = db.begin_write()?;
+                txn.open_table(ENTRIES)?
+                    .retain_in(log_id.index.., |_, _| false)?;
+                txn.commit()?;
+                LogStore::stored_last(db)
+            })
+            .await
+            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        self.set_last(last);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.run(move |db| {
-            let json = serde_json::to_vec(&log_id).map_err(|source| LogStoreError::Meta {
-                key: LAST_PURGED,
-                source,
-            })?;
-            let txn = db.begin_write()?;
-            txn.open_table(META)?.insert(LAST_PURGED, json.as_slice())?;
-            txn.open_table(ENTRIES)?
-                .retain_in(..=log_id.index, |_, _| false)?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)).into())
+        let last = self
+            .run(move |db| {
+                let json = serde_json::to_vec(&log_id).map_err(|source| LogStoreError::Meta {
+                    key: LAST_PURGED,
+                    source,
+                })?;
+                let txn = db.begin_write()?;
+                txn.open_table(META)?.insert(LAST_PURGED, json.as_slice())?;
+                txn.open_table(ENTRIES)?
+                    .retain_in(..=log_id.index, |_, _| false)?;
+                txn.commit()?;
+                LogStore::stored_last(db)
+            })
+            .await
+            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        self.set_last(last);
+        Ok(())
     }
 }
 

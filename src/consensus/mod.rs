@@ -16,13 +16,26 @@
 //! - A node's id is derived from its name ([`node_id`]), so every node computes every id alike.
 //! - Core members reach each other only through [`Network`] (QUIC, one stream per RPC) and serve
 //!   peers only through [`Core::handle_rpc`].
+//! - Elections start only through Canopy's pre-vote ([`election`]): openraft's own election
+//!   timer is off, and the leader's liveness heartbeats travel on their own connection.
+//! - Every entry fits one AppendEntries frame: [`Core::propose`] refuses a proposal whose entry
+//!   would not fit `max_frame` with its envelope, so a single entry always reaches followers.
+//! - The proposal-id dedup table ([`DedupTable`]) is replicated state: it is in every snapshot
+//!   and restored with the file, so a retry is deduplicated alike on every member.
 //! - Membership changes happen only on the leader and only through openraft's joint consensus; a
-//!   member becomes a voter only after it caught up as a learner.
+//!   member becomes a voter only after it proved its identity (core certificate for its name)
+//!   and caught up as a learner within the catch-up timeout; a removal that would leave fewer
+//!   reachable voters than a quorum needs `force`.
+//! - [`Core::fatal`] resolves when openraft stops for any reason but [`Core::shutdown`]; the
+//!   member then takes no further part (it acknowledges nothing).
 
 #[cfg(test)]
 mod cluster_tests;
+
+mod election;
 mod log_store;
 mod network;
+pub mod snapshot;
 mod state_machine;
 mod telemetry;
 #[cfg(test)]
@@ -31,16 +44,20 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, Fatal, InitializeError, RaftError};
 use openraft::{ChangeMembers, Raft, ServerState, SnapshotPolicy};
+use prost::Message;
 
+pub use crate::dedup::{DedupError, DedupTable, DEDUP_WINDOW, MAX_PROPOSAL_ID};
 pub use log_store::{CommittedIndex, LogStore, LogStoreError};
 pub use network::{Network, PeerClient, TransportError};
-pub use state_machine::{SnapshotError, SnapshotStore, StateMachineStore};
-pub use telemetry::RaftStatus;
+pub use snapshot::SnapshotError;
+pub use state_machine::{RootCheckCounts, SnapshotFile, SnapshotStore, StateMachineStore};
+pub use telemetry::{QuietPeerErrors, RaftStatus};
 
 /// Raft node id.
 pub type NodeId = u64;
@@ -140,30 +157,7 @@ impl<'de> serde::Deserialize<'de> for Cmd {
     }
 }
 
-/// Result of applying one committed proposal to the file (deterministic on every core node).
-///
-/// Entries that carry no proposal (openraft's blank and membership entries) answer
-/// `Applied` with the unchanged current version; only openraft's own calls see those answers.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum ApplyOutcome {
-    /// The update was applied; the file is now at `version`.
-    Applied { version: u64 },
-    /// The precondition did not hold; nothing changed; the file stays at `version`.
-    PreconditionFailed { version: u64 },
-    /// The update is invalid (e.g. beyond the maximum length); nothing changed.
-    Rejected { version: u64, reason: String },
-}
-
-impl ApplyOutcome {
-    /// The file version after this outcome.
-    pub fn version(&self) -> u64 {
-        match self {
-            ApplyOutcome::Applied { version }
-            | ApplyOutcome::PreconditionFailed { version }
-            | ApplyOutcome::Rejected { version, .. } => *version,
-        }
-    }
-}
+pub use crate::file::ApplyOutcome;
 
 openraft::declare_raft_types!(
     /// openraft type configuration of the core's Raft group.
@@ -173,7 +167,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = Member,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        SnapshotData = SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
@@ -189,32 +183,66 @@ pub type StoredMembership = openraft::StoredMembership<NodeId, Member>;
 pub type StorageError = openraft::StorageError<NodeId>;
 
 /// What the state machine drives: implemented by the node's replica (file + fan-out to children).
+///
+/// Its replicated state is the file and the proposal-id dedup table: `apply` must answer a
+/// proposal whose id is in the table with the recorded outcome (changing nothing) and record
+/// the outcome of every other proposal with an id, as [`DedupTable::record`] does.
 pub trait FileStateMachine: Send + Sync + 'static {
     /// Called once per committed Normal entry, in log order. Must be deterministic.
     fn apply(&self, log_index: u64, proposal: &crate::proto::Proposal) -> ApplyOutcome;
     /// The file as of the last apply (a cheap copy-on-write clone).
     fn current(&self) -> crate::file::ChunkedFile;
-    /// Replace the whole state with a snapshot's file (on startup from disk, or a snapshot from the leader).
-    fn install(&self, file: crate::file::ChunkedFile);
+    /// The dedup table as of the last apply.
+    fn dedup(&self) -> DedupTable;
+    /// Replace the whole state with a snapshot's file and dedup table (on startup from disk,
+    /// or a snapshot from the leader).
+    fn install(&self, file: crate::file::ChunkedFile, dedup: DedupTable);
+    /// The version and root as of the last apply (the root cross-check calls it).
+    fn version_root(&self) -> (u64, crate::file::Hash) {
+        let f = self.current();
+        (f.version(), f.root())
+    }
 }
 
-/// Timeout for sending and installing one snapshot segment: snapshots carry the whole file, so
-/// this allows megabytes per segment over a slow link.
+/// Timeout for sending and installing one snapshot segment: the last one installs the whole
+/// file, so this allows reading and hashing gigabytes.
 const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 30_000;
 
-/// Timing and log-compaction settings of the core's Raft group.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Largest snapshot segment sent (each travels as one frame, so it is also capped at half the
+/// frame limit). 4 MiB: few round trips, little memory per transfer.
+const SNAPSHOT_SEGMENT_BYTES: usize = 4 << 20;
+
+/// Bytes an entry's AppendEntries frame may need beyond the proposal's own encoding: the
+/// entry's log id, the request's vote, previous log id and commit (JSON), the message nesting
+/// and the length prefix. About 400 bytes in practice.
+pub const ENTRY_FRAME_OVERHEAD: usize = 1024;
+
+/// How long checking a new member's identity (one dial) may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Timing and log-compaction settings of the core's Raft group (`[raft]` in a config file).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RaftConfig {
-    /// Leader heartbeat period. Default 250 ms: core nodes are few, so heartbeats are cheap, and
-    /// 250 ms lets the leader notice a lost quorum well within one election timeout.
+    /// Leader heartbeat period: the liveness heartbeats on the control connection, and
+    /// openraft's heartbeat (which also bounds its wait for an AppendEntries answer). Default
+    /// 100 ms: heartbeats are tiny and core members few, and followers notice a dead leader
+    /// within a few periods.
     pub heartbeat_interval_ms: u64,
-    /// Lower bound of the randomized election timeout. Default 1500 ms: six heartbeats, and
-    /// longer than the worst fsync of a maximal (tens of MB) entry, during which a node's Raft
-    /// loop is busy and sends or handles no heartbeat.
+    /// Lower bound of the randomized election timeout: a follower that heard from no leader
+    /// for this long asks for pre-votes. Default 500 ms: five heartbeats, so a few lost or late
+    /// ones never start an election, while a killed leader is replaced in well under a second.
+    /// Large entries do not count against it: heartbeats travel apart from them, and a member
+    /// hears its leader on arrival, before its Raft loop has written the entry. Must be at
+    /// least 4 heartbeats (members grant pre-votes after half of it without a leader).
     pub election_timeout_min_ms: u64,
-    /// Upper bound of the randomized election timeout. Default 3000 ms: twice the minimum, so
-    /// candidates rarely time out together and split the vote.
+    /// Upper bound of the randomized election timeout. Default 1000 ms: twice the minimum, so
+    /// candidates rarely ask at the same time and split the vote.
     pub election_timeout_max_ms: u64,
+    /// Longest a leader's Raft loop may stay busy (writing and fsyncing a maximal entry on a
+    /// slow disk) before the leader stops sending heartbeats and lets another member take
+    /// over. Default 10 s: a 64 MiB entry at 10 MB/s, with margin.
+    pub max_stall_ms: u64,
     /// Build a snapshot after this many entries since the last one. Default 1000: a snapshot
     /// writes the whole file, so it must be rare, while a restart replays at most this many
     /// entries.
@@ -223,19 +251,29 @@ pub struct RaftConfig {
     /// by fewer entries catches up from the log instead of receiving the whole file.
     pub keep_logs_after_snapshot: u64,
     /// Most entries per AppendEntries RPC. Default 32: entries can be tens of MB each, so a
-    /// batch stays bounded in memory (openraft's 300 assumes tiny entries).
+    /// batch stays bounded in memory (openraft's 300 assumes tiny entries). Every single entry
+    /// fits a frame ([`ENTRY_FRAME_OVERHEAD`]); a batch larger than a frame is split.
     pub max_payload_entries: u64,
+    /// How often the leader proposes a root cross-check when entries were applied since the
+    /// last one (0: never). Default 1000 ms: one tiny entry a second under load.
+    pub root_check_interval_ms: u64,
+    /// How long a new member may take to catch up as a learner before adding it fails (and it
+    /// is removed again). Default 90 s: a 10 GB file at 150 MB/s, with margin.
+    pub catch_up_timeout_ms: u64,
 }
 
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
-            heartbeat_interval_ms: 250,
-            election_timeout_min_ms: 1500,
-            election_timeout_max_ms: 3000,
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            max_stall_ms: 10_000,
             snapshot_every_entries: 1000,
             keep_logs_after_snapshot: 500,
             max_payload_entries: 32,
+            root_check_interval_ms: 1000,
+            catch_up_timeout_ms: 90_000,
         }
     }
 }
@@ -246,15 +284,32 @@ impl RaftConfig {
         self.to_openraft().map(|_| ())
     }
 
+    fn timing(&self) -> election::Timing {
+        let ms = Duration::from_millis;
+        let lease = ms(self.election_timeout_min_ms / 2);
+        election::Timing {
+            heartbeat: ms(self.heartbeat_interval_ms),
+            election_min: ms(self.election_timeout_min_ms),
+            election_max: ms(self.election_timeout_max_ms),
+            pre_vote_lease: lease,
+            rpc_ttl: lease,
+            max_stall: ms(self.max_stall_ms),
+        }
+    }
+
+    /// openraft's settings. Its election timer is off (Canopy's pre-vote starts elections);
+    /// its election timeouts only set its leader lease, half the minimum election timeout, so
+    /// that a member that granted a pre-vote also grants the vote.
     fn to_openraft(&self) -> Result<openraft::Config, ConsensusError> {
         let invalid = |why: String| Err(ConsensusError::InvalidConfig(why));
-        if self.heartbeat_interval_ms == 0 {
-            return invalid("heartbeat_interval_ms must be > 0".into());
+        if self.heartbeat_interval_ms < 10 {
+            return invalid("heartbeat_interval_ms must be at least 10".into());
         }
-        if self.election_timeout_min_ms <= self.heartbeat_interval_ms {
+        if self.election_timeout_min_ms < 4 * self.heartbeat_interval_ms {
             return invalid(format!(
-                "election_timeout_min_ms ({}) must exceed heartbeat_interval_ms ({})",
-                self.election_timeout_min_ms, self.heartbeat_interval_ms
+                "election_timeout_min_ms ({}) must be at least 4 heartbeats ({} ms)",
+                self.election_timeout_min_ms,
+                4 * self.heartbeat_interval_ms
             ));
         }
         if self.election_timeout_max_ms <= self.election_timeout_min_ms {
@@ -263,17 +318,28 @@ impl RaftConfig {
                 self.election_timeout_max_ms, self.election_timeout_min_ms
             ));
         }
+        if self.max_stall_ms <= self.heartbeat_interval_ms {
+            return invalid(format!(
+                "max_stall_ms ({}) must exceed heartbeat_interval_ms ({})",
+                self.max_stall_ms, self.heartbeat_interval_ms
+            ));
+        }
         if self.snapshot_every_entries == 0 {
             return invalid("snapshot_every_entries must be > 0".into());
         }
         if self.max_payload_entries == 0 {
             return invalid("max_payload_entries must be > 0".into());
         }
+        if self.catch_up_timeout_ms == 0 {
+            return invalid("catch_up_timeout_ms must be > 0".into());
+        }
+        let lease = self.election_timeout_min_ms / 2;
         openraft::Config {
             cluster_name: "canopy".into(),
             heartbeat_interval: self.heartbeat_interval_ms,
-            election_timeout_min: self.election_timeout_min_ms,
-            election_timeout_max: self.election_timeout_max_ms,
+            election_timeout_min: (self.heartbeat_interval_ms + lease) / 2,
+            election_timeout_max: lease,
+            enable_elect: false,
             install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT_MS,
             max_payload_entries: self.max_payload_entries,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
@@ -300,6 +366,29 @@ pub enum ConsensusError {
     Timeout { what: &'static str, after: Duration },
     #[error("invalid raft config: {0}")]
     InvalidConfig(String),
+    /// The proposal's entry would not fit one AppendEntries frame.
+    #[error(
+        "proposal of {len} bytes (with its entry envelope) exceeds the {max}-byte frame limit"
+    )]
+    TooLarge { len: usize, max: usize },
+    /// The proposal is not acceptable as submitted.
+    #[error("invalid proposal: {0}")]
+    InvalidProposal(String),
+    /// A member to add did not prove its identity at its address.
+    #[error("cannot add {member}: {reason}; the voters are unchanged")]
+    BadMember { member: String, reason: String },
+    /// A member to add did not catch up as a learner in time; it was removed again.
+    #[error("{member} did not catch up within {after:?}; it was removed again and the voters are unchanged")]
+    CatchUpTimeout { member: String, after: Duration },
+    /// Removing the member would leave fewer reachable voters than a quorum.
+    #[error("removing {member} would leave {reachable} reachable voter(s) of {voters}, fewer than the {needed} a quorum needs (unreachable: {unreachable}); force it to remove anyway")]
+    WouldLoseQuorum {
+        member: String,
+        reachable: usize,
+        voters: usize,
+        needed: usize,
+        unreachable: String,
+    },
     #[error("cannot create {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -336,6 +425,18 @@ pub struct Core {
     id: NodeId,
     me: Member,
     committed: CommittedIndex,
+    network: Network,
+    liveness: Arc<election::Liveness>,
+    timing: election::Timing,
+    last_log_id: Arc<Mutex<Option<LogId>>>,
+    /// The snapshot being received (id, bytes received so far); see [`Core::handle_rpc`].
+    snapshot_rx: Mutex<Option<(String, u64)>>,
+    max_snapshot_bytes: u64,
+    max_frame: usize,
+    catch_up: Duration,
+    root_checks: Arc<state_machine::RootChecks>,
+    stopping: AtomicBool,
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 type WriteError = RaftError<NodeId, ClientWriteError<NodeId, Member>>;
@@ -353,7 +454,13 @@ impl Core {
         endpoint: quinn::Endpoint,
         max_frame: usize,
     ) -> Result<Core, ConsensusError> {
-        let config = Arc::new(cfg.to_openraft()?);
+        let mut config = cfg.to_openraft()?;
+        config.snapshot_max_chunk_size = SNAPSHOT_SEGMENT_BYTES.min(max_frame / 2) as u64;
+        let config = Arc::new(
+            config
+                .validate()
+                .map_err(|e| ConsensusError::InvalidConfig(e.to_string()))?,
+        );
         std::fs::create_dir_all(data_dir).map_err(|source| ConsensusError::DataDir {
             path: data_dir.to_path_buf(),
             source,
@@ -361,25 +468,69 @@ impl Core {
         let id = me.id();
         let log_store = LogStore::open(data_dir.join("raft.redb"), &me.name).await?;
         let committed = log_store.committed_index();
-        let snapshots = SnapshotStore::open(data_dir.join("snapshots")).await?;
-        let state_machine = StateMachineStore::restore(sm, snapshots).await?;
+        let last_log_id = log_store.last_log_id();
+        let limits = snapshot::Limits::of(&sm.current());
+        let snapshots = SnapshotStore::open(data_dir.join("snapshots"), limits).await?;
+        let max_snapshot_bytes = snapshots.max_snapshot_bytes();
+        let root_checks = Arc::new(state_machine::RootChecks::new(&me.name));
+        let state_machine = StateMachineStore::restore(sm, snapshots, root_checks.clone()).await?;
         let network = Network::new(id, endpoint, max_frame);
-        let raft = Raft::new(id, config, network, log_store, state_machine).await?;
-        tokio::spawn(telemetry::export(
-            raft.metrics(),
-            committed.clone(),
-            me.name.clone(),
-        ));
+        let raft = Raft::new(id, config, network.clone(), log_store, state_machine).await?;
+        let timing = cfg.timing();
+        let liveness = Arc::new(election::Liveness::default());
+        let tasks = vec![
+            tokio::spawn(telemetry::export(
+                raft.metrics(),
+                committed.clone(),
+                me.name.clone(),
+            ))
+            .abort_handle(),
+            tokio::spawn(election::run_elections(
+                raft.clone(),
+                liveness.clone(),
+                network.clone(),
+                timing,
+                last_log_id.clone(),
+            ))
+            .abort_handle(),
+            tokio::spawn(election::run_heartbeats(
+                raft.clone(),
+                liveness.clone(),
+                network.clone(),
+                timing,
+            ))
+            .abort_handle(),
+            tokio::spawn(election::run_probe(raft.clone(), liveness.clone(), timing))
+                .abort_handle(),
+            tokio::spawn(run_root_checks(
+                raft.clone(),
+                root_checks.clone(),
+                Duration::from_millis(cfg.root_check_interval_ms),
+            ))
+            .abort_handle(),
+        ];
         Ok(Core {
             raft,
             id,
             me,
             committed,
+            network,
+            liveness,
+            timing,
+            last_log_id,
+            snapshot_rx: Mutex::new(None),
+            max_snapshot_bytes,
+            max_frame,
+            catch_up: Duration::from_millis(cfg.catch_up_timeout_ms),
+            root_checks,
+            stopping: AtomicBool::new(false),
+            tasks,
         })
     }
 
     /// Form a cluster whose voters are exactly `members` (which must include this node). Harmless
-    /// (Ok) if this node is already initialized, so every member may call it with the same set.
+    /// (Ok, and nothing logged) if this node is already initialized, so every member may call it
+    /// with the same set on every start.
     pub async fn initialize(
         &self,
         members: BTreeMap<NodeId, Member>,
@@ -389,6 +540,9 @@ impl Core {
                 "member {m} is listed under id {id}, its id is {}",
                 m.id()
             )));
+        }
+        if self.raft.is_initialized().await? {
+            return Ok(());
         }
         match self.raft.initialize(members).await {
             Ok(()) => Ok(()),
@@ -407,18 +561,47 @@ impl Core {
     }
 
     /// Commit a proposal and return how it applied. Error NotLeader if this node isn't leader.
+    ///
+    /// Refused before anything is appended: a proposal whose entry would not fit one frame
+    /// (`TooLarge`), an id longer than [`MAX_PROPOSAL_ID`], a batch inside a batch, or a
+    /// root check (only the leader's consensus layer proposes those).
     pub async fn propose(&self, p: crate::proto::Proposal) -> Result<ApplyOutcome, ConsensusError> {
+        self.check_proposal(&p)?;
         match self.raft.client_write(Cmd(p)).await {
             Ok(resp) => Ok(resp.data),
             Err(e) => Err(self.write_error(e)),
         }
     }
 
-    /// Make `m` a voter: add it as a learner, wait until it has caught up with the leader's log
-    /// (possibly through a snapshot), then change the voters to the current ones plus `m`. Only on
-    /// the leader (NotLeader otherwise). Ok at once if `m` already is a voter at the same address.
-    /// The wait for catching up is unbounded; a caller may drop the future to give up, leaving `m`
-    /// a learner until the next `add_member` or `remove_member`.
+    fn check_proposal(&self, p: &crate::proto::Proposal) -> Result<(), ConsensusError> {
+        let len = p.encoded_len() + ENTRY_FRAME_OVERHEAD;
+        if len > self.max_frame {
+            return Err(ConsensusError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        let invalid = |why: &str| Err(ConsensusError::InvalidProposal(why.into()));
+        for q in std::iter::once(p).chain(&p.batch) {
+            if q.id.len() > MAX_PROPOSAL_ID {
+                return invalid("proposal id longer than 64 bytes");
+            }
+            if q.root_check.is_some() {
+                return invalid("root checks are proposed by the core itself");
+            }
+        }
+        if p.batch.iter().any(|q| !q.batch.is_empty()) {
+            return invalid("a batch inside a batch");
+        }
+        Ok(())
+    }
+
+    /// Make `m` a voter: check that it answers at its address with a core certificate for its
+    /// name, add it as a learner, wait until it has caught up with the leader's log (possibly
+    /// through a snapshot) within the catch-up timeout, then change the voters to the current
+    /// ones plus `m`. On any failure the voters are unchanged (a learner that did not catch up
+    /// is removed again). Only on the leader (NotLeader otherwise). Ok at once if `m` already
+    /// is a voter at the same address.
     pub async fn add_member(&self, m: Member) -> Result<(), ConsensusError> {
         self.ensure_leader()?;
         let id = m.id();
@@ -426,7 +609,14 @@ impl Core {
         if voter && known.as_ref() == Some(&m) {
             return Ok(());
         }
-        if known.is_some_and(|k| k != m) {
+        self.network
+            .probe(&m, PROBE_TIMEOUT)
+            .await
+            .map_err(|e| ConsensusError::BadMember {
+                member: m.to_string(),
+                reason: e.to_string(),
+            })?;
+        if known.as_ref().is_some_and(|k| *k != m) {
             self.raft
                 .change_membership(
                     ChangeMembers::SetNodes(BTreeMap::from([(id, m.clone())])),
@@ -437,9 +627,43 @@ impl Core {
         }
         if !voter {
             self.raft
-                .add_learner(id, m.clone(), true)
+                .add_learner(id, m.clone(), false)
                 .await
                 .map_err(|e| self.write_error(e))?;
+            let target = self.raft.metrics().borrow().last_log_index;
+            let waited = self
+                .raft
+                .wait(Some(self.catch_up))
+                .metrics(
+                    |x| {
+                        x.state != ServerState::Leader
+                            || x.replication
+                                .as_ref()
+                                .and_then(|r| r.get(&id).copied().flatten())
+                                .map(|l| l.index)
+                                >= target
+                    },
+                    "the learner to catch up",
+                )
+                .await;
+            let caught_up = match waited {
+                Ok(x) => x.state == ServerState::Leader,
+                Err(openraft::metrics::WaitError::Timeout(..)) => false,
+                Err(openraft::metrics::WaitError::ShuttingDown) => {
+                    return Err(ConsensusError::Stopped)
+                }
+            };
+            if !caught_up {
+                let _ = self
+                    .raft
+                    .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                    .await;
+                self.ensure_leader()?;
+                return Err(ConsensusError::CatchUpTimeout {
+                    member: m.to_string(),
+                    after: self.catch_up,
+                });
+            }
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
                 .await
@@ -450,21 +674,121 @@ impl Core {
     }
 
     /// Remove the member named `name` (voter or learner) from the cluster. Only on the leader
-    /// (NotLeader otherwise). Ok at once if there is no such member.
-    pub async fn remove_member(&self, name: &str) -> Result<(), ConsensusError> {
+    /// (NotLeader otherwise). Ok at once if there is no such member. Without `force`, a voter
+    /// is removed only if the voters left that acknowledged the leader's heartbeats within the
+    /// maximum election timeout (the leader included) still form a quorum of them.
+    pub async fn remove_member(&self, name: &str, force: bool) -> Result<(), ConsensusError> {
         self.ensure_leader()?;
         let id = node_id(name);
         let change = match self.membership_of(id) {
             (None, _) => return Ok(()),
-            (Some(_), true) => ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+            (Some(_), true) => {
+                if !force {
+                    self.check_quorum_without(name, id)?;
+                }
+                ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+            }
             (Some(_), false) => ChangeMembers::RemoveNodes(BTreeSet::from([id])),
         };
         self.raft
             .change_membership(change, false)
             .await
             .map_err(|e| self.write_error(e))?;
-        tracing::info!(member = name, "core member removed");
+        tracing::info!(member = name, force, "core member removed");
         Ok(())
+    }
+
+    /// On the leader, the voters (this one excluded) that acknowledged none of its heartbeats
+    /// within the maximum election timeout, by name; None on any other member.
+    pub fn unreachable_voters(&self) -> Option<Vec<String>> {
+        if !self.is_leader() {
+            return None;
+        }
+        let voters = self.voters();
+        Some(
+            voters
+                .into_iter()
+                .filter(|(v, _)| *v != self.id && !self.is_reachable(*v))
+                .map(|(_, name)| name)
+                .collect(),
+        )
+    }
+
+    fn voters(&self) -> Vec<(NodeId, String)> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        membership
+            .voter_ids()
+            .map(|v| {
+                let name = membership
+                    .get_node(&v)
+                    .map_or_else(|| v.to_string(), |m| m.name.clone());
+                (v, name)
+            })
+            .collect()
+    }
+
+    fn is_reachable(&self, id: NodeId) -> bool {
+        id == self.id || self.liveness.reachable(id, self.timing.election_max)
+    }
+
+    fn check_quorum_without(&self, name: &str, id: NodeId) -> Result<(), ConsensusError> {
+        let left: Vec<(NodeId, String)> = self
+            .voters()
+            .into_iter()
+            .filter(|(v, _)| *v != id)
+            .collect();
+        let (reachable, unreachable): (Vec<_>, Vec<_>) =
+            left.iter().partition(|(v, _)| self.is_reachable(*v));
+        let needed = left.len() / 2 + 1;
+        if reachable.len() < needed {
+            return Err(ConsensusError::WouldLoseQuorum {
+                member: name.to_string(),
+                reachable: reachable.len(),
+                voters: left.len(),
+                needed,
+                unreachable: unreachable
+                    .iter()
+                    .map(|(_, n)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        Ok(())
+    }
+
+    /// Resolves when openraft has stopped for any reason other than [`Core::shutdown`] (a
+    /// storage failure such as a full disk, or a panic), with that reason. This member then
+    /// takes no further part in the core; the node should exit non-zero so that its
+    /// supervisor restarts it. Never resolves after `shutdown`.
+    pub async fn fatal(&self) -> ConsensusError {
+        let mut metrics = self.raft.metrics();
+        loop {
+            let state = metrics.borrow_and_update().running_state.clone();
+            let closed = match state {
+                Err(f) => Some(ConsensusError::from(f)),
+                Ok(()) => None,
+            };
+            let reason = match closed {
+                Some(reason) => reason,
+                None if metrics.changed().await.is_ok() => continue,
+                None => match metrics.borrow().running_state.clone() {
+                    Err(f) => ConsensusError::from(f),
+                    Ok(()) => ConsensusError::Stopped,
+                },
+            };
+            if self.stopping.load(Ordering::Acquire) {
+                return std::future::pending().await;
+            }
+            return reason;
+        }
+    }
+
+    /// How many root cross-checks this member made and how many found its file differing from
+    /// the leader's (also exported as `canopy_raft_root_mismatches_total`).
+    pub fn root_checks(&self) -> RootCheckCounts {
+        self.root_checks.counts()
     }
 
     /// The members of the current (possibly not yet committed) membership, sorted by name, each
@@ -498,11 +822,23 @@ impl Core {
             applied_index: m.last_applied.map(|id| id.index),
             last_log_index: m.last_log_index,
             state: format!("{:?}", m.state),
+            root_checks: self.root_checks.counts(),
         }
     }
 
     /// Wait until some node is known as leader and return it.
     pub async fn wait_for_leader(&self, timeout: Duration) -> Result<Member, ConsensusError> {
+        self.wait_for_leader_except(&[], timeout).await
+    }
+
+    /// Wait until a member whose name is not in `except` is known as leader and return it: a
+    /// node that failed to reach the leader it knew waits for the next one (an election
+    /// replaces a dead leader within about a second) instead of retrying the dead one.
+    pub async fn wait_for_leader_except(
+        &self,
+        except: &[String],
+        timeout: Duration,
+    ) -> Result<Member, ConsensusError> {
         let mut metrics = self.raft.metrics();
         let wait = async {
             loop {
@@ -513,6 +849,7 @@ impl Core {
                     }
                     m.current_leader
                         .and_then(|id| m.membership_config.membership().get_node(&id).cloned())
+                        .filter(|l| !except.contains(&l.name))
                 };
                 if let Some(leader) = leader {
                     return Ok(leader);
@@ -560,8 +897,13 @@ impl Core {
     }
 
     /// Stop openraft and wait for its core task; the log database closes with it, so the same
-    /// `data_dir` can be opened again. A `Core` dropped without this keeps openraft running.
+    /// `data_dir` can be opened again. A `Core` dropped without this keeps openraft running
+    /// (without elections).
     pub async fn shutdown(&self) -> Result<(), ConsensusError> {
+        self.stopping.store(true, Ordering::Release);
+        for t in &self.tasks {
+            t.abort();
+        }
         self.raft
             .shutdown()
             .await
@@ -612,5 +954,61 @@ impl Core {
             .membership()
             .get_node(&id)
             .cloned()
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// On the leader, every `interval`, propose a root check if entries were applied since the
+/// last marker; see [`state_machine::RootChecks`].
+async fn run_root_checks(
+    raft: Raft<TypeConfig>,
+    checks: Arc<state_machine::RootChecks>,
+    interval: Duration,
+) {
+    if interval.is_zero() {
+        return;
+    }
+    let me = raft.metrics().borrow().id;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let applied = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            if m.running_state.is_err() {
+                return;
+            }
+            if m.state != ServerState::Leader || m.current_leader != Some(me) {
+                continue;
+            }
+            m.last_applied.map_or(0, |l| l.index)
+        };
+        let marker = checks.marker();
+        if marker.is_some_and(|m| m.index >= applied) {
+            continue;
+        }
+        let check = marker.map_or_else(crate::proto::RootCheck::default, |m| {
+            crate::proto::RootCheck {
+                marker_index: m.index,
+                version: m.version,
+                root: bytes::Bytes::copy_from_slice(&m.root),
+            }
+        });
+        let proposal = crate::proto::Proposal {
+            root_check: Some(check),
+            ..Default::default()
+        };
+        if let Err(e) = raft.client_write(Cmd(proposal)).await {
+            tracing::debug!("root check not committed: {e}");
+        }
     }
 }

@@ -5,13 +5,18 @@
 //!   the server answers with one `RaftReply` frame ([`Core::handle_rpc`]).
 //! - Log entries travel as protobuf `RaftEntry` through the log store's conversion; every other
 //!   openraft structure travels as JSON.
-//! - There is at most one connection per target node id, shared by every client openraft makes
-//!   for it. A dial runs independently of the RPC that started it, so an RPC timing out does not
-//!   abort a handshake; a closed connection or failed dial is replaced by a new dial on the next
-//!   RPC.
+//! - There are at most two connections per target node id, shared by every client openraft
+//!   makes for it: the bulk connection carries AppendEntries with entries and InstallSnapshot;
+//!   the control connection carries everything small (empty AppendEntries, votes, pre-votes and
+//!   liveness heartbeats), so that those never wait behind a large entry for flow-control
+//!   credit or congestion window. A dial runs independently of the RPC that started it, so an
+//!   RPC timing out does not abort a handshake; a closed connection or failed dial is replaced
+//!   by a new dial on the next RPC.
 //! - A connection is used only if the peer's certificate names the target member, role core.
 //! - Connection-level failures are `Unreachable` (openraft backs off); a failure of one stream is
 //!   `NetworkError`; an error the remote Raft returned is a `RemoteError` carrying that error.
+//!   A peer becoming unreachable is logged once at WARN, and its recovery once at INFO: a peer
+//!   that is paused or restarting is an expected, recovered condition.
 //! - Every call returns within its `RPCOption::hard_ttl`. An AppendEntries that carries entries
 //!   keeps going in the background for up to [`DETACHED_LIMIT`] after its call timed out, and
 //!   the next call with the same vote, previous log id and entries waits for that delivery and
@@ -22,10 +27,15 @@
 //!   frame as a complete one.
 //! - No request larger than the frame cap is sent; an oversized AppendEntries answers
 //!   `PayloadTooLarge` with the number of entries that fit.
-//! - [`Core::handle_rpc`] answers every input, malformed or not, with a `RaftReply`.
+//! - [`Core::handle_rpc`] answers every input, malformed or not, with a `RaftReply`. A message
+//!   from a leader counts as leader contact on arrival ([`super::election`]). An InstallSnapshot
+//!   segment is handed to openraft only if it ends within the largest snapshot this node
+//!   accepts and starts no later than the bytes already received of that snapshot, so no
+//!   offset can make the receiving file grow past the data actually sent.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,11 +55,13 @@ use prost::Message;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::election::{self, Heartbeat, HeartbeatResponse, PreVoteRequest, PreVoteResponse};
 use super::log_store::{entry_from_proto, entry_to_proto};
 use super::{Core, Member, NodeId, TypeConfig};
 use crate::proto::{self, raft_reply, raft_rpc, request};
-use crate::tls::{self, Role};
-use crate::wire::{self, WireError};
+use crate::tls::Role;
+use crate::transport::{self, StreamError};
+use crate::wire;
 
 /// Longest time one dial (address resolution plus QUIC handshake) may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,13 +81,8 @@ const NESTING_OVERHEAD: usize = 64;
 /// Errors of the Raft transport.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("resolving {addr}: {reason}")]
-    Resolve { addr: String, reason: String },
-    #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: quinn::ConnectError,
-    },
+    #[error(transparent)]
+    Dialed(transport::DialError),
     #[error("connection to {addr}: {source}")]
     Connection {
         addr: String,
@@ -85,14 +92,8 @@ pub enum TransportError {
     Dial(Arc<TransportError>),
     #[error("dialing {addr} took longer than {DIAL_TIMEOUT:?}")]
     DialTimeout { addr: String },
-    #[error("peer at {addr} is {found}, not core member {expected}")]
-    WrongPeer {
-        addr: String,
-        expected: String,
-        found: String,
-    },
     #[error("raft rpc stream: {0}")]
-    Wire(#[from] WireError),
+    Wire(#[from] StreamError),
     #[error("peer closed the stream without a reply")]
     NoReply,
     #[error("peer could not serve the rpc: {0}")]
@@ -107,6 +108,8 @@ pub enum TransportError {
     Abandoned,
     #[error("append entries delivery failed: {0}")]
     Delivery(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// How a failed RPC is reported to openraft.
@@ -127,13 +130,41 @@ type Dial = Shared<BoxFuture<'static, Result<quinn::Connection, Arc<TransportErr
 /// The cached connection (or dial in progress) to one target, with the address it is for.
 type Slot = Arc<Mutex<Option<(String, Dial)>>>;
 
-/// Creates openraft's per-peer clients; all of them share one connection per target.
+/// Which of the two connections to a target an RPC uses; see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Channel {
+    Bulk,
+    Control,
+}
+
+/// Whether a target is currently failing, to log only the changes.
+#[derive(Default)]
+struct Health {
+    failing: AtomicBool,
+}
+
+impl Health {
+    fn up(&self, member: &Member) {
+        if self.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(peer = %member, "raft peer is reachable again");
+        }
+    }
+
+    fn down(&self, member: &Member, e: &dyn std::fmt::Display) {
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(peer = %member, "raft peer is unreachable (retrying): {e}");
+        }
+    }
+}
+
+/// Creates openraft's per-peer clients; all of them share the connections to each target.
 #[derive(Clone)]
 pub struct Network {
     me: NodeId,
     endpoint: quinn::Endpoint,
     max_frame: usize,
-    slots: Arc<Mutex<HashMap<NodeId, Slot>>>,
+    slots: Arc<Mutex<HashMap<(NodeId, Channel), Slot>>>,
+    health: Arc<Mutex<HashMap<NodeId, Arc<Health>>>>,
 }
 
 impl Network {
@@ -145,6 +176,101 @@ impl Network {
             endpoint,
             max_frame,
             slots: Arc::default(),
+            health: Arc::default(),
+        }
+    }
+
+    fn slot(&self, target: NodeId, channel: Channel) -> Slot {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((target, channel))
+            .or_default()
+            .clone()
+    }
+
+    fn peer(&self, target: NodeId, member: &Member) -> Arc<Peer> {
+        let health = self
+            .health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(target)
+            .or_default()
+            .clone();
+        Arc::new(Peer {
+            target,
+            member: member.clone(),
+            endpoint: self.endpoint.clone(),
+            max_frame: self.max_frame,
+            bulk: self.slot(target, Channel::Bulk),
+            control: self.slot(target, Channel::Control),
+            health,
+        })
+    }
+
+    /// One of Canopy's own RPCs (pre-vote, heartbeat) to `member` on the control connection.
+    async fn control<Resp: DeserializeOwned>(
+        &self,
+        target: NodeId,
+        member: &Member,
+        rpc: raft_rpc::Kind,
+        ttl: Duration,
+    ) -> Result<Resp, TransportError> {
+        let peer = self.peer(target, member);
+        let result = match tokio::time::timeout(ttl, peer.call(rpc, Channel::Control)).await {
+            Err(_) => Err(TransportError::Timeout(ttl)),
+            Ok(Err(Failure::Unreachable(e) | Failure::Network(e))) => Err(e),
+            Ok(Err(Failure::TooManyEntries(_))) => {
+                Err(TransportError::BadReply("unexpected entries hint".into()))
+            }
+            Ok(Ok(raft_reply::Kind::OkJson(json))) => {
+                serde_json::from_str(&json).map_err(|e| TransportError::BadReply(e.to_string()))
+            }
+            Ok(Ok(raft_reply::Kind::Error(e))) => Err(TransportError::Refused(e)),
+            Ok(Ok(raft_reply::Kind::RaftErrorJson(e))) => Err(TransportError::BadReply(e)),
+        };
+        match &result {
+            Ok(_) => peer.health.up(member),
+            Err(e) => peer.health.down(member, e),
+        }
+        result
+    }
+
+    /// Ask `member` for a pre-vote.
+    pub(super) async fn pre_vote(
+        &self,
+        target: NodeId,
+        member: &Member,
+        req: &PreVoteRequest,
+        ttl: Duration,
+    ) -> Result<PreVoteResponse, TransportError> {
+        let rpc = raft_rpc::Kind::PreVoteJson(to_json(req)?);
+        self.control(target, member, rpc, ttl).await
+    }
+
+    /// Send `member` the leader's liveness heartbeat.
+    pub(super) async fn heartbeat(
+        &self,
+        target: NodeId,
+        member: &Member,
+        beat: &Heartbeat,
+        ttl: Duration,
+    ) -> Result<HeartbeatResponse, TransportError> {
+        let rpc = raft_rpc::Kind::HeartbeatJson(to_json(beat)?);
+        self.control(target, member, rpc, ttl).await
+    }
+
+    /// Dial `member` on a fresh connection (closed again at once) to check that it answers at
+    /// its address with a core certificate for its name.
+    pub(super) async fn probe(&self, member: &Member, ttl: Duration) -> Result<(), TransportError> {
+        let addr = member.addr.clone();
+        match tokio::time::timeout(ttl, dial(self.endpoint.clone(), member.clone())).await {
+            Ok(Ok(conn)) => {
+                conn.close(quinn::VarInt::from_u32(0), b"probe done");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(TransportError::DialTimeout { addr }),
         }
     }
 }
@@ -153,22 +279,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerClient {
-        let slot = self
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(target)
-            .or_default()
-            .clone();
         PeerClient {
             me: self.me,
-            peer: Arc::new(Peer {
-                target,
-                member: node.clone(),
-                endpoint: self.endpoint.clone(),
-                max_frame: self.max_frame,
-                slot,
-            }),
+            peer: self.peer(target, node),
             delivery: None,
         }
     }
@@ -213,13 +326,19 @@ struct Peer {
     member: Member,
     endpoint: quinn::Endpoint,
     max_frame: usize,
-    slot: Slot,
+    bulk: Slot,
+    control: Slot,
+    health: Arc<Health>,
 }
 
 impl Peer {
-    async fn connection(&self) -> Result<quinn::Connection, Arc<TransportError>> {
+    async fn connection(&self, channel: Channel) -> Result<quinn::Connection, Arc<TransportError>> {
+        let slot = match channel {
+            Channel::Bulk => &self.bulk,
+            Channel::Control => &self.control,
+        };
         let pending = {
-            let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
             match &*slot {
                 Some((addr, dial))
                     if *addr == self.member.addr
@@ -244,7 +363,11 @@ impl Peer {
         pending.await
     }
 
-    async fn call(&self, rpc: raft_rpc::Kind) -> Result<raft_reply::Kind, Failure> {
+    async fn call(
+        &self,
+        rpc: raft_rpc::Kind,
+        channel: Channel,
+    ) -> Result<raft_reply::Kind, Failure> {
         let request = proto::Request {
             kind: Some(request::Kind::Raft(proto::RaftRpc { kind: Some(rpc) })),
         };
@@ -255,7 +378,7 @@ impl Peer {
         let frame = wire::encode(&request);
         drop(request);
         let conn = self
-            .connection()
+            .connection(channel)
             .await
             .map_err(|e| Failure::Unreachable(TransportError::Dial(e)))?;
         let (send, mut recv) = conn.open_bi().await.map_err(|source| {
@@ -268,13 +391,13 @@ impl Peer {
             stream: send,
             complete: false,
         };
-        wire::write_raw(&mut out.stream, &frame)
+        transport::write_raw(&mut out.stream, &frame)
             .await
             .map_err(classify)?;
         out.complete = true;
         let _ = out.stream.finish();
         drop(frame);
-        let reply = wire::read_frame::<proto::RaftReply>(&mut recv, self.max_frame)
+        let reply = transport::read_frame::<proto::RaftReply>(&mut recv, self.max_frame)
             .await
             .map_err(classify)?
             .ok_or(TransportError::NoReply)?;
@@ -283,11 +406,13 @@ impl Peer {
             .ok_or_else(|| TransportError::BadReply("reply without kind".into()).into())
     }
 
-    /// Start delivering `rpc` on its own task, which gives up after [`DETACHED_LIMIT`].
+    /// Start delivering `rpc` on its own task (bulk connection), which gives up after
+    /// [`DETACHED_LIMIT`].
     fn detach(self: &Arc<Self>, key: AppendKey, rpc: raft_rpc::Kind) -> Delivery {
         let peer = self.clone();
-        let task =
-            tokio::spawn(async move { tokio::time::timeout(DETACHED_LIMIT, peer.call(rpc)).await });
+        let task = tokio::spawn(async move {
+            tokio::time::timeout(DETACHED_LIMIT, peer.call(rpc, Channel::Bulk)).await
+        });
         let abort = task.abort_handle();
         let reply = async move {
             match task.await {
@@ -333,7 +458,8 @@ impl Peer {
         if fit == 0 {
             tracing::error!(
                 target = self.target,
-                "{too_large}: a single entry cannot be sent"
+                "{too_large}: a single entry cannot be sent (it was appended before entries \
+                 were bounded by the frame limit)"
             );
             Failure::Network(too_large)
         } else {
@@ -347,6 +473,7 @@ impl PeerClient {
     async fn finish<Resp, E, F>(
         &self,
         action: RPCTypes,
+        channel: Channel,
         option: &RPCOption,
         reply: F,
     ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
@@ -357,7 +484,14 @@ impl PeerClient {
         F: Future<Output = Result<raft_reply::Kind, Arc<Failure>>>,
     {
         let ttl = option.hard_ttl();
+        let peer = &self.peer;
         let Ok(outcome) = tokio::time::timeout(ttl, reply).await else {
+            if channel == Channel::Control {
+                peer.health.down(
+                    &peer.member,
+                    &format_args!("{action:?} timed out after {ttl:?}"),
+                );
+            }
             return Err(RPCError::Timeout(Timeout {
                 action,
                 id: self.me,
@@ -365,27 +499,38 @@ impl PeerClient {
                 timeout: ttl,
             }));
         };
-        let peer = &self.peer;
         let failure = match outcome {
             Ok(raft_reply::Kind::OkJson(json)) => match serde_json::from_str(&json) {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => {
+                    peer.health.up(&peer.member);
+                    return Ok(resp);
+                }
                 Err(e) => Failure::Network(TransportError::BadReply(e.to_string())),
             },
             Ok(raft_reply::Kind::RaftErrorJson(json)) => {
                 match serde_json::from_str::<RaftError<NodeId, E>>(&json) {
                     Ok(err) => {
+                        peer.health.up(&peer.member);
                         return Err(RPCError::RemoteError(RemoteError::new_with_node(
                             peer.target,
                             peer.member.clone(),
                             err,
-                        )))
+                        )));
                     }
                     Err(e) => Failure::Network(TransportError::BadReply(e.to_string())),
                 }
             }
             Ok(raft_reply::Kind::Error(e)) => Failure::Unreachable(TransportError::Refused(e)),
-            Err(f) => return Err(to_rpc_error(peer.target, action, &f)),
+            Err(f) => {
+                if let Failure::Unreachable(e) = &*f {
+                    peer.health.down(&peer.member, e);
+                }
+                return Err(to_rpc_error(peer.target, action, &f));
+            }
         };
+        if let Failure::Unreachable(e) = &failure {
+            peer.health.down(&peer.member, e);
+        }
         Err(to_rpc_error(peer.target, action, &failure))
     }
 
@@ -393,6 +538,7 @@ impl PeerClient {
     async fn rpc<Resp, E>(
         &self,
         action: RPCTypes,
+        channel: Channel,
         option: &RPCOption,
         rpc: Result<raft_rpc::Kind, TransportError>,
     ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
@@ -404,11 +550,11 @@ impl PeerClient {
         let peer = self.peer.clone();
         let reply = async move {
             match rpc {
-                Ok(rpc) => peer.call(rpc).await.map_err(Arc::new),
+                Ok(rpc) => peer.call(rpc, channel).await.map_err(Arc::new),
                 Err(e) => Err(Arc::new(Failure::Network(e))),
             }
         };
-        self.finish(action, option, reply).await
+        self.finish(action, channel, option, reply).await
     }
 }
 
@@ -441,7 +587,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         if rpc.entries.is_empty() {
             let encoded = encode_append_entries(&rpc);
             drop(rpc);
-            return self.rpc(RPCTypes::AppendEntries, &option, encoded).await;
+            return self
+                .rpc(RPCTypes::AppendEntries, Channel::Control, &option, encoded)
+                .await;
         }
         let key = AppendKey {
             vote: rpc.vote,
@@ -467,7 +615,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         drop(rpc);
         let reply = delivery.reply.clone();
         self.delivery = Some(delivery);
-        self.finish(RPCTypes::AppendEntries, &option, reply).await
+        self.finish(RPCTypes::AppendEntries, Channel::Bulk, &option, reply)
+            .await
     }
 
     async fn install_snapshot(
@@ -487,7 +636,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 done: rpc.done,
             }))
         })();
-        self.rpc(RPCTypes::InstallSnapshot, &option, encoded).await
+        self.rpc(RPCTypes::InstallSnapshot, Channel::Bulk, &option, encoded)
+            .await
     }
 
     async fn vote(
@@ -496,7 +646,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         let encoded = to_json(&rpc).map(raft_rpc::Kind::VoteJson);
-        self.rpc(RPCTypes::Vote, &option, encoded).await
+        self.rpc(RPCTypes::Vote, Channel::Control, &option, encoded)
+            .await
     }
 }
 
@@ -532,62 +683,26 @@ impl Drop for Outgoing {
     }
 }
 
+/// Dials `member` through the node's one identity-checking dial: the peer must present a
+/// core certificate for exactly that member's name.
 async fn dial(
     endpoint: quinn::Endpoint,
     member: Member,
 ) -> Result<quinn::Connection, TransportError> {
-    let addr = member.addr.clone();
-    match tokio::time::timeout(DIAL_TIMEOUT, dial_inner(endpoint, member)).await {
-        Ok(r) => r,
-        Err(_) => Err(TransportError::DialTimeout { addr }),
-    }
-}
-
-async fn dial_inner(
-    endpoint: quinn::Endpoint,
-    member: Member,
-) -> Result<quinn::Connection, TransportError> {
-    let addr = &member.addr;
-    let resolve = |reason: String| TransportError::Resolve {
-        addr: addr.clone(),
-        reason,
+    let expect = transport::Expect::Member {
+        name: &member.name,
+        role: Role::Core,
     };
-    let sockaddr = tokio::net::lookup_host(addr.as_str())
+    transport::dial(&endpoint, None, &member.addr, DIAL_TIMEOUT, expect)
         .await
-        .map_err(|e| resolve(e.to_string()))?
-        .next()
-        .ok_or_else(|| resolve("no addresses".into()))?;
-    let conn = endpoint
-        .connect(sockaddr, tls::SERVER_NAME)
-        .map_err(|source| TransportError::Connect {
-            addr: addr.clone(),
-            source,
-        })?
-        .await
-        .map_err(|source| TransportError::Connection {
-            addr: addr.clone(),
-            source,
-        })?;
-    match tls::peer_identity(&conn) {
-        Some((name, Role::Core)) if name == member.name => Ok(conn),
-        other => {
-            conn.close(quinn::VarInt::from_u32(0), b"not the expected core member");
-            Err(TransportError::WrongPeer {
-                addr: addr.clone(),
-                expected: member.name.clone(),
-                found: other.map_or("unidentified".into(), |(n, r)| format!("{n} ({r})")),
-            })
-        }
-    }
+        .map_err(TransportError::Dialed)
 }
 
-fn classify(e: WireError) -> Failure {
-    match e {
-        WireError::Read(quinn::ReadError::ConnectionLost(_))
-        | WireError::Write(quinn::WriteError::ConnectionLost(_)) => {
-            Failure::Unreachable(TransportError::Wire(e))
-        }
-        e => Failure::Network(TransportError::Wire(e)),
+fn classify(e: StreamError) -> Failure {
+    if e.is_connection_lost() {
+        Failure::Unreachable(TransportError::Wire(e))
+    } else {
+        Failure::Network(TransportError::Wire(e))
     }
 }
 
@@ -617,24 +732,139 @@ fn error_reply(e: String) -> proto::RaftReply {
 impl Core {
     /// Serve one Raft RPC from a peer: decode it, hand it to openraft, and encode the answer.
     /// Malformed input is answered with `RaftReply{error}`.
-    pub async fn handle_rpc(&self, rpc: proto::RaftRpc) -> proto::RaftReply {
+    /// `from` is the node id of the name in the sender's certificate: an RPC that speaks for
+    /// another node (as leader, candidate or heartbeat sender) is refused.
+    pub async fn handle_rpc(&self, rpc: proto::RaftRpc, from: NodeId) -> proto::RaftReply {
+        let impostor = |claimed: NodeId| {
+            error_reply(format!(
+                "the rpc speaks for node {claimed}, but the sender's certificate is node {from}"
+            ))
+        };
+        let speaks_for = |vote: &openraft::Vote<NodeId>| vote.leader_id().voted_for();
         match rpc.kind {
             Some(raft_rpc::Kind::AppendEntries(ae)) => match decode_append_entries(ae) {
-                Ok(req) => reply(self.raft.append_entries(req).await),
+                Ok(req) if speaks_for(&req.vote).is_some_and(|id| id != from) => {
+                    impostor(speaks_for(&req.vote).unwrap_or_default())
+                }
+                Ok(req) => {
+                    self.heard(&req.vote);
+                    reply(self.raft.append_entries(req).await)
+                }
                 Err(e) => error_reply(e),
             },
             Some(raft_rpc::Kind::VoteJson(json)) => {
                 match from_json::<VoteRequest<NodeId>>("vote request", &json) {
+                    Ok(req) if speaks_for(&req.vote).is_some_and(|id| id != from) => {
+                        impostor(speaks_for(&req.vote).unwrap_or_default())
+                    }
                     Ok(req) => reply(self.raft.vote(req).await),
                     Err(e) => error_reply(e),
                 }
             }
-            Some(raft_rpc::Kind::InstallSnapshot(is)) => match decode_install_snapshot(is) {
-                Ok(req) => reply(self.raft.install_snapshot(req).await),
-                Err(e) => error_reply(e),
-            },
+            Some(raft_rpc::Kind::InstallSnapshot(is)) => {
+                let req = match self.decode_install_snapshot(is) {
+                    Ok(req) => req,
+                    Err(e) => return error_reply(e),
+                };
+                if let Some(id) = speaks_for(&req.vote).filter(|id| *id != from) {
+                    return impostor(id);
+                }
+                self.heard(&req.vote);
+                let id = req.meta.snapshot_id.clone();
+                let end = req.offset + req.data.len() as u64;
+                let done = req.done;
+                let result = self.raft.install_snapshot(req).await;
+                if result.is_ok() {
+                    let mut rx = self.snapshot_rx.lock().unwrap_or_else(|e| e.into_inner());
+                    *rx = match rx.take() {
+                        _ if done => None,
+                        Some((current, next)) if current == id => Some((id, next.max(end))),
+                        _ => Some((id, end)),
+                    };
+                }
+                reply(result)
+            }
+            Some(raft_rpc::Kind::PreVoteJson(json)) => {
+                match from_json::<PreVoteRequest>("pre-vote request", &json) {
+                    Ok(req) if req.candidate != from => impostor(req.candidate),
+                    Ok(req) => {
+                        let last = *self.last_log_id.lock().unwrap_or_else(|e| e.into_inner());
+                        let resp = election::answer_pre_vote(
+                            &self.raft,
+                            &self.liveness,
+                            &self.timing,
+                            last,
+                            &req,
+                        );
+                        reply(Ok::<_, ()>(resp))
+                    }
+                    Err(e) => error_reply(e),
+                }
+            }
+            Some(raft_rpc::Kind::HeartbeatJson(json)) => {
+                match from_json::<Heartbeat>("heartbeat", &json) {
+                    Ok(beat) if speaks_for(&beat.vote).is_some_and(|id| id != from) => {
+                        impostor(speaks_for(&beat.vote).unwrap_or_default())
+                    }
+                    Ok(beat) => {
+                        let vote = self.heard(&beat.vote);
+                        reply(Ok::<_, ()>(HeartbeatResponse { vote }))
+                    }
+                    Err(e) => error_reply(e),
+                }
+            }
             None => error_reply("raft rpc without kind".into()),
         }
+    }
+
+    /// Count a message carrying `vote` as leader contact if it is a leader's vote at least as
+    /// high as this member's; returns this member's vote.
+    fn heard(&self, vote: &openraft::Vote<NodeId>) -> openraft::Vote<NodeId> {
+        let mine = self.raft.metrics().borrow().vote;
+        self.liveness.heard(vote, &mine);
+        mine
+    }
+
+    /// Decode an InstallSnapshot segment, refusing one that ends beyond the largest snapshot
+    /// this node accepts or starts past the bytes received so far of that snapshot; checked
+    /// before the segment is copied or handed to openraft.
+    fn decode_install_snapshot(
+        &self,
+        is: proto::InstallSnapshot,
+    ) -> Result<InstallSnapshotRequest<TypeConfig>, String> {
+        let vote = from_json("vote", &is.vote_json)?;
+        let meta: super::SnapshotMeta = from_json("snapshot meta", &is.meta_json)?;
+        let fits = is
+            .offset
+            .checked_add(is.data.len() as u64)
+            .is_some_and(|end| end <= self.max_snapshot_bytes);
+        if !fits {
+            return Err(format!(
+                "snapshot segment at offset {} of {} bytes ends beyond the largest snapshot this \
+                 node accepts ({} bytes)",
+                is.offset,
+                is.data.len(),
+                self.max_snapshot_bytes
+            ));
+        }
+        let received = match &*self.snapshot_rx.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((id, next)) if *id == meta.snapshot_id => *next,
+            _ => 0,
+        };
+        if is.offset > received {
+            return Err(format!(
+                "snapshot segment at offset {} leaves a gap: {received} bytes of snapshot {} \
+                 were received",
+                is.offset, meta.snapshot_id
+            ));
+        }
+        Ok(InstallSnapshotRequest {
+            vote,
+            meta,
+            offset: is.offset,
+            data: is.data.to_vec(),
+            done: is.done,
+        })
     }
 }
 
@@ -651,17 +881,5 @@ fn decode_append_entries(
             .map(entry_from_proto)
             .collect::<Result<_, _>>()
             .map_err(|e| format!("decoding entries: {e}"))?,
-    })
-}
-
-fn decode_install_snapshot(
-    is: proto::InstallSnapshot,
-) -> Result<InstallSnapshotRequest<TypeConfig>, String> {
-    Ok(InstallSnapshotRequest {
-        vote: from_json("vote", &is.vote_json)?,
-        meta: from_json("snapshot meta", &is.meta_json)?,
-        offset: is.offset,
-        data: is.data.to_vec(),
-        done: is.done,
     })
 }

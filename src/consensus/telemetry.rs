@@ -1,4 +1,5 @@
-//! Raft state as a serializable status and as Prometheus metrics labelled with the member name.
+//! Raft state as a serializable status and as Prometheus metrics labelled with the member
+//! name, and the filter that keeps openraft's peer failures out of the ERROR log.
 //!
 //! Invariants:
 //! - The gauges follow every change of openraft's metrics until the Raft instance stops.
@@ -8,8 +9,49 @@
 use openraft::metrics::RaftMetrics;
 use openraft::ServerState;
 use tokio::sync::watch;
+use tracing::subscriber::Interest;
+use tracing::{Level, Metadata};
+use tracing_subscriber::layer::{Context, Layer};
 
 use super::{CommittedIndex, Member, NodeId};
+
+/// A tracing layer that drops openraft's ERROR events for a failed RPC to a peer (its
+/// replication's `RPCError` and its vote requests' `timeout` and `while requesting vote`).
+/// openraft reports each such failure again at WARN, and [`super::Network`] logs a peer becoming
+/// unreachable (WARN) and reachable again (INFO) once: a paused, restarting or partitioned
+/// peer is an expected, recovered condition, not an error. Every other event passes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QuietPeerErrors;
+
+impl QuietPeerErrors {
+    fn drops(meta: &Metadata<'_>) -> bool {
+        if !meta.is_event() || *meta.level() != Level::ERROR {
+            return false;
+        }
+        let fields = meta.fields();
+        match meta.target() {
+            "openraft::replication" => fields.field("err").is_some(),
+            "openraft::core::raft_core" => {
+                fields.field("target").is_some() && fields.field("error").is_some()
+            }
+            _ => false,
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for QuietPeerErrors {
+    fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
+        if Self::drops(meta) {
+            Interest::never()
+        } else {
+            Interest::always()
+        }
+    }
+
+    fn enabled(&self, meta: &Metadata<'_>, _: Context<'_, S>) -> bool {
+        !Self::drops(meta)
+    }
+}
 
 /// A summary of one core node's Raft state.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -22,6 +64,8 @@ pub struct RaftStatus {
     pub last_log_index: Option<u64>,
     /// openraft's server state: Leader, Follower, Candidate, Learner or Shutdown.
     pub state: String,
+    /// The root cross-checks this member made.
+    pub root_checks: super::RootCheckCounts,
 }
 
 /// Export the Raft metrics of node `node` until `metrics` closes.

@@ -12,9 +12,14 @@ use crate::proto;
 use crate::tls::{self, Role, TransportConfig};
 use crate::wire::DEFAULT_MAX_FRAME;
 
+/// A file state machine like the replica's: proposals deduplicated by id, each applied one
+/// bumping the version by one.
 pub(super) struct TestSm {
     file: Mutex<ChunkedFile>,
+    dedup: Mutex<DedupTable>,
     pub(super) installs: AtomicUsize,
+    /// Apply every later update with its first byte changed (a diverging member).
+    pub(super) corrupt: std::sync::atomic::AtomicBool,
 }
 
 impl TestSm {
@@ -23,13 +28,13 @@ impl TestSm {
             file: Mutex::new(
                 ChunkedFile::new(file::DEFAULT_CHUNK_SIZE, file::DEFAULT_MAX_LEN).unwrap(),
             ),
+            dedup: Mutex::default(),
             installs: AtomicUsize::new(0),
+            corrupt: Default::default(),
         })
     }
-}
 
-impl FileStateMachine for TestSm {
-    fn apply(&self, _log_index: u64, proposal: &proto::Proposal) -> ApplyOutcome {
+    fn apply_new(&self, proposal: &proto::Proposal) -> ApplyOutcome {
         let mut f = self.file.lock().unwrap();
         let version = f.version();
         if let Some(pre) = &proposal.precondition {
@@ -44,7 +49,19 @@ impl FileStateMachine for TestSm {
                 }
             }
         }
-        let update = match Update::try_from(proposal.update.clone().unwrap_or_default()) {
+        let mut update = proposal.update.clone().unwrap_or_default();
+        if self.corrupt.load(Ordering::SeqCst) {
+            for op in &mut update.ops {
+                if let Some(proto::op::Kind::Write(w)) = &mut op.kind {
+                    let mut data = w.data.to_vec();
+                    if let Some(b) = data.first_mut() {
+                        *b ^= 0xff;
+                    }
+                    w.data = data.into();
+                }
+            }
+        }
+        let update = match Update::try_from(update) {
             Ok(u) => u,
             Err(e) => {
                 return ApplyOutcome::Rejected {
@@ -63,14 +80,33 @@ impl FileStateMachine for TestSm {
             },
         }
     }
+}
+
+impl FileStateMachine for TestSm {
+    fn apply(&self, _log_index: u64, proposal: &proto::Proposal) -> ApplyOutcome {
+        if let Some(first) = self.dedup.lock().unwrap().get(&proposal.id) {
+            return first.clone();
+        }
+        let outcome = self.apply_new(proposal);
+        self.dedup
+            .lock()
+            .unwrap()
+            .record(proposal.id.clone(), outcome.clone());
+        outcome
+    }
 
     fn current(&self) -> ChunkedFile {
         self.file.lock().unwrap().clone()
     }
 
-    fn install(&self, file: ChunkedFile) {
+    fn dedup(&self) -> DedupTable {
+        self.dedup.lock().unwrap().clone()
+    }
+
+    fn install(&self, file: ChunkedFile, dedup: DedupTable) {
         self.installs.fetch_add(1, Ordering::SeqCst);
         *self.file.lock().unwrap() = file;
+        *self.dedup.lock().unwrap() = dedup;
     }
 }
 
@@ -94,9 +130,19 @@ impl Pki {
         name: &str,
         addr: SocketAddr,
     ) -> std::io::Result<quinn::Endpoint> {
+        self.endpoint_as(name, Role::Core, addr)
+    }
+
+    /// A mutual-TLS endpoint of `name` with a certificate of `role`, bound to `addr`.
+    pub(super) fn endpoint_as(
+        &self,
+        name: &str,
+        role: Role,
+        addr: SocketAddr,
+    ) -> std::io::Result<quinn::Endpoint> {
         let certs = self.dir.path().join("certs");
         if !certs.join(format!("{name}.pem")).exists() {
-            tls::cert_issue(&self.ca, name, Role::Core, &certs).unwrap();
+            tls::cert_issue(&self.ca, name, role, &certs).unwrap();
         }
         let id = tls::Identity::load(&certs, name).unwrap();
         let sock = std::net::UdpSocket::bind(addr)?;
@@ -113,7 +159,7 @@ fn member() -> Member {
 
 pub(super) fn fast_config() -> RaftConfig {
     RaftConfig {
-        heartbeat_interval_ms: 50,
+        heartbeat_interval_ms: 25,
         election_timeout_min_ms: 150,
         election_timeout_max_ms: 300,
         ..RaftConfig::default()
@@ -197,7 +243,7 @@ fn config_validation() {
         Err(ConsensusError::InvalidConfig(_))
     ));
     let bad = RaftConfig {
-        election_timeout_max_ms: 1500,
+        election_timeout_max_ms: 500,
         ..RaftConfig::default()
     };
     assert!(bad.validate().is_err());
@@ -206,6 +252,52 @@ fn config_validation() {
         ..RaftConfig::default()
     };
     assert!(bad.validate().is_err());
+    for bad in [
+        RaftConfig {
+            heartbeat_interval_ms: 5,
+            ..RaftConfig::default()
+        },
+        RaftConfig {
+            election_timeout_min_ms: 399,
+            ..RaftConfig::default()
+        },
+        RaftConfig {
+            max_stall_ms: 100,
+            ..RaftConfig::default()
+        },
+        RaftConfig {
+            catch_up_timeout_ms: 0,
+            ..RaftConfig::default()
+        },
+    ] {
+        assert!(
+            matches!(bad.validate(), Err(ConsensusError::InvalidConfig(_))),
+            "{bad:?}"
+        );
+    }
+    let or = RaftConfig::default().to_openraft().unwrap();
+    assert!(
+        !or.enable_elect,
+        "only the pre-vote driver starts elections"
+    );
+    assert_eq!(
+        or.election_timeout_max, 250,
+        "openraft's lease: half the minimum"
+    );
+    assert!(or.election_timeout_min > or.heartbeat_interval);
+}
+
+#[test]
+fn raft_config_reads_from_toml_with_defaults() {
+    let cfg: RaftConfig = toml::from_str("heartbeat_interval_ms = 50").unwrap();
+    assert_eq!(
+        cfg,
+        RaftConfig {
+            heartbeat_interval_ms: 50,
+            ..RaftConfig::default()
+        }
+    );
+    assert!(toml::from_str::<RaftConfig>("election_timeout = 5").is_err());
 }
 
 #[tokio::test]
@@ -313,10 +405,14 @@ async fn snapshots_purge_the_log_and_restore() {
     core.shutdown().await.unwrap();
     drop(core);
 
-    let bytes = std::fs::read(&snap_path).unwrap();
-    let (meta, file) = state_machine::decode(&bytes).unwrap();
-    assert!(meta.last_log_id.unwrap().index > purged.index);
-    assert!(file.version() > 0);
+    let limits = snapshot::Limits::of(&sm.current());
+    let decoded = snapshot::read(
+        &mut std::io::BufReader::new(std::fs::File::open(&snap_path).unwrap()),
+        limits,
+    )
+    .unwrap();
+    assert!(decoded.meta.last_log_id.unwrap().index > purged.index);
+    assert!(decoded.file.version() > 0);
 
     {
         use openraft::storage::RaftLogStorage;
@@ -379,10 +475,10 @@ async fn handle_rpc_answers_malformed_input_with_an_error() {
     let is_error = |r: proto::RaftReply| matches!(r.kind, Some(proto::raft_reply::Kind::Error(_)));
     let rpc = |kind| proto::RaftRpc { kind: Some(kind) };
     assert!(is_error(
-        core.handle_rpc(proto::RaftRpc { kind: None }).await
+        core.handle_rpc(proto::RaftRpc { kind: None }, 7).await
     ));
     assert!(is_error(
-        core.handle_rpc(rpc(proto::raft_rpc::Kind::VoteJson("{".into())))
+        core.handle_rpc(rpc(proto::raft_rpc::Kind::VoteJson("{".into())), 7)
             .await
     ));
     let vote = serde_json::to_string(&openraft::Vote::new_committed(1, 7u64)).unwrap();
@@ -398,7 +494,7 @@ async fn handle_rpc_answers_malformed_input_with_an_error() {
         }],
     };
     assert!(is_error(
-        core.handle_rpc(rpc(proto::raft_rpc::Kind::AppendEntries(bad_entries)))
+        core.handle_rpc(rpc(proto::raft_rpc::Kind::AppendEntries(bad_entries)), 7)
             .await
     ));
     let bad_snapshot = proto::InstallSnapshot {
@@ -409,7 +505,7 @@ async fn handle_rpc_answers_malformed_input_with_an_error() {
         done: true,
     };
     assert!(is_error(
-        core.handle_rpc(rpc(proto::raft_rpc::Kind::InstallSnapshot(bad_snapshot)))
+        core.handle_rpc(rpc(proto::raft_rpc::Kind::InstallSnapshot(bad_snapshot)), 7)
             .await
     ));
     let stale = openraft::raft::VoteRequest::<NodeId> {
@@ -417,9 +513,12 @@ async fn handle_rpc_answers_malformed_input_with_an_error() {
         last_log_id: None,
     };
     let reply = core
-        .handle_rpc(rpc(proto::raft_rpc::Kind::VoteJson(
-            serde_json::to_string(&stale).unwrap(),
-        )))
+        .handle_rpc(
+            rpc(proto::raft_rpc::Kind::VoteJson(
+                serde_json::to_string(&stale).unwrap(),
+            )),
+            7,
+        )
         .await;
     let Some(proto::raft_reply::Kind::OkJson(json)) = reply.kind else {
         panic!("a well-formed vote gets an openraft answer: {reply:?}");
@@ -428,4 +527,153 @@ async fn handle_rpc_answers_malformed_input_with_an_error() {
     assert!(!resp.vote_granted);
     assert!(core.is_leader());
     core.shutdown().await.unwrap();
+}
+
+/// Mounts a tmpfs of `mb` MiB at `dir`; None (with the reason printed) where mounting is not
+/// permitted.
+fn mount_tmpfs(dir: &Path, mb: u64) -> Option<Mount> {
+    let out = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+        .arg(dir)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(Mount(dir.to_path_buf())),
+        Ok(o) => {
+            eprintln!(
+                "skipping: cannot mount a tmpfs ({})",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("skipping: cannot run mount ({e})");
+            None
+        }
+    }
+}
+
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_raft_and_nothing_after_it_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_mount) = mount_tmpfs(dir.path(), 16) else {
+        return;
+    };
+    let (core, _sm) = open_leader(dir.path(), &fast_config()).await;
+    let mut failed = 0;
+    for i in 0..200u64 {
+        match core.propose(write(0, vec![i as u8; 512 * 1024])).await {
+            Ok(outcome) => assert_eq!(failed, 0, "acknowledged after a failure: {outcome:?}"),
+            Err(_) => failed += 1,
+        }
+        if failed >= 3 {
+            break;
+        }
+    }
+    assert!(failed >= 3, "the disk never filled");
+    let reason = tokio::time::timeout(Duration::from_secs(10), core.fatal())
+        .await
+        .expect("fatal() reports the stop");
+    let text = reason.to_string();
+    assert!(
+        matches!(reason, ConsensusError::Storage(_)) && text.contains("os error 28"),
+        "{text}"
+    );
+    assert!(!core.is_leader());
+    assert_eq!(core.status().state, "Shutdown");
+}
+
+#[tokio::test]
+async fn fatal_does_not_report_a_requested_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (core, _sm) = open_leader(dir.path(), &fast_config()).await;
+    core.shutdown().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), core.fatal())
+            .await
+            .is_err(),
+        "a requested shutdown is not a failure"
+    );
+}
+
+#[tokio::test]
+async fn snapshot_segments_beyond_the_limit_or_past_a_gap_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (core, _sm) = open_leader(dir.path(), &fast_config()).await;
+    let term = core.status().term;
+    let vote = serde_json::to_string(&openraft::Vote::new_committed(term + 1, 7u64)).unwrap();
+    let meta = SnapshotMeta {
+        snapshot_id: "hostile".into(),
+        ..Default::default()
+    };
+    let segment = |offset: u64| proto::RaftRpc {
+        kind: Some(proto::raft_rpc::Kind::InstallSnapshot(
+            proto::InstallSnapshot {
+                vote_json: vote.clone(),
+                meta_json: serde_json::to_string(&meta).unwrap(),
+                offset,
+                data: Bytes::from_static(b"x"),
+                done: false,
+            },
+        )),
+    };
+    let error = |r: proto::RaftReply| match r.kind {
+        Some(proto::raft_reply::Kind::Error(e)) => e,
+        other => panic!("expected an error reply: {other:?}"),
+    };
+    let e = error(core.handle_rpc(segment(1 << 40), 7).await);
+    assert!(e.contains("beyond the largest snapshot"), "{e}");
+    let e = error(core.handle_rpc(segment(u64::MAX), 7).await);
+    assert!(e.contains("beyond the largest snapshot"), "{e}");
+    let e = error(core.handle_rpc(segment(4096), 7).await);
+    assert!(e.contains("leaves a gap"), "{e}");
+    assert!(core.is_leader(), "refused before openraft saw the vote");
+    assert_eq!(
+        core.propose(write(0, &b"still fine"[..])).await.unwrap(),
+        ApplyOutcome::Applied { version: 1 }
+    );
+    core.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_rpc_that_speaks_for_another_node_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (core, _sm) = open_leader(dir.path(), &fast_config()).await;
+    let term = core.status().term;
+    let rpc = |kind| proto::RaftRpc { kind: Some(kind) };
+    let vote = openraft::raft::VoteRequest::<NodeId> {
+        vote: openraft::Vote::new(term + 5, 7),
+        last_log_id: None,
+    };
+    let json = serde_json::to_string(&vote).unwrap();
+    let reply = core
+        .handle_rpc(rpc(proto::raft_rpc::Kind::VoteJson(json.clone())), 9)
+        .await;
+    let Some(proto::raft_reply::Kind::Error(e)) = reply.kind else {
+        panic!("a vote for node 7 sent by node 9 is refused: {reply:?}");
+    };
+    assert!(e.contains("speaks for node 7"), "{e}");
+    assert_eq!(core.status().term, term, "openraft never saw it");
+    assert!(core.is_leader());
+    let beat = serde_json::to_string(&election::Heartbeat {
+        vote: openraft::Vote::new_committed(term + 5, 7),
+    })
+    .unwrap();
+    let reply = core
+        .handle_rpc(rpc(proto::raft_rpc::Kind::HeartbeatJson(beat)), 9)
+        .await;
+    assert!(matches!(
+        reply.kind,
+        Some(proto::raft_reply::Kind::Error(_))
+    ));
 }

@@ -16,6 +16,7 @@ pub const RELAY_NODE: &str = env!("CARGO_BIN_EXE_relay-node");
 pub fn canopy(args: &[&str]) -> String {
     let out = Command::new(CANOPY)
         .args(args)
+        .env("CANOPY_API_TOKEN", TOKEN)
         .output()
         .expect("run canopy");
     assert!(
@@ -26,10 +27,16 @@ pub fn canopy(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A cluster CA and a directory of node certificates made by the real CLI.
+/// The API token every test node is started with (`--api-token-file`), and that [`http`]
+/// presents.
+pub const TOKEN: &str = "test-token";
+
+/// A cluster CA and a directory of node certificates made by the real CLI, and the API
+/// token file the nodes share.
 pub struct Pki {
     pub ca: PathBuf,
     pub tls: PathBuf,
+    pub token: PathBuf,
 }
 
 impl Pki {
@@ -37,7 +44,9 @@ impl Pki {
         let ca = root.join("ca");
         let tls = root.join("tls");
         canopy(&["ca", "init", "--out", ca.to_str().unwrap()]);
-        Pki { ca, tls }
+        let token = root.join("api-token");
+        std::fs::write(&token, TOKEN).unwrap();
+        Pki { ca, tls, token }
     }
 
     pub fn issue(&self, name: &str, role: &str) {
@@ -56,14 +65,14 @@ impl Pki {
     }
 }
 
-fn free_udp() -> SocketAddr {
+pub fn free_udp() -> SocketAddr {
     UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
 }
 
-fn free_tcp() -> SocketAddr {
+pub fn free_tcp() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -77,9 +86,12 @@ fn base_args(
     api: SocketAddr,
     data: &Path,
     file: &Path,
-    tls: &Path,
+    pki: &Pki,
 ) -> Vec<String> {
+    let tls = &pki.tls;
     vec![
+        "--api-token-file".into(),
+        pki.token.display().to_string(),
         "--name".into(),
         name.into(),
         "--listen".into(),
@@ -154,7 +166,7 @@ impl Proc {
             let api = free_tcp();
             let data = root.join("data").join(name);
             let file = root.join("files").join(name);
-            let mut args: Vec<String> = base_args(name, quic, api, &data, &file, &pki.tls);
+            let mut args: Vec<String> = base_args(name, quic, api, &data, &file, pki);
             if core {
                 args.push("--init".into());
             } else {
@@ -203,7 +215,7 @@ impl Proc {
                 let data = root.join("data").join(name);
                 let file = root.join("files").join(name);
                 let mut args: Vec<String> = {
-                    let mut a = base_args(name, *quic, *api, &data, &file, &pki.tls);
+                    let mut a = base_args(name, *quic, *api, &data, &file, pki);
                     a.push("--init".into());
                     a
                 };
@@ -231,13 +243,45 @@ impl Proc {
         procs
     }
 
+    /// Starts a node whose QUIC address is `quic` (picked by the caller, e.g. to name it in
+    /// another node's flags first), with `extra` flags; `--init` for a core is left to them.
+    pub fn start_at(
+        root: &Path,
+        pki: &Pki,
+        name: &str,
+        core: bool,
+        quic: SocketAddr,
+        extra: &[&str],
+    ) -> Proc {
+        let api = free_tcp();
+        let data = root.join("data").join(name);
+        let file = root.join("files").join(name);
+        let mut args: Vec<String> = base_args(name, quic, api, &data, &file, pki);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut p = Proc {
+            name: name.to_string(),
+            quic,
+            api,
+            data,
+            file,
+            args,
+            env: Vec::new(),
+            bin: if core { CORE_NODE } else { RELAY_NODE },
+            child: None,
+            log: root.join(format!("{name}.log")),
+        };
+        p.spawn_child();
+        assert!(p.wait_ready(), "{name} did not start; see its log");
+        p
+    }
+
     /// Starts a core node without `--init`, to be added to a running core with
     /// `canopy core add`.
     pub fn start_core_joiner(root: &Path, pki: &Pki, name: &str) -> Proc {
         let (quic, api) = (free_udp(), free_tcp());
         let data = root.join("data").join(name);
         let file = root.join("files").join(name);
-        let args: Vec<String> = base_args(name, quic, api, &data, &file, &pki.tls);
+        let args: Vec<String> = base_args(name, quic, api, &data, &file, pki);
         let mut p = Proc {
             name: name.to_string(),
             quic,
@@ -273,6 +317,11 @@ impl Proc {
 
     pub fn resume(&self) {
         self.signal("-CONT");
+    }
+
+    /// The process's exit status, once it has exited by itself.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     /// Whether the process is running.
@@ -338,9 +387,16 @@ impl Drop for Proc {
     }
 }
 
+/// An HTTP client that presents the test nodes' API token.
 pub fn http() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {TOKEN}").parse().unwrap(),
+    );
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
+        .default_headers(headers)
         .build()
         .unwrap()
 }
@@ -382,12 +438,9 @@ pub async fn metrics(c: &reqwest::Client, p: &Proc) -> String {
         .unwrap()
 }
 
-/// The value of the first series of `name` in Prometheus text.
+/// The value of the first series of `name` in Prometheus text (the library's one parser).
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    canopy::measure::metric_value(text, name)
 }
 
 /// Version and root from a node's status.
@@ -434,4 +487,95 @@ pub async fn file_of(c: &reqwest::Client, p: &Proc) -> Vec<u8> {
         .await
         .unwrap()
         .to_vec()
+}
+
+/// Replaces the whole file on `node` with `size` seeded random bytes; returns the version and
+/// the content.
+pub async fn put_random(
+    c: &reqwest::Client,
+    node: &Proc,
+    size: usize,
+    seed: u64,
+) -> (u64, Vec<u8>) {
+    use rand::{RngCore, SeedableRng};
+    let mut content = vec![0u8; size];
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut content);
+    let r = c
+        .put(node.url("/v1/file"))
+        .body(content.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+    let v = r.json::<Value>().await.unwrap()["version"]
+        .as_u64()
+        .unwrap();
+    (v, content)
+}
+
+/// The index of the core node that leads (waits up to 60 s for one).
+pub async fn leader_index(c: &reqwest::Client, cores: &[Proc]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for (i, p) in cores.iter().enumerate() {
+            if p.is_running() && status(c, p).await.is_some_and(|s| s["role"] == "leader") {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader within 60 s");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The Raft term a core node reports.
+pub async fn term(c: &reqwest::Client, p: &Proc) -> u64 {
+    status(c, p).await.unwrap()["core"]["term"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Writes `body` at `offset` through `p`; the version, or `None` if it failed.
+pub async fn patch(c: &reqwest::Client, p: &Proc, offset: u64, body: Vec<u8>) -> Option<u64> {
+    let r = c
+        .patch(p.url(&format!("/v1/file?offset={offset}")))
+        .body(body)
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    r.json::<serde_json::Value>().await.ok()?["version"].as_u64()
+}
+
+/// Waits until every node in `nodes` shows the same version and root; returns them.
+pub async fn agree(c: &reqwest::Client, nodes: &[&Proc]) -> (u64, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut seen = Vec::new();
+        for p in nodes {
+            seen.push(version_root(c, p).await);
+        }
+        if seen.iter().all(|x| x.is_some() && *x == seen[0]) {
+            return seen[0].clone().unwrap();
+        }
+        assert!(Instant::now() < deadline, "nodes did not agree: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A core of `n` members c1..cN, every one its own process.
+pub fn core_cluster(root: &Path, n: usize) -> (Pki, Vec<Proc>) {
+    let pki = Pki::new(root);
+    let names: Vec<String> = (1..=n).map(|i| format!("c{i}")).collect();
+    for nm in &names {
+        pki.issue(nm, "core");
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let cores = Proc::start_core_cluster(root, &pki, &refs);
+    (pki, cores)
 }

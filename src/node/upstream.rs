@@ -1,4 +1,4 @@
-//! A relay's side of the tree: drives the overlay state machine and follows its parent.
+//! A relay's side of the tree: follows the parent the overlay chooses.
 //!
 //! Invariants:
 //! - The replica consumes frames from exactly one parent stream at a time.
@@ -9,155 +9,37 @@
 //! - A parent's stream is read by a task of its own: the follower's waits are cancel-safe,
 //!   so no command or limit ever interrupts a frame half read.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn::VarInt;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::backfill::Transfer;
 use crate::fetch;
-use crate::node::{code, connect, exchange, now_us, Shared};
-use crate::overlay::{Input, Output, Peer, PeerInfo, Reason};
+use crate::overlay::{Input, Peer, Reason};
 use crate::proto::{self, downstream::Kind as Down, request};
-use crate::replica::{Event, ReplicaError};
-use crate::wire::{self, RawFrame, WireError};
+use crate::replica::{Event, Replica, ReplicaError};
+use crate::transport::{self, StreamError};
+use crate::wire::RawFrame;
 
-/// What the overlay driver asks the upstream follower to do.
-#[derive(Debug)]
-pub(crate) enum Command {
-    Attach { addr: String, reason: Reason },
-    Detach { addr: String },
-}
-
-/// Converts between the overlay's and the wire's peer descriptions.
-pub fn peer_to_proto(p: &PeerInfo) -> proto::PeerInfo {
-    proto::PeerInfo {
-        name: p.name.clone(),
-        addr: p.addr.clone(),
-        depth: p.depth.map(|d| d as i32).unwrap_or(-1),
-        free_slots: p.free_slots,
-        root_path: p.root_path.clone(),
-    }
-}
-
-pub fn peer_from_proto(p: proto::PeerInfo) -> Peer {
-    Peer::new(PeerInfo {
-        name: p.name,
-        addr: p.addr,
-        depth: u32::try_from(p.depth).ok(),
-        free_slots: p.free_slots,
-        root_path: p.root_path,
-        height: 0,
-        room: 0,
-        zone: None,
-    })
-}
-
-/// A seed for this node's overlay RNG, logged so a run can be replayed.
-pub(crate) fn overlay_rng(name: &str) -> ChaCha8Rng {
-    let seed = blake3::hash(format!("{name}/{}", now_us()).as_bytes());
-    let seed: [u8; 32] = *seed.as_bytes();
-    info!(node = %name, seed = %hex::encode(seed), "overlay rng seed");
-    ChaCha8Rng::from_seed(seed)
-}
-
-/// Runs the overlay: ticks, sample requests, and attach decisions handed to the follower.
-pub(crate) async fn overlay_loop(
-    shared: Arc<Shared>,
-    mut inputs: mpsc::UnboundedReceiver<Input>,
-    cmds: mpsc::UnboundedSender<Command>,
-) {
-    let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let input = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = tick.tick() => None,
-            i = inputs.recv() => match i { Some(i) => Some(i), None => return },
-        };
-        let now = start.elapsed().as_millis() as u64;
-        let children: Vec<(String, String)> = shared
-            .state
-            .lock()
-            .unwrap()
-            .children
-            .values()
-            .map(|c| (c.name.clone(), c.addr.clone()))
-            .collect();
-        let outputs = {
-            let mut o = shared.overlay.lock().unwrap();
-            let mut rng = shared.overlay_rng.lock().unwrap();
-            let mut out = Vec::new();
-            for change in o.children_changes(&children) {
-                out.extend(o.handle(now, change, &mut *rng));
-            }
-            out.extend(o.handle(now, input.unwrap_or(Input::Tick), &mut *rng));
-            out
-        };
-        for out in outputs {
-            match out {
-                Output::RequestSample { addr, offer } => {
-                    let s = shared.clone();
-                    shared.tasks.spawn(async move {
-                        let input = match request_sample(&s, &addr, offer).await {
-                            Ok((info, peers)) => Input::Sampled { addr, info, peers },
-                            Err(e) => {
-                                warn!(node = %s.cfg.name, peer = %addr, "sample failed: {e}");
-                                Input::SampleFailed { addr }
-                            }
-                        };
-                        let _ = s.overlay_tx.send(input);
-                    });
-                }
-                Output::Attach { addr, reason, .. } => {
-                    let _ = cmds.send(Command::Attach { addr, reason });
-                }
-                Output::Detach { addr } => {
-                    let _ = cmds.send(Command::Detach { addr });
-                }
-                Output::Report(_) => {}
-            }
-        }
-    }
-}
-
-async fn request_sample(
-    shared: &Shared,
-    addr: &str,
-    offer: Vec<Peer>,
-) -> Result<(Peer, Vec<Peer>), crate::node::NodeError> {
-    let timeout = Duration::from_millis(shared.cfg.overlay.probe_timeout_ms);
-    let ask = exchange::<proto::SampleReply>(
-        shared,
-        addr,
-        request::Kind::Sample(proto::Sample {
-            offer: offer.iter().map(|p| peer_to_proto(p)).collect(),
-        }),
-    );
-    let r = tokio::time::timeout(timeout, ask).await.map_err(|_| {
-        crate::node::NodeError::Connect {
-            addr: addr.to_string(),
-            reason: "sample timed out".into(),
-        }
-    })??;
-    let info = r
-        .info
-        .map(peer_from_proto)
-        .ok_or(crate::node::NodeError::Wire(WireError::Truncated))?;
-    Ok((info, r.peers.into_iter().map(peer_from_proto).collect()))
-}
+use super::backfill::{refuse_source, Transfer, LINK_FRAMES};
+use super::downstream::{dispatch, MAX_SUGGESTED_SOURCES};
+use super::error::{code, NodeError};
+use super::failpoint;
+use super::net::connect;
+use super::overlay_driver::{self, peer_from_proto};
+use super::shared::{Shared, State, UpstreamCommand};
 
 #[derive(Debug, thiserror::Error)]
 enum UpstreamError {
     #[error("{0}")]
-    Connect(crate::node::NodeError),
+    Connect(NodeError),
     #[error("{0}")]
-    Wire(#[from] WireError),
+    Stream(#[from] StreamError),
+    #[error("{0}")]
+    Decode(#[from] crate::wire::WireError),
     #[error("{0}")]
     Replica(#[from] ReplicaError),
     #[error("parent closed the stream")]
@@ -179,7 +61,7 @@ impl UpstreamError {
     fn label(&self) -> &'static str {
         match self {
             Self::Connect(_) => "connect",
-            Self::Wire(_) => "stream",
+            Self::Stream(_) | Self::Decode(_) => "stream",
             Self::Replica(r) => r.label(),
             Self::Closed => "closed",
             Self::Silent(_) => "silent",
@@ -196,7 +78,7 @@ struct Link {
     /// Frames read off the parent's stream by a task of their own, so that waiting for
     /// the next one can be abandoned (a command, a limit to send) without losing a
     /// frame half read.
-    frames: mpsc::Receiver<Result<Option<LinkFrame>, WireError>>,
+    frames: mpsc::Receiver<Result<Option<LinkFrame>, StreamError>>,
     _reader: AbortOnDrop,
     /// Carries `SnapshotLimit` frames to the parent during a multi-source transfer.
     send: quinn::SendStream,
@@ -211,12 +93,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Frames buffered between a link's reader task and the follower.
-pub(crate) const LINK_FRAMES: usize = 16;
-
 /// A frame off the parent's stream, decoded, with its chunk's BLAKE3 when it is a
 /// `SnapshotChunk` (hashed by the reader task, beside the follower).
-type LinkFrame = (RawFrame, proto::Downstream, Option<crate::file::Hash>);
+type LinkFrame = (RawFrame, Box<proto::Downstream>, Option<crate::file::Hash>);
 
 /// Reads, decodes and (for a transfer's chunks) hashes frames off `recv` into a channel
 /// until the stream ends or fails.
@@ -224,20 +103,23 @@ fn spawn_reader(
     mut recv: quinn::RecvStream,
     max_frame: usize,
 ) -> (
-    mpsc::Receiver<Result<Option<LinkFrame>, WireError>>,
+    mpsc::Receiver<Result<Option<LinkFrame>, StreamError>>,
     AbortOnDrop,
 ) {
     let (tx, rx) = mpsc::channel(LINK_FRAMES);
     let task = tokio::spawn(async move {
         loop {
-            let r = match wire::read_raw(&mut recv, max_frame).await {
-                Ok(Some(raw)) => raw.decode::<proto::Downstream>().map(|msg| {
-                    let hash = match &msg.kind {
-                        Some(Down::SnapshotChunk(c)) => Some(crate::file::leaf_hash(&c.data)),
-                        _ => None,
-                    };
-                    Some((raw, msg, hash))
-                }),
+            let r = match transport::read_raw(&mut recv, max_frame).await {
+                Ok(Some(raw)) => match raw.decode::<proto::Downstream>() {
+                    Ok(msg) => {
+                        let hash = match &msg.kind {
+                            Some(Down::SnapshotChunk(c)) => Some(crate::file::leaf_hash(&c.data)),
+                            _ => None,
+                        };
+                        Ok(Some((raw, Box::new(msg), hash)))
+                    }
+                    Err(e) => Err(StreamError::Frame(e)),
+                },
                 Ok(None) => Ok(None),
                 Err(e) => Err(e),
             };
@@ -261,12 +143,12 @@ async fn open_link(
         .await
         .map_err(UpstreamError::Connect)?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
-        UpstreamError::Connect(crate::node::NodeError::Connect {
+        UpstreamError::Connect(NodeError::Connect {
             addr: addr.to_string(),
             reason: e.to_string(),
         })
     })?;
-    wire::write_frame(
+    transport::write_frame(
         &mut send,
         &proto::Request {
             kind: Some(request::Kind::Subscribe(sub)),
@@ -274,10 +156,13 @@ async fn open_link(
     )
     .await?;
     let wait = Duration::from_millis(shared.cfg.overlay.attach_timeout_ms);
-    let raw = tokio::time::timeout(wait, wire::read_raw(&mut recv, shared.cfg.stream.max_frame))
-        .await
-        .map_err(|_| UpstreamError::Silent(wait))??
-        .ok_or(UpstreamError::Closed)?;
+    let raw = tokio::time::timeout(
+        wait,
+        transport::read_raw(&mut recv, shared.cfg.stream.max_frame),
+    )
+    .await
+    .map_err(|_| UpstreamError::Silent(wait))??
+    .ok_or(UpstreamError::Closed)?;
     let msg: proto::Downstream = raw.decode()?;
     match msg.kind {
         Some(Down::SubscribeOk(ok)) => Ok((
@@ -317,7 +202,8 @@ fn attach_failed(addr: &str, e: &UpstreamError) -> Input {
     }
 }
 
-/// Feeds the accepted `SubscribeOk` to the replica and tells the overlay.
+/// Feeds the accepted `SubscribeOk` to the replica and tells the overlay, which owns the
+/// tree position, in the same critical section.
 fn adopt(
     shared: &Shared,
     link: &Link,
@@ -325,41 +211,65 @@ fn adopt(
     ok: proto::SubscribeOk,
 ) -> Result<(), ReplicaError> {
     if ok.resume {
-        shared
-            .stats
-            .resumes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared.stats.resumes.fetch_add(1, Ordering::Relaxed);
     }
-    let mut st = shared.state.lock().unwrap();
-    st.replica.expect_subscribe_ok();
+    let mut st = shared.state.lock();
+    learn_signers(shared, &mut st, &ok.signers);
+    let events = st.replica.expect_subscribe_ok();
+    dispatch(shared, &mut st, events);
     let msg = proto::Downstream {
         kind: Some(Down::SubscribeOk(ok.clone())),
     };
     let events = st.replica.handle_downstream(raw.frame, msg)?;
-    shared.dispatch(&mut st, events);
-    shared.metrics.depth.set(shared.depth(&st) as f64);
-    *shared.parent_addr.lock().unwrap() = link.addr.clone();
-    *shared.suggested_sources.lock().unwrap() = ok.fetch_sources.clone();
-    let _ = shared.overlay_tx.send(Input::Attached {
-        addr: link.addr.clone(),
-        name: ok.parent_name,
-        depth: ok.parent_depth,
-        root_path: ok.root_path,
-    });
+    dispatch(shared, &mut st, events);
+    st.suggested_sources = ok.fetch_sources;
+    st.parent_core_addrs = ok.core_addrs;
+    overlay_driver::input(
+        shared,
+        Input::Attached {
+            addr: link.addr.clone(),
+            name: ok.parent_name,
+            depth: ok.parent_depth,
+            root_path: ok.root_path,
+        },
+    );
     Ok(())
+}
+
+/// Checks and keeps core signer certificates a parent passed down, and passes the new ones
+/// on to this node's children before any frame they sign. Refused ones are counted, not
+/// used; a seal by an unknown signer fails later, on its own.
+fn learn_signers(shared: &Shared, st: &mut State, certs: &[bytes::Bytes]) {
+    let (new, refused) = st
+        .replica
+        .learn_signers(certs, std::time::SystemTime::now());
+    for e in refused {
+        shared.metrics.untrusted(e.label());
+        warn!(node = %shared.cfg.name, "ignoring a signer certificate from the parent: {e}");
+    }
+    if !new.is_empty() {
+        let frame = crate::wire::encode(&proto::Downstream {
+            kind: Some(Down::Signers(proto::Signers { certs: new })),
+        });
+        dispatch(shared, st, vec![Event::Broadcast(frame)]);
+    }
 }
 
 /// What woke the follower while it holds a parent.
 enum Wake {
-    Command(Command),
-    Frame(Result<Result<Option<LinkFrame>, WireError>, tokio::time::error::Elapsed>),
+    Command(UpstreamCommand),
+    Frame(Result<Result<Option<LinkFrame>, StreamError>, tokio::time::error::Elapsed>),
     Limit(u64),
 }
 
+/// The transfer being received: when it started and the last tenth logged.
+type BackfillClock = Option<(Instant, u64)>;
+
 /// Follows the parent the overlay chooses, switching on moves and reporting losses.
-pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<Command>) {
+pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<UpstreamCommand>) {
     let mut current: Option<Link> = None;
     let mut transfer: Option<Transfer> = None;
+    let mut clock: BackfillClock = None;
     // The parent left by the last move: if the overlay undoes that move, it still believes
     // in this one and must hear that it is gone too.
     let mut moved_from: Option<String> = None;
@@ -372,7 +282,7 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
                 _ = shared.shutdown.cancelled() => return,
                 c = cmds.recv() => match c { Some(c) => c, None => return },
             };
-            let Command::Attach { addr, reason, .. } = cmd else {
+            let UpstreamCommand::Attach { addr, reason } = cmd else {
                 continue;
             };
             let sub = subscription(&shared, full);
@@ -392,12 +302,20 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
                         warn!(node = %shared.cfg.name, parent = %addr, "attach failed: {e}");
                         link.conn
                             .close(VarInt::from_u32(code::RESYNC), b"attach failed");
-                        let _ = shared.overlay_tx.send(Input::AttachFailed { addr });
+                        overlay_driver::input(&shared, Input::AttachFailed { addr });
                     }
                 },
                 Err(e) => {
-                    info!(node = %shared.cfg.name, parent = %addr, "attach failed: {e}");
-                    let _ = shared.overlay_tx.send(attach_failed(&addr, &e));
+                    let explained = match &e {
+                        UpstreamError::Connect(c) => {
+                            super::net::explain_certificate_failure(&shared, &addr, c)
+                        }
+                        _ => false,
+                    };
+                    if !explained {
+                        info!(node = %shared.cfg.name, parent = %addr, "attach failed: {e}");
+                    }
+                    overlay_driver::input(&shared, attach_failed(&addr, &e));
                 }
             }
             continue;
@@ -409,25 +327,28 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
             Some(below) = async { transfer.as_mut()?.next_limit().await }, if transfer.is_some() => Wake::Limit(below),
         };
         let failure = match wake {
-            Wake::Command(Command::Attach { addr, reason, .. }) => {
+            Wake::Command(UpstreamCommand::Attach { addr, reason }) => {
                 if let Some(old) = try_move(&shared, &mut current, addr, reason).await {
                     moved_from = Some(old);
                     transfer = None;
                 }
                 continue;
             }
-            Wake::Command(Command::Detach { addr }) if addr == link.addr => UpstreamError::Detached,
-            Wake::Command(Command::Detach { .. }) => continue,
+            Wake::Command(UpstreamCommand::Detach { addr }) if addr == link.addr => {
+                UpstreamError::Detached
+            }
+            Wake::Command(UpstreamCommand::Detach { .. }) => continue,
             Wake::Limit(below) => {
                 // A lost write shows up as a failed read on the same stream.
-                let _ = wire::write_frame(&mut link.send, &proto::SnapshotLimit { below }).await;
+                let limit = proto::SnapshotLimit { below };
+                let _ = transport::write_frame(&mut link.send, &limit).await;
                 continue;
             }
             Wake::Frame(Err(_)) => UpstreamError::Silent(silent),
             Wake::Frame(Ok(Ok(None))) => UpstreamError::Closed,
             Wake::Frame(Ok(Err(e))) => e.into(),
             Wake::Frame(Ok(Ok(Some(frame)))) => {
-                match follow_frame(&shared, link, &mut transfer, frame).await {
+                match follow_frame(&shared, link, &mut transfer, &mut clock, frame).await {
                     Ok(()) => continue,
                     Err(e) => e,
                 }
@@ -438,43 +359,39 @@ pub(crate) async fn upstream_loop(shared: Arc<Shared>, mut cmds: mpsc::Unbounded
         link.conn
             .close(VarInt::from_u32(code::RESYNC), b"resubscribing");
         current = None;
-        shared.state.lock().unwrap().replica.upstream_lost();
-        *shared.parent_addr.lock().unwrap() = String::new();
+        {
+            let mut st = shared.state.lock();
+            let events = st.replica.upstream_lost();
+            dispatch(&shared, &mut st, events);
+        }
         full = matches!(&failure, UpstreamError::Replica(r) if r.needs_full_resync());
         if let UpstreamError::Replica(ReplicaError::BadChunk { index }) = &failure {
-            refuse_source(&shared, &addr, *index);
+            refuse_source(&shared, &addr, *index, true);
+        }
+        if let UpstreamError::Replica(ReplicaError::Untrusted { reason, detail }) = &failure {
+            shared.metrics.untrusted(reason);
+            error!(node = %shared.cfg.name, parent = %addr, reason, "UNTRUSTED parent, banned and re-attaching elsewhere: {detail}");
+            overlay_driver::input(&shared, Input::Faulty { addr: addr.clone() });
         }
         if matches!(&failure, UpstreamError::Replica(ReplicaError::Gap { .. })) {
-            shared
-                .stats
-                .gaps
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared.stats.gaps.fetch_add(1, Ordering::Relaxed);
         }
         shared.metrics.resync(failure.label());
+        let untrusted = matches!(
+            &failure,
+            UpstreamError::Replica(ReplicaError::Untrusted { .. })
+        );
         if full {
             shared.metrics.checkpoint_mismatches.increment(1);
             error!(node = %shared.cfg.name, parent = %addr, "DIVERGED, resyncing in full: {failure}");
-        } else {
+        } else if !untrusted {
             warn!(node = %shared.cfg.name, parent = %addr, "upstream lost: {failure}");
         }
-        let _ = shared.overlay_tx.send(Input::ParentLost { addr });
+        overlay_driver::input(&shared, Input::ParentLost { addr });
         if let Some(old) = moved_from.take() {
-            let _ = shared.overlay_tx.send(Input::ParentLost { addr: old });
+            overlay_driver::input(&shared, Input::ParentLost { addr: old });
         }
     }
-}
-
-/// Counts and logs a chunk that failed the manifest, and bans its sender as a parent.
-pub(crate) fn refuse_source(shared: &Shared, addr: &str, index: u64) {
-    shared
-        .stats
-        .bad_chunks
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    shared.metrics.bad_chunk(addr);
-    error!(node = %shared.cfg.name, source = %addr, index, "refused a chunk that does not match the manifest; banning the source as parent and fetching the rest elsewhere");
-    let _ = shared.overlay_tx.send(Input::Faulty {
-        addr: addr.to_string(),
-    });
 }
 
 /// Feeds one frame from the parent to the replica and keeps the multi-source transfer in
@@ -484,9 +401,10 @@ async fn follow_frame(
     shared: &Arc<Shared>,
     link: &Link,
     transfer: &mut Option<Transfer>,
+    clock: &mut BackfillClock,
     frame: LinkFrame,
 ) -> Result<(), UpstreamError> {
-    match apply_frame(shared, frame)? {
+    match apply_frame(shared, clock, frame)? {
         Fed::Begin => *transfer = Transfer::start(shared, &link.addr, &link.conn),
         Fed::Chunk(index) => {
             if let Some(t) = transfer.as_mut() {
@@ -502,7 +420,7 @@ async fn follow_frame(
         }
         Fed::End => {
             let Some(mut t) = transfer.take() else {
-                let st = shared.state.lock().unwrap();
+                let st = shared.state.lock();
                 if st.replica.snapshot_waiting() {
                     let missing = st.replica.snapshot_wanted().map_or(0, |w| w.1.len());
                     return Err(UpstreamError::Stuck { missing });
@@ -510,7 +428,7 @@ async fn follow_frame(
                 return Ok(());
             };
             t.tell(fetch::Input::PushEnded);
-            if !shared.state.lock().unwrap().replica.snapshot_waiting() {
+            if !shared.state.lock().replica.snapshot_waiting() {
                 return Ok(());
             }
             let outcome = tokio::select! {
@@ -520,9 +438,9 @@ async fn follow_frame(
             if let Err(missing) = outcome {
                 return Err(UpstreamError::Stuck { missing });
             }
-            let mut st = shared.state.lock().unwrap();
+            let mut st = shared.state.lock();
             let events = st.replica.finish_snapshot()?;
-            settle(shared, &mut st, events);
+            settle(shared, &mut st, clock, events);
         }
         Fed::Other => {}
     }
@@ -530,9 +448,10 @@ async fn follow_frame(
 }
 
 fn subscription(shared: &Shared, full: bool) -> proto::Subscribe {
-    let st = shared.state.lock().unwrap();
+    let name = failpoint::declared_name().unwrap_or_else(|| shared.cfg.name.clone());
+    let st = shared.state.lock();
     st.replica
-        .subscription(&shared.cfg.name, &shared.cfg.advertise.to_string(), full)
+        .subscription(&name, &shared.cfg.advertise.to_string(), full)
 }
 
 /// Pushed chunks between two looks for more peers to fetch from.
@@ -546,49 +465,67 @@ enum Fed {
     Other,
 }
 
-fn apply_frame(shared: &Shared, (raw, msg, hash): LinkFrame) -> Result<Fed, UpstreamError> {
+fn apply_frame(
+    shared: &Shared,
+    clock: &mut BackfillClock,
+    (raw, msg, hash): LinkFrame,
+) -> Result<Fed, UpstreamError> {
+    let mut path = None;
     let fed = match &msg.kind {
         Some(Down::SnapshotBegin(_)) => Fed::Begin,
         Some(Down::SnapshotChunk(c)) => {
-            shared
-                .metrics
-                .backfill_received
-                .increment(c.data.len() as u64);
+            let len = c.data.len() as u64;
+            shared.metrics.backfill_received.increment(len);
             shared
                 .stats
                 .backfill_received
-                .fetch_add(c.data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(len, Ordering::Relaxed);
             Fed::Chunk(c.index)
         }
         Some(Down::SnapshotEnd(_)) => Fed::End,
         Some(Down::Heartbeat(h)) => {
-            if !h.fetch_sources.is_empty() {
-                *shared.suggested_sources.lock().unwrap() = h
-                    .fetch_sources
-                    .iter()
-                    .take(crate::node::MAX_SUGGESTED_SOURCES)
-                    .cloned()
-                    .collect();
+            if !h.root_path.is_empty() {
+                let mut p = h.root_path.clone();
+                p.push(shared.cfg.name.clone());
+                path = Some(p);
             }
             Fed::Other
         }
         _ => Fed::Other,
     };
-    let mut st = shared.state.lock().unwrap();
-    let depth_before = st.replica.parent().map(|p| p.depth);
-    let events = st.replica.handle_downstream_hashed(raw.frame, msg, hash)?;
-    if st.replica.parent().map(|p| p.depth) != depth_before {
-        shared.metrics.depth.set(shared.depth(&st) as f64);
-        let path = st.replica.root_path();
-        shared.overlay.lock().unwrap().update_path(&path);
+    if let Some(Down::Signers(signers)) = &msg.kind {
+        let mut st = shared.state.lock();
+        learn_signers(shared, &mut st, &signers.certs);
+        return Ok(Fed::Other);
     }
-    settle(shared, &mut st, events);
+    let sources = match &msg.kind {
+        Some(Down::Heartbeat(h)) if !h.fetch_sources.is_empty() => Some(
+            h.fetch_sources
+                .iter()
+                .take(MAX_SUGGESTED_SOURCES)
+                .cloned()
+                .collect(),
+        ),
+        _ => None,
+    };
+    let mut st = shared.state.lock();
+    let events = st.replica.handle_downstream_hashed(raw.frame, *msg, hash)?;
+    if let Some(sources) = sources {
+        st.suggested_sources = sources;
+    }
+    if let Some(path) = path {
+        let mut cell = shared.overlay.lock();
+        if cell.overlay.info().root_path != path {
+            cell.overlay.update_path(&path);
+        }
+    }
+    settle(shared, &mut st, clock, events);
     Ok(fed)
 }
 
 /// Counts, logs and carries out what the replica returned for a frame or a finished
 /// transfer.
-fn settle(shared: &Shared, st: &mut crate::node::State, events: Vec<Event>) {
+fn settle(shared: &Shared, st: &mut State, clock: &mut BackfillClock, events: Vec<Event>) {
     let installed = events.iter().any(|e| matches!(e, Event::Installed { .. }));
     let applied = events
         .iter()
@@ -598,10 +535,10 @@ fn settle(shared: &Shared, st: &mut crate::node::State, events: Vec<Event>) {
         shared
             .stats
             .entries_applied
-            .fetch_add(applied, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(applied, Ordering::Relaxed);
     }
-    log_backfill(shared, &st.replica, installed);
-    shared.dispatch(st, events);
+    log_backfill(shared, &st.replica, clock, installed);
+    dispatch(shared, st, events);
     if installed {
         shared.metrics.full_transfers_received.increment(1);
     }
@@ -609,8 +546,7 @@ fn settle(shared: &Shared, st: &mut crate::node::State, events: Vec<Event>) {
 
 /// The relay's log as a progress bar: one line per tenth of a transfer, and a summary with
 /// the throughput at the end (`canopy_backfill_seconds` gets the duration).
-fn log_backfill(shared: &Shared, replica: &crate::replica::Replica, installed: bool) {
-    let mut clock = shared.backfill_clock.lock().unwrap();
+fn log_backfill(shared: &Shared, replica: &Replica, clock: &mut BackfillClock, installed: bool) {
     if installed {
         if let Some((started, _)) = clock.take() {
             let secs = started.elapsed().as_secs_f64();
@@ -619,7 +555,7 @@ fn log_backfill(shared: &Shared, replica: &crate::replica::Replica, installed: b
             info!(
                 node = %shared.cfg.name,
                 bytes = len,
-                received = shared.stats.backfill_received.load(std::sync::atomic::Ordering::Relaxed),
+                received = shared.stats.backfill_received.load(Ordering::Relaxed),
                 "backfill done in {secs:.2} s ({:.1} MB/s), root verified",
                 len as f64 / 1e6 / secs.max(1e-9)
             );
@@ -629,7 +565,7 @@ fn log_backfill(shared: &Shared, replica: &crate::replica::Replica, installed: b
     let Some((done, total)) = replica.backfill_progress() else {
         return;
     };
-    let (started, logged) = clock.get_or_insert_with(|| (std::time::Instant::now(), 0));
+    let (started, logged) = clock.get_or_insert_with(|| (Instant::now(), 0));
     let tenth = (done * 10).checked_div(total).unwrap_or(10);
     if tenth > *logged {
         *logged = tenth;
@@ -644,8 +580,7 @@ fn log_backfill(shared: &Shared, replica: &crate::replica::Replica, installed: b
 
 /// Make-before-break: subscribe to `addr` at this node's exact version while the current
 /// stream is not read; switch only on a resume that keeps the tree acyclic and gains
-/// enough.
-/// Returns the address of the parent it left, if it switched.
+/// enough. Returns the address of the parent it left, if it switched.
 async fn try_move(
     shared: &Arc<Shared>,
     current: &mut Option<Link>,
@@ -659,7 +594,7 @@ async fn try_move(
             if !shared
                 .overlay
                 .lock()
-                .unwrap()
+                .overlay
                 .keeps_move(ok.parent_depth, &ok.root_path) =>
         {
             // The view was stale: the new parent sits below this node now (switching would
@@ -667,10 +602,13 @@ async fn try_move(
             // would undo the move; keep the current parent instead of switching first.
             link.conn
                 .close(VarInt::from_u32(code::MOVED), b"move aborted: stale view");
-            let _ = shared.overlay_tx.send(Input::Refused {
-                addr,
-                referral: None,
-            });
+            overlay_driver::input(
+                shared,
+                Input::Refused {
+                    addr,
+                    referral: None,
+                },
+            );
         }
         Ok((link, raw, ok)) if ok.resume => {
             if let Some(old) = current.take() {
@@ -686,10 +624,13 @@ async fn try_move(
                 }
                 Err(e) => {
                     warn!(node = %shared.cfg.name, parent = %addr, "move failed after switching: {e}");
-                    shared.state.lock().unwrap().replica.upstream_lost();
-                    let _ = shared.overlay_tx.send(Input::ParentLost { addr });
+                    let mut st = shared.state.lock();
+                    let events = st.replica.upstream_lost();
+                    dispatch(shared, &mut st, events);
+                    drop(st);
+                    overlay_driver::input(shared, Input::ParentLost { addr });
                     if let Some(old) = left.take() {
-                        let _ = shared.overlay_tx.send(Input::ParentLost { addr: old });
+                        overlay_driver::input(shared, Input::ParentLost { addr: old });
                     }
                 }
             }
@@ -697,14 +638,15 @@ async fn try_move(
         Ok((link, _, _)) => {
             link.conn
                 .close(VarInt::from_u32(code::MOVED), b"move aborted: no resume");
-            let _ = shared.overlay_tx.send(Input::Refused {
-                addr,
-                referral: None,
-            });
+            overlay_driver::input(
+                shared,
+                Input::Refused {
+                    addr,
+                    referral: None,
+                },
+            );
         }
-        Err(e) => {
-            let _ = shared.overlay_tx.send(attach_failed(&addr, &e));
-        }
+        Err(e) => overlay_driver::input(shared, attach_failed(&addr, &e)),
     }
     left
 }

@@ -17,16 +17,38 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use rand::seq::SliceRandom;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
 use crate::fetch::{FetchConfig, Input, Output, Scheduler};
 use crate::file::Hash;
-use crate::node::{connect, Shared};
+use crate::overlay;
 use crate::proto::{self, request};
-use crate::wire::{self, WireError};
+use crate::transport::{self, StreamError};
+
+use super::net::connect;
+use super::overlay_driver;
+use super::shared::Shared;
+
+/// Frames buffered between a link's reader task and the follower.
+pub(crate) const LINK_FRAMES: usize = 16;
+
+/// Counts and logs a chunk that failed the manifest, and bans its sender as a parent;
+/// `from_parent` when the parent sent it (its push or its fallback fetch stream).
+pub(crate) fn refuse_source(shared: &Shared, addr: &str, index: u64, from_parent: bool) {
+    shared.stats.bad_chunks.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.bad_chunk(from_parent);
+    error!(node = %shared.cfg.name, source = %addr, index, "refused a chunk that does not match the manifest; banning the source as parent and fetching the rest elsewhere");
+    overlay_driver::input(
+        shared,
+        overlay::Input::Faulty {
+            addr: addr.to_string(),
+        },
+    );
+}
 
 /// A multi-source transfer in progress; see the module docs.
 pub(crate) struct Transfer {
@@ -46,14 +68,14 @@ pub(crate) struct Transfer {
     live: Arc<AtomicUsize>,
 }
 
-type Requests = Arc<std::sync::Mutex<BTreeMap<String, mpsc::UnboundedSender<Vec<u64>>>>>;
+type Requests = Arc<Mutex<BTreeMap<String, mpsc::UnboundedSender<Vec<u64>>>>>;
 
 #[derive(Debug, thiserror::Error)]
 enum SourceError {
     #[error("{0}")]
     Connect(String),
     #[error("{0}")]
-    Wire(#[from] WireError),
+    Stream(#[from] StreamError),
     #[error("busy")]
     Busy,
     #[error("silent for {0:?} with chunks outstanding")]
@@ -78,13 +100,11 @@ impl Transfer {
         if cfg.fetch_sources <= 1 {
             return None;
         }
-        let (version, missing, manifest) =
-            shared.state.lock().unwrap().replica.snapshot_wanted()?;
+        let (version, missing, manifest) = shared.state.lock().replica.snapshot_wanted()?;
         // What the parent may have sent that this node has not taken yet: the stream's
         // flow-control window plus the link's frame buffer. Peers are worth asking only
         // for at least `fetch_min_bytes` beyond it.
-        let margin = cfg.stream_window_bytes / u64::from(cfg.chunk_size)
-            + crate::upstream::LINK_FRAMES as u64;
+        let margin = cfg.stream_window_bytes / u64::from(cfg.chunk_size) + LINK_FRAMES as u64;
         let beyond = (missing.len() as u64).saturating_sub(margin);
         if beyond.saturating_mul(u64::from(cfg.chunk_size)) < cfg.fetch_min_bytes {
             return None;
@@ -143,12 +163,13 @@ impl Transfer {
         if room == 0 {
             return;
         }
-        let children: BTreeSet<String> = {
-            let st = self.shared.state.lock().unwrap();
-            st.children.values().map(|c| c.addr.clone()).collect()
+        let (children, mut peers) = {
+            let st = self.shared.state.lock();
+            let children: BTreeSet<String> = st.children.values().map(|c| c.addr.clone()).collect();
+            (children, st.suggested_sources.clone())
         };
-        let mut peers = self.shared.suggested_sources.lock().unwrap().clone();
-        for p in self.shared.overlay.lock().unwrap().fetch_sources() {
+        let mut cell = self.shared.overlay.lock();
+        for p in cell.overlay.fetch_sources() {
             if !peers.contains(&p) {
                 peers.push(p);
             }
@@ -160,7 +181,8 @@ impl Transfer {
         if peers.is_empty() {
             return;
         }
-        peers.shuffle(&mut *self.shared.overlay_rng.lock().unwrap());
+        peers.shuffle(&mut cell.rng);
+        drop(cell);
         peers.truncate(room);
         info!(
             node = %self.shared.cfg.name,
@@ -169,9 +191,9 @@ impl Transfer {
             "transfer: fetching from peers besides the parent"
         );
         self.shared
-            .fetch_peers
+            .state
             .lock()
-            .unwrap()
+            .fetch_peers
             .extend(peers.iter().cloned());
         for p in peers {
             self.spawn_source(p, None, false);
@@ -180,7 +202,7 @@ impl Transfer {
 
     fn spawn_source(&mut self, addr: String, conn: Option<quinn::Connection>, fallback: bool) {
         let (tx, req_rx) = mpsc::unbounded_channel();
-        self.reqs.lock().unwrap().insert(addr.clone(), tx);
+        self.reqs.lock().insert(addr.clone(), tx);
         if !fallback {
             self.used.insert(addr.clone());
             self.live.fetch_add(1, Ordering::AcqRel);
@@ -235,7 +257,7 @@ impl Transfer {
 impl Drop for Transfer {
     fn drop(&mut self) {
         self.cancel.cancel();
-        self.shared.fetch_peers.lock().unwrap().clear();
+        self.shared.state.lock().fetch_peers.clear();
     }
 }
 
@@ -256,7 +278,7 @@ async fn drive(
                     let _ = limit.send(below);
                 }
                 Output::Request { source, indices } => {
-                    if let Some(r) = reqs.lock().unwrap().get(&source) {
+                    if let Some(r) = reqs.lock().get(&source) {
                         let _ = r.send(indices);
                     }
                 }
@@ -267,12 +289,12 @@ async fn drive(
                         "transfer: chunks fetched besides the push"
                     );
                     let _ = outcome.send(Some(Ok(())));
-                    reqs.lock().unwrap().clear();
+                    reqs.lock().clear();
                     return;
                 }
                 Output::Stuck { missing } => {
                     let _ = outcome.send(Some(Err(missing)));
-                    reqs.lock().unwrap().clear();
+                    reqs.lock().clear();
                     return;
                 }
             }
@@ -333,10 +355,10 @@ impl Source {
                     let req = proto::Request {
                         kind: Some(request::Kind::Fetch(ask)),
                     };
-                    wire::write_frame(&mut send, &req).await?;
+                    transport::write_frame(&mut send, &req).await?;
                     first = false;
                 } else {
-                    wire::write_frame(&mut send, &ask).await?;
+                    transport::write_frame(&mut send, &ask).await?;
                 }
             }
             let _ = send.finish();
@@ -345,7 +367,7 @@ impl Source {
         let silent = Duration::from_millis(self.shared.cfg.stream.parent_timeout_ms);
         let reader = async {
             loop {
-                let read = wire::read_frame::<proto::FetchReply>(
+                let read = transport::read_frame::<proto::FetchReply>(
                     &mut recv,
                     self.shared.cfg.stream.max_frame,
                 );
@@ -378,11 +400,11 @@ impl Source {
         }
         let hash = crate::file::leaf_hash(&reply.data);
         if self.manifest.get(index as usize) != Some(&hash) {
-            crate::upstream::refuse_source(&self.shared, &self.addr, index);
+            refuse_source(&self.shared, &self.addr, index, self.fallback);
             return Err(SourceError::BadChunk(index));
         }
         let len = reply.data.len() as u64;
-        let new = self.shared.state.lock().unwrap().replica.put_fetched_chunk(
+        let new = self.shared.state.lock().replica.put_fetched_chunk(
             self.version,
             index,
             reply.data,
@@ -401,7 +423,7 @@ impl Source {
             }
             Ok(false) => {}
             Err(_) => {
-                crate::upstream::refuse_source(&self.shared, &self.addr, index);
+                refuse_source(&self.shared, &self.addr, index, self.fallback);
                 return Err(SourceError::BadChunk(index));
             }
         }

@@ -1,0 +1,136 @@
+//! Connections a node opens: dials through the one identity-checking [`transport::dial`],
+//! one-shot request/reply exchanges, and the cache of connections to core nodes.
+//!
+//! Invariants:
+//! - Every outgoing connection goes through [`transport::dial`] (the consensus network's
+//!   dialer does too), so resolving, the handshake timeout and the certificate check live in
+//!   one place.
+//! - There is one cache of connections to core nodes, by address, shared by proposals,
+//!   membership requests and forwarding between core nodes; a closed or failed connection is
+//!   dropped from it and redialed on next use.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::proto::{self, request};
+use crate::transport::{self, Expect};
+use crate::wire::WireError;
+
+use super::error::NodeError;
+use super::shared::Shared;
+
+/// How long connecting to a peer may take before the next one is tried.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A new connection to `addr`, whoever it is in the cluster.
+pub(crate) async fn connect(shared: &Shared, addr: &str) -> Result<quinn::Connection, NodeError> {
+    let client = shared.client_config.lock().clone();
+    Ok(transport::dial(
+        &shared.endpoint,
+        client,
+        addr,
+        CONNECT_TIMEOUT,
+        Expect::Anyone,
+    )
+    .await?)
+}
+
+/// One request and its single reply on a new bidirectional stream to `addr`.
+pub(crate) async fn exchange<Rep: prost::Message + Default>(
+    shared: &Shared,
+    addr: &str,
+    kind: request::Kind,
+) -> Result<Rep, NodeError> {
+    let conn = connect(shared, addr).await?;
+    request(shared, &conn, kind).await
+}
+
+/// One request and its single reply on a new bidirectional stream of `conn`.
+pub(crate) async fn request<Rep: prost::Message + Default>(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    kind: request::Kind,
+) -> Result<Rep, NodeError> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Connect {
+        addr: conn.remote_address().to_string(),
+        reason: e.to_string(),
+    })?;
+    transport::write_frame(&mut send, &proto::Request { kind: Some(kind) }).await?;
+    let _ = send.finish();
+    transport::read_frame::<Rep>(&mut recv, shared.cfg.stream.max_frame)
+        .await?
+        .ok_or(NodeError::Wire(WireError::Truncated))
+}
+
+/// The cached connection to the core node at `addr`, dialed on first use and replaced once
+/// closed. Only a peer whose certificate has the core role is accepted: whoever named the
+/// address (a parent's `SubscribeOk`, a leader hint), a write goes to the core or fails.
+pub(crate) async fn core_conn(shared: &Shared, addr: &str) -> Result<quinn::Connection, NodeError> {
+    let mut conns = shared.core_conns.lock().await;
+    if let Some(c) = conns.get(addr) {
+        if c.close_reason().is_none() {
+            return Ok(c.clone());
+        }
+    }
+    let expect = Expect::Role(crate::tls::Role::Core);
+    let client = shared.client_config.lock().clone();
+    let c = transport::dial(&shared.endpoint, client, addr, CONNECT_TIMEOUT, expect).await?;
+    conns.insert(addr.to_string(), c.clone());
+    Ok(c)
+}
+
+/// A connection to some core node, with its address: the one this node used last if it
+/// still works, else the next core address that answers.
+pub(crate) async fn any_core(shared: &Shared) -> Result<(String, quinn::Connection), NodeError> {
+    let addrs = {
+        let st = shared.state.lock();
+        shared.core_addrs(&st)
+    };
+    if addrs.is_empty() {
+        return Err(NodeError::NoCore);
+    }
+    let mut last = NodeError::NoCore;
+    let start = shared.core_pick.load(Ordering::Relaxed);
+    for i in 0..addrs.len() {
+        let pick = (start + i) % addrs.len();
+        match core_conn(shared, &addrs[pick]).await {
+            Ok(c) => {
+                shared.core_pick.store(pick, Ordering::Relaxed);
+                return Ok((addrs[pick].clone(), c));
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// How many core addresses this node knows.
+pub(crate) fn core_addr_count(shared: &Shared) -> usize {
+    let st = shared.state.lock();
+    shared.core_addrs(&st).len()
+}
+
+/// Drops the cached connection to `addr` and makes [`any_core`] start with the next core
+/// node: called after a failure on it.
+pub(crate) async fn forget_core(shared: &Shared, addr: &str) {
+    shared.core_conns.lock().await.remove(addr);
+    shared.core_pick.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Logs, once per address, what to fix when a peer's certificate is not from this node's
+/// cluster CA (the handshake names it `UnknownIssuer` or `BadSignature`); true if `e` was
+/// such a failure. Other failures are the caller's to log.
+pub(crate) fn explain_certificate_failure(shared: &Shared, addr: &str, e: &NodeError) -> bool {
+    let text = e.to_string();
+    if !(text.contains("UnknownIssuer") || text.contains("BadSignature")) {
+        return false;
+    }
+    if shared.cert_warned.lock().insert(addr.to_string()) {
+        tracing::warn!(
+            node = %shared.cfg.name,
+            peer = %addr,
+            "{addr} presents a certificate this node's cluster CA did not sign: every node needs the same ca.pem in its --tls directory ({text})"
+        );
+    }
+    true
+}

@@ -1,0 +1,171 @@
+//! Drives the overlay state machine for a node: feeds it inputs as they happen, ticks it at
+//! its own deadline (`Overlay::poll_timeout`, as topology-sim does), and carries out its
+//! outputs.
+//!
+//! Invariants:
+//! - Every input goes through [`input`] (or [`answer_sample`]), under the overlay lock, and
+//!   its outputs are queued in order to the one driver task, which sends sample requests and
+//!   hands attach and detach commands to the upstream follower.
+//! - After every input the driver recomputes its deadline, so no fixed tick is needed.
+//! - The RNG is seeded from `NodeConfig::seed` when given, otherwise from the name and the
+//!   clock; either way the seed is logged, and `--seed` replays it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::overlay::{Input, Output, Peer, PeerInfo};
+use crate::proto::{self, request};
+use crate::wire::WireError;
+
+use super::error::NodeError;
+use super::net::exchange;
+use super::shared::{now_us, Shared, UpstreamCommand};
+
+/// Ticks never come closer together than this, whatever the overlay's deadline says.
+const MIN_TICK: Duration = Duration::from_millis(10);
+
+/// Converts between the overlay's and the wire's peer descriptions.
+pub fn peer_to_proto(p: &PeerInfo) -> proto::PeerInfo {
+    proto::PeerInfo {
+        name: p.name.clone(),
+        addr: p.addr.clone(),
+        depth: p.depth.map(|d| d as i32).unwrap_or(-1),
+        free_slots: p.free_slots,
+        root_path: p.root_path.clone(),
+    }
+}
+
+pub fn peer_from_proto(p: proto::PeerInfo) -> Peer {
+    Peer::new(PeerInfo {
+        name: p.name,
+        addr: p.addr,
+        depth: u32::try_from(p.depth).ok(),
+        free_slots: p.free_slots,
+        root_path: p.root_path,
+        height: 0,
+        room: 0,
+        zone: None,
+    })
+}
+
+/// The overlay's RNG: from `seed` when given, otherwise from the name and the clock. The seed
+/// is logged either way, so `--seed` replays a run.
+pub(crate) fn rng(name: &str, seed: Option<u64>) -> ChaCha8Rng {
+    let seed = seed.unwrap_or_else(|| {
+        let h = blake3::hash(format!("{name}/{}", now_us()).as_bytes());
+        u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+    });
+    info!(node = %name, seed, "overlay rng seed (replay with --seed)");
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Feeds one input to the overlay now and queues its outputs for the driver.
+pub(crate) fn input(shared: &Shared, input: Input) {
+    let outputs = {
+        let mut cell = shared.overlay.lock();
+        let now = cell.now_ms();
+        let cell = &mut *cell;
+        cell.overlay.handle(now, input, &mut cell.rng)
+    };
+    for out in outputs {
+        let _ = shared.overlay_out.send(out);
+    }
+    shared.overlay_wake.notify_one();
+}
+
+/// Answers a peer's sample request (its `offer` goes into the view).
+pub(crate) fn answer_sample(shared: &Shared, offer: Vec<Peer>) -> (Peer, Vec<Peer>) {
+    let answer = {
+        let mut cell = shared.overlay.lock();
+        let cell = &mut *cell;
+        cell.overlay.answer_sample(offer, &mut cell.rng)
+    };
+    shared.overlay_wake.notify_one();
+    answer
+}
+
+/// Runs until shutdown: ticks at the overlay's deadline, and carries out its outputs.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut outputs: mpsc::UnboundedReceiver<Output>,
+    cmds: mpsc::UnboundedSender<UpstreamCommand>,
+) {
+    let mut last_tick = tokio::time::Instant::now();
+    loop {
+        let deadline = {
+            let cell = shared.overlay.lock();
+            let at = cell.start + Duration::from_millis(cell.overlay.poll_timeout());
+            tokio::time::Instant::from_std(at).max(last_tick + MIN_TICK)
+        };
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            out = outputs.recv() => match out {
+                Some(out) => carry_out(&shared, out, &cmds),
+                None => return,
+            },
+            _ = shared.overlay_wake.notified() => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                last_tick = tokio::time::Instant::now();
+                input(&shared, Input::Tick);
+            }
+        }
+    }
+}
+
+fn carry_out(shared: &Arc<Shared>, out: Output, cmds: &mpsc::UnboundedSender<UpstreamCommand>) {
+    match out {
+        Output::RequestSample { addr, offer } => {
+            let s = shared.clone();
+            shared.tasks.spawn(async move {
+                let answer = match request_sample(&s, &addr, offer).await {
+                    Ok((info, peers)) => Input::Sampled { addr, info, peers },
+                    Err(e) => {
+                        if !super::net::explain_certificate_failure(&s, &addr, &e) {
+                            warn!(node = %s.cfg.name, peer = %addr, "sample failed: {e}");
+                        }
+                        Input::SampleFailed { addr }
+                    }
+                };
+                input(&s, answer);
+            });
+        }
+        Output::Attach { addr, reason, .. } => {
+            let _ = cmds.send(UpstreamCommand::Attach { addr, reason });
+        }
+        Output::Detach { addr } => {
+            let _ = cmds.send(UpstreamCommand::Detach { addr });
+        }
+        Output::Report(_) => {}
+    }
+}
+
+async fn request_sample(
+    shared: &Shared,
+    addr: &str,
+    offer: Vec<Peer>,
+) -> Result<(Peer, Vec<Peer>), NodeError> {
+    let timeout = Duration::from_millis(shared.cfg.overlay.probe_timeout_ms);
+    let ask = exchange::<proto::SampleReply>(
+        shared,
+        addr,
+        request::Kind::Sample(proto::Sample {
+            offer: offer.iter().map(|p| peer_to_proto(p)).collect(),
+        }),
+    );
+    let r = tokio::time::timeout(timeout, ask)
+        .await
+        .map_err(|_| NodeError::Connect {
+            addr: addr.to_string(),
+            reason: "sample timed out".into(),
+        })??;
+    let info = r
+        .info
+        .map(peer_from_proto)
+        .ok_or(NodeError::Wire(WireError::Truncated))?;
+    Ok((info, r.peers.into_iter().map(peer_from_proto).collect()))
+}

@@ -1,0 +1,492 @@
+//! Writes: committing proposals through the core, forwarding them from relays and followers,
+//! membership changes, and the group-commit batcher of a core node.
+//!
+//! Invariants:
+//! - A proposal carries a random id from its first send on; a copy re-sent after a lost
+//!   connection is answered with the first copy's outcome (the core deduplicates by id), so a
+//!   write is applied at most once.
+//! - A proposal is re-sent only while it has certainly not reached a core node
+//!   ([`Forward::NotSent`]), or with the same id.
+//! - A proposal is forwarded between core nodes at most [`MAX_HOPS`] times (stale hints).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use crate::consensus::{ConsensusError, Core, Member};
+use crate::file::{ApplyOutcome, Precondition, Update};
+use crate::proto::{self, propose_reply, request};
+use crate::transport;
+use crate::wire::WireError;
+
+use super::error::NodeError;
+use super::failpoint;
+use super::net;
+use super::shared::{QueuedProposal, Shared};
+
+/// How long a core node waits for a leader before failing a proposal.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// A proposal is forwarded between core nodes at most this often (stale leader hints).
+pub(crate) const MAX_HOPS: u32 = 2;
+
+/// Proposals per group-commit batch.
+const MAX_BATCH: usize = 512;
+/// Payload bytes per batch; a larger proposal goes alone.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Batches in flight at once (openraft pipelines them).
+const MAX_INFLIGHT_BATCHES: usize = 4;
+
+/// Commits `proposal` through the core (directly on a core node, over QUIC from a relay).
+pub(crate) async fn propose(
+    shared: &Arc<Shared>,
+    mut proposal: proto::Proposal,
+) -> Result<ApplyOutcome, NodeError> {
+    if !shared.role.may_write() && !failpoint::write_anyway() {
+        return Err(NodeError::Forbidden(format!(
+            "{} is a {}: its certificate may not write",
+            shared.cfg.name, shared.role
+        )));
+    }
+    if proposal.id.is_empty() {
+        let id: [u8; 16] = rand::random();
+        proposal.id = Bytes::copy_from_slice(&id);
+    }
+    let size = proposal
+        .update
+        .as_ref()
+        .map(|u| {
+            u.ops
+                .iter()
+                .map(|o| match &o.kind {
+                    Some(proto::op::Kind::Write(w)) => w.data.len() as u64,
+                    _ => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0);
+    let max = shared.cfg.stream.max_update_bytes;
+    if size > max {
+        return Err(NodeError::UpdateTooLarge { size, max });
+    }
+    shared.metrics.proposals.increment(1);
+    let outcome = propose_hops(shared, proposal, 0).await;
+    if let Err(e) = &outcome {
+        shared.metrics.proposal_failed(failure_label(e));
+    }
+    outcome
+}
+
+/// The `reason` of `canopy_proposal_failures_total` for a proposal that failed with `e`.
+fn failure_label(e: &NodeError) -> &'static str {
+    match e {
+        NodeError::UpdateTooLarge { .. }
+        | NodeError::Consensus(ConsensusError::TooLarge { .. }) => "too_large",
+        NodeError::Consensus(ConsensusError::InvalidProposal(_)) | NodeError::Rejected(_) => {
+            "invalid"
+        }
+        NodeError::Forbidden(_) => "forbidden",
+        NodeError::Contended(_) => "contended",
+        _ => "unavailable",
+    }
+}
+
+/// A core node commits directly when it leads, and otherwise forwards to the leader it
+/// knows (waiting for an election if there is none); a relay forwards to a core node.
+pub(crate) async fn propose_hops(
+    shared: &Arc<Shared>,
+    proposal: proto::Proposal,
+    hops: u32,
+) -> Result<ApplyOutcome, NodeError> {
+    let Some(core) = shared.core.get() else {
+        return Ok(forward_proposal(shared, proposal, hops, None).await?);
+    };
+    let me = &shared.cfg.name;
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    // Leaders this proposal failed to reach: their hints are not followed again; the next
+    // leader is waited for instead.
+    let mut dead: Vec<String> = Vec::new();
+    loop {
+        match core_propose(shared, proposal.clone()).await {
+            Err(ConsensusError::NotLeader { leader }) => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let leader = match leader {
+                    Some(l) if l.name != *me && !dead.contains(&l.name) => Some(l),
+                    _ => core.wait_for_leader_except(&dead, left).await.ok(),
+                };
+                match leader {
+                    Some(l) if l.name != *me && hops < MAX_HOPS => {
+                        let to = Some(l.addr.clone());
+                        let forwarded = tokio::select! {
+                            r = forward_proposal(shared, proposal.clone(), hops + 1, to) => r,
+                            Ok(_) = core.wait_for_leader_except(std::slice::from_ref(&l.name), left) => {
+                                Err(Forward::Unknown(NodeError::Connect {
+                                    addr: l.addr.clone(),
+                                    reason: "the leader was replaced".into(),
+                                }))
+                            }
+                        };
+                        match forwarded {
+                            Err(Forward::NotSent(e) | Forward::Unknown(e))
+                                if e.is_retryable() && tokio::time::Instant::now() < deadline =>
+                            {
+                                // The same id again is safe: every member deduplicates it.
+                                dead.push(l.name.clone());
+                            }
+                            other => return Ok(other?),
+                        }
+                    }
+                    Some(l) if l.name == *me => continue,
+                    _ if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    _ => return Err(ConsensusError::NotLeader { leader }.into()),
+                }
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Commits through this core node's Raft, batched with concurrent proposals.
+async fn core_propose(
+    shared: &Shared,
+    proposal: proto::Proposal,
+) -> Result<ApplyOutcome, ConsensusError> {
+    let Some(batcher) = shared.batcher.get() else {
+        return Err(ConsensusError::Stopped);
+    };
+    let (reply, rx) = oneshot::channel();
+    if batcher.send(QueuedProposal { proposal, reply }).is_err() {
+        return Err(ConsensusError::Stopped);
+    }
+    rx.await.unwrap_or(Err(ConsensusError::Stopped))
+}
+
+/// Commits `update` (with an optional precondition).
+pub(crate) async fn write(
+    shared: &Arc<Shared>,
+    update: &Update,
+    precondition: Option<&Precondition>,
+) -> Result<ApplyOutcome, NodeError> {
+    let proposal = proto::Proposal {
+        update: Some(update.into()),
+        precondition: precondition.map(Into::into),
+        ..Default::default()
+    };
+    propose(shared, proposal).await
+}
+
+/// Waits until this node has applied `version` or `timeout` passes; true if applied.
+pub(crate) async fn wait_applied(shared: &Shared, version: u64, timeout: Duration) -> bool {
+    let mut rx = shared.applied.subscribe();
+    tokio::time::timeout(timeout, rx.wait_for(|(v, _)| *v >= version))
+        .await
+        .map(|r| r.is_ok())
+        .unwrap_or(false)
+}
+
+/// Replaces the whole file with `content` atomically: diffs it against this node's version
+/// by chunk and commits only the changed ranges, conditional on that version. With
+/// `if_version`, only if the file is still at that version; without, retrying on a
+/// concurrent write after catching up to it.
+pub(crate) async fn replace(
+    shared: &Arc<Shared>,
+    content: &[u8],
+    if_version: Option<u64>,
+) -> Result<ApplyOutcome, NodeError> {
+    const ATTEMPTS: u32 = 20;
+    if let Some(version) = if_version {
+        wait_applied(shared, version, Duration::from_secs(10)).await;
+    }
+    for _ in 0..ATTEMPTS {
+        let file = shared.state.lock().replica.file().clone();
+        if let Some(version) = if_version {
+            if file.version() != version {
+                return Ok(ApplyOutcome::PreconditionFailed {
+                    version: file.version(),
+                });
+            }
+        }
+        let update = file.diff_to(content);
+        let cond = Precondition::IfVersion(file.version());
+        match write(shared, &update, Some(&cond)).await? {
+            ApplyOutcome::PreconditionFailed { version } if if_version.is_none() => {
+                wait_applied(shared, version, Duration::from_secs(10)).await;
+            }
+            other => return Ok(other),
+        }
+    }
+    Err(NodeError::Contended(ATTEMPTS))
+}
+
+/// Applies a core membership change: on the leader directly, otherwise forwarded to it (at
+/// most [`MAX_HOPS`] times).
+pub(crate) async fn admin(
+    shared: &Arc<Shared>,
+    admin: proto::Admin,
+    hops: u32,
+) -> Result<(), NodeError> {
+    let core = shared.core.get().ok_or(NodeError::NotCore)?;
+    let result = match &admin.kind {
+        Some(proto::admin::Kind::AddMember(m)) => {
+            core.add_member(Member {
+                name: m.name.clone(),
+                addr: m.addr.clone(),
+            })
+            .await
+        }
+        Some(proto::admin::Kind::RemoveMember(name)) => core.remove_member(name, admin.force).await,
+        None => return Err(NodeError::Rejected("empty admin request".into())),
+    };
+    match result {
+        Err(ConsensusError::NotLeader { leader }) if hops <= MAX_HOPS => {
+            let leader = match leader {
+                Some(l) => l,
+                None => core.wait_for_leader(LEADER_WAIT).await?,
+            };
+            if leader.name == shared.cfg.name {
+                return Err(ConsensusError::NotLeader {
+                    leader: Some(leader),
+                }
+                .into());
+            }
+            let conn = net::core_conn(shared, &leader.addr).await?;
+            let reply: proto::AdminReply =
+                net::request(shared, &conn, request::Kind::Admin(admin)).await?;
+            if reply.error.is_empty() {
+                Ok(())
+            } else {
+                Err(NodeError::Rejected(reply.error))
+            }
+        }
+        other => Ok(other?),
+    }
+}
+
+/// Why forwarding a proposal failed.
+#[derive(Debug)]
+pub enum Forward {
+    /// Nothing reached the core: retrying cannot apply it twice.
+    NotSent(NodeError),
+    /// It may or may not have been committed.
+    Unknown(NodeError),
+}
+
+impl From<Forward> for NodeError {
+    fn from(f: Forward) -> Self {
+        match f {
+            Forward::NotSent(e) => e,
+            Forward::Unknown(e) => NodeError::OutcomeUnknown(e.to_string()),
+        }
+    }
+}
+
+/// Sends a proposal to `to` (a core leader), or to a core node of this relay's choice,
+/// retrying other core nodes while it has certainly not been sent. An error after sending
+/// leaves the outcome unknown and is returned as is: the proposal is never sent twice.
+async fn forward_proposal(
+    shared: &Arc<Shared>,
+    proposal: proto::Proposal,
+    hops: u32,
+    to: Option<String>,
+) -> Result<ApplyOutcome, Forward> {
+    let request = proto::Request {
+        kind: Some(request::Kind::Propose(proto::Propose {
+            proposal: Some(proposal),
+            hops,
+        })),
+    };
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    // Whether any attempt may have reached a core: only then is the outcome unknown.
+    let mut maybe_sent = false;
+    let mut tried = 0;
+    loop {
+        let conn = match &to {
+            Some(addr) => net::core_conn(shared, addr)
+                .await
+                .map(|c| (addr.clone(), c)),
+            None => net::any_core(shared).await,
+        };
+        let (addr, sent) = match conn {
+            Ok((addr, conn)) => (Some(addr), send_proposal(shared, &conn, &request).await),
+            Err(e) => (None, Err(Forward::NotSent(e))),
+        };
+        let (e, sent_it) = match sent {
+            Err(Forward::NotSent(e)) if e.is_retryable() => (e, false),
+            Err(Forward::Unknown(e)) if e.is_retryable() => (e, true),
+            other => return other,
+        };
+        warn!(node = %shared.cfg.name, "proposal not confirmed by the core, retrying with the same id: {e}");
+        if let Some(addr) = &addr {
+            net::forget_core(shared, addr).await;
+        }
+        maybe_sent |= sent_it;
+        if to.is_some() || tokio::time::Instant::now() >= deadline {
+            return Err(if maybe_sent {
+                Forward::Unknown(e)
+            } else {
+                Forward::NotSent(e)
+            });
+        }
+        // Every core address is tried once at once; then the retries are paced.
+        tried += 1;
+        if tried >= net::core_addr_count(shared) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn send_proposal(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    request: &proto::Request,
+) -> Result<ApplyOutcome, Forward> {
+    let not_sent = |e: String| {
+        Forward::NotSent(NodeError::Connect {
+            addr: conn.remote_address().to_string(),
+            reason: e,
+        })
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| not_sent(e.to_string()))?;
+    transport::write_frame(&mut send, request)
+        .await
+        .map_err(|e| not_sent(e.to_string()))?;
+    let _ = send.finish();
+    let reply =
+        transport::read_frame::<proto::ProposeReply>(&mut recv, shared.cfg.stream.max_frame)
+            .await
+            .map_err(|e| Forward::Unknown(e.into()))?
+            .ok_or(Forward::Unknown(NodeError::Wire(WireError::Truncated)))?;
+    match reply.kind {
+        Some(propose_reply::Kind::CommittedVersion(v)) => Ok(ApplyOutcome::Applied { version: v }),
+        Some(propose_reply::Kind::PreconditionFailedVersion(v)) => {
+            Ok(ApplyOutcome::PreconditionFailed { version: v })
+        }
+        Some(propose_reply::Kind::Error(e)) => Err(Forward::Unknown(NodeError::Rejected(e))),
+        Some(propose_reply::Kind::Refused(e)) => Err(Forward::NotSent(NodeError::Forbidden(e))),
+        None => Err(Forward::Unknown(NodeError::Rejected("empty reply".into()))),
+    }
+}
+
+/// The wire answer to a forwarded proposal.
+pub(crate) fn outcome_reply(r: Result<ApplyOutcome, NodeError>) -> proto::ProposeReply {
+    let kind = match r {
+        Ok(ApplyOutcome::Applied { version }) => propose_reply::Kind::CommittedVersion(version),
+        Ok(ApplyOutcome::PreconditionFailed { version }) => {
+            propose_reply::Kind::PreconditionFailedVersion(version)
+        }
+        Ok(ApplyOutcome::Rejected { reason, .. }) => propose_reply::Kind::Error(reason),
+        Err(NodeError::Forbidden(e)) => propose_reply::Kind::Refused(e),
+        Err(e) => propose_reply::Kind::Error(e.to_string()),
+    };
+    proto::ProposeReply { kind: Some(kind) }
+}
+
+/// What a proposal adds to a batch's entry: its encoded size within the batch.
+fn proposal_bytes(p: &proto::Proposal) -> usize {
+    let len = prost::Message::encoded_len(p);
+    len + prost::encoding::encoded_len_varint(len as u64) + 1
+}
+
+/// Group commit above openraft (which appends and fsyncs each `client_write` on its own):
+/// takes whatever proposals queued up while earlier batches were in flight, up to
+/// `MAX_BATCH` of them or `MAX_BATCH_BYTES`, and commits them as one entry; at most
+/// `MAX_INFLIGHT_BATCHES` are in flight. Each proposal's own outcome is read back from the
+/// replica by its id.
+pub(crate) async fn batcher(
+    shared: Arc<Shared>,
+    core: Arc<Core>,
+    mut rx: mpsc::UnboundedReceiver<QueuedProposal>,
+) {
+    let inflight = Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_BATCHES));
+    let mut carry: Option<QueuedProposal> = None;
+    // A batch is one Raft entry: it must fit one frame with its envelope.
+    let max_bytes = MAX_BATCH_BYTES.min(
+        shared
+            .cfg
+            .stream
+            .max_frame
+            .saturating_sub(crate::consensus::ENTRY_FRAME_OVERHEAD),
+    );
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                p = rx.recv() => match p { Some(p) => p, None => return },
+            },
+        };
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes = proposal_bytes(&first.proposal);
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < max_bytes {
+            match rx.try_recv() {
+                Ok(p) => {
+                    let size = proposal_bytes(&p.proposal);
+                    if bytes + size > max_bytes {
+                        carry = Some(p);
+                        break;
+                    }
+                    bytes += size;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let (shared, core) = (shared.clone(), core.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            commit_batch(&shared, &core, batch).await;
+        });
+    }
+}
+
+/// Commits one batch as one Raft entry and answers each of its proposals.
+async fn commit_batch(shared: &Shared, core: &Core, mut batch: Vec<QueuedProposal>) {
+    if batch.len() == 1 {
+        if let Some(q) = batch.pop() {
+            let _ = q.reply.send(core.propose(q.proposal).await);
+        }
+        return;
+    }
+    for q in &mut batch {
+        if q.proposal.id.is_empty() {
+            let id: [u8; 16] = rand::random();
+            q.proposal.id = Bytes::copy_from_slice(&id);
+        }
+    }
+    let whole = proto::Proposal {
+        batch: batch.iter().map(|q| q.proposal.clone()).collect(),
+        ..Default::default()
+    };
+    match core.propose(whole).await {
+        Ok(_) => {
+            let st = shared.state.lock();
+            for q in batch {
+                let outcome = st
+                    .replica
+                    .outcome_of(&q.proposal.id)
+                    .ok_or_else(|| ConsensusError::Fatal("batched outcome not found".into()));
+                let _ = q.reply.send(outcome);
+            }
+        }
+        Err(e) => {
+            let leader = match &e {
+                ConsensusError::NotLeader { leader } => Some(leader.clone()),
+                _ => None,
+            };
+            let text = e.to_string();
+            for q in batch {
+                let _ = q.reply.send(Err(match &leader {
+                    Some(l) => ConsensusError::NotLeader { leader: l.clone() },
+                    None => ConsensusError::Raft(text.clone()),
+                }));
+            }
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! Only the core is trusted for content: signed anchors over what it commits, and their
+//! verification by every other node.
+//!
+//! An anchor binds the cluster, a version, the file's length, chunk size and root at that
+//! version, the core's commit time, and, for the anchor that seals an entry, the BLAKE3 of
+//! that entry's frame. A core node signs one anchor per entry it produces (an entry is one
+//! commit batch: the group commit puts every proposal of a batch in one entry), with the key
+//! of its own certificate.
+//!
+//! Invariants:
+//! - A signature verifies only with the key of a certificate that chains to a CA of the
+//!   cluster, is within its validity period when learnt, and has the core role
+//!   ([`Verifier::learn`]); the cluster id in the signed message is BLAKE3 of the CA that
+//!   issued the signer's certificate (so a CA rotation, with both CAs trusted, keeps working).
+//! - The signed message is domain-separated and names the cluster and the purpose (sealing an
+//!   entry, or anchoring a state), so a signature made for one never verifies for another.
+//! - At most [`MAX_SIGNERS`] signer certificates are kept; learning one more forgets the one
+//!   that expires first.
+//! - Nothing here reads a clock: callers pass the time at which certificates are checked.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use rustls::SignatureScheme;
+
+use crate::file::Hash;
+use crate::proto;
+use crate::tls::{Identity, Role};
+
+/// Most signer certificates a node keeps (a core has at most 5 members; rotations add some).
+pub const MAX_SIGNERS: usize = 16;
+
+/// Largest signer certificate accepted, in bytes (ours are about 600).
+pub const MAX_CERT_BYTES: usize = 16 * 1024;
+
+const DOMAIN: &[u8] = b"canopy-anchor-v1\0";
+
+/// Why something was not trusted.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum TrustError {
+    /// A signer certificate that does not verify, has expired, or is not a core's.
+    #[error("signer certificate refused: {0}")]
+    BadCert(String),
+    /// A signature by a key this node does not know.
+    #[error("unknown signer {0}")]
+    UnknownSigner(String),
+    /// A signature that does not verify over the anchor.
+    #[error("bad signature by {0}")]
+    BadSignature(String),
+    /// A malformed seal (field sizes).
+    #[error("malformed seal: {0}")]
+    Malformed(&'static str),
+    /// Signing failed on a core node.
+    #[error("signing: {0}")]
+    Sign(String),
+}
+
+impl TrustError {
+    /// A short stable label for metrics (`canopy_untrusted_frames_total{reason}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::BadCert(_) => "bad_cert",
+            Self::UnknownSigner(_) => "unknown_signer",
+            Self::BadSignature(_) => "bad_signature",
+            Self::Malformed(_) => "malformed",
+            Self::Sign(_) => "sign",
+        }
+    }
+}
+
+/// What a core signs: a version of the file, and for a seal, the entry that made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Anchor {
+    pub version: u64,
+    pub length: u64,
+    pub chunk_size: u32,
+    pub root: Hash,
+    pub commit_time_us: u64,
+    /// BLAKE3 of the entry frame's body, for the seal of that entry; `None` for the anchor of
+    /// a state (what a snapshot or a restarted relay's copy is checked against).
+    pub entry: Option<Hash>,
+}
+
+impl Anchor {
+    /// The bytes that are signed.
+    fn message(&self, cluster: &Hash) -> Vec<u8> {
+        let mut m = Vec::with_capacity(DOMAIN.len() + 32 + 8 + 8 + 4 + 32 + 8 + 33);
+        m.extend_from_slice(DOMAIN);
+        m.extend_from_slice(cluster);
+        m.extend_from_slice(&self.version.to_le_bytes());
+        m.extend_from_slice(&self.length.to_le_bytes());
+        m.extend_from_slice(&self.chunk_size.to_le_bytes());
+        m.extend_from_slice(&self.root);
+        m.extend_from_slice(&self.commit_time_us.to_le_bytes());
+        match &self.entry {
+            Some(h) => {
+                m.push(1);
+                m.extend_from_slice(h);
+            }
+            None => m.push(0),
+        }
+        m
+    }
+
+    /// The anchor a seal claims, with the entry digest the verifier computed itself.
+    pub fn of_seal(seal: &proto::Seal, entry: Option<Hash>) -> Result<Self, TrustError> {
+        Ok(Self {
+            version: seal.version,
+            length: seal.length,
+            chunk_size: seal.chunk_size,
+            root: to_hash(&seal.root, "root")?,
+            commit_time_us: seal.commit_time_unix_us,
+            entry,
+        })
+    }
+}
+
+/// The digest a seal of `entry_frame` signs: BLAKE3 of the frame's body (its bytes after
+/// the length prefix), exactly as it travels.
+pub fn entry_digest(entry_frame: &[u8]) -> Hash {
+    *blake3::hash(
+        entry_frame
+            .get(crate::wire::PREFIX_LEN..)
+            .unwrap_or_default(),
+    )
+    .as_bytes()
+}
+
+fn to_hash(b: &[u8], what: &'static str) -> Result<Hash, TrustError> {
+    b.try_into().map_err(|_| TrustError::Malformed(what))
+}
+
+/// A signer certificate's fingerprint: BLAKE3 of its DER.
+pub fn fingerprint(der: &[u8]) -> Hash {
+    *blake3::hash(der).as_bytes()
+}
+
+/// A core node's signing side.
+pub struct Sealer {
+    cluster: Hash,
+    key: Box<dyn rustls::sign::Signer>,
+    fingerprint: Hash,
+    cert: Bytes,
+}
+
+impl Sealer {
+    /// The sealer of a core node's identity.
+    pub fn new(id: &Identity) -> Result<Self, TrustError> {
+        let key = id
+            .signing_key()
+            .map_err(|e| TrustError::Sign(e.to_string()))?
+            .choose_scheme(&[
+                SignatureScheme::ED25519,
+                SignatureScheme::ECDSA_NISTP256_SHA256,
+            ])
+            .ok_or_else(|| TrustError::Sign("the key is neither Ed25519 nor ECDSA P-256".into()))?;
+        let cert = Bytes::copy_from_slice(id.cert_der());
+        Ok(Self {
+            cluster: id.cluster_id(),
+            key,
+            fingerprint: fingerprint(&cert),
+            cert,
+        })
+    }
+
+    /// This signer's certificate, for the nodes that must verify it.
+    pub fn cert(&self) -> &Bytes {
+        &self.cert
+    }
+
+    /// Signs `anchor` into a seal.
+    pub fn seal(&self, anchor: &Anchor) -> Result<proto::Seal, TrustError> {
+        let signature = self
+            .key
+            .sign(&anchor.message(&self.cluster))
+            .map_err(|e| TrustError::Sign(e.to_string()))?;
+        Ok(proto::Seal {
+            version: anchor.version,
+            length: anchor.length,
+            chunk_size: anchor.chunk_size,
+            root: Bytes::copy_from_slice(&anchor.root),
+            commit_time_unix_us: anchor.commit_time_us,
+            signer: Bytes::copy_from_slice(&self.fingerprint),
+            scheme: u32::from(u16::from(self.key.scheme())),
+            signature: Bytes::from(signature),
+        })
+    }
+}
+
+/// A verified signer's key.
+#[derive(Clone)]
+struct Signer {
+    name: String,
+    /// The cluster id its signatures carry: BLAKE3 of the CA that issued its certificate.
+    cluster: Hash,
+    cert: Bytes,
+    alg: &'static dyn ring::signature::VerificationAlgorithm,
+    key: Arc<[u8]>,
+    until: SystemTime,
+}
+
+/// The signers a node accepts, learnt from certificates it has checked.
+#[derive(Clone)]
+pub struct Verifier {
+    id: Arc<Identity>,
+    signers: BTreeMap<Hash, Signer>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("signers", &self.signers.len())
+            .finish()
+    }
+}
+
+impl Verifier {
+    /// A verifier for the cluster of `id`, knowing no signer yet.
+    pub fn new(id: Arc<Identity>) -> Self {
+        Self {
+            id,
+            signers: BTreeMap::new(),
+        }
+    }
+
+    /// Checks a signer certificate (size, chain to the cluster CA, validity at `now`, core
+    /// role, a supported key) and keeps it. Returns whether it was new.
+    pub fn learn(&mut self, der: &[u8], now: SystemTime) -> Result<bool, TrustError> {
+        if der.len() > MAX_CERT_BYTES {
+            return Err(TrustError::BadCert(format!("{} bytes", der.len())));
+        }
+        let fp = fingerprint(der);
+        if self.signers.contains_key(&fp) {
+            return Ok(false);
+        }
+        let crate::tls::Verified {
+            name,
+            role,
+            until,
+            cluster,
+        } = self.id.verify_cert(der, now).map_err(TrustError::BadCert)?;
+        if role != Role::Core {
+            return Err(TrustError::BadCert(format!(
+                "{name} has the {role} role, not core"
+            )));
+        }
+        let (alg, key, curve) = crate::tls::public_key(der).map_err(TrustError::BadCert)?;
+        let alg: &'static dyn ring::signature::VerificationAlgorithm =
+            match (alg.as_str(), curve.as_deref()) {
+                ("1.3.101.112", _) => &ring::signature::ED25519,
+                ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => {
+                    &ring::signature::ECDSA_P256_SHA256_ASN1
+                }
+                other => {
+                    return Err(TrustError::BadCert(format!(
+                        "{name}: unsupported key {other:?}"
+                    )))
+                }
+            };
+        if self.signers.len() >= MAX_SIGNERS {
+            let soonest = self
+                .signers
+                .iter()
+                .min_by_key(|(_, s)| s.until)
+                .map(|(k, _)| *k);
+            if let Some(k) = soonest {
+                self.signers.remove(&k);
+            }
+        }
+        self.signers.insert(
+            fp,
+            Signer {
+                name,
+                cluster,
+                cert: Bytes::copy_from_slice(der),
+                alg,
+                key: key.into(),
+                until,
+            },
+        );
+        Ok(true)
+    }
+
+    /// Forgets signers whose certificate has expired at `now`.
+    pub fn expire(&mut self, now: SystemTime) {
+        self.signers.retain(|_, s| s.until > now);
+    }
+
+    /// The signer certificates known, to pass on to children.
+    pub fn certs(&self) -> Vec<Bytes> {
+        self.signers.values().map(|s| s.cert.clone()).collect()
+    }
+
+    /// Checks `seal` as a signature over `anchor` by a known core signer; returns the
+    /// signer's name.
+    pub fn verify(&self, anchor: &Anchor, seal: &proto::Seal) -> Result<&str, TrustError> {
+        let fp = to_hash(&seal.signer, "signer")?;
+        let signer = self
+            .signers
+            .get(&fp)
+            .ok_or_else(|| TrustError::UnknownSigner(hex::encode(&fp[..8])))?;
+        ring::signature::UnparsedPublicKey::new(signer.alg, &signer.key[..])
+            .verify(&anchor.message(&signer.cluster), &seal.signature)
+            .map_err(|_| TrustError::BadSignature(signer.name.clone()))?;
+        Ok(&signer.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::tls;
+
+    fn identities(dir: &std::path::Path) -> (Identity, Identity, Identity) {
+        let ca = dir.join("ca");
+        tls::ca_init(&ca).unwrap();
+        for (n, r) in [
+            ("core-a", Role::Core),
+            ("relay-a", Role::Relay),
+            ("core-x", Role::Core),
+        ] {
+            tls::cert_issue(&ca, n, r, dir).unwrap();
+        }
+        let other = dir.join("other");
+        tls::ca_init(&other.join("ca")).unwrap();
+        tls::cert_issue(&other.join("ca"), "core-x", Role::Core, &other).unwrap();
+        (
+            Identity::load(dir, "core-a").unwrap(),
+            Identity::load(dir, "relay-a").unwrap(),
+            Identity::load(&other, "core-x").unwrap(),
+        )
+    }
+
+    fn anchor(entry: Option<Hash>) -> Anchor {
+        Anchor {
+            version: 7,
+            length: 100,
+            chunk_size: 65536,
+            root: [3; 32],
+            commit_time_us: 42,
+            entry,
+        }
+    }
+
+    #[test]
+    fn a_core_seal_verifies_and_nothing_else_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, relay, foreign) = identities(dir.path());
+        let now = SystemTime::now();
+        let sealer = Sealer::new(&core).unwrap();
+        let mut v = Verifier::new(Arc::new(relay.clone()));
+        let a = anchor(Some([9; 32]));
+        let seal = sealer.seal(&a).unwrap();
+        assert_eq!(
+            v.verify(&a, &seal),
+            Err(TrustError::UnknownSigner(hex::encode(&seal.signer[..8])))
+        );
+        assert_eq!(v.learn(sealer.cert(), now), Ok(true));
+        assert_eq!(v.learn(sealer.cert(), now), Ok(false));
+        assert_eq!(v.verify(&a, &seal), Ok("core-a"));
+
+        for changed in [
+            Anchor {
+                version: 8,
+                ..a.clone()
+            },
+            Anchor {
+                length: 101,
+                ..a.clone()
+            },
+            Anchor {
+                chunk_size: 4096,
+                ..a.clone()
+            },
+            Anchor {
+                root: [4; 32],
+                ..a.clone()
+            },
+            Anchor {
+                commit_time_us: 43,
+                ..a.clone()
+            },
+            Anchor {
+                entry: Some([8; 32]),
+                ..a.clone()
+            },
+            Anchor {
+                entry: None,
+                ..a.clone()
+            },
+        ] {
+            assert_eq!(
+                v.verify(&changed, &seal),
+                Err(TrustError::BadSignature("core-a".into())),
+                "{changed:?}"
+            );
+        }
+
+        let relay_sealer = Sealer::new(&relay).unwrap();
+        assert!(matches!(
+            v.learn(relay_sealer.cert(), now),
+            Err(TrustError::BadCert(m)) if m.contains("relay role")
+        ));
+        let foreign_sealer = Sealer::new(&foreign).unwrap();
+        assert!(matches!(
+            v.learn(foreign_sealer.cert(), now),
+            Err(TrustError::BadCert(_))
+        ));
+        let forged = foreign_sealer.seal(&a).unwrap();
+        assert!(matches!(
+            v.verify(&a, &forged),
+            Err(TrustError::UnknownSigner(_))
+        ));
+    }
+
+    #[test]
+    fn expired_signers_are_refused_and_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, relay, _) = identities(dir.path());
+        let sealer = Sealer::new(&core).unwrap();
+        let mut v = Verifier::new(Arc::new(relay));
+        let later = SystemTime::now() + Duration::from_secs(20 * 365 * 86400);
+        assert!(matches!(
+            v.learn(sealer.cert(), later),
+            Err(TrustError::BadCert(_))
+        ));
+        v.learn(sealer.cert(), SystemTime::now()).unwrap();
+        assert_eq!(v.certs().len(), 1);
+        v.expire(later);
+        assert!(v.certs().is_empty());
+    }
+}

@@ -1,0 +1,177 @@
+//! What a write is: the ops of an atomic update, its precondition, its outcome, and their
+//! wire forms. Plain data; [`crate::file`] applies it.
+//!
+//! Invariants: a conversion from the wire either yields a complete value or a [`FileError`];
+//! nothing here allocates by a size a peer declared.
+
+use bytes::Bytes;
+
+use crate::proto;
+
+/// Result of applying one committed proposal to the file (deterministic on every core node).
+///
+/// Entries of the consensus log that carry no proposal (blank and membership entries) answer
+/// `Applied` with the unchanged current version.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ApplyOutcome {
+    /// The update was applied; the file is now at `version`.
+    Applied { version: u64 },
+    /// The precondition did not hold; nothing changed; the file stays at `version`.
+    PreconditionFailed { version: u64 },
+    /// The update is invalid (e.g. beyond the maximum length); nothing changed.
+    Rejected { version: u64, reason: String },
+}
+
+impl ApplyOutcome {
+    /// The file version after this outcome.
+    pub fn version(&self) -> u64 {
+        match self {
+            ApplyOutcome::Applied { version }
+            | ApplyOutcome::PreconditionFailed { version }
+            | ApplyOutcome::Rejected { version, .. } => *version,
+        }
+    }
+}
+
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+/// Default maximum file length (guards against `Write{offset: 1<<62}` allocating the world).
+pub const DEFAULT_MAX_LEN: u64 = 64 * 1024 * 1024 * 1024;
+/// Largest accepted chunk size.
+pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+
+pub type Hash = [u8; 32];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Write { offset: u64, data: Bytes },
+    Truncate { len: u64 },
+}
+
+/// An atomic batch of ops: all of it applies, or none of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Update {
+    pub ops: Vec<Op>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Precondition {
+    IfVersion(u64),
+    IfRangeHash { offset: u64, len: u64, hash: Hash },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FileError {
+    #[error("file would grow to {len} bytes, over the maximum of {max}")]
+    TooLarge { len: u64, max: u64 },
+    #[error("update op without a kind")]
+    MissingOp,
+    #[error("precondition without a kind")]
+    MissingPrecondition,
+    #[error("range hash is {len} bytes, expected 32")]
+    BadHash { len: usize },
+    #[error("bad chunk size {0}: must be a power of two no larger than 16 MiB")]
+    BadChunkSize(u32),
+    #[error("chunk {index} out of range: the file has {count} chunks")]
+    ChunkOutOfRange { index: u64, count: u64 },
+    #[error("chunk {index} is {got} bytes, expected {expected}")]
+    ChunkLength { index: u64, expected: u64, got: u64 },
+    #[error("root mismatch: expected {expected}, got {got}")]
+    RootMismatch { expected: String, got: String },
+    #[error("file incomplete: {missing} chunks missing")]
+    Incomplete { missing: u64 },
+}
+
+impl TryFrom<proto::Update> for Update {
+    type Error = FileError;
+
+    fn try_from(u: proto::Update) -> Result<Self, FileError> {
+        let ops = u
+            .ops
+            .into_iter()
+            .map(|op| match op.kind {
+                Some(proto::op::Kind::Write(w)) => Ok(Op::Write {
+                    offset: w.offset,
+                    data: w.data,
+                }),
+                Some(proto::op::Kind::Truncate(t)) => Ok(Op::Truncate { len: t.len }),
+                None => Err(FileError::MissingOp),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Update { ops })
+    }
+}
+
+impl From<&Update> for proto::Update {
+    fn from(u: &Update) -> Self {
+        let ops = u
+            .ops
+            .iter()
+            .map(|op| proto::Op {
+                kind: Some(match op {
+                    Op::Write { offset, data } => proto::op::Kind::Write(proto::Write {
+                        offset: *offset,
+                        data: data.clone(),
+                    }),
+                    Op::Truncate { len } => {
+                        proto::op::Kind::Truncate(proto::Truncate { len: *len })
+                    }
+                }),
+            })
+            .collect();
+        proto::Update { ops }
+    }
+}
+
+impl TryFrom<proto::Precondition> for Precondition {
+    type Error = FileError;
+
+    fn try_from(p: proto::Precondition) -> Result<Self, FileError> {
+        match p.kind {
+            Some(proto::precondition::Kind::IfVersion(v)) => Ok(Precondition::IfVersion(v)),
+            Some(proto::precondition::Kind::IfRangeHash(r)) => {
+                let hash: Hash = r.hash[..]
+                    .try_into()
+                    .map_err(|_| FileError::BadHash { len: r.hash.len() })?;
+                Ok(Precondition::IfRangeHash {
+                    offset: r.offset,
+                    len: r.len,
+                    hash,
+                })
+            }
+            None => Err(FileError::MissingPrecondition),
+        }
+    }
+}
+
+impl From<&Precondition> for proto::Precondition {
+    fn from(p: &Precondition) -> Self {
+        let kind = match p {
+            Precondition::IfVersion(v) => proto::precondition::Kind::IfVersion(*v),
+            Precondition::IfRangeHash { offset, len, hash } => {
+                proto::precondition::Kind::IfRangeHash(proto::RangeHash {
+                    offset: *offset,
+                    len: *len,
+                    hash: Bytes::copy_from_slice(hash),
+                })
+            }
+        };
+        proto::Precondition { kind: Some(kind) }
+    }
+}
+
+impl Update {
+    /// Payload bytes carried by the writes (for limits and metrics).
+    pub fn byte_size(&self) -> u64 {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::Write { data, .. } => data.len() as u64,
+                Op::Truncate { .. } => 0,
+            })
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}

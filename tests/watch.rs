@@ -1,0 +1,337 @@
+//! `canopy watch --exec` against real core and relay processes: bursts, failures, a relay
+//! restart and SIGTERM.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A running `canopy watch --exec`, killed on drop.
+struct Watcher {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Watcher {
+    fn start(root: &Path, api: std::net::SocketAddr, args: &[&str]) -> Watcher {
+        let log = root.join("watch.log");
+        let err = std::fs::File::create(&log).unwrap();
+        let child = Command::new(CANOPY)
+            .arg("--api")
+            .arg(api.to_string())
+            .arg("watch")
+            .args(args)
+            .current_dir(root)
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("spawn canopy watch");
+        Watcher {
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    async fn exit_code(&mut self, secs: u64) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return status.code().expect("exited, not signalled");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "canopy watch did not exit: {}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- canopy watch ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// The lines of the runs log the test command writes.
+fn runs(root: &Path) -> Vec<String> {
+    std::fs::read_to_string(root.join("runs.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Versions of the runs that ended (`end V ...` lines).
+fn ended(root: &Path) -> Vec<u64> {
+    runs(root)
+        .iter()
+        .filter_map(|l| l.strip_prefix("end ")?.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+async fn patch(c: &reqwest::Client, p: &Proc, offset: u64, data: &[u8]) -> u64 {
+    let v: serde_json::Value = c
+        .patch(p.url(&format!("/v1/file?offset={offset}")))
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["version"].as_u64().expect("a version")
+}
+
+/// A command that records each run, detects overlap with a lock directory, keeps a copy of
+/// CANOPY_FILE per version and takes a moment, so that overlapping runs would be seen.
+const RECORDING: &str = r#"
+mkdir lock 2>/dev/null || echo OVERLAP >> runs.log
+echo "start $CANOPY_VERSION $CANOPY_ROOT" >> runs.log
+cp "$CANOPY_FILE" "copy.$CANOPY_VERSION"
+sleep 0.3
+echo "end $CANOPY_VERSION $CANOPY_ROOT" >> runs.log
+rmdir lock
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_runs_the_command_on_the_final_version_without_overlap() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    pki.issue("r1", "relay");
+    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    let c = http();
+    wait_leader(&c, &core).await;
+    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let mut model = vec![7u8; 300_000];
+    let v0 = patch(&c, &core, 0, &model).await;
+    wait_materialized(&c, &r1, v0).await;
+
+    let file = r1.file.to_str().unwrap().to_string();
+    let mut w = Watcher::start(
+        root,
+        r1.api,
+        &["--exec", RECORDING, "--file", &file, "--min-interval", "1s"],
+    );
+    wait_until(60, "the first run, on the current version", || async {
+        ended(root) == vec![v0]
+    })
+    .await;
+
+    let mut last = v0;
+    for i in 0..20u64 {
+        let piece = format!("write {i:03}");
+        let offset = i * 10_000;
+        last = patch(&c, &core, offset, piece.as_bytes()).await;
+        model[offset as usize..offset as usize + piece.len()].copy_from_slice(piece.as_bytes());
+    }
+    wait_until(60, "a run on the final version", || async {
+        ended(root).last() == Some(&last)
+    })
+    .await;
+    let (_, root_hex) = version_root(&c, &r1).await.unwrap();
+    let log = runs(root);
+    assert!(
+        !log.iter().any(|l| l == "OVERLAP"),
+        "two runs overlapped: {log:?}"
+    );
+    assert!(
+        log.contains(&format!("end {last} {root_hex}")),
+        "CANOPY_ROOT of the final run is the relay's root: {log:?}"
+    );
+    let burst_runs = ended(root).len() - 1;
+    assert!(
+        (1..20).contains(&burst_runs),
+        "20 writes in a burst were coalesced: {burst_runs} runs"
+    );
+    assert!(
+        std::fs::read(root.join(format!("copy.{last}"))).unwrap() == model,
+        "CANOPY_FILE held the final version when the command ran"
+    );
+    assert!(w.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_commands_are_retried_and_once_passes_the_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    let c = http();
+    wait_leader(&c, &core).await;
+    let v = patch(&c, &core, 0, b"hello").await;
+
+    // Fails twice, then succeeds: three attempts, exit 0.
+    let flaky = r#"n=$(cat count 2>/dev/null || echo 0); n=$((n+1)); echo $n > count; echo "attempt $n $CANOPY_VERSION" >> runs.log; [ $n -ge 3 ]"#;
+    let mut w = Watcher::start(
+        root,
+        core.api,
+        &[
+            "--exec",
+            flaky,
+            "--once",
+            "--min-interval",
+            "100ms",
+            "--retry-delay",
+            "100ms",
+            "--retries",
+            "3",
+        ],
+    );
+    assert_eq!(w.exit_code(60).await, 0, "{}", w.log_text());
+    assert_eq!(
+        runs(root),
+        vec![
+            format!("attempt 1 {v}"),
+            format!("attempt 2 {v}"),
+            format!("attempt 3 {v}")
+        ]
+    );
+    assert!(w.log_text().contains("exited 1 (attempt 1); retrying"));
+
+    // Always fails: the first attempt and one retry, then canopy exits with its status.
+    let mut w = Watcher::start(
+        root,
+        core.api,
+        &[
+            "--exec",
+            "echo failed >> fails.log; exit 7",
+            "--once",
+            "--min-interval",
+            "0s",
+            "--retry-delay",
+            "100ms",
+            "--retries",
+            "1",
+        ],
+    );
+    assert_eq!(w.exit_code(60).await, 7, "{}", w.log_text());
+    assert_eq!(
+        std::fs::read_to_string(root.join("fails.log")).unwrap(),
+        "failed\nfailed\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn it_survives_the_relay_restarting() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    pki.issue("r1", "relay");
+    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    let c = http();
+    wait_leader(&c, &core).await;
+    let mut r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let v1 = patch(&c, &core, 0, b"first").await;
+    wait_materialized(&c, &r1, v1).await;
+
+    let file = r1.file.to_str().unwrap().to_string();
+    let _w = Watcher::start(
+        root,
+        r1.api,
+        &[
+            "--exec",
+            RECORDING,
+            "--file",
+            &file,
+            "--min-interval",
+            "100ms",
+        ],
+    );
+    wait_until(60, "the first run", || async { ended(root) == vec![v1] }).await;
+
+    r1.kill();
+    let v2 = patch(&c, &core, 0, b"second").await;
+    r1.restart();
+    wait_until(
+        60,
+        "a run on the version written while the relay was down",
+        || async { ended(root).last() == Some(&v2) },
+    )
+    .await;
+    assert_eq!(
+        std::fs::read(root.join(format!("copy.{v2}"))).unwrap(),
+        b"second"
+    );
+    let log = std::fs::read_to_string(root.join("watch.log")).unwrap();
+    assert!(
+        log.contains("again after"),
+        "the reconnection is logged: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_the_running_command_and_passes_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    let c = http();
+    wait_leader(&c, &core).await;
+    patch(&c, &core, 0, b"x").await;
+
+    let mut w = Watcher::start(
+        root,
+        core.api,
+        &[
+            "--exec",
+            "touch started; sleep 1; touch finished; exit 5",
+            "--min-interval",
+            "0s",
+        ],
+    );
+    wait_until(60, "the command to start", || async {
+        root.join("started").exists()
+    })
+    .await;
+    let ok = Command::new("kill")
+        .args(["-TERM", &w.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert_eq!(w.exit_code(60).await, 5, "{}", w.log_text());
+    assert!(
+        root.join("finished").exists(),
+        "the command ran to its end before canopy exited"
+    );
+
+    // Idle: SIGTERM exits 0 at once.
+    let mut w = Watcher::start(root, core.api, &["--exec", "true", "--after", "1000000"]);
+    wait_until(60, "the watcher to start", || async {
+        w.log_text().contains("following")
+    })
+    .await;
+    let ok = Command::new("kill")
+        .args(["-TERM", &w.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert_eq!(w.exit_code(60).await, 0, "{}", w.log_text());
+}
