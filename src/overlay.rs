@@ -61,7 +61,7 @@ pub struct OverlayConfig {
     pub subtree_min_gain: u32,
     /// Levels of depth a candidate in this node's zone may lose to one in another zone and
     /// still win (a measured RTT only ever breaks ties of depth). 1: with 3 zones, 10k
-    /// nodes joining one by one get a p99 latency from the core 2.5× lower than by depth
+    /// nodes joining one by one get a p99 latency from the core 2.4× lower than by depth
     /// alone, with no deeper tree (docs/topology.md). No effect without zones.
     pub latency_slack: u32,
     /// How long to wait for sample answers (ms). 1000.
