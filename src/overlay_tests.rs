@@ -17,6 +17,13 @@ fn addr(name: &str) -> String {
     format!("{name}:7400")
 }
 
+/// What a relay without children at the default fan-out reports.
+const LEAF: Report = Report {
+    free_slots: 8,
+    height: 0,
+    room: 0,
+};
+
 fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
 }
@@ -28,6 +35,9 @@ fn peer(name: &str, depth: Option<u32>, free_slots: u32, root_path: &[&str]) -> 
         depth,
         free_slots,
         root_path: root_path.iter().map(|s| s.to_string()).collect(),
+        height: 0,
+        room: 0,
+        zone: None,
     })
 }
 
@@ -75,6 +85,7 @@ fn attach(name: &str, moving: bool, reason: Reason) -> Output {
         addr: addr(name),
         moving,
         reason,
+        report: LEAF,
     }
 }
 
@@ -85,6 +96,9 @@ fn unattached_info(free_slots: u32) -> Peer {
         depth: None,
         free_slots,
         root_path: Vec::new(),
+        height: 0,
+        room: 0,
+        zone: None,
     })
 }
 
@@ -246,7 +260,7 @@ fn a_sampled_core_with_free_slots_is_attached_for_join() {
 #[test]
 fn attached_sets_parent_depth_and_info() {
     let mut r = rng(3);
-    let mut o = joined(&mut r);
+    let o = joined(&mut r);
     assert_eq!(o.parent_addr(), Some(&addr("core")));
     assert_eq!(o.parent_name(), Some(&"core".to_string()));
     assert_eq!(o.depth(), Some(1));
@@ -258,13 +272,12 @@ fn attached_sets_parent_depth_and_info() {
             depth: Some(1),
             free_slots: 8,
             root_path: vec!["core".into(), ME.into()],
+            height: 0,
+            room: 0,
+            zone: None,
         }
     );
     assert_eq!(o.reparents(), &BTreeMap::from([(Reason::Join, 1)]));
-    assert_eq!(o.handle(3, Input::Children { count: 3 }, &mut r), vec![]);
-    assert_eq!(o.info().free_slots, 5);
-    o.handle(4, Input::Children { count: 9 }, &mut r);
-    assert_eq!(o.info().free_slots, 0);
 }
 
 #[test]
@@ -366,6 +379,9 @@ fn a_referral_to_a_descendant_or_to_itself_is_not_followed() {
             depth: Some(1),
             free_slots: 4,
             root_path: vec!["core".into(), "alias".into()],
+            height: 0,
+            room: 0,
+            zone: None,
         }),
     ] {
         let mut r = rng(6);
@@ -915,6 +931,9 @@ fn scripted(seed: u64) -> Vec<(u64, Output)> {
             depth: Some(depth),
             free_slots: i % 3,
             root_path: path,
+            height: 0,
+            room: 0,
+            zone: None,
         }));
     }
     let w: BTreeMap<String, Peer> = peers.iter().map(|p| (p.addr.clone(), p.clone())).collect();
@@ -1130,4 +1149,483 @@ fn keeps_move_is_the_test_attached_applies() {
         &mut r,
     );
     assert_eq!(out, vec![Output::Detach { addr: addr("q") }]);
+}
+
+fn zoned(name: &str, depth: u32, free_slots: u32, zone: &str) -> Peer {
+    let mut path = vec!["core".to_string()];
+    path.extend((1..depth).map(|d| format!("{name}-up{d}")));
+    path.push(name.to_string());
+    Peer::new(PeerInfo {
+        name: name.to_string(),
+        addr: addr(name),
+        depth: Some(depth),
+        free_slots,
+        root_path: path,
+        height: 0,
+        room: 0,
+        zone: Some(zone.to_string()),
+    })
+}
+
+fn child_added(name: &str, zone: Option<&str>, report: Option<Report>) -> Input {
+    Input::ChildAdded {
+        name: name.to_string(),
+        addr: addr(name),
+        zone: zone.map(str::to_string),
+        report,
+    }
+}
+
+fn report(free_slots: u32, height: u32) -> Report {
+    Report {
+        free_slots,
+        height,
+        room: u32::from(free_slots == 0),
+    }
+}
+
+/// `joined` with `n` children c0.. registered, each reporting `(free, height)`.
+fn parent_of(n: u32, each: Report, r: &mut ChaCha8Rng) -> Overlay {
+    let mut o = joined(r);
+    for i in 0..n {
+        o.handle(3, child_added(&format!("c{i}"), None, Some(each)), r);
+    }
+    o
+}
+
+#[test]
+fn children_set_free_slots_and_height_and_each_change_is_reported_up() {
+    let mut r = rng(40);
+    let mut o = joined(&mut r);
+    assert_eq!(o.report(), LEAF);
+    // The first child makes it one level high and takes a slot: the parent hears of it.
+    assert_eq!(
+        o.handle(3, child_added("a", None, None), &mut r),
+        vec![Output::Report(report(7, 1))]
+    );
+    // A child reporting a subtree of height 2 makes this one 3 high.
+    assert_eq!(
+        o.handle(
+            4,
+            Input::ChildReport {
+                name: "a".into(),
+                report: report(6, 2),
+            },
+            &mut r
+        ),
+        vec![Output::Report(report(7, 3))]
+    );
+    assert_eq!((o.info().free_slots, o.info().height), (7, 3));
+    // Nothing changed, nothing sent; a report from a stranger is ignored.
+    assert_eq!(o.handle(5, Input::Tick, &mut r), vec![]);
+    let stranger = Input::ChildReport {
+        name: "zz".into(),
+        report: report(0, 40),
+    };
+    assert_eq!(o.handle(5, stranger, &mut r), vec![]);
+    // A lie is clamped.
+    o.handle(
+        6,
+        Input::ChildReport {
+            name: "a".into(),
+            report: report(1000, u32::MAX),
+        },
+        &mut r,
+    );
+    assert_eq!(o.report().height, MAX_HEIGHT);
+    assert_eq!(
+        o.handle(7, Input::ChildRemoved { name: "a".into() }, &mut r),
+        vec![Output::Report(LEAF)]
+    );
+    assert_eq!(o.children().count(), 0);
+}
+
+#[test]
+fn an_unattached_node_reports_nothing_and_a_new_parent_hears_the_attach_report() {
+    let mut r = rng(41);
+    let mut o = relay();
+    assert_eq!(o.handle(0, child_added("a", None, None), &mut r), vec![]);
+    o.handle(0, Input::Tick, &mut r);
+    let out = o.handle(1, sampled(core_info(8), vec![]), &mut r);
+    // The subscription carries the report, so the attach itself sends no second one.
+    assert_eq!(
+        out,
+        vec![Output::Attach {
+            addr: addr("core"),
+            moving: false,
+            reason: Reason::Join,
+            report: report(7, 1),
+        }]
+    );
+    assert_eq!(o.handle(2, attached(&core_info(8)), &mut r), vec![]);
+    // It changed while the attach was in flight: the parent hears the new one.
+    let mut o = relay();
+    o.handle(0, Input::Tick, &mut r);
+    o.handle(1, sampled(core_info(8), vec![]), &mut r);
+    o.handle(1, child_added("a", None, None), &mut r);
+    assert_eq!(
+        o.handle(2, attached(&core_info(8)), &mut r),
+        vec![Output::Report(report(7, 1))]
+    );
+}
+
+#[test]
+fn children_changes_brings_the_registry_in_line_with_a_polled_table() {
+    let mut r = rng(42);
+    let mut o = parent_of(2, LEAF, &mut r);
+    let table = vec![
+        ("c1".to_string(), addr("c1")),
+        ("n".to_string(), addr("n")),
+        ("n".to_string(), addr("n")),
+    ];
+    let changes = o.children_changes(&table);
+    assert_eq!(
+        changes,
+        vec![
+            Input::ChildRemoved { name: "c0".into() },
+            child_added("n", None, None)
+        ]
+    );
+    for c in changes {
+        o.handle(5, c, &mut r);
+    }
+    assert_eq!(o.children().cloned().collect::<Vec<_>>(), vec!["c1", "n"]);
+    assert_eq!(o.children_changes(&table), vec![]);
+}
+
+#[test]
+fn admit_refuses_itself_and_its_ancestors() {
+    let mut r = rng(43);
+    let o = joined(&mut r);
+    for name in [ME, "core"] {
+        assert_eq!(
+            o.admit(&name.to_string(), None, &mut r),
+            Admit::Refuse {
+                reason: Refusal::OnRootPath,
+                referral: None
+            }
+        );
+    }
+    assert_eq!(o.admit(&"x".to_string(), None, &mut r), Admit::Accept);
+    assert_eq!(
+        Refusal::OnRootPath.to_string(),
+        "the subscriber is on this node's path to the core"
+    );
+}
+
+#[test]
+fn admit_accepts_up_to_the_fanout_then_refers_to_a_child_with_room() {
+    let mut r = rng(44);
+    let mut o = parent_of(7, report(0, 1), &mut r);
+    assert_eq!(o.admit(&"x".to_string(), None, &mut r), Admit::Accept);
+    o.handle(3, child_added("x", None, Some(report(3, 0))), &mut r);
+    // Full: the one child with a free slot is the referral, every time.
+    for seed in 0..20 {
+        match o.admit(&"y".to_string(), None, &mut rng(seed)) {
+            Admit::Refuse {
+                reason:
+                    Refusal::Full {
+                        children: 8,
+                        fanout: 8,
+                    },
+                referral: Some(p),
+            } => {
+                assert_eq!(p.name, "x");
+                assert_eq!(p.addr, addr("x"));
+                assert_eq!(p.depth, Some(2));
+                assert_eq!(p.free_slots, 3);
+                assert_eq!(p.root_path, vec!["core", ME, "x"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // A registered child subscribing again is served on its own slot.
+    assert_eq!(o.admit(&"c3".to_string(), None, &mut r), Admit::Accept);
+    assert_eq!(
+        Refusal::Full {
+            children: 8,
+            fanout: 8
+        }
+        .to_string(),
+        "full: 8 children (fanout 8)"
+    );
+}
+
+#[test]
+fn a_full_parent_refers_to_an_unreported_child_before_a_full_one_and_any_when_all_are_full() {
+    let mut r = rng(45);
+    let mut o = parent_of(7, report(0, 2), &mut r);
+    o.handle(3, child_added("new", None, None), &mut r);
+    for seed in 0..20 {
+        let Admit::Refuse {
+            referral: Some(p), ..
+        } = o.admit(&"y".to_string(), None, &mut rng(seed))
+        else {
+            panic!()
+        };
+        assert_eq!(p.name, "new");
+    }
+    o.handle(
+        4,
+        Input::ChildReport {
+            name: "new".into(),
+            report: report(0, 1),
+        },
+        &mut r,
+    );
+    let picked: BTreeSet<String> = (0..50)
+        .map(
+            |seed| match o.admit(&"y".to_string(), None, &mut rng(seed)) {
+                Admit::Refuse {
+                    referral: Some(p), ..
+                } => p.name.clone(),
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect();
+    assert!(picked.len() > 4, "random among all: {picked:?}");
+}
+
+#[test]
+fn a_referral_prefers_a_child_in_the_subscribers_zone_among_equal_room() {
+    let mut r = rng(46);
+    let mut o = joined(&mut r);
+    for (i, zone) in ["a", "b", "a", "b", "c", "c", "a", "b"].iter().enumerate() {
+        o.handle(
+            3,
+            child_added(&format!("c{i}"), Some(zone), Some(report(2, 0))),
+            &mut r,
+        );
+    }
+    for seed in 0..30 {
+        let Admit::Refuse {
+            referral: Some(p), ..
+        } = o.admit(&"y".to_string(), Some(&"c".to_string()), &mut rng(seed))
+        else {
+            panic!()
+        };
+        assert_eq!(p.zone.as_deref(), Some("c"), "{p:?}");
+    }
+}
+
+#[test]
+fn a_node_with_a_subtree_moves_for_a_gain_of_one() {
+    // The same place as a_deep_node_does_not_move_for_a_gain_of_one, but with a child.
+    let mut r = rng(13);
+    let q = peer("q", Some(2), 3, &["core", "z", "q"]);
+    let (mut o, p) = deep(q.clone(), &mut r);
+    o.handle(0, child_added("kid", None, Some(LEAF)), &mut r);
+    let w = world(&[&core_info(0), &p, &q]);
+    let log = drive(&mut o, &w, &[], false, (1..=600).map(|i| i * 100), &mut r);
+    let moves = attaches(&log);
+    assert!(
+        matches!(moves.first(), Some((_, Output::Attach { addr: a, moving: true, reason: Reason::Rebalance, report: rep })) if *a == addr("q") && rep.height == 1),
+        "{moves:?}"
+    );
+    assert!(o.keeps_move(2, &q.root_path));
+    assert!(!o.keeps_move(3, &q.root_path));
+    o.handle(0, Input::ChildRemoved { name: "kid".into() }, &mut r);
+    assert!(!o.keeps_move(2, &q.root_path));
+}
+
+#[test]
+fn an_orphan_with_a_subtree_weighs_every_target_it_knows() {
+    // Three targets at depths 1, 3, 3: a leaf with d = 2 sometimes misses the shallow one;
+    // a node with a child never does.
+    let cands = vec![
+        peer("a", Some(1), 2, &["core", "a"]),
+        peer("b", Some(3), 2, &["core", "x", "y", "b"]),
+        peer("c", Some(3), 2, &["core", "x", "y", "c"]),
+    ];
+    let picks = |with_child: bool| {
+        let mut picked = BTreeMap::<String, usize>::new();
+        for seed in 0..100 {
+            let mut r = rng(seed);
+            let mut o = relay();
+            if with_child {
+                o.handle(0, child_added("kid", None, Some(LEAF)), &mut r);
+            }
+            o.handle(0, gossip(cands.clone()), &mut r);
+            match o.handle(0, Input::Tick, &mut r).as_slice() {
+                [Output::Attach { addr, .. }] => *picked.entry(addr.clone()).or_default() += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        picked
+    };
+    assert!(picks(false).len() > 1);
+    assert_eq!(picks(true), BTreeMap::from([(addr("a"), 100)]));
+}
+
+#[test]
+fn a_lost_node_that_lands_deeper_checks_for_a_move_at_once() {
+    let run = |with_child: bool, q_depth: u32| {
+        let mut r = rng(47);
+        let p = peer("p", Some(1), 2, &["core", "p"]);
+        let q = zoned("q", q_depth, 2, "-");
+        let mut o = relay();
+        if with_child {
+            o.handle(0, child_added("kid", None, Some(LEAF)), &mut r);
+        }
+        o.handle(0, gossip(vec![p.clone()]), &mut r);
+        assert!(matches!(
+            o.handle(0, Input::Tick, &mut r).as_slice(),
+            [Output::Attach { addr: a, .. }] if *a == addr("p")
+        ));
+        o.handle(1, attached(&p), &mut r);
+        // Settled: the first checks are drawn seconds away.
+        o.handle(2_000, Input::Tick, &mut r);
+        o.handle(4_000, Input::Tick, &mut r);
+        assert_eq!(o.depth(), Some(2));
+        o.handle(4_001, Input::ParentLost { addr: addr("p") }, &mut r);
+        o.handle(4_001, gossip(vec![q.clone()]), &mut r);
+        o.handle(4_001, Input::Tick, &mut r);
+        o.handle(4_002, attached(&q), &mut r);
+        assert_eq!(o.depth(), Some(q_depth + 1));
+        o.poll_timeout()
+    };
+    assert!(run(true, 3) <= 4_002, "{}", run(true, 3));
+    assert!(run(false, 3) <= 4_002, "{}", run(false, 3));
+    // Back at the depth it had: nothing to look for before the timer.
+    assert!(run(true, 1) > 5_000, "{}", run(true, 1));
+}
+
+#[test]
+fn rtt_orders_candidates_of_equal_depth_and_never_beats_depth_without_slack() {
+    let a = peer("a", Some(2), 2, &["core", "x", "a"]);
+    let b = peer("b", Some(2), 2, &["core", "x", "b"]);
+    let s = peer("s", Some(1), 2, &["core", "s"]);
+    let first = |cfg: OverlayConfig, cands: Vec<Peer>, rtts: &[(&str, u64)]| {
+        let mut r = rng(48);
+        let mut o = relay_with(OverlayConfig { choices: 3, ..cfg });
+        o.handle(0, gossip(cands), &mut r);
+        for (n, rtt) in rtts {
+            o.handle(
+                0,
+                Input::Rtt {
+                    addr: addr(n),
+                    rtt_us: *rtt,
+                },
+                &mut r,
+            );
+        }
+        match o.handle(0, Input::Tick, &mut r).as_slice() {
+            [Output::Attach { addr, .. }] => addr.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let d = OverlayConfig::default;
+    // Without RTT the lower address wins a tie; a measured RTT reorders it.
+    assert_eq!(first(d(), vec![a.clone(), b.clone()], &[]), addr("a"));
+    assert_eq!(
+        first(d(), vec![a.clone(), b.clone()], &[("a", 900), ("b", 300)]),
+        addr("b")
+    );
+    // A shallower candidate wins whatever its RTT...
+    let three = vec![a.clone(), b.clone(), s.clone()];
+    assert_eq!(
+        first(d(), three.clone(), &[("a", 100), ("s", 40_000)]),
+        addr("s")
+    );
+    // ...whatever the latency_slack, which only ever favours a zone.
+    let slack = OverlayConfig {
+        latency_slack: 3,
+        ..d()
+    };
+    assert_eq!(first(slack, three, &[("a", 100), ("s", 40_000)]), addr("s"));
+}
+
+#[test]
+fn latency_slack_lets_a_peer_in_the_zone_a_level_deeper_win() {
+    let pick = |slack: u32| {
+        let mut r = rng(50);
+        let mut o = relay_with(OverlayConfig {
+            choices: 4,
+            latency_slack: slack,
+            ..OverlayConfig::default()
+        })
+        .with_zone(Some("b".to_string()));
+        let cands = vec![
+            zoned("a1", 1, 3, "a"),
+            zoned("b2", 2, 1, "b"),
+            zoned("b3", 3, 5, "b"),
+        ];
+        o.handle(0, gossip(cands), &mut r);
+        match o.handle(0, Input::Tick, &mut r).as_slice() {
+            [Output::Attach { addr, .. }] => addr.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(pick(0), addr("a1"));
+    assert_eq!(pick(1), addr("b2"));
+    assert_eq!(pick(2), addr("b2"));
+}
+
+#[test]
+fn a_peer_in_the_same_zone_beats_one_elsewhere_at_equal_depth() {
+    let mut r = rng(49);
+    let mut o = relay_with(OverlayConfig {
+        choices: 4,
+        ..OverlayConfig::default()
+    })
+    .with_zone(Some("b".to_string()));
+    assert_eq!(o.info().zone.as_deref(), Some("b"));
+    let cands = vec![
+        zoned("a1", 2, 3, "a"),
+        zoned("b1", 2, 1, "b"),
+        zoned("c1", 2, 5, "c"),
+        zoned("a2", 2, 4, "a"),
+    ];
+    o.handle(0, gossip(cands), &mut r);
+    assert_eq!(
+        o.handle(0, Input::Tick, &mut r),
+        vec![Output::Attach {
+            addr: addr("b1"),
+            moving: false,
+            reason: Reason::Join,
+            report: LEAF
+        }]
+    );
+}
+
+#[test]
+fn subtree_min_gain_and_rebalance_min_gain_must_be_positive() {
+    for cfg in [
+        OverlayConfig {
+            subtree_min_gain: 0,
+            ..OverlayConfig::default()
+        },
+        OverlayConfig {
+            rebalance_min_gain: 0,
+            ..OverlayConfig::default()
+        },
+    ] {
+        assert!(matches!(cfg.validate(), Err(OverlayError::Zero(_))));
+    }
+    assert_eq!(OverlayConfig::default().validate(), Ok(()));
+}
+
+#[test]
+fn a_node_more_than_a_level_below_the_cores_room_moves_as_soon_as_it_hears_of_it() {
+    // As in a_deep_node_does_not_move_for_a_gain_of_one, but the core then says its
+    // shallowest room is a level below it: a joiner would land at depth 2, this node is at 4.
+    let mut r = rng(13);
+    let q = peer("q", Some(2), 3, &["core", "z", "q"]);
+    let (mut o, p) = deep(q.clone(), &mut r);
+    let core = Peer::new(PeerInfo {
+        room: 1,
+        ..(*core_info(0)).clone()
+    });
+    let w = world(&[&core, &p, &q]);
+    assert_eq!(drive(&mut o, &w, &[], true, [100], &mut r), vec![]);
+    o.handle(150, sampled(core.clone(), vec![]), &mut r);
+    assert!(o.poll_timeout() <= 150);
+    let log = drive(&mut o, &w, &[], true, [200], &mut r);
+    assert_eq!(
+        attaches(&log),
+        vec![(200, attach("core", true, Reason::Rebalance))]
+    );
+    // Refused without a referral: the core's room is not believed any more, and the node
+    // waits for its timer again.
+    assert!(o.poll_timeout() > 1_000, "{}", o.poll_timeout());
 }

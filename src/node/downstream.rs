@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::config::NodeConfig;
-use crate::overlay::{self, Input, Overlay};
+use crate::overlay::{self, Overlay};
 use crate::proto::{self, downstream::Kind as Down};
 use crate::replica::{snapshot_frames_below, Event, SnapshotPlan, SubscribePlan};
 use crate::transport::{self, StreamError};
@@ -125,7 +125,15 @@ fn cut_child(shared: &Shared, st: &mut State, id: u64, reason: &str) {
 fn children_changed(shared: &Shared, st: &State) {
     let count = st.children.len() as u32;
     shared.metrics.children.set(count as f64);
-    overlay_driver::input(shared, Input::Children { count });
+    let current: Vec<(String, String)> = st
+        .children
+        .values()
+        .map(|c| (c.name.clone(), c.addr.clone()))
+        .collect();
+    let changes = shared.overlay.lock().overlay.children_changes(&current);
+    for change in changes {
+        overlay_driver::input(shared, change);
+    }
 }
 
 /// Waits until `len` more bytes of transfers fit the shared budget
@@ -180,6 +188,9 @@ fn referral(shared: &Shared, st: &State) -> Option<proto::PeerInfo> {
                 depth,
                 free_slots: 1,
                 root_path,
+                height: 0,
+                room: 0,
+                zone: None,
             })
         })
         .collect();

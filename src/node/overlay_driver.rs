@@ -47,6 +47,9 @@ pub fn peer_from_proto(p: proto::PeerInfo) -> Peer {
         depth: u32::try_from(p.depth).ok(),
         free_slots: p.free_slots,
         root_path: p.root_path,
+        height: 0,
+        room: 0,
+        zone: None,
     })
 }
 
@@ -137,6 +140,7 @@ fn carry_out(shared: &Arc<Shared>, out: Output, cmds: &mpsc::UnboundedSender<Ups
         Output::Detach { addr } => {
             let _ = cmds.send(UpstreamCommand::Detach { addr });
         }
+        Output::Report(_) => {}
     }
 }
 

@@ -10,6 +10,8 @@
 #![recursion_limit = "256"]
 
 mod sim;
+mod sweep;
+mod validation;
 
 use std::io::Write;
 
@@ -19,6 +21,9 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 use sim::{JoinMode, Params, Report, Spread};
+
+/// The relay runtime's overlay tick (`upstream::overlay_loop`).
+const REALISTIC_TICK_MS: u64 = 200;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,16 +55,52 @@ struct Args {
     /// Virtual time between two joins with --join staggered, in milliseconds.
     #[arg(long, default_value_t = 10)]
     join_interval_ms: u64,
-    /// Mean one-way link latency (ms); each link is fixed in [mean/2, 3·mean/2].
+    /// Mean one-way link latency (ms) inside a zone; each link is fixed in
+    /// [mean/2, 3·mean/2].
     #[arg(long, default_value_t = 0.5)]
     latency_ms: f64,
+    /// Zones the relays are spread over at random (the cores are in zone 0).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    zones: u32,
+    /// Mean one-way latency of a link between two zones (ms).
+    #[arg(long, default_value_t = 40.0)]
+    cross_zone_ms: f64,
+    /// Overlays are told neither their zone nor RTTs: parent choice by depth alone (the
+    /// baseline for --zones).
+    #[arg(long)]
+    depth_only: bool,
+    /// Levels of depth a nearer candidate may lose and still win (the overlay's
+    /// latency_slack).
+    #[arg(long)]
+    latency_slack: Option<u32>,
     /// Period of each node's overlay tick (ms; phases are staggered), as a runtime that ticks
     /// on an interval; 0 ticks each node exactly at its overlay's next deadline.
     #[arg(long, default_value_t = 0)]
     tick_ms: u64,
-    /// How long until a dead peer is noticed (parent lost, failed sample or attach), ms.
+    /// How long until a child notices its parent died, ms (and the default of the next two).
     #[arg(long, default_value_t = 1000)]
     detect_ms: u64,
+    /// A child notices its dead parent up to this much sooner than --detect-ms (it counts
+    /// from the parent's last heartbeat), ms.
+    #[arg(long, default_value_t = 0)]
+    detect_jitter_ms: u64,
+    /// How long until a parent notices a dead child and frees its slot, ms.
+    #[arg(long)]
+    child_detect_ms: Option<u64>,
+    /// How long a sample or an attach to a dead node takes to fail, ms.
+    #[arg(long)]
+    dead_target_ms: Option<u64>,
+    /// How long a relay takes to sync after attaching without a parent before it serves
+    /// children (its subscribers wait), ms.
+    #[arg(long, default_value_t = 0)]
+    sync_ms: u64,
+    /// The real runtime's timing: ticks every 200 ms, a dead parent noticed
+    /// parent_timeout_ms after its last heartbeat (so up to heartbeat_ms sooner after its
+    /// death), a dead child after the QUIC idle_timeout_ms, a dead target after the
+    /// connect/probe timeout (all from the default config); overrides --tick-ms,
+    /// --detect-ms, --detect-jitter-ms, --child-detect-ms and --dead-target-ms.
+    #[arg(long)]
+    realistic: bool,
     /// Fraction of the live relays killed at --kill-at.
     #[arg(long, default_value_t = 0.0)]
     kill: f64,
@@ -87,6 +128,19 @@ struct Args {
 
 impl Args {
     fn params(&self, seed: u64) -> Params {
+        let mut p = self.base_params(seed);
+        if self.realistic {
+            let stream = canopy::config::StreamConfig::default();
+            p.tick_ms = REALISTIC_TICK_MS;
+            p.detect_ms = stream.parent_timeout_ms;
+            p.detect_jitter_ms = stream.heartbeat_ms;
+            p.child_detect_ms = stream.idle_timeout_ms;
+            p.dead_target_ms = p.overlay.probe_timeout_ms;
+        }
+        p
+    }
+
+    fn base_params(&self, seed: u64) -> Params {
         let mut overlay = OverlayConfig {
             fanout: self.fanout,
             choices: self.choices as usize,
@@ -94,6 +148,9 @@ impl Args {
         };
         if let Some(ms) = self.rebalance_ms {
             overlay.rebalance_ms = ms;
+        }
+        if let Some(slack) = self.latency_slack {
+            overlay.latency_slack = slack;
         }
         Params {
             nodes: self.nodes,
@@ -103,8 +160,15 @@ impl Args {
             join: self.join,
             join_interval_ms: self.join_interval_ms,
             latency_ms: self.latency_ms,
+            zones: self.zones,
+            cross_zone_ms: self.cross_zone_ms,
+            latency_aware: !self.depth_only,
             tick_ms: self.tick_ms,
             detect_ms: self.detect_ms,
+            detect_jitter_ms: self.detect_jitter_ms,
+            child_detect_ms: self.child_detect_ms.unwrap_or(self.detect_ms),
+            dead_target_ms: self.dead_target_ms.unwrap_or(self.detect_ms),
+            sync_ms: self.sync_ms,
             kill: self.kill,
             kill_at_s: self.kill_at,
             churn: self.churn,
@@ -136,7 +200,19 @@ fn to_json(r: &Report) -> Value {
         "join": p.join.label(),
         "join_interval_ms": p.join_interval_ms,
         "latency_ms": p.latency_ms,
+        "zones": p.zones,
+        "cross_zone_ms": p.cross_zone_ms,
+        "latency_aware": p.latency_aware,
+        "latency_slack": p.overlay.latency_slack,
+        "root_latency_ms": spread_json(&r.root_latency),
+        "cross_zone_edges": r.cross_zone_edges,
+        "min_cross_zone_edges": r.min_cross_zone_edges,
         "detect_ms": p.detect_ms,
+        "child_detect_ms": p.child_detect_ms,
+        "detect_jitter_ms": p.detect_jitter_ms,
+        "dead_target_ms": p.dead_target_ms,
+        "sync_ms": p.sync_ms,
+        "tick_ms": p.tick_ms,
         "kill": p.kill,
         "kill_at_s": p.kill_at_s,
         "churn": p.churn,
@@ -159,6 +235,7 @@ fn to_json(r: &Report) -> Value {
         "unattached": r.unattached,
         "time_to_attach_ms": spread_json(&r.time_to_attach),
         "time_to_reattach_ms": spread_json(&r.time_to_reattach),
+        "all_attached_ms": r.all_attached_ms,
         "reparents": r.reparents,
         "overlay_reparents": r.overlay_reparents,
         "messages": {
@@ -170,6 +247,7 @@ fn to_json(r: &Report) -> Value {
             "attach_answer": m.attach_answer,
             "detach": m.detach,
             "path_update": m.path_update,
+            "child_report": m.child_report,
         },
         "cycle_detaches": r.cycle_detaches,
         "path_cycles": r.path_cycles,
@@ -216,6 +294,11 @@ fn to_table(r: &Report) -> String {
         ("unattached", r.unattached.to_string()),
         ("attach ms p50/p99/max", ms(&r.time_to_attach)),
         ("reattach ms p50/p99/max", ms(&r.time_to_reattach)),
+        ("root latency p50/p99/max", ms(&r.root_latency)),
+        (
+            "cross-zone edges (min)",
+            format!("{} ({})", r.cross_zone_edges, r.min_cross_zone_edges),
+        ),
         (
             "reparents j/pl/rb",
             format!(
@@ -246,6 +329,7 @@ fn to_table(r: &Report) -> String {
             "  detach / path update",
             format!("{} / {}", m.detach, m.path_update),
         ),
+        ("  child report", m.child_report.to_string()),
         ("path_updates_applied", r.path_updates_applied.to_string()),
         (
             "detaches / path cycles / transient",
@@ -280,6 +364,9 @@ fn to_table(r: &Report) -> String {
 }
 
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("sweep") {
+        return sweep::main(std::env::args().skip(1));
+    }
     let args = Args::parse();
     let seed = args.seed.unwrap_or_else(rand::random);
     let params = args.params(seed);
