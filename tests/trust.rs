@@ -319,7 +319,10 @@ async fn a_reader_follows_and_serves_but_cannot_write() {
     let kid = Proc::start(root, &pki, "kid", false, &[rd.quic], &[]);
     wait_materialized(&c, &kid, v0).await;
     let parent = status(&c, &kid).await.unwrap()["parent"].clone();
-    assert!(parent == "rd" || parent == "rd2", "a reader serves the kid: {parent}");
+    assert!(
+        parent == "rd" || parent == "rd2",
+        "a reader serves the kid: {parent}"
+    );
 
     let r = c
         .patch(rd.url("/v1/file?offset=0"))
