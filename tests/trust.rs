@@ -175,11 +175,14 @@ async fn a_rogue_parent_cannot_capture_writes() {
         false,
         &[core.quic],
         &[],
-        &[("CANOPY_FAILPOINT_ROGUE", "1")],
+        &[
+            ("CANOPY_FAILPOINT_ROGUE", "1"),
+            ("CANOPY_FAILPOINT_ECLIPSE", "1"),
+        ],
     );
     wait_materialized(&c, &rogue, v0).await;
 
-    // Only the rogue known: the write is refused loudly, never acknowledged.
+    // Only the rogue known (it hides every other peer): the write is refused loudly, never acknowledged.
     let w1 = Proc::start(root, &pki, "w1", false, &[rogue.quic], &[]);
     let r = c
         .patch(w1.url("/v1/file?offset=0"))
@@ -315,7 +318,8 @@ async fn a_reader_follows_and_serves_but_cannot_write() {
     wait_materialized(&c, &rd2, v0).await;
     let kid = Proc::start(root, &pki, "kid", false, &[rd.quic], &[]);
     wait_materialized(&c, &kid, v0).await;
-    assert_eq!(status(&c, &kid).await.unwrap()["parent"], "rd");
+    let parent = status(&c, &kid).await.unwrap()["parent"].clone();
+    assert!(parent == "rd" || parent == "rd2", "a reader serves the kid: {parent}");
 
     let r = c
         .patch(rd.url("/v1/file?offset=0"))

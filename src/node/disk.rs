@@ -51,7 +51,6 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
             let key = (file.version(), file.root());
             if written != Some(key) {
                 let p = path.clone();
-                let version = file.version();
                 let sidecar = shared.cfg.data.join(SIDECAR);
                 let write = move || {
                     write_atomically(&p, &file)?;
@@ -61,9 +60,12 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
                     Ok(Ok(())) => {
                         written = Some(key);
                         shared.materialized.send_replace(Some(key));
-                        shared.metrics.materialized_version.set(version as f64);
+                        shared.metrics.disk_full.set(0.0);
                     }
                     Ok(Err(e)) => {
+                        if crate::metrics::is_no_space(&e) {
+                            shared.metrics.disk_full.set(1.0);
+                        }
                         error!(node = %shared.cfg.name, "materializing {}: {e}", path.display())
                     }
                     Err(e) => error!(node = %shared.cfg.name, "materializer task: {e}"),

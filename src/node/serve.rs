@@ -181,7 +181,10 @@ async fn serve_stream(
                 .take(MAX_SAMPLE_OFFER)
                 .map(peer_from_proto)
                 .collect();
-            let (mut info, peers) = overlay_driver::answer_sample(&shared, offer);
+            let (mut info, mut peers) = overlay_driver::answer_sample(&shared, offer);
+            if failpoint::eclipses() {
+                peers.clear();
+            }
             if failpoint::is_rogue() {
                 let mut fake = (*info).clone();
                 fake.depth = Some(0);

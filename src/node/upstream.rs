@@ -233,9 +233,6 @@ fn adopt(
             root_path: ok.root_path,
         },
     );
-    if let Some(d) = shared.depth() {
-        shared.metrics.depth.set(d as f64);
-    }
     Ok(())
 }
 
@@ -369,7 +366,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
         }
         full = matches!(&failure, UpstreamError::Replica(r) if r.needs_full_resync());
         if let UpstreamError::Replica(ReplicaError::BadChunk { index }) = &failure {
-            refuse_source(&shared, &addr, *index);
+            refuse_source(&shared, &addr, *index, true);
         }
         if let UpstreamError::Replica(ReplicaError::Untrusted { reason, detail }) = &failure {
             shared.metrics.untrusted(reason);
@@ -520,9 +517,6 @@ fn apply_frame(
         let mut cell = shared.overlay.lock();
         if cell.overlay.info().root_path != path {
             cell.overlay.update_path(&path);
-            if let Some(d) = cell.overlay.depth() {
-                shared.metrics.depth.set(d as f64);
-            }
         }
     }
     settle(shared, &mut st, clock, events);
