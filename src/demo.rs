@@ -391,8 +391,7 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
             })
         })
     };
-    let written = |r: Result<Result<ApplyOutcome, BackendError>, tokio::task::JoinError>| match r
-    {
+    let written = |r: Result<Result<ApplyOutcome, BackendError>, tokio::task::JoinError>| match r {
         Ok(Ok(ApplyOutcome::Applied { version })) => {
             arrivals.lock().unwrap().version(version, 0);
             true

@@ -59,8 +59,8 @@
 #![recursion_limit = "256"]
 
 use canopy::measure::percentile;
-use canopy_bench::{cpu_seconds, disk_write_bytes};
 use canopy_bench::etcd_gateway::{self, base};
+use canopy_bench::{cpu_seconds, disk_write_bytes};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -123,7 +123,10 @@ fn receive_apply_forward(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    ensure!(args.writes >= 1 && args.fanout >= 1, "--writes and --fanout must be positive");
+    ensure!(
+        args.writes >= 1 && args.fanout >= 1,
+        "--writes and --fanout must be positive"
+    );
     ensure!(
         args.write_bytes >= 1 && (args.write_bytes as u64) < args.file_size,
         "--write-bytes must be 1 .. --file-size"
@@ -163,8 +166,8 @@ fn main() -> anyhow::Result<()> {
     )?
     .with_name("core-0");
     core.install(file.clone());
-    let mut relay =
-        Replica::new(cfg.clone(), Trust::Verify(Verifier::new(relay_id))).map_err(|e| anyhow!("{e}"))?;
+    let mut relay = Replica::new(cfg.clone(), Trust::Verify(Verifier::new(relay_id)))
+        .map_err(|e| anyhow!("{e}"))?;
     let signer = Bytes::copy_from_slice(core_id.cert_der());
     relay.learn_signers(&[signer], SystemTime::now());
     ensure!(
@@ -235,13 +238,19 @@ fn main() -> anyhow::Result<()> {
         relay.file().root_hex(),
         core.file().root_hex()
     );
-    ensure!(d.entries == args.writes && d.applied == args.writes, "not every write applied");
+    ensure!(
+        d.entries == args.writes && d.applied == args.writes,
+        "not every write applied"
+    );
     for (i, rx) in rxs.iter_mut().enumerate() {
         let mut out = BytesMut::with_capacity(input.len());
         while let Ok(f) = rx.try_recv() {
             out.extend_from_slice(&f);
         }
-        ensure!(out == input, "child {i} did not receive the core's frames verbatim");
+        ensure!(
+            out == input,
+            "child {i} did not receive the core's frames verbatim"
+        );
     }
     println!(
         "{}",
