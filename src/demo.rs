@@ -4,7 +4,9 @@
 //! (certificates from a throwaway CA), started and stopped here and otherwise used only
 //! through the [`Backend`] its local clients see; the load is seeded, so a run is
 //! repeatable; the summary counts a relay as in sync only when its version and root equal
-//! the core's.
+//! the core's; the propagation figures hold one sample for every (version written during
+//! the load, relay that showed it), however many versions a relay's watch merged into one
+//! change (see [`Arrivals`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +19,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::Backend;
+use crate::api::{Backend, BackendError};
 use crate::config::{NodeKind, StreamConfig};
 use crate::consensus::RaftConfig;
 use crate::file::{ApplyOutcome, Op, Update};
@@ -50,6 +52,89 @@ pub struct DemoArgs {
 /// Latency samples (µs) from commit on the core to apply on each relay.
 #[derive(Default)]
 struct Samples(Vec<u64>);
+
+/// Every (version, relay) arrival during the load. A watch of applied versions shows only
+/// the newest when several arrive before its reader runs (a catch-up burst), so a change
+/// seen at time `t` stands for every version since the previous one the relay showed: each
+/// of them reached the relay by `t`, and each is a sample `t - its commit time`.
+///
+/// Versions are known from the writes' replies, the core's applied versions and the relays'
+/// watches; commit times from the core's and the relays' watches (the version a watch shows
+/// comes with its own commit time). A version whose commit time no watch showed (the core's
+/// watch merged it too: it was applied in one batch with the next) takes the commit time of
+/// the next version above it whose commit time is known, and is counted as inferred.
+#[derive(Default)]
+struct Arrivals {
+    /// Versions at or below this one predate the load.
+    start: u64,
+    /// Versions written during the load, with the core's commit time (µs) once known.
+    versions: BTreeMap<u64, Option<u64>>,
+    /// Per relay: (version shown, µs when seen), in the order seen.
+    seen: Vec<Vec<(u64, u64)>>,
+}
+
+impl Arrivals {
+    fn new(start: u64, relays: usize) -> Self {
+        Self {
+            start,
+            versions: BTreeMap::new(),
+            seen: vec![Vec::new(); relays],
+        }
+    }
+
+    /// `version` exists; `commit_us` is its commit time if known (0: unknown).
+    fn version(&mut self, version: u64, commit_us: u64) {
+        if version <= self.start {
+            return;
+        }
+        let c = self.versions.entry(version).or_insert(None);
+        if commit_us > 0 {
+            *c = Some(commit_us);
+        }
+    }
+
+    /// Relay `relay`'s watch showed `version` (committed at `commit_us`) at `at_us`.
+    fn shown(&mut self, relay: usize, version: u64, commit_us: u64, at_us: u64) {
+        self.version(version, commit_us);
+        if version > self.start {
+            self.seen[relay].push((version, at_us));
+        }
+    }
+
+    /// One sample per (version, relay that showed it), and how many versions' commit times
+    /// were inferred.
+    fn samples(&self) -> (Samples, usize) {
+        let mut commits = Vec::with_capacity(self.versions.len());
+        let (mut next_known, mut inferred) = (None, 0);
+        for (&v, &c) in self.versions.iter().rev() {
+            let c = match c {
+                Some(c) => {
+                    next_known = Some(c);
+                    c
+                }
+                None => {
+                    inferred += 1;
+                    match next_known {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                }
+            };
+            commits.push((v, c));
+        }
+        commits.reverse();
+        let mut out = Samples::default();
+        for obs in &self.seen {
+            for &(v, c) in &commits {
+                let i = obs.partition_point(|&(ov, _)| ov < v);
+                if let Some(&(_, t)) = obs.get(i) {
+                    out.0.push(t.saturating_sub(c));
+                }
+            }
+        }
+        (out, inferred)
+    }
+}
 
 impl Samples {
     fn quantile(sorted: &[u64], q: f64) -> f64 {
@@ -263,13 +348,12 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
         bootstrap.as_secs_f64()
     );
 
-    let samples = Arc::new(Mutex::new(Samples::default()));
+    let arrivals = Arc::new(Mutex::new(Arrivals::new(version, cluster.relays.len())));
     let stop_watch = CancellationToken::new();
-    for r in &cluster.relays {
+    for (i, r) in cluster.relays.iter().enumerate() {
         let mut rx = r.versions();
-        let samples = samples.clone();
+        let arrivals = arrivals.clone();
         let stop = stop_watch.clone();
-        let start_version = version;
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -277,13 +361,43 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
                     c = rx.changed() => if c.is_err() { return },
                 }
                 let (v, commit_us) = *rx.borrow_and_update();
-                if v > start_version && commit_us > 0 {
-                    let lat = now_us().saturating_sub(commit_us);
-                    samples.lock().unwrap().0.push(lat);
-                }
+                arrivals.lock().unwrap().shown(i, v, commit_us, now_us());
             }
         });
     }
+    // The core's commit times, read on a thread of its own so that a busy runtime does not
+    // make its watch merge versions.
+    let core_watch = {
+        let mut rx = cluster.core.versions();
+        let arrivals = arrivals.clone();
+        let stop = stop_watch.clone();
+        std::thread::spawn(move || {
+            futures::executor::block_on(async move {
+                loop {
+                    let changed = {
+                        let changed = std::pin::pin!(rx.changed());
+                        let stopped = std::pin::pin!(stop.cancelled());
+                        matches!(
+                            futures::future::select(changed, stopped).await,
+                            futures::future::Either::Left((Ok(()), _))
+                        )
+                    };
+                    if !changed {
+                        return;
+                    }
+                    let (v, commit_us) = *rx.borrow_and_update();
+                    arrivals.lock().unwrap().version(v, commit_us);
+                }
+            })
+        })
+    };
+    let written = |r: Result<Result<ApplyOutcome, BackendError>, tokio::task::JoinError>| match r {
+        Ok(Ok(ApplyOutcome::Applied { version })) => {
+            arrivals.lock().unwrap().version(version, 0);
+            true
+        }
+        _ => false,
+    };
 
     let relayed_before = total_relayed(&cluster);
     let interval = Duration::from_secs_f64(1.0 / args.rate);
@@ -319,9 +433,10 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
             Backend::write(&writer, Update { ops }, None).await
         });
         while let Some(r) = inflight.try_join_next() {
-            match r {
-                Ok(Ok(ApplyOutcome::Applied { .. })) => writes += 1,
-                _ => errors += 1,
+            if written(r) {
+                writes += 1;
+            } else {
+                errors += 1;
             }
         }
         if last_view.elapsed() >= Duration::from_millis(500) {
@@ -332,7 +447,7 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
                 .iter()
                 .filter(|r| r.file().version() == core_v)
                 .count();
-            let (p50, p99, max, _) = samples.lock().unwrap().summary();
+            let (p50, p99, max, _) = arrivals.lock().unwrap().samples().0.summary();
             view.set_message(format!(
                 "t={:>4.0}s writes={writes} in sync {in_sync}/{} propagation p50 {p50:.1} ms p99 {p99:.1} ms max {max:.1} ms moved {}",
                 started.elapsed().as_secs_f64(),
@@ -342,9 +457,10 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
         }
     }
     while let Some(r) = inflight.join_next().await {
-        match r {
-            Ok(Ok(ApplyOutcome::Applied { .. })) => writes += 1,
-            _ => errors += 1,
+        if written(r) {
+            writes += 1;
+        } else {
+            errors += 1;
         }
     }
     view.finish_and_clear();
@@ -366,7 +482,10 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     stop_watch.cancel();
-    let (p50, p99, max, n) = samples.lock().unwrap().summary();
+    let _ = core_watch.join();
+    let (samples, inferred) = arrivals.lock().unwrap().samples();
+    let versions_written = arrivals.lock().unwrap().versions.len();
+    let (p50, p99, max, n) = samples.summary();
     let moved = total_relayed(&cluster) - relayed_before;
     let mut depths: BTreeMap<u32, usize> = BTreeMap::new();
     let mut unattached = 0;
@@ -404,6 +523,8 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
             "failed_writes": errors,
             "seconds": elapsed.as_secs_f64(),
             "propagation_ms": {"p50": p50, "p99": p99, "max": max, "samples": n},
+            "versions_written": versions_written,
+            "commit_times_inferred": inferred,
             "bootstrap_s": bootstrap.as_secs_f64(),
             "moved_bytes": moved,
             "depths": depths,
@@ -442,5 +563,51 @@ fn demo_stream(fanout: usize) -> StreamConfig {
         fanout,
         fetch_sources: 1,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_version_a_relay_showed_is_a_sample_even_when_its_watch_merged_them() {
+        let mut a = Arrivals::new(10, 2);
+        // Versions 11..=14 committed 100 µs apart; 12 only ever known from a write's reply.
+        for (v, c) in [(11, 1_000), (13, 1_200), (14, 1_300)] {
+            a.version(v, c);
+        }
+        a.version(12, 0);
+        // Relay 0 saw every version one by one; relay 1's watch merged 11..=13 into 13.
+        a.shown(0, 11, 1_000, 1_010);
+        a.shown(0, 12, 1_100, 1_120);
+        a.shown(0, 13, 1_200, 1_230);
+        a.shown(0, 14, 1_300, 1_340);
+        a.shown(1, 13, 1_200, 1_500);
+        a.shown(1, 14, 1_300, 1_600);
+        // Relay 0 told 12's commit time, so nothing is inferred.
+        let (s, inferred) = a.samples();
+        assert_eq!(inferred, 0);
+        let mut got = s.0.clone();
+        got.sort_unstable();
+        // Relay 0: 10, 20, 30, 40. Relay 1: 11 -> 500, 12 -> 400, 13 -> 300, 14 -> 300.
+        assert_eq!(got, vec![10, 20, 30, 40, 300, 300, 400, 500]);
+    }
+
+    #[test]
+    fn an_unseen_commit_time_is_the_next_known_one_and_counted() {
+        let mut a = Arrivals::new(0, 1);
+        a.version(1, 0);
+        a.version(2, 0);
+        a.shown(0, 3, 5_000, 5_400);
+        let (s, inferred) = a.samples();
+        assert_eq!(inferred, 2);
+        assert_eq!(s.0, vec![400, 400, 400]);
+        // Before the load, and never shown: no sample.
+        let mut b = Arrivals::new(5, 2);
+        b.shown(0, 5, 1, 2);
+        b.shown(1, 6, 10, 30);
+        assert_eq!(b.samples().0 .0, vec![20]);
+        assert_eq!(b.versions.len(), 1);
     }
 }

@@ -19,6 +19,19 @@ pub fn cpu_seconds(pid: impl std::fmt::Display) -> f64 {
     (t(11) + t(12) + t(13) + t(14)) / 100.0
 }
 
+/// Bytes a process caused to be written to storage (`write_bytes` of `/proc/PID/io`, every
+/// thread, dead ones included) minus those it truncated away before they reached the disk
+/// (`cancelled_write_bytes`); `None` when the process is gone or the file unreadable.
+pub fn disk_write_bytes(pid: impl std::fmt::Display) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |name: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some(field("write_bytes")?.saturating_sub(field("cancelled_write_bytes").unwrap_or(0)))
+}
+
 /// Parses `KEY=VALUE`: VALUE as JSON when it is a JSON number, bool, array or object, else as
 /// a string.
 pub fn parse_kv(s: &str) -> Result<(String, serde_json::Value), String> {
@@ -148,6 +161,20 @@ mod tests {
         }
         assert!(cpu_seconds("self") > 0.0);
         assert_eq!(cpu_seconds("no-such-pid"), 0.0);
+    }
+
+    #[test]
+    fn own_disk_writes_are_read() {
+        use std::io::Write;
+        // Beside the sources, not in a temp dir that may be a tmpfs (which counts nothing).
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let before = disk_write_bytes("self").expect("/proc/self/io is readable");
+        let mut f = std::fs::File::create(dir.path().join("x")).unwrap();
+        f.write_all(&vec![7u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+        let after = disk_write_bytes("self").unwrap();
+        assert!(after - before >= 1 << 20, "{before} -> {after}");
+        assert_eq!(disk_write_bytes("no-such-pid"), None);
     }
 
     #[test]

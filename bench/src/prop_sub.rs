@@ -25,6 +25,13 @@
 //!   writer PATCHes 100 bytes at a time to the core's API (`--endpoint`); a write counts as
 //!   arrived at a relay when the relay's applied version first reaches the version the PATCH
 //!   returned. Bytes: the core's `canopy_relayed_bytes_total`.
+//! - `--kind canopy-api`: the relays are processes of their own (`relay-node`, as deployed;
+//!   the caller starts them), and subscriber i long-polls `GET /v1/watch?after=V` on API
+//!   endpoint i of `--endpoints`/`--endpoints-file` (what `canopy watch` does); the writer
+//!   and the arrival rule are those of `--kind canopy`. Give the relays' pids with
+//!   `--replica-pids-file`: their CPU and disk writes are reported.
+//!
+//! Canopy writes present the core's API token (`--token-file`).
 //!
 //! Writes are open-loop at `--rate` per second (each put is its own task, so a slow put does not
 //! delay the next). A write's time is taken just before it is sent; a subscriber's time when it
@@ -36,12 +43,24 @@
 //! it sent between the first write and the last delivery (etcd: its
 //! `etcd_network_client_grpc_sent_bytes_total`, which counts what etcd's gRPC server sent to
 //! its own gateway; Redis: `INFO stats` `total_net_output_bytes` of `--endpoint`, the master).
+//! What a system's processes cost: `system_cpu_s` is the CPU of the root, the replicas
+//! (`--replica-pids-file`) and, for `--kind canopy` (whose relays live in this process), this
+//! process; `cpu_us_per_delivery` divides it by writes x subscribers. The window runs from
+//! the first write to the last arrival plus `--tail-ms` (work a write leaves behind, such
+//! as a relay materializing its `--file`, falls in it). The replicas' disk writes
+//! (`/proc/PID/io`) over the same window, per delivery, are `disk_bytes_per_delivery`. With
+//! `--idle-secs S`, the same counters are first read over S seconds with every subscriber
+//! ready and no write: `idle_ms_per_s_per_replica` is the CPU an idle replica (Canopy
+//! in-process: an idle relay of this process) spends per second.
+//!
 //! One JSON object on stdout with `--json` (with `last_ms`: every complete write's last-subscriber
 //! latency in write order, for plots), a summary on stderr.
 
+#![recursion_limit = "256"]
+
 use canopy::measure::percentile;
-use canopy_bench::cpu_seconds;
 use canopy_bench::etcd_gateway::{self, base};
+use canopy_bench::{cpu_seconds, disk_write_bytes};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,7 +80,16 @@ enum Kind {
     Redis,
     /// SET on a master, keyspace notifications from its replicas.
     RedisReplica,
+    /// N relays inside this process.
     Canopy,
+    /// N `relay-node` processes, watched through their HTTP APIs.
+    CanopyApi,
+}
+
+impl Kind {
+    fn is_canopy(self) -> bool {
+        matches!(self, Kind::Canopy | Kind::CanopyApi)
+    }
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -72,13 +100,15 @@ struct Args {
     /// etcd client address or Redis address (host:port); redis-replica: the master.
     #[arg(long)]
     endpoint: String,
-    /// Redis kinds: subscriber i connects to endpoint i mod their number (comma-separated).
+    /// Redis kinds and canopy-api: subscriber i connects to endpoint i mod their number
+    /// (comma-separated).
     #[arg(long, value_delimiter = ',')]
     endpoints: Vec<String>,
-    /// Redis kinds: like --endpoints, one host:port a line.
+    /// Like --endpoints, one host:port a line.
     #[arg(long)]
     endpoints_file: Option<std::path::PathBuf>,
-    /// Processes (one pid a line, e.g. Redis replicas) whose summed CPU is `replicas_cpu_s`.
+    /// Processes (one pid a line: Redis replicas, relay-node processes) whose summed CPU is
+    /// `replicas_cpu_s` and whose disk writes are `replicas_disk_write_bytes`.
     #[arg(long)]
     replica_pids_file: Option<std::path::PathBuf>,
     /// The row's `system` (default: from --kind).
@@ -113,6 +143,9 @@ struct Args {
     core_quic: Option<String>,
     #[command(flatten)]
     relays: canopy_bench::RelayFiles,
+    /// Canopy: the file holding the core's API token, which writes present.
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
     /// Canopy: the file's length, writes go to offsets below it.
     #[arg(long, default_value_t = 1_000_000)]
     file_size: u64,
@@ -122,6 +155,12 @@ struct Args {
     /// Milliseconds between "every subscriber is ready" and the first write.
     #[arg(long, default_value_t = 500)]
     settle_ms: u64,
+    /// Seconds, after the settle, over which the idle cost is measured (0: not measured).
+    #[arg(long, default_value_t = 0.0)]
+    idle_secs: f64,
+    /// Milliseconds the cost window stays open after the last arrival.
+    #[arg(long, default_value_t = 1000)]
+    tail_ms: u64,
     /// Seconds to wait for every subscriber after the last write.
     #[arg(long, default_value_t = 20)]
     drain_secs: u64,
@@ -164,6 +203,48 @@ fn read_lines(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
         .filter(|l| !l.is_empty())
         .map(String::from)
         .collect())
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1e3).round() / 1e3
+}
+
+/// The cost counters of a system's processes at one moment (CPU seconds, disk bytes).
+struct Counters {
+    root_cpu: Option<f64>,
+    replicas_cpu: Option<f64>,
+    self_cpu: f64,
+    root_disk: Option<u64>,
+    replicas_disk: Option<u64>,
+}
+
+/// What the counters grew by over `secs` seconds.
+struct Spent {
+    secs: f64,
+    root_cpu: Option<f64>,
+    replicas_cpu: Option<f64>,
+    self_cpu: f64,
+    root_disk: Option<u64>,
+    replicas_disk: Option<u64>,
+}
+
+impl Counters {
+    fn since(&self, before: &Counters, elapsed: Duration) -> Spent {
+        let cpu = |a: Option<f64>, b: Option<f64>| Some(round2(b? - a?));
+        let disk = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+        Spent {
+            secs: elapsed.as_secs_f64(),
+            root_cpu: cpu(before.root_cpu, self.root_cpu),
+            replicas_cpu: cpu(before.replicas_cpu, self.replicas_cpu),
+            self_cpu: round2(self.self_cpu - before.self_cpu),
+            root_disk: disk(before.root_disk, self.root_disk),
+            replicas_disk: disk(before.replicas_disk, self.replicas_disk),
+        }
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 fn ms3(ns: u64) -> f64 {
@@ -472,6 +553,41 @@ async fn canopy_relay(
     }
 }
 
+/// Long-polls one relay process's `/v1/watch`: once it shows `v0`, records every version it
+/// answers with as (version, time).
+async fn canopy_api_watcher(
+    http: reqwest::Client,
+    url: String,
+    v0: u64,
+    shared: Arc<Shared>,
+    me: usize,
+) -> anyhow::Result<()> {
+    let mut after = 0u64;
+    let mut ready = false;
+    loop {
+        let st: Value = http
+            .get(format!("{url}/v1/watch?after={after}&timeout=20"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let t = shared.now_ns();
+        let v = st
+            .get("version")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| anyhow!("no version in {st}"))?;
+        if !ready && v >= v0 {
+            ready = true;
+            shared.ready.fetch_add(1, Ordering::SeqCst);
+        }
+        if ready && v > after {
+            shared.seen[me].lock().unwrap().push((v as usize, t));
+        }
+        after = after.max(v);
+    }
+}
+
 async fn canopy_version(http: &reqwest::Client, url: &str) -> anyhow::Result<u64> {
     let st: Value = http
         .get(format!("{url}/v1/status"))
@@ -488,11 +604,13 @@ async fn canopy_version(http: &reqwest::Client, url: &str) -> anyhow::Result<u64
 async fn canopy_patch(
     http: &reqwest::Client,
     url: &str,
+    token: &str,
     offset: u64,
     value: Vec<u8>,
 ) -> anyhow::Result<u64> {
     let r: Value = http
         .patch(format!("{url}/v1/file?offset={offset}"))
+        .bearer_auth(token)
         .body(value)
         .send()
         .await?
@@ -530,6 +648,25 @@ async fn main() -> anyhow::Result<()> {
     let replicas_cpu = || -> Option<f64> {
         (!replica_pids.is_empty()).then(|| replica_pids.iter().map(|&p| cpu_seconds(p)).sum())
     };
+    let counters = || Counters {
+        root_cpu: args.source_pid.map(cpu_seconds),
+        replicas_cpu: replicas_cpu(),
+        self_cpu: cpu_seconds("self"),
+        root_disk: args.source_pid.and_then(disk_write_bytes),
+        replicas_disk: (!replica_pids.is_empty()).then(|| {
+            replica_pids
+                .iter()
+                .filter_map(|&p| disk_write_bytes(p))
+                .sum()
+        }),
+    };
+    let token = match &args.token_file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| anyhow!("cannot read {}: {e}", f.display()))?
+            .trim()
+            .to_string(),
+        None => String::new(),
+    };
     let redis = matches!(args.kind, Kind::Redis | Kind::RedisReplica);
     let shared = Arc::new(Shared {
         base: Instant::now(),
@@ -551,6 +688,8 @@ async fn main() -> anyhow::Result<()> {
     let mut relay_dirs = Default::default();
     if args.kind == Kind::Canopy {
         relay_dirs = args.relays.issue("ps", n)?;
+    }
+    if args.kind.is_canopy() {
         v0 = canopy_version(&http, &url).await?;
     }
     let write_version: Vec<AtomicU64> =
@@ -597,6 +736,15 @@ async fn main() -> anyhow::Result<()> {
                     me,
                 ));
             }
+            Kind::CanopyApi => {
+                subs.spawn(canopy_api_watcher(
+                    http.clone(),
+                    base(&endpoints[me % endpoints.len()]),
+                    v0,
+                    shared,
+                    me,
+                ));
+            }
         }
     }
     let deadline = Instant::now() + Duration::from_secs(args.setup_secs);
@@ -622,6 +770,13 @@ async fn main() -> anyhow::Result<()> {
     );
     // Let the subscriptions (Canopy: the tree) settle before the clock starts.
     tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+    let idle = if args.idle_secs > 0.0 {
+        let (before, t0) = (counters(), Instant::now());
+        tokio::time::sleep(Duration::from_secs_f64(args.idle_secs)).await;
+        Some(counters().since(&before, t0.elapsed()))
+    } else {
+        None
+    };
 
     // The writer.
     let mut redis_writer = if redis {
@@ -630,7 +785,7 @@ async fn main() -> anyhow::Result<()> {
         None
     };
     let metric = match args.kind {
-        Kind::Canopy => "canopy_relayed_bytes_total",
+        Kind::Canopy | Kind::CanopyApi => "canopy_relayed_bytes_total",
         _ => "etcd_network_client_grpc_sent_bytes_total",
     };
     let bytes_before = match (&mut redis_writer, &args.metrics) {
@@ -638,9 +793,7 @@ async fn main() -> anyhow::Result<()> {
         (None, Some(m)) => metric_sum(m, metric).await,
         (None, None) => None,
     };
-    let cpu_before = args.source_pid.map(cpu_seconds);
-    let replicas_cpu_before = replicas_cpu();
-    let self_cpu_before = cpu_seconds("self");
+    let before = counters();
     let writes_start = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -676,14 +829,15 @@ async fn main() -> anyhow::Result<()> {
                     put_errors.clone(),
                 );
                 let key = format!("{}{seq:06}", args.prefix);
-                let canopy = args.kind == Kind::Canopy;
+                let canopy = args.kind.is_canopy();
+                let token = token.clone();
                 let offset =
                     (seq as u64 * 4099) % args.file_size.saturating_sub(args.size as u64).max(1);
                 let wv = write_version.clone();
                 puts.spawn(async move {
                     shared.sent_ns[seq].store(shared.now_ns(), Ordering::SeqCst);
                     let r = if canopy {
-                        canopy_patch(&http, &url, offset, value)
+                        canopy_patch(&http, &url, &token, offset, value)
                             .await
                             .map(|v| wv[seq].store(v, Ordering::SeqCst))
                     } else {
@@ -707,7 +861,7 @@ async fn main() -> anyhow::Result<()> {
         .max()
         .unwrap_or(0);
     let all_arrived = || match args.kind {
-        Kind::Canopy => shared.seen.iter().all(|s| {
+        Kind::Canopy | Kind::CanopyApi => shared.seen.iter().all(|s| {
             s.lock()
                 .unwrap()
                 .last()
@@ -718,10 +872,10 @@ async fn main() -> anyhow::Result<()> {
     while !all_arrived() && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let cpu_after = args.source_pid.map(cpu_seconds);
-    let replicas_cpu_after = replicas_cpu();
+    tokio::time::sleep(Duration::from_millis(args.tail_ms)).await;
+    let cost = counters().since(&before, writes_start.elapsed());
     let window = writes_start.elapsed();
-    let self_cpu = ((cpu_seconds("self") - self_cpu_before) * 100.0).round() / 100.0;
+    let self_cpu = cost.self_cpu;
     let bytes_after = match (&mut redis_writer, &args.metrics) {
         (Some(c), _) => Some(redis_output_bytes(c, shared.base).await?),
         (None, Some(m)) => metric_sum(m, metric).await,
@@ -732,7 +886,7 @@ async fn main() -> anyhow::Result<()> {
     subs.abort_all();
     while subs.join_next().await.is_some() {}
     shutdown.cancel();
-    if args.kind == Kind::Canopy {
+    if args.kind.is_canopy() {
         // Observations are (applied version, time), in order; a write arrived at a relay the
         // first time that relay's applied version reached the write's version.
         let wv: Vec<u64> = write_version
@@ -817,14 +971,40 @@ async fn main() -> anyhow::Result<()> {
     let last_ms: Vec<f64> = lasts.iter().map(|&l| ms3(l)).collect();
     lasts.sort_unstable();
     each.sort_unstable();
-    let cpu = match (cpu_before, cpu_after) {
-        (Some(a), Some(b)) => Some(((b - a) * 100.0).round() / 100.0),
-        _ => None,
+    let cpu = cost.root_cpu;
+    let replicas_cpu_s = cost.replicas_cpu;
+    // The CPU of everything that holds the system's copies: the root, the replica processes,
+    // and this process when the relays live in it.
+    let system_cpu = cost.root_cpu.unwrap_or(0.0)
+        + cost.replicas_cpu.unwrap_or(0.0)
+        + if args.kind == Kind::Canopy {
+            cost.self_cpu
+        } else {
+            0.0
+        };
+    let deliveries = (w * n) as f64;
+    let cpu_counted = match args.kind {
+        Kind::Canopy => "the core process + this process (its N relays, plus the writer and the watchers)",
+        Kind::CanopyApi => "the core process + the N relay-node processes (they also answer the watchers' long polls)",
+        Kind::RedisReplica => "the master + the N replica processes (they also publish the keyspace notifications)",
+        Kind::Etcd => "the etcd process (its JSON gateway included)",
+        Kind::Redis => "the Redis process",
     };
-    let replicas_cpu_s = match (replicas_cpu_before, replicas_cpu_after) {
-        (Some(a), Some(b)) => Some(((b - a) * 100.0).round() / 100.0),
-        _ => None,
-    };
+    let idle_json = idle.as_ref().map(|i| {
+        let per_replica = match args.kind {
+            Kind::Canopy => Some(i.self_cpu),
+            _ => i.replicas_cpu,
+        };
+        json!({
+            "seconds": round3(i.secs),
+            "root_cpu_s": i.root_cpu,
+            "replicas_cpu_s": i.replicas_cpu,
+            "self_cpu_s": i.self_cpu,
+            "replicas_disk_write_bytes": i.replicas_disk,
+            "ms_per_s_per_replica": per_replica.map(|c| round3(c * 1e3 / i.secs / n as f64)),
+            "root_ms_per_s": i.root_cpu.map(|c| round3(c * 1e3 / i.secs)),
+        })
+    });
     let root_bytes = match (bytes_before, bytes_after) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
@@ -848,6 +1028,11 @@ async fn main() -> anyhow::Result<()> {
         Kind::Canopy => (
             "canopy",
             "core-node process (1 node) + N relays in the prop-sub process; writes PATCHed to the core",
+            "the core's canopy_relayed_bytes_total",
+        ),
+        Kind::CanopyApi => (
+            "canopy-procs",
+            "core-node process (1 node) + N relay-node processes with --file; each watched by a /v1/watch long poll; writes PATCHed to the core",
             "the core's canopy_relayed_bytes_total",
         ),
     };
@@ -895,13 +1080,22 @@ async fn main() -> anyhow::Result<()> {
         "publish_min_receivers": min_receivers,
         "subscriber_endpoints": if redis { Some(endpoints.len()) } else { None },
         "replicas_cpu_s": replicas_cpu_s,
+        "system_cpu_s": round3(system_cpu),
+        "cpu_us_per_delivery": round3(system_cpu * 1e6 / deliveries),
+        "cpu_counted": cpu_counted,
+        "cost_window": format!("first write -> last arrival + {} ms", args.tail_ms),
+        "root_disk_write_bytes": cost.root_disk,
+        "replicas_disk_write_bytes": cost.replicas_disk,
+        "disk_bytes_per_delivery": cost.replicas_disk.map(|b| (b as f64 / deliveries).round()),
+        "idle": idle_json,
+        "file_bytes": if args.kind.is_canopy() { Some(args.file_size) } else { None },
         "replica_processes": if replica_pids.is_empty() { None } else { Some(replica_pids.len()) },
         "last_ms": last_ms,
     });
     eprintln!(
         "prop-sub {system}: N={n}, {complete}/{w} writes reached all ({missed_deliveries} deliveries missed); \
          last subscriber p50 {} ms p99 {} ms max {} ms; each subscriber p50 {} ms p99 {} ms; \
-         root CPU {:?} s, root sent {:?} bytes/write",
+         root CPU {:?} s, root sent {:?} bytes/write; {} CPU-us per delivery{}",
         row["last_p50_ms"],
         row["last_p99_ms"],
         row["last_max_ms"],
@@ -909,6 +1103,11 @@ async fn main() -> anyhow::Result<()> {
         row["each_p99_ms"],
         cpu,
         row["root_bytes_per_write"],
+        row["cpu_us_per_delivery"],
+        match &row["idle"]["ms_per_s_per_replica"] {
+            Value::Null => String::new(),
+            v => format!("; idle {v} ms CPU/s per replica"),
+        },
     );
     if args.json {
         println!("{row}");
