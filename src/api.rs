@@ -116,6 +116,10 @@ pub struct Status {
     /// Distance from the core: 0 on a core node, absent (`null`) while a relay is unattached.
     pub depth: Option<u32>,
     pub root_path: Vec<String>,
+    /// Height of the subtree this node serves (0: no children), from its children's reports.
+    pub subtree_height: u32,
+    /// Levels below this node to the shallowest free slot of its subtree (0: one of its own).
+    pub room: u32,
     pub synced: bool,
     pub commit_version: u64,
     pub lag_entries: u64,
@@ -673,6 +677,8 @@ mod tests {
                 child_addrs: vec![],
                 depth: None,
                 root_path: vec![],
+                subtree_height: 0,
+                room: 0,
                 synced: true,
                 commit_version: f.version(),
                 lag_entries: 0,

@@ -844,17 +844,6 @@ impl<I: Id> Overlay<I> {
         (self.me(), peers)
     }
 
-    /// A referral picked from adverts the driver built itself: one with a free slot, else
-    /// any. [`Overlay::admit`] supersedes it (it knows its children's real reports); kept
-    /// until the runtime calls `admit`.
-    pub fn pick_referral<R: Rng>(children: &[Peer<I>], rng: &mut R) -> Option<Peer<I>> {
-        let open: Vec<&Peer<I>> = children.iter().filter(|c| c.free_slots > 0).collect();
-        match open.choose(rng) {
-            Some(c) => Some(Arc::clone(c)),
-            None => children.choose(rng).cloned(),
-        }
-    }
-
     /// Whether to serve `name` (a subscriber in `zone`) as a child. Refuses this node
     /// itself or one of its ancestors, and refuses when `fanout` children are registered,
     /// referring it to one child: one reported with a free slot, else one not reported

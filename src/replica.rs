@@ -755,6 +755,7 @@ impl Replica {
             have_root,
             listen_addr: listen_addr.to_string(),
             have_chunks: self.salvage.have_chunks(shown),
+            ..Default::default()
         }
     }
 

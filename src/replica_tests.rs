@@ -210,6 +210,7 @@ fn sub_at(have_version: u64, have_root: &[u8]) -> proto::Subscribe {
         have_root: Bytes::copy_from_slice(have_root),
         listen_addr: "10.0.0.2:4433".into(),
         have_chunks: vec![],
+        ..Default::default()
     }
 }
 
@@ -754,6 +755,7 @@ fn full_subscription_flow_then_live_entries() {
             have_root: Bytes::new(),
             listen_addr: "10.0.0.2:4433".into(),
             have_chunks: vec![],
+            ..Default::default()
         }
     );
     let file = match parent.plan_subscription(&sub) {
@@ -1632,6 +1634,7 @@ fn plan_resumes_from_the_window() {
                 .iter()
                 .map(|h| Bytes::copy_from_slice(h))
                 .collect(),
+            ..Default::default()
         }
     );
     assert_eq!(plan(&p, &full), snap);

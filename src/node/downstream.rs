@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::config::NodeConfig;
-use crate::overlay::{self, Overlay};
+use crate::overlay::{Admit, Input, Refusal};
 use crate::proto::{self, downstream::Kind as Down};
 use crate::replica::{snapshot_frames_below, Event, SnapshotPlan, SubscribePlan};
 use crate::transport::{self, StreamError};
@@ -36,6 +36,9 @@ pub(crate) const MAX_SUGGESTED_SOURCES: usize = 8;
 
 /// Most chunks one `FetchChunks` may ask for.
 const MAX_FETCH_BATCH: usize = crate::config::MAX_FETCH_WINDOW as usize;
+
+/// Largest frame a child may send up its subscription stream (a limit and a report).
+const MAX_CHILD_FRAME: usize = 64;
 
 /// Most frames one write to a child carries: what is queued when the sender wakes goes out
 /// together, so an entry and its seal share packets, within this many frames ...
@@ -172,32 +175,6 @@ fn heartbeat(shared: &Shared, st: &State, child: &str) -> Bytes {
         .heartbeat(now_us(), shared.root_path(), suggest_sources(st, child))
 }
 
-/// For a child that found this node full: one of its children, picked at random.
-fn referral(shared: &Shared, st: &State) -> Option<proto::PeerInfo> {
-    let path = shared.root_path();
-    let depth = shared.depth().map(|d| d + 1);
-    let kids: Vec<overlay::Peer> = st
-        .children
-        .values()
-        .map(|c| {
-            let mut root_path = path.clone();
-            root_path.push(c.name.clone());
-            overlay::Peer::new(overlay::PeerInfo {
-                name: c.name.clone(),
-                addr: c.addr.clone(),
-                depth,
-                free_slots: 1,
-                root_path,
-                height: 0,
-                room: 0,
-                zone: None,
-            })
-        })
-        .collect();
-    let mut cell = shared.overlay.lock();
-    Overlay::pick_referral(&kids, &mut cell.rng).map(|p| peer_to_proto(&p))
-}
-
 /// Counts a transfer being served in `backfills_serving` (status and metric) while alive.
 pub(crate) struct ServingGuard<'a>(&'a Shared);
 
@@ -235,21 +212,18 @@ fn register(
     rogue: Option<&Rogue>,
 ) -> Result<Registered, (String, Option<proto::PeerInfo>)> {
     let mut st = shared.state.lock();
-    if shared.root_path().contains(&sub.name) {
-        return Err((
-            format!("{} is on this node's path to the core", sub.name),
-            None,
-        ));
-    }
-    if st.children.len() >= shared.cfg.stream.fanout {
-        return Err((
-            format!(
-                "full: {} children (fanout {})",
-                st.children.len(),
-                shared.cfg.stream.fanout
-            ),
-            referral(shared, &st),
-        ));
+    let zone = overlay_driver::zone_from_proto(sub.zone.clone());
+    let admit = {
+        let mut cell = shared.overlay.lock();
+        let cell = &mut *cell;
+        cell.overlay.admit(&sub.name, zone.as_ref(), &mut cell.rng)
+    };
+    if let Admit::Refuse { reason, referral } = admit {
+        let reason = match reason {
+            Refusal::OnRootPath => format!("{} is on this node's path to the core", sub.name),
+            full => full.to_string(),
+        };
+        return Err((reason, referral.map(|p| peer_to_proto(&p))));
     }
     let mut plan = st.replica.plan_subscription(sub);
     if let SubscribePlan::Refuse(r) = plan {
@@ -271,6 +245,15 @@ fn register(
             tx,
             queued: queued.clone(),
             cut: cut.clone(),
+        },
+    );
+    overlay_driver::input(
+        shared,
+        Input::ChildAdded {
+            name: sub.name.clone(),
+            addr: sub.listen_addr.clone(),
+            zone,
+            report: sub.report.as_ref().map(overlay_driver::report_from_proto),
         },
     );
     children_changed(shared, &st);
@@ -351,7 +334,7 @@ pub(crate) async fn serve_child(
     shared.tasks.spawn(read_limits(
         shared.clone(),
         conn.clone(),
-        sub.name.clone(),
+        (sub.name.clone(), id),
         recv,
         limit.clone(),
     ));
@@ -469,19 +452,35 @@ pub(crate) async fn serve_child(
     }
 }
 
-/// Reads the child's `SnapshotLimit` frames on its subscription stream into `limit`
-/// (lowered only) until the child finishes the stream or the connection ends.
+/// Reads the frames the child sends up its subscription stream until it finishes the
+/// stream or the connection ends: transfer limits into `limit` (lowered only), and reports
+/// into the overlay while this link (`child`: name and link id) is the one registered.
 async fn read_limits(
     shared: Arc<Shared>,
     conn: quinn::Connection,
-    peer: String,
+    child: (String, u64),
     mut recv: quinn::RecvStream,
     limit: Arc<AtomicU64>,
 ) {
+    let (peer, id) = child;
     loop {
-        match transport::read_frame::<proto::SnapshotLimit>(&mut recv, 64).await {
+        match transport::read_frame::<proto::SnapshotLimit>(&mut recv, MAX_CHILD_FRAME).await {
             Ok(Some(l)) => {
-                limit.fetch_min(l.below, Ordering::AcqRel);
+                if let Some(below) = l.below {
+                    limit.fetch_min(below, Ordering::AcqRel);
+                }
+                if let Some(r) = &l.report {
+                    let st = shared.state.lock();
+                    if st.children.contains_key(&id) {
+                        overlay_driver::input(
+                            &shared,
+                            Input::ChildReport {
+                                name: peer.clone(),
+                                report: overlay_driver::report_from_proto(r),
+                            },
+                        );
+                    }
+                }
             }
             Ok(None) | Err(StreamError::Read(_)) => return,
             Err(e) => return close_bad(&shared, &conn, &peer, &e.to_string()),

@@ -23,6 +23,7 @@ const TREE_WAIT: Duration = Duration::from_secs(2);
 /// What `/v1/status` reports.
 pub(crate) fn status(shared: &Shared) -> Status {
     let (parent, parent_addr) = shared.parent();
+    let report = shared.overlay.lock().overlay.report();
     let depth = shared.depth();
     let root_path = shared.root_path();
     let st = shared.state.lock();
@@ -48,6 +49,8 @@ pub(crate) fn status(shared: &Shared) -> Status {
         child_addrs: st.children.values().map(|c| c.addr.clone()).collect(),
         depth,
         root_path,
+        subtree_height: report.height,
+        room: report.room,
         synced: st.replica.is_synced(),
         commit_version: commit,
         lag_entries: commit.saturating_sub(version),

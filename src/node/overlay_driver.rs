@@ -37,6 +37,35 @@ pub fn peer_to_proto(p: &PeerInfo) -> proto::PeerInfo {
         depth: p.depth.map(|d| d as i32).unwrap_or(-1),
         free_slots: p.free_slots,
         root_path: p.root_path.clone(),
+        height: p.height,
+        room: p.room,
+        zone: p.zone.clone().unwrap_or_default(),
+    }
+}
+
+/// Longest zone name taken from a peer; a longer one is treated as no zone.
+pub const MAX_ZONE_BYTES: usize = 64;
+
+/// A zone as a peer declared it: none when empty or over [`MAX_ZONE_BYTES`].
+pub fn zone_from_proto(zone: String) -> Option<String> {
+    (!zone.is_empty() && zone.len() <= MAX_ZONE_BYTES).then_some(zone)
+}
+
+/// A report as a child declared it, its height and room clamped to [`overlay::MAX_HEIGHT`].
+pub fn report_from_proto(r: &proto::ChildReport) -> crate::overlay::Report {
+    crate::overlay::Report {
+        free_slots: r.free_slots,
+        height: r.height.min(crate::overlay::MAX_HEIGHT),
+        room: r.room.min(crate::overlay::MAX_HEIGHT),
+    }
+}
+
+/// The wire form of a report.
+pub fn report_to_proto(r: &crate::overlay::Report) -> proto::ChildReport {
+    proto::ChildReport {
+        free_slots: r.free_slots,
+        height: r.height,
+        room: r.room,
     }
 }
 
@@ -47,9 +76,9 @@ pub fn peer_from_proto(p: proto::PeerInfo) -> Peer {
         depth: u32::try_from(p.depth).ok(),
         free_slots: p.free_slots,
         root_path: p.root_path,
-        height: 0,
-        room: 0,
-        zone: None,
+        height: p.height.min(crate::overlay::MAX_HEIGHT),
+        room: p.room.min(crate::overlay::MAX_HEIGHT),
+        zone: zone_from_proto(p.zone),
     })
 }
 
@@ -140,7 +169,9 @@ fn carry_out(shared: &Arc<Shared>, out: Output, cmds: &mpsc::UnboundedSender<Ups
         Output::Detach { addr } => {
             let _ = cmds.send(UpstreamCommand::Detach { addr });
         }
-        Output::Report(_) => {}
+        Output::Report(r) => {
+            let _ = cmds.send(UpstreamCommand::Report(r));
+        }
     }
 }
 

@@ -51,6 +51,8 @@ pub(crate) enum UpstreamCommand {
     Attach { addr: String, reason: Reason },
     /// Drop the parent at `addr` (its path now contains this node).
     Detach { addr: String },
+    /// Send this report of the node to its parent, up the subscription stream.
+    Report(crate::overlay::Report),
 }
 
 /// One child's end of the broadcast: its queue and the flags its writer task reads.

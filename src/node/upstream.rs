@@ -340,8 +340,19 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
             Wake::Command(UpstreamCommand::Detach { .. }) => continue,
             Wake::Limit(below) => {
                 // A lost write shows up as a failed read on the same stream.
-                let limit = proto::SnapshotLimit { below };
+                let limit = proto::SnapshotLimit {
+                    below: Some(below),
+                    report: None,
+                };
                 let _ = transport::write_frame(&mut link.send, &limit).await;
+                continue;
+            }
+            Wake::Command(UpstreamCommand::Report(r)) => {
+                let up = proto::SnapshotLimit {
+                    below: None,
+                    report: Some(overlay_driver::report_to_proto(&r)),
+                };
+                let _ = transport::write_frame(&mut link.send, &up).await;
                 continue;
             }
             Wake::Frame(Err(_)) => UpstreamError::Silent(silent),
@@ -449,9 +460,13 @@ async fn follow_frame(
 
 fn subscription(shared: &Shared, full: bool) -> proto::Subscribe {
     let name = failpoint::declared_name().unwrap_or_else(|| shared.cfg.name.clone());
+    let report = shared.overlay.lock().overlay.report();
     let st = shared.state.lock();
-    st.replica
-        .subscription(&name, &shared.cfg.advertise.to_string(), full)
+    let mut sub = st
+        .replica
+        .subscription(&name, &shared.cfg.advertise.to_string(), full);
+    sub.report = Some(overlay_driver::report_to_proto(&report));
+    sub
 }
 
 /// Pushed chunks between two looks for more peers to fetch from.

@@ -1,0 +1,75 @@
+//! The parent side of the tree runs through the overlay in the real binaries: children report
+//! their free slots, subtree height and room up their subscription streams, each parent's
+//! `Overlay::admit` decides and refers from those reports, and `/v1/status` shows the result.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+async fn subtree(c: &reqwest::Client, p: &Proc) -> Option<(u64, u64, Option<u64>)> {
+    let s: Value = status(c, p).await?;
+    Some((
+        s["subtree_height"].as_u64()?,
+        s["room"].as_u64()?,
+        s["depth"].as_u64(),
+    ))
+}
+
+/// A chain at fan-out 1 (core -> r1 -> r2 -> r3): every node's subtree height and room come
+/// from its child's reports, so the core knows the chain is three deep and its shallowest
+/// free slot three levels down; a joiner sent to the core is referred down the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_climb_the_tree_and_referrals_follow_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    for (n, r) in [
+        ("core", "core"),
+        ("r1", "relay"),
+        ("r2", "relay"),
+        ("r3", "relay"),
+    ] {
+        pki.issue(n, r);
+    }
+    let one = ["--fanout", "1"];
+    let core = Proc::start(root, &pki, "core", true, &[], &one);
+    let c = http();
+    wait_leader(&c, &core).await;
+    let (v0, _) = put_random(&c, &core, 50_000, 3).await;
+    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &one);
+    wait_materialized(&c, &r1, v0).await;
+    let r2 = Proc::start(root, &pki, "r2", false, &[core.quic], &one);
+    wait_materialized(&c, &r2, v0).await;
+    let r3 = Proc::start(root, &pki, "r3", false, &[core.quic], &one);
+    wait_materialized(&c, &r3, v0).await;
+
+    let expect = [
+        (&core, 3, 3, 0),
+        (&r1, 2, 2, 1),
+        (&r2, 1, 1, 2),
+        (&r3, 0, 0, 3),
+    ];
+    wait_until(60, "every node's subtree height and room", || async {
+        for (p, height, room, depth) in expect {
+            if subtree(&c, p).await != Some((height, room, Some(depth))) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let s = status(&c, &r3).await.unwrap();
+    assert_eq!(
+        s["root_path"],
+        serde_json::json!(["core", "r1", "r2", "r3"])
+    );
+
+    // r3 leaves: the reports climb again, and the core's room shrinks to two levels.
+    drop(r3);
+    wait_until(60, "the reports after r3 left", || async {
+        subtree(&c, &core).await == Some((2, 2, Some(0)))
+            && subtree(&c, &r2).await == Some((0, 0, Some(2)))
+    })
+    .await;
+}
