@@ -317,7 +317,7 @@ struct Child<I> {
 /// The partial view: a handful of entries kept sorted by address in one vector, which
 /// iterates in the same order as a `BTreeMap` and is faster to search and scan at this size.
 #[derive(Clone, Debug)]
-struct View<I>(Vec<(I, Entry<I>)>);
+struct View<I>(Vec<(I, ViewRecord<I>)>);
 
 impl<I> Default for View<I> {
     fn default() -> Self {
@@ -334,21 +334,21 @@ impl<I: Ord> View<I> {
         self.0.binary_search_by(|(a, _)| a.cmp(k))
     }
 
-    fn get(&self, k: &I) -> Option<&Entry<I>> {
+    fn get(&self, k: &I) -> Option<&ViewRecord<I>> {
         match self.find(k) {
             Ok(i) => Some(&self.0[i].1),
             Err(_) => None,
         }
     }
 
-    fn get_mut(&mut self, k: &I) -> Option<&mut Entry<I>> {
+    fn get_mut(&mut self, k: &I) -> Option<&mut ViewRecord<I>> {
         match self.find(k) {
             Ok(i) => Some(&mut self.0[i].1),
             Err(_) => None,
         }
     }
 
-    fn insert(&mut self, k: I, v: Entry<I>) {
+    fn insert(&mut self, k: I, v: ViewRecord<I>) {
         match self.find(&k) {
             Ok(i) => self.0[i].1 = v,
             Err(i) => self.0.insert(i, (k, v)),
@@ -361,7 +361,7 @@ impl<I: Ord> View<I> {
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&I, &Entry<I>)> {
+    fn iter(&self) -> impl Iterator<Item = (&I, &ViewRecord<I>)> {
         self.0.iter().map(|(k, v)| (k, v))
     }
 
@@ -369,17 +369,18 @@ impl<I: Ord> View<I> {
         self.0.iter().map(|(k, _)| k)
     }
 
-    fn values(&self) -> impl Iterator<Item = &Entry<I>> {
+    fn values(&self) -> impl Iterator<Item = &ViewRecord<I>> {
         self.0.iter().map(|(_, v)| v)
     }
 
-    fn values_mut(&mut self) -> impl Iterator<Item = &mut Entry<I>> {
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut ViewRecord<I>> {
         self.0.iter_mut().map(|(_, v)| v)
     }
 }
 
+/// What the partial view holds about one address.
 #[derive(Clone, Debug)]
-struct Entry<I> {
+struct ViewRecord<I> {
     info: Option<Peer<I>>,
     /// A bootstrap address: kept through trims and forgets.
     boot: bool,
@@ -399,8 +400,9 @@ struct Parent<I> {
     zone_class: u8,
 }
 
+/// The join or move under way: nothing, sampling candidates, or attaching to one.
 #[derive(Clone, Debug)]
-enum Pending<I> {
+enum Step<I> {
     Idle,
     Probing {
         asked: BTreeSet<I>,
@@ -429,7 +431,7 @@ pub struct Overlay<I = String> {
     view: View<I>,
     bootstrap: Vec<I>,
     parent: Option<Parent<I>>,
-    pending: Pending<I>,
+    step: Step<I>,
     /// Registered children by name ([`Input::ChildAdded`] to [`Input::ChildRemoved`]).
     children: BTreeMap<I, Child<I>>,
     /// What the current parent last heard of this node (None: no parent).
@@ -465,7 +467,7 @@ impl<I: Id> Overlay<I> {
             if *b != addr {
                 view.insert(
                     b.clone(),
-                    Entry {
+                    ViewRecord {
                         info: None,
                         boot: true,
                         age: 0,
@@ -483,7 +485,7 @@ impl<I: Id> Overlay<I> {
             view,
             bootstrap,
             parent: None,
-            pending: Pending::Idle,
+            step: Step::Idle,
             children: BTreeMap::new(),
             reported: None,
             lost_depth: None,
@@ -669,13 +671,13 @@ impl<I: Id> Overlay<I> {
     /// A value at or before the current time means "tick now".
     pub fn poll_timeout(&self) -> u64 {
         let mut at = self.next_shuffle;
-        match &self.pending {
-            Pending::Probing { since, .. } => at = at.min(since + self.cfg.probe_timeout_ms),
-            Pending::Attaching { since, .. } => at = at.min(since + self.cfg.attach_timeout_ms),
-            Pending::Idle if self.core => {}
-            Pending::Idle if self.parent.is_some() => at = at.min(self.next_rebalance),
-            Pending::Idle if self.has_candidate() => at = 0,
-            Pending::Idle => at = at.min(self.probe_after),
+        match &self.step {
+            Step::Probing { since, .. } => at = at.min(since + self.cfg.probe_timeout_ms),
+            Step::Attaching { since, .. } => at = at.min(since + self.cfg.attach_timeout_ms),
+            Step::Idle if self.core => {}
+            Step::Idle if self.parent.is_some() => at = at.min(self.next_rebalance),
+            Step::Idle if self.has_candidate() => at = 0,
+            Step::Idle => at = at.min(self.probe_after),
         }
         at
     }
@@ -801,7 +803,7 @@ impl<I: Id> Overlay<I> {
     /// parent in its zone, costs no depth). A driver doing make-before-break asks before it
     /// switches; [`Input::Attached`] applies the same test.
     pub fn keeps_move(&self, depth: u32, root_path: &[I]) -> bool {
-        let nearer = matches!(self.pending, Pending::Attaching { nearer: true, .. });
+        let nearer = matches!(self.step, Step::Attaching { nearer: true, .. });
         !root_path.contains(&self.name) && self.move_ok(depth, nearer)
     }
 
@@ -955,7 +957,7 @@ impl<I: Id> Overlay<I> {
         }
         self.view.insert(
             p.addr.clone(),
-            Entry {
+            ViewRecord {
                 info: Some(p),
                 boot: false,
                 age: 0,
@@ -1063,7 +1065,7 @@ impl<I: Id> Overlay<I> {
             return Vec::new();
         }
         let offer = self.offer(rng);
-        self.pending = Pending::Probing {
+        self.step = Step::Probing {
             asked: asked.clone(),
             since: now,
             rebalance,
@@ -1091,7 +1093,7 @@ impl<I: Id> Overlay<I> {
             self.reason
         };
         let report = self.report();
-        self.pending = Pending::Attaching {
+        self.step = Step::Attaching {
             addr: addr.clone(),
             since: now,
             moving,
@@ -1111,7 +1113,7 @@ impl<I: Id> Overlay<I> {
     /// Unattached and idle: attach to a choice if there is one, else probe for fresh info
     /// (unless a fruitless probe asked to wait until `probe_after`).
     fn seek<R: Rng>(&mut self, now: u64, rng: &mut R) -> Vec<Output<I>> {
-        if self.core || self.parent.is_some() || !matches!(self.pending, Pending::Idle) {
+        if self.core || self.parent.is_some() || !matches!(self.step, Step::Idle) {
             return Vec::new();
         }
         if self.fruitless > 0 && now >= self.probe_after {
@@ -1125,7 +1127,7 @@ impl<I: Id> Overlay<I> {
     }
 
     fn finish_probe<R: Rng>(&mut self, now: u64, rebalance: bool, rng: &mut R) -> Vec<Output<I>> {
-        self.pending = Pending::Idle;
+        self.step = Step::Idle;
         if !rebalance {
             if self.core || self.parent.is_some() {
                 return Vec::new();
@@ -1200,19 +1202,19 @@ impl<I: Id> Overlay<I> {
         match input {
             Input::Tick => {
                 self.banned.retain(|_, until| *until > now);
-                match self.pending.clone() {
-                    Pending::Probing {
+                match self.step.clone() {
+                    Step::Probing {
                         since, rebalance, ..
                     } if now >= since + self.cfg.probe_timeout_ms => {
                         out.extend(self.finish_probe(now, rebalance, rng));
                     }
-                    Pending::Attaching {
+                    Step::Attaching {
                         addr,
                         since,
                         moving,
                         ..
                     } if now >= since + self.cfg.attach_timeout_ms => {
-                        self.pending = Pending::Idle;
+                        self.step = Step::Idle;
                         self.forget(&addr);
                         if !moving {
                             out.extend(self.seek(now, rng));
@@ -1238,7 +1240,7 @@ impl<I: Id> Overlay<I> {
                     for e in self.view.values_mut() {
                         e.age += 1;
                     }
-                    if matches!(self.pending, Pending::Idle) && self.parent.is_some() {
+                    if matches!(self.step, Step::Idle) && self.parent.is_some() {
                         let oldest = self
                             .view
                             .iter()
@@ -1252,7 +1254,7 @@ impl<I: Id> Overlay<I> {
                         }
                     }
                 }
-                if self.parent.is_some() && matches!(self.pending, Pending::Idle) {
+                if self.parent.is_some() && matches!(self.step, Step::Idle) {
                     if self.next_rebalance == 0 {
                         self.next_rebalance = now + self.jitter(rng);
                     } else if now >= self.next_rebalance {
@@ -1288,8 +1290,8 @@ impl<I: Id> Overlay<I> {
                 depth,
                 root_path,
             } => {
-                let (moving, nearer, reason, report) = match &self.pending {
-                    Pending::Attaching {
+                let (moving, nearer, reason, report) = match &self.step {
+                    Step::Attaching {
                         addr: a,
                         moving,
                         nearer,
@@ -1303,7 +1305,7 @@ impl<I: Id> Overlay<I> {
                     }
                     _ => (false, false, self.reason, None),
                 };
-                self.pending = Pending::Idle;
+                self.step = Step::Idle;
                 if root_path.contains(&self.name) {
                     self.forget(&addr);
                     out.push(Output::Detach { addr });
@@ -1361,8 +1363,8 @@ impl<I: Id> Overlay<I> {
                 }
             }
             Input::Refused { addr, referral } => {
-                let (moving, nearer, referrals) = match &self.pending {
-                    Pending::Attaching {
+                let (moving, nearer, referrals) = match &self.step {
+                    Step::Attaching {
                         addr: a,
                         moving,
                         nearer,
@@ -1371,7 +1373,7 @@ impl<I: Id> Overlay<I> {
                     } if *a == addr => (*moving, *nearer, *referrals),
                     _ => return out,
                 };
-                self.pending = Pending::Idle;
+                self.step = Step::Idle;
                 self.mark_full(&addr, referral.is_some());
                 if !moving {
                     self.refused.insert(addr.clone());
@@ -1399,9 +1401,9 @@ impl<I: Id> Overlay<I> {
                 }
             }
             Input::AttachFailed { addr } => {
-                if matches!(&self.pending, Pending::Attaching { addr: a, .. } if *a == addr) {
-                    let moving = matches!(self.pending, Pending::Attaching { moving: true, .. });
-                    self.pending = Pending::Idle;
+                if matches!(&self.step, Step::Attaching { addr: a, .. } if *a == addr) {
+                    let moving = matches!(self.step, Step::Attaching { moving: true, .. });
+                    self.step = Step::Idle;
                     self.forget(&addr);
                     if !moving {
                         out.extend(self.seek(now, rng));
@@ -1416,12 +1418,12 @@ impl<I: Id> Overlay<I> {
                     self.set_parent(now, None);
                     self.forget(&addr);
                     self.reason = Reason::ParentLost;
-                    if matches!(self.pending, Pending::Attaching { moving: true, .. }) {
-                        if let Pending::Attaching { moving, .. } = &mut self.pending {
+                    if matches!(self.step, Step::Attaching { moving: true, .. }) {
+                        if let Step::Attaching { moving, .. } = &mut self.step {
                             *moving = false;
                         }
                     } else {
-                        self.pending = Pending::Idle;
+                        self.step = Step::Idle;
                     }
                     out.extend(self.seek(now, rng));
                 }
@@ -1483,9 +1485,9 @@ impl<I: Id> Overlay<I> {
     }
 
     fn answered<R: Rng>(&mut self, now: u64, addr: &I, rng: &mut R) -> Vec<Output<I>> {
-        if let Pending::Probing {
+        if let Step::Probing {
             asked, rebalance, ..
-        } = &mut self.pending
+        } = &mut self.step
         {
             asked.remove(addr);
             if asked.is_empty() {
