@@ -389,8 +389,10 @@ async fn the_api_needs_its_token_for_writes() {
         ])
         .args(["--data", data.to_str().unwrap()])
         .stderr(std::fs::File::create(root.join("core.log")).unwrap())
+        .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let child = KillOnDrop(&mut child);
     let anon = reqwest::Client::new();
     let url = |p: &str| format!("http://{api}{p}");
     wait_until(30, "the core's API", || async {
@@ -454,8 +456,17 @@ async fn the_api_needs_its_token_for_writes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
+}
+
+/// Kills a spawned node when the test ends, passed or failed, so no process outlives it.
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A certificate issued already expired: the node refuses to start with it, and a peer that
