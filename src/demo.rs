@@ -150,6 +150,7 @@ async fn start_node(
         kind,
         stream: stream.clone(),
         overlay: Default::default(),
+        limits: Default::default(),
         api_token_file: None,
         seed: None,
     };

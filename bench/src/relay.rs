@@ -24,6 +24,7 @@ pub async fn start(
         kind: NodeKind::Relay { join },
         stream,
         overlay: Default::default(),
+        limits: Default::default(),
         api_token_file: None,
         seed: None,
     };
