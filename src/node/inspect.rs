@@ -57,6 +57,7 @@ pub(crate) fn status(shared: &Shared) -> Status {
         lag_entries: commit.saturating_sub(version),
         lag_seconds,
         file_version: *shared.materialized.borrow(),
+        disk_full: shared.disk_full.load(Ordering::Relaxed),
         core_addrs: shared.core_addrs(&st),
         stats: StatsView {
             entries_applied: stats.entries_applied.load(Ordering::Relaxed),
