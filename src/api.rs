@@ -303,6 +303,10 @@ async fn limit_requests(
     if let Some(Rejected(reason)) = resp.extensions().get::<Rejected>().copied() {
         lim.count(reason);
     }
+    if axum::body::HttpBody::size_hint(resp.body()).exact().is_some() {
+        // In memory already: the slot is given back now, and the length kept.
+        return resp;
+    }
     let (parts, body) = resp.into_parts();
     let body = Body::from_stream(body.into_data_stream().map(move |frame| {
         let _held = &permit;
