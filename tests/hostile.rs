@@ -5,6 +5,10 @@
 //! The cluster is one core (fanout 1) with relay r1 below it and relay r2 below r1, so the
 //! relay that is attacked has a child to keep in sync. The table of attacks and outcomes is
 //! in docs/security.md ("Hostile input").
+//!
+//! Each test's "Caught on" line is what this test binary found against node binaries built
+//! from 8b53228 (main before the fixes), copied over
+//! `target/debug/{canopy,core-node,relay-node}`.
 
 mod common;
 
@@ -200,6 +204,9 @@ async fn connect(ep: &quinn::Endpoint, to: &Proc) -> quinn::Connection {
 
 /// `POST /v1/file/truncate?len=68719476736` (64 GiB, the old default max_len) is refused
 /// with 413 before it is proposed: nothing changes anywhere.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): the truncate was
+/// committed (`left: 200, right: 413`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncate_beyond_max_len_is_refused() {
     let cl = cluster("").await;
@@ -227,6 +234,9 @@ async fn a_truncate_beyond_max_len_is_refused() {
 /// A truncate up to `max_len` (1 GiB here) is taken, and costs no memory and no disk: every
 /// node shares one zero chunk for the extension, the materialized files are sparse, and a
 /// relay that joins afterwards receives the 1 GiB transfer without holding 1 GiB.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): each relay's file
+/// took the whole 1 GiB on disk (`r1 takes 1073745920 bytes on disk`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncate_to_max_len_costs_no_memory_or_disk() {
     let cl = cluster("[stream]\nmax_len = 1073741824\n").await;
@@ -263,6 +273,10 @@ async fn a_truncate_to_max_len_costs_no_memory_or_disk() {
 }
 
 /// A PATCH whose offset puts its end past `max_len` (or past 2^64) is 413, not proposed.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): the core dropped the
+/// connection and the relay answered 503 "may or may not have committed" (`left: 503,
+/// right: 413`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_patch_past_max_len_is_refused() {
     let cl = cluster("").await;
@@ -290,6 +304,9 @@ async fn a_patch_past_max_len_is_refused() {
 
 /// `GET /v1/watch?timeout=NaN` (and other timeouts that are not a number of seconds) is a
 /// 400 with a reason, not a panic that drops the connection.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): the handler panicked
+/// and the connection dropped (`error sending request ... timeout=NaN`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_with_a_nan_timeout_is_a_400() {
     let cl = cluster("").await;
@@ -308,6 +325,9 @@ async fn a_watch_with_a_nan_timeout_is_a_400() {
 
 /// Past `limits.watches` (128) long polls at once, a watch gets 503 with `Retry-After`; the
 /// other requests are still served.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): there was no limit
+/// (`never refused a watch`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_over_the_limit_get_503_with_retry_after() {
     let cl = cluster("").await;
@@ -352,6 +372,9 @@ async fn watches_over_the_limit_get_503_with_retry_after() {
 
 /// A full `GET /v1/file` streams from a snapshot: the relay's peak memory rises by far less
 /// than the 40 MB it sends.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): the body was a copy
+/// of the file (`r1's peak RSS grew by 39911424 bytes for one GET`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_get_streams_without_copying_the_file() {
     let cl = cluster("").await;
@@ -374,6 +397,9 @@ async fn a_full_get_streams_without_copying_the_file() {
 
 /// `Range: bytes=5-2` and other invalid ranges are ignored: 200 with the whole body (RFC
 /// 9110); a valid range past the end is 416.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): `bytes=5-2` was a
+/// 416 (`left: 416, right: 200`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_range_gets_the_whole_body() {
     let cl = cluster("").await;
@@ -413,7 +439,11 @@ const SMALL_WRITES: &str =
 /// Sends `PUT /v1/file` over a raw connection: the head (declaring `declared` bytes, or
 /// chunked), then up to `total` bytes of changing content while the server reads them, and
 /// reads the answer as soon as it comes. Returns the status, the body and the bytes sent.
-async fn raw_put(addr: std::net::SocketAddr, declared: Option<u64>, total: u64) -> (u16, String, u64) {
+async fn raw_put(
+    addr: std::net::SocketAddr,
+    declared: Option<u64>,
+    total: u64,
+) -> (u16, String, u64) {
     use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -464,7 +494,8 @@ async fn raw_put(addr: std::net::SocketAddr, declared: Option<u64>, total: u64) 
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0);
     while buf.len() < end + len {
@@ -480,6 +511,9 @@ async fn raw_put(addr: std::net::SocketAddr, declared: Option<u64>, total: u64) 
 /// A 2 GB PUT to a node whose `max_len` is 1 GiB is refused early: at once when it
 /// declares its length, and after at most `max_update_bytes` (16 MiB here) of changed
 /// content when it does not; the node's peak memory grows by less than 64 MB either way.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): the body was
+/// buffered whole before any check, then 400 (`left: 400, right: 413`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_2gb_put_is_refused_early_with_bounded_memory() {
     let cl = cluster(SMALL_WRITES).await;
@@ -508,6 +542,9 @@ async fn a_2gb_put_is_refused_early_with_bounded_memory() {
 
 /// A proposal over `max_update_bytes` sent straight over QUIC, as a relay forwards one, is
 /// refused like the same write over HTTP: one limit on every path.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): it was committed
+/// (`the proposal was not refused: Some(CommittedVersion(2))`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_proposal_over_max_update_bytes_is_refused() {
     let cl = cluster("[stream]\nmax_update_bytes = 4194304\nmax_frame = 8388608\n").await;
@@ -551,6 +588,9 @@ async fn a_quic_proposal_over_max_update_bytes_is_refused() {
 /// A subscription listing 3 million empty chunk hashes (6 MB on the wire, 100 MB once
 /// decoded) is refused by counting them before decoding: the connection is closed, and the
 /// node's peak memory barely moves.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): it was decoded and
+/// answered (`no answer expected`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_with_millions_of_chunk_hashes_is_refused_before_decoding() {
     let cl = cluster("").await;
@@ -582,6 +622,9 @@ async fn a_subscription_with_millions_of_chunk_hashes_is_refused_before_decoding
 
 /// One peer address opening 40 connections gets at most `limits.connections_per_peer` (32);
 /// the others are refused before the handshake, and other peers are unaffected.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): all were accepted
+/// (`40 connections were accepted`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_peer_address_are_bounded() {
     let cl = cluster("").await;
@@ -608,6 +651,9 @@ async fn connections_per_peer_address_are_bounded() {
 /// A fake parent that answers a subscription with `parent_depth = u32::MAX` is refused at
 /// decode (no depth arithmetic on it) and banned; the relay goes on to the core the fake
 /// parent named, and stays in sync.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): the relay died (`r3
+/// no longer serves /v1/status`): `p.depth + 1` in the overlay overflowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parent_declaring_depth_u32_max_is_refused() {
     let cl = cluster("").await;
@@ -698,6 +744,9 @@ async fn a_parent_declaring_depth_u32_max_is_refused() {
 /// More concurrent writes than a core's proposal queue holds (`limits.proposal_queue = 1`
 /// here): the excess is refused at once with 503 and `Retry-After`, the rest commit, and
 /// the tree stays in sync.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): there was no such
+/// limit; the node refused the `[limits]` section at start (`node c1 did not start`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_beyond_the_proposal_queue_get_503_busy() {
     let cl = cluster("[limits]\nproposal_queue = 1\n").await;
@@ -775,6 +824,9 @@ impl Drop for Mount {
 /// A relay whose `--file` is on a full disk keeps applying and serving its child from
 /// memory, leaves no temporary file, shows `disk_full: true` (and `canopy_disk_full 1`),
 /// and recovers by itself once there is room.
+///
+/// Caught on 8b53228 (node binaries built from main before this work): the full disk was
+/// never reported (`timed out waiting for r1 reports a full disk`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_with_a_full_disk_keeps_serving_and_recovers() {
     let cl = cluster("").await;
