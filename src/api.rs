@@ -5,7 +5,7 @@
 //! `X-Canopy-Root`; errors answer JSON `{"error": ...}` with a fitting status code.
 //! Writes (PUT, PATCH, truncate) and membership changes need `Authorization: Bearer TOKEN`
 //! (checked before any body is read; 401 otherwise); reads (status, file, watch, tree,
-//! metrics) are open.
+//! metrics, the `/ui` page) are open.
 //!
 //! Bounds: every size a request declares is checked before anything is sized by it or
 //! proposed (a `Content-Length` before the body is read, a length or offset against
@@ -65,6 +65,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn tree(&self) -> impl Future<Output = Vec<proto::TreeNode>> + Send;
     /// A core membership change.
     fn admin(&self, admin: proto::Admin) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// The core as `/v1/core/members` shows it: each member with its role and, where the
+    /// backend can ask the members, its health and lag. `None` on a relay.
+    fn core_members(&self) -> impl Future<Output = Option<CoreStatus>> + Send {
+        let core = self.status().core;
+        async move { core }
+    }
 }
 
 /// Why a backend call failed, as far as an HTTP client needs to know.
@@ -129,7 +135,11 @@ pub struct Status {
     pub commit_version: u64,
     pub lag_entries: u64,
     pub lag_seconds: f64,
+    /// The version the `--file` holds (once written), its root, and its path: what a program
+    /// reading the file sees.
     pub file_version: Option<u64>,
+    pub file_root: Option<String>,
+    pub file_path: Option<String>,
     /// The last write of `--file` failed for a full disk: the node keeps applying and
     /// serving from memory, and `file_version` stays behind until a write succeeds.
     pub disk_full: bool,
@@ -173,6 +183,19 @@ pub struct MemberStatus {
     pub name: String,
     pub addr: String,
     pub voter: bool,
+    /// `leader`, `follower` (a voter) or `learner`, as the answering node knows it
+    /// (`/v1/core/members` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// `ok` when the member answered, else why not (`/v1/core/members` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+    /// The version the member shows, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Entries the member is behind the highest commit any answer reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_entries: Option<u64>,
 }
 
 /// How long `?wait=applied` waits for this node to apply a committed write.
@@ -335,6 +358,8 @@ pub fn router<B: Backend>(node: B, token: ApiToken) -> Router {
         .route("/v1/file/truncate", post(truncate_file::<B>))
         .route("/v1/watch", get(watch::<B>))
         .route("/v1/tree", get(tree::<B>))
+        .route("/v1/tree/compact", get(tree_compact::<B>))
+        .route("/ui", get(ui))
         .route(
             "/v1/core/members",
             get(core_members::<B>).post(add_member::<B>),
@@ -405,7 +430,7 @@ async fn metrics() -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::handle().render(),
+        crate::metrics::render(),
     )
         .into_response()
 }
@@ -841,8 +866,63 @@ async fn tree<B: Backend>(State(node): State<B>) -> Response {
     Json(nodes).into_response()
 }
 
+/// The live tree page: one self-contained HTML file (inline script and style, no external
+/// resource), which polls `/v1/tree/compact`.
+pub const UI_HTML: &str = include_str!("ui/tree.html");
+
+async fn ui() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        UI_HTML,
+    )
+        .into_response()
+}
+
+/// The tree as the live page reads it: one array per node, `[name, parent, depth, version,
+/// lag_entries, children, backfill_done, backfill_total]` (the backfill pair `null` where
+/// unknown), plus the node that answered and the highest commit any node reported. About a
+/// third of `/v1/tree`'s size: 1000 nodes are 50-60 KB.
+pub fn compact_tree(
+    me: &str,
+    nodes: &[proto::TreeNode],
+    backfill: Option<(u64, u64)>,
+) -> serde_json::Value {
+    let commit = nodes
+        .iter()
+        .map(|n| n.version + n.lag_entries)
+        .max()
+        .unwrap_or(0);
+    let rows: Vec<serde_json::Value> = nodes
+        .iter()
+        .map(|n| {
+            let bf = backfill.filter(|_| n.name == me);
+            json!([
+                n.name,
+                n.parent,
+                n.depth,
+                n.version,
+                n.lag_entries,
+                n.children,
+                bf.map(|b| b.0),
+                bf.map(|b| b.1)
+            ])
+        })
+        .collect();
+    json!({ "self": me, "commit": commit, "nodes": rows })
+}
+
+async fn tree_compact<B: Backend>(State(node): State<B>) -> Response {
+    let status = node.status();
+    let nodes = node.tree().await;
+    let backfill = status.backfill.map(|b| (b.bytes_done, b.bytes_total));
+    Json(compact_tree(&status.name, &nodes, backfill)).into_response()
+}
+
 async fn core_members<B: Backend>(State(node): State<B>) -> Result<Response, ApiError> {
-    match node.status().core {
+    match node.core_members().await {
         Some(core) => Ok(Json(core).into_response()),
         None => Err(bad_request("this node is not a core node")),
     }
@@ -985,6 +1065,8 @@ mod tests {
                 lag_entries: 0,
                 lag_seconds: 0.0,
                 file_version: None,
+                file_root: None,
+                file_path: None,
                 disk_full: false,
                 core_addrs: vec![],
                 stats: StatsView {
@@ -1175,7 +1257,15 @@ mod tests {
             patch().bearer_auth(TOKEN).send().await.unwrap().status(),
             200
         );
-        for path in ["/v1/status", "/v1/file", "/v1/watch?timeout=0", "/metrics"] {
+        for path in [
+            "/v1/status",
+            "/v1/file",
+            "/v1/watch?timeout=0",
+            "/v1/tree",
+            "/v1/tree/compact",
+            "/ui",
+            "/metrics",
+        ] {
             let r = c.get(format!("{url}{path}")).send().await.unwrap();
             assert_eq!(r.status(), 200, "GET {path}");
         }

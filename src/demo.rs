@@ -18,11 +18,12 @@ use rand_chacha::ChaCha8Rng;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::Backend;
-use crate::config::{NodeConfig, NodeKind, StreamConfig};
+use crate::config::{NodeKind, StreamConfig};
 use crate::consensus::RaftConfig;
 use crate::file::{ApplyOutcome, Op, Update};
+use crate::measure::{parse_duration, parse_size, percentile, start_local_node, LocalNode};
 use crate::node::{now_us, Node};
-use crate::tls::{Identity, Role};
+use crate::tls::Role;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -46,56 +47,13 @@ pub struct DemoArgs {
     pub seed: u64,
 }
 
-/// Parses `50MB`, `8MiB`, `1GB`, `4096` (bytes).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        u => return Err(format!("unknown size unit {u:?}")),
-    };
-    Ok((n * mult) as u64)
-}
-
-/// Parses `20s`, `500ms`, `2m`, `1h`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1e3,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        u => return Err(format!("unknown duration unit {u:?}")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
-
 /// Latency samples (µs) from commit on the core to apply on each relay.
 #[derive(Default)]
 struct Samples(Vec<u64>);
 
 impl Samples {
     fn quantile(sorted: &[u64], q: f64) -> f64 {
-        if sorted.is_empty() {
-            return 0.0;
-        }
-        let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-        sorted[i] as f64 / 1000.0
+        percentile(sorted, q) as f64 / 1000.0
     }
 
     fn summary(&self) -> (f64, f64, f64, usize) {
@@ -136,33 +94,16 @@ async fn start_node(
     kind: NodeKind,
     stream: &StreamConfig,
     shutdown: &CancellationToken,
-) -> anyhow::Result<(Node, std::net::SocketAddr, std::net::SocketAddr)> {
-    let id = Identity::load(&dir.join("tls"), name)?;
-    let endpoint = crate::tls::endpoint("127.0.0.1:0".parse()?, &id, &stream.transport())?;
-    let advertise = endpoint.local_addr()?;
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let api_addr = api.local_addr()?;
-    let cfg = NodeConfig {
-        name: name.to_string(),
-        advertise,
-        data: dir.join("data").join(name),
-        file: None,
+) -> anyhow::Result<LocalNode> {
+    start_local_node(
+        name,
+        &dir.join("tls"),
+        &dir.join("data"),
         kind,
-        stream: stream.clone(),
-        overlay: Default::default(),
-        limits: Default::default(),
-        api_token_file: None,
-        seed: None,
-    };
-    let node = Node::start(
-        cfg,
-        std::sync::Arc::new(id),
-        endpoint,
-        api,
+        stream.clone(),
         shutdown.child_token(),
     )
-    .await?;
-    Ok((node, api_addr, advertise))
+    .await
 }
 
 async fn build_cluster(args: &DemoArgs) -> anyhow::Result<Cluster> {
@@ -176,7 +117,11 @@ async fn build_cluster(args: &DemoArgs) -> anyhow::Result<Cluster> {
     }
     let stream = demo_stream(args.fanout);
     let shutdown = CancellationToken::new();
-    let (core, core_api, core_addr) = start_node(
+    let LocalNode {
+        node: core,
+        api: core_api,
+        quic: core_addr,
+    } = start_node(
         dir.path(),
         "core-0",
         NodeKind::Core {
@@ -217,12 +162,23 @@ fn bar(len: u64, msg: &str) -> ProgressBar {
 }
 
 /// Runs the demo to its summary.
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+/// Runs the demo to its summary; with `json`, the summary is one JSON object on stdout and the
+/// progress lines go to stderr.
+pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
+    macro_rules! say {
+        ($($t:tt)*) => {
+            if json {
+                eprintln!($($t)*)
+            } else {
+                println!($($t)*)
+            }
+        };
+    }
     if args.fanout == 0 || args.rate <= 0.0 {
         bail!("--fanout and --rate must be positive");
     }
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-    println!(
+    say!(
         "canopy demo: 1 core + {} relays, fanout {}, file {}, {} writes/s, seed {}",
         args.relays,
         args.fanout,
@@ -231,9 +187,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.seed
     );
     let mut cluster = build_cluster(&args).await?;
-    println!(
+    say!(
         "core API on http://{} (try: canopy --api {} status)",
-        cluster.core_api, cluster.core_api
+        cluster.core_api,
+        cluster.core_api
     );
 
     let mut content = vec![0u8; args.size as usize];
@@ -253,7 +210,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             other => bail!("loading the file: {other:?}"),
         }
     }
-    println!(
+    say!(
         "loaded {} into the core in {:.2} s (version {version})",
         human_bytes(args.size),
         t.elapsed().as_secs_f64()
@@ -264,7 +221,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stream = demo_stream(args.fanout);
     let core_addr = cluster.core_addr.to_string();
     for i in 0..args.relays {
-        let (node, _, _) = start_node(
+        let node = start_node(
             &dir,
             &format!("relay-{i}"),
             NodeKind::Relay {
@@ -273,7 +230,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             &stream,
             &cluster.shutdown,
         )
-        .await?;
+        .await?
+        .node;
         cluster.relays.push(node);
     }
     let pb = bar(args.relays as u64, "relays holding the file");
@@ -298,7 +256,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     pb.finish();
     let bootstrap = t.elapsed();
-    println!(
+    say!(
         "{} relays hold a verified {} copy after {:.2} s",
         args.relays,
         human_bytes(args.size),
@@ -418,7 +376,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             None => unattached += 1,
         }
     }
-    println!(
+    let summary = format!(
         "summary: {in_sync}/{} relays in sync at version {} root {}; {writes} writes in {:.1} s ({:.1}/s, {errors} failed); \
          propagation commit->applied p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms over {n} samples; \
          bootstrap {:.2} s; moved {} during the load; depths {:?}{}",
@@ -436,6 +394,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             String::new()
         },
     );
+    if json {
+        let doc = serde_json::json!({
+            "relays": cluster.relays.len(),
+            "relays_in_sync": in_sync,
+            "version": core_file.version(),
+            "root": core_file.root_hex(),
+            "writes": writes,
+            "failed_writes": errors,
+            "seconds": elapsed.as_secs_f64(),
+            "propagation_ms": {"p50": p50, "p99": p99, "max": max, "samples": n},
+            "bootstrap_s": bootstrap.as_secs_f64(),
+            "moved_bytes": moved,
+            "depths": depths,
+            "unattached": unattached,
+        });
+        println!("{doc}");
+    } else {
+        println!("{summary}");
+    }
     cluster.shutdown.cancel();
     let mut all = vec![cluster.core.clone()];
     all.extend(cluster.relays.iter().cloned());
@@ -465,21 +442,5 @@ fn demo_stream(fanout: usize) -> StreamConfig {
         fanout,
         fetch_sources: 1,
         ..Default::default()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_and_durations() {
-        assert_eq!(parse_size("50MB"), Ok(50_000_000));
-        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("5XB").is_err());
-        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
     }
 }

@@ -967,6 +967,10 @@ impl Replica {
                 });
                 Ok(vec![Event::Broadcast(frame)])
             }
+            (Upstream::Streaming, Some(Down::Seal(_))) if self.trust.verifier().is_none() => {
+                self.upstream = Upstream::Streaming;
+                Ok(vec![Event::Broadcast(frame)])
+            }
             (Upstream::Streaming, Some(Down::Seal(seal))) => {
                 let Some(u) = self.unsealed.take() else {
                     return Err(unsealed_error(

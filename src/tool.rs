@@ -100,7 +100,8 @@ pub enum Cmd {
     },
     /// Set the file's length (shorter drops the tail, longer pads with zeros).
     Truncate { len: u64 },
-    /// Print the tree below the node, indented (from a core node: the relays attached below it).
+    /// Print the tree as an outline with each node's version, lag and children (from a core
+    /// node: the whole tree, every core member's subtree merged; from a relay: its subtree).
     Tree,
     /// Print a line for every new version the node applies, or run a command on it (--exec).
     Watch(WatchArgs),
@@ -136,7 +137,8 @@ pub struct WatchArgs {
     #[arg(long, value_name = "CMD")]
     pub exec: Option<String>,
     /// The node's materialized copy (its --file), passed as CANOPY_FILE; the command runs
-    /// only once that file holds the version or a newer one.
+    /// only once that file holds the version or a newer one. Default: the file the node
+    /// reports in its status (`file_path`), when it keeps one.
     #[arg(long, requires = "exec")]
     pub file: Option<PathBuf>,
     /// A run starts once the version has stayed the same this long: a burst of writes gives
@@ -161,7 +163,7 @@ pub struct WatchArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum CoreCmd {
-    /// Show the members, the leader and the Raft state.
+    /// Show each member's role, health and lag, the leader and the term.
     Members,
     /// Add a voting member (it must be running with a core certificate).
     Add { name: String, addr: String },

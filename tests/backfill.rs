@@ -131,12 +131,19 @@ async fn a_bad_source_is_detected_and_the_chunk_fetched_elsewhere() {
         .text()
         .await
         .unwrap();
+    // The sender is counted by kind (the parent), its address only logged: bounded labels.
     let line = metrics
         .lines()
-        .find(|l| l.starts_with("canopy_backfill_bad_chunks_total"))
+        .find(|l| {
+            l.starts_with("canopy_backfill_bad_chunks_total") && l.contains("source=\"parent\"")
+        })
         .unwrap_or_else(|| panic!("no bad-chunk counter in\n{metrics}"));
-    assert!(line.contains(&core.quic.to_string()), "{line}");
     assert!(line.ends_with(" 1"), "{line}");
+    assert!(
+        !metrics.contains(&core.quic.to_string()),
+        "an address as a label:\n{metrics}"
+    );
+    assert!(new.log_text().contains(&core.quic.to_string()));
 }
 
 /// (e) `kill -9` in the middle of a 50 MB backfill: on restart the relay finishes, verifies
@@ -307,11 +314,18 @@ async fn a_transfer_draws_on_several_peers_and_drops_a_bad_one() {
     assert!(stats["bad_chunks"].as_u64().unwrap() >= 1, "{stats}");
     let h2 = helpers[1].quic.to_string();
     let text = metrics(&c, &new).await;
-    let line = text
+    let refused: f64 = text
         .lines()
-        .find(|l| l.starts_with("canopy_backfill_bad_chunks_total") && l.contains(&h2))
-        .unwrap_or_else(|| panic!("no bad-chunk counter for h2 ({h2}) in\n{text}"));
-    assert!(!line.ends_with(" 0"), "{line}");
+        .filter(|l| l.starts_with("canopy_backfill_bad_chunks_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(refused >= 1.0, "no bad chunk counted in\n{text}");
+    assert!(
+        new.log_text()
+            .lines()
+            .any(|l| l.contains("refused a chunk") && l.contains(&h2)),
+        "the log names no refused chunk from h2 ({h2})"
+    );
     assert_ne!(s["parent"], "h2");
     let peer_series = text
         .lines()

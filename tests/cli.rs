@@ -125,6 +125,7 @@ async fn put_shows_progress_on_a_terminal_and_one_line_otherwise() {
     let out = Command::new("script")
         .args(["-qec", &line, "/dev/null"])
         .env("COLUMNS", "100")
+        .env("CANOPY_API_TOKEN", TOKEN)
         .output()
         .unwrap();
     let tty = String::from_utf8_lossy(&out.stdout);

@@ -33,8 +33,14 @@ impl Load {
     fn start(apis: Vec<std::net::SocketAddr>, writers: u64) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let acks = Arc::new(Mutex::new(Acks::default()));
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {TOKEN}").parse().unwrap(),
+        );
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
+            .default_headers(headers)
             .build()
             .unwrap();
         let tasks = (0..writers)
@@ -86,19 +92,6 @@ impl Load {
         let mut a = self.acks.lock().unwrap().acked.clone();
         a.sort_by_key(|x| x.1);
         a
-    }
-}
-
-async fn leader_index(c: &reqwest::Client, cores: &[Proc]) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        for (i, p) in cores.iter().enumerate() {
-            if p.is_running() && status(c, p).await.is_some_and(|s| s["role"] == "leader") {
-                return i;
-            }
-        }
-        assert!(Instant::now() < deadline, "no leader within 60 s");
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 

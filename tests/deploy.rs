@@ -203,6 +203,8 @@ async fn example_configs_run_real_nodes() {
             .arg(root.join("c1"))
             .arg("--tls")
             .arg(&pki.tls)
+            .arg("--api-token-file")
+            .arg(&pki.token)
             .stderr(std::fs::File::create(root.join("c1.log")).unwrap())
             .spawn()
             .unwrap(),
@@ -229,6 +231,8 @@ async fn example_configs_run_real_nodes() {
             .arg(root.join("relay"))
             .arg("--tls")
             .arg(&pki.tls)
+            .arg("--api-token-file")
+            .arg(&pki.token)
             .arg("--file")
             .arg(&relay_file)
             .stderr(std::fs::File::create(root.join("relay.log")).unwrap())

@@ -15,45 +15,19 @@
 //!   taken as at most 1.25 x fanout);
 //! - Canopy many / redis many tuned and etcd many: time ratios (for reading only).
 
-use std::path::PathBuf;
-
-use anyhow::{bail, Context};
 use clap::Parser;
 use serde_json::{json, Map, Value};
+
+use canopy_bench::ReportFiles;
 
 #[derive(Parser, Debug)]
 #[command(about = "Fold bootstrap rows into a JSON document and a Markdown table")]
 struct Args {
-    /// File with one JSON row per line.
-    #[arg(long)]
-    results: PathBuf,
-    /// Where to write the JSON document.
-    #[arg(long)]
-    out: PathBuf,
+    #[command(flatten)]
+    files: ReportFiles,
     /// The relays' fan-out (the egress goal, in copies).
     #[arg(long, default_value_t = 8)]
     fanout: u64,
-    /// Machine fact KEY=VALUE (repeat).
-    #[arg(long = "machine", value_parser = parse_kv)]
-    machine: Vec<(String, Value)>,
-    /// Setup fact KEY=VALUE (repeat).
-    #[arg(long = "setup", value_parser = parse_kv)]
-    setup: Vec<(String, Value)>,
-    /// Also write the Markdown to this file.
-    #[arg(long)]
-    markdown: Option<PathBuf>,
-}
-
-fn parse_kv(s: &str) -> Result<(String, Value), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
-    let v = v.trim();
-    let value = match serde_json::from_str::<Value>(v) {
-        Ok(j) if !j.is_string() => j,
-        _ => Value::String(v.to_string()),
-    };
-    Ok((k.to_string(), value))
 }
 
 fn median(mut xs: Vec<f64>) -> Option<f64> {
@@ -380,16 +354,9 @@ fn comparisons(groups: &[Group], sums: &[Value], fanout: u64) -> (String, Vec<Va
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let text = std::fs::read_to_string(&args.results)
-        .with_context(|| format!("reading {}", args.results.display()))?;
+    let all = args.files.rows()?;
     let mut groups: Vec<Group> = Vec::new();
-    let mut all = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(line)
-            .with_context(|| format!("{} line {}: not JSON", args.results.display(), n + 1))?;
+    for v in &all {
         let key = |k: &str| v[k].as_str().unwrap_or("").to_string();
         let (sc, sy, va) = (key("scenario"), key("system"), key("variant"));
         match groups
@@ -404,26 +371,10 @@ fn main() -> anyhow::Result<()> {
                 rows: vec![v.clone()],
             }),
         }
-        all.push(v);
-    }
-    if all.is_empty() {
-        bail!("no rows in {}", args.results.display());
     }
     let sums: Vec<Value> = groups.iter().map(Group::summary).collect();
     let (cmp_text, cmp) = comparisons(&groups, &sums, args.fanout);
-    let doc = json!({
-        "machine": Value::Object(args.machine.into_iter().collect()),
-        "setup": Value::Object(args.setup.into_iter().collect()),
-        "summary": sums,
-        "comparison": cmp,
-        "rounds": all,
-    });
-    std::fs::write(&args.out, serde_json::to_string_pretty(&doc)? + "\n")
-        .with_context(|| format!("writing {}", args.out.display()))?;
     let md = format!("{}\n{}", table(&sums), cmp_text);
-    print!("{md}");
-    if let Some(p) = &args.markdown {
-        std::fs::write(p, &md).with_context(|| format!("writing {}", p.display()))?;
-    }
-    Ok(())
+    let doc = json!({ "summary": sums, "comparison": cmp, "rounds": all });
+    args.files.write(doc, &md)
 }

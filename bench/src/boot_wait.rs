@@ -40,6 +40,9 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
 
+use canopy::measure::{metric_sum, parse_duration, percentile};
+use canopy_bench::cpu_seconds;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Kind {
     Canopy,
@@ -70,10 +73,10 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     ready_port: u16,
     /// Poll interval, e.g. 5ms.
-    #[arg(long, default_value = "5ms", value_parser = parse_ms)]
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
     poll: Duration,
     /// Give up after this long.
-    #[arg(long, default_value = "300s", value_parser = parse_ms)]
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
     timeout: Duration,
     /// Canopy: the core's API (expected version and root; egress counters).
     #[arg(long)]
@@ -115,21 +118,6 @@ struct Args {
     /// The command template.
     #[arg(last = true, required = true)]
     cmd: Vec<String>,
-}
-
-fn parse_ms(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let i = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let n: f64 = s[..i].parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match &s[i..] {
-        "ms" => n / 1e3,
-        "s" | "" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("bad duration unit in {s:?} (ms, s, m)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -243,13 +231,19 @@ impl Conn {
         r
     }
 
-    fn redis_inner(&mut self, args: &[&str]) -> anyhow::Result<String> {
+    /// Sends one RESP command; the connection to read its reply from.
+    fn redis_send(&mut self, args: &[&str]) -> anyhow::Result<&mut BufReader<TcpStream>> {
         let s = self.stream()?;
         let mut cmd = format!("*{}\r\n", args.len());
         for a in args {
             cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
         }
         s.get_mut().write_all(cmd.as_bytes())?;
+        Ok(s)
+    }
+
+    fn redis_inner(&mut self, args: &[&str]) -> anyhow::Result<String> {
+        let s = self.redis_send(args)?;
         let mut line = String::new();
         if s.read_line(&mut line)? == 0 {
             bail!("connection closed");
@@ -274,12 +268,7 @@ impl Conn {
 
     /// GETRANGE as raw bytes (values are binary).
     fn redis_bytes(&mut self, args: &[&str]) -> anyhow::Result<Vec<u8>> {
-        let s = self.stream()?;
-        let mut cmd = format!("*{}\r\n", args.len());
-        for a in args {
-            cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        s.get_mut().write_all(cmd.as_bytes())?;
+        let s = self.redis_send(args)?;
         let mut line = String::new();
         s.read_line(&mut line)?;
         let l = line.trim_end();
@@ -298,17 +287,6 @@ fn info_field(info: &str, name: &str) -> Option<String> {
     info.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .map(|v| v.trim().to_string())
-}
-
-/// Sum of every series of `name` in Prometheus text.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn addr(s: &str) -> anyhow::Result<SocketAddr> {
@@ -449,28 +427,6 @@ impl Drop for Guard {
     }
 }
 
-fn cpu_seconds_self() -> f64 {
-    cpu_seconds("self")
-}
-
-/// utime + stime of a process (all its threads) plus that of its reaped children (a Redis
-/// master's fork), from /proc/PID/stat (100 Hz clock ticks).
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12) + t(13) + t(14)) / 100.0
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.log_dir)?;
@@ -534,8 +490,8 @@ fn main() -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let cpu0 = cpu_seconds_self();
-    let source_cpu0 = args.source_pid.map(|p| cpu_seconds(&p.to_string()));
+    let cpu0 = cpu_seconds("self");
+    let source_cpu0 = args.source_pid.map(cpu_seconds);
     let start = Instant::now();
     let mut guard = Guard(Vec::with_capacity(args.count), args.pidfile.clone());
     for i in 0..args.count {
@@ -618,7 +574,7 @@ fn main() -> anyhow::Result<()> {
                 };
                 let now = start.elapsed();
                 if ready {
-                    let cpu = cpu_seconds(&pid.to_string());
+                    let cpu = cpu_seconds(pid);
                     return Some(Ready {
                         at: now,
                         gap: now - last,
@@ -679,18 +635,18 @@ fn main() -> anyhow::Result<()> {
         .filter_map(|i| i.ready_at)
         .max()
         .unwrap_or_default();
-    let poll_cpu = cpu_seconds_self() - cpu0;
+    let poll_cpu = cpu_seconds("self") - cpu0;
     let source_cpu = args
         .source_pid
         .zip(source_cpu0)
-        .map(|(p, c0)| cpu_seconds(&p.to_string()) - c0);
+        .map(|(p, c0)| cpu_seconds(p) - c0);
     // CPU of every instance when the last one is ready (a relay that finished early and then
     // served children is counted in full), and summed at each one's own ready time.
     let instances_cpu: f64 = guard
         .0
         .iter()
         .filter_map(|i| i.child.as_ref())
-        .map(|c| cpu_seconds(&c.id().to_string()))
+        .map(|c| cpu_seconds(c.id()))
         .sum();
     let instances_cpu_at_ready: f64 = guard.0.iter().map(|i| i.cpu_at_ready).sum();
 

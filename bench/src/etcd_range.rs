@@ -15,10 +15,8 @@
 
 // Only the URL helpers are used here, not the watch framing.
 #[allow(dead_code)]
-#[path = "etcd_gateway.rs"]
-mod etcd_gateway;
-
-use etcd_gateway::{base, prefix_end};
+use canopy_bench::cpu_seconds;
+use canopy_bench::etcd_gateway::{base, prefix_end};
 
 use std::time::{Duration, Instant};
 
@@ -187,21 +185,10 @@ async fn read_all(args: Args, start: Instant) -> anyhow::Result<ReadResult> {
 
 async fn grpc_sent_bytes(url: &str) -> Option<f64> {
     let text = reqwest::get(url).await.ok()?.text().await.ok()?;
-    let sum: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("etcd_network_client_grpc_sent_bytes_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    Some(sum)
-}
-
-/// utime + stime (every thread) of a process, at 100 Hz.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
+    Some(canopy::measure::metric_sum(
+        &text,
+        "etcd_network_client_grpc_sent_bytes_total",
+    ))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -213,7 +200,7 @@ async fn read(args: &Args) -> anyhow::Result<()> {
         Some(u) => grpc_sent_bytes(u).await,
         None => None,
     };
-    let source_cpu0 = args.source_pid.map(|p| cpu_seconds(&p.to_string()));
+    let source_cpu0 = args.source_pid.map(cpu_seconds);
     let cpu0 = cpu_seconds("self");
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -229,7 +216,7 @@ async fn read(args: &Args) -> anyhow::Result<()> {
     let source_cpu = args
         .source_pid
         .zip(source_cpu0)
-        .map(|(p, c0)| ((cpu_seconds(&p.to_string()) - c0) * 100.0).round() / 100.0);
+        .map(|(p, c0)| ((cpu_seconds(p) - c0) * 100.0).round() / 100.0);
     let after = match &args.metrics {
         Some(u) => grpc_sent_bytes(u).await,
         None => None,

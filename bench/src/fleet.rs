@@ -17,16 +17,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine;
 use clap::Parser;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-#[path = "etcd_gateway.rs"]
-mod etcd_gateway;
-#[path = "relay.rs"]
-mod relay;
+use canopy_bench::{cpu_seconds, etcd_gateway};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Kind {
@@ -47,15 +42,8 @@ struct Args {
     /// Canopy: the core nodes' QUIC addresses, comma-separated (the relays' --join).
     #[arg(long, default_value = "")]
     core_quic: String,
-    /// Canopy: the cluster CA directory (relay certificates are issued from it).
-    #[arg(long)]
-    ca: Option<std::path::PathBuf>,
-    /// Canopy: where the relays' certificates go.
-    #[arg(long)]
-    tls: Option<std::path::PathBuf>,
-    /// Canopy: the relays' data directories go under this one.
-    #[arg(long)]
-    data: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    relays: canopy_bench::RelayFiles,
     /// etcd: the gateway endpoints, comma-separated.
     #[arg(long, default_value = "")]
     endpoints: String,
@@ -67,17 +55,6 @@ struct Args {
     timeout_s: u64,
 }
 
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|i| f.get(*i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    ticks / 100.0
-}
-
 async fn canopy_relay(
     name: String,
     tls: std::path::PathBuf,
@@ -86,8 +63,11 @@ async fn canopy_relay(
     pos: Arc<AtomicU64>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
+    let kind = canopy::config::NodeKind::Relay { join };
     let stream = canopy::config::StreamConfig::default();
-    let node = relay::start(&name, &tls, &data, join, stream, shutdown).await?;
+    let node = canopy::measure::start_local_node(&name, &tls, &data, kind, stream, shutdown)
+        .await?
+        .node;
     let mut rx = node.applied();
     loop {
         let (v, _) = *rx.borrow_and_update();
@@ -107,16 +87,7 @@ async fn etcd_watcher(
     prefix: String,
     pos: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
-    let body = json!({"create_request": {
-        "key": B64.encode(prefix.as_bytes()),
-        "range_end": B64.encode(etcd_gateway::prefix_end(prefix.as_bytes())),
-    }});
-    let mut resp = client
-        .post(format!("{url}/v3/watch"))
-        .json(&body)
-        .send()
-        .await?
-        .error_for_status()?;
+    let mut resp = etcd_gateway::open_watch(&client, &url, &prefix).await?;
     let mut buf: Vec<u8> = Vec::new();
     while let Some(chunk) = resp.chunk().await? {
         buf.extend_from_slice(&chunk);
@@ -175,12 +146,6 @@ async fn main() -> anyhow::Result<()> {
     let mut subs = tokio::task::JoinSet::new();
     match args.kind {
         Kind::Canopy => {
-            let ca = args.ca.clone().ok_or_else(|| anyhow!("--ca is needed"))?;
-            let tls = args.tls.clone().ok_or_else(|| anyhow!("--tls is needed"))?;
-            let data = args
-                .data
-                .clone()
-                .ok_or_else(|| anyhow!("--data is needed"))?;
             let join: Vec<String> = args
                 .core_quic
                 .split(',')
@@ -188,11 +153,7 @@ async fn main() -> anyhow::Result<()> {
                 .map(str::to_string)
                 .collect();
             anyhow::ensure!(!join.is_empty(), "--core-quic is needed");
-            // Every certificate first: issuing one rewrites the directory's CA file, which
-            // a relay starting meanwhile would read half written.
-            for i in 0..n {
-                canopy::tls::cert_issue(&ca, &format!("fleet{i}"), canopy::tls::Role::Relay, &tls)?;
-            }
+            let (tls, data) = args.relays.issue("fleet", n)?;
             for (i, p) in pos.iter().enumerate() {
                 let name = format!("fleet{i}");
                 subs.spawn(canopy_relay(
@@ -265,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
             "target": target,
             "caught_up_ms": caught.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
             "slowest": slowest(&pos),
-            "cpu_s": cpu_seconds(),
+            "cpu_s": cpu_seconds("self"),
         });
         out.write_all(format!("{reply}\n").as_bytes()).await?;
         out.flush().await?;

@@ -27,6 +27,8 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
+use canopy::measure::parse_duration;
+
 /// Bytes of file reserved per client (Canopy target).
 const CLIENT_SPAN: u64 = 4096;
 /// Slots per client; a slot is `SLOT` bytes.
@@ -92,27 +94,6 @@ struct Args {
     /// Print one JSON object on stdout (the human summary goes to stderr).
     #[arg(long)]
     json: bool,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?} (e.g. 10s, 500ms, 1m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("bad duration unit in {s:?} (ms, s or m)")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("bad duration {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn normalize(ep: &str) -> String {
@@ -304,12 +285,7 @@ async fn run_client(sh: Arc<Shared>, client: usize) -> ClientResult {
 
 /// Nearest-rank percentile of sorted values, in ms.
 fn pct_ms(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    let idx = rank.clamp(1, sorted.len()) - 1;
-    sorted[idx] as f64 / 1000.0
+    canopy::measure::percentile(sorted, p / 100.0) as f64 / 1000.0
 }
 
 fn round3(x: f64) -> f64 {
@@ -537,15 +513,6 @@ async fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("3h").is_err());
-    }
 
     #[test]
     fn percentiles() {

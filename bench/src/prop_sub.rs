@@ -39,12 +39,9 @@
 //! One JSON object on stdout with `--json` (with `last_ms`: every complete write's last-subscriber
 //! latency in write order, for plots), a summary on stderr.
 
-#[path = "etcd_gateway.rs"]
-mod etcd_gateway;
-#[path = "relay.rs"]
-mod relay;
-
-use etcd_gateway::{base, prefix_end};
+use canopy::measure::percentile;
+use canopy_bench::cpu_seconds;
+use canopy_bench::etcd_gateway::{self, base};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -114,15 +111,8 @@ struct Args {
     /// Canopy: the core's QUIC address, relays join it.
     #[arg(long)]
     core_quic: Option<String>,
-    /// Canopy: the CA directory (`canopy ca init`), to issue the relays' certificates.
-    #[arg(long)]
-    ca: Option<std::path::PathBuf>,
-    /// Canopy: the TLS directory (holds `ca.pem`); relay certificates are written here.
-    #[arg(long)]
-    tls: Option<std::path::PathBuf>,
-    /// Canopy: the relays' data directories go under this one.
-    #[arg(long)]
-    data: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    relays: canopy_bench::RelayFiles,
     /// Canopy: the file's length, writes go to offsets below it.
     #[arg(long, default_value_t = 1_000_000)]
     file_size: u64,
@@ -164,14 +154,6 @@ impl Shared {
     }
 }
 
-fn cpu_seconds(pid: impl std::fmt::Display) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
-}
-
 /// Non-empty, trimmed lines of a file (endpoint and pid lists).
 fn read_lines(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
@@ -189,11 +171,7 @@ fn ms3(ns: u64) -> f64 {
 }
 
 fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    ms3(sorted[i])
+    ms3(percentile(sorted, q))
 }
 
 fn payload(seq: usize, size: usize) -> Vec<u8> {
@@ -216,16 +194,7 @@ async fn etcd_watcher(
     shared: Arc<Shared>,
     me: usize,
 ) -> anyhow::Result<()> {
-    let body = json!({"create_request": {
-        "key": B64.encode(prefix.as_bytes()),
-        "range_end": B64.encode(prefix_end(prefix.as_bytes())),
-    }});
-    let mut resp = client
-        .post(format!("{url}/v3/watch"))
-        .json(&body)
-        .send()
-        .await?
-        .error_for_status()?;
+    let mut resp = etcd_gateway::open_watch(&client, &url, &prefix).await?;
     let mut buf: Vec<u8> = Vec::new();
     while let Some(chunk) = resp.chunk().await? {
         let t = shared.now_ns();
@@ -283,12 +252,7 @@ async fn etcd_put(
 
 async fn metric_sum(url: &str, name: &str) -> Option<f64> {
     let text = reqwest::get(url).await.ok()?.text().await.ok()?;
-    Some(
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
+    Some(canopy::measure::metric_sum(&text, name))
 }
 
 // ---------------------------------------------------------------- Redis (plain RESP)
@@ -484,7 +448,12 @@ async fn canopy_relay(
         fanout,
         ..Default::default()
     };
-    let node = relay::start(&name, &tls, &data, vec![core_quic], stream, shutdown).await?;
+    let kind = canopy::config::NodeKind::Relay {
+        join: vec![core_quic],
+    };
+    let node = canopy::measure::start_local_node(&name, &tls, &data, kind, stream, shutdown)
+        .await?
+        .node;
     let mut rx = node.applied();
     let mut ready = false;
     loop {
@@ -579,15 +548,9 @@ async fn main() -> anyhow::Result<()> {
     let mut subs = tokio::task::JoinSet::new();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut v0 = 0;
+    let mut relay_dirs = Default::default();
     if args.kind == Kind::Canopy {
-        let ca = args.ca.as_ref().ok_or_else(|| anyhow!("--ca is needed"))?;
-        let tls = args
-            .tls
-            .as_ref()
-            .ok_or_else(|| anyhow!("--tls is needed"))?;
-        for i in 0..n {
-            canopy::tls::cert_issue(ca, &format!("ps{i}"), canopy::tls::Role::Relay, tls)?;
-        }
+        relay_dirs = args.relays.issue("ps", n)?;
         v0 = canopy_version(&http, &url).await?;
     }
     let write_version: Vec<AtomicU64> =
@@ -622,10 +585,8 @@ async fn main() -> anyhow::Result<()> {
             Kind::Canopy => {
                 subs.spawn(canopy_relay(
                     format!("ps{me}"),
-                    args.tls.clone().unwrap_or_default(),
-                    args.data
-                        .clone()
-                        .ok_or_else(|| anyhow!("--data is needed"))?,
+                    relay_dirs.0.clone(),
+                    relay_dirs.1.clone(),
                     args.core_quic
                         .clone()
                         .ok_or_else(|| anyhow!("--core-quic is needed"))?,
@@ -978,7 +939,6 @@ mod tests {
         assert!(parse_resp(&msg[..20], 0).unwrap().is_none());
         assert_eq!(parse_seq(&payload(42, 100)), Some(42));
         assert_eq!(payload(42, 100).len(), 100);
-        assert_eq!(prefix_end(b"a/"), b"a0".to_vec());
         assert_eq!(keyspace_channel("k"), "__keyspace@0__:k");
         assert_eq!(ms3(1_234_567), 1.235);
     }

@@ -35,6 +35,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use canopy::config::StreamConfig;
 use canopy::file::ChunkedFile;
+use canopy::measure::parse_size;
 use canopy::proto::{self, downstream::Kind as Down};
 use canopy::replica::{snapshot_frames_below, Event, Replica};
 use canopy::tls::{self, Identity, Role};
@@ -43,6 +44,8 @@ use clap::{Parser, ValueEnum};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
+
+use canopy_bench::cpu_seconds;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Transport {
@@ -106,31 +109,6 @@ struct Args {
     /// Print one JSON object per round on stdout.
     #[arg(long)]
     json: bool,
-}
-
-/// Parses `50MB` (10^6), `64KiB` (2^10), `1GB`, or plain bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let i = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = (&s[..i], s[i..].trim());
-    let n: f64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mult = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        _ => {
-            return Err(format!(
-                "bad size unit in {s:?} (B, KB, MB, GB, KiB, MiB, GiB)"
-            ))
-        }
-    };
-    Ok((n * mult).round() as u64)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -298,15 +276,6 @@ async fn one_round(
     })
 }
 
-/// CPU seconds (user + system, every thread) this process has used, at 100 Hz.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
-}
-
 fn certs(dir: &Path) -> anyhow::Result<(Identity, Identity)> {
     let ca = dir.join("ca");
     let nodes = dir.join("tls");
@@ -356,7 +325,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let mut totals = Vec::new();
     for round in args.first_round..args.first_round + args.rounds {
-        let cpu0 = cpu_seconds();
+        let cpu0 = cpu_seconds("self");
         let r = rt.block_on(one_round(
             round,
             &server_id,
@@ -365,7 +334,7 @@ fn main() -> anyhow::Result<()> {
             &data,
             file.as_ref(),
         ))?;
-        let cpu = cpu_seconds() - cpu0;
+        let cpu = cpu_seconds("self") - cpu0;
         let mb_s = r.received as f64 / 1e6 / r.total.as_secs_f64();
         let transfer = r.total.saturating_sub(r.handshake);
         eprintln!(

@@ -6,42 +6,17 @@
 //! that uses the most endpoints with the etcd rows that use the most endpoints.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
-use anyhow::{bail, Context};
 use clap::Parser;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
+
+use canopy_bench::ReportFiles;
 
 #[derive(Parser, Debug)]
 #[command(about = "Fold loadgen --json rows into a JSON document and a Markdown table")]
 struct Args {
-    /// File with one loadgen JSON object per line.
-    #[arg(long)]
-    results: PathBuf,
-    /// Where to write the JSON document.
-    #[arg(long)]
-    out: PathBuf,
-    /// Machine fact KEY=VALUE (repeat).
-    #[arg(long = "machine", value_parser = parse_kv)]
-    machine: Vec<(String, Value)>,
-    /// Setup fact KEY=VALUE (repeat).
-    #[arg(long = "setup", value_parser = parse_kv)]
-    setup: Vec<(String, Value)>,
-    /// Also write the Markdown (table + comparison) to this file.
-    #[arg(long)]
-    markdown: Option<PathBuf>,
-}
-
-fn parse_kv(s: &str) -> Result<(String, Value), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
-    let v = v.trim();
-    let value = match serde_json::from_str::<Value>(v) {
-        Ok(j) if !j.is_string() => j,
-        _ => Value::String(v.to_string()),
-    };
-    Ok((k.to_string(), value))
+    #[command(flatten)]
+    files: ReportFiles,
 }
 
 fn num(v: &Value, k: &str) -> f64 {
@@ -129,33 +104,9 @@ fn comparisons(rows: &[Value]) -> (String, Vec<Value>) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let text = std::fs::read_to_string(&args.results)
-        .with_context(|| format!("reading {}", args.results.display()))?;
-    let mut rows = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(line)
-            .with_context(|| format!("{} line {}: not JSON", args.results.display(), n + 1))?;
-        rows.push(v);
-    }
-    if rows.is_empty() {
-        bail!("no result rows in {}", args.results.display());
-    }
+    let rows = args.files.rows()?;
     let (cmp_text, cmp) = comparisons(&rows);
-    let doc = json!({
-        "machine": Value::Object(args.machine.into_iter().collect::<Map<_, _>>()),
-        "setup": Value::Object(args.setup.into_iter().collect::<Map<_, _>>()),
-        "results": rows,
-        "comparison": cmp,
-    });
-    std::fs::write(&args.out, serde_json::to_string_pretty(&doc)? + "\n")
-        .with_context(|| format!("writing {}", args.out.display()))?;
     let md = format!("{}\n{}", table(&rows), cmp_text);
-    print!("{md}");
-    if let Some(p) = &args.markdown {
-        std::fs::write(p, &md).with_context(|| format!("writing {}", p.display()))?;
-    }
-    Ok(())
+    let doc = json!({ "results": rows, "comparison": cmp });
+    args.files.write(doc, &md)
 }

@@ -291,7 +291,7 @@ async fn run(cli: Cli, api_defaulted: bool) -> Result<u8> {
         Cmd::Completions { shell } => {
             canopy::tool::write_completions(shell, &mut std::io::stdout().lock());
         }
-        Cmd::Demo(args) => canopy::demo::run(args)
+        Cmd::Demo(args) => canopy::demo::run(args, json_out)
             .await
             .map_err(|e| CliError::new(exit::FAILURE, format!("{e:#}")))?,
         _ => {
@@ -364,7 +364,12 @@ async fn run_api(api: &Api, cmd: Cmd, json_out: bool) -> Result<u8> {
                     &format!("/v1/core/members/{name}?force={force}"),
                 ),
             };
-            print_json(&api.json(req).await?, !json_out);
+            let v = api.json(req).await?;
+            if json_out {
+                print_json(&v, false);
+            } else {
+                emit(format_args!("{}", render_members(&v)));
+            }
         }
         Cmd::Tree => {
             let v = api.json(api.get("/v1/tree")).await?;
@@ -746,7 +751,15 @@ async fn watch(api: &Api, args: WatchArgs, json_out: bool) -> Result<u8> {
         retry_delay: args.retry_delay,
         once: args.once,
     };
-    let file = args.file.map(|f| std::path::absolute(&f).unwrap_or(f));
+    // Without --file, the node's own --file (as its status names it) is the file to wait for.
+    let file = args
+        .file
+        .or_else(|| {
+            first.as_ref().ok()?["file_path"]
+                .as_str()
+                .map(std::path::PathBuf::from)
+        })
+        .map(|f| std::path::absolute(&f).unwrap_or(f));
     let command = canopy::watch::Command {
         shell: shell.clone(),
         file: file.clone(),
@@ -764,7 +777,8 @@ async fn watch(api: &Api, args: WatchArgs, json_out: bool) -> Result<u8> {
     Ok(u8::try_from(code).unwrap_or(exit::FAILURE))
 }
 
-/// Indented text of a tree given as a flat list of nodes with `name` and `parent`.
+/// A `pstree`-like outline of a tree given as a flat list of nodes with `name` and `parent`:
+/// one line per node with its version, lag and children, roots (the core members) first.
 fn render_tree(nodes: &[Value]) -> String {
     use std::collections::BTreeMap;
     use std::fmt::Write as _;
@@ -780,27 +794,105 @@ fn render_tree(nodes: &[Value]) -> String {
             kids.entry(parent).or_default().push(n);
         }
     }
-    fn walk(out: &mut String, n: &Value, kids: &BTreeMap<&str, Vec<&Value>>, indent: usize) {
+    let name_of = |n: &&Value| n["name"].as_str().unwrap_or("").to_string();
+    roots.sort_by_key(name_of);
+    for list in kids.values_mut() {
+        list.sort_by_key(name_of);
+    }
+    fn walk(
+        out: &mut String,
+        n: &Value,
+        kids: &BTreeMap<&str, Vec<&Value>>,
+        prefix: &str,
+        branch: &str,
+        seen: &mut std::collections::BTreeSet<String>,
+    ) {
         let name = n["name"].as_str().unwrap_or("?");
+        let children = n["children"].as_u64().unwrap_or(0);
         let _ = writeln!(
             out,
-            "{:indent$}{name} (depth {}, version {}, lag {}, {} children) {}",
-            "",
-            n["depth"],
+            "{prefix}{branch}{name}  v{} lag {} {} {}",
             n["version"],
             n["lag_entries"],
-            n["children"],
-            n["addr"].as_str().unwrap_or(""),
-            indent = indent * 2
+            children,
+            if children == 1 { "child" } else { "children" },
         );
-        for k in kids.get(name).map(|v| v.as_slice()).unwrap_or(&[]) {
-            walk(out, k, kids, indent + 1);
+        if !seen.insert(name.to_string()) {
+            return;
+        }
+        let list = kids.get(name).map(|v| v.as_slice()).unwrap_or(&[]);
+        let next = match branch {
+            "" => String::new(),
+            "└─ " => format!("{prefix}   "),
+            _ => format!("{prefix}│  "),
+        };
+        for (i, k) in list.iter().enumerate() {
+            let b = if i + 1 == list.len() {
+                "└─ "
+            } else {
+                "├─ "
+            };
+            walk(out, k, kids, &next, b, seen);
         }
     }
     let mut out = String::new();
-    for r in roots {
-        walk(&mut out, r, &kids, 0);
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &roots {
+        walk(&mut out, r, &kids, "", "", &mut seen);
     }
-    let _ = writeln!(out, "{} nodes", nodes.len());
+    let depth = nodes
+        .iter()
+        .filter_map(|n| n["depth"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let _ = writeln!(out, "{} nodes, max depth {depth}", nodes.len());
+    out
+}
+
+/// The core's members as a table: name, role, health, version, lag, address.
+fn render_members(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "ROLE".into(),
+        "HEALTH".into(),
+        "VERSION".into(),
+        "LAG".into(),
+        "ADDR".into(),
+    ]];
+    let text = |v: &Value| match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    for m in v["members"].as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+        rows.push([
+            text(&m["name"]),
+            text(&m["role"]),
+            text(&m["health"]),
+            text(&m["version"]),
+            text(&m["lag_entries"]),
+            text(&m["addr"]),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    let _ = writeln!(
+        out,
+        "term {}, leader {}, commit index {} (as the answering node knows it)",
+        v["term"],
+        v["leader"].as_str().unwrap_or("none"),
+        v["commit_index"]
+    );
     out
 }

@@ -732,9 +732,20 @@ fn error_reply(e: String) -> proto::RaftReply {
 impl Core {
     /// Serve one Raft RPC from a peer: decode it, hand it to openraft, and encode the answer.
     /// Malformed input is answered with `RaftReply{error}`.
-    pub async fn handle_rpc(&self, rpc: proto::RaftRpc) -> proto::RaftReply {
+    /// `from` is the node id of the name in the sender's certificate: an RPC that speaks for
+    /// another node (as leader, candidate or heartbeat sender) is refused.
+    pub async fn handle_rpc(&self, rpc: proto::RaftRpc, from: NodeId) -> proto::RaftReply {
+        let impostor = |claimed: NodeId| {
+            error_reply(format!(
+                "the rpc speaks for node {claimed}, but the sender's certificate is node {from}"
+            ))
+        };
+        let speaks_for = |vote: &openraft::Vote<NodeId>| vote.leader_id().voted_for();
         match rpc.kind {
             Some(raft_rpc::Kind::AppendEntries(ae)) => match decode_append_entries(ae) {
+                Ok(req) if speaks_for(&req.vote).is_some_and(|id| id != from) => {
+                    impostor(speaks_for(&req.vote).unwrap_or_default())
+                }
                 Ok(req) => {
                     self.heard(&req.vote);
                     reply(self.raft.append_entries(req).await)
@@ -743,6 +754,9 @@ impl Core {
             },
             Some(raft_rpc::Kind::VoteJson(json)) => {
                 match from_json::<VoteRequest<NodeId>>("vote request", &json) {
+                    Ok(req) if speaks_for(&req.vote).is_some_and(|id| id != from) => {
+                        impostor(speaks_for(&req.vote).unwrap_or_default())
+                    }
                     Ok(req) => reply(self.raft.vote(req).await),
                     Err(e) => error_reply(e),
                 }
@@ -752,6 +766,9 @@ impl Core {
                     Ok(req) => req,
                     Err(e) => return error_reply(e),
                 };
+                if let Some(id) = speaks_for(&req.vote).filter(|id| *id != from) {
+                    return impostor(id);
+                }
                 self.heard(&req.vote);
                 let id = req.meta.snapshot_id.clone();
                 let end = req.offset + req.data.len() as u64;
@@ -769,6 +786,7 @@ impl Core {
             }
             Some(raft_rpc::Kind::PreVoteJson(json)) => {
                 match from_json::<PreVoteRequest>("pre-vote request", &json) {
+                    Ok(req) if req.candidate != from => impostor(req.candidate),
                     Ok(req) => {
                         let last = *self.last_log_id.lock().unwrap_or_else(|e| e.into_inner());
                         let resp = election::answer_pre_vote(
@@ -785,6 +803,9 @@ impl Core {
             }
             Some(raft_rpc::Kind::HeartbeatJson(json)) => {
                 match from_json::<Heartbeat>("heartbeat", &json) {
+                    Ok(beat) if speaks_for(&beat.vote).is_some_and(|id| id != from) => {
+                        impostor(speaks_for(&beat.vote).unwrap_or_default())
+                    }
                     Ok(beat) => {
                         let vote = self.heard(&beat.vote);
                         reply(Ok::<_, ()>(HeartbeatResponse { vote }))

@@ -475,10 +475,10 @@ async fn handle_rpc_answers_malformed_input_with_an_error() {
     let is_error = |r: proto::RaftReply| matches!(r.kind, Some(proto::raft_reply::Kind::Error(_)));
     let rpc = |kind| proto::RaftRpc { kind: Some(kind) };
     assert!(is_error(
-        core.handle_rpc(proto::RaftRpc { kind: None }).await
+        core.handle_rpc(proto::RaftRpc { kind: None }, 7).await
     ));
     assert!(is_error(
-        core.handle_rpc(rpc(proto::raft_rpc::Kind::VoteJson("{".into())))
+        core.handle_rpc(rpc(proto::raft_rpc::Kind::VoteJson("{".into())), 7)
             .await
     ));
     let vote = serde_json::to_string(&openraft::Vote::new_committed(1, 7u64)).unwrap();
@@ -494,7 +494,7 @@ async fn handle_rpc_answers_malformed_input_with_an_error() {
         }],
     };
     assert!(is_error(
-        core.handle_rpc(rpc(proto::raft_rpc::Kind::AppendEntries(bad_entries)))
+        core.handle_rpc(rpc(proto::raft_rpc::Kind::AppendEntries(bad_entries)), 7)
             .await
     ));
     let bad_snapshot = proto::InstallSnapshot {
@@ -505,7 +505,7 @@ async fn handle_rpc_answers_malformed_input_with_an_error() {
         done: true,
     };
     assert!(is_error(
-        core.handle_rpc(rpc(proto::raft_rpc::Kind::InstallSnapshot(bad_snapshot)))
+        core.handle_rpc(rpc(proto::raft_rpc::Kind::InstallSnapshot(bad_snapshot)), 7)
             .await
     ));
     let stale = openraft::raft::VoteRequest::<NodeId> {
@@ -513,9 +513,12 @@ async fn handle_rpc_answers_malformed_input_with_an_error() {
         last_log_id: None,
     };
     let reply = core
-        .handle_rpc(rpc(proto::raft_rpc::Kind::VoteJson(
-            serde_json::to_string(&stale).unwrap(),
-        )))
+        .handle_rpc(
+            rpc(proto::raft_rpc::Kind::VoteJson(
+                serde_json::to_string(&stale).unwrap(),
+            )),
+            7,
+        )
         .await;
     let Some(proto::raft_reply::Kind::OkJson(json)) = reply.kind else {
         panic!("a well-formed vote gets an openraft answer: {reply:?}");
@@ -628,11 +631,11 @@ async fn snapshot_segments_beyond_the_limit_or_past_a_gap_are_refused() {
         Some(proto::raft_reply::Kind::Error(e)) => e,
         other => panic!("expected an error reply: {other:?}"),
     };
-    let e = error(core.handle_rpc(segment(1 << 40)).await);
+    let e = error(core.handle_rpc(segment(1 << 40), 7).await);
     assert!(e.contains("beyond the largest snapshot"), "{e}");
-    let e = error(core.handle_rpc(segment(u64::MAX)).await);
+    let e = error(core.handle_rpc(segment(u64::MAX), 7).await);
     assert!(e.contains("beyond the largest snapshot"), "{e}");
-    let e = error(core.handle_rpc(segment(4096)).await);
+    let e = error(core.handle_rpc(segment(4096), 7).await);
     assert!(e.contains("leaves a gap"), "{e}");
     assert!(core.is_leader(), "refused before openraft saw the vote");
     assert_eq!(
@@ -640,4 +643,37 @@ async fn snapshot_segments_beyond_the_limit_or_past_a_gap_are_refused() {
         ApplyOutcome::Applied { version: 1 }
     );
     core.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_rpc_that_speaks_for_another_node_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (core, _sm) = open_leader(dir.path(), &fast_config()).await;
+    let term = core.status().term;
+    let rpc = |kind| proto::RaftRpc { kind: Some(kind) };
+    let vote = openraft::raft::VoteRequest::<NodeId> {
+        vote: openraft::Vote::new(term + 5, 7),
+        last_log_id: None,
+    };
+    let json = serde_json::to_string(&vote).unwrap();
+    let reply = core
+        .handle_rpc(rpc(proto::raft_rpc::Kind::VoteJson(json.clone())), 9)
+        .await;
+    let Some(proto::raft_reply::Kind::Error(e)) = reply.kind else {
+        panic!("a vote for node 7 sent by node 9 is refused: {reply:?}");
+    };
+    assert!(e.contains("speaks for node 7"), "{e}");
+    assert_eq!(core.status().term, term, "openraft never saw it");
+    assert!(core.is_leader());
+    let beat = serde_json::to_string(&election::Heartbeat {
+        vote: openraft::Vote::new_committed(term + 5, 7),
+    })
+    .unwrap();
+    let reply = core
+        .handle_rpc(rpc(proto::raft_rpc::Kind::HeartbeatJson(beat)), 9)
+        .await;
+    assert!(matches!(
+        reply.kind,
+        Some(proto::raft_reply::Kind::Error(_))
+    ));
 }

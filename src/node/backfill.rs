@@ -36,10 +36,11 @@ use super::shared::Shared;
 /// Frames buffered between a link's reader task and the follower.
 pub(crate) const LINK_FRAMES: usize = 16;
 
-/// Counts and logs a chunk that failed the manifest, and bans its sender as a parent.
-pub(crate) fn refuse_source(shared: &Shared, addr: &str, index: u64) {
+/// Counts and logs a chunk that failed the manifest, and bans its sender as a parent;
+/// `from_parent` when the parent sent it (its push or its fallback fetch stream).
+pub(crate) fn refuse_source(shared: &Shared, addr: &str, index: u64, from_parent: bool) {
     shared.stats.bad_chunks.fetch_add(1, Ordering::Relaxed);
-    shared.metrics.bad_chunk(addr);
+    shared.metrics.bad_chunk(from_parent);
     error!(node = %shared.cfg.name, source = %addr, index, "refused a chunk that does not match the manifest; banning the source as parent and fetching the rest elsewhere");
     overlay_driver::input(
         shared,
@@ -399,7 +400,7 @@ impl Source {
         }
         let hash = crate::file::leaf_hash(&reply.data);
         if self.manifest.get(index as usize) != Some(&hash) {
-            refuse_source(&self.shared, &self.addr, index);
+            refuse_source(&self.shared, &self.addr, index, self.fallback);
             return Err(SourceError::BadChunk(index));
         }
         let len = reply.data.len() as u64;
@@ -422,7 +423,7 @@ impl Source {
             }
             Ok(false) => {}
             Err(_) => {
-                refuse_source(&self.shared, &self.addr, index);
+                refuse_source(&self.shared, &self.addr, index, self.fallback);
                 return Err(SourceError::BadChunk(index));
             }
         }

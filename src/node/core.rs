@@ -213,8 +213,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = RaftConfig {
             heartbeat_interval_ms: 50,
-            election_timeout_min_ms: 150,
-            election_timeout_max_ms: 300,
+            election_timeout_min_ms: 250,
+            election_timeout_max_ms: 500,
             snapshot_every_entries: 7,
             keep_logs_after_snapshot: 2,
             ..RaftConfig::default()

@@ -41,18 +41,11 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest pause between two attempts to write `--file` after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Whether an I/O error means the disk (or the quota) is full.
-fn is_disk_full(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(28 | 122))
-}
-
 pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
     let mut rx = shared.applied.subscribe();
     let interval = Duration::from_millis(shared.cfg.stream.materialize_interval_ms);
     let mut written: Option<(u64, [u8; 32])> = None;
     let mut backoff = FIRST_BACKOFF;
-    let disk_full = metrics::gauge!("canopy_disk_full", "node" => shared.cfg.name.clone());
-    disk_full.set(0.0);
     loop {
         let shown = {
             let st = shared.state.lock();
@@ -72,7 +65,6 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
             let key = (file.version(), file.root());
             if written != Some(key) {
                 let p = path.clone();
-                let version = file.version();
                 let sidecar = shared.cfg.data.join(SIDECAR);
                 let write = move || {
                     write_atomically(&p, &file)?;
@@ -81,18 +73,17 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
                 let pause = match tokio::task::spawn_blocking(write).await {
                     Ok(Ok(())) => {
                         written = Some(key);
-                        shared.materialized.send_replace(Some(version));
-                        shared.metrics.materialized_version.set(version as f64);
+                        shared.materialized.send_replace(Some(key));
                         if shared.disk_full.swap(false, Ordering::AcqRel) {
-                            disk_full.set(0.0);
-                            info!(node = %shared.cfg.name, version, "the disk has room again: {} written", path.display());
+                            shared.metrics.disk_full.set(0.0);
+                            info!(node = %shared.cfg.name, version = key.0, "the disk has room again: {} written", path.display());
                         }
                         backoff = FIRST_BACKOFF;
                         interval
                     }
-                    Ok(Err(e)) if is_disk_full(&e) => {
+                    Ok(Err(e)) if crate::metrics::is_no_space(&e) => {
                         if !shared.disk_full.swap(true, Ordering::AcqRel) {
-                            disk_full.set(1.0);
+                            shared.metrics.disk_full.set(1.0);
                             warn!(node = %shared.cfg.name, "the disk is full: {} stays at version {} while children are served from memory; retrying, backing off up to {MAX_BACKOFF:?}: {e}", path.display(), written.map_or(0, |w| w.0));
                         }
                         next_backoff(&mut backoff)

@@ -55,16 +55,9 @@ pub(crate) fn dispatch(shared: &Shared, st: &mut State, events: Vec<Event>) {
                 commit_time_us,
             } => {
                 shared.applied.send_replace((version, commit_time_us));
-                let m = &shared.metrics;
-                m.applied_version.set(version as f64);
-                let commit = st.replica.commit_known();
-                m.commit_version.set(commit as f64);
-                m.lag_entries.set(commit.saturating_sub(version) as f64);
                 if commit_time_us > 0 {
                     let delay = now_us().saturating_sub(commit_time_us) as f64 / 1e6;
-                    m.apply_delay.record(delay);
-                    m.lag_seconds
-                        .set(if commit > version { delay } else { 0.0 });
+                    shared.metrics.apply_delay.record(delay);
                 }
             }
             Event::Installed { version } => {

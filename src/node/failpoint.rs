@@ -6,6 +6,8 @@
 //! - `CANOPY_FAILPOINT_ROGUE=1`: behave as a hostile relay: advertise depth 0 to attract
 //!   children, serve them tampered entries and transfers (roots recomputed, signed with its
 //!   own key), name itself the core, and acknowledge proposals without committing them.
+//! - `CANOPY_FAILPOINT_ECLIPSE=1`: answer samples with no peers, so that a node joining
+//!   through this one learns of no other (an eclipse attack, when combined with `ROGUE`).
 //! - `CANOPY_FAILPOINT_DECLARE_NAME=NAME`: subscribe under NAME, not the certificate's name.
 //! - `CANOPY_FAILPOINT_WRITE_ANYWAY=1`: a reader forwards writes to the core instead of
 //!   refusing them itself.
@@ -63,6 +65,11 @@ pub(crate) fn declared_name() -> Option<String> {
 /// Whether a reader forwards writes instead of refusing them.
 pub(crate) fn write_anyway() -> bool {
     set("CANOPY_FAILPOINT_WRITE_ANYWAY")
+}
+
+/// Whether this node hides every other peer from the nodes that sample it.
+pub(crate) fn eclipses() -> bool {
+    set("CANOPY_FAILPOINT_ECLIPSE")
 }
 
 /// Whether this node plays a rogue relay.

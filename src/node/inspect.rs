@@ -8,11 +8,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::api::{BackfillView, CoreStatus, MemberStatus, StatsView, Status};
+use crate::metrics::Live;
 use crate::proto::{self, request};
 
 use super::error::NodeError;
 use super::net::exchange;
-use super::shared::{now_us, Shared};
+use super::shared::{now_us, Shared, State};
 
 /// Longest path a tree query descends.
 pub const MAX_TREE_DEPTH: u32 = 64;
@@ -27,12 +28,7 @@ pub(crate) fn status(shared: &Shared) -> Status {
     let st = shared.state.lock();
     let file = st.replica.file();
     let version = file.version();
-    let commit = st.replica.commit_known();
-    let lag_seconds = if commit > version && st.replica.last_commit_time_us() > 0 {
-        now_us().saturating_sub(st.replica.last_commit_time_us()) as f64 / 1e6
-    } else {
-        0.0
-    };
+    let (commit, lag_seconds) = lag(&st);
     let role = match shared.core.get() {
         Some(c) if c.is_leader() => "leader",
         Some(_) => "follower",
@@ -56,7 +52,9 @@ pub(crate) fn status(shared: &Shared) -> Status {
         commit_version: commit,
         lag_entries: commit.saturating_sub(version),
         lag_seconds,
-        file_version: *shared.materialized.borrow(),
+        file_version: shared.materialized.borrow().map(|(v, _)| v),
+        file_root: shared.materialized.borrow().map(|(_, r)| hex::encode(r)),
+        file_path: shared.cfg.file.as_ref().map(|p| p.display().to_string()),
         disk_full: shared.disk_full.load(Ordering::Relaxed),
         core_addrs: shared.core_addrs(&st),
         stats: StatsView {
@@ -90,9 +88,46 @@ pub(crate) fn status(shared: &Shared) -> Status {
                     name: m.name,
                     addr: m.addr,
                     voter,
+                    role: None,
+                    health: None,
+                    version: None,
+                    lag_entries: None,
                 })
                 .collect(),
         }),
+    }
+}
+
+/// The commit version this node knows of, and the age of the version it shows while it is
+/// behind (it knows of a newer commit, or it receives a transfer), else 0: what
+/// `/v1/status` and `canopy_lag_seconds` both report.
+fn lag(st: &State) -> (u64, f64) {
+    let version = st.replica.file().version();
+    let commit = st.replica.commit_known();
+    let behind = commit > version || st.replica.backfill_progress().is_some();
+    let lag_seconds = if behind && st.replica.last_commit_time_us() > 0 {
+        now_us().saturating_sub(st.replica.last_commit_time_us()) as f64 / 1e6
+    } else {
+        0.0
+    };
+    (commit, lag_seconds)
+}
+
+/// This node's position as of now, for a scrape of `/metrics`.
+pub(crate) fn live(shared: &Shared) -> Live {
+    let depth = shared.depth();
+    let st = shared.state.lock();
+    let version = st.replica.file().version();
+    let (commit, lag_seconds) = lag(&st);
+    Live {
+        node: shared.cfg.name.clone(),
+        applied_version: version,
+        commit_version: commit,
+        lag_entries: commit.saturating_sub(version),
+        lag_seconds,
+        depth,
+        materialized_version: shared.materialized.borrow().map(|(v, _)| v),
+        backfill: st.replica.backfill_progress(),
     }
 }
 
@@ -130,4 +165,101 @@ pub(crate) async fn tree(shared: &Shared, budget: u32) -> Vec<proto::TreeNode> {
         nodes.extend(subtrees.into_iter().flatten());
     }
     nodes
+}
+
+/// The whole tree as this node can show it: on a core member, its own subtree merged with
+/// the subtrees of every other member (asked over QUIC, at most [`TREE_WAIT`] times 8), so
+/// any core node shows every node; on a relay, its own subtree. A node reported twice (one
+/// moving between parents while the answers were gathered) is kept once, at its first place.
+pub(crate) async fn whole_tree(shared: &Shared) -> Vec<proto::TreeNode> {
+    let Some(core) = shared.core.get() else {
+        return tree(shared, MAX_TREE_DEPTH).await;
+    };
+    let me = shared.cfg.name.clone();
+    let others: Vec<String> = core
+        .members()
+        .into_iter()
+        .filter(|(m, _)| m.name != me)
+        .map(|(m, _)| m.addr)
+        .collect();
+    let asks = others.into_iter().map(|addr| async move {
+        let kind = request::Kind::Tree(proto::TreeQuery {
+            budget: MAX_TREE_DEPTH,
+        });
+        let r: Result<proto::TreeReply, NodeError> = exchange(shared, &addr, kind).await;
+        r.map(|r| r.nodes).unwrap_or_default()
+    });
+    let (own, theirs) = tokio::join!(
+        tree(shared, MAX_TREE_DEPTH),
+        tokio::time::timeout(TREE_WAIT * 8, futures::future::join_all(asks))
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    own.into_iter()
+        .chain(theirs.unwrap_or_default().into_iter().flatten())
+        .filter(|n| seen.insert(n.name.clone()))
+        .collect()
+}
+
+/// How long a member has to answer a health query.
+const MEMBER_WAIT: Duration = Duration::from_secs(2);
+
+/// The core's members with their role as this node knows it, and each one's health and lag
+/// as it answers now (a one-node tree query over QUIC, at most [`MEMBER_WAIT`]); `None` on a
+/// relay.
+pub(crate) async fn core_members(shared: &Shared) -> Option<CoreStatus> {
+    let mut core = status(shared).core?;
+    let leader = core.raft.leader.clone();
+    let me = shared.cfg.name.clone();
+    let asks = core.members.iter().map(|m| {
+        let (name, addr) = (m.name.clone(), m.addr.clone());
+        let me = me.clone();
+        async move {
+            if name == me {
+                let st = shared.state.lock();
+                let version = st.replica.file().version();
+                return Ok((version, st.replica.commit_known().max(version)));
+            }
+            let kind = request::Kind::Tree(proto::TreeQuery { budget: 0 });
+            let r: Result<proto::TreeReply, NodeError> =
+                match tokio::time::timeout(MEMBER_WAIT, exchange(shared, &addr, kind)).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(format!("no answer within {MEMBER_WAIT:?}")),
+                };
+            match r {
+                Ok(reply) => reply
+                    .nodes
+                    .first()
+                    .map(|n| (n.version, n.version + n.lag_entries))
+                    .ok_or_else(|| "an empty answer".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    });
+    let answers = futures::future::join_all(asks).await;
+    let commit = answers
+        .iter()
+        .filter_map(|a| a.as_ref().ok().map(|(_, c)| *c))
+        .max()
+        .unwrap_or(0);
+    for (m, a) in core.members.iter_mut().zip(answers) {
+        m.role = Some(
+            if leader.as_deref() == Some(m.name.as_str()) {
+                "leader"
+            } else if m.voter {
+                "follower"
+            } else {
+                "learner"
+            }
+            .to_string(),
+        );
+        match a {
+            Ok((version, _)) => {
+                m.health = Some("ok".into());
+                m.version = Some(version);
+                m.lag_entries = Some(commit.saturating_sub(version));
+            }
+            Err(why) => m.health = Some(format!("unreachable: {why}")),
+        }
+    }
+    Some(core)
 }

@@ -180,10 +180,13 @@ impl Node {
             role: id.role,
             identity: Mutex::new(id.clone()),
             client_config: Mutex::new(None),
+            cert_warned: Mutex::new(Default::default()),
             shutdown,
             tasks: TaskTracker::new(),
             cfg,
         });
+        let weak = Arc::downgrade(&shared);
+        crate::metrics::register_live(Box::new(move || weak.upgrade().map(|s| inspect::live(&s))));
         core::start(&shared).await?;
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         shared
@@ -428,11 +431,15 @@ impl Backend for Node {
     }
 
     async fn tree(&self) -> Vec<proto::TreeNode> {
-        inspect::tree(&self.0, MAX_TREE_DEPTH).await
+        inspect::whole_tree(&self.0).await
     }
 
     async fn admin(&self, admin: proto::Admin) -> Result<(), BackendError> {
         Ok(propose::admin(&self.0, admin, 0).await?)
+    }
+
+    async fn core_members(&self) -> Option<crate::api::CoreStatus> {
+        inspect::core_members(&self.0).await
     }
 }
 

@@ -171,3 +171,21 @@ pub(crate) async fn forget_core(shared: &Shared, addr: &str) {
     shared.core_conns.lock().await.remove(addr);
     shared.core_pick.fetch_add(1, Ordering::Relaxed);
 }
+
+/// Logs, once per address, what to fix when a peer's certificate is not from this node's
+/// cluster CA (the handshake names it `UnknownIssuer` or `BadSignature`); true if `e` was
+/// such a failure. Other failures are the caller's to log.
+pub(crate) fn explain_certificate_failure(shared: &Shared, addr: &str, e: &NodeError) -> bool {
+    let text = e.to_string();
+    if !(text.contains("UnknownIssuer") || text.contains("BadSignature")) {
+        return false;
+    }
+    if shared.cert_warned.lock().insert(addr.to_string()) {
+        tracing::warn!(
+            node = %shared.cfg.name,
+            peer = %addr,
+            "{addr} presents a certificate this node's cluster CA did not sign: every node needs the same ca.pem in its --tls directory ({text})"
+        );
+    }
+    true
+}

@@ -149,7 +149,9 @@ fn carry_out(shared: &Arc<Shared>, out: Output, cmds: &mpsc::UnboundedSender<Ups
                 let answer = match request_sample(&s, &addr, offer).await {
                     Ok((info, peers)) => Input::Sampled { addr, info, peers },
                     Err(e) => {
-                        warn!(node = %s.cfg.name, peer = %addr, "sample failed: {e}");
+                        if !super::net::explain_certificate_failure(&s, &addr, &e) {
+                            warn!(node = %s.cfg.name, peer = %addr, "sample failed: {e}");
+                        }
                         Input::SampleFailed { addr }
                     }
                 };

@@ -69,7 +69,11 @@ pub(crate) async fn propose(
     }
     check(shared, &proposal)?;
     shared.metrics.proposals.increment(1);
-    propose_hops(shared, proposal, 0).await
+    let outcome = propose_hops(shared, proposal, 0).await;
+    if let Err(e) = &outcome {
+        shared.metrics.proposal_failed(failure_label(e));
+    }
+    outcome
 }
 
 /// The `canopy_rejected_total` reason of an error from [`check`].
@@ -125,6 +129,20 @@ pub(crate) fn check(shared: &Shared, proposal: &proto::Proposal) -> Result<(), N
         }
     }
     Ok(())
+}
+
+/// The `reason` of `canopy_proposal_failures_total` for a proposal that failed with `e`.
+fn failure_label(e: &NodeError) -> &'static str {
+    match e {
+        NodeError::UpdateTooLarge { .. }
+        | NodeError::Consensus(ConsensusError::TooLarge { .. }) => "too_large",
+        NodeError::Consensus(ConsensusError::InvalidProposal(_)) | NodeError::Rejected(_) => {
+            "invalid"
+        }
+        NodeError::Forbidden(_) => "forbidden",
+        NodeError::Contended(_) => "contended",
+        _ => "unavailable",
+    }
 }
 
 /// A core node commits directly when it leads, and otherwise forwards to the leader it

@@ -326,7 +326,10 @@ async fn serve_stream(
             let Some(core) = shared.core.get() else {
                 return close_bad(&shared, &conn, &peer, "raft rpc to a relay");
             };
-            let member = core.members().iter().any(|(m, _)| m.name == id.0);
+            // A node that has no membership yet (started to be added) learns it from the
+            // leader's first append: until then any core certificate may reach it.
+            let members = core.members();
+            let member = members.is_empty() || members.iter().any(|(m, _)| m.name == id.0);
             if id.1 != Role::Core || !member {
                 shared.metrics.refused_identity("raft");
                 return close_bad(
@@ -336,7 +339,8 @@ async fn serve_stream(
                     "raft rpc from a peer that is not a core member",
                 );
             }
-            reply(&mut send, &core.handle_rpc(rpc).await).await;
+            let from = crate::consensus::node_id(&id.0);
+            reply(&mut send, &core.handle_rpc(rpc, from).await).await;
         }
         Some(request::Kind::Sample(sample))
             if sample.offer.first().is_some_and(|me| me.name != id.0) =>
@@ -353,7 +357,10 @@ async fn serve_stream(
                 .filter(overlay_driver::peer_sane)
                 .map(peer_from_proto)
                 .collect();
-            let (mut info, peers) = overlay_driver::answer_sample(&shared, offer);
+            let (mut info, mut peers) = overlay_driver::answer_sample(&shared, offer);
+            if failpoint::eclipses() {
+                peers.clear();
+            }
             if failpoint::is_rogue() {
                 let mut fake = (*info).clone();
                 fake.depth = Some(0);

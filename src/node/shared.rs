@@ -9,6 +9,7 @@
 //! 3. [`Shared::backfill_pace`]: the shared pacing clock of transfers served.
 //! 4. [`Shared::identity`], [`Shared::client_config`]: this node's certificate and key, and
 //!    the client configuration made of them, replaced on reload.
+//! 5. [`Shared::cert_warned`]: peers already logged as presenting a foreign certificate.
 //!
 //! The tokio mutex over connections ([`Shared::core_conns`]) is taken only with none of the
 //! above held. All locks are `parking_lot` locks: a panic in one request cannot poison them
@@ -130,8 +131,8 @@ pub struct Shared {
     pub(crate) overlay_wake: Notify,
     /// `(applied version, core commit time in µs)`.
     pub(crate) applied: watch::Sender<(u64, u64)>,
-    /// The version the `--file` holds, once written.
-    pub(crate) materialized: watch::Sender<Option<u64>>,
+    /// The version and root the `--file` holds, once written.
+    pub(crate) materialized: watch::Sender<Option<(u64, crate::file::Hash)>>,
     /// The last write of `--file` failed for a full disk (cleared by the next that works).
     pub(crate) disk_full: AtomicBool,
     pub(crate) core: OnceLock<Arc<Core>>,
@@ -157,6 +158,8 @@ pub struct Shared {
     /// The client configuration of outgoing connections once the identity was reloaded
     /// (`None`: the endpoint's default, made at start).
     pub(crate) client_config: Mutex<Option<quinn::ClientConfig>>,
+    /// Peers already named in the log as presenting a certificate of another CA.
+    pub(crate) cert_warned: Mutex<std::collections::BTreeSet<String>>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
 }

@@ -360,9 +360,6 @@ fn adopt(
             root_path: ok.root_path,
         },
     );
-    if let Some(d) = shared.depth() {
-        shared.metrics.depth.set(d as f64);
-    }
     Ok(())
 }
 
@@ -436,7 +433,15 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
                     }
                 },
                 Err(e) => {
-                    info!(node = %shared.cfg.name, parent = %addr, "attach failed: {e}");
+                    let explained = match &e {
+                        UpstreamError::Connect(c) => {
+                            super::net::explain_certificate_failure(&shared, &addr, c)
+                        }
+                        _ => false,
+                    };
+                    if !explained {
+                        info!(node = %shared.cfg.name, parent = %addr, "attach failed: {e}");
+                    }
                     ban_if_invalid(&shared, &addr, &e);
                     overlay_driver::input(&shared, attach_failed(&addr, &e));
                 }
@@ -489,7 +494,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
         }
         full = matches!(&failure, UpstreamError::Replica(r) if r.needs_full_resync());
         if let UpstreamError::Replica(ReplicaError::BadChunk { index }) = &failure {
-            refuse_source(&shared, &addr, *index);
+            refuse_source(&shared, &addr, *index, true);
         }
         if let UpstreamError::Replica(ReplicaError::Untrusted { reason, detail }) = &failure {
             shared.metrics.untrusted(reason);
@@ -640,9 +645,6 @@ fn apply_frame(
         let mut cell = shared.overlay.lock();
         if cell.overlay.info().root_path != path {
             cell.overlay.update_path(&path);
-            if let Some(d) = cell.overlay.depth() {
-                shared.metrics.depth.set(d as f64);
-            }
         }
     }
     settle(shared, &mut st, clock, events);

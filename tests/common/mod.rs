@@ -319,6 +319,11 @@ impl Proc {
         self.signal("-CONT");
     }
 
+    /// The process's exit status, once it has exited by itself.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
     /// Whether the process is running.
     pub fn is_running(&self) -> bool {
         self.child.is_some()
@@ -433,12 +438,9 @@ pub async fn metrics(c: &reqwest::Client, p: &Proc) -> String {
         .unwrap()
 }
 
-/// The value of the first series of `name` in Prometheus text.
+/// The value of the first series of `name` in Prometheus text (the library's one parser).
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    canopy::measure::metric_value(text, name)
 }
 
 /// Version and root from a node's status.
@@ -513,4 +515,67 @@ pub async fn put_random(
         .as_u64()
         .unwrap();
     (v, content)
+}
+
+/// The index of the core node that leads (waits up to 60 s for one).
+pub async fn leader_index(c: &reqwest::Client, cores: &[Proc]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for (i, p) in cores.iter().enumerate() {
+            if p.is_running() && status(c, p).await.is_some_and(|s| s["role"] == "leader") {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader within 60 s");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The Raft term a core node reports.
+pub async fn term(c: &reqwest::Client, p: &Proc) -> u64 {
+    status(c, p).await.unwrap()["core"]["term"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Writes `body` at `offset` through `p`; the version, or `None` if it failed.
+pub async fn patch(c: &reqwest::Client, p: &Proc, offset: u64, body: Vec<u8>) -> Option<u64> {
+    let r = c
+        .patch(p.url(&format!("/v1/file?offset={offset}")))
+        .body(body)
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    r.json::<serde_json::Value>().await.ok()?["version"].as_u64()
+}
+
+/// Waits until every node in `nodes` shows the same version and root; returns them.
+pub async fn agree(c: &reqwest::Client, nodes: &[&Proc]) -> (u64, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut seen = Vec::new();
+        for p in nodes {
+            seen.push(version_root(c, p).await);
+        }
+        if seen.iter().all(|x| x.is_some() && *x == seen[0]) {
+            return seen[0].clone().unwrap();
+        }
+        assert!(Instant::now() < deadline, "nodes did not agree: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A core of `n` members c1..cN, every one its own process.
+pub fn core_cluster(root: &Path, n: usize) -> (Pki, Vec<Proc>) {
+    let pki = Pki::new(root);
+    let names: Vec<String> = (1..=n).map(|i| format!("c{i}")).collect();
+    for nm in &names {
+        pki.issue(nm, "core");
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let cores = Proc::start_core_cluster(root, &pki, &refs);
+    (pki, cores)
 }

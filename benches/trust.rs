@@ -1,0 +1,54 @@
+//! What core signatures cost: a core seals one anchor per entry it produces (one commit
+//! batch); every other node verifies one seal per entry it shows, plus the digest of the
+//! entry frame. `cargo bench --bench trust` (criterion).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use canopy::tls::{self, Identity, Role};
+use canopy::trust::{entry_digest, Anchor, Sealer, Verifier};
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+
+fn identities() -> (tempfile::TempDir, Identity, Identity) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    tls::ca_init(&ca).unwrap();
+    tls::cert_issue(&ca, "core", Role::Core, dir.path()).unwrap();
+    tls::cert_issue(&ca, "relay", Role::Relay, dir.path()).unwrap();
+    let core = Identity::load(dir.path(), "core").unwrap();
+    let relay = Identity::load(dir.path(), "relay").unwrap();
+    (dir, core, relay)
+}
+
+fn bench(c: &mut Criterion) {
+    let (_dir, core, relay) = identities();
+    let sealer = Sealer::new(&core).unwrap();
+    let mut verifier = Verifier::new(Arc::new(relay));
+    verifier.learn(sealer.cert(), SystemTime::now()).unwrap();
+    // A 100-byte write's entry frame, as the core encodes it.
+    let frame = vec![7u8; 160];
+    let anchor = Anchor {
+        version: 1234,
+        length: 50_000_000,
+        chunk_size: 65536,
+        root: [3; 32],
+        commit_time_us: 1_700_000_000_000_000,
+        entry: Some(entry_digest(&frame)),
+    };
+    let seal = sealer.seal(&anchor).unwrap();
+    c.bench_function("core: seal one entry (ECDSA P-256)", |b| {
+        b.iter(|| sealer.seal(black_box(&anchor)).unwrap())
+    });
+    c.bench_function("relay: verify one seal (digest + ECDSA P-256)", |b| {
+        b.iter(|| {
+            let a = Anchor {
+                entry: Some(entry_digest(black_box(&frame))),
+                ..anchor.clone()
+            };
+            verifier.verify(&a, black_box(&seal)).unwrap();
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
