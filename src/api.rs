@@ -326,7 +326,10 @@ async fn limit_requests(
     if let Some(Rejected(reason)) = resp.extensions().get::<Rejected>().copied() {
         lim.count(reason);
     }
-    if axum::body::HttpBody::size_hint(resp.body()).exact().is_some() {
+    if axum::body::HttpBody::size_hint(resp.body())
+        .exact()
+        .is_some()
+    {
         // In memory already: the slot is given back now, and the length kept.
         return resp;
     }

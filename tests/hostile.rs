@@ -120,7 +120,7 @@ fn pid_of(p: &Proc) -> u32 {
         };
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        if args.iter().any(|a| *a == api.as_bytes()) && args.iter().any(|a| *a == b"--api") {
+        if args.contains(&api.as_bytes()) && args.contains(&&b"--api"[..]) {
             return pid;
         }
     }

@@ -6,7 +6,17 @@ use canopy::{proto, wire};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
-const PATHS: &[&[u32]] = &[&[], &[1], &[2], &[5], &[7], &[2, 1], &[2, 1, 1], &[5, 4], &[8, 2]];
+const PATHS: &[&[u32]] = &[
+    &[],
+    &[1],
+    &[2],
+    &[5],
+    &[7],
+    &[2, 1],
+    &[2, 1, 1],
+    &[5, 4],
+    &[8, 2],
+];
 
 fuzz_target!(|data: &[u8]| {
     let mut buf = data;

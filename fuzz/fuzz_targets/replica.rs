@@ -161,7 +161,12 @@ fuzz_target!(|data: &[u8]| {
             _ => {
                 let _ = snapshot_frames(relay.file(), 0, &[]).count();
                 let hash = canopy::file::leaf_hash(piece);
-                let _ = relay.put_fetched_chunk(index, u64::from(tag), Bytes::copy_from_slice(piece), hash);
+                let _ = relay.put_fetched_chunk(
+                    index,
+                    u64::from(tag),
+                    Bytes::copy_from_slice(piece),
+                    hash,
+                );
                 if relay.snapshot_waiting() {
                     let _ = relay.finish_snapshot();
                 }

@@ -31,7 +31,10 @@ fn valid() -> &'static Vec<u8> {
         };
         file.apply(3, &update).unwrap();
         let mut dedup = DedupTable::default();
-        dedup.record(Bytes::from_static(b"id-1"), ApplyOutcome::Applied { version: 3 });
+        dedup.record(
+            Bytes::from_static(b"id-1"),
+            ApplyOutcome::Applied { version: 3 },
+        );
         dedup.record(
             Bytes::from_static(b"id-2"),
             ApplyOutcome::Rejected {
@@ -55,7 +58,8 @@ fuzz_target!(|data: &[u8]| {
         let mut v = valid().clone();
         for edit in rest.chunks_exact(3) {
             let at = usize::from(u16::from_le_bytes([edit[0], edit[1]]));
-            if let Some(b) = v.get_mut(at % (v.len() + 1)) {
+            let at = at % (v.len() + 1);
+            if let Some(b) = v.get_mut(at) {
                 *b = edit[2];
             }
         }
