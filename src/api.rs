@@ -7,22 +7,36 @@
 //! (checked before any body is read; 401 otherwise); reads (status, file, watch, tree,
 //! metrics, the `/ui` page) are open.
 //!
+//! Bounds: every size a request declares is checked before anything is sized by it or
+//! proposed (a `Content-Length` before the body is read, a length or offset against
+//! `max_len`, a PATCH body against `max_update_bytes`); a GET streams the file from a
+//! snapshot a chunk at a time and a PUT is diffed against the current version as it
+//! arrives, so neither holds more than a few chunks beyond the changed ones. At most
+//! `limits.http_requests` requests (a GET until its body is sent) and `limits.watches`
+//! watches run at once; over a limit the answer is 503 with `Retry-After`. Every refusal
+//! is a one-line JSON `{"error": ...}`, counted in `canopy_rejected_total{reason}`.
+//!
 //! The API depends on a narrow [`Backend`] (what a node offers its local clients) and on the
 //! status types below, not on the node's insides, so it can be tested against a fake.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
+use crate::config::LimitsConfig;
 use crate::file::{ApplyOutcome, ChunkedFile, Op, Precondition, Update};
 use crate::proto;
 
@@ -36,18 +50,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn versions(&self) -> watch::Receiver<(u64, u64)>;
     /// The largest write body accepted (`stream.max_update_bytes`).
     fn max_update_bytes(&self) -> u64;
+    /// The largest file (`stream.max_len`): a write that would make it longer is refused
+    /// before it is proposed.
+    fn max_len(&self) -> u64;
+    /// How many requests may run at once (`[limits]`).
+    fn limits(&self) -> LimitsConfig;
     /// Commits `update`, if `precondition` holds when it is applied.
     fn write(
         &self,
         update: Update,
         precondition: Option<Precondition>,
-    ) -> impl Future<Output = Result<ApplyOutcome, BackendError>> + Send;
-    /// Replaces the whole file with `content`, atomically; with `if_version`, only if the
-    /// file is still at that version.
-    fn replace(
-        &self,
-        content: Bytes,
-        if_version: Option<u64>,
     ) -> impl Future<Output = Result<ApplyOutcome, BackendError>> + Send;
     /// This node and the subtree below it.
     fn tree(&self) -> impl Future<Output = Vec<proto::TreeNode>> + Send;
@@ -79,6 +91,9 @@ pub enum BackendError {
     /// The core cannot be reached or did not answer (503).
     #[error("{0}")]
     Unavailable(String),
+    /// The core's proposal queue is full (503 with `Retry-After`).
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// The stream counters as `/v1/status` shows them. Every entry a node applies follows the
@@ -129,6 +144,9 @@ pub struct Status {
     pub file_version: Option<u64>,
     pub file_root: Option<String>,
     pub file_path: Option<String>,
+    /// The last write of `--file` failed for a full disk: the node keeps applying and
+    /// serving from memory, and `file_version` stays behind until a write succeeds.
+    pub disk_full: bool,
     pub core_addrs: Vec<String>,
     pub stats: StatsView,
     /// A full or diff transfer in progress (absent otherwise).
@@ -188,6 +206,12 @@ pub struct MemberStatus {
 const APPLY_WAIT: Duration = Duration::from_secs(30);
 /// Longest long poll a client may ask for.
 const MAX_WATCH: Duration = Duration::from_secs(300);
+/// What a refusal for a full limit asks the client to wait (`Retry-After`, seconds).
+const RETRY_AFTER_SECS: u32 = 1;
+/// Largest JSON body (a membership change).
+const MAX_JSON_BODY: usize = 64 * 1024;
+/// A whole-file replace retries this often when concurrent writes keep winning.
+const REPLACE_ATTEMPTS: u32 = 20;
 
 /// The secret that writes and membership changes must present (`Authorization: Bearer`).
 #[derive(Clone)]
@@ -207,7 +231,7 @@ impl ApiToken {
 /// A request that presented the API token; an extractor on every write and admin route.
 struct Authorized;
 
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Authorized {
+impl<S: Send + Sync> FromRequestParts<S> for Authorized {
     type Rejection = ApiError;
 
     async fn from_request_parts(
@@ -217,6 +241,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Authorized {
         let token = parts.extensions.get::<ApiToken>().ok_or_else(|| {
             ApiError(
                 StatusCode::INTERNAL_SERVER_ERROR,
+                "no_token",
                 "the API has no token configured".into(),
             )
         })?;
@@ -229,20 +254,106 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Authorized {
             Some(p) if token.admits(p.trim()) => Ok(Authorized),
             Some(_) => Err(ApiError(
                 StatusCode::UNAUTHORIZED,
+                "unauthorized",
                 "wrong API token (Authorization: Bearer TOKEN; see the node's api-token file)"
                     .into(),
             )),
             None => Err(ApiError(
                 StatusCode::UNAUTHORIZED,
+                "unauthorized",
                 "writes need the API token: Authorization: Bearer TOKEN (canopy --token-file, CANOPY_API_TOKEN, or --data on the node's host)".into(),
             )),
         }
     }
 }
 
+/// A query string, refused with a one-line JSON 400 when it does not parse.
+struct Q<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Q<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(t)) => Ok(Q(t)),
+            Err(e) => Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                e.body_text(),
+            )),
+        }
+    }
+}
+
+/// The request and watch limits of one node's API, and its rejection counter.
+struct Limiter {
+    node: String,
+    requests: Arc<Semaphore>,
+    watches: Arc<Semaphore>,
+    limits: LimitsConfig,
+}
+
+impl Limiter {
+    fn count(&self, reason: &'static str) {
+        metrics::counter!("canopy_rejected_total", "node" => self.node.clone(), "reason" => reason)
+            .increment(1);
+    }
+}
+
+/// The reason a response refused its request, for `canopy_rejected_total{reason}`.
+#[derive(Clone, Copy)]
+struct Rejected(&'static str);
+
+/// Runs a request only while fewer than `limits.http_requests` run; the slot is held until
+/// the response body is sent (a streamed GET holds it to its end). Counts refusals.
+async fn limit_requests(
+    Extension(lim): Extension<Arc<Limiter>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Ok(permit) = lim.requests.clone().try_acquire_owned() else {
+        lim.count("http_requests");
+        return ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "http_requests",
+            format!(
+                "too many requests at once (limits.http_requests = {}); retry shortly",
+                lim.limits.http_requests
+            ),
+        )
+        .into_response();
+    };
+    let resp = next.run(req).await;
+    if let Some(Rejected(reason)) = resp.extensions().get::<Rejected>().copied() {
+        lim.count(reason);
+    }
+    if axum::body::HttpBody::size_hint(resp.body())
+        .exact()
+        .is_some()
+    {
+        // In memory already: the slot is given back now, and the length kept.
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let body = Body::from_stream(body.into_data_stream().map(move |frame| {
+        let _held = &permit;
+        frame
+    }));
+    Response::from_parts(parts, body)
+}
+
 /// The API's routes over `node`; writes and membership changes need `token`.
 pub fn router<B: Backend>(node: B, token: ApiToken) -> Router {
-    let limit = node.max_update_bytes() as usize + (1 << 20);
+    let limits = node.limits();
+    let limiter = Arc::new(Limiter {
+        node: node.status().name,
+        requests: Arc::new(Semaphore::new(limits.http_requests)),
+        watches: Arc::new(Semaphore::new(limits.watches)),
+        limits,
+    });
     Router::new()
         .route("/v1/status", get(status::<B>))
         .route(
@@ -265,30 +376,55 @@ pub fn router<B: Backend>(node: B, token: ApiToken) -> Router {
             axum::routing::delete(remove_member::<B>),
         )
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::Extension(token))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(axum::middleware::from_fn(limit_requests))
+        .layer(Extension(limiter))
+        .layer(Extension(token))
         .with_state(node)
 }
 
-struct ApiError(StatusCode, String);
+/// A refusal: status, a stable reason label (`canopy_rejected_total{reason}`), and the
+/// one-line message the client sees.
+struct ApiError(StatusCode, &'static str, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let mut r = (self.0, Json(json!({ "error": self.2 }))).into_response();
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        r.extensions_mut().insert(Rejected(self.1));
+        r
     }
 }
 
 impl From<BackendError> for ApiError {
     fn from(e: BackendError) -> Self {
-        let code = match &e {
-            BackendError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            BackendError::Invalid(_) => StatusCode::BAD_REQUEST,
-            BackendError::Contended(_) => StatusCode::CONFLICT,
-            BackendError::Forbidden(_) => StatusCode::FORBIDDEN,
-            BackendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        let (code, reason) = match &e {
+            BackendError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "update_too_large"),
+            BackendError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            BackendError::Contended(_) => (StatusCode::CONFLICT, "contended"),
+            BackendError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            BackendError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            BackendError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         };
-        ApiError(code, e.to_string())
+        ApiError(code, reason, e.to_string())
     }
+}
+
+fn bad_request(msg: &str) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, "bad_request", msg.to_string())
+}
+
+/// A write that would make the file longer than `max_len` (413, before it is proposed).
+fn over_max_len(len: Option<u64>, max: u64) -> ApiError {
+    let len = len.map_or_else(|| "more than 2^64".to_string(), |l| l.to_string());
+    ApiError(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "over_max_len",
+        format!("the file would be {len} bytes long, over max_len ({max})"),
+    )
 }
 
 async fn status<B: Backend>(State(node): State<B>) -> Response {
@@ -306,28 +442,71 @@ async fn metrics() -> Response {
         .into_response()
 }
 
-/// Parses a single `bytes=` range against `len`; None means unsatisfiable.
-fn parse_range(h: &str, len: u64) -> Option<(u64, u64)> {
-    let spec = h.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') {
-        return None;
-    }
-    let (a, b) = spec.split_once('-')?;
-    let (start, end) = match (a.trim(), b.trim()) {
-        ("", suffix) => {
-            let n: u64 = suffix.parse().ok()?;
-            if n == 0 {
-                return None;
-            }
-            (len.saturating_sub(n), len.checked_sub(1)?)
-        }
-        (s, "") => (s.parse().ok()?, len.checked_sub(1)?),
-        (s, e) => {
-            let e: u64 = e.parse().ok()?;
-            (s.parse().ok()?, e.min(len.checked_sub(1)?))
-        }
+/// What a `Range` header asks of a representation (RFC 9110 section 14).
+#[derive(Debug, PartialEq, Eq)]
+enum RangeAsk {
+    /// No header, or one that is invalid or not a single byte range: the whole body, 200.
+    Whole,
+    /// Bytes `[start, end]` (inclusive, within the file): 206.
+    Part(u64, u64),
+    /// A valid byte range that starts past the end (or a zero-length suffix): 416.
+    Unsatisfiable,
+}
+
+/// Parses a `Range` header against a representation of `len` bytes. Anything but one
+/// well-formed byte range is ignored (the whole body), as RFC 9110 lets a server do; a
+/// well-formed one that selects nothing is unsatisfiable.
+fn parse_range(h: &str, len: u64) -> RangeAsk {
+    let Some(spec) = h.trim().strip_prefix("bytes=") else {
+        return RangeAsk::Whole;
     };
-    (start <= end && start < len).then_some((start, end))
+    let Some((a, b)) = spec.split_once('-') else {
+        return RangeAsk::Whole;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    let (a, b) = (a.trim(), b.trim());
+    match (a, b) {
+        ("", suffix) if digits(suffix) => match suffix.parse::<u64>() {
+            Ok(0) => RangeAsk::Unsatisfiable,
+            _ if len == 0 => RangeAsk::Unsatisfiable,
+            Ok(n) => RangeAsk::Part(len.saturating_sub(n), len - 1),
+            Err(_) => RangeAsk::Part(0, len - 1),
+        },
+        (first, last) if digits(first) && (last.is_empty() || digits(last)) => {
+            let Ok(first) = first.parse::<u64>() else {
+                return RangeAsk::Unsatisfiable;
+            };
+            let last = match last {
+                "" => u64::MAX,
+                l => l.parse::<u64>().unwrap_or(u64::MAX),
+            };
+            if last < first {
+                RangeAsk::Whole
+            } else if first >= len {
+                RangeAsk::Unsatisfiable
+            } else {
+                RangeAsk::Part(first, last.min(len - 1))
+            }
+        }
+        _ => RangeAsk::Whole,
+    }
+}
+
+/// Bytes `[start, end]` of `file` as a stream of slices of its chunks: nothing is copied,
+/// and the snapshot `file` is held only until the body is sent.
+fn file_body(file: ChunkedFile, start: u64, end: u64) -> Body {
+    if file.is_empty() {
+        return Body::empty();
+    }
+    let cs = u64::from(file.chunk_size());
+    let pieces = (start / cs..=end / cs).map(move |i| {
+        let chunk = file.chunk(i).unwrap_or_default();
+        let at = i * cs;
+        let lo = start.max(at) - at;
+        let hi = (end + 1).min(at + chunk.len() as u64) - at;
+        Ok::<_, std::convert::Infallible>(chunk.slice(lo as usize..hi as usize))
+    });
+    Body::from_stream(futures::stream::iter(pieces))
 }
 
 async fn read_file<B: Backend>(State(node): State<B>, headers: HeaderMap) -> Response {
@@ -346,26 +525,25 @@ async fn read_file<B: Backend>(State(node): State<B>, headers: HeaderMap) -> Res
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
-        .map(|r| parse_range(r, len));
+        .map_or(RangeAsk::Whole, |r| parse_range(r, len));
     match range {
-        None => {
-            let body = tokio::task::spawn_blocking(move || file.to_vec())
-                .await
-                .unwrap_or_default();
+        RangeAsk::Whole => {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            let body = file_body(file, 0, len.saturating_sub(1));
             (StatusCode::OK, h, body).into_response()
         }
-        Some(None) => {
+        RangeAsk::Unsatisfiable => {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                 h.insert(header::CONTENT_RANGE, v);
             }
             (StatusCode::RANGE_NOT_SATISFIABLE, h, Body::empty()).into_response()
         }
-        Some(Some((start, end))) => {
+        RangeAsk::Part(start, end) => {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
                 h.insert(header::CONTENT_RANGE, v);
             }
-            let body = file.read(start, end - start + 1);
-            (StatusCode::PARTIAL_CONTENT, h, body).into_response()
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start + 1));
+            (StatusCode::PARTIAL_CONTENT, h, file_body(file, start, end)).into_response()
         }
     }
 }
@@ -382,21 +560,24 @@ struct WriteQuery {
 
 impl WriteQuery {
     fn precondition(&self) -> Result<Option<Precondition>, ApiError> {
-        let bad = |m: &str| ApiError(StatusCode::BAD_REQUEST, m.to_string());
         match (&self.if_version, &self.if_range_hash) {
-            (Some(_), Some(_)) => Err(bad("give if_version or if_range_hash, not both")),
+            (Some(_), Some(_)) => Err(bad_request("give if_version or if_range_hash, not both")),
             (Some(v), None) => Ok(Some(Precondition::IfVersion(*v))),
             (None, Some(spec)) => {
                 let mut parts = spec.splitn(3, ':');
                 let (Some(o), Some(l), Some(h)) = (parts.next(), parts.next(), parts.next()) else {
-                    return Err(bad("if_range_hash is OFFSET:LEN:HEX"));
+                    return Err(bad_request("if_range_hash is OFFSET:LEN:HEX"));
                 };
-                let offset = o.parse().map_err(|_| bad("if_range_hash: bad OFFSET"))?;
-                let len = l.parse().map_err(|_| bad("if_range_hash: bad LEN"))?;
+                let offset = o
+                    .parse()
+                    .map_err(|_| bad_request("if_range_hash: bad OFFSET"))?;
+                let len = l
+                    .parse()
+                    .map_err(|_| bad_request("if_range_hash: bad LEN"))?;
                 let hash: [u8; 32] = hex::decode(h)
                     .ok()
                     .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| bad("if_range_hash: HEX must be 64 hex digits"))?;
+                    .ok_or_else(|| bad_request("if_range_hash: HEX must be 64 hex digits"))?;
                 Ok(Some(Precondition::IfRangeHash { offset, len, hash }))
             }
             (None, None) => Ok(None),
@@ -424,6 +605,7 @@ async fn finish_write<B: Backend>(
             {
                 return Err(ApiError(
                     StatusCode::GATEWAY_TIMEOUT,
+                    "apply_timeout",
                     format!(
                         "version {version} committed but not applied here within {APPLY_WAIT:?}"
                     ),
@@ -436,7 +618,9 @@ async fn finish_write<B: Backend>(
             Json(json!({ "error": "precondition failed", "version": version })),
         )
             .into_response()),
-        ApplyOutcome::Rejected { reason, .. } => Err(ApiError(StatusCode::BAD_REQUEST, reason)),
+        ApplyOutcome::Rejected { reason, .. } => {
+            Err(ApiError(StatusCode::BAD_REQUEST, "rejected", reason))
+        }
     }
 }
 
@@ -450,49 +634,189 @@ async fn write_ops<B: Backend>(
     finish_write(node, outcome, q).await
 }
 
+/// The `Content-Length` a request declares, if any.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn body_too_large(what: &str, max: u64) -> ApiError {
+    ApiError(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("{what} is over the limit of {max} bytes"),
+    )
+}
+
 async fn patch_file<B: Backend>(
     _auth: Authorized,
     State(node): State<B>,
-    Query(q): Query<WriteQuery>,
-    body: Bytes,
+    Q(q): Q<WriteQuery>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let Some(offset) = q.offset else {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "PATCH needs ?offset=N".into(),
-        ));
+        return Err(bad_request("PATCH needs ?offset=N"));
     };
-    write_ops(&node, vec![Op::Write { offset, data: body }], &q).await
+    let max = node.max_update_bytes();
+    if content_length(&headers).is_some_and(|n| n > max) {
+        return Err(body_too_large("the PATCH body (max_update_bytes)", max));
+    }
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    let data = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| body_too_large("the PATCH body (max_update_bytes)", max))?;
+    let end = offset.checked_add(data.len() as u64);
+    let max_len = node.max_len();
+    if end.is_none_or(|e| e > max_len) {
+        return Err(over_max_len(end, max_len));
+    }
+    write_ops(&node, vec![Op::Write { offset, data }], &q).await
 }
 
 async fn truncate_file<B: Backend>(
     _auth: Authorized,
     State(node): State<B>,
-    Query(q): Query<WriteQuery>,
+    Q(q): Q<WriteQuery>,
 ) -> Result<Response, ApiError> {
     let Some(len) = q.len else {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "truncate needs ?len=N".into(),
-        ));
+        return Err(bad_request("truncate needs ?len=N"));
     };
+    if len > node.max_len() {
+        return Err(over_max_len(Some(len), node.max_len()));
+    }
     write_ops(&node, vec![Op::Truncate { len }], &q).await
+}
+
+/// A PUT body diffed against `base` as it arrives: the ops that turn `base` into the body
+/// (one write per chunk that differs, then a truncate if the body is shorter). Only the
+/// chunks that differ are kept; the body's length is checked against `max_len` and the
+/// changed bytes against `max_update` as they arrive, so an oversized body is refused
+/// before it is read in full.
+async fn diff_body(
+    base: &ChunkedFile,
+    body: Body,
+    max_len: u64,
+    max_update: u64,
+) -> Result<Update, ApiError> {
+    let cs = base.chunk_size() as usize;
+    let mut ops = Vec::new();
+    let mut changed = 0u64;
+    let mut total = 0u64;
+    let mut index = 0u64;
+    let mut buf = bytes::BytesMut::new();
+    let mut flush = |index: u64, piece: Bytes| -> Result<(), ApiError> {
+        let same = base
+            .chunk(index)
+            .is_some_and(|old| old.len() >= piece.len() && old[..piece.len()] == piece[..]);
+        if !same {
+            changed += piece.len() as u64;
+            if changed > max_update {
+                return Err(ApiError(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "update_too_large",
+                    format!("the PUT changes more than max_update_bytes ({max_update}) bytes"),
+                ));
+            }
+            ops.push(Op::Write {
+                offset: index * cs as u64,
+                data: piece,
+            });
+        }
+        Ok(())
+    };
+    let mut stream = body.into_data_stream();
+    while let Some(frame) = stream.next().await {
+        let frame = frame.map_err(|e| bad_request(&format!("reading the body: {e}")))?;
+        total += frame.len() as u64;
+        if total > max_len {
+            return Err(over_max_len(Some(total), max_len));
+        }
+        let mut rest = &frame[..];
+        while !rest.is_empty() {
+            if buf.capacity() == 0 {
+                buf.reserve(cs);
+            }
+            let take = (cs - buf.len()).min(rest.len());
+            buf.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if buf.len() == cs {
+                flush(index, buf.split().freeze())?;
+                index += 1;
+            }
+        }
+    }
+    if !buf.is_empty() {
+        flush(index, buf.split().freeze())?;
+    }
+    if total < base.len() {
+        ops.push(Op::Truncate { len: total });
+    }
+    Ok(Update { ops })
 }
 
 async fn put_file<B: Backend>(
     _auth: Authorized,
     State(node): State<B>,
-    Query(q): Query<WriteQuery>,
-    body: Bytes,
+    Q(q): Q<WriteQuery>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
     if q.if_range_hash.is_some() {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "PUT takes if_version only".into(),
-        ));
+        return Err(bad_request("PUT takes if_version only"));
     }
-    let outcome = node.replace(body, q.if_version).await?;
-    finish_write(&node, outcome, &q).await
+    let max_len = node.max_len();
+    if let Some(n) = content_length(&headers).filter(|n| *n > max_len) {
+        return Err(over_max_len(Some(n), max_len));
+    }
+    if let Some(v) = q.if_version {
+        wait_shown(&node, v, Duration::from_secs(10)).await;
+    }
+    let mut base = node.file();
+    if q.if_version.is_some_and(|v| v != base.version()) {
+        let outcome = ApplyOutcome::PreconditionFailed {
+            version: base.version(),
+        };
+        return finish_write(&node, outcome, &q).await;
+    }
+    let mut update = diff_body(&base, body, max_len, node.max_update_bytes()).await?;
+    let mut target = base.clone();
+    target
+        .apply(base.version(), &update)
+        .map_err(|e| ApiError(StatusCode::PAYLOAD_TOO_LARGE, "over_max_len", e.to_string()))?;
+    for _ in 0..REPLACE_ATTEMPTS {
+        let cond = Precondition::IfVersion(base.version());
+        match node.write(update.clone(), Some(cond)).await? {
+            ApplyOutcome::PreconditionFailed { version } if q.if_version.is_none() => {
+                wait_shown(&node, version, Duration::from_secs(10)).await;
+                base = node.file();
+                update = base.diff_to_file(&target);
+                if update.byte_size() > node.max_update_bytes() {
+                    return Err(ApiError(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "update_too_large",
+                        format!(
+                            "after a concurrent write the PUT changes more than max_update_bytes ({})",
+                            node.max_update_bytes()
+                        ),
+                    ));
+                }
+            }
+            outcome => return finish_write(&node, outcome, &q).await,
+        }
+    }
+    Err(ApiError(
+        StatusCode::CONFLICT,
+        "contended",
+        format!(
+            "the replace did not settle after {REPLACE_ATTEMPTS} attempts under concurrent writes"
+        ),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -501,16 +825,37 @@ struct WatchQuery {
     timeout: Option<f64>,
 }
 
-async fn watch<B: Backend>(State(node): State<B>, Query(q): Query<WatchQuery>) -> Response {
+async fn watch<B: Backend>(
+    State(node): State<B>,
+    Extension(lim): Extension<Arc<Limiter>>,
+    Q(q): Q<WatchQuery>,
+) -> Result<Response, ApiError> {
     let after = q.after.unwrap_or(0);
-    let timeout = Duration::from_secs_f64(
-        q.timeout
-            .unwrap_or(30.0)
-            .clamp(0.0, MAX_WATCH.as_secs_f64()),
-    );
+    let secs = q.timeout.unwrap_or(30.0);
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!(
+                "timeout must be a number of seconds from 0 to {}",
+                MAX_WATCH.as_secs()
+            ),
+        ));
+    }
+    let timeout = Duration::from_secs_f64(secs.min(MAX_WATCH.as_secs_f64()));
+    let Ok(_slot) = lim.watches.clone().try_acquire_owned() else {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "watches",
+            format!(
+                "too many watches at once (limits.watches = {}); retry shortly",
+                lim.limits.watches
+            ),
+        ));
+    };
     let mut rx = node.versions();
     let _ = tokio::time::timeout(timeout, rx.wait_for(|(v, _)| *v > after)).await;
-    Json(node.status()).into_response()
+    Ok(Json(node.status()).into_response())
 }
 
 async fn tree<B: Backend>(State(node): State<B>) -> Response {
@@ -586,10 +931,7 @@ async fn tree_compact<B: Backend>(State(node): State<B>) -> Response {
 async fn core_members<B: Backend>(State(node): State<B>) -> Result<Response, ApiError> {
     match node.core_members().await {
         Some(core) => Ok(Json(core).into_response()),
-        None => Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "this node is not a core node".into(),
-        )),
+        None => Err(bad_request("this node is not a core node")),
     }
 }
 
@@ -628,7 +970,7 @@ async fn remove_member<B: Backend>(
     _auth: Authorized,
     State(node): State<B>,
     axum::extract::Path(name): axum::extract::Path<String>,
-    Query(q): Query<RemoveQuery>,
+    Q(q): Q<RemoveQuery>,
 ) -> Result<Response, ApiError> {
     let admin = crate::proto::Admin {
         kind: Some(crate::proto::admin::Kind::RemoveMember(name)),
@@ -636,6 +978,51 @@ async fn remove_member<B: Backend>(
     };
     node.admin(admin).await?;
     core_members(State(node)).await
+}
+
+/// The API's parsers of what a client declares, for the fuzz targets (`fuzz/`).
+#[doc(hidden)]
+pub mod parsers {
+    use super::*;
+
+    /// What a `Range` header selects of `len` bytes: `Some((start, end))` for 206, `None`
+    /// for 416; `Err(())` when it is ignored (200, the whole body).
+    #[allow(clippy::result_unit_err)]
+    pub fn range(header: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
+        match parse_range(header, len) {
+            RangeAsk::Whole => Err(()),
+            RangeAsk::Part(a, b) => {
+                assert!(a <= b && b < len, "range {a}-{b} outside {len} bytes");
+                Ok(Some((a, b)))
+            }
+            RangeAsk::Unsatisfiable => Ok(None),
+        }
+    }
+
+    /// Parses `query` as each route's query string would be, with the checks that follow
+    /// (preconditions, the watch timeout); the errors are the one-line reasons clients see.
+    pub fn queries(query: &str) -> Vec<Result<(), String>> {
+        let write = from_query::<WriteQuery>(query)
+            .and_then(|q| q.precondition().map(|_| ()).map_err(|e| e.2));
+        let watch = from_query::<WatchQuery>(query).and_then(|w| {
+            let t = w.timeout.unwrap_or(30.0);
+            if t.is_finite() && t >= 0.0 {
+                let _ = Duration::from_secs_f64(t.min(MAX_WATCH.as_secs_f64()));
+                Ok(())
+            } else {
+                Err("timeout".into())
+            }
+        });
+        let remove = from_query::<RemoveQuery>(query).map(|_| ());
+        vec![write, watch, remove]
+    }
+
+    fn from_query<T: DeserializeOwned>(q: &str) -> Result<T, String> {
+        let uri: axum::http::Uri = format!("/?{q}").parse().map_err(|e| format!("{e}"))?;
+        Query::<T>::try_from_uri(&uri)
+            .map(|Query(t)| t)
+            .map_err(|e| e.body_text())
+    }
 }
 
 #[cfg(test)]
@@ -651,6 +1038,8 @@ mod tests {
     struct Fake {
         file: Arc<Mutex<ChunkedFile>>,
         versions: Arc<watch::Sender<(u64, u64)>>,
+        /// A tree request waits for a permit here (a request held open).
+        hold: Arc<Semaphore>,
     }
 
     impl Fake {
@@ -658,6 +1047,7 @@ mod tests {
             Self {
                 file: Arc::new(Mutex::new(ChunkedFile::new(16, 1 << 20).unwrap())),
                 versions: Arc::new(watch::channel((0, 0)).0),
+                hold: Arc::new(Semaphore::new(0)),
             }
         }
     }
@@ -686,6 +1076,7 @@ mod tests {
                 file_version: None,
                 file_root: None,
                 file_path: None,
+                disk_full: false,
                 core_addrs: vec![],
                 stats: StatsView {
                     entries_applied: 0,
@@ -716,6 +1107,18 @@ mod tests {
             64
         }
 
+        fn max_len(&self) -> u64 {
+            1 << 20
+        }
+
+        fn limits(&self) -> LimitsConfig {
+            LimitsConfig {
+                http_requests: 3,
+                watches: 1,
+                ..Default::default()
+            }
+        }
+
         async fn write(
             &self,
             update: Update,
@@ -737,20 +1140,8 @@ mod tests {
             })
         }
 
-        async fn replace(
-            &self,
-            content: Bytes,
-            if_version: Option<u64>,
-        ) -> Result<ApplyOutcome, BackendError> {
-            let (update, version) = {
-                let f = self.file.lock();
-                (f.diff_to(&content), f.version())
-            };
-            let v = if_version.unwrap_or(version);
-            self.write(update, Some(Precondition::IfVersion(v))).await
-        }
-
         async fn tree(&self) -> Vec<proto::TreeNode> {
+            let _ = self.hold.acquire().await;
             vec![]
         }
 
@@ -847,7 +1238,10 @@ mod tests {
 
     #[tokio::test]
     async fn writes_need_the_token_reads_do_not() {
-        let url = serve(Fake::new()).await;
+        let fake = Fake::new();
+        // `tree()` waits for a permit (the request-limit test holds it there).
+        fake.hold.add_permits(1);
+        let url = serve(fake).await;
         let c = reqwest::Client::new();
         let patch = || c.patch(format!("{url}/v1/file?offset=0")).body("x");
         let r = patch().send().await.unwrap();
@@ -908,17 +1302,161 @@ mod tests {
         assert_eq!(s["depth"], serde_json::Value::Null);
     }
 
+    #[tokio::test]
+    async fn a_put_is_diffed_as_it_streams_and_bounded() {
+        let fake = Fake::new();
+        let url = serve(fake.clone()).await;
+        let c = reqwest::Client::new();
+        let put = |body: Vec<u8>| {
+            c.put(format!("{url}/v1/file"))
+                .bearer_auth(TOKEN)
+                .body(body)
+                .send()
+        };
+        let r = put(b"0123456789abcdef0123456789".to_vec()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let r = put(b"0123456789abcdefXY".to_vec()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(fake.file.lock().to_vec(), b"0123456789abcdefXY");
+        // A body declared longer than max_len is refused before it is read.
+        let r = c
+            .put(format!("{url}/v1/file"))
+            .bearer_auth(TOKEN)
+            .header("content-length", (2u64 << 20).to_string())
+            .body(reqwest::Body::wrap_stream(futures::stream::pending::<
+                Result<Bytes, std::io::Error>,
+            >()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413);
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert!(e["error"].as_str().unwrap().contains("max_len"), "{e}");
+        // Changing more than max_update_bytes (64 here) is refused.
+        let r = put(vec![1u8; 200]).await.unwrap();
+        assert_eq!(r.status(), 413);
+        let r = c
+            .patch(format!("{url}/v1/file?offset=1048570"))
+            .bearer_auth(TOKEN)
+            .body("0123456789")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413, "past max_len");
+        let r = c
+            .post(format!("{url}/v1/file/truncate?len=1048577"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413);
+        assert_eq!(fake.file.lock().to_vec(), b"0123456789abcdefXY");
+    }
+
+    #[tokio::test]
+    async fn watches_and_requests_are_limited_and_bad_timeouts_refused() {
+        let fake = Fake::new();
+        let url = serve(fake.clone()).await;
+        let c = reqwest::Client::new();
+        for t in ["NaN", "-1", "inf", "abc"] {
+            let r = c
+                .get(format!("{url}/v1/watch?timeout={t}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 400, "timeout={t}");
+            let e: serde_json::Value = r.json().await.unwrap();
+            assert!(e["error"].is_string());
+        }
+        let hold = || tokio::spawn(c.get(format!("{url}/v1/watch?after=9&timeout=60")).send());
+        let mut held_watch = hold();
+        let busy = async {
+            loop {
+                if held_watch.is_finished() {
+                    held_watch = hold();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let r = c
+                    .get(format!("{url}/v1/watch?after=9&timeout=0"))
+                    .send()
+                    .await
+                    .unwrap();
+                if r.status() == 503 {
+                    return r;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        let r = tokio::time::timeout(Duration::from_secs(10), busy)
+            .await
+            .expect("a second watch is refused");
+        assert_eq!(r.headers()["retry-after"], "1");
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert!(e["error"].as_str().unwrap().contains("watches"), "{e}");
+        // One watch and two held tree requests take all three request slots.
+        let t1 = tokio::spawn(c.get(format!("{url}/v1/tree")).send());
+        let t2 = tokio::spawn(c.get(format!("{url}/v1/tree")).send());
+        let full = async {
+            loop {
+                let r = c.get(format!("{url}/v1/status")).send().await.unwrap();
+                if r.status() == 503 {
+                    return r;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        let r = tokio::time::timeout(Duration::from_secs(10), full)
+            .await
+            .expect("a request over http_requests is refused");
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            e["error"].as_str().unwrap().contains("http_requests"),
+            "{e}"
+        );
+        fake.hold.add_permits(1);
+        held_watch.abort();
+        let _ = (t1.await, t2.await);
+        let r = c.get(format!("{url}/v1/status")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
     #[test]
-    fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
-        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
-        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
-        assert_eq!(parse_range("bytes=95-200", 100), Some((95, 99)));
-        assert_eq!(parse_range("bytes=100-", 100), None);
-        assert_eq!(parse_range("bytes=5-1", 100), None);
-        assert_eq!(parse_range("bytes=0-1,3-4", 100), None);
-        assert_eq!(parse_range("items=0-1", 100), None);
-        assert_eq!(parse_range("bytes=0-0", 0), None);
-        assert_eq!(parse_range("bytes=-500", 100), Some((0, 99)));
+    fn ranges_follow_rfc_9110() {
+        use RangeAsk::*;
+        assert_eq!(parse_range("bytes=0-9", 100), Part(0, 9));
+        assert_eq!(parse_range("bytes=90-", 100), Part(90, 99));
+        assert_eq!(parse_range("bytes=-10", 100), Part(90, 99));
+        assert_eq!(parse_range("bytes=95-200", 100), Part(95, 99));
+        assert_eq!(parse_range("bytes=-500", 100), Part(0, 99));
+        assert_eq!(
+            parse_range("bytes=0-18446744073709551616", 100),
+            Part(0, 99)
+        );
+        // Well-formed but selecting nothing: 416.
+        assert_eq!(parse_range("bytes=100-", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-0", 0), Unsatisfiable);
+        // Found by the `http` fuzz target: a suffix longer than u64 on an empty file was
+        // `Part(0, 0)`, a 206 announcing one byte of a file that has none.
+        assert_eq!(
+            parse_range("bytes=-99999999999999999999999", 0),
+            Unsatisfiable
+        );
+        assert_eq!(
+            parse_range("bytes=-99999999999999999999999", 100),
+            Part(0, 99)
+        );
+        assert_eq!(
+            parse_range("bytes=18446744073709551616-", 100),
+            Unsatisfiable
+        );
+        // Invalid, or not one byte range: ignored, the whole body.
+        assert_eq!(parse_range("bytes=5-2", 100), Whole);
+        assert_eq!(parse_range("bytes=0-1,3-4", 100), Whole);
+        assert_eq!(parse_range("items=0-1", 100), Whole);
+        assert_eq!(parse_range("bytes=abc", 100), Whole);
+        assert_eq!(parse_range("bytes=-", 100), Whole);
+        assert_eq!(parse_range("bytes=1-x", 100), Whole);
+        assert_eq!(parse_range("bytes=+1-2", 100), Whole);
     }
 }

@@ -164,6 +164,8 @@ struct FileConfig {
     #[serde(default)]
     overlay: Option<crate::overlay::OverlayConfig>,
     #[serde(default)]
+    limits: Option<crate::config::LimitsConfig>,
+    #[serde(default)]
     raft: Option<RaftConfig>,
 }
 
@@ -279,6 +281,7 @@ pub fn prepare(args: &NodeArgs, role: Role) -> Result<Prepared, StartError> {
         kind,
         stream,
         overlay: fc.overlay.unwrap_or_default(),
+        limits: fc.limits.unwrap_or_default(),
         api_token_file: args.api_token_file.clone().or(fc.api_token_file),
         seed: args.seed.or(fc.seed),
     };
@@ -478,18 +481,37 @@ fn bind_error(flag: &'static str, addr: SocketAddr, source: std::io::Error) -> S
     }
 }
 
+/// This host's physical memory in bytes (`MemTotal` of /proc/meminfo), where known.
+fn total_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 async fn run_node(args: NodeArgs, role: Role) -> Result<(), StartError> {
     let p = prepare(&args, role)?;
     let id = load_identity(&p.tls, &p.cfg.name, p.cfg.is_core())?;
     check_storage(&p.cfg)?;
     let socket =
         std::net::UdpSocket::bind(p.listen).map_err(|e| bind_error("--listen", p.listen, e))?;
-    let endpoint = crate::tls::endpoint_from_socket(socket, &id, &p.cfg.stream.transport())
-        .map_err(|source| StartError::Tls {
+    if let Some(w) = total_memory().and_then(|m| p.cfg.stream.memory_warning(m)) {
+        tracing::warn!(node = %p.cfg.name, "{w}");
+    }
+    let endpoint =
+        crate::tls::endpoint_from_socket(socket, &id, &p.cfg.transport()).map_err(|source| {
+            StartError::Tls {
             source,
             hint:
                 "this certificate and key cannot serve QUIC; reissue them with `canopy cert issue`"
                     .into(),
+        }
         })?;
     let api = tokio::net::TcpListener::bind(p.api)
         .await

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::consensus::{Member, RaftConfig};
-use crate::file::{DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN};
+use crate::file::{DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN, MAX_CHUNK_COUNT, MIN_CHUNK_SIZE};
 use crate::overlay::OverlayConfig;
 use crate::replica::ReplicaConfig;
 use crate::wire::DEFAULT_MAX_FRAME;
@@ -23,6 +23,18 @@ pub enum ConfigError {
     Zero { field: &'static str },
     #[error("chunk_size must be a power of two between 4 KiB and 16 MiB, got {0}")]
     ChunkSize(u32),
+    #[error("max_len {max_len} at chunk_size {chunk_size} makes {chunks} chunks, over the {MAX_CHUNK_COUNT} a node indexes (raise chunk_size or lower max_len)")]
+    TooManyChunks {
+        max_len: u64,
+        chunk_size: u32,
+        chunks: u64,
+    },
+    #[error("max_update_bytes ({max_update}) must not exceed max_len ({max_len})")]
+    UpdateOverMaxLen { max_update: u64, max_len: u64 },
+    #[error("limits: {field} must be greater than zero")]
+    LimitZero { field: &'static str },
+    #[error("limits: watches ({watches}) must be below http_requests ({requests}), or watches alone can take every request slot")]
+    WatchesOverRequests { watches: usize, requests: usize },
     #[error(
         "max_frame ({max_frame}) must exceed max_update_bytes ({max_update}) by at least 64 KiB"
     )]
@@ -61,8 +73,14 @@ pub struct StreamConfig {
     /// Chunk size. 64 KiB: small enough that a 100-byte write re-hashes little, large enough
     /// that a 50 MB file is only 800 chunks.
     pub chunk_size: u32,
-    /// Largest file. 64 GiB: far above the target sizes, low enough that a malicious offset
-    /// cannot make a node allocate without bound.
+    /// Largest file. 16 GiB: a 50 MB-10 GB file fits with room to grow. Every node holds
+    /// the whole file in memory (chunks are shared buffers), so a file at `max_len` needs
+    /// that much RAM on every host; regions never written (a truncate that extends) share
+    /// one zero chunk and cost no memory and, materialized, no disk (sparse). A file
+    /// larger than the hosts' memory is the operator's choice to make: lower it on small
+    /// hosts (the node warns at start when it exceeds physical memory). It must be the same
+    /// on every core member (a write over it is refused identically everywhere), and at
+    /// most `chunk_size * 2^20` (the chunk index of a transfer is sized by it).
     pub max_len: u64,
     /// Largest frame accepted on any stream. 72 MiB: a 64 MiB update plus framing.
     pub max_frame: usize,
@@ -149,8 +167,24 @@ impl Default for StreamConfig {
 
 impl StreamConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.chunk_size.is_power_of_two() || !(4096..=16 << 20).contains(&self.chunk_size) {
+        if !self.chunk_size.is_power_of_two()
+            || !(MIN_CHUNK_SIZE..=crate::file::MAX_CHUNK_SIZE).contains(&self.chunk_size)
+        {
             return Err(ConfigError::ChunkSize(self.chunk_size));
+        }
+        let chunks = self.max_chunks();
+        if chunks > MAX_CHUNK_COUNT {
+            return Err(ConfigError::TooManyChunks {
+                max_len: self.max_len,
+                chunk_size: self.chunk_size,
+                chunks,
+            });
+        }
+        if self.max_update_bytes > self.max_len {
+            return Err(ConfigError::UpdateOverMaxLen {
+                max_update: self.max_update_bytes,
+                max_len: self.max_len,
+            });
         }
         for (field, v) in [
             ("fanout", self.fanout as u64),
@@ -197,6 +231,33 @@ impl StreamConfig {
         Ok(())
     }
 
+    /// Chunks of a file at `max_len`: what a transfer's manifest, a subscription's chunk
+    /// list and a chunk index may hold.
+    pub fn max_chunks(&self) -> u64 {
+        crate::file::chunk_count_for(self.max_len, self.chunk_size)
+    }
+
+    /// Memory a node needs for a file at `max_len`: the content, its chunk index and hash
+    /// tree, and a transfer's index beside it (the content of a transfer replaces the old
+    /// file chunk by chunk, sharing the chunks that match).
+    pub fn memory_needed(&self) -> u64 {
+        const PER_CHUNK: u64 = 32 + 32 + 32 + 16 + 32;
+        self.max_len
+            .saturating_add(self.max_chunks().saturating_mul(PER_CHUNK))
+            .saturating_add(self.retain_bytes)
+    }
+
+    /// A warning when a file at `max_len` would not fit `total_memory` bytes of RAM.
+    pub fn memory_warning(&self, total_memory: u64) -> Option<String> {
+        let need = self.memory_needed();
+        (need > total_memory).then(|| {
+            format!(
+                "stream.max_len is {} bytes: a file that large needs about {need} bytes of memory on every node, more than this host's {total_memory}; lower max_len (the same on every core member) if the file may grow that far",
+                self.max_len
+            )
+        })
+    }
+
     pub fn replica(&self) -> ReplicaConfig {
         ReplicaConfig {
             chunk_size: self.chunk_size,
@@ -206,14 +267,83 @@ impl StreamConfig {
         }
     }
 
+    /// The QUIC transport settings, with the default [`LimitsConfig::streams_per_connection`]
+    /// (a node uses [`NodeConfig::transport`], which takes its own).
     pub fn transport(&self) -> crate::tls::TransportConfig {
         crate::tls::TransportConfig {
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             keep_alive: Duration::from_millis((self.idle_timeout_ms / 6).max(50)),
             stream_window: self.stream_window_bytes,
             conn_window: (self.stream_window_bytes * 4).max(8 * 1024 * 1024),
-            ..Default::default()
+            max_concurrent_bidi: LimitsConfig::default().streams_per_connection,
         }
+    }
+}
+
+/// Bounds on what clients and peers may ask of a node at once (`[limits]` in the config
+/// file). Sizes a request declares are bounded by [`StreamConfig`] (`max_len`,
+/// `max_update_bytes`, `max_frame`); these bound how many requests run at once. Over a
+/// limit a request is refused at once, never queued without bound: 503 with `Retry-After`
+/// over HTTP, a refused stream or a `busy` answer over QUIC, counted in
+/// `canopy_rejected_total{reason}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// HTTP requests served at once, watches included. 256: far more than a host's local
+    /// tools issue; each holds at most a few chunks (a GET streams) or one body (a write).
+    pub http_requests: usize,
+    /// `/v1/watch` long polls waiting at once. 128: one per local watcher process with room
+    /// to spare, while half the request slots stay free for everything else.
+    pub watches: usize,
+    /// QUIC connections one peer address (IP and port: one node's endpoint) may hold open
+    /// at once. 32: a node opens a handful to another (its subscription, fetches, samples,
+    /// tree queries, two Raft links, the proposal cache); more is a peer gone wrong.
+    pub connections_per_peer: usize,
+    /// Bidirectional streams one QUIC connection may have open at once (the peer waits
+    /// for credit beyond it). 64: concurrent proposals a relay forwards on its one core
+    /// connection, plus fetch and Raft streams; each stream's buffer is bounded by
+    /// `stream_window_bytes` and the connection's by four of them.
+    pub streams_per_connection: u32,
+    /// Proposals queued for a core node's group-commit batcher. 4096: eight full batches;
+    /// beyond it the core answers `busy` (503 over HTTP) instead of queueing in memory.
+    pub proposal_queue: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            http_requests: 256,
+            watches: 128,
+            connections_per_peer: 32,
+            streams_per_connection: 64,
+            proposal_queue: 4096,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("http_requests", self.http_requests as u64),
+            ("watches", self.watches as u64),
+            ("connections_per_peer", self.connections_per_peer as u64),
+            (
+                "streams_per_connection",
+                u64::from(self.streams_per_connection),
+            ),
+            ("proposal_queue", self.proposal_queue as u64),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::LimitZero { field });
+            }
+        }
+        if self.watches >= self.http_requests {
+            return Err(ConfigError::WatchesOverRequests {
+                watches: self.watches,
+                requests: self.http_requests,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -244,6 +374,8 @@ pub struct NodeConfig {
     pub stream: StreamConfig,
     /// The tree's control plane; its `fanout` is kept equal to `stream.fanout`.
     pub overlay: OverlayConfig,
+    /// How many requests clients and peers may have running at once.
+    pub limits: LimitsConfig,
     /// The file holding the token that API writes and membership changes must present.
     /// `None` (the default): `DATA/api-token`, created with a random token and mode 0600 at
     /// first start, so a node is never writable by anyone who can reach its API port.
@@ -266,6 +398,7 @@ impl NodeConfig {
             return Err(ConfigError::BadName(self.name.clone()));
         }
         self.stream.validate()?;
+        self.limits.validate()?;
         self.overlay
             .validate()
             .map_err(|e| ConfigError::Overlay(e.to_string()))?;
@@ -301,6 +434,14 @@ impl NodeConfig {
     pub fn is_core(&self) -> bool {
         matches!(self.kind, NodeKind::Core { .. })
     }
+
+    /// The QUIC transport settings of this node's endpoint.
+    pub fn transport(&self) -> crate::tls::TransportConfig {
+        crate::tls::TransportConfig {
+            max_concurrent_bidi: self.limits.streams_per_connection,
+            ..self.stream.transport()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -318,6 +459,7 @@ mod tests {
             },
             stream: StreamConfig::default(),
             overlay: OverlayConfig::default(),
+            limits: LimitsConfig::default(),
             api_token_file: None,
             seed: None,
         }

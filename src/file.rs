@@ -44,7 +44,7 @@ pub use crate::merkle::{
 };
 pub use crate::update::{
     ApplyOutcome, FileError, Hash, Op, Precondition, Update, DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN,
-    MAX_CHUNK_SIZE,
+    MAX_CHUNK_COUNT, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
 
 fn to_index(i: u64) -> Option<usize> {
@@ -116,6 +116,50 @@ impl ChunkedFile {
             .map(Bytes::copy_from_slice)
             .collect();
         Ok(Self::from_parts(chunk_size, max_len, len, version, chunks))
+    }
+
+    /// Reads a file of `len` bytes from `r`, a chunk at a time: memory grows by the content
+    /// read, never by the length declared, and all-zero chunks share one buffer (a sparse
+    /// copy on disk costs no memory for its holes).
+    pub fn from_reader<R: std::io::Read>(
+        chunk_size: u32,
+        max_len: u64,
+        len: u64,
+        r: &mut R,
+        version: u64,
+    ) -> Result<Self, FileError> {
+        check_chunk_size(chunk_size)?;
+        if len > max_len {
+            return Err(FileError::TooLarge { len, max: max_len });
+        }
+        let count = chunk_count_for(len, chunk_size);
+        if count > MAX_CHUNK_COUNT {
+            return Err(FileError::TooManyChunks {
+                len,
+                chunk_size,
+                chunks: count,
+                max: MAX_CHUNK_COUNT,
+            });
+        }
+        let zero = Bytes::from(vec![0u8; u64::from(chunk_size).min(len) as usize]);
+        let mut chunks = Vec::new();
+        let mut leaves = Vec::new();
+        for i in 0..count {
+            let n = chunk_len_for(len, chunk_size, i) as usize;
+            let mut buf = vec![0u8; n];
+            r.read_exact(&mut buf)
+                .map_err(|e| FileError::Read(format!("chunk {i}: {e}")))?;
+            let chunk = if n == zero.len() && buf == zero[..] {
+                zero.clone()
+            } else {
+                Bytes::from(buf)
+            };
+            leaves.push(leaf_hash(&chunk));
+            chunks.push(chunk);
+        }
+        Ok(Self::from_leaves(
+            chunk_size, max_len, len, version, chunks, leaves,
+        ))
     }
 
     fn from_parts(
@@ -565,6 +609,28 @@ impl ChunkedFile {
     }
 }
 
+impl ChunkedFile {
+    /// The update that turns this content into `target`'s, by chunk hash: one write per
+    /// chunk that differs (sharing `target`'s chunk, not copying it), then a truncate if
+    /// `target` is shorter. Both must have the same chunk size.
+    pub fn diff_to_file(&self, target: &ChunkedFile) -> Update {
+        let cs = u64::from(target.chunk_size);
+        let mut ops: Vec<Op> = (0..target.chunk_count())
+            .filter(|&i| {
+                self.chunk_size != target.chunk_size || self.chunk_hash(i) != target.chunk_hash(i)
+            })
+            .map(|i| Op::Write {
+                offset: i * cs,
+                data: target.chunk(i).unwrap_or_default(),
+            })
+            .collect();
+        if target.len < self.len {
+            ops.push(Op::Truncate { len: target.len });
+        }
+        Update { ops }
+    }
+}
+
 /// Builds a ChunkedFile from chunks received out of order (full transfer / backfill) and
 /// verifies the root.
 pub struct FileBuilder {
@@ -576,6 +642,10 @@ pub struct FileBuilder {
     chunks: Vec<Option<Bytes>>,
     leaves: Vec<Hash>,
     missing: u64,
+    /// A full-size chunk of zeros and its leaf: every all-zero chunk put is stored as this
+    /// one buffer, so a file extended by a truncate costs no memory per chunk when it is
+    /// received.
+    zero: (Bytes, Hash),
 }
 
 impl fmt::Debug for FileBuilder {
@@ -603,7 +673,17 @@ impl FileBuilder {
             return Err(FileError::TooLarge { len, max: max_len });
         }
         let count = chunk_count_for(len, chunk_size);
+        if count > MAX_CHUNK_COUNT {
+            return Err(FileError::TooManyChunks {
+                len,
+                chunk_size,
+                chunks: count,
+                max: MAX_CHUNK_COUNT,
+            });
+        }
         let n = to_index(count).ok_or(FileError::TooLarge { len, max: max_len })?;
+        let zero = Bytes::from(vec![0u8; u64::from(chunk_size).min(len) as usize]);
+        let zero_leaf = leaf_hash(&zero);
         Ok(FileBuilder {
             chunk_size,
             max_len,
@@ -613,6 +693,7 @@ impl FileBuilder {
             chunks: vec![None; n],
             leaves: vec![[0; 32]; n],
             missing: count,
+            zero: (zero, zero_leaf),
         })
     }
 
@@ -666,6 +747,11 @@ impl FileBuilder {
             });
         }
         self.leaves[i] = leaf;
+        let data = if leaf == self.zero.1 && data.len() == self.zero.0.len() {
+            self.zero.0.clone()
+        } else {
+            data
+        };
         if self.chunks[i].replace(data).is_none() {
             self.missing -= 1;
         }
@@ -1162,6 +1248,77 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_builder_refuses_chunk_counts_it_cannot_index_before_allocating() {
+        // Chunk size 1 and 1 TiB: 2^40 chunks would be 48 TiB of index.
+        assert!(matches!(
+            FileBuilder::new(1, u64::MAX, 1 << 40, 1, [0; 32]),
+            Err(FileError::TooManyChunks { chunks, .. }) if chunks == 1 << 40
+        ));
+        assert!(matches!(
+            FileBuilder::new(MAX_CHUNK_SIZE, u64::MAX, u64::MAX, 1, [0; 32]),
+            Err(FileError::TooManyChunks { .. })
+        ));
+        let most = MAX_CHUNK_COUNT * 4096;
+        assert_eq!(
+            FileBuilder::new(4096, most, most, 1, [0; 32])
+                .unwrap()
+                .chunk_count(),
+            MAX_CHUNK_COUNT
+        );
+        assert!(FileBuilder::new(4096, u64::MAX, most + 1, 1, [0; 32]).is_err());
+    }
+
+    #[test]
+    fn all_zero_chunks_share_one_buffer_when_received_and_when_read() {
+        let mut src = ChunkedFile::new(4096, 1 << 30).unwrap();
+        src.apply(1, &upd(vec![t(1 << 24), w(5000, b"x")])).unwrap();
+        let mut b = FileBuilder::new(4096, 1 << 30, src.len(), 1, src.root()).unwrap();
+        for i in 0..src.chunk_count() {
+            let copy = Bytes::copy_from_slice(&src.chunk(i).unwrap());
+            b.put_chunk(i, copy).unwrap();
+        }
+        let got = b.finish().unwrap();
+        assert_eq!(got.root(), src.root());
+        let ptr = |i: u64| got.chunk(i).unwrap().as_ptr();
+        assert_eq!(ptr(0), ptr(2));
+        assert_eq!(ptr(2), ptr(4000));
+        assert_ne!(ptr(1), ptr(2), "the written chunk is its own");
+        let bytes = src.to_vec();
+        let read = ChunkedFile::from_reader(4096, 1 << 30, src.len(), &mut &bytes[..], 1).unwrap();
+        assert_eq!(read.root(), src.root());
+        assert_eq!(
+            read.chunk(7).unwrap().as_ptr(),
+            read.chunk(9).unwrap().as_ptr()
+        );
+        assert!(matches!(
+            ChunkedFile::from_reader(4096, 1 << 30, src.len() + 1, &mut &bytes[..], 1),
+            Err(FileError::Read(_))
+        ));
+        assert!(matches!(
+            ChunkedFile::from_reader(4096, 100, src.len(), &mut &bytes[..], 1),
+            Err(FileError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn diff_to_file_turns_one_version_into_another() {
+        let a = ChunkedFile::from_bytes(16, MAX, &[1u8; 100], 1).unwrap();
+        let mut content = vec![1u8; 70];
+        content[20] = 9;
+        let b = ChunkedFile::from_bytes(16, MAX, &content, 2).unwrap();
+        let mut x = a.clone();
+        let d = a.diff_to_file(&b);
+        assert_eq!(
+            d.byte_size(),
+            16 + 6,
+            "the changed chunk and the new last one"
+        );
+        x.apply(3, &d).unwrap();
+        assert_eq!(x.to_vec(), content);
+        assert!(b.diff_to_file(&b).is_empty());
+    }
+
     fn op_strategy() -> impl Strategy<Value = Op> {
         let bytes = prop::collection::vec(0u8..3, 0..80);
         prop_oneof![
@@ -1268,6 +1425,44 @@ mod tests {
                 snap.root(),
                 ChunkedFile::from_bytes(cs, 1024, &init, 0).unwrap().root()
             );
+        }
+
+        /// Hostile shapes a peer may declare: chunk size 1, lengths near `u64::MAX`,
+        /// maxima below the length. Refused or sized within the index limit; never a panic.
+        #[test]
+        fn prop_hostile_builder_shapes(
+            cs_exp in 0u32..26,
+            len in prop_oneof![Just(u64::MAX), (u64::MAX - 4096)..=u64::MAX, any::<u64>(), 0u64..(1 << 22)],
+            max_len in prop_oneof![Just(u64::MAX), any::<u64>(), 0u64..(1 << 22)],
+        ) {
+            if let Ok(b) = FileBuilder::new(1 << cs_exp, max_len, len, 1, [0; 32]) {
+                prop_assert!(b.chunk_count() <= MAX_CHUNK_COUNT);
+                prop_assert!(len <= max_len);
+            }
+        }
+
+        /// Writes and truncates at or past `max_len`, with offsets near `u64::MAX`: the
+        /// whole update is refused and nothing changes.
+        #[test]
+        fn prop_ops_past_max_len_change_nothing(
+            offset in prop_oneof![(u64::MAX - 64)..=u64::MAX, 4000u64..5000, any::<u64>()],
+            len in prop_oneof![(u64::MAX - 64)..=u64::MAX, 4097u64..8000],
+            data in prop::collection::vec(any::<u8>(), 1..64),
+        ) {
+            let max = 4096;
+            let mut f = ChunkedFile::from_bytes(16, max, &[3u8; 100], 1).unwrap();
+            let before = (f.root(), f.len(), f.version());
+            let end = offset.checked_add(data.len() as u64);
+            let ops = vec![w(0, b"ok"), w(offset, &data)];
+            let r = f.apply(2, &upd(ops));
+            if end.is_none_or(|e| e > max) {
+                let too_large = matches!(r, Err(FileError::TooLarge { .. }));
+                prop_assert!(too_large, "{:?}", r);
+                prop_assert_eq!((f.root(), f.len(), f.version()), before);
+            }
+            let mut g = ChunkedFile::from_bytes(16, max, &[3u8; 100], 1).unwrap();
+            prop_assert!(g.apply(2, &upd(vec![w(0, b"ok"), t(len)])).is_err());
+            prop_assert_eq!((g.root(), g.len(), g.version()), before);
         }
 
         #[test]

@@ -153,6 +153,7 @@ pub async fn start_local_node(
         kind,
         stream,
         overlay: Default::default(),
+        limits: Default::default(),
         api_token_file: None,
         seed: None,
     };

@@ -577,7 +577,7 @@ impl<I: Id> Overlay<I> {
                 Some(p) => {
                     let mut path = p.root_path.clone();
                     path.push(self.name.clone());
-                    (Some(p.depth + 1), path)
+                    (Some(p.depth.saturating_add(1)), path)
                 }
                 None => (None, Vec::new()),
             }
@@ -636,7 +636,7 @@ impl<I: Id> Overlay<I> {
         if self.core {
             Some(0)
         } else {
-            self.parent.as_ref().map(|p| p.depth + 1)
+            self.parent.as_ref().map(|p| p.depth.saturating_add(1))
         }
     }
 

@@ -9,12 +9,17 @@
 //!   installs, so a transfer interrupted and restarted (from any source) never fetches it
 //!   twice.
 //! - A chunk's bytes are shared with the file on both sides, never copied into a frame.
+//! - What a `SnapshotBegin` declares is checked before anything is sized by it: the chunk
+//!   size must be this node's, the length within `max_len`, and the manifest exactly one
+//!   hash per chunk.
 
 use std::collections::HashMap;
 
 use bytes::Bytes;
 
-use crate::file::{chunk_len_for, leaf_hash, root_of, ChunkedFile, FileBuilder, FileError, Hash};
+use crate::file::{
+    chunk_count_for, chunk_len_for, leaf_hash, root_of, ChunkedFile, FileBuilder, FileError, Hash,
+};
 use crate::proto::{self, downstream::Kind as Down};
 use crate::wire;
 
@@ -100,6 +105,22 @@ impl Receiving {
         salvage: &mut Salvage,
     ) -> Result<Self, TransferError> {
         let root = to_hash(&b.root)?;
+        if b.chunk_size != file.chunk_size() {
+            return Err(FileError::BadChunkSize(b.chunk_size).into());
+        }
+        if b.length > max_len {
+            return Err(FileError::TooLarge {
+                len: b.length,
+                max: max_len,
+            }
+            .into());
+        }
+        let count = chunk_count_for(b.length, b.chunk_size);
+        if !b.chunk_hashes.is_empty() && b.chunk_hashes.len() as u64 != count {
+            return Err(TransferError::BadManifest {
+                root: hex::encode(root),
+            });
+        }
         let mut builder = FileBuilder::new(b.chunk_size, max_len, b.length, b.version, root)?;
         let manifest = b
             .chunk_hashes
@@ -107,9 +128,7 @@ impl Receiving {
             .map(|h| to_hash(h))
             .collect::<Result<Vec<_>, _>>()?;
         if !manifest.is_empty() {
-            if manifest.len() as u64 != builder.chunk_count()
-                || root_of(b.chunk_size, b.length, &manifest) != root
-            {
+            if root_of(b.chunk_size, b.length, &manifest) != root {
                 return Err(TransferError::BadManifest {
                     root: hex::encode(root),
                 });
@@ -283,4 +302,53 @@ pub fn snapshot_frames_below<'a>(
     std::iter::once((None, begin.into()))
         .chain(chunks)
         .chain(std::iter::once((None, end.into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn begin(chunk_size: u32, length: u64, hashes: usize) -> proto::SnapshotBegin {
+        proto::SnapshotBegin {
+            version: 1,
+            length,
+            root: Bytes::from(vec![0u8; 32]),
+            chunk_size,
+            chunk_hashes: vec![Bytes::from(vec![0u8; 32]); hashes],
+            ..Default::default()
+        }
+    }
+
+    fn start(b: proto::SnapshotBegin, max_len: u64) -> Option<TransferError> {
+        let file = ChunkedFile::new(4096, 1 << 30).unwrap();
+        Receiving::begin(b, max_len, &file, &mut Salvage::default()).err()
+    }
+
+    #[test]
+    fn what_a_begin_declares_is_checked_before_anything_is_sized_by_it() {
+        assert_eq!(
+            start(begin(1, 1 << 40, 0), u64::MAX),
+            Some(TransferError::File(FileError::BadChunkSize(1)))
+        );
+        assert_eq!(
+            start(begin(4096, 1 << 40, 0), 1 << 30),
+            Some(TransferError::File(FileError::TooLarge {
+                len: 1 << 40,
+                max: 1 << 30
+            }))
+        );
+        assert!(matches!(
+            start(begin(4096, u64::MAX, 0), u64::MAX),
+            Some(TransferError::File(FileError::TooManyChunks { .. }))
+        ));
+        assert!(matches!(
+            start(begin(4096, 8192, 3), 1 << 30),
+            Some(TransferError::BadManifest { .. })
+        ));
+        assert!(matches!(
+            start(begin(4096, 8192, 2), 1 << 30),
+            Some(TransferError::BadManifest { .. })
+        ));
+        assert_eq!(start(begin(4096, 8192, 0), 1 << 30), None);
+    }
 }

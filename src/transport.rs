@@ -3,7 +3,8 @@
 //!
 //! Invariants:
 //! - A reader checks a frame's length against its cap before allocating anything for the
-//!   body, then allocates the whole frame once.
+//!   body, then allocates the whole frame once; the cap may depend on the frame's kind
+//!   ([`read_raw_by_kind`]).
 //! - End of stream exactly between frames is a clean end (`Ok(None)`); end of stream anywhere
 //!   inside a frame, including inside the prefix, is [`WireError::Truncated`].
 //! - A frame read by [`read_raw`] is forwarded byte for byte by [`write_raw`].
@@ -248,6 +249,18 @@ pub async fn read_raw(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<Option<RawFrame>, StreamError> {
+    read_raw_by_kind(recv, max, |_| max).await
+}
+
+/// [`read_raw`] with a cap that depends on what the frame carries: `cap_of` gets the
+/// number of the frame's first field ([`wire::first_field`]: which oneof variant a
+/// `Request` or `Downstream` holds) once its first byte is in, and the frame is refused if
+/// it is longer than the cap, before anything is allocated for it.
+pub async fn read_raw_by_kind(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    cap_of: impl FnOnce(u32) -> usize,
+) -> Result<Option<RawFrame>, StreamError> {
     let mut prefix = [0u8; PREFIX_LEN];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -256,8 +269,27 @@ pub async fn read_raw(
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
     let len = wire::body_len(prefix, max)?;
+    let mut first = [0u8; 1];
+    if len > 0 {
+        match recv.read_exact(&mut first).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(WireError::Truncated.into()),
+            Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+        }
+    }
+    let cap = cap_of(if len > 0 {
+        wire::first_field(&first)
+    } else {
+        0
+    });
+    if len > cap {
+        return Err(WireError::TooLarge { len, max: cap }.into());
+    }
     let mut frame = BytesMut::with_capacity(PREFIX_LEN + len);
     frame.extend_from_slice(&prefix);
+    if len > 0 {
+        frame.extend_from_slice(&first);
+    }
     // Copy quinn's chunks straight in: no zero-fill of the buffer first.
     while frame.len() < PREFIX_LEN + len {
         let want = PREFIX_LEN + len - frame.len();

@@ -34,10 +34,16 @@ impl ApplyOutcome {
 }
 
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
-/// Default maximum file length (guards against `Write{offset: 1<<62}` allocating the world).
-pub const DEFAULT_MAX_LEN: u64 = 64 * 1024 * 1024 * 1024;
+/// Default maximum file length (see `StreamConfig::max_len` for the trade-off).
+pub const DEFAULT_MAX_LEN: u64 = 16 * 1024 * 1024 * 1024;
 /// Largest accepted chunk size.
 pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+/// Smallest chunk size a node is configured with: below it the per-chunk index and hash
+/// tree outweigh the content they describe.
+pub const MIN_CHUNK_SIZE: u32 = 4096;
+/// Most chunks a file may have (a transfer's chunk index is sized by the declared length
+/// before any chunk arrives): 2^20, 150 MiB of index at most.
+pub const MAX_CHUNK_COUNT: u64 = 1 << 20;
 
 pub type Hash = [u8; 32];
 
@@ -79,6 +85,15 @@ pub enum FileError {
     RootMismatch { expected: String, got: String },
     #[error("file incomplete: {missing} chunks missing")]
     Incomplete { missing: u64 },
+    #[error("reading the content: {0}")]
+    Read(String),
+    #[error("{len} bytes in chunks of {chunk_size} make {chunks} chunks, over the limit of {max}")]
+    TooManyChunks {
+        len: u64,
+        chunk_size: u32,
+        chunks: u64,
+        max: u64,
+    },
 }
 
 impl TryFrom<proto::Update> for Update {

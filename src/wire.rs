@@ -6,6 +6,9 @@
 //! - A length is checked against its cap before anything is allocated for the body.
 //! - A [`RawFrame`] holds the frame byte-for-byte as received (prefix included), so it can be
 //!   forwarded verbatim.
+//! - A frame's repeated fields can be counted before it is decoded ([`check_counts`]): a
+//!   decoded element costs up to a hundred times its two bytes on the wire, so the count,
+//!   not the frame size, bounds what decoding allocates.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -24,6 +27,14 @@ pub enum WireError {
     Decode(#[from] prost::DecodeError),
     #[error("stream ended inside a frame")]
     Truncated,
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+    #[error("{count} {what} in one frame, over the limit of {max}")]
+    TooMany {
+        what: &'static str,
+        count: u64,
+        max: u64,
+    },
 }
 
 /// One frame as received: length prefix plus body.
@@ -148,11 +159,151 @@ pub(crate) fn body_len(prefix: [u8; PREFIX_LEN], max: usize) -> Result<usize, Wi
     Ok(len)
 }
 
+/// A bound on how often one repeated field occurs in a frame: `field` of the message
+/// reached through the length-delimited fields `path` (from the frame's top message).
+#[derive(Clone, Copy, Debug)]
+pub struct CountBound {
+    pub path: &'static [u32],
+    pub field: u32,
+    pub max: u64,
+    pub what: &'static str,
+}
+
+/// Checks every bound against the protobuf message `body` without decoding it.
+pub fn check_counts(body: &[u8], bounds: &[CountBound]) -> Result<(), WireError> {
+    for b in bounds {
+        let count = count_field(body, b.path, b.field)?;
+        if count > b.max {
+            return Err(WireError::TooMany {
+                what: b.what,
+                count,
+                max: b.max,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// How many times `field` occurs in the message reached from `body` through the
+/// length-delimited fields `path`. Every occurrence of a path field is followed, as a
+/// decoder merges repeated occurrences of a message field.
+pub fn count_field(body: &[u8], path: &[u32], field: u32) -> Result<u64, WireError> {
+    let mut count = 0u64;
+    let mut rest = body;
+    while !rest.is_empty() {
+        let key = read_varint(&mut rest)?;
+        let number = u32::try_from(key >> 3).map_err(|_| WireError::Malformed("field number"))?;
+        let value: Option<&[u8]> = match key & 7 {
+            0 => {
+                read_varint(&mut rest)?;
+                None
+            }
+            1 => {
+                rest = rest.get(8..).ok_or(WireError::Malformed("fixed64"))?;
+                None
+            }
+            5 => {
+                rest = rest.get(4..).ok_or(WireError::Malformed("fixed32"))?;
+                None
+            }
+            2 => {
+                let len = usize::try_from(read_varint(&mut rest)?)
+                    .map_err(|_| WireError::Malformed("length"))?;
+                if len > rest.len() {
+                    return Err(WireError::Malformed("length past the end"));
+                }
+                let (v, r) = rest.split_at(len);
+                rest = r;
+                Some(v)
+            }
+            _ => return Err(WireError::Malformed("wire type")),
+        };
+        match path.split_first() {
+            None if number == field => count += 1,
+            Some((first, deeper)) if *first == number => {
+                if let Some(v) = value {
+                    count += count_field(v, deeper, field)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(count)
+}
+
+fn read_varint(buf: &mut &[u8]) -> Result<u64, WireError> {
+    let mut v = 0u64;
+    for i in 0..10 {
+        let (&b, rest) = buf
+            .split_first()
+            .ok_or(WireError::Malformed("varint past the end"))?;
+        *buf = rest;
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(WireError::Malformed("varint longer than 10 bytes"))
+}
+
+/// The field number of the first field of `body` when its key fits one byte (every oneof
+/// of the frames here does), else 0: what a message-typed frame carries, known from its
+/// first bytes before the rest is read.
+pub fn first_field(body_start: &[u8]) -> u32 {
+    match body_start.first() {
+        Some(&b) if b < 0x80 => u32::from(b >> 3),
+        _ => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proto;
     use proptest::prelude::*;
+
+    #[test]
+    fn counts_repeated_fields_without_decoding() {
+        let sub = proto::Request {
+            kind: Some(proto::request::Kind::Subscribe(proto::Subscribe {
+                name: "x".into(),
+                have_chunks: vec![Bytes::new(); 1000],
+                ..Default::default()
+            })),
+        };
+        let body = prost::Message::encode_to_vec(&sub);
+        assert_eq!(first_field(&body), 1);
+        assert_eq!(count_field(&body, &[1], 5).unwrap(), 1000);
+        assert_eq!(count_field(&body, &[1], 4).unwrap(), 0);
+        assert_eq!(count_field(&body, &[2], 5).unwrap(), 0);
+        let bound = |max| CountBound {
+            path: &[1],
+            field: 5,
+            max,
+            what: "chunk hashes",
+        };
+        check_counts(&body, &[bound(1000)]).unwrap();
+        assert!(matches!(
+            check_counts(&body, &[bound(999)]),
+            Err(WireError::TooMany {
+                count: 1000,
+                max: 999,
+                ..
+            })
+        ));
+        // Two occurrences of the message field merge when decoded: both are counted.
+        let mut twice = body.clone();
+        twice.extend_from_slice(&body);
+        assert_eq!(count_field(&twice, &[1], 5).unwrap(), 2000);
+        assert!(count_field(&body[..body.len() - 1], &[1], 5).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn count_field_never_panics(body in proptest::collection::vec(any::<u8>(), 0..200), path in proptest::collection::vec(0u32..8, 0..3), field in 0u32..8) {
+            let _ = count_field(&body, &path, field);
+        }
+    }
 
     fn write_op(offset: u64, data: Vec<u8>) -> proto::Update {
         proto::Update {

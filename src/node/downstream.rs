@@ -35,7 +35,7 @@ use super::shared::{now_us, ChildLink, Shared, State};
 pub(crate) const MAX_SUGGESTED_SOURCES: usize = 8;
 
 /// Most chunks one `FetchChunks` may ask for.
-const MAX_FETCH_BATCH: usize = crate::config::MAX_FETCH_WINDOW as usize;
+pub(crate) const MAX_FETCH_BATCH: usize = crate::config::MAX_FETCH_WINDOW as usize;
 
 /// Largest frame a child may send up its subscription stream (a limit and a report).
 const MAX_CHILD_FRAME: usize = 64;
@@ -507,18 +507,15 @@ pub(crate) async fn serve_fetch(
     loop {
         let batch = match next.take() {
             Some(b) => b,
-            None => {
-                let max = shared.cfg.stream.max_frame;
-                match transport::read_frame::<proto::FetchChunks>(&mut recv, max).await {
-                    Ok(Some(b)) => b,
-                    Ok(None) => {
-                        let _ = send.finish();
-                        return;
-                    }
-                    Err(e) if e.is_reset() => return,
-                    Err(e) => return close_bad(&shared, &conn, &peer, &e.to_string()),
+            None => match read_fetch(&mut recv).await {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    let _ = send.finish();
+                    return;
                 }
-            }
+                Err(e) if e.is_reset() => return,
+                Err(e) => return close_bad(&shared, &conn, &peer, &e.to_string()),
+            },
         };
         if batch.indices.len() != batch.hashes.len() || batch.indices.len() > MAX_FETCH_BATCH {
             return close_bad(&shared, &conn, &peer, "malformed fetch request");
@@ -562,6 +559,34 @@ pub(crate) async fn serve_fetch(
             shared.metrics.backfill_served.increment(len as u64);
         }
     }
+}
+
+/// Largest `FetchChunks` frame: [`MAX_FETCH_BATCH`] indices and hashes.
+const MAX_FETCH_FRAME: usize = 64 * 1024;
+
+/// The next `FetchChunks` on a fetch stream, bounded in size and counted before decoding.
+async fn read_fetch(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<proto::FetchChunks>, StreamError> {
+    let Some(raw) = transport::read_raw(recv, MAX_FETCH_FRAME).await? else {
+        return Ok(None);
+    };
+    let bounds = [
+        crate::wire::CountBound {
+            path: &[],
+            field: 1,
+            max: MAX_FETCH_BATCH as u64,
+            what: "indices in a fetch",
+        },
+        crate::wire::CountBound {
+            path: &[],
+            field: 2,
+            max: MAX_FETCH_BATCH as u64,
+            what: "hashes in a fetch",
+        },
+    ];
+    crate::wire::check_counts(&raw.body(), &bounds)?;
+    Ok(Some(raw.decode()?))
 }
 
 /// Closes a connection whose peer sent something malformed, counting and logging why; the

@@ -53,6 +53,9 @@ pub enum NodeError {
     Identity(String),
     #[error("{0}")]
     Forbidden(String),
+    /// The core's proposal queue is full: nothing was proposed.
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("the core may or may not have committed the write (connection lost after sending: {0}); check the version and retry if needed")]
     OutcomeUnknown(String),
 }

@@ -51,7 +51,7 @@ pub(crate) fn reload(shared: &Shared, id: Arc<Identity>) -> Result<(), NodeError
             id.name, id.role, shared.cfg.name, shared.role
         )));
     }
-    let tc = shared.cfg.stream.transport();
+    let tc = shared.cfg.transport();
     let server = tls::server_config(&id, &tc).map_err(|e| NodeError::Identity(e.to_string()))?;
     let client = tls::client_config(&id, &tc).map_err(|e| NodeError::Identity(e.to_string()))?;
     let verifier = Verifier::new(id.clone());

@@ -58,6 +58,7 @@ pub(crate) fn status(shared: &Shared) -> Status {
         file_version: shared.materialized.borrow().map(|(v, _)| v),
         file_root: shared.materialized.borrow().map(|(_, r)| hex::encode(r)),
         file_path: shared.cfg.file.as_ref().map(|p| p.display().to_string()),
+        disk_full: shared.disk_full.load(Ordering::Relaxed),
         core_addrs: shared.core_addrs(&st),
         stats: StatsView {
             entries_applied: stats.entries_applied.load(Ordering::Relaxed),

@@ -40,7 +40,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use parking_lot::Mutex;
 use quinn::VarInt;
 use tokio::sync::{mpsc, watch, Notify};
@@ -160,11 +159,13 @@ impl Node {
             overlay_wake: Notify::new(),
             applied: watch::channel((0, 0)).0,
             materialized: watch::channel(None).0,
+            disk_full: std::sync::atomic::AtomicBool::new(false),
             core: OnceLock::new(),
             endpoint,
             core_conns: tokio::sync::Mutex::new(BTreeMap::new()),
             core_pick: AtomicUsize::new(0),
             batcher: OnceLock::new(),
+            proposals_queued: AtomicUsize::new(0),
             serving: Serving {
                 permits: Arc::new(tokio::sync::Semaphore::new(
                     cfg.stream.max_backfills as usize,
@@ -377,9 +378,11 @@ impl From<NodeError> for BackendError {
     fn from(e: NodeError) -> Self {
         match e {
             NodeError::UpdateTooLarge { .. }
+            | NodeError::File(crate::file::FileError::TooLarge { .. })
             | NodeError::Consensus(ConsensusError::TooLarge { .. }) => {
                 BackendError::TooLarge(e.to_string())
             }
+            NodeError::Busy(_) => BackendError::Busy(e.to_string()),
             NodeError::Consensus(
                 ConsensusError::InvalidProposal(_) | ConsensusError::BadMember { .. },
             ) => BackendError::Invalid(e.to_string()),
@@ -411,20 +414,20 @@ impl Backend for Node {
         self.0.cfg.stream.max_update_bytes
     }
 
+    fn max_len(&self) -> u64 {
+        self.0.cfg.stream.max_len
+    }
+
+    fn limits(&self) -> crate::config::LimitsConfig {
+        self.0.cfg.limits.clone()
+    }
+
     async fn write(
         &self,
         update: Update,
         precondition: Option<Precondition>,
     ) -> Result<ApplyOutcome, BackendError> {
         Ok(propose::write(&self.0, &update, precondition.as_ref()).await?)
-    }
-
-    async fn replace(
-        &self,
-        content: Bytes,
-        if_version: Option<u64>,
-    ) -> Result<ApplyOutcome, BackendError> {
-        Ok(propose::replace(&self.0, &content, if_version).await?)
     }
 
     async fn tree(&self) -> Vec<proto::TreeNode> {

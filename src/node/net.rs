@@ -5,6 +5,8 @@
 //! - Every outgoing connection goes through [`transport::dial`] (the consensus network's
 //!   dialer does too), so resolving, the handshake timeout and the certificate check live in
 //!   one place.
+//! - A reply is read within the bounds of its kind ([`Reply`]): its size, and the counts of
+//!   its repeated fields before it is decoded.
 //! - There is one cache of connections to core nodes, by address, shared by proposals,
 //!   membership requests and forwarding between core nodes; a closed or failed connection is
 //!   dropped from it and redialed on next use.
@@ -14,7 +16,9 @@ use std::time::Duration;
 
 use crate::proto::{self, request};
 use crate::transport::{self, Expect};
-use crate::wire::WireError;
+use crate::wire::{self, CountBound, WireError};
+
+use super::inspect::MAX_TREE_DEPTH;
 
 use super::error::NodeError;
 use super::shared::Shared;
@@ -35,8 +39,57 @@ pub(crate) async fn connect(shared: &Shared, addr: &str) -> Result<quinn::Connec
     .await?)
 }
 
+/// A reply to a request this node makes, with the bounds it is read within: its largest
+/// frame, and the counts of its repeated fields (checked before it is decoded).
+pub(crate) trait Reply: prost::Message + Default {
+    const MAX_FRAME: usize;
+    const COUNTS: &'static [CountBound];
+}
+
+/// Most nodes one tree reply may list (the subtree below the asked node).
+const MAX_TREE_NODES: u64 = 1 << 17;
+
+impl Reply for proto::SampleReply {
+    const MAX_FRAME: usize = 512 * 1024;
+    const COUNTS: &'static [CountBound] = &[
+        CountBound {
+            path: &[],
+            field: 2,
+            max: 64,
+            what: "peers in a sample reply",
+        },
+        CountBound {
+            path: &[2],
+            field: 5,
+            max: 64 * (MAX_TREE_DEPTH as u64 + 1),
+            what: "root path names in a sample reply",
+        },
+        CountBound {
+            path: &[1],
+            field: 5,
+            max: MAX_TREE_DEPTH as u64 + 1,
+            what: "root path names in a sample reply",
+        },
+    ];
+}
+
+impl Reply for proto::TreeReply {
+    const MAX_FRAME: usize = 16 << 20;
+    const COUNTS: &'static [CountBound] = &[CountBound {
+        path: &[],
+        field: 1,
+        max: MAX_TREE_NODES,
+        what: "nodes in a tree reply",
+    }];
+}
+
+impl Reply for proto::AdminReply {
+    const MAX_FRAME: usize = 64 * 1024;
+    const COUNTS: &'static [CountBound] = &[];
+}
+
 /// One request and its single reply on a new bidirectional stream to `addr`.
-pub(crate) async fn exchange<Rep: prost::Message + Default>(
+pub(crate) async fn exchange<Rep: Reply>(
     shared: &Shared,
     addr: &str,
     kind: request::Kind,
@@ -46,8 +99,8 @@ pub(crate) async fn exchange<Rep: prost::Message + Default>(
 }
 
 /// One request and its single reply on a new bidirectional stream of `conn`.
-pub(crate) async fn request<Rep: prost::Message + Default>(
-    shared: &Shared,
+pub(crate) async fn request<Rep: Reply>(
+    _shared: &Shared,
     conn: &quinn::Connection,
     kind: request::Kind,
 ) -> Result<Rep, NodeError> {
@@ -57,9 +110,11 @@ pub(crate) async fn request<Rep: prost::Message + Default>(
     })?;
     transport::write_frame(&mut send, &proto::Request { kind: Some(kind) }).await?;
     let _ = send.finish();
-    transport::read_frame::<Rep>(&mut recv, shared.cfg.stream.max_frame)
+    let raw = transport::read_raw(&mut recv, Rep::MAX_FRAME)
         .await?
-        .ok_or(NodeError::Wire(WireError::Truncated))
+        .ok_or(NodeError::Wire(WireError::Truncated))?;
+    wire::check_counts(&raw.body(), Rep::COUNTS)?;
+    Ok(raw.decode()?)
 }
 
 /// The cached connection to the core node at `addr`, dialed on first use and replaced once

@@ -23,6 +23,7 @@ use crate::proto::{self, request};
 use crate::wire::WireError;
 
 use super::error::NodeError;
+use super::inspect::MAX_TREE_DEPTH;
 use super::net::exchange;
 use super::shared::{now_us, Shared, UpstreamCommand};
 
@@ -69,13 +70,39 @@ pub fn report_to_proto(r: &crate::overlay::Report) -> proto::ChildReport {
     }
 }
 
+/// Longest node name accepted from a peer (names are at most 64 characters).
+pub(crate) const MAX_NAME_LEN: usize = 64;
+/// Longest address accepted from a peer (`host:port`).
+pub(crate) const MAX_ADDR_LEN: usize = 255;
+
+/// Whether `a` may be an address (not empty, at most [`MAX_ADDR_LEN`] bytes).
+pub(crate) fn addr_sane(a: &str) -> bool {
+    !a.is_empty() && a.len() <= MAX_ADDR_LEN
+}
+
+/// Whether a peer description is within bounds: its name, address and path names at most
+/// as long as any node's. Others are dropped before the overlay sees them (they would be
+/// passed on to other peers).
+pub fn peer_sane(p: &proto::PeerInfo) -> bool {
+    p.name.len() <= MAX_NAME_LEN
+        && addr_sane(&p.addr)
+        && p.root_path.iter().all(|n| n.len() <= MAX_NAME_LEN)
+}
+
+/// A peer as another node described it. A depth of [`MAX_TREE_DEPTH`] or more, or a root
+/// path longer than that allows, is not believed: the peer counts as unattached (so no
+/// depth arithmetic ever runs on a value near `u32::MAX`).
 pub fn peer_from_proto(p: proto::PeerInfo) -> Peer {
+    let sane = p.root_path.len() <= MAX_TREE_DEPTH as usize + 1;
+    let depth = u32::try_from(p.depth)
+        .ok()
+        .filter(|d| *d < MAX_TREE_DEPTH && sane);
     Peer::new(PeerInfo {
         name: p.name,
         addr: p.addr,
-        depth: u32::try_from(p.depth).ok(),
+        depth,
         free_slots: p.free_slots,
-        root_path: p.root_path,
+        root_path: if sane { p.root_path } else { Vec::new() },
         height: p.height.min(crate::overlay::MAX_HEIGHT),
         room: p.room.min(crate::overlay::MAX_HEIGHT),
         zone: zone_from_proto(p.zone),
@@ -196,7 +223,9 @@ async fn request_sample(
         })??;
     let info = r
         .info
+        .filter(peer_sane)
         .map(peer_from_proto)
-        .ok_or(NodeError::Wire(WireError::Truncated))?;
-    Ok((info, r.peers.into_iter().map(peer_from_proto).collect()))
+        .ok_or(NodeError::Wire(WireError::Malformed("sample reply")))?;
+    let peers = r.peers.into_iter().filter(peer_sane).map(peer_from_proto);
+    Ok((info, peers.collect()))
 }

@@ -8,7 +8,13 @@
 //! - A proposal is re-sent only while it has certainly not reached a core node
 //!   ([`Forward::NotSent`]), or with the same id.
 //! - A proposal is forwarded between core nodes at most [`MAX_HOPS`] times (stale hints).
+//! - Every proposal from outside the core passes [`check`] on whichever path it arrives
+//!   (the local API or `Propose` over QUIC) before it is queued: one `max_update_bytes`
+//!   limit, no op past `max_len`, no batch or root check.
+//! - At most `limits.proposal_queue` proposals wait for a core node's batcher; beyond that
+//!   a write is refused at once as busy (503 over HTTP, `busy` over QUIC), never queued.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +45,13 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Batches in flight at once (openraft pipelines them).
 const MAX_INFLIGHT_BATCHES: usize = 4;
 
+/// Largest answer to a proposal (a version, or a one-line reason).
+const MAX_REPLY: usize = 64 * 1024;
+
+/// Most ops one proposal may carry: a PUT's diff has one per changed chunk (at most
+/// `max_update_bytes / chunk_size` of them), a PATCH or a truncate one.
+pub(crate) const MAX_OPS: usize = 1 << 16;
+
 /// Commits `proposal` through the core (directly on a core node, over QUIC from a relay).
 pub(crate) async fn propose(
     shared: &Arc<Shared>,
@@ -54,29 +67,68 @@ pub(crate) async fn propose(
         let id: [u8; 16] = rand::random();
         proposal.id = Bytes::copy_from_slice(&id);
     }
-    let size = proposal
-        .update
-        .as_ref()
-        .map(|u| {
-            u.ops
-                .iter()
-                .map(|o| match &o.kind {
-                    Some(proto::op::Kind::Write(w)) => w.data.len() as u64,
-                    _ => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0);
-    let max = shared.cfg.stream.max_update_bytes;
-    if size > max {
-        return Err(NodeError::UpdateTooLarge { size, max });
-    }
+    check(shared, &proposal)?;
     shared.metrics.proposals.increment(1);
     let outcome = propose_hops(shared, proposal, 0).await;
     if let Err(e) = &outcome {
         shared.metrics.proposal_failed(failure_label(e));
     }
     outcome
+}
+
+/// The `canopy_rejected_total` reason of an error from [`check`].
+pub(crate) fn check_reason(e: &NodeError) -> &'static str {
+    match e {
+        NodeError::UpdateTooLarge { .. } => "update_too_large",
+        NodeError::File(_) => "over_max_len",
+        _ => "invalid_proposal",
+    }
+}
+
+/// The checks every proposal from outside the core's own batcher passes, on every path (the
+/// local API, and `Propose` over QUIC from a relay or another core node), before it is
+/// queued: no batch or root check (only the core makes those), at most [`MAX_OPS`] ops and
+/// `max_update_bytes` of written data, and no op that would make the file longer than
+/// `max_len` (refused here rather than committed and rejected at apply).
+pub(crate) fn check(shared: &Shared, proposal: &proto::Proposal) -> Result<(), NodeError> {
+    if !proposal.batch.is_empty() || proposal.root_check.is_some() {
+        return Err(NodeError::Rejected(
+            "a proposal from outside the core carries no batch and no root check".into(),
+        ));
+    }
+    let ops = proposal.update.as_ref().map_or(&[][..], |u| &u.ops[..]);
+    if ops.len() > MAX_OPS {
+        return Err(NodeError::Rejected(format!(
+            "{} ops in one update, over the limit of {MAX_OPS}",
+            ops.len()
+        )));
+    }
+    let max = shared.cfg.stream.max_update_bytes;
+    let size: u64 = ops
+        .iter()
+        .map(|o| match &o.kind {
+            Some(proto::op::Kind::Write(w)) => w.data.len() as u64,
+            _ => 0,
+        })
+        .sum();
+    if size > max {
+        return Err(NodeError::UpdateTooLarge { size, max });
+    }
+    let max_len = shared.cfg.stream.max_len;
+    for op in ops {
+        let end = match &op.kind {
+            Some(proto::op::Kind::Write(w)) => w.offset.checked_add(w.data.len() as u64),
+            Some(proto::op::Kind::Truncate(t)) => Some(t.len),
+            None => Some(0),
+        };
+        if end.is_none_or(|e| e > max_len) {
+            return Err(NodeError::File(crate::file::FileError::TooLarge {
+                len: end.unwrap_or(u64::MAX),
+                max: max_len,
+            }));
+        }
+    }
+    Ok(())
 }
 
 /// The `reason` of `canopy_proposal_failures_total` for a proposal that failed with `e`.
@@ -109,7 +161,7 @@ pub(crate) async fn propose_hops(
     // leader is waited for instead.
     let mut dead: Vec<String> = Vec::new();
     loop {
-        match core_propose(shared, proposal.clone()).await {
+        match core_propose(shared, proposal.clone()).await? {
             Err(ConsensusError::NotLeader { leader }) => {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let leader = match leader {
@@ -150,19 +202,28 @@ pub(crate) async fn propose_hops(
     }
 }
 
-/// Commits through this core node's Raft, batched with concurrent proposals.
+/// Commits through this core node's Raft, batched with concurrent proposals. With
+/// `limits.proposal_queue` proposals queued already, refuses at once ([`NodeError::Busy`]).
 async fn core_propose(
     shared: &Shared,
     proposal: proto::Proposal,
-) -> Result<ApplyOutcome, ConsensusError> {
+) -> Result<Result<ApplyOutcome, ConsensusError>, NodeError> {
     let Some(batcher) = shared.batcher.get() else {
-        return Err(ConsensusError::Stopped);
+        return Ok(Err(ConsensusError::Stopped));
     };
+    let limit = shared.cfg.limits.proposal_queue;
+    if shared.proposals_queued.fetch_add(1, Ordering::AcqRel) >= limit {
+        shared.proposals_queued.fetch_sub(1, Ordering::AcqRel);
+        return Err(NodeError::Busy(format!(
+            "the core's proposal queue is full ({limit} proposals, limits.proposal_queue); retry shortly"
+        )));
+    }
     let (reply, rx) = oneshot::channel();
     if batcher.send(QueuedProposal { proposal, reply }).is_err() {
-        return Err(ConsensusError::Stopped);
+        shared.proposals_queued.fetch_sub(1, Ordering::AcqRel);
+        return Ok(Err(ConsensusError::Stopped));
     }
-    rx.await.unwrap_or(Err(ConsensusError::Stopped))
+    Ok(rx.await.unwrap_or(Err(ConsensusError::Stopped)))
 }
 
 /// Commits `update` (with an optional precondition).
@@ -311,7 +372,7 @@ async fn forward_proposal(
             None => net::any_core(shared).await,
         };
         let (addr, sent) = match conn {
-            Ok((addr, conn)) => (Some(addr), send_proposal(shared, &conn, &request).await),
+            Ok((addr, conn)) => (Some(addr), send_proposal(&conn, &request).await),
             Err(e) => (None, Err(Forward::NotSent(e))),
         };
         let (e, sent_it) = match sent {
@@ -340,7 +401,6 @@ async fn forward_proposal(
 }
 
 async fn send_proposal(
-    shared: &Shared,
     conn: &quinn::Connection,
     request: &proto::Request,
 ) -> Result<ApplyOutcome, Forward> {
@@ -355,11 +415,10 @@ async fn send_proposal(
         .await
         .map_err(|e| not_sent(e.to_string()))?;
     let _ = send.finish();
-    let reply =
-        transport::read_frame::<proto::ProposeReply>(&mut recv, shared.cfg.stream.max_frame)
-            .await
-            .map_err(|e| Forward::Unknown(e.into()))?
-            .ok_or(Forward::Unknown(NodeError::Wire(WireError::Truncated)))?;
+    let reply = transport::read_frame::<proto::ProposeReply>(&mut recv, MAX_REPLY)
+        .await
+        .map_err(|e| Forward::Unknown(e.into()))?
+        .ok_or(Forward::Unknown(NodeError::Wire(WireError::Truncated)))?;
     match reply.kind {
         Some(propose_reply::Kind::CommittedVersion(v)) => Ok(ApplyOutcome::Applied { version: v }),
         Some(propose_reply::Kind::PreconditionFailedVersion(v)) => {
@@ -367,6 +426,7 @@ async fn send_proposal(
         }
         Some(propose_reply::Kind::Error(e)) => Err(Forward::Unknown(NodeError::Rejected(e))),
         Some(propose_reply::Kind::Refused(e)) => Err(Forward::NotSent(NodeError::Forbidden(e))),
+        Some(propose_reply::Kind::Busy(e)) => Err(Forward::NotSent(NodeError::Busy(e))),
         None => Err(Forward::Unknown(NodeError::Rejected("empty reply".into()))),
     }
 }
@@ -380,9 +440,16 @@ pub(crate) fn outcome_reply(r: Result<ApplyOutcome, NodeError>) -> proto::Propos
         }
         Ok(ApplyOutcome::Rejected { reason, .. }) => propose_reply::Kind::Error(reason),
         Err(NodeError::Forbidden(e)) => propose_reply::Kind::Refused(e),
+        Err(NodeError::Busy(e)) => propose_reply::Kind::Busy(e),
         Err(e) => propose_reply::Kind::Error(e.to_string()),
     };
     proto::ProposeReply { kind: Some(kind) }
+}
+
+/// The ops a proposal adds to its batch's entry (a batch's entry carries at most
+/// [`MAX_OPS`], which is what a child accepts in one entry).
+fn ops_of(p: &proto::Proposal) -> usize {
+    p.update.as_ref().map_or(0, |u| u.ops.len())
 }
 
 /// What a proposal adds to a batch's entry: its encoded size within the batch.
@@ -393,7 +460,7 @@ fn proposal_bytes(p: &proto::Proposal) -> usize {
 
 /// Group commit above openraft (which appends and fsyncs each `client_write` on its own):
 /// takes whatever proposals queued up while earlier batches were in flight, up to
-/// `MAX_BATCH` of them or `MAX_BATCH_BYTES`, and commits them as one entry; at most
+/// `MAX_BATCH` of them, `MAX_BATCH_BYTES` or [`MAX_OPS`] ops, and commits them as one entry; at most
 /// `MAX_INFLIGHT_BATCHES` are in flight. Each proposal's own outcome is read back from the
 /// replica by its id.
 pub(crate) async fn batcher(
@@ -416,23 +483,33 @@ pub(crate) async fn batcher(
             Some(p) => p,
             None => tokio::select! {
                 _ = shared.shutdown.cancelled() => return,
-                p = rx.recv() => match p { Some(p) => p, None => return },
+                p = rx.recv() => match p {
+                    Some(p) => {
+                        shared.proposals_queued.fetch_sub(1, Ordering::AcqRel);
+                        p
+                    }
+                    None => return,
+                },
             },
         };
         let Ok(permit) = inflight.clone().acquire_owned().await else {
             return;
         };
         let mut bytes = proposal_bytes(&first.proposal);
+        let mut ops = ops_of(&first.proposal);
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH && bytes < max_bytes {
             match rx.try_recv() {
                 Ok(p) => {
+                    shared.proposals_queued.fetch_sub(1, Ordering::AcqRel);
                     let size = proposal_bytes(&p.proposal);
-                    if bytes + size > max_bytes {
+                    let more = ops_of(&p.proposal);
+                    if bytes + size > max_bytes || ops + more > MAX_OPS {
                         carry = Some(p);
                         break;
                     }
                     bytes += size;
+                    ops += more;
                     batch.push(p);
                 }
                 Err(_) => break,

@@ -10,16 +10,26 @@
 //!   (a reader's are refused with a clear error).
 //! - Bad input from a peer closes that peer's connection with a logged reason, counted in
 //!   `canopy_frame_errors_total`; the node keeps serving everyone else.
+//! - A request's first frame is bounded before it is read by what it asks and who asks
+//!   ([`request_cap`]: a Raft RPC may be `max_frame` only from a core certificate, a
+//!   proposal `max_update_bytes` plus room only from a writer to a core node, a
+//!   subscription its chunk list), and its repeated fields are counted before it is
+//!   decoded ([`request_counts`]); over a bound the connection is closed and the refusal
+//!   counted in `canopy_rejected_total{reason}`.
+//! - A peer address holds at most `limits.connections_per_peer` connections, and each
+//!   connection at most `limits.streams_per_connection` streams (QUIC flow control).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tracing::{debug, warn};
 
 use crate::proto::{self, request};
 use crate::tls::{self, Role};
-use crate::transport;
+use crate::transport::{self, StreamError};
+use crate::wire::{self, CountBound, WireError};
 
-use super::downstream::{close_bad, serve_child, serve_fetch};
+use super::downstream::{close_bad, serve_child, serve_fetch, MAX_FETCH_BATCH};
 use super::error::NodeError;
 use super::failpoint;
 use super::inspect::{self, MAX_TREE_DEPTH};
@@ -29,17 +39,70 @@ use super::shared::Shared;
 
 /// Most peers one sample offer may carry.
 const MAX_SAMPLE_OFFER: usize = 64;
+/// Largest first frame of a request that carries little: a sample, a tree query, a fetch
+/// of [`crate::config::MAX_FETCH_WINDOW`] chunk hashes, a membership change.
+const SMALL_REQUEST: usize = 64 * 1024;
+/// Largest sample offer: [`MAX_SAMPLE_OFFER`] peers with their root paths.
+const SAMPLE_REQUEST: usize = 512 * 1024;
+/// Largest first frame of any other kind of request (refused after decoding, with why).
+const OTHER_REQUEST: usize = 4096;
+/// Room a `Subscribe` takes besides its chunk hashes (name, addresses, root).
+const SUBSCRIBE_BASE: usize = 64 * 1024;
+/// Room a `Propose` takes besides the data it writes (ops, id, precondition).
+const PROPOSE_OVERHEAD: u64 = 1 << 20;
 
-/// Accepts connections until shutdown; each is served by a task of its own.
+/// Counts one request refused for a limit, by reason (`canopy_rejected_total{reason}`).
+pub(crate) fn rejected(shared: &Shared, reason: &'static str) {
+    metrics::counter!("canopy_rejected_total", "node" => shared.cfg.name.clone(), "reason" => reason)
+        .increment(1);
+}
+
+/// Connections open per peer address, and the guard that gives one back.
+type PeerCounts = Arc<parking_lot::Mutex<std::collections::HashMap<SocketAddr, usize>>>;
+
+struct PeerSlot(PeerCounts, SocketAddr);
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.0.lock();
+        if let Some(n) = counts.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Accepts connections until shutdown; each is served by a task of its own. A peer
+/// address that holds `limits.connections_per_peer` connections already is refused before
+/// the handshake.
 pub(crate) async fn accept_loop(shared: Arc<Shared>) {
+    let counts: PeerCounts = Arc::default();
+    let max = shared.cfg.limits.connections_per_peer;
     loop {
         let incoming = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             i = shared.endpoint.accept() => match i { Some(i) => i, None => return },
         };
+        let remote = incoming.remote_address();
+        let slot = {
+            let mut c = counts.lock();
+            let n = c.entry(remote).or_insert(0);
+            (*n < max).then(|| {
+                *n += 1;
+                PeerSlot(counts.clone(), remote)
+            })
+        };
+        let Some(slot) = slot else {
+            rejected(&shared, "connections_per_peer");
+            debug!(node = %shared.cfg.name, %remote, "refused a connection: {max} open from this address already (limits.connections_per_peer)");
+            incoming.refuse();
+            continue;
+        };
         let s = shared.clone();
         shared.tasks.spawn(async move {
-            let remote = incoming.remote_address();
+            let _slot = slot;
             match incoming.await {
                 Ok(conn) => serve_connection(s, conn).await,
                 Err(e) => {
@@ -49,6 +112,95 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
             }
         });
     }
+}
+
+/// The largest first frame a peer with `role` may send for the request kind `field` (the
+/// `Request` oneof's field number), known before its body is read: requests this node
+/// does not serve for that role get a few KiB, enough to be refused with a reason.
+fn request_cap(shared: &Shared, role: Role, field: u32) -> usize {
+    let core = shared.core.get().is_some();
+    let stream = &shared.cfg.stream;
+    let max_frame = stream.max_frame;
+    match field {
+        1 => SUBSCRIBE_BASE.saturating_add(35usize.saturating_mul(stream.max_chunks() as usize)),
+        2 if core && role.may_write() => {
+            (stream.max_update_bytes.saturating_add(PROPOSE_OVERHEAD) as usize).min(max_frame)
+        }
+        3 if core && role == Role::Core => max_frame,
+        4 if core && role == Role::Core => SMALL_REQUEST,
+        5 => SAMPLE_REQUEST,
+        7 => SMALL_REQUEST,
+        _ => OTHER_REQUEST,
+    }
+}
+
+/// Bounds on the repeated fields of a `Request`, checked before it is decoded.
+fn request_counts(shared: &Shared) -> [CountBound; 6] {
+    let max_chunks = shared.cfg.stream.max_chunks();
+    [
+        CountBound {
+            path: &[1],
+            field: 5,
+            max: max_chunks,
+            what: "chunk hashes in a subscription",
+        },
+        CountBound {
+            path: &[2, 1, 1],
+            field: 1,
+            max: propose::MAX_OPS as u64,
+            what: "ops in a proposal",
+        },
+        CountBound {
+            path: &[2, 1],
+            field: 4,
+            max: 0,
+            what: "batched proposals from outside the core",
+        },
+        CountBound {
+            path: &[5],
+            field: 1,
+            max: MAX_SAMPLE_OFFER as u64,
+            what: "peers in a sample offer",
+        },
+        CountBound {
+            path: &[5, 1],
+            field: 5,
+            max: MAX_SAMPLE_OFFER as u64 * u64::from(MAX_TREE_DEPTH + 1),
+            what: "root path names in a sample offer",
+        },
+        CountBound {
+            path: &[7],
+            field: 2,
+            max: MAX_FETCH_BATCH as u64,
+            what: "chunk hashes in a fetch",
+        },
+    ]
+}
+
+/// The reason label of a frame refused for its size or shape.
+pub(crate) fn frame_reason(e: &StreamError) -> Option<&'static str> {
+    match e {
+        StreamError::Frame(WireError::TooLarge { .. }) => Some("frame_too_large"),
+        StreamError::Frame(WireError::TooMany { .. }) => Some("too_many_elements"),
+        _ => None,
+    }
+}
+
+/// The first frame of a request stream: capped by its kind and the peer's role, its
+/// repeated fields counted, then decoded.
+async fn read_request(
+    shared: &Shared,
+    role: Role,
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<proto::Request>, StreamError> {
+    let max = shared.cfg.stream.max_frame;
+    let Some(raw) =
+        transport::read_raw_by_kind(recv, max, |field| request_cap(shared, role, field)).await?
+    else {
+        return Ok(None);
+    };
+    wire::check_counts(&raw.body(), &request_counts(shared))?;
+    Ok(Some(raw.decode()?))
 }
 
 async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
@@ -102,12 +254,16 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let max = shared.cfg.stream.max_frame;
-    let req = match transport::read_frame::<proto::Request>(&mut recv, max).await {
+    let req = match read_request(&shared, id.1, &mut recv).await {
         Ok(Some(r)) => r,
         Ok(None) => return,
         Err(e) if e.is_reset() => return,
-        Err(e) => return close_bad(&shared, &conn, &peer, &e.to_string()),
+        Err(e) => {
+            if let Some(reason) = frame_reason(&e) {
+                rejected(&shared, reason);
+            }
+            return close_bad(&shared, &conn, &peer, &e.to_string());
+        }
     };
     match req.kind {
         Some(request::Kind::Subscribe(sub)) if sub.name != id.0 => {
@@ -119,6 +275,15 @@ async fn serve_stream(
                 })),
             };
             reply(&mut send, &refusal).await;
+        }
+        Some(request::Kind::Subscribe(sub)) if !overlay_driver::addr_sane(&sub.listen_addr) => {
+            rejected(&shared, "invalid_subscribe");
+            close_bad(
+                &shared,
+                &conn,
+                &peer,
+                "subscription with an invalid listen address",
+            )
         }
         Some(request::Kind::Subscribe(sub)) => serve_child(shared, conn, sub, send, recv).await,
         Some(request::Kind::Fetch(first)) => {
@@ -142,9 +307,19 @@ async fn serve_stream(
                     "{} has the {} role, which may not write",
                     id.0, id.1
                 )))
+            } else if let Err(e) = propose::check(&shared, &proposal) {
+                rejected(&shared, propose::check_reason(&e));
+                warn!(node = %shared.cfg.name, %peer, "refused a proposal: {e}");
+                let refused = proto::ProposeReply {
+                    kind: Some(proto::propose_reply::Kind::Refused(e.to_string())),
+                };
+                return reply(&mut send, &refused).await;
             } else {
                 propose::propose_hops(&shared, proposal, p.hops).await
             };
+            if let Err(NodeError::Busy(_)) = &outcome {
+                rejected(&shared, "busy");
+            }
             reply(&mut send, &outcome_reply(outcome)).await;
         }
         Some(request::Kind::Raft(rpc)) => {
@@ -179,6 +354,7 @@ async fn serve_stream(
                 .offer
                 .into_iter()
                 .take(MAX_SAMPLE_OFFER)
+                .filter(overlay_driver::peer_sane)
                 .map(peer_from_proto)
                 .collect();
             let (mut info, mut peers) = overlay_driver::answer_sample(&shared, offer);

@@ -135,6 +135,8 @@ pub struct Shared {
     pub(crate) applied: watch::Sender<(u64, u64)>,
     /// The version and root the `--file` holds, once written.
     pub(crate) materialized: watch::Sender<Option<(u64, crate::file::Hash)>>,
+    /// The last write of `--file` failed for a full disk (cleared by the next that works).
+    pub(crate) disk_full: AtomicBool,
     pub(crate) core: OnceLock<Arc<Core>>,
     pub(crate) endpoint: quinn::Endpoint,
     /// Cached connections to core nodes, by address (proposals, admin, forwarding).
@@ -142,6 +144,9 @@ pub struct Shared {
     /// Which core address a relay tries first (rotates on failure).
     pub(crate) core_pick: AtomicUsize,
     pub(crate) batcher: OnceLock<mpsc::UnboundedSender<QueuedProposal>>,
+    /// Proposals sent to the batcher and not yet taken into a batch (at most
+    /// `limits.proposal_queue`).
+    pub(crate) proposals_queued: AtomicUsize,
     pub(crate) serving: Serving,
     /// When the shared backfill budget (`stream.backfill_bytes_per_sec`) is next free.
     pub(crate) backfill_pace: Mutex<tokio::time::Instant>,

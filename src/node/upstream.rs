@@ -8,6 +8,9 @@
 //! - A parent silent for `parent_timeout_ms` (no entry, checkpoint or heartbeat) is dead.
 //! - A parent's stream is read by a task of its own: the follower's waits are cancel-safe,
 //!   so no command or limit ever interrupts a frame half read.
+//! - What a parent sends is bounded before it is used: each frame's size by its kind and
+//!   the counts of its repeated fields before it is decoded ([`DownBounds`]), and the depth
+//!   and path of its `SubscribeOk` against [`MAX_TREE_DEPTH`] before the overlay sees them.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,14 +25,16 @@ use crate::overlay::{Input, Peer, Reason};
 use crate::proto::{self, downstream::Kind as Down, request};
 use crate::replica::{Event, Replica, ReplicaError};
 use crate::transport::{self, StreamError};
-use crate::wire::RawFrame;
+use crate::wire::{CountBound, RawFrame};
 
 use super::backfill::{refuse_source, Transfer, LINK_FRAMES};
 use super::downstream::{dispatch, MAX_SUGGESTED_SOURCES};
 use super::error::{code, NodeError};
 use super::failpoint;
+use super::inspect::MAX_TREE_DEPTH;
 use super::net::connect;
 use super::overlay_driver::{self, peer_from_proto};
+use super::propose;
 use super::shared::{Shared, State, UpstreamCommand};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +60,8 @@ enum UpstreamError {
     Detached,
     #[error("no source left for {missing} chunks of the transfer")]
     Stuck { missing: usize },
+    #[error("invalid answer from the parent: {0}")]
+    Invalid(String),
 }
 
 impl UpstreamError {
@@ -68,6 +75,7 @@ impl UpstreamError {
             Self::Refused { .. } => "refused",
             Self::Detached => "detached",
             Self::Stuck { .. } => "fetch_stuck",
+            Self::Invalid(_) => "invalid",
         }
     }
 }
@@ -97,11 +105,116 @@ impl Drop for AbortOnDrop {
 /// `SnapshotChunk` (hashed by the reader task, beside the follower).
 type LinkFrame = (RawFrame, Box<proto::Downstream>, Option<crate::file::Hash>);
 
+/// Most core addresses a parent may name.
+const MAX_CORE_ADDRS: u64 = 64;
+/// Most signer certificates one frame may carry (a verifier keeps 16, a core adds its own).
+const MAX_SIGNER_CERTS: u64 = 32;
+/// Largest frame of a kind that carries little (a checkpoint, a heartbeat, a seal, a
+/// refusal, the end of a transfer).
+const SMALL_FRAME: usize = 64 * 1024;
+/// Largest `SubscribeOk` or `Signers` frame (signer certificates are a few KiB each).
+const CERTS_FRAME: usize = 1 << 20;
+
+/// What a parent may send, bounded by the kind of each frame before it is read, and the
+/// counts of its repeated fields before it is decoded.
+#[derive(Clone, Copy)]
+struct DownBounds {
+    max_frame: usize,
+    chunk_size: usize,
+    max_chunks: u64,
+}
+
+impl DownBounds {
+    fn of(cfg: &crate::config::StreamConfig) -> Self {
+        Self {
+            max_frame: cfg.max_frame,
+            chunk_size: cfg.chunk_size as usize,
+            max_chunks: cfg.max_chunks(),
+        }
+    }
+
+    /// The largest frame of the `Downstream` kind `field`.
+    fn cap(&self, field: u32) -> usize {
+        match field {
+            1 | 10 => CERTS_FRAME,
+            2 => 65536usize.saturating_add(35usize.saturating_mul(self.max_chunks as usize)),
+            3 => self.chunk_size + 64,
+            5 => self.max_frame,
+            _ => SMALL_FRAME,
+        }
+        .min(self.max_frame)
+    }
+
+    fn counts(&self) -> [CountBound; 10] {
+        let path = u64::from(MAX_TREE_DEPTH) + 1;
+        let sources = MAX_SUGGESTED_SOURCES as u64;
+        let b = |path: &'static [u32], field, max, what| CountBound {
+            path,
+            field,
+            max,
+            what,
+        };
+        [
+            b(&[1], 4, MAX_CORE_ADDRS, "core addresses"),
+            b(&[1], 5, path, "root path names"),
+            b(&[1], 7, sources, "fetch sources"),
+            b(&[1], 8, MAX_SIGNER_CERTS, "signer certificates"),
+            b(&[2], 6, self.max_chunks, "manifest hashes"),
+            b(&[5, 4], 1, propose::MAX_OPS as u64, "ops in an entry"),
+            b(&[7], 3, path, "root path names"),
+            b(&[7], 4, sources, "fetch sources"),
+            b(&[8, 2], 5, path, "root path names"),
+            b(&[10], 1, MAX_SIGNER_CERTS, "signer certificates"),
+        ]
+    }
+
+    /// Reads one frame within these bounds and decodes it.
+    async fn read(
+        &self,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<Option<(RawFrame, proto::Downstream)>, StreamError> {
+        let Some(raw) = transport::read_raw_by_kind(recv, self.max_frame, |f| self.cap(f)).await?
+        else {
+            return Ok(None);
+        };
+        crate::wire::check_counts(&raw.body(), &self.counts())?;
+        let msg = raw.decode::<proto::Downstream>()?;
+        Ok(Some((raw, msg)))
+    }
+}
+
+/// The addresses a parent names that look like addresses (at most
+/// [`overlay_driver::MAX_ADDR_LEN`] bytes): they are passed on to this node's children.
+fn sane_addrs(addrs: Vec<String>) -> Vec<String> {
+    addrs
+        .into_iter()
+        .filter(|a| overlay_driver::addr_sane(a))
+        .collect()
+}
+
+/// Checks what a parent declares in its `SubscribeOk` before anything uses it: a depth
+/// below [`MAX_TREE_DEPTH`] and a root path as long as that depth says.
+fn check_subscribe_ok(ok: &proto::SubscribeOk) -> Result<(), String> {
+    if ok.parent_depth >= MAX_TREE_DEPTH {
+        return Err(format!(
+            "the parent declares depth {}, not below the limit of {MAX_TREE_DEPTH}",
+            ok.parent_depth
+        ));
+    }
+    if ok.root_path.len() > MAX_TREE_DEPTH as usize + 1 {
+        return Err(format!(
+            "the parent declares a root path of {} names",
+            ok.root_path.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Reads, decodes and (for a transfer's chunks) hashes frames off `recv` into a channel
 /// until the stream ends or fails.
 fn spawn_reader(
     mut recv: quinn::RecvStream,
-    max_frame: usize,
+    bounds: DownBounds,
 ) -> (
     mpsc::Receiver<Result<Option<LinkFrame>, StreamError>>,
     AbortOnDrop,
@@ -109,17 +222,14 @@ fn spawn_reader(
     let (tx, rx) = mpsc::channel(LINK_FRAMES);
     let task = tokio::spawn(async move {
         loop {
-            let r = match transport::read_raw(&mut recv, max_frame).await {
-                Ok(Some(raw)) => match raw.decode::<proto::Downstream>() {
-                    Ok(msg) => {
-                        let hash = match &msg.kind {
-                            Some(Down::SnapshotChunk(c)) => Some(crate::file::leaf_hash(&c.data)),
-                            _ => None,
-                        };
-                        Ok(Some((raw, Box::new(msg), hash)))
-                    }
-                    Err(e) => Err(StreamError::Frame(e)),
-                },
+            let r = match bounds.read(&mut recv).await {
+                Ok(Some((raw, msg))) => {
+                    let hash = match &msg.kind {
+                        Some(Down::SnapshotChunk(c)) => Some(crate::file::leaf_hash(&c.data)),
+                        _ => None,
+                    };
+                    Ok(Some((raw, Box::new(msg), hash)))
+                }
                 Ok(None) => Ok(None),
                 Err(e) => Err(e),
             };
@@ -156,18 +266,20 @@ async fn open_link(
     )
     .await?;
     let wait = Duration::from_millis(shared.cfg.overlay.attach_timeout_ms);
-    let raw = tokio::time::timeout(
-        wait,
-        transport::read_raw(&mut recv, shared.cfg.stream.max_frame),
-    )
-    .await
-    .map_err(|_| UpstreamError::Silent(wait))??
-    .ok_or(UpstreamError::Closed)?;
-    let msg: proto::Downstream = raw.decode()?;
+    let bounds = DownBounds::of(&shared.cfg.stream);
+    let (raw, msg) = tokio::time::timeout(wait, bounds.read(&mut recv))
+        .await
+        .map_err(|_| UpstreamError::Silent(wait))??
+        .ok_or(UpstreamError::Closed)?;
     match msg.kind {
+        Some(Down::SubscribeOk(ok)) if check_subscribe_ok(&ok).is_err() => {
+            let why = check_subscribe_ok(&ok).err().unwrap_or_default();
+            conn.close(VarInt::from_u32(code::BAD_FRAME), b"invalid subscribe_ok");
+            Err(UpstreamError::Invalid(why))
+        }
         Some(Down::SubscribeOk(ok)) => Ok((
             {
-                let (frames, reader) = spawn_reader(recv, shared.cfg.stream.max_frame);
+                let (frames, reader) = spawn_reader(recv, bounds);
                 Link {
                     addr: addr.to_string(),
                     conn,
@@ -187,6 +299,21 @@ async fn open_link(
             frame: "non-subscribe_ok",
             state: "awaiting subscribe_ok",
         })),
+    }
+}
+
+/// A parent whose answer was out of bounds is faulty: it is not chosen again for
+/// `faulty_ban_ms`, and the refusal is counted.
+fn ban_if_invalid(shared: &Shared, addr: &str, e: &UpstreamError) {
+    if matches!(e, UpstreamError::Invalid(_)) {
+        super::serve::rejected(shared, "invalid_subscribe_ok");
+        warn!(node = %shared.cfg.name, parent = %addr, "banning a parent for an invalid answer: {e}");
+        overlay_driver::input(
+            shared,
+            Input::Faulty {
+                addr: addr.to_string(),
+            },
+        );
     }
 }
 
@@ -222,8 +349,8 @@ fn adopt(
     };
     let events = st.replica.handle_downstream(raw.frame, msg)?;
     dispatch(shared, &mut st, events);
-    st.suggested_sources = ok.fetch_sources;
-    st.parent_core_addrs = ok.core_addrs;
+    st.suggested_sources = sane_addrs(ok.fetch_sources);
+    st.parent_core_addrs = sane_addrs(ok.core_addrs);
     overlay_driver::input(
         shared,
         Input::Attached {
@@ -315,6 +442,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
                     if !explained {
                         info!(node = %shared.cfg.name, parent = %addr, "attach failed: {e}");
                     }
+                    ban_if_invalid(&shared, &addr, &e);
                     overlay_driver::input(&shared, attach_failed(&addr, &e));
                 }
             }
@@ -514,13 +642,13 @@ fn apply_frame(
         return Ok(Fed::Other);
     }
     let sources = match &msg.kind {
-        Some(Down::Heartbeat(h)) if !h.fetch_sources.is_empty() => Some(
+        Some(Down::Heartbeat(h)) if !h.fetch_sources.is_empty() => Some(sane_addrs(
             h.fetch_sources
                 .iter()
                 .take(MAX_SUGGESTED_SOURCES)
                 .cloned()
                 .collect(),
-        ),
+        )),
         _ => None,
     };
     let mut st = shared.state.lock();
@@ -661,7 +789,10 @@ async fn try_move(
                 },
             );
         }
-        Err(e) => overlay_driver::input(shared, attach_failed(&addr, &e)),
+        Err(e) => {
+            ban_if_invalid(shared, &addr, &e);
+            overlay_driver::input(shared, attach_failed(&addr, &e))
+        }
     }
     left
 }
