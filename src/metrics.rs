@@ -107,6 +107,7 @@ const DESCRIBED: &[(&str, &str)] = &[
     ("canopy_reparents_total", "Changes of parent, by reason (join, parent_lost, rebalance)."),
     ("canopy_resyncs_total", "Resubscriptions of this node's upstream, by reason."),
     ("canopy_untrusted_frames_total", "Frames or signer certificates refused for lack of a valid core signature, by reason."),
+    ("canopy_rejected_total", "Requests from clients or peers refused for a limit (size, count, concurrency, malformed input), by reason."),
     ("canopy_identity_refusals_total", "Requests refused because the peer's certificate name or role does not allow them, by request."),
     ("canopy_raft_term", "Raft term this core member is in."),
     ("canopy_raft_is_leader", "1 while this core member leads, else 0."),
