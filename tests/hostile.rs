@@ -856,13 +856,20 @@ async fn a_relay_with_a_full_disk_keeps_serving_and_recovers() {
         Some("1"),
         "{m}"
     );
-    let leftovers: Vec<_> = std::fs::read_dir(&files)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("canopy-tmp"))
-        .collect();
-    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+    // A write that fails removes its temp file; a retry (backing off) may be between its
+    // start and its failure at any one look, so the directory is watched until it is clean.
+    let leftovers = || -> Vec<String> {
+        std::fs::read_dir(&files)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("canopy-tmp"))
+            .collect()
+    };
+    wait_until(60, "no temp file left on the full disk", || async {
+        leftovers().is_empty()
+    })
+    .await;
     assert_eq!(file_of(&cl.c, &cl.r1).await, content, "served from memory");
     mount.resize(64);
     let s = wait_materialized(&cl.c, &cl.r1, v).await;
