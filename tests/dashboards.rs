@@ -828,5 +828,9 @@ async fn a_full_disk_raises_the_disk_full_flag() {
     })
     .await;
     assert_eq!(status(&c, &r1).await.unwrap()["version"].as_u64(), Some(v));
-    assert!(r1.log_text().contains("the disk is full"), "{}", r1.log_text());
+    assert!(
+        r1.log_text().contains("the disk is full"),
+        "{}",
+        r1.log_text()
+    );
 }

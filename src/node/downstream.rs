@@ -210,7 +210,7 @@ fn register(
     shared: &Shared,
     sub: &proto::Subscribe,
     rogue: Option<&Rogue>,
-) -> Result<Registered, (String, Option<proto::PeerInfo>)> {
+) -> Result<Registered, (String, Option<Box<proto::PeerInfo>>)> {
     let mut st = shared.state.lock();
     let zone = overlay_driver::zone_from_proto(sub.zone.clone());
     let admit = {
@@ -223,7 +223,7 @@ fn register(
             Refusal::OnRootPath => format!("{} is on this node's path to the core", sub.name),
             full => full.to_string(),
         };
-        return Err((reason, referral.map(|p| peer_to_proto(&p))));
+        return Err((reason, referral.map(|p| Box::new(peer_to_proto(&p)))));
     }
     let mut plan = st.replica.plan_subscription(sub);
     if let SubscribePlan::Refuse(r) = plan {
@@ -320,7 +320,10 @@ pub(crate) async fn serve_child(
         Err((reason, referral)) => {
             debug!(node = %shared.cfg.name, child = %sub.name, "refusing subscription: {reason}");
             let refusal = proto::Downstream {
-                kind: Some(Down::Refused(proto::Refused { reason, referral })),
+                kind: Some(Down::Refused(proto::Refused {
+                    reason,
+                    referral: referral.map(|r| *r),
+                })),
             };
             if transport::write_frame(&mut send, &refusal).await.is_ok() {
                 let _ = send.finish();

@@ -1,0 +1,136 @@
+//! The parent side of the overlay: the children it registered, their reports, what this node
+//! reports of itself, and whether to admit a subscriber or refer it.
+
+use super::*;
+
+impl<I: Id> Overlay<I> {
+    /// What this node tells its parent: free slots, the height of its subtree and the
+    /// levels down to its shallowest free slot. A child that has not reported counts as a
+    /// leaf with room.
+    pub fn report(&self) -> Report {
+        let free_slots = self.cfg.fanout.saturating_sub(self.children.len() as u32);
+        let (mut height, mut below) = (0, u32::MAX);
+        for c in self.children.values() {
+            let r = c.report.unwrap_or_default();
+            height = height.max(r.height + 1);
+            below = below.min(r.room + 1);
+        }
+        let room = if free_slots > 0 || below == u32::MAX {
+            0
+        } else {
+            below
+        };
+        Report {
+            free_slots,
+            height: height.min(MAX_HEIGHT),
+            room: room.min(MAX_HEIGHT),
+        }
+    }
+
+    /// Names of the registered children (sorted).
+    pub fn children(&self) -> impl Iterator<Item = &I> {
+        self.children.keys()
+    }
+
+    /// For a driver that keeps its own table of child links and polls it: the inputs that
+    /// bring the overlay's children in line with `current` (name, address), removals first.
+    pub fn children_changes(&self, current: &[(I, I)]) -> Vec<Input<I>> {
+        let now: BTreeMap<&I, &I> = current.iter().map(|(n, a)| (n, a)).collect();
+        let mut out: Vec<Input<I>> = self
+            .children
+            .keys()
+            .filter(|n| !now.contains_key(n))
+            .map(|n| Input::ChildRemoved { name: n.clone() })
+            .collect();
+        for (name, addr) in now {
+            if self.children.get(name).is_none_or(|c| c.addr != *addr) {
+                out.push(Input::ChildAdded {
+                    name: name.clone(),
+                    addr: addr.clone(),
+                    zone: None,
+                    report: None,
+                });
+            }
+        }
+        out
+    }
+
+    /// Whether to serve `name` (a subscriber in `zone`) as a child. Refuses this node
+    /// itself or one of its ancestors, and refuses when `fanout` children are registered,
+    /// referring it to one child: one reported with a free slot, else one not reported
+    /// yet, else any (its own referral goes a level further down, so a joiner descends
+    /// towards the shallowest room); among those, one in the subscriber's zone, then
+    /// random. A registered child subscribing again is accepted (its new link replaces
+    /// the old). On [`Admit::Accept`] feed [`Input::ChildAdded`] before the next call.
+    pub fn admit<R: Rng>(&self, name: &I, zone: Option<&I>, rng: &mut R) -> Admit<I> {
+        let on_path = match (&self.parent, self.core) {
+            (Some(p), false) => p.root_path.contains(name),
+            _ => false,
+        };
+        if *name == self.name || on_path {
+            return Admit::Refuse {
+                reason: Refusal::OnRootPath,
+                referral: None,
+            };
+        }
+        let fanout = self.cfg.fanout;
+        if (self.children.len() as u32) < fanout || self.children.contains_key(name) {
+            return Admit::Accept;
+        }
+        Admit::Refuse {
+            reason: Refusal::Full {
+                children: self.children.len() as u32,
+                fanout,
+            },
+            referral: self.referral(zone, rng),
+        }
+    }
+
+    /// One registered child for a subscriber in `zone` that found this node full.
+    pub(super) fn referral<R: Rng>(&self, zone: Option<&I>, rng: &mut R) -> Option<Peer<I>> {
+        let room = |c: &Child<I>| match c.report {
+            Some(r) if r.free_slots > 0 => (0, false),
+            None => (0, true),
+            Some(r) => (r.room.max(1), false),
+        };
+        let away = |c: &Child<I>| u8::from(zone.is_none() || c.zone.as_ref() != zone);
+        let key = |c: &Child<I>| {
+            let (levels, unknown) = room(c);
+            if self.cfg.latency_slack > 0 {
+                (away(c), levels, unknown, 0)
+            } else {
+                (0, levels, unknown, away(c))
+            }
+        };
+        let top = self.children.values().map(key).min()?;
+        let best: Vec<(&I, &Child<I>)> = self
+            .children
+            .iter()
+            .filter(|(_, c)| key(c) == top)
+            .collect();
+        let (name, c) = best.choose(rng)?;
+        let me = self.info();
+        let mut root_path = me.root_path;
+        root_path.push((*name).clone());
+        let report = c.report.unwrap_or_default();
+        Some(Arc::new(PeerInfo {
+            name: (*name).clone(),
+            addr: c.addr.clone(),
+            depth: me.depth.map(|d| d + 1),
+            free_slots: report.free_slots,
+            root_path,
+            height: report.height,
+            room: report.room,
+            zone: c.zone.clone(),
+        }))
+    }
+
+    /// A child's report within the documented limits.
+    pub(super) fn clamp(&self, r: Report) -> Report {
+        Report {
+            free_slots: r.free_slots.min(self.cfg.fanout),
+            height: r.height.min(MAX_HEIGHT),
+            room: r.room.min(MAX_HEIGHT),
+        }
+    }
+}

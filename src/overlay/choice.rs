@@ -1,0 +1,156 @@
+//! Parent choice: which candidate places this node shallowest (or nearest), and whether a move
+//! gains enough.
+
+use super::*;
+
+impl<I: Id> Overlay<I> {
+    pub(super) fn has_candidate(&self) -> bool {
+        self.view
+            .values()
+            .filter_map(|e| e.info.as_ref())
+            .any(|p| self.is_target(p))
+    }
+
+    /// Where a join may start: any attached node, full or not (a full one refers the joiner
+    /// down to its children), except those that refused this join already.
+    pub(super) fn is_target(&self, p: &Peer<I>) -> bool {
+        self.is_eligible(p) && !self.refused.contains(&p.addr)
+    }
+
+    /// A peer this node could hang below at all: attached, not itself, not below it, and not
+    /// banned as faulty.
+    pub(super) fn is_eligible(&self, p: &Peer<I>) -> bool {
+        p.depth.is_some()
+            && p.addr != self.addr
+            && !p.root_path.contains(&self.name)
+            && !self.banned.contains_key(&p.addr)
+    }
+
+    /// The depth this node would get starting at `p`: a full node refers it down to its
+    /// shallowest room, `room` levels below (at least one).
+    pub(super) fn landing(p: &PeerInfo<I>) -> u32 {
+        let down = if p.free_slots == 0 { p.room.max(1) } else { 0 };
+        p.depth.unwrap_or(u32::MAX).saturating_add(1 + down)
+    }
+
+    /// How near `p` is: its zone (the same as this node's, unknown, another), then the
+    /// measured RTT (unmeasured last).
+    pub(super) fn nearness(&self, p: &PeerInfo<I>, rtt_us: Option<u64>) -> (u8, u64) {
+        let zone = match (&self.zone, &p.zone) {
+            (Some(a), Some(b)) if a == b => 0,
+            (Some(_), Some(_)) => 2,
+            _ => 1,
+        };
+        (zone, rtt_us.unwrap_or(u64::MAX))
+    }
+
+    /// The best place among `cands`: the shallowest landing, except that one in this
+    /// node's zone within `latency_slack` levels of it wins over one elsewhere; then the
+    /// lower RTT, free before full, more free slots, the lower address.
+    pub(super) fn best<'a>(&self, cands: &[(&'a Peer<I>, Option<u64>)]) -> Option<&'a Peer<I>> {
+        let top = cands.iter().map(|(p, _)| Self::landing(p)).min()?;
+        let slack = top.saturating_add(self.cfg.latency_slack);
+        cands
+            .iter()
+            .filter(|(p, _)| Self::landing(p) <= slack)
+            .min_by_key(|(p, rtt)| {
+                let (zone, rtt) = self.nearness(p, *rtt);
+                (
+                    zone,
+                    Self::landing(p),
+                    rtt,
+                    p.free_slots == 0,
+                    std::cmp::Reverse(p.free_slots),
+                    &p.addr,
+                )
+            })
+            .map(|(p, _)| *p)
+    }
+
+    /// Levels a move must gain: `subtree_min_gain` when this node brings a subtree along,
+    /// or when it hangs more than a level below the shallowest room the cores advertise
+    /// (where a packed tree would have it); else `rebalance_min_gain`.
+    pub(super) fn min_gain(&self) -> u32 {
+        if self.children.is_empty() && !self.too_deep() {
+            self.cfg.rebalance_min_gain
+        } else {
+            self.cfg.subtree_min_gain
+        }
+    }
+
+    /// Whether this node hangs more than a level below the shallowest room the cores
+    /// advertise.
+    pub(super) fn too_deep(&self) -> bool {
+        self.depth()
+            .is_some_and(|d| d > self.core_landing.saturating_add(1))
+    }
+
+    /// After a move that did not happen: a node still too deep checks again soon (the
+    /// place it tried was stale; the view may hold another).
+    pub(super) fn retry_move(&mut self, now: u64) {
+        if self.too_deep() {
+            self.next_rebalance = now + self.cfg.probe_backoff_ms;
+        }
+    }
+
+    /// Recomputes [`Overlay::core_landing`] from the bootstrap entries (a full core that
+    /// did not say where its room is tells nothing).
+    pub(super) fn refresh_core_landing(&mut self) {
+        self.core_landing = self
+            .view
+            .values()
+            .filter(|e| e.boot)
+            .filter_map(|e| e.info.as_ref())
+            .filter(|p| p.depth == Some(0) && (p.free_slots > 0 || p.room > 0))
+            .map(|p| Self::landing(p))
+            .min()
+            .unwrap_or(u32::MAX);
+    }
+
+    /// Whether a parent at `depth` puts this node [`Self::min_gain`] levels nearer the core.
+    pub(super) fn gains(&self, depth: u32) -> bool {
+        let gain = self.min_gain();
+        self.depth()
+            .is_some_and(|mine| depth.saturating_add(1 + gain) <= mine)
+    }
+
+    /// Whether a move to a parent at `depth` is worth it: it gains enough, or, for a move
+    /// for latency (`nearer`), it costs no depth.
+    pub(super) fn move_ok(&self, depth: u32, nearer: bool) -> bool {
+        self.gains(depth) || (nearer && self.depth().is_some_and(|mine| depth < mine))
+    }
+
+    /// Whether this node keeps a move to a parent that answered with `depth` and `root_path`:
+    /// the path does not hold this node and the move gains enough (or, for a move to a
+    /// parent in its zone, costs no depth). A driver doing make-before-break asks before it
+    /// switches; [`Input::Attached`] applies the same test.
+    pub fn keeps_move(&self, depth: u32, root_path: &[I]) -> bool {
+        let nearer = matches!(self.step, Step::Attaching { nearer: true, .. });
+        !root_path.contains(&self.name) && self.move_ok(depth, nearer)
+    }
+
+    /// The zone class of `p` against this node's: 0 the same, 1 unknown, 2 another.
+    pub(super) fn zone_class(&self, p: &PeerInfo<I>) -> u8 {
+        self.nearness(p, None).0
+    }
+
+    /// For a node whose parent is in another zone, with `latency_slack` above 0: the best
+    /// place in its own zone that costs no depth.
+    pub(super) fn nearer_place(&self) -> Option<Peer<I>> {
+        if self.cfg.latency_slack == 0 || self.zone.is_none() {
+            return None;
+        }
+        let parent = self.parent.as_ref()?;
+        if parent.zone_class != 2 {
+            return None;
+        }
+        let limit = self.depth()?;
+        let near = |p: &Peer<I>| {
+            self.is_eligible(p)
+                && p.addr != parent.addr
+                && self.zone_class(p) == 0
+                && Self::landing(p) <= limit
+        };
+        self.best(&self.known(near)).map(Arc::clone)
+    }
+}
