@@ -139,6 +139,10 @@ pub struct NodeArgs {
     /// logged one to replay a run).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// The zone (rack, region) this node runs in: parents in the same zone are preferred
+    /// (default: none).
+    #[arg(long)]
+    pub zone: Option<String>,
     /// Log filter (also RUST_LOG), e.g. `info` or `canopy=debug`.
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -158,6 +162,7 @@ struct FileConfig {
     init: Option<bool>,
     peers: Option<Vec<String>>,
     seed: Option<u64>,
+    zone: Option<String>,
     api_token_file: Option<PathBuf>,
     #[serde(default)]
     stream: Option<StreamConfig>,
@@ -284,6 +289,7 @@ pub fn prepare(args: &NodeArgs, role: Role) -> Result<Prepared, StartError> {
         limits: fc.limits.unwrap_or_default(),
         api_token_file: args.api_token_file.clone().or(fc.api_token_file),
         seed: args.seed.or(fc.seed),
+        zone: args.zone.clone().or(fc.zone),
     };
     cfg.validate()
         .map_err(|e| usage(format!("invalid configuration: {e}")))?;

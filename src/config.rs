@@ -19,6 +19,8 @@ use crate::wire::DEFAULT_MAX_FRAME;
 pub enum ConfigError {
     #[error("name must be 1-64 characters of [A-Za-z0-9._-], got {0:?}")]
     BadName(String),
+    #[error("zone must be 1 to 64 bytes, got {0:?}")]
+    BadZone(String),
     #[error("{field} must be greater than zero")]
     Zero { field: &'static str },
     #[error("chunk_size must be a power of two between 4 KiB and 16 MiB, got {0}")]
@@ -384,7 +386,14 @@ pub struct NodeConfig {
     /// clock, so nodes started together choose differently; it is logged at start, and
     /// passing it back here replays the same choices.
     pub seed: Option<u64>,
+    /// The zone (rack, region) this node runs in. Parents in the same zone are preferred
+    /// within `overlay.latency_slack` levels of depth, before any RTT is measured. `None`
+    /// (the default): no zone, and the tree is shaped by depth and measured RTT alone.
+    pub zone: Option<String>,
 }
+
+/// Longest zone name, in bytes (a node's own `zone`, and one a peer declares).
+pub const MAX_ZONE_BYTES: usize = 64;
 
 impl NodeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -396,6 +405,11 @@ impl NodeConfig {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if !ok {
             return Err(ConfigError::BadName(self.name.clone()));
+        }
+        if let Some(z) = &self.zone {
+            if z.is_empty() || z.len() > MAX_ZONE_BYTES {
+                return Err(ConfigError::BadZone(z.clone()));
+            }
         }
         self.stream.validate()?;
         self.limits.validate()?;
@@ -462,6 +476,7 @@ mod tests {
             limits: LimitsConfig::default(),
             api_token_file: None,
             seed: None,
+            zone: None,
         }
     }
 

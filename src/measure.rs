@@ -156,6 +156,7 @@ pub async fn start_local_node(
         limits: Default::default(),
         api_token_file: None,
         seed: None,
+        zone: None,
     };
     let node = Node::start(cfg, std::sync::Arc::new(id), endpoint, api, shutdown).await?;
     Ok(LocalNode {

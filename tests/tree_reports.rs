@@ -73,3 +73,37 @@ async fn reports_climb_the_tree_and_referrals_follow_them() {
     })
     .await;
 }
+
+/// Zones reach the overlay from the configuration: a relay whose zone is one parent's ends
+/// up under that parent when another, in another zone, is as shallow (joining, or moving
+/// later for latency at no cost in depth).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_settles_under_the_parent_of_its_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    for (n, r) in [
+        ("core", "core"),
+        ("ra", "relay"),
+        ("rb", "relay"),
+        ("kid", "relay"),
+    ] {
+        pki.issue(n, r);
+    }
+    let core = Proc::start(root, &pki, "core", true, &[], &["--fanout", "2"]);
+    let c = http();
+    wait_leader(&c, &core).await;
+    let (v0, _) = put_random(&c, &core, 50_000, 4).await;
+    let ra = Proc::start(root, &pki, "ra", false, &[core.quic], &["--zone", "a"]);
+    wait_materialized(&c, &ra, v0).await;
+    let rb = Proc::start(root, &pki, "rb", false, &[core.quic], &["--zone", "b"]);
+    wait_materialized(&c, &rb, v0).await;
+    let kid = Proc::start(root, &pki, "kid", false, &[core.quic], &["--zone", "b"]);
+    wait_materialized(&c, &kid, v0).await;
+    wait_until(90, "kid under rb, the parent of its zone", || async {
+        status(&c, &kid)
+            .await
+            .is_some_and(|s| s["parent"] == "rb" && s["depth"] == 2)
+    })
+    .await;
+}

@@ -139,7 +139,8 @@ impl Node {
             cfg.advertise.to_string(),
             cfg.is_core(),
             bootstrap,
-        );
+        )
+        .with_zone(cfg.zone.clone());
         let (overlay_out, overlay_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {

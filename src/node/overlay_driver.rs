@@ -24,7 +24,6 @@ use crate::wire::WireError;
 
 use super::error::NodeError;
 use super::inspect::MAX_TREE_DEPTH;
-use super::net::exchange;
 use super::shared::{now_us, Shared, UpstreamCommand};
 
 /// Ticks never come closer together than this, whatever the overlay's deadline says.
@@ -44,12 +43,10 @@ pub fn peer_to_proto(p: &PeerInfo) -> proto::PeerInfo {
     }
 }
 
-/// Longest zone name taken from a peer; a longer one is treated as no zone.
-pub const MAX_ZONE_BYTES: usize = 64;
-
-/// A zone as a peer declared it: none when empty or over [`MAX_ZONE_BYTES`].
+/// A zone as a peer declared it: none when empty or over
+/// [`crate::config::MAX_ZONE_BYTES`].
 pub fn zone_from_proto(zone: String) -> Option<String> {
-    (!zone.is_empty() && zone.len() <= MAX_ZONE_BYTES).then_some(zone)
+    (!zone.is_empty() && zone.len() <= crate::config::MAX_ZONE_BYTES).then_some(zone)
 }
 
 /// A report as a child declared it, its height and room clamped to [`overlay::MAX_HEIGHT`].
@@ -179,7 +176,16 @@ fn carry_out(shared: &Arc<Shared>, out: Output, cmds: &mpsc::UnboundedSender<Ups
             let s = shared.clone();
             shared.tasks.spawn(async move {
                 let answer = match request_sample(&s, &addr, offer).await {
-                    Ok((info, peers)) => Input::Sampled { addr, info, peers },
+                    Ok((info, peers, rtt)) => {
+                        input(
+                            &s,
+                            Input::Rtt {
+                                addr: addr.clone(),
+                                rtt_us: u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX),
+                            },
+                        );
+                        Input::Sampled { addr, info, peers }
+                    }
                     Err(e) => {
                         if !super::net::explain_certificate_failure(&s, &addr, &e) {
                             warn!(node = %s.cfg.name, peer = %addr, "sample failed: {e}");
@@ -202,20 +208,26 @@ fn carry_out(shared: &Arc<Shared>, out: Output, cmds: &mpsc::UnboundedSender<Ups
     }
 }
 
+/// Asks `addr` for a sample; returns its answer and QUIC's estimate of the round trip to it.
 async fn request_sample(
     shared: &Shared,
     addr: &str,
     offer: Vec<Peer>,
-) -> Result<(Peer, Vec<Peer>), NodeError> {
+) -> Result<(Peer, Vec<Peer>, Duration), NodeError> {
     let timeout = Duration::from_millis(shared.cfg.overlay.probe_timeout_ms);
-    let ask = exchange::<proto::SampleReply>(
-        shared,
-        addr,
-        request::Kind::Sample(proto::Sample {
-            offer: offer.iter().map(|p| peer_to_proto(p)).collect(),
-        }),
-    );
-    let r = tokio::time::timeout(timeout, ask)
+    let ask = async {
+        let conn = super::net::connect(shared, addr).await?;
+        let reply = super::net::request::<proto::SampleReply>(
+            shared,
+            &conn,
+            request::Kind::Sample(proto::Sample {
+                offer: offer.iter().map(|p| peer_to_proto(p)).collect(),
+            }),
+        )
+        .await?;
+        Ok::<_, NodeError>((reply, conn.rtt()))
+    };
+    let (r, rtt) = tokio::time::timeout(timeout, ask)
         .await
         .map_err(|_| NodeError::Connect {
             addr: addr.to_string(),
@@ -227,5 +239,5 @@ async fn request_sample(
         .map(peer_from_proto)
         .ok_or(NodeError::Wire(WireError::Malformed("sample reply")))?;
     let peers = r.peers.into_iter().filter(peer_sane).map(peer_from_proto);
-    Ok((info, peers.collect()))
+    Ok((info, peers.collect(), rtt))
 }

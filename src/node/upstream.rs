@@ -492,6 +492,7 @@ fn subscription(shared: &Shared, full: bool) -> proto::Subscribe {
         .replica
         .subscription(&name, &shared.cfg.advertise.to_string(), full);
     sub.report = Some(overlay_driver::report_to_proto(&report));
+    sub.zone = shared.cfg.zone.clone().unwrap_or_default();
     sub
 }
 
