@@ -259,38 +259,6 @@ async fn adding_a_relay_or_an_unreachable_member_fails_and_changes_no_voter() {
         .is_some());
 }
 
-/// Mounts a tmpfs of `mb` MiB at `dir`; None (with the reason printed) where mounting is not
-/// permitted.
-fn mount_tmpfs(dir: &Path, mb: u64) -> Option<Mount> {
-    std::fs::create_dir_all(dir).unwrap();
-    let out = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
-        .arg(dir)
-        .output();
-    match out {
-        Ok(o) if o.status.success() => Some(Mount(dir.to_path_buf())),
-        Ok(o) => {
-            eprintln!(
-                "skipping: cannot mount a tmpfs ({})",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            None
-        }
-        Err(e) => {
-            eprintln!("skipping: cannot run mount ({e})");
-            None
-        }
-    }
-}
-
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// A core member whose `--data` fills up stops instead of acknowledging: its Raft stops with
 /// the storage error and the process exits non-zero naming it (its supervisor restarts it,
 /// its children re-attach); the others go on committing (electing a new leader if it led),

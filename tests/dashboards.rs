@@ -766,38 +766,6 @@ async fn unknown_depth_and_materialized_version_are_absent_not_zero() {
     assert!(!has("canopy_materialized_version"), "{text}");
 }
 
-/// Mounts a tmpfs of `mb` MiB at `dir`; None (with the reason printed) where mounting is not
-/// permitted.
-fn mount_tmpfs(dir: &Path, mb: u64) -> Option<Mount> {
-    std::fs::create_dir_all(dir).unwrap();
-    let out = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
-        .arg(dir)
-        .output();
-    match out {
-        Ok(o) if o.status.success() => Some(Mount(dir.to_path_buf())),
-        Ok(o) => {
-            eprintln!(
-                "skipping: cannot mount a tmpfs ({})",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            None
-        }
-        Err(e) => {
-            eprintln!("skipping: cannot run mount ({e})");
-            None
-        }
-    }
-}
-
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// A relay whose `--file` lies on a full filesystem raises `canopy_disk_full` (what the
 /// `CanopyDiskFull` alert fires on) and keeps serving the version it applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,8 +12,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -776,50 +775,6 @@ async fn writes_beyond_the_proposal_queue_get_503_busy() {
     assert!(ok > 0);
     assert!(rejected(&metrics(&cl.c, &cl.core).await, "busy") >= 1.0);
     in_sync(&cl).await;
-}
-
-/// Mounts a tmpfs of `mb` MiB at `dir`; None (with the reason printed) where mounting is
-/// not permitted.
-fn mount_tmpfs(dir: &Path, mb: u64) -> Option<Mount> {
-    std::fs::create_dir_all(dir).unwrap();
-    let out = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
-        .arg(dir)
-        .output();
-    match out {
-        Ok(o) if o.status.success() => Some(Mount(dir.to_path_buf())),
-        Ok(o) => {
-            eprintln!(
-                "skipping: cannot mount a tmpfs ({})",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            None
-        }
-        Err(e) => {
-            eprintln!("skipping: cannot run mount ({e})");
-            None
-        }
-    }
-}
-
-struct Mount(PathBuf);
-
-impl Mount {
-    fn resize(&self, mb: u64) {
-        let ok = Command::new("mount")
-            .args(["-o", &format!("remount,size={mb}m")])
-            .arg(&self.0)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "remount {}", self.0.display());
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 /// A relay whose `--file` is on a full disk keeps applying and serving its child from

@@ -579,3 +579,47 @@ pub fn core_cluster(root: &Path, n: usize) -> (Pki, Vec<Proc>) {
     let cores = Proc::start_core_cluster(root, &pki, &refs);
     (pki, cores)
 }
+
+/// Mounts a tmpfs of `mb` MiB at `dir`; None (with the reason printed) where mounting is
+/// not permitted.
+pub fn mount_tmpfs(dir: &Path, mb: u64) -> Option<Mount> {
+    std::fs::create_dir_all(dir).unwrap();
+    let out = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+        .arg(dir)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(Mount(dir.to_path_buf())),
+        Ok(o) => {
+            eprintln!(
+                "skipping: cannot mount a tmpfs ({})",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("skipping: cannot run mount ({e})");
+            None
+        }
+    }
+}
+
+pub struct Mount(PathBuf);
+
+impl Mount {
+    pub fn resize(&self, mb: u64) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={mb}m")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
