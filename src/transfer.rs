@@ -260,7 +260,7 @@ pub fn snapshot_frames<'a>(
 /// [`snapshot_frames`] in parts, each with its chunk index (`None` for the begin and the
 /// end), for a child that fetches part of the transfer elsewhere: a chunk is sent only if
 /// its index is below `limit()`, asked just before the chunk is framed (the child lowers it
-/// with `SnapshotLimit` while the transfer runs). A chunk's bytes are shared with the file,
+/// with `ChildUpdate.below` while the transfer runs). A chunk's bytes are shared with the file,
 /// not copied into its frame. `anchor` is the core's seal over this state (and the entry
 /// digest it signed), which the child requires.
 pub fn snapshot_frames_below<'a>(

@@ -111,7 +111,7 @@ proptest! {
             }
         }
         let _ = proto::FetchReply::decode(&body[..]);
-        let _ = proto::SnapshotLimit::decode(&body[..]);
+        let _ = proto::ChildUpdate::decode(&body[..]);
         // Mid-transfer: a snapshot of 3 chunks begun, then a fetched chunk at any index.
         let mut c = replica(false);
         let _ = c.subscribe("fuzz", "127.0.0.1:1", false);

@@ -233,7 +233,7 @@ impl Transfer {
         let _ = self.inputs.send(input);
     }
 
-    /// The next lower limit to send the parent (`SnapshotLimit`); `None` once the transfer
+    /// The next lower limit to send the parent (`ChildUpdate.below`); `None` once the transfer
     /// has no more to say.
     pub(crate) async fn next_limit(&mut self) -> Option<u64> {
         self.limit.changed().await.ok()?;

@@ -334,7 +334,7 @@ pub(crate) async fn serve_child(
     };
     info!(node = %shared.cfg.name, child = %sub.name, addr = %sub.listen_addr, have = sub.have_version, resume = ok.resume, "child subscribed");
     let limit = Arc::new(AtomicU64::new(u64::MAX));
-    shared.tasks.spawn(read_limits(
+    shared.tasks.spawn(read_child_updates(
         shared.clone(),
         conn.clone(),
         (sub.name.clone(), id),
@@ -458,7 +458,7 @@ pub(crate) async fn serve_child(
 /// Reads the frames the child sends up its subscription stream until it finishes the
 /// stream or the connection ends: transfer limits into `limit` (lowered only), and reports
 /// into the overlay while this link (`child`: name and link id) is the one registered.
-async fn read_limits(
+async fn read_child_updates(
     shared: Arc<Shared>,
     conn: quinn::Connection,
     child: (String, u64),
@@ -467,7 +467,7 @@ async fn read_limits(
 ) {
     let (peer, id) = child;
     loop {
-        match transport::read_frame::<proto::SnapshotLimit>(&mut recv, MAX_CHILD_FRAME).await {
+        match transport::read_frame::<proto::ChildUpdate>(&mut recv, MAX_CHILD_FRAME).await {
             Ok(Some(l)) => {
                 if let Some(below) = l.below {
                     limit.fetch_min(below, Ordering::AcqRel);

@@ -91,7 +91,7 @@ struct Link {
     /// frame half read.
     frames: mpsc::Receiver<Result<Option<LinkFrame>, StreamError>>,
     _reader: AbortOnDrop,
-    /// Carries `SnapshotLimit` frames to the parent during a multi-source transfer.
+    /// Carries `ChildUpdate` frames to the parent: transfer limits and this node's reports.
     send: quinn::SendStream,
 }
 
@@ -366,7 +366,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
             Wake::Command(UpstreamCommand::Detach { .. }) => continue,
             Wake::Limit(below) => {
                 // A lost write shows up as a failed read on the same stream.
-                let limit = proto::SnapshotLimit {
+                let limit = proto::ChildUpdate {
                     below: Some(below),
                     report: None,
                 };
@@ -374,7 +374,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
                 continue;
             }
             Wake::Command(UpstreamCommand::Report(r)) => {
-                let up = proto::SnapshotLimit {
+                let up = proto::ChildUpdate {
                     below: None,
                     report: Some(overlay_driver::report_to_proto(&r)),
                 };
