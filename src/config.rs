@@ -491,6 +491,14 @@ mod tests {
         let mut c = relay();
         c.name = "bad name".into();
         assert_eq!(c.validate(), Err(ConfigError::BadName("bad name".into())));
+        for zone in [String::new(), "z".repeat(MAX_ZONE_BYTES + 1)] {
+            let mut c = relay();
+            c.zone = Some(zone.clone());
+            assert_eq!(c.validate(), Err(ConfigError::BadZone(zone)));
+        }
+        let mut c = relay();
+        c.zone = Some("z".repeat(MAX_ZONE_BYTES));
+        c.validate().unwrap();
         let mut c = relay();
         c.kind = NodeKind::Relay { join: vec![] };
         assert_eq!(c.validate(), Err(ConfigError::NoJoin));

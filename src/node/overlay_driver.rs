@@ -241,3 +241,43 @@ async fn request_sample(
     let peers = r.peers.into_iter().filter(peer_sane).map(peer_from_proto);
     Ok((info, peers.collect(), rtt))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What peers declare about the tree is bounded before the overlay sees it: zones longer
+    /// than `MAX_ZONE_BYTES` (or empty) count as none, heights and rooms are clamped to
+    /// `MAX_HEIGHT`, whether they come in an advert or in a child's report.
+    #[test]
+    fn declared_zones_heights_and_rooms_are_bounded() {
+        let max = crate::config::MAX_ZONE_BYTES;
+        assert_eq!(zone_from_proto(String::new()), None);
+        assert_eq!(zone_from_proto("z".repeat(max + 1)), None);
+        assert_eq!(zone_from_proto("z".repeat(max)), Some("z".repeat(max)));
+        let huge = proto::ChildReport {
+            free_slots: u32::MAX,
+            height: u32::MAX,
+            room: u32::MAX,
+        };
+        let r = report_from_proto(&huge);
+        assert_eq!(
+            (r.height, r.room),
+            (crate::overlay::MAX_HEIGHT, crate::overlay::MAX_HEIGHT)
+        );
+        let p = peer_from_proto(proto::PeerInfo {
+            name: "p".into(),
+            addr: "127.0.0.1:1".into(),
+            depth: 1,
+            free_slots: 0,
+            root_path: vec!["c".into(), "p".into()],
+            height: u32::MAX,
+            room: u32::MAX,
+            zone: "z".repeat(1 << 16),
+        });
+        assert_eq!(
+            (p.height, p.room, p.zone.clone()),
+            (crate::overlay::MAX_HEIGHT, crate::overlay::MAX_HEIGHT, None)
+        );
+    }
+}
