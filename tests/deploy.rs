@@ -183,11 +183,8 @@ async fn example_configs_run_real_nodes() {
     let pki = Pki::new(root);
     pki.issue("c1", "core");
     pki.issue("web-17", "relay");
-    let core_quic = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let core_api = free_tcp_port();
+    let core_quic = free_udp();
+    let core_api = free_tcp();
     let _core = KillOnDrop(
         Command::new(CORE_NODE)
             .arg("--config")
@@ -210,12 +207,9 @@ async fn example_configs_run_real_nodes() {
             .unwrap(),
         root.join("c1.log"),
     );
-    let relay_api = free_tcp_port();
+    let relay_api = free_tcp();
     let relay_file = root.join("srv").join("table.bin");
-    let relay_quic = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let relay_quic = free_udp();
     let _relay = KillOnDrop(
         Command::new(RELAY_NODE)
             .arg("--config")
@@ -276,29 +270,6 @@ async fn example_configs_run_real_nodes() {
 }
 
 /// A node process, killed on drop; its log is printed if the test failed.
-struct KillOnDrop(std::process::Child, PathBuf);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- {} ---\n{}",
-                self.1.display(),
-                std::fs::read_to_string(&self.1).unwrap_or_default()
-            );
-        }
-    }
-}
-
-fn free_tcp_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// The CA rotation of docs/deploy.md: while every node's ca.pem holds the old and the new
 /// CA, a node with a certificate from the old CA and one with a certificate from the new CA
 /// accept each other.
@@ -338,11 +309,8 @@ async fn a_ca_bundle_lets_old_and_new_certificates_meet_during_rotation() {
     };
     let core_tls = issue(&old, "c1", "core");
     let relay_tls = issue(&new, "r1", "relay");
-    let core_quic = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let (core_api, relay_api) = (free_tcp_port(), free_tcp_port());
+    let core_quic = free_udp();
+    let (core_api, relay_api) = (free_tcp(), free_tcp());
     let _core = KillOnDrop(
         Command::new(CORE_NODE)
             .args(["--name", "c1", "--init", "--listen", &core_quic.to_string()])
@@ -356,10 +324,7 @@ async fn a_ca_bundle_lets_old_and_new_certificates_meet_during_rotation() {
             .unwrap(),
         root.join("c1.log"),
     );
-    let relay_quic = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let relay_quic = free_udp();
     let _relay = KillOnDrop(
         Command::new(RELAY_NODE)
             .args(["--name", "r1", "--listen", &relay_quic.to_string()])

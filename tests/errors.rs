@@ -50,23 +50,13 @@ fn one_line_failure(cmd: &mut Command) -> (i32, String) {
     (code, stderr)
 }
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// A node command line with fresh addresses under `root`; `set` replaces flags' values.
 fn node(bin: &str, root: &Path, tls: &Path, name: &str, set: &[(&str, &Path)]) -> Command {
-    let udp = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let udp = free_udp();
     let mut flags: Vec<(&str, std::ffi::OsString)> = vec![
         ("--name", name.into()),
         ("--listen", udp.to_string().into()),
-        ("--api", free_port().to_string().into()),
+        ("--api", free_tcp().to_string().into()),
         ("--data", root.join("data").join(name).into()),
         ("--tls", tls.into()),
     ];
@@ -233,15 +223,9 @@ fn a_file_path_the_service_user_cannot_write_is_refused() {
         RELAY_NODE,
     ])
     .args(["--name", "r1", "--join", "127.0.0.1:9", "--listen"])
-    .arg(
-        UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .to_string(),
-    )
+    .arg(free_udp().to_string())
     .arg("--api")
-    .arg(free_port().to_string())
+    .arg(free_tcp().to_string())
     .arg("--tls")
     .arg(&pki.tls)
     .arg("--data")
@@ -282,7 +266,7 @@ fn cli_failures_name_the_fix() {
     let root = dir.path();
 
     // Nothing listens at --api.
-    let nobody = free_port().to_string();
+    let nobody = free_tcp().to_string();
     let (code, e) = one_line_failure(canopy_cmd(&nobody).arg("status"));
     assert_eq!(code, 3, "{e}");
     assert!(

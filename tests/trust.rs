@@ -379,7 +379,7 @@ async fn the_api_needs_its_token_for_writes() {
     pki.issue("core", "core");
     let (quic, api) = (free_udp(), free_tcp());
     let data = root.join("data").join("core");
-    let mut child = Command::new(CORE_NODE)
+    let child = Command::new(CORE_NODE)
         .args(["--name", "core", "--init", "--listen", &quic.to_string()])
         .args([
             "--api",
@@ -392,7 +392,7 @@ async fn the_api_needs_its_token_for_writes() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let child = KillOnDrop(&mut child);
+    let child = KillOnDrop(child, root.join("core.log"));
     let anon = reqwest::Client::new();
     let url = |p: &str| format!("http://{api}{p}");
     wait_until(30, "the core's API", || async {
@@ -457,16 +457,6 @@ async fn the_api_needs_its_token_for_writes() {
         String::from_utf8_lossy(&out.stderr)
     );
     drop(child);
-}
-
-/// Kills a spawned node when the test ends, passed or failed, so no process outlives it.
-struct KillOnDrop<'a>(&'a mut std::process::Child);
-
-impl Drop for KillOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A certificate issued already expired: the node refuses to start with it, and a peer that

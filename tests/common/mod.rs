@@ -65,18 +65,37 @@ impl Pki {
     }
 }
 
+/// First port handed out, and how many one test process may use: ports below the kernel's
+/// ephemeral range (32768 and up by default). A port found by binding port 0 and releasing
+/// it can be taken by the next socket that binds port 0 (another node's client endpoint),
+/// and the node started on it then dies with "address in use".
+const PORT_BASE: u16 = 10_000;
+const PORTS_PER_PROCESS: u16 = 1_000;
+
+/// A loopback port no other caller in this process got, free for both UDP and TCP when
+/// handed out. Each test process starts in its own window of the range (by its pid), so a
+/// port is not reused while a node of a test that just ended may still hold it.
+fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let windows = (32_768 - PORT_BASE) / PORTS_PER_PROCESS;
+    let base = PORT_BASE + (std::process::id() % u32::from(windows)) as u16 * PORTS_PER_PROCESS;
+    loop {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % PORTS_PER_PROCESS;
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
 pub fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 pub fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 /// The flags every node process gets.
@@ -621,5 +640,23 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A process spawned by hand (not a [`Proc`]), killed when dropped; its log file (the
+/// second field) is printed when a test fails.
+pub struct KillOnDrop(pub Child, pub PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} ---\n{}",
+                self.1.display(),
+                std::fs::read_to_string(&self.1).unwrap_or_default()
+            );
+        }
     }
 }
