@@ -599,6 +599,9 @@ mod tests {
                 file_version: None,
                 file_root: None,
                 file_path: None,
+                file_method: None,
+                file_bytes_written: 0,
+                file_writes: 0,
                 disk_full: false,
                 core_addrs: vec![],
                 stats: StatsView {

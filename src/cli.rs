@@ -171,6 +171,8 @@ struct FileConfig {
     #[serde(default)]
     limits: Option<crate::config::LimitsConfig>,
     #[serde(default)]
+    materialize: Option<crate::config::MaterializeConfig>,
+    #[serde(default)]
     raft: Option<RaftConfig>,
 }
 
@@ -287,6 +289,7 @@ pub fn prepare(args: &NodeArgs, role: Role) -> Result<Prepared, StartError> {
         stream,
         overlay: fc.overlay.unwrap_or_default(),
         limits: fc.limits.unwrap_or_default(),
+        materialize: fc.materialize.unwrap_or_default(),
         api_token_file: args.api_token_file.clone().or(fc.api_token_file),
         seed: args.seed.or(fc.seed),
         zone: args.zone.clone().or(fc.zone),

@@ -47,6 +47,8 @@ pub enum ConfigError {
     BackfillRateTooLow { rate: u64, chunk: u32 },
     #[error("fetch_window must be at most {MAX_FETCH_WINDOW} chunks (what one fetch request may ask), got {0}")]
     FetchWindow(u32),
+    #[error("materialize.copies must be 2 to {MAX_MATERIALIZE_COPIES}, got {0}")]
+    MaterializeCopies(u32),
     #[error("a relay needs at least one --join address")]
     NoJoin,
     #[error("raft: {0}")]
@@ -112,8 +114,9 @@ pub struct StreamConfig {
     /// A parent whose stream carries nothing (no entry, checkpoint or heartbeat) this long
     /// is dead and the child re-attaches (ms). 1500: three heartbeat periods.
     pub parent_timeout_ms: u64,
-    /// Shortest gap between two rewrites of the materialized file (ms). 250: a burst of
-    /// writes does not rewrite a 50 MB file for each one.
+    /// Shortest gap between two writes of the materialized file (ms). 250: a burst of
+    /// writes becomes one write of `--file`, and a reader sees a new version within a
+    /// quarter of a second (see also `[materialize]`).
     pub materialize_interval_ms: u64,
     /// Full or diff transfers this node serves at once; more children wait their turn (their
     /// live entries queue meanwhile). 4: half a fan-out of 8 bootstraps at once while the
@@ -349,6 +352,86 @@ impl LimitsConfig {
     }
 }
 
+/// How `--file` is rewritten when the file changes ([`MaterializeConfig::mode`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaterializeMode {
+    /// Reflink where the filesystem can (btrfs, XFS, bcachefs), else swap, else rewrite;
+    /// decided at start by trying each in `--file`'s directory.
+    #[default]
+    Auto,
+    /// Clone the current file (`FICLONE`), write only the changed pages into the clone,
+    /// fsync, rename it over `--file`. Every version is a fresh inode, as with rewrite, at
+    /// the cost of the bytes that changed. The node refuses to start where cloning fails.
+    Reflink,
+    /// Physical copies next to `--file` (`.NAME.canopy-0`, `-1`, ...) take turns: the
+    /// oldest is patched with the changes since its own version, fsynced, and hard-linked
+    /// over `--file`. A copy is patched only `grace_ms` after it stopped being `--file`,
+    /// and never while a reader holds a shared `flock` on it.
+    Swap,
+    /// Write the whole file to a temporary file, fsync, rename: what any filesystem can
+    /// do, at the cost of the whole file per rewrite (paced by `max_bytes_per_sec`).
+    Rewrite,
+}
+
+impl MaterializeMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Reflink => "reflink",
+            Self::Swap => "swap",
+            Self::Rewrite => "rewrite",
+        }
+    }
+}
+
+/// Most physical copies `swap` may keep (each one is a whole file on disk).
+pub const MAX_MATERIALIZE_COPIES: u32 = 8;
+
+/// How a node keeps `--file` on disk (the `[materialize]` section). `--file` always holds
+/// one whole version for a reader that opens it; these keys choose what that costs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaterializeConfig {
+    /// `auto`, `reflink`, `swap` or `rewrite`. auto: the cheapest the filesystem allows;
+    /// force `rewrite` where readers keep `--file` open for long and never take a `flock`.
+    pub mode: MaterializeMode,
+    /// swap only: a copy that stopped being `--file` is left untouched this long (ms),
+    /// so a reader that opened it finishes reading a whole version. 2000: reading a
+    /// page-cached 1 GB file takes well under a second. Readers that may take longer hold
+    /// `flock(LOCK_SH)` on the file they opened while they read it.
+    pub grace_ms: u64,
+    /// swap only: physical copies that take turns (2 to 8). 3: under steady writes
+    /// `--file` is replaced every `grace_ms / (copies - 1)` = 1 s, for 3 files of disk
+    /// space; each change is written once per copy.
+    pub copies: u32,
+    /// Disk bytes per second the materializer may write, on average (0: no limit). After a
+    /// write of B bytes the next waits at least B / this. 32 MiB/s: a whole 50 MB
+    /// rewrite (first write, or `rewrite` mode) happens at most every 1.6 s instead of 4
+    /// times a second, while patches of a few pages are never slowed.
+    pub max_bytes_per_sec: u64,
+}
+
+impl Default for MaterializeConfig {
+    fn default() -> Self {
+        Self {
+            mode: MaterializeMode::Auto,
+            grace_ms: 2000,
+            copies: 3,
+            max_bytes_per_sec: 32 * 1024 * 1024,
+        }
+    }
+}
+
+impl MaterializeConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(2..=MAX_MATERIALIZE_COPIES).contains(&self.copies) {
+            return Err(ConfigError::MaterializeCopies(self.copies));
+        }
+        Ok(())
+    }
+}
+
 /// Whether a node is part of the Raft core or a relay in the tree.
 #[derive(Clone, Debug)]
 pub enum NodeKind {
@@ -378,6 +461,8 @@ pub struct NodeConfig {
     pub overlay: OverlayConfig,
     /// How many requests clients and peers may have running at once.
     pub limits: LimitsConfig,
+    /// How `--file` is kept on disk.
+    pub materialize: MaterializeConfig,
     /// The file holding the token that API writes and membership changes must present.
     /// `None` (the default): `DATA/api-token`, created with a random token and mode 0600 at
     /// first start, so a node is never writable by anyone who can reach its API port.
@@ -413,6 +498,7 @@ impl NodeConfig {
         }
         self.stream.validate()?;
         self.limits.validate()?;
+        self.materialize.validate()?;
         self.overlay
             .validate()
             .map_err(|e| ConfigError::Overlay(e.to_string()))?;
@@ -474,6 +560,7 @@ mod tests {
             stream: StreamConfig::default(),
             overlay: OverlayConfig::default(),
             limits: LimitsConfig::default(),
+            materialize: MaterializeConfig::default(),
             api_token_file: None,
             seed: None,
             zone: None,

@@ -154,6 +154,7 @@ pub async fn start_local_node(
         stream,
         overlay: Default::default(),
         limits: Default::default(),
+        materialize: Default::default(),
         api_token_file: None,
         seed: None,
         zone: None,

@@ -104,6 +104,8 @@ const DESCRIBED: &[(&str, &str)] = &[
     ("canopy_backfills_serving", "Transfers this node serves now."),
     ("canopy_cert_expiry_seconds", "Seconds until this node's certificate expires (negative once expired)."),
     ("canopy_disk_full", "1 while the last write of --file failed for lack of space, else 0."),
+    ("canopy_materialize_bytes_total", "Content bytes written to disk for --file (the filesystem's metadata not included)."),
+    ("canopy_materialize_writes_total", "Writes that made a new version of --file visible."),
     ("canopy_reparents_total", "Changes of parent, by reason (join, parent_lost, rebalance)."),
     ("canopy_resyncs_total", "Resubscriptions of this node's upstream, by reason."),
     ("canopy_untrusted_frames_total", "Frames or signer certificates refused for lack of a valid core signature, by reason."),
@@ -422,6 +424,8 @@ pub struct NodeMetrics {
     pub cert_expiry_seconds: Gauge,
     /// 1 while writing `--file` fails for lack of space.
     pub disk_full: Gauge,
+    materialize_bytes: Counter,
+    materialize_writes: Counter,
     node: String,
 }
 
@@ -477,8 +481,16 @@ impl NodeMetrics {
             backfills_serving: metrics::gauge!("canopy_backfills_serving", &l),
             cert_expiry_seconds: metrics::gauge!("canopy_cert_expiry_seconds", &l),
             disk_full,
+            materialize_bytes: metrics::counter!("canopy_materialize_bytes_total", &l),
+            materialize_writes: metrics::counter!("canopy_materialize_writes_total", &l),
             node: n,
         }
+    }
+
+    /// Counts one write of `--file` that made a new version visible, and its bytes.
+    pub fn materialized(&self, bytes: u64) {
+        self.materialize_bytes.increment(bytes);
+        self.materialize_writes.increment(1);
     }
 
     /// Counts one change of parent, by reason ([`REPARENT_REASONS`]).

@@ -135,6 +135,8 @@ fn table(v: &toml::Value) -> BTreeMap<String, String> {
 #[test]
 fn example_configs_show_every_tunable_key_with_its_default() {
     let stream = toml::Value::try_from(canopy::config::StreamConfig::default()).unwrap();
+    let materialize =
+        toml::Value::try_from(canopy::config::MaterializeConfig::default()).unwrap();
     let mut overlay =
         table(&toml::Value::try_from(canopy::overlay::OverlayConfig::default()).unwrap());
     overlay.remove("fanout");
@@ -143,6 +145,11 @@ fn example_configs_show_every_tunable_key_with_its_default() {
         let v: toml::Value = toml::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(table(&v["stream"]), table(&stream), "{file} [stream]");
         assert_eq!(table(&v["overlay"]), overlay, "{file} [overlay]");
+        assert_eq!(
+            table(&v["materialize"]),
+            table(&materialize),
+            "{file} [materialize]"
+        );
         // Every key has a comment on the line(s) just above it.
         let lines: Vec<&str> = text.lines().collect();
         for (i, l) in lines.iter().enumerate() {

@@ -51,6 +51,12 @@ pub struct Status {
     pub file_version: Option<u64>,
     pub file_root: Option<String>,
     pub file_path: Option<String>,
+    /// How `--file` is written: `reflink`, `swap` or `rewrite` (absent without `--file`).
+    pub file_method: Option<String>,
+    /// Bytes written to disk for `--file` since start (content; the filesystem's metadata
+    /// is not counted), and the writes that made a new version visible.
+    pub file_bytes_written: u64,
+    pub file_writes: u64,
     /// The last write of `--file` failed for a full disk: the node keeps applying and
     /// serving from memory, and `file_version` stays behind until a write succeeds.
     pub disk_full: bool,

@@ -1,8 +1,8 @@
 //! The relay's copy on disk: materializing the file at `--file` and loading it at start.
 //!
 //! Invariants:
-//! - Readers of `--file` see one whole version: it is written to a temporary file, fsynced,
-//!   renamed over the old one, and the directory fsynced.
+//! - Readers of `--file` see one whole version, written at the cost of the change where the
+//!   filesystem allows (see `materialize`).
 //! - The record of what the file holds (`replica.json`: its version, and the core's seal over
 //!   that state with the signer's certificate) is written after the file, so a crash in
 //!   between leaves a record that does not match: the copy is then untrusted at start, and
@@ -10,7 +10,8 @@
 //!   over its recomputed content.
 //! - Only a version the node shows (one a core seal covers) is ever written.
 //! - The materializer writes the newest version, at most once per
-//!   `materialize_interval_ms`, however many versions arrive.
+//!   `materialize_interval_ms`, however many versions arrive, and after a write of B bytes
+//!   waits at least B / `materialize.max_bytes_per_sec`.
 //! - A failed write leaves no temporary file behind. A full disk (ENOSPC, EDQUOT) does not
 //!   stop the node: it goes on applying and serving its children from memory, shows
 //!   `disk_full: true` in status (`canopy_disk_full` 1), retries with a backoff from 1 s
@@ -18,11 +19,12 @@
 //! - All-zero chunks are written as holes (the file is sparse), so a region that was only
 //!   extended by a truncate costs no disk; the copy is read back chunk by chunk, bounded
 //!   by `max_len` before anything is read.
+//! - The record is written only after a write that made a new version visible.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
@@ -34,6 +36,7 @@ use crate::file::ChunkedFile;
 use crate::proto;
 use crate::replica::Sealed;
 
+use super::materialize::{Materializer, Outcome};
 use super::shared::Shared;
 
 /// First pause after a failed write of `--file`; it doubles up to [`MAX_BACKOFF`].
@@ -41,9 +44,11 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest pause between two attempts to write `--file` after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
+pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf, m: Materializer) {
     let mut rx = shared.applied.subscribe();
     let interval = Duration::from_millis(shared.cfg.stream.materialize_interval_ms);
+    let budget = shared.cfg.materialize.max_bytes_per_sec;
+    let mut m = Some(m);
     let mut written: Option<(u64, [u8; 32])> = None;
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -64,37 +69,51 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
         if let Some((file, sealed, signer)) = shown {
             let key = (file.version(), file.root());
             if written != Some(key) {
-                let p = path.clone();
+                let Some(mut mat) = m.take() else { return };
                 let sidecar = shared.cfg.data.join(SIDECAR);
                 let write = move || {
-                    write_atomically(&p, &file)?;
-                    write_sidecar(&sidecar, &file, sealed.as_ref(), signer.as_ref())
+                    let r = mat.write(Instant::now(), &file).and_then(|o| {
+                        if let Outcome::Written { .. } = o {
+                            write_sidecar(&sidecar, &file, sealed.as_ref(), signer.as_ref())?;
+                        }
+                        Ok(o)
+                    });
+                    (mat, r)
                 };
                 let pause = match tokio::task::spawn_blocking(write).await {
-                    Ok(Ok(())) => {
-                        written = Some(key);
-                        shared.materialized.send_replace(Some(key));
-                        if shared.disk_full.swap(false, Ordering::AcqRel) {
-                            shared.metrics.disk_full.set(0.0);
-                            info!(node = %shared.cfg.name, version = key.0, "the disk has room again: {} written", path.display());
+                    Ok((mat, r)) => {
+                        m = Some(mat);
+                        match r {
+                            Ok(Outcome::Written { bytes, .. }) => {
+                                written = Some(key);
+                                shared.materialize_bytes.fetch_add(bytes, Ordering::Relaxed);
+                                shared.materialize_writes.fetch_add(1, Ordering::Relaxed);
+                                shared.metrics.materialized(bytes);
+                                shared.materialized.send_replace(Some(key));
+                                if shared.disk_full.swap(false, Ordering::AcqRel) {
+                                    shared.metrics.disk_full.set(0.0);
+                                    info!(node = %shared.cfg.name, version = key.0, "the disk has room again: {} written", path.display());
+                                }
+                                backoff = FIRST_BACKOFF;
+                                paced(interval, bytes, budget)
+                            }
+                            Ok(Outcome::Wait(d)) => d,
+                            Err(e) if crate::metrics::is_no_space(&e) => {
+                                if !shared.disk_full.swap(true, Ordering::AcqRel) {
+                                    shared.metrics.disk_full.set(1.0);
+                                    warn!(node = %shared.cfg.name, "the disk is full: {} stays at version {} while children are served from memory; retrying, backing off up to {MAX_BACKOFF:?}: {e}", path.display(), written.map_or(0, |w| w.0));
+                                }
+                                next_backoff(&mut backoff)
+                            }
+                            Err(e) => {
+                                error!(node = %shared.cfg.name, "materializing {}: {e}", path.display());
+                                next_backoff(&mut backoff)
+                            }
                         }
-                        backoff = FIRST_BACKOFF;
-                        interval
-                    }
-                    Ok(Err(e)) if crate::metrics::is_no_space(&e) => {
-                        if !shared.disk_full.swap(true, Ordering::AcqRel) {
-                            shared.metrics.disk_full.set(1.0);
-                            warn!(node = %shared.cfg.name, "the disk is full: {} stays at version {} while children are served from memory; retrying, backing off up to {MAX_BACKOFF:?}: {e}", path.display(), written.map_or(0, |w| w.0));
-                        }
-                        next_backoff(&mut backoff)
-                    }
-                    Ok(Err(e)) => {
-                        error!(node = %shared.cfg.name, "materializing {}: {e}", path.display());
-                        next_backoff(&mut backoff)
                     }
                     Err(e) => {
-                        error!(node = %shared.cfg.name, "materializer task: {e}");
-                        next_backoff(&mut backoff)
+                        error!(node = %shared.cfg.name, "materializer task: {e}; {} is no longer written", path.display());
+                        return;
                     }
                 };
                 tokio::select! {
@@ -109,6 +128,15 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf) {
             r = rx.changed() => if r.is_err() { return },
         }
     }
+}
+
+/// The pause after writing `bytes`: at least `interval`, and at least what keeps the
+/// average within `budget` bytes per second (0: no budget).
+fn paced(interval: Duration, bytes: u64, budget: u64) -> Duration {
+    if budget == 0 {
+        return interval;
+    }
+    interval.max(Duration::from_secs_f64(bytes as f64 / budget as f64))
 }
 
 /// The current pause, doubling the next one up to [`MAX_BACKOFF`].
@@ -225,57 +253,4 @@ pub(crate) fn load_local_copy(cfg: &NodeConfig, path: &Path) -> Option<LocalCopy
         sealed: seal.map(|s| (s, entry)),
         signer,
     })
-}
-
-/// Writes `file` to a temporary file next to `path`, fsyncs it, renames it over `path` and
-/// fsyncs the directory, so readers see either the old or the new version, whole.
-pub fn write_atomically(path: &Path, file: &ChunkedFile) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.canopy-tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    let written = write_sparse(&tmp, file).and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Writes `file` to `tmp` and fsyncs it; runs of all-zero chunks are left as holes.
-fn write_sparse(tmp: &Path, file: &ChunkedFile) -> std::io::Result<()> {
-    use std::io::{Seek, SeekFrom, Write};
-    let f = std::fs::File::create(tmp)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    let cs = u64::from(file.chunk_size());
-    let zero_leaf = crate::file::leaf_hash(&vec![0u8; cs as usize]);
-    let mut hole = false;
-    for i in 0..file.chunk_count() {
-        let chunk = file.chunk(i).unwrap_or_default();
-        let zero = if chunk.len() as u64 == cs {
-            file.chunk_hash(i) == Some(zero_leaf)
-        } else {
-            chunk.iter().all(|b| *b == 0)
-        };
-        if zero {
-            w.seek(SeekFrom::Current(chunk.len() as i64))?;
-            hole = true;
-        } else {
-            w.write_all(&chunk)?;
-            hole = false;
-        }
-    }
-    w.flush()?;
-    let f = w.into_inner().map_err(|e| e.into_error())?;
-    if hole {
-        f.set_len(file.len())?;
-    }
-    f.sync_all()
 }

@@ -45,6 +45,8 @@ pub enum NodeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("materialize: {0}")]
+    Materialize(#[from] super::materialize::MaterializeError),
     #[error("shutting down")]
     Shutdown,
     #[error("this node is not a core node")]

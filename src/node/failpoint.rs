@@ -12,6 +12,10 @@
 //! - `CANOPY_FAILPOINT_WRITE_ANYWAY=1`: a reader forwards writes to the core instead of
 //!   refusing them itself.
 //!
+//! - `CANOPY_FAILPOINT_MATERIALIZE_CRASH=N`: abort the process in the middle of writing
+//!   `--file`, right after the write that takes the bytes this process has written for it
+//!   past N (a crash at a chosen point of a materialization).
+//!
 //! Invariant: with none of these set, nothing here changes what a node does.
 
 use bytes::Bytes;
@@ -30,6 +34,25 @@ pub const TAMPER: &[u8] = b"ROGUE-TAMPERED!!";
 
 fn set(var: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+/// Counts `n` more bytes written for `--file`, and aborts the process once they pass
+/// `CANOPY_FAILPOINT_MATERIALIZE_CRASH`.
+pub(crate) fn materialize_wrote(n: usize) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static WRITTEN: AtomicU64 = AtomicU64::new(0);
+    let Some(limit) = *LIMIT.get_or_init(|| {
+        std::env::var("CANOPY_FAILPOINT_MATERIALIZE_CRASH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    }) else {
+        return;
+    };
+    if WRITTEN.fetch_add(n as u64, Ordering::Relaxed) + n as u64 > limit {
+        warn!(limit, "failpoint: crashing in the middle of writing --file");
+        std::process::abort();
+    }
 }
 
 /// The chunk to corrupt in what this node serves `child` (`u64::MAX`: every chunk).

@@ -58,6 +58,12 @@ pub(crate) fn status(shared: &Shared) -> Status {
         file_version: shared.materialized.borrow().map(|(v, _)| v),
         file_root: shared.materialized.borrow().map(|(_, r)| hex::encode(r)),
         file_path: shared.cfg.file.as_ref().map(|p| p.display().to_string()),
+        file_method: shared
+            .materialize_method
+            .get()
+            .map(|m| m.as_str().to_string()),
+        file_bytes_written: shared.materialize_bytes.load(Ordering::Relaxed),
+        file_writes: shared.materialize_writes.load(Ordering::Relaxed),
         disk_full: shared.disk_full.load(Ordering::Relaxed),
         core_addrs: shared.core_addrs(&st),
         stats: StatsView {

@@ -14,6 +14,7 @@
 //! | `core` | the Raft state machine glue and the checkpoint ticker |
 //! | `inspect` | status and tree |
 //! | `disk` | materializing `--file` and loading it at start |
+//! | `materialize` | writing `--file` at the cost of the change (reflink, swap, rewrite) |
 //! | `identity` | this node's certificate: its expiry, reloading it, expiring signers |
 //!
 //! Invariants: a node's tasks all stop when its shutdown token is cancelled; the overlay owns
@@ -28,6 +29,7 @@ mod error;
 mod failpoint;
 mod identity;
 mod inspect;
+mod materialize;
 mod net;
 mod overlay_driver;
 mod propose;
@@ -111,8 +113,10 @@ impl Node {
             Trust::Verify(verifier)
         };
         let mut replica = Replica::new(cfg.stream.replica(), trust)?.with_name(&cfg.name);
+        let mut loaded = None;
         if let (NodeKind::Relay { .. }, Some(path)) = (&cfg.kind, &cfg.file) {
             if let Some(copy) = disk::load_local_copy(&cfg, path) {
+                loaded = Some(copy.file.clone());
                 let (version, root) = (copy.file.version(), copy.file.root_hex());
                 if let Some(cert) = &copy.signer {
                     replica.learn_signers(std::slice::from_ref(cert), SystemTime::now());
@@ -127,6 +131,14 @@ impl Node {
                 info!(node = %cfg.name, version, trusted, %root, "starting from the local copy");
             }
         }
+        let materializer = match &cfg.file {
+            Some(path) => {
+                let m = materialize::Materializer::open(path, &cfg.materialize, loaded)?;
+                info!(node = %cfg.name, method = m.method().as_str(), path = %path.display(), "materializing the file by {}", m.method().as_str());
+                Some(m)
+            }
+            None => None,
+        };
         let bootstrap = match &cfg.kind {
             NodeKind::Relay { join } => join.clone(),
             NodeKind::Core { .. } => Vec::new(),
@@ -161,6 +173,9 @@ impl Node {
             applied: watch::channel((0, 0)).0,
             materialized: watch::channel(None).0,
             disk_full: std::sync::atomic::AtomicBool::new(false),
+            materialize_method: OnceLock::new(),
+            materialize_bytes: AtomicU64::new(0),
+            materialize_writes: AtomicU64::new(0),
             core: OnceLock::new(),
             endpoint,
             core_conns: tokio::sync::Mutex::new(BTreeMap::new()),
@@ -196,10 +211,11 @@ impl Node {
         if !shared.cfg.is_core() {
             shared.tasks.spawn(upstream::run(shared.clone(), cmd_rx));
         }
-        if let Some(path) = shared.cfg.file.clone() {
+        if let (Some(path), Some(m)) = (shared.cfg.file.clone(), materializer) {
+            let _ = shared.materialize_method.set(m.method());
             shared
                 .tasks
-                .spawn(disk::materialize_loop(shared.clone(), path));
+                .spawn(disk::materialize_loop(shared.clone(), path, m));
         }
         shared.tasks.spawn(serve::accept_loop(shared.clone()));
         shared.tasks.spawn(identity::watch(shared.clone()));

@@ -137,6 +137,12 @@ pub struct Shared {
     pub(crate) materialized: watch::Sender<Option<(u64, crate::file::Hash)>>,
     /// The last write of `--file` failed for a full disk (cleared by the next that works).
     pub(crate) disk_full: AtomicBool,
+    /// How `--file` is written, once decided at start.
+    pub(crate) materialize_method: OnceLock<super::materialize::Method>,
+    /// Bytes written to disk for `--file` (content, not the filesystem's metadata), and the
+    /// writes that made a new version of it visible.
+    pub(crate) materialize_bytes: AtomicU64,
+    pub(crate) materialize_writes: AtomicU64,
     pub(crate) core: OnceLock<Arc<Core>>,
     pub(crate) endpoint: quinn::Endpoint,
     /// Cached connections to core nodes, by address (proposals, admin, forwarding).

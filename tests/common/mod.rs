@@ -362,12 +362,31 @@ impl Proc {
         false
     }
 
+    /// Replaces the extra environment variables the next (re)start gets.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILLs the process.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts the process again with the same flags and ports, without waiting for it.
+    pub fn respawn(&mut self) {
+        self.kill();
+        self.spawn_child();
     }
 
     /// Starts the process again with the same flags and ports.
@@ -618,6 +637,57 @@ pub fn mount_tmpfs(dir: &Path, mb: u64) -> Option<Mount> {
         }
         Err(e) => {
             eprintln!("skipping: cannot run mount ({e})");
+            None
+        }
+    }
+}
+
+/// Mounts a fresh XFS with reflinks (`mkfs.xfs -m reflink=1` on a sparse image of `mb` MiB
+/// beside `dir`, on a loop device) at `dir`; None (with the reason printed) where xfsprogs
+/// cannot be installed or mounting is not permitted.
+pub fn mount_xfs(dir: &Path, mb: u64) -> Option<Mount> {
+    std::fs::create_dir_all(dir).unwrap();
+    let has_mkfs = || {
+        Command::new("mkfs.xfs")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has_mkfs() {
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "xfsprogs"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output();
+    }
+    if !has_mkfs() {
+        eprintln!("skipping: mkfs.xfs is missing and xfsprogs could not be installed");
+        return None;
+    }
+    let img = dir.with_extension("xfs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(mb << 20)
+        .unwrap();
+    let run = |cmd: &mut Command| -> Result<(), String> {
+        match cmd.output() {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let made = run(Command::new("mkfs.xfs")
+        .args(["-q", "-f", "-m", "reflink=1"])
+        .arg(&img))
+    .and_then(|()| {
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(dir))
+    });
+    match made {
+        Ok(()) => Some(Mount(dir.to_path_buf())),
+        Err(e) => {
+            eprintln!("skipping: cannot make and mount an XFS image ({e})");
             None
         }
     }
