@@ -155,10 +155,15 @@ async fn send(
             rng.fill_bytes(&mut data);
             let off = client as u64 * CLIENT_SPAN + (i % SLOTS) * SLOT;
             payloads.push((off.to_string(), data.clone()));
-            sh.http
+            let req = sh
+                .http
                 .patch(format!("{ep}/v1/file?offset={off}"))
                 .header("content-type", "application/octet-stream")
-                .body(data)
+                .body(data);
+            match std::env::var("CANOPY_API_TOKEN") {
+                Ok(t) => req.bearer_auth(t),
+                Err(_) => req,
+            }
         }
         Target::Etcd => {
             let mut data = vec![0u8; size];
