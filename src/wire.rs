@@ -106,6 +106,35 @@ impl From<Bytes> for Parts {
     }
 }
 
+/// The frame of a `FetchReply` holding a chunk, byte for byte what [`encode`] makes of
+/// `FetchReply { index, data, .. }`, with `data` left out of the head instead of copied.
+pub fn encode_fetch_reply(index: u64, data: Bytes) -> Parts {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    let mut body = 0usize;
+    if index != 0 {
+        body += 1 + encoded_len_varint(index);
+    }
+    if !data.is_empty() {
+        body += 1 + encoded_len_varint(data.len() as u64) + data.len();
+    }
+    let prefix = u32::try_from(body).expect("a chunk frame fits a u32 length prefix");
+    let mut head = BytesMut::with_capacity(PREFIX_LEN + 16);
+    head.put_u32(prefix);
+    // FetchReply.index = 1, .data = 2.
+    if index != 0 {
+        encode_key(1, WireType::Varint, &mut head);
+        encode_varint(index, &mut head);
+    }
+    if !data.is_empty() {
+        encode_key(2, WireType::LengthDelimited, &mut head);
+        encode_varint(data.len() as u64, &mut head);
+    }
+    Parts {
+        head: head.freeze(),
+        data,
+    }
+}
+
 /// The frame of `Downstream { snapshot_chunk: SnapshotChunk { index, data } }`, byte for byte
 /// what [`encode`] makes of it, with `data` left out of the head instead of copied.
 pub fn encode_chunk(index: u64, data: Bytes) -> Parts {
@@ -327,6 +356,19 @@ mod tests {
                 })),
             });
             let parts = encode_chunk(index, data);
+            prop_assert_eq!(parts.len(), whole.len());
+            prop_assert_eq!(parts.concat(), whole);
+        }
+
+        #[test]
+        fn a_fetch_reply_in_parts_is_the_encoded_frame(index in prop_oneof![Just(0u64), any::<u64>()], data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let data = Bytes::from(data);
+            let whole = encode(&proto::FetchReply {
+                index,
+                data: data.clone(),
+                ..Default::default()
+            });
+            let parts = encode_fetch_reply(index, data);
             prop_assert_eq!(parts.len(), whole.len());
             prop_assert_eq!(parts.concat(), whole);
         }

@@ -555,7 +555,13 @@ pub(crate) async fn serve_fetch(
             }
             let len = reply.data.len();
             pace_backfill(&shared, len).await;
-            if transport::write_frame(&mut send, &reply).await.is_err() {
+            let written = if len > 0 {
+                let parts = crate::wire::encode_fetch_reply(reply.index, reply.data);
+                transport::write_parts(&mut send, &parts).await
+            } else {
+                transport::write_frame(&mut send, &reply).await
+            };
+            if written.is_err() {
                 return;
             }
             shared.count_relayed(len);
