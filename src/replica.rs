@@ -37,7 +37,7 @@ use crate::transfer::{Receiving, Salvage, TransferError};
 use crate::trust::{entry_digest, Anchor, Sealer, TrustError, Verifier};
 use crate::wire;
 
-pub use crate::transfer::{snapshot_frames, snapshot_frames_below};
+pub use crate::transfer::{snapshot_end_frame, snapshot_frames, snapshot_frames_below, FollowPlan};
 
 /// Tuning of the replica; see [`crate::config`] for where these come from.
 #[derive(Clone, Debug)]
@@ -197,6 +197,20 @@ pub struct SnapshotPlan {
     pub then: Vec<Bytes>,
 }
 
+/// Where a chunk of a followed transfer stands ([`Replica::follow_chunk`]).
+#[derive(Clone, Debug)]
+pub enum FollowChunk {
+    /// Verified here: send it.
+    Ready(Bytes),
+    /// Not here yet: wait for this node's transfer to progress and ask again.
+    Pending,
+    /// This node installed the followed version: every remaining chunk is in this file.
+    Installed(ChunkedFile),
+    /// This node no longer receives that version and does not hold the chunk: end the
+    /// child's stream (it resubscribes).
+    Gone,
+}
+
 /// What a parent sends a subscribing child before the live stream.
 #[derive(Clone)]
 pub enum SubscribePlan {
@@ -204,6 +218,10 @@ pub enum SubscribePlan {
     Resume(Vec<Bytes>),
     /// A transfer of the state shown, then the live stream.
     Snapshot(Box<SnapshotPlan>),
+    /// This node is itself receiving a transfer: pass it on chunk by chunk as each one is
+    /// verified here ([`Replica::follow_chunk`]), then the live stream, which starts after
+    /// the transfer's version.
+    Follow(Box<FollowPlan>),
     /// This node cannot serve yet (it holds no verified copy itself).
     Refuse(String),
 }
@@ -336,6 +354,39 @@ impl Replica {
     /// Whether this node holds a verified copy it may serve to children.
     pub fn is_synced(&self) -> bool {
         self.synced
+    }
+
+    /// The transfer this node is receiving, when a child may follow it: it has a manifest,
+    /// and a core's seal over its root (which the replica checked when it began) unless
+    /// nothing is checked.
+    fn follow_plan(&self) -> Option<FollowPlan> {
+        match &self.upstream {
+            Upstream::Snapshot(r) => r
+                .follow()
+                .filter(|p| p.anchor.is_some() || self.trust.verifier().is_none()),
+            _ => None,
+        }
+    }
+
+    /// Whether a subscribing child could follow the transfer this node is receiving now
+    /// ([`SubscribePlan::Follow`]).
+    pub fn can_follow(&self) -> bool {
+        !self.synced && self.follow_plan().is_some()
+    }
+
+    /// Parent side of a [`SubscribePlan::Follow`] of the transfer at `version`: chunk
+    /// `index`, whose manifest hash is `hash`, once this node holds it verified.
+    pub fn follow_chunk(&self, version: u64, index: u64, hash: &Hash) -> FollowChunk {
+        if self.synced && self.file.version() == version {
+            return FollowChunk::Installed(self.file.clone());
+        }
+        if let Some(data) = self.find_chunk(index, hash) {
+            return FollowChunk::Ready(data);
+        }
+        match &self.upstream {
+            Upstream::Snapshot(r) if r.version() == version => FollowChunk::Pending,
+            _ => FollowChunk::Gone,
+        }
     }
 
     /// Highest version known to be committed (from the stream or from local commits).
@@ -617,7 +668,10 @@ impl Replica {
     /// snapshot; an entry not sealed yet follows the plan, and its seal the live stream.
     pub fn plan_subscription(&self, sub: &proto::Subscribe) -> SubscribePlan {
         if !self.synced {
-            return SubscribePlan::Refuse("not synced yet".into());
+            return match self.follow_plan() {
+                Some(p) if sub.have_version <= p.version => SubscribePlan::Follow(Box::new(p)),
+                _ => SubscribePlan::Refuse("not synced yet".into()),
+            };
         }
         let shown = self.file();
         if sub.have_version > shown.version() {

@@ -181,6 +181,9 @@ enum Plan {
         content: Vec<u8>,
     },
     Refuse(String),
+    Follow {
+        version: u64,
+    },
 }
 
 fn plan(parent: &Replica, sub: &proto::Subscribe) -> Plan {
@@ -192,6 +195,7 @@ fn plan(parent: &Replica, sub: &proto::Subscribe) -> Plan {
             content: p.file.to_vec(),
         },
         SubscribePlan::Refuse(r) => Plan::Refuse(r),
+        SubscribePlan::Follow(p) => Plan::Follow { version: p.version },
     }
 }
 
@@ -239,6 +243,7 @@ fn connect(parent: &Replica, child: &mut Replica, full: bool) -> Result<Vec<Even
                 events.extend(feed(child, &f)?);
             }
         }
+        SubscribePlan::Follow(_) => panic!("connect() is for parents that hold a copy"),
     }
     Ok(events)
 }
@@ -858,6 +863,84 @@ fn full_subscription_flow_then_live_entries() {
         plan(&child, &sub_at(4, &file.root())),
         Plan::Resume(child_out.clone())
     );
+}
+
+/// A relay receiving a transfer passes it on to a child of its own chunk by chunk: the
+/// child's plan follows the transfer's version, each chunk is ready once verified here and
+/// pending before, the installed file serves the rest, and the child ends at the same state.
+#[test]
+fn a_child_follows_its_parents_transfer_chunk_by_chunk() {
+    let (core, _) = parent_at_v4(3);
+    let mut mid = relay();
+    let mut grand = relay();
+    assert_eq!(
+        plan(&mid, &sub_at(0, &[])),
+        Plan::Refuse("not synced yet".into()),
+        "nothing to follow before a transfer begins"
+    );
+    let mut frames = snapshot_frames(core.file(), core.last_commit_time_us(), &[]);
+    begin_transfer(&mut mid, &frames.next().unwrap());
+    let rest: Vec<Bytes> = frames.collect();
+    let (end, chunks) = rest.split_last().unwrap();
+    feed_ok(&mut mid, &chunks[0]);
+    assert!(mid.can_follow());
+    assert_eq!(plan(&mid, &sub_at(0, &[])), Plan::Follow { version: 4 });
+    assert_eq!(
+        plan(&mid, &sub_at(5, &[])),
+        Plan::Refuse("not synced yet".into()),
+        "a child ahead of the transfer is not offered it"
+    );
+    let p = match mid.plan_subscription(&grand.subscribe("g", "10.0.0.3:1", false)) {
+        SubscribePlan::Follow(p) => p,
+        _ => panic!("expected a follow"),
+    };
+    let hashes = core.file().chunk_hashes();
+    assert_eq!(p.manifest, hashes);
+    assert_eq!(p.lacking(&[]).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert!(
+        matches!(mid.follow_chunk(4, 0, &hashes[0]), FollowChunk::Ready(d) if d == core.file().chunk(0).unwrap())
+    );
+    assert!(matches!(
+        mid.follow_chunk(4, 1, &hashes[1]),
+        FollowChunk::Pending
+    ));
+    assert!(matches!(
+        mid.follow_chunk(3, 1, &hashes[1]),
+        FollowChunk::Gone
+    ));
+    assert_eq!(feed(&mut grand, &ok_frame(false)), Ok(vec![]));
+    assert_eq!(feed(&mut grand, &p.begin_frame()), Ok(vec![]));
+    let chunk = |i: u64, d: Bytes| crate::wire::encode_chunk(i, d).concat();
+    if let FollowChunk::Ready(d) = mid.follow_chunk(4, 0, &hashes[0]) {
+        assert_eq!(feed(&mut grand, &chunk(0, d)), Ok(vec![]));
+    }
+    feed_ok(&mut mid, &chunks[1]);
+    feed_ok(&mut mid, &chunks[2]);
+    assert!(matches!(
+        feed_ok(&mut mid, end)[0],
+        Event::Installed { version: 4 }
+    ));
+    assert!(!mid.can_follow());
+    let FollowChunk::Installed(file) = mid.follow_chunk(4, 1, &hashes[1]) else {
+        panic!("the installed file serves the rest");
+    };
+    for i in 1..3 {
+        assert_eq!(
+            feed(&mut grand, &chunk(i, file.chunk(i).unwrap())),
+            Ok(vec![])
+        );
+    }
+    assert_eq!(
+        feed(&mut grand, &snapshot_end_frame()),
+        Ok(vec![
+            Event::Installed { version: 4 },
+            Event::Applied {
+                version: 4,
+                commit_time_us: T0 + 4,
+            },
+        ])
+    );
+    assert_eq!(state(&grand), state(&core));
 }
 
 fn state_of(f: &ChunkedFile) -> (u64, Hash) {

@@ -88,6 +88,9 @@ pub(crate) type Anchored = Option<(proto::Seal, Option<Hash>)>;
 pub(crate) struct Receiving {
     builder: FileBuilder,
     version: u64,
+    length: u64,
+    chunk_size: u32,
+    root: Hash,
     commit_time_us: u64,
     manifest: Vec<Hash>,
     anchor: Anchored,
@@ -156,6 +159,9 @@ impl Receiving {
         Ok(Self {
             builder,
             version: b.version,
+            length: b.length,
+            chunk_size: b.chunk_size,
+            root,
             commit_time_us: b.commit_time_unix_us,
             manifest,
             anchor: b.anchor.map(|s| (s, entry)),
@@ -239,10 +245,84 @@ impl Receiving {
         })
     }
 
+    /// What a child of this node needs to receive the same transfer while it arrives here:
+    /// `None` without a manifest (only a parent's own push can carry such a transfer).
+    pub(crate) fn follow(&self) -> Option<FollowPlan> {
+        (!self.manifest.is_empty()).then(|| FollowPlan {
+            version: self.version,
+            length: self.length,
+            chunk_size: self.chunk_size,
+            root: self.root,
+            manifest: self.manifest.clone(),
+            anchor: self.anchor.clone(),
+            commit_time_us: self.commit_time_us,
+        })
+    }
+
+    pub(crate) fn version(&self) -> u64 {
+        self.version
+    }
+
     /// The verified file, the core's commit time of its version, and the core's seal of it.
     pub(crate) fn finish(self) -> Result<(ChunkedFile, u64, Anchored), TransferError> {
         Ok((self.builder.finish()?, self.commit_time_us, self.anchor))
     }
+}
+
+/// A transfer this node is still receiving, as it passes it on to a child chunk by chunk
+/// (cut-through): every chunk it sends was verified here against `manifest`, whose root the
+/// core's seal in `anchor` covers.
+#[derive(Clone, Debug)]
+pub struct FollowPlan {
+    pub version: u64,
+    pub length: u64,
+    pub chunk_size: u32,
+    pub root: Hash,
+    pub manifest: Vec<Hash>,
+    pub anchor: Anchored,
+    pub commit_time_us: u64,
+}
+
+impl FollowPlan {
+    /// The transfer's `SnapshotBegin` frame, as the node's own parent sent it.
+    pub fn begin_frame(&self) -> Bytes {
+        wire::encode(&proto::Downstream {
+            kind: Some(Down::SnapshotBegin(proto::SnapshotBegin {
+                version: self.version,
+                length: self.length,
+                root: Bytes::copy_from_slice(&self.root),
+                chunk_size: self.chunk_size,
+                commit_time_unix_us: self.commit_time_us,
+                chunk_hashes: self
+                    .manifest
+                    .iter()
+                    .map(|h| Bytes::copy_from_slice(h))
+                    .collect(),
+                anchor: self.anchor.as_ref().map(|(s, _)| s.clone()),
+                anchor_entry: self
+                    .anchor
+                    .as_ref()
+                    .and_then(|(_, e)| e.map(|e| Bytes::copy_from_slice(&e)))
+                    .unwrap_or_default(),
+            })),
+        })
+    }
+
+    /// The chunks a child holding `have` (its chunk hash at each index) lacks, ascending.
+    pub fn lacking<'a>(&'a self, have: &'a [Bytes]) -> impl Iterator<Item = u64> + 'a {
+        self.manifest
+            .iter()
+            .enumerate()
+            .filter(move |(i, h)| have.get(*i).map(|x| x.as_ref()) != Some(&h[..]))
+            .map(|(i, _)| i as u64)
+    }
+}
+
+/// The frame that ends a transfer.
+pub fn snapshot_end_frame() -> Bytes {
+    wire::encode(&proto::Downstream {
+        kind: Some(Down::SnapshotEnd(proto::SnapshotEnd {})),
+    })
 }
 
 /// The frames of a full transfer of `file`: `SnapshotBegin` (with the manifest), one

@@ -135,8 +135,7 @@ fn table(v: &toml::Value) -> BTreeMap<String, String> {
 #[test]
 fn example_configs_show_every_tunable_key_with_its_default() {
     let stream = toml::Value::try_from(canopy::config::StreamConfig::default()).unwrap();
-    let materialize =
-        toml::Value::try_from(canopy::config::MaterializeConfig::default()).unwrap();
+    let materialize = toml::Value::try_from(canopy::config::MaterializeConfig::default()).unwrap();
     let mut overlay =
         table(&toml::Value::try_from(canopy::overlay::OverlayConfig::default()).unwrap());
     overlay.remove("fanout");

@@ -412,6 +412,7 @@ impl Source {
         );
         match new {
             Ok(true) => {
+                self.shared.transfer_progressed();
                 let stats = &self.shared.stats;
                 stats.backfill_received.fetch_add(len, Ordering::Relaxed);
                 if self.fallback {

@@ -23,7 +23,10 @@ use tracing::{debug, info, warn};
 use crate::config::NodeConfig;
 use crate::overlay::{Admit, Input, Refusal};
 use crate::proto::{self, downstream::Kind as Down};
-use crate::replica::{snapshot_frames_below, Event, SnapshotPlan, SubscribePlan};
+use crate::replica::{
+    snapshot_end_frame, snapshot_frames_below, Event, FollowChunk, FollowPlan, SnapshotPlan,
+    SubscribePlan,
+};
 use crate::transport::{self, StreamError};
 
 use super::error::code;
@@ -75,7 +78,12 @@ pub(crate) fn dispatch(shared: &Shared, st: &mut State, events: Vec<Event>) {
                     .snapshots_installed
                     .fetch_add(1, Ordering::Relaxed);
                 info!(node = %shared.cfg.name, version, root = %st.replica.file().root_hex(), "installed snapshot");
-                let ids: Vec<u64> = st.children.keys().copied().collect();
+                let ids: Vec<u64> = st
+                    .children
+                    .iter()
+                    .filter(|(_, c)| c.follows != Some(version))
+                    .map(|(id, _)| *id)
+                    .collect();
                 for id in ids {
                     cut_child(shared, st, id, "parent installed a snapshot; resubscribe");
                 }
@@ -229,6 +237,13 @@ fn register(
     if let SubscribePlan::Refuse(r) = plan {
         return Err((r, None));
     }
+    if rogue.is_some() && matches!(plan, SubscribePlan::Follow(_)) {
+        return Err(("not synced yet".into(), None));
+    }
+    let follows = match &plan {
+        SubscribePlan::Follow(p) => Some(p.version),
+        _ => None,
+    };
     if let (Some(rogue), SubscribePlan::Snapshot(p)) = (rogue, &mut plan) {
         (p.file, p.anchor) = rogue.snapshot(&p.file);
     }
@@ -245,6 +260,7 @@ fn register(
             tx,
             queued: queued.clone(),
             cut: cut.clone(),
+            follows,
         },
     );
     overlay_driver::input(
@@ -293,9 +309,13 @@ pub(crate) async fn serve_child(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
+    let rogue = Rogue::from_env(&shared.identity.lock());
     let mut applied = shared.applied.subscribe();
+    let mut transfer = shared.transfer.subscribe();
     let deadline = tokio::time::Instant::now() + sync_wait(&shared.cfg);
-    while !shared.state.lock().replica.is_synced() {
+    let servable =
+        |st: &State| st.replica.is_synced() || (rogue.is_none() && st.replica.can_follow());
+    while !servable(&shared.state.lock()) {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = conn.closed() => return,
@@ -304,9 +324,13 @@ pub(crate) async fn serve_child(
                     break;
                 }
             }
+            r = tokio::time::timeout_at(deadline, transfer.changed()) => {
+                if !matches!(r, Ok(Ok(()))) {
+                    break;
+                }
+            }
         }
     }
-    let rogue = Rogue::from_env(&shared.identity.lock());
     let mut tampering = Tampering::default();
     let Registered {
         id,
@@ -407,6 +431,28 @@ pub(crate) async fn serve_child(
                     transport::write_raw(&mut send, &f).await?;
                 }
             }
+            SubscribePlan::Follow(p) => {
+                let acquire = Arc::clone(&shared.serving.permits).acquire_owned();
+                tokio::pin!(acquire);
+                let _permit = loop {
+                    tokio::select! {
+                        p = &mut acquire => break p.expect("the permits are never closed"),
+                        _ = shared.shutdown.cancelled() => return Ok(()),
+                        _ = conn.closed() => return Ok(()),
+                        _ = tokio::time::sleep(heartbeat_every) => {
+                            let hb = heartbeat(&shared, &shared.state.lock(), &sub.listen_addr);
+                            transport::write_raw(&mut send, &hb).await?;
+                        }
+                    }
+                };
+                let _serving = ServingGuard::new(&shared);
+                shared.metrics.full_transfers_served.increment(1);
+                if !follow(&shared, &conn, &sub, &mut send, &p, &limit, &mut transfer).await? {
+                    debug!(node = %shared.cfg.name, child = %sub.name, version = p.version, "no longer receiving the transfer the child follows: cutting it off");
+                    cut.store(true, Ordering::Release);
+                    return Ok(());
+                }
+            }
             SubscribePlan::Refuse(_) => {}
         }
         loop {
@@ -453,6 +499,69 @@ pub(crate) async fn serve_child(
     if st.children.remove(&id).is_some() {
         children_changed(&shared, &st);
     }
+}
+
+/// Passes this node's own transfer on to a child chunk by chunk, each as soon as it is
+/// verified here, in ascending order; heartbeats keep the child's stream alive while a
+/// chunk is awaited. `Ok(false)` when this node stopped receiving that version before
+/// holding every chunk: the caller cuts the child off, and it resubscribes.
+async fn follow(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    sub: &proto::Subscribe,
+    send: &mut quinn::SendStream,
+    plan: &FollowPlan,
+    below: &AtomicU64,
+    transfer: &mut tokio::sync::watch::Receiver<u64>,
+) -> Result<bool, StreamError> {
+    let heartbeat_every = Duration::from_millis(shared.cfg.stream.heartbeat_ms);
+    let begin = plan.begin_frame();
+    transport::write_raw(send, &begin).await?;
+    shared.count_relayed(begin.len());
+    let corrupt = failpoint::corrupt_chunk_for(&sub.name);
+    let mut installed: Option<crate::file::ChunkedFile> = None;
+    for index in plan.lacking(&sub.have_chunks) {
+        if index >= below.load(Ordering::Acquire) {
+            break;
+        }
+        let hash = &plan.manifest[index as usize];
+        let mut data = loop {
+            if let Some(f) = &installed {
+                break f.chunk(index).unwrap_or_default();
+            }
+            transfer.borrow_and_update();
+            let state = shared
+                .state
+                .lock()
+                .replica
+                .follow_chunk(plan.version, index, hash);
+            match state {
+                FollowChunk::Ready(d) => break d,
+                FollowChunk::Installed(f) => installed = Some(f),
+                FollowChunk::Gone => return Ok(false),
+                FollowChunk::Pending => tokio::select! {
+                    _ = shared.shutdown.cancelled() => return Ok(true),
+                    _ = conn.closed() => return Ok(true),
+                    _ = transfer.changed() => {}
+                    _ = tokio::time::sleep(heartbeat_every) => {
+                        let hb = heartbeat(shared, &shared.state.lock(), &sub.listen_addr);
+                        transport::write_raw(send, &hb).await?;
+                    }
+                },
+            }
+        };
+        if let Some(target) = corrupt {
+            failpoint::corrupt_chunk(&mut data, index, target);
+        }
+        let parts = crate::wire::encode_chunk(index, data);
+        pace_backfill(shared, parts.len()).await;
+        transport::write_parts(send, &parts).await?;
+        shared.count_relayed(parts.len());
+        shared.metrics.backfill_served.increment(parts.len() as u64);
+    }
+    let end = snapshot_end_frame();
+    transport::write_raw(send, &end).await?;
+    Ok(true)
 }
 
 /// Reads the frames the child sends up its subscription stream until it finishes the

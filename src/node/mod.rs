@@ -171,6 +171,7 @@ impl Node {
             overlay_out,
             overlay_wake: Notify::new(),
             applied: watch::channel((0, 0)).0,
+            transfer: watch::channel(0).0,
             materialized: watch::channel(None).0,
             disk_full: std::sync::atomic::AtomicBool::new(false),
             materialize_method: OnceLock::new(),

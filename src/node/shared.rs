@@ -64,6 +64,9 @@ pub(crate) struct ChildLink {
     pub(crate) queued: Arc<AtomicU64>,
     /// Set when the child is cut off: its writer resets the stream.
     pub(crate) cut: Arc<AtomicBool>,
+    /// The version of this node's own transfer the child follows (cut-through): installing
+    /// that version does not cut this child off, it is what the child is receiving.
+    pub(crate) follows: Option<u64>,
 }
 
 /// What [`Shared::state`] guards.
@@ -133,6 +136,9 @@ pub struct Shared {
     pub(crate) overlay_wake: Notify,
     /// `(applied version, core commit time in µs)`.
     pub(crate) applied: watch::Sender<(u64, u64)>,
+    /// Bumped when a transfer this node receives begins or gains a chunk, for the children
+    /// that follow it.
+    pub(crate) transfer: watch::Sender<u64>,
     /// The version and root the `--file` holds, once written.
     pub(crate) materialized: watch::Sender<Option<(u64, crate::file::Hash)>>,
     /// The last write of `--file` failed for a full disk (cleared by the next that works).
@@ -173,6 +179,14 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// A transfer this node receives began or gained a chunk: wakes the children's writers
+    /// that follow it.
+    pub(crate) fn transfer_progressed(&self) {
+        if self.transfer.receiver_count() > 0 {
+            self.transfer.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
     /// Bytes sent to children and fetching peers.
     pub(crate) fn count_relayed(&self, n: usize) {
         self.relayed.fetch_add(n as u64, Ordering::Relaxed);

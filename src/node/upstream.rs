@@ -562,6 +562,10 @@ fn apply_frame(
         }
     }
     settle(shared, &mut st, clock, events);
+    drop(st);
+    if matches!(fed, Fed::Begin | Fed::Chunk(_)) {
+        shared.transfer_progressed();
+    }
     Ok(fed)
 }
 
