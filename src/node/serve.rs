@@ -214,7 +214,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         return;
     };
     let peer = format!("{}/{}", id.0, id.1);
-    transport::close_at_peer_expiry(&conn);
+    let _expiry = transport::close_at_peer_expiry(&conn);
     debug!(node = %shared.cfg.name, %peer, "connection");
     loop {
         let (send, recv) = tokio::select! {

@@ -93,6 +93,8 @@ struct Link {
     _reader: AbortOnDrop,
     /// Carries `ChildUpdate` frames to the parent: transfer limits and this node's reports.
     send: quinn::SendStream,
+    /// Closes the link when the parent's certificate expires.
+    _expiry: transport::ExpiryWatch,
 }
 
 /// Aborts a task when dropped.
@@ -180,6 +182,7 @@ async fn open_link(
                 let (frames, reader) = spawn_reader(recv, bounds);
                 Link {
                     addr: addr.to_string(),
+                    _expiry: transport::close_at_peer_expiry(&conn),
                     conn,
                     frames,
                     _reader: reader,
