@@ -10,6 +10,10 @@
 //! - At most `stream.max_backfills` transfers are served at once (children wait with
 //!   heartbeats flowing; fetching peers get `busy`), paced together by
 //!   `stream.backfill_bytes_per_sec`.
+//! - A child hears from its parent at least every 1.5 `heartbeat_ms` while subscribed: a
+//!   heartbeat goes down a link quiet for half a period at each multiple of the period
+//!   ([`Beat`]), the same instants for every link of the process, so an idle node wakes
+//!   once per period for all its children.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -175,6 +179,48 @@ fn heartbeat(shared: &Shared, st: &State, child: &str) -> Bytes {
         .heartbeat(now_us(), shared.root_path(), suggest_sources(st, child))
 }
 
+/// When one child link's heartbeats go out: at the multiples of `heartbeat_ms` counted from
+/// one instant of the process, so that all of a node's idle links beat in the same timer
+/// turn (one wake-up per period for all its children, not one per child at its own phase),
+/// and only on a link that sent nothing for half a period or more. A child so hears
+/// something at least every 1.5 periods (every period while idle), well inside
+/// `parent_timeout_ms` (three periods by default).
+struct Beat {
+    period: Duration,
+    last_sent: std::time::Instant,
+}
+
+impl Beat {
+    fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last_sent: std::time::Instant::now(),
+        }
+    }
+
+    /// The first multiple of the period after now.
+    fn next(&self) -> tokio::time::Instant {
+        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+        let period = self.period.as_nanos().max(1);
+        let since = epoch.elapsed().as_nanos();
+        let next = (since / period + 1) * period;
+        tokio::time::Instant::from_std(
+            epoch + Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX)),
+        )
+    }
+
+    /// Whether the link has been quiet long enough to need a heartbeat now.
+    fn due(&self) -> bool {
+        self.last_sent.elapsed() >= self.period / 2
+    }
+
+    /// Something went down the link now.
+    fn sent(&mut self) {
+        self.last_sent = std::time::Instant::now();
+    }
+}
+
 /// Counts a transfer being served in `backfills_serving` (status and metric) while alive.
 pub(crate) struct ServingGuard<'a>(&'a Shared);
 
@@ -260,6 +306,10 @@ fn register(
     // The other children learn the new one as a fetch source now, not at their next idle
     // heartbeat (a relay joining below one of them soon after is offered it).
     let hb = heartbeat(shared, &st, "");
+    shared
+        .metrics
+        .heartbeats_sent
+        .increment(st.children.len() as u64);
     broadcast(shared, &mut st, &hb);
     let mut ok = proto::SubscribeOk {
         parent_name: shared.cfg.name.clone(),
@@ -341,7 +391,7 @@ pub(crate) async fn serve_child(
         recv,
         limit.clone(),
     ));
-    let heartbeat_every = Duration::from_millis(shared.cfg.stream.heartbeat_ms);
+    let mut beat = Beat::new(Duration::from_millis(shared.cfg.stream.heartbeat_ms));
     let result: Result<(), StreamError> = async {
         let ok = proto::Downstream {
             kind: Some(Down::SubscribeOk(ok)),
@@ -373,9 +423,11 @@ pub(crate) async fn serve_child(
                         p = &mut acquire => break p.expect("the permits are never closed"),
                         _ = shared.shutdown.cancelled() => return Ok(()),
                         _ = conn.closed() => return Ok(()),
-                        _ = tokio::time::sleep(heartbeat_every) => {
+                        _ = tokio::time::sleep_until(beat.next()) => if beat.due() {
                             let hb = heartbeat(&shared, &shared.state.lock(), &sub.listen_addr);
                             transport::write_raw(&mut send, &hb).await?;
+                            shared.metrics.heartbeats_sent.increment(1);
+                            beat.sent();
                         }
                     }
                 };
@@ -409,14 +461,19 @@ pub(crate) async fn serve_child(
             }
             SubscribePlan::Refuse(_) => {}
         }
+        beat.sent();
         loop {
             let frame = tokio::select! {
                 _ = shared.shutdown.cancelled() => return Ok(()),
                 _ = conn.closed() => return Ok(()),
                 f = rx.recv() => f,
-                _ = tokio::time::sleep(heartbeat_every) => {
-                    let hb = heartbeat(&shared, &shared.state.lock(), &sub.listen_addr);
-                    transport::write_raw(&mut send, &hb).await?;
+                _ = tokio::time::sleep_until(beat.next()) => {
+                    if beat.due() {
+                        let hb = heartbeat(&shared, &shared.state.lock(), &sub.listen_addr);
+                        transport::write_raw(&mut send, &hb).await?;
+                        shared.metrics.heartbeats_sent.increment(1);
+                        beat.sent();
+                    }
                     continue;
                 }
             };
@@ -439,6 +496,7 @@ pub(crate) async fn serve_child(
             }
             let sent: usize = batch.iter().map(Bytes::len).sum();
             transport::write_raws(&mut send, &mut batch).await?;
+            beat.sent();
             queued.fetch_sub(len as u64, Ordering::AcqRel);
             shared.count_relayed(sent);
         }
