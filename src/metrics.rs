@@ -104,6 +104,11 @@ const DESCRIBED: &[(&str, &str)] = &[
     ("canopy_backfills_serving", "Transfers this node serves now."),
     ("canopy_cert_expiry_seconds", "Seconds until this node's certificate expires (negative once expired)."),
     ("canopy_disk_full", "1 while the last write of --file failed for lack of space, else 0."),
+    ("canopy_heartbeats_sent_total", "Heartbeats sent to children (at most one per idle link per heartbeat_ms)."),
+    ("canopy_heartbeats_received_total", "Heartbeats received from the parent."),
+    ("canopy_connections_served", "QUIC connections this node accepted that are still open (children, one-shot exchanges under way)."),
+    ("canopy_samples_total", "Samples this node asked of peers for its view, each over a connection closed after."),
+    ("canopy_parent_link_datagrams", "UDP datagrams on the current parent link as of its last heartbeat, by direction (sent, received)."),
     ("canopy_reparents_total", "Changes of parent, by reason (join, parent_lost, rebalance)."),
     ("canopy_resyncs_total", "Resubscriptions of this node's upstream, by reason."),
     ("canopy_untrusted_frames_total", "Frames or signer certificates refused for lack of a valid core signature, by reason."),
@@ -422,6 +427,19 @@ pub struct NodeMetrics {
     pub cert_expiry_seconds: Gauge,
     /// 1 while writing `--file` fails for lack of space.
     pub disk_full: Gauge,
+    /// Heartbeats sent to children: at most one per idle link per `heartbeat_ms`.
+    pub heartbeats_sent: Counter,
+    /// Heartbeats received from the parent.
+    pub heartbeats_received: Counter,
+    /// QUIC connections this node accepted that are still open: its children's, plus the
+    /// few of one-shot exchanges (samples, fetches, tree queries) under way.
+    pub connections_served: Gauge,
+    /// Samples this node asked of peers (each over a connection of its own, closed after).
+    pub samples: Counter,
+    /// UDP datagrams sent on the current parent link, as of its last heartbeat.
+    pub parent_link_sent: Gauge,
+    /// UDP datagrams received on the current parent link, as of its last heartbeat.
+    pub parent_link_received: Gauge,
     node: String,
 }
 
@@ -477,6 +495,20 @@ impl NodeMetrics {
             backfills_serving: metrics::gauge!("canopy_backfills_serving", &l),
             cert_expiry_seconds: metrics::gauge!("canopy_cert_expiry_seconds", &l),
             disk_full,
+            heartbeats_sent: metrics::counter!("canopy_heartbeats_sent_total", &l),
+            heartbeats_received: metrics::counter!("canopy_heartbeats_received_total", &l),
+            connections_served: metrics::gauge!("canopy_connections_served", &l),
+            samples: metrics::counter!("canopy_samples_total", &l),
+            parent_link_sent: metrics::gauge!(
+                "canopy_parent_link_datagrams",
+                "node" => n.clone(),
+                "dir" => "sent"
+            ),
+            parent_link_received: metrics::gauge!(
+                "canopy_parent_link_datagrams",
+                "node" => n.clone(),
+                "dir" => "received"
+            ),
             node: n,
         }
     }

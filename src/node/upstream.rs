@@ -444,6 +444,18 @@ async fn follow_frame(
     clock: &mut BackfillClock,
     frame: LinkFrame,
 ) -> Result<(), UpstreamError> {
+    if matches!(frame.1.kind, Some(Down::Heartbeat(_))) {
+        let udp = link.conn.stats();
+        shared.metrics.heartbeats_received.increment(1);
+        shared
+            .metrics
+            .parent_link_sent
+            .set(udp.udp_tx.datagrams as f64);
+        shared
+            .metrics
+            .parent_link_received
+            .set(udp.udp_rx.datagrams as f64);
+    }
     match apply_frame(shared, clock, frame)? {
         Fed::Begin => *transfer = Transfer::start(shared, &link.addr, &link.conn),
         Fed::Chunk(index) => {
