@@ -124,13 +124,15 @@ pub(crate) async fn request<Rep: Reply>(
 pub(crate) async fn core_conn(shared: &Shared, addr: &str) -> Result<quinn::Connection, NodeError> {
     let mut conns = shared.core_conns.lock().await;
     if let Some(c) = conns.get(addr) {
-        if c.close_reason().is_none() && !transport::peer_expired(c) {
-            return Ok(c.clone());
+        if c.close_reason().is_none() {
+            if !transport::peer_expired(c) {
+                return Ok(c.clone());
+            }
+            c.close(
+                quinn::VarInt::from_u32(transport::CERT_EXPIRED),
+                b"certificate expired",
+            );
         }
-        c.close(
-            quinn::VarInt::from_u32(transport::CERT_EXPIRED),
-            b"certificate expired",
-        );
     }
     let expect = Expect::Role(crate::tls::Role::Core);
     let client = shared.client_config.lock().clone();
