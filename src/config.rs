@@ -106,7 +106,11 @@ pub struct StreamConfig {
     /// Heartbeat period from the core down the tree (ms). 500: lag stays visible when idle.
     pub heartbeat_ms: u64,
     /// QUIC idle timeout (ms): a peer whose connection is silent this long is gone; a dead
-    /// child frees its slot after this. 2000: keep-alives every 333 ms keep live links up.
+    /// child frees its slot after this. 2000. A link silent for half of it sends a QUIC
+    /// keep-alive; a tree link never is (heartbeats and their acks cross it every
+    /// `heartbeat_ms`), so keep-alives only hold up other idle connections, and an idle
+    /// relay wakes for its heartbeats alone (a third of it woke it 3 times a second more
+    /// per link, for nothing the heartbeats did not already prove).
     pub idle_timeout_ms: u64,
     /// QUIC receive window per stream (bytes). 16 MiB: a 50 MB transfer runs at loopback
     /// speed. With `child_queue_bytes` it bounds what a parent buffers for one slow child.
@@ -277,7 +281,7 @@ impl StreamConfig {
     pub fn transport(&self) -> crate::tls::TransportConfig {
         crate::tls::TransportConfig {
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
-            keep_alive: Duration::from_millis((self.idle_timeout_ms / 6).max(50)),
+            keep_alive: Duration::from_millis((self.idle_timeout_ms / 2).max(50)),
             stream_window: self.stream_window_bytes,
             conn_window: (self.stream_window_bytes * 4).max(8 * 1024 * 1024),
             max_concurrent_bidi: LimitsConfig::default().streams_per_connection,

@@ -106,6 +106,11 @@ const DESCRIBED: &[(&str, &str)] = &[
     ("canopy_disk_full", "1 while the last write of --file failed for lack of space, else 0."),
     ("canopy_materialize_bytes_total", "Content bytes written to disk for --file (the filesystem's metadata not included)."),
     ("canopy_materialize_writes_total", "Writes that made a new version of --file visible."),
+    ("canopy_heartbeats_sent_total", "Heartbeats sent to children (at most one per idle link per heartbeat_ms)."),
+    ("canopy_heartbeats_received_total", "Heartbeats received from the parent."),
+    ("canopy_connections_served", "QUIC connections this node accepted that are still open (children, one-shot exchanges under way)."),
+    ("canopy_samples_total", "Samples this node asked of peers for its view, each over a connection closed after."),
+    ("canopy_parent_link_datagrams", "UDP datagrams on the current parent link as of its last heartbeat, by direction (sent, received)."),
     ("canopy_reparents_total", "Changes of parent, by reason (join, parent_lost, rebalance)."),
     ("canopy_resyncs_total", "Resubscriptions of this node's upstream, by reason."),
     ("canopy_untrusted_frames_total", "Frames or signer certificates refused for lack of a valid core signature, by reason."),
@@ -426,6 +431,19 @@ pub struct NodeMetrics {
     pub disk_full: Gauge,
     materialize_bytes: Counter,
     materialize_writes: Counter,
+    /// Heartbeats sent to children: at most one per idle link per `heartbeat_ms`.
+    pub heartbeats_sent: Counter,
+    /// Heartbeats received from the parent.
+    pub heartbeats_received: Counter,
+    /// QUIC connections this node accepted that are still open: its children's, plus the
+    /// few of one-shot exchanges (samples, fetches, tree queries) under way.
+    pub connections_served: Gauge,
+    /// Samples this node asked of peers (each over a connection of its own, closed after).
+    pub samples: Counter,
+    /// UDP datagrams sent on the current parent link, as of its last heartbeat.
+    pub parent_link_sent: Gauge,
+    /// UDP datagrams received on the current parent link, as of its last heartbeat.
+    pub parent_link_received: Gauge,
     node: String,
 }
 
@@ -483,6 +501,20 @@ impl NodeMetrics {
             disk_full,
             materialize_bytes: metrics::counter!("canopy_materialize_bytes_total", &l),
             materialize_writes: metrics::counter!("canopy_materialize_writes_total", &l),
+            heartbeats_sent: metrics::counter!("canopy_heartbeats_sent_total", &l),
+            heartbeats_received: metrics::counter!("canopy_heartbeats_received_total", &l),
+            connections_served: metrics::gauge!("canopy_connections_served", &l),
+            samples: metrics::counter!("canopy_samples_total", &l),
+            parent_link_sent: metrics::gauge!(
+                "canopy_parent_link_datagrams",
+                "node" => n.clone(),
+                "dir" => "sent"
+            ),
+            parent_link_received: metrics::gauge!(
+                "canopy_parent_link_datagrams",
+                "node" => n.clone(),
+                "dir" => "received"
+            ),
             node: n,
         }
     }

@@ -44,8 +44,9 @@ pub struct OverlayConfig {
     /// Peers exchanged per shuffle or sample. 6: Cyclon's usual third of the view.
     pub shuffle_len: usize,
     /// Period of view shuffles (ms). 2000: views stay fresh without chatter. It doubles
-    /// after each shuffle while the node keeps its parent (up to 8×, 16 s) and drops back
-    /// when the parent changes: a settled tree goes quiet, a moving one stays fresh.
+    /// after each shuffle while the node keeps its parent (up to 64×, about 2 min:
+    /// [`MAX_SHUFFLE_DOUBLINGS`]) and drops back when the parent changes: a settled tree
+    /// goes quiet, a moving one stays fresh.
     pub shuffle_ms: u64,
     /// Mean period of rebalance checks (ms), jittered ±50 %. 10000: a tree settles in tens of
     /// seconds without constant movement. A check reads the view (kept fresh by shuffles) and
@@ -81,6 +82,13 @@ pub struct OverlayConfig {
     /// peer repaired by its operator is used again without a restart.
     pub faulty_ban_ms: u64,
 }
+
+/// How many times the shuffle period doubles while a node keeps its parent. 6 (64×, 128 s
+/// at the default `shuffle_ms`): each shuffle is a new connection, a TLS handshake and a
+/// dozen wake-ups at both ends; capped at 8× (16 s) they were an eighth of an idle relay's
+/// CPU (docs/benchmarks.md, "Idle relay cost"), for views of a tree that did not change. A
+/// node that loses its parent shuffles at the base period again.
+pub const MAX_SHUFFLE_DOUBLINGS: u32 = 6;
 
 impl Default for OverlayConfig {
     fn default() -> Self {

@@ -11,8 +11,12 @@
 //! - [`dial`] returns a connection only once its handshake completed within the timeout and
 //!   the peer's certificate matched what the caller expects of it.
 //! - No connection outlives its peer's certificate: the handshake refuses an expired one, and
-//!   [`close_at_peer_expiry`] (on every dialed and accepted connection) looks again at least
-//!   every minute.
+//!   an [`ExpiryWatch`] (on every accepted connection, and on every dialed one a node keeps
+//!   for long: its parent link) looks again at least every minute.
+//! - Nothing here keeps a connection open: [`dial`] hands out the only handle, and an
+//!   [`ExpiryWatch`] lets go of its own when dropped. A connection whose last handle is
+//!   dropped is closed by quinn, so a one-shot exchange (a sample, a tree query, a fetch)
+//!   leaves no connection behind sending keep-alives.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
@@ -125,14 +129,34 @@ pub const CERT_EXPIRED: u32 = 6;
 /// How often an open connection's peer certificate is looked at again.
 const EXPIRY_CHECK: Duration = Duration::from_secs(60);
 
+/// Whether the peer's certificate on `conn` has expired (false when it names no expiry).
+pub fn peer_expired(conn: &quinn::Connection) -> bool {
+    tls::peer_not_after(conn).is_some_and(|until| until <= SystemTime::now())
+}
+
+/// Closes a connection once its peer's certificate has expired, while it lives: a task
+/// holding a handle to the connection, aborted (letting go of that handle) when the watch
+/// is dropped. Its holder keeps it exactly as long as it keeps the connection.
+#[must_use = "the watch stops when dropped"]
+pub struct ExpiryWatch(Option<tokio::task::AbortHandle>);
+
+impl Drop for ExpiryWatch {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
 /// Watches `conn` and closes it once its peer's certificate has expired (checked every
-/// minute against the wall clock, so a clock change is noticed too).
-pub fn close_at_peer_expiry(conn: &quinn::Connection) {
+/// minute against the wall clock, so a clock change is noticed too), until the returned
+/// watch is dropped.
+pub fn close_at_peer_expiry(conn: &quinn::Connection) -> ExpiryWatch {
     let Some(until) = tls::peer_not_after(conn) else {
-        return;
+        return ExpiryWatch(None);
     };
     let conn = conn.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let left = until.duration_since(SystemTime::now()).unwrap_or_default();
             if left.is_zero() {
@@ -149,11 +173,14 @@ pub fn close_at_peer_expiry(conn: &quinn::Connection) {
             }
         }
     });
+    ExpiryWatch(Some(task.abort_handle()))
 }
 
 /// Resolves `addr`, connects, and checks the peer's certificate against `expect`, all within
 /// `timeout`. A peer that does not match is closed before the connection is returned.
 /// `client` replaces the endpoint's default client configuration (a reloaded certificate).
+/// The caller holds the only handle: the connection closes when it drops it. A caller that
+/// keeps it for long watches its peer's certificate with [`close_at_peer_expiry`].
 pub async fn dial(
     endpoint: &quinn::Endpoint,
     client: Option<quinn::ClientConfig>,
@@ -201,7 +228,6 @@ async fn dial_inner(
         })?;
     let found = tls::peer_identity(&conn);
     if expect.admits(found.as_ref()) {
-        close_at_peer_expiry(&conn);
         return Ok(conn);
     }
     conn.close(quinn::VarInt::from_u32(0), b"not the expected peer");

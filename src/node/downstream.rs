@@ -10,6 +10,10 @@
 //! - At most `stream.max_backfills` transfers are served at once (children wait with
 //!   heartbeats flowing; fetching peers get `busy`), paced together by
 //!   `stream.backfill_bytes_per_sec`.
+//! - A child hears from its parent at least every 1.5 `heartbeat_ms` while subscribed: a
+//!   heartbeat goes down a link quiet for half a period at each multiple of the period
+//!   ([`Beat`]), the same instants for every link of the process, so an idle node wakes
+//!   once per period for all its children.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -183,6 +187,48 @@ fn heartbeat(shared: &Shared, st: &State, child: &str) -> Bytes {
         .heartbeat(now_us(), shared.root_path(), suggest_sources(st, child))
 }
 
+/// When one child link's heartbeats go out: at the multiples of `heartbeat_ms` counted from
+/// one instant of the process, so that all of a node's idle links beat in the same timer
+/// turn (one wake-up per period for all its children, not one per child at its own phase),
+/// and only on a link that sent nothing for half a period or more. A child so hears
+/// something at least every 1.5 periods (every period while idle), well inside
+/// `parent_timeout_ms` (three periods by default).
+struct Beat {
+    period: Duration,
+    last_sent: std::time::Instant,
+}
+
+impl Beat {
+    fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last_sent: std::time::Instant::now(),
+        }
+    }
+
+    /// The first multiple of the period after now.
+    fn next(&self) -> tokio::time::Instant {
+        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+        let period = self.period.as_nanos().max(1);
+        let since = epoch.elapsed().as_nanos();
+        let next = (since / period + 1) * period;
+        tokio::time::Instant::from_std(
+            epoch + Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX)),
+        )
+    }
+
+    /// Whether the link has been quiet long enough to need a heartbeat now.
+    fn due(&self) -> bool {
+        self.last_sent.elapsed() >= self.period / 2
+    }
+
+    /// Something went down the link now.
+    fn sent(&mut self) {
+        self.last_sent = std::time::Instant::now();
+    }
+}
+
 /// Counts a transfer being served in `backfills_serving` (status and metric) while alive.
 pub(crate) struct ServingGuard<'a>(&'a Shared);
 
@@ -276,6 +322,10 @@ fn register(
     // The other children learn the new one as a fetch source now, not at their next idle
     // heartbeat (a relay joining below one of them soon after is offered it).
     let hb = heartbeat(shared, &st, "");
+    shared
+        .metrics
+        .heartbeats_sent
+        .increment(st.children.len() as u64);
     broadcast(shared, &mut st, &hb);
     let mut ok = proto::SubscribeOk {
         parent_name: shared.cfg.name.clone(),
@@ -365,7 +415,7 @@ pub(crate) async fn serve_child(
         recv,
         limit.clone(),
     ));
-    let heartbeat_every = Duration::from_millis(shared.cfg.stream.heartbeat_ms);
+    let mut beat = Beat::new(Duration::from_millis(shared.cfg.stream.heartbeat_ms));
     let result: Result<(), StreamError> = async {
         let ok = proto::Downstream {
             kind: Some(Down::SubscribeOk(ok)),
@@ -397,9 +447,11 @@ pub(crate) async fn serve_child(
                         p = &mut acquire => break p.expect("the permits are never closed"),
                         _ = shared.shutdown.cancelled() => return Ok(()),
                         _ = conn.closed() => return Ok(()),
-                        _ = tokio::time::sleep(heartbeat_every) => {
+                        _ = tokio::time::sleep_until(beat.next()) => if beat.due() {
                             let hb = heartbeat(&shared, &shared.state.lock(), &sub.listen_addr);
                             transport::write_raw(&mut send, &hb).await?;
+                            shared.metrics.heartbeats_sent.increment(1);
+                            beat.sent();
                         }
                     }
                 };
@@ -439,15 +491,22 @@ pub(crate) async fn serve_child(
                         p = &mut acquire => break p.expect("the permits are never closed"),
                         _ = shared.shutdown.cancelled() => return Ok(()),
                         _ = conn.closed() => return Ok(()),
-                        _ = tokio::time::sleep(heartbeat_every) => {
+                        _ = tokio::time::sleep_until(beat.next()) => if beat.due() {
                             let hb = heartbeat(&shared, &shared.state.lock(), &sub.listen_addr);
                             transport::write_raw(&mut send, &hb).await?;
+                            shared.metrics.heartbeats_sent.increment(1);
+                            beat.sent();
                         }
                     }
                 };
                 let _serving = ServingGuard::new(&shared);
                 shared.metrics.full_transfers_served.increment(1);
-                if !follow(&shared, &conn, &sub, &mut send, &p, &limit, &mut transfer).await? {
+                let link = Link {
+                    conn: &conn,
+                    sub: &sub,
+                    beat: &mut beat,
+                };
+                if !follow(&shared, link, &mut send, &p, &limit, &mut transfer).await? {
                     debug!(node = %shared.cfg.name, child = %sub.name, version = p.version, "no longer receiving the transfer the child follows: cutting it off");
                     cut.store(true, Ordering::Release);
                     return Ok(());
@@ -455,14 +514,19 @@ pub(crate) async fn serve_child(
             }
             SubscribePlan::Refuse(_) => {}
         }
+        beat.sent();
         loop {
             let frame = tokio::select! {
                 _ = shared.shutdown.cancelled() => return Ok(()),
                 _ = conn.closed() => return Ok(()),
                 f = rx.recv() => f,
-                _ = tokio::time::sleep(heartbeat_every) => {
-                    let hb = heartbeat(&shared, &shared.state.lock(), &sub.listen_addr);
-                    transport::write_raw(&mut send, &hb).await?;
+                _ = tokio::time::sleep_until(beat.next()) => {
+                    if beat.due() {
+                        let hb = heartbeat(&shared, &shared.state.lock(), &sub.listen_addr);
+                        transport::write_raw(&mut send, &hb).await?;
+                        shared.metrics.heartbeats_sent.increment(1);
+                        beat.sent();
+                    }
                     continue;
                 }
             };
@@ -485,6 +549,7 @@ pub(crate) async fn serve_child(
             }
             let sent: usize = batch.iter().map(Bytes::len).sum();
             transport::write_raws(&mut send, &mut batch).await?;
+            beat.sent();
             queued.fetch_sub(len as u64, Ordering::AcqRel);
             shared.count_relayed(sent);
         }
@@ -505,16 +570,23 @@ pub(crate) async fn serve_child(
 /// verified here, in ascending order; heartbeats keep the child's stream alive while a
 /// chunk is awaited. `Ok(false)` when this node stopped receiving that version before
 /// holding every chunk: the caller cuts the child off, and it resubscribes.
+/// The child link a [`follow`] writes to: its connection, its subscription, and the
+/// schedule of its heartbeats.
+struct Link<'a> {
+    conn: &'a quinn::Connection,
+    sub: &'a proto::Subscribe,
+    beat: &'a mut Beat,
+}
+
 async fn follow(
     shared: &Shared,
-    conn: &quinn::Connection,
-    sub: &proto::Subscribe,
+    link: Link<'_>,
     send: &mut quinn::SendStream,
     plan: &FollowPlan,
     below: &AtomicU64,
     transfer: &mut tokio::sync::watch::Receiver<u64>,
 ) -> Result<bool, StreamError> {
-    let heartbeat_every = Duration::from_millis(shared.cfg.stream.heartbeat_ms);
+    let Link { conn, sub, beat } = link;
     let begin = plan.begin_frame();
     transport::write_raw(send, &begin).await?;
     shared.count_relayed(begin.len());
@@ -543,9 +615,11 @@ async fn follow(
                     _ = shared.shutdown.cancelled() => return Ok(true),
                     _ = conn.closed() => return Ok(true),
                     _ = transfer.changed() => {}
-                    _ = tokio::time::sleep(heartbeat_every) => {
+                    _ = tokio::time::sleep_until(beat.next()) => if beat.due() {
                         let hb = heartbeat(shared, &shared.state.lock(), &sub.listen_addr);
                         transport::write_raw(send, &hb).await?;
+                        shared.metrics.heartbeats_sent.increment(1);
+                        beat.sent();
                     }
                 },
             }
@@ -556,6 +630,7 @@ async fn follow(
         let parts = crate::wire::encode_chunk(index, data);
         pace_backfill(shared, parts.len()).await;
         transport::write_parts(send, &parts).await?;
+        beat.sent();
         shared.count_relayed(parts.len());
         shared.metrics.backfill_served.increment(parts.len() as u64);
     }

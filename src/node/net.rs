@@ -118,13 +118,20 @@ pub(crate) async fn request<Rep: Reply>(
 }
 
 /// The cached connection to the core node at `addr`, dialed on first use and replaced once
-/// closed. Only a peer whose certificate has the core role is accepted: whoever named the
+/// closed or once the core node's certificate has expired (the new handshake refuses an
+/// expired one). Only a peer whose certificate has the core role is accepted: whoever named the
 /// address (a parent's `SubscribeOk`, a leader hint), a write goes to the core or fails.
 pub(crate) async fn core_conn(shared: &Shared, addr: &str) -> Result<quinn::Connection, NodeError> {
     let mut conns = shared.core_conns.lock().await;
     if let Some(c) = conns.get(addr) {
         if c.close_reason().is_none() {
-            return Ok(c.clone());
+            if !transport::peer_expired(c) {
+                return Ok(c.clone());
+            }
+            c.close(
+                quinn::VarInt::from_u32(transport::CERT_EXPIRED),
+                b"certificate expired",
+            );
         }
     }
     let expect = Expect::Role(crate::tls::Role::Core);

@@ -177,6 +177,7 @@ fn carry_out(shared: &Arc<Shared>, out: Output, cmds: &mpsc::UnboundedSender<Ups
             shared.tasks.spawn(async move {
                 let answer = match request_sample(&s, &addr, offer).await {
                     Ok((info, peers, rtt)) => {
+                        s.metrics.samples.increment(1);
                         input(
                             &s,
                             Input::Rtt {

@@ -203,6 +203,22 @@ async fn read_request(
     Ok(Some(raw.decode()?))
 }
 
+/// Counts an accepted connection in `canopy_connections_served` while it is served.
+struct ServedGuard<'a>(&'a Shared);
+
+impl<'a> ServedGuard<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.metrics.connections_served.increment(1.0);
+        Self(shared)
+    }
+}
+
+impl Drop for ServedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.connections_served.decrement(1.0);
+    }
+}
+
 async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     let Some(id) = tls::peer_identity(&conn) else {
         shared.metrics.refused_identity("certificate");
@@ -214,7 +230,8 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         return;
     };
     let peer = format!("{}/{}", id.0, id.1);
-    transport::close_at_peer_expiry(&conn);
+    let _expiry = transport::close_at_peer_expiry(&conn);
+    let _open = ServedGuard::new(&shared);
     debug!(node = %shared.cfg.name, %peer, "connection");
     loop {
         let (send, recv) = tokio::select! {

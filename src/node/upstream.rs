@@ -93,6 +93,8 @@ struct Link {
     _reader: AbortOnDrop,
     /// Carries `ChildUpdate` frames to the parent: transfer limits and this node's reports.
     send: quinn::SendStream,
+    /// Closes the link when the parent's certificate expires.
+    _expiry: transport::ExpiryWatch,
 }
 
 /// Aborts a task when dropped.
@@ -180,6 +182,7 @@ async fn open_link(
                 let (frames, reader) = spawn_reader(recv, bounds);
                 Link {
                     addr: addr.to_string(),
+                    _expiry: transport::close_at_peer_expiry(&conn),
                     conn,
                     frames,
                     _reader: reader,
@@ -441,6 +444,18 @@ async fn follow_frame(
     clock: &mut BackfillClock,
     frame: LinkFrame,
 ) -> Result<(), UpstreamError> {
+    if matches!(frame.1.kind, Some(Down::Heartbeat(_))) {
+        let udp = link.conn.stats();
+        shared.metrics.heartbeats_received.increment(1);
+        shared
+            .metrics
+            .parent_link_sent
+            .set(udp.udp_tx.datagrams as f64);
+        shared
+            .metrics
+            .parent_link_received
+            .set(udp.udp_rx.datagrams as f64);
+    }
     match apply_frame(shared, clock, frame)? {
         Fed::Begin => *transfer = Transfer::start(shared, &link.addr, &link.conn),
         Fed::Chunk(index) => {

@@ -158,7 +158,8 @@ impl<I: Id> Overlay<I> {
                     return out;
                 }
                 if now >= self.next_shuffle {
-                    let period = self.cfg.shuffle_ms << self.stable_shuffles.min(3);
+                    let period =
+                        self.cfg.shuffle_ms << self.stable_shuffles.min(MAX_SHUFFLE_DOUBLINGS);
                     self.next_shuffle = now + period;
                     if self.parent.is_some() {
                         self.stable_shuffles += 1;

@@ -1,0 +1,167 @@
+//! What an idle tree costs, counted rather than timed: real `core-node` and `relay-node`
+//! processes with `--file`, fan-out 2, settled and idle.
+//!
+//! - No connection outlives its use: once every relay has sampled peers for its view, each
+//!   node holds open only its children's connections (a connection left open keeps sending
+//!   QUIC keep-alives for good: an idle relay once kept one to every peer it had sampled).
+//! - Heartbeats: at most one per child per `heartbeat_ms` of the window.
+//! - A relay's parent link carries the heartbeats and one acknowledgement for each, and no
+//!   more than a few other datagrams (no QUIC keep-alives beside the heartbeats).
+//!
+//! The bounds come from the config and hold on a slow machine as on a fast one: a loaded
+//! machine only sends less.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use common::*;
+
+const RELAYS: usize = 6;
+const FANOUT: usize = 2;
+/// `stream.heartbeat_ms`'s default.
+const HEARTBEAT_MS: f64 = 500.0;
+
+/// One node's counters at one moment.
+#[derive(Debug, Clone, Copy)]
+struct Counts {
+    children: f64,
+    heartbeats_sent: f64,
+    heartbeats_received: f64,
+    link_sent: f64,
+    link_received: f64,
+    reparents: f64,
+    samples: f64,
+    served: f64,
+}
+
+fn labelled(text: &str, name: &str, label: &str) -> f64 {
+    canopy::measure::prometheus_samples(text)
+        .filter(|s| s.name == name && s.labels.contains(label))
+        .map(|s| s.value)
+        .sum()
+}
+
+async fn counts(c: &reqwest::Client, p: &Proc) -> Counts {
+    let m = metrics(c, p).await;
+    let v = |name: &str| metric_value(&m, name).unwrap_or(0.0);
+    Counts {
+        children: v("canopy_children"),
+        heartbeats_sent: v("canopy_heartbeats_sent_total"),
+        heartbeats_received: v("canopy_heartbeats_received_total"),
+        link_sent: labelled(&m, "canopy_parent_link_datagrams", "dir=\"sent\""),
+        link_received: labelled(&m, "canopy_parent_link_datagrams", "dir=\"received\""),
+        reparents: canopy::measure::metric_sum(&m, "canopy_reparents_total"),
+        samples: v("canopy_samples_total"),
+        served: v("canopy_connections_served"),
+    }
+}
+
+async fn all_counts(c: &reqwest::Client, nodes: &[&Proc]) -> BTreeMap<String, Counts> {
+    let mut out = BTreeMap::new();
+    for p in nodes {
+        out.insert(p.name.clone(), counts(c, p).await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tree_sends_heartbeats_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    for i in 0..RELAYS {
+        pki.issue(&format!("r{i}"), "relay");
+    }
+    // Frequent shuffles: every relay samples several peers within seconds.
+    let cfg = root.join("idle.toml");
+    std::fs::write(&cfg, "[overlay]\nshuffle_ms = 100\n").unwrap();
+    let fanout = FANOUT.to_string();
+    let args = ["--fanout", &fanout, "--config", cfg.to_str().unwrap()];
+    let core = Proc::start(root, &pki, "core", true, &[], &args);
+    let c = http();
+    wait_leader(&c, &core).await;
+    let (v, _) = put_random(&c, &core, 256 * 1024, 14).await;
+    let relays: Vec<Proc> = (0..RELAYS)
+        .map(|i| Proc::start(root, &pki, &format!("r{i}"), false, &[core.quic], &args))
+        .collect();
+    for r in &relays {
+        wait_materialized(&c, r, v).await;
+    }
+    let mut nodes: Vec<&Proc> = vec![&core];
+    nodes.extend(relays.iter());
+
+    // Every relay has sampled peers (over connections of their own) ...
+    wait_until(60, "every relay to sample 4 peers", || async {
+        let all = all_counts(&c, &relays.iter().collect::<Vec<_>>()).await;
+        all.values().all(|n| n.samples >= 4.0)
+    })
+    .await;
+    // ... and no node keeps an accepted connection beyond its children's.
+    for p in &nodes {
+        let what = format!("{} to hold its children's connections only", p.name);
+        wait_until(30, &what, || async {
+            let n = counts(&c, p).await;
+            n.served <= n.children
+        })
+        .await;
+    }
+
+    // A window of idle heartbeats in which the tree did not change.
+    let mut windows = 0;
+    loop {
+        windows += 1;
+        assert!(windows <= 5, "the tree kept changing for 5 windows");
+        let t0 = Instant::now();
+        let a = all_counts(&c, &nodes).await;
+        wait_until(60, "10 heartbeats at every relay", || async {
+            let mut ok = true;
+            for r in &relays {
+                let n = counts(&c, r).await;
+                ok &= n.heartbeats_received >= a[&r.name].heartbeats_received + 10.0;
+            }
+            ok
+        })
+        .await;
+        let b = all_counts(&c, &nodes).await;
+        let secs = t0.elapsed().as_secs_f64();
+        let changed = nodes.iter().any(|p| {
+            let (a, b) = (a[&p.name], b[&p.name]);
+            a.children != b.children || a.reparents != b.reparents
+        });
+        if changed {
+            continue;
+        }
+        let periods = secs * 1000.0 / HEARTBEAT_MS;
+        for p in &nodes {
+            let (a, b) = (a[&p.name], b[&p.name]);
+            let sent = b.heartbeats_sent - a.heartbeats_sent;
+            let most = b.children * (periods + 2.0);
+            assert!(
+                sent <= most,
+                "{} sent {sent} heartbeats to {} children in {secs:.2} s: more than one per child per {HEARTBEAT_MS} ms ({most})",
+                p.name,
+                b.children
+            );
+        }
+        for r in &relays {
+            let (a, b) = (a[&r.name], b[&r.name]);
+            let beats = b.heartbeats_received - a.heartbeats_received;
+            let sent = b.link_sent - a.link_sent;
+            let received = b.link_received - a.link_received;
+            assert!(
+                sent <= 1.5 * beats + 4.0,
+                "{} sent {sent} datagrams to its parent for {beats} heartbeats: more than one acknowledgement each",
+                r.name
+            );
+            assert!(
+                received <= 1.5 * beats + 4.0,
+                "{} received {received} datagrams from its parent for {beats} heartbeats",
+                r.name
+            );
+        }
+        break;
+    }
+}
