@@ -109,35 +109,18 @@ impl From<Bytes> for Parts {
 /// The frame of a `FetchReply` holding a chunk, byte for byte what [`encode`] makes of
 /// `FetchReply { index, data, .. }`, with `data` left out of the head instead of copied.
 pub fn encode_fetch_reply(index: u64, data: Bytes) -> Parts {
-    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
-    let mut body = 0usize;
-    if index != 0 {
-        body += 1 + encoded_len_varint(index);
-    }
-    if !data.is_empty() {
-        body += 1 + encoded_len_varint(data.len() as u64) + data.len();
-    }
-    let prefix = u32::try_from(body).expect("a chunk frame fits a u32 length prefix");
-    let mut head = BytesMut::with_capacity(PREFIX_LEN + 16);
-    head.put_u32(prefix);
-    // FetchReply.index = 1, .data = 2.
-    if index != 0 {
-        encode_key(1, WireType::Varint, &mut head);
-        encode_varint(index, &mut head);
-    }
-    if !data.is_empty() {
-        encode_key(2, WireType::LengthDelimited, &mut head);
-        encode_varint(data.len() as u64, &mut head);
-    }
-    Parts {
-        head: head.freeze(),
-        data,
-    }
+    index_data_frame(None, index, data)
 }
 
 /// The frame of `Downstream { snapshot_chunk: SnapshotChunk { index, data } }`, byte for byte
 /// what [`encode`] makes of it, with `data` left out of the head instead of copied.
 pub fn encode_chunk(index: u64, data: Bytes) -> Parts {
+    index_data_frame(Some(3), index, data)
+}
+
+/// The frame of a message `{ uint64 index = 1; bytes data = 2; }`, top-level or (`outer`)
+/// as that field of an enclosing message, with `data` left out of the head.
+fn index_data_frame(outer: Option<u32>, index: u64, data: Bytes) -> Parts {
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
     let mut inner = 0usize;
     if index != 0 {
@@ -146,13 +129,17 @@ pub fn encode_chunk(index: u64, data: Bytes) -> Parts {
     if !data.is_empty() {
         inner += 1 + encoded_len_varint(data.len() as u64) + data.len();
     }
-    let body = 1 + encoded_len_varint(inner as u64) + inner;
+    let body = match outer {
+        Some(_) => 1 + encoded_len_varint(inner as u64) + inner,
+        None => inner,
+    };
     let prefix = u32::try_from(body).expect("a chunk frame fits a u32 length prefix");
     let mut head = BytesMut::with_capacity(PREFIX_LEN + 24);
     head.put_u32(prefix);
-    // Downstream.snapshot_chunk = 3; SnapshotChunk.index = 1, .data = 2.
-    encode_key(3, WireType::LengthDelimited, &mut head);
-    encode_varint(inner as u64, &mut head);
+    if let Some(field) = outer {
+        encode_key(field, WireType::LengthDelimited, &mut head);
+        encode_varint(inner as u64, &mut head);
+    }
     if index != 0 {
         encode_key(1, WireType::Varint, &mut head);
         encode_varint(index, &mut head);

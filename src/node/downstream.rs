@@ -439,21 +439,13 @@ pub(crate) async fn serve_child(
                     commit_time_us,
                     then,
                 } = *p;
-                // Wait for a transfer slot, keeping the child's stream alive meanwhile.
-                let acquire = Arc::clone(&shared.serving.permits).acquire_owned();
-                tokio::pin!(acquire);
-                let _permit = loop {
-                    tokio::select! {
-                        p = &mut acquire => break p.expect("the permits are never closed"),
-                        _ = shared.shutdown.cancelled() => return Ok(()),
-                        _ = conn.closed() => return Ok(()),
-                        _ = tokio::time::sleep_until(beat.next()) => if beat.due() {
-                            let hb = heartbeat(&shared, &shared.state.lock(), &sub.listen_addr);
-                            transport::write_raw(&mut send, &hb).await?;
-                            shared.metrics.heartbeats_sent.increment(1);
-                            beat.sent();
-                        }
-                    }
+                let link = Link {
+                    conn: &conn,
+                    sub: &sub,
+                    beat: &mut beat,
+                };
+                let Some(_permit) = transfer_slot(&shared, link, &mut send).await? else {
+                    return Ok(());
                 };
                 let _serving = ServingGuard::new(&shared);
                 shared.metrics.full_transfers_served.increment(1);
@@ -484,20 +476,13 @@ pub(crate) async fn serve_child(
                 }
             }
             SubscribePlan::Follow(p) => {
-                let acquire = Arc::clone(&shared.serving.permits).acquire_owned();
-                tokio::pin!(acquire);
-                let _permit = loop {
-                    tokio::select! {
-                        p = &mut acquire => break p.expect("the permits are never closed"),
-                        _ = shared.shutdown.cancelled() => return Ok(()),
-                        _ = conn.closed() => return Ok(()),
-                        _ = tokio::time::sleep_until(beat.next()) => if beat.due() {
-                            let hb = heartbeat(&shared, &shared.state.lock(), &sub.listen_addr);
-                            transport::write_raw(&mut send, &hb).await?;
-                            shared.metrics.heartbeats_sent.increment(1);
-                            beat.sent();
-                        }
-                    }
+                let link = Link {
+                    conn: &conn,
+                    sub: &sub,
+                    beat: &mut beat,
+                };
+                let Some(_permit) = transfer_slot(&shared, link, &mut send).await? else {
+                    return Ok(());
                 };
                 let _serving = ServingGuard::new(&shared);
                 shared.metrics.full_transfers_served.increment(1);
@@ -570,7 +555,33 @@ pub(crate) async fn serve_child(
 /// verified here, in ascending order; heartbeats keep the child's stream alive while a
 /// chunk is awaited. `Ok(false)` when this node stopped receiving that version before
 /// holding every chunk: the caller cuts the child off, and it resubscribes.
-/// The child link a [`follow`] writes to: its connection, its subscription, and the
+/// Waits for one of the node's transfer slots (`stream.max_backfills`), keeping the
+/// child's stream alive with heartbeats meanwhile; `None` when the node shuts down or the
+/// child goes away first.
+async fn transfer_slot(
+    shared: &Shared,
+    link: Link<'_>,
+    send: &mut quinn::SendStream,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, StreamError> {
+    let Link { conn, sub, beat } = link;
+    let acquire = Arc::clone(&shared.serving.permits).acquire_owned();
+    tokio::pin!(acquire);
+    loop {
+        tokio::select! {
+            p = &mut acquire => return Ok(Some(p.expect("the permits are never closed"))),
+            _ = shared.shutdown.cancelled() => return Ok(None),
+            _ = conn.closed() => return Ok(None),
+            _ = tokio::time::sleep_until(beat.next()) => if beat.due() {
+                let hb = heartbeat(shared, &shared.state.lock(), &sub.listen_addr);
+                transport::write_raw(send, &hb).await?;
+                shared.metrics.heartbeats_sent.increment(1);
+                beat.sent();
+            }
+        }
+    }
+}
+
+/// The child link a transfer writes to: its connection, its subscription, and the
 /// schedule of its heartbeats.
 struct Link<'a> {
     conn: &'a quinn::Connection,
