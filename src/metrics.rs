@@ -46,6 +46,20 @@ pub const RESYNC_REASONS: &[&str] = &[
     "untrusted",
 ];
 
+/// Kinds of `canopy_overlay_messages_total`, named as topology-sim counts them, so that a
+/// real run and its simulation compare message for message: a sample asked and answered, a
+/// subscription sent and answered (accepted or refused), a parent left for another, a new
+/// root path learnt from the parent, a report sent up to it.
+pub const OVERLAY_MESSAGES: &[&str] = &[
+    "sample_request",
+    "sample_answer",
+    "attach_request",
+    "attach_answer",
+    "detach",
+    "path_update",
+    "child_report",
+];
+
 /// Reasons of `canopy_reparents_total` (`overlay::Reason::label`).
 pub const REPARENT_REASONS: &[&str] = &["join", "parent_lost", "rebalance"];
 
@@ -109,6 +123,7 @@ const DESCRIBED: &[(&str, &str)] = &[
     ("canopy_heartbeats_sent_total", "Heartbeats sent to children (at most one per idle link per heartbeat_ms)."),
     ("canopy_heartbeats_received_total", "Heartbeats received from the parent."),
     ("canopy_connections_served", "QUIC connections this node accepted that are still open (children, one-shot exchanges under way)."),
+    ("canopy_overlay_messages_total", "Messages of the tree's control plane this node sent, by kind (the simulator's counts: sample_request, sample_answer, attach_request, attach_answer, detach, path_update, child_report)."),
     ("canopy_samples_total", "Samples this node asked of peers for its view, each over a connection closed after."),
     ("canopy_parent_link_datagrams", "UDP datagrams on the current parent link as of its last heartbeat, by direction (sent, received)."),
     ("canopy_reparents_total", "Changes of parent, by reason (join, parent_lost, rebalance)."),
@@ -464,6 +479,7 @@ impl NodeMetrics {
         by("canopy_untrusted_frames_total", "reason", UNTRUSTED_REASONS);
         by("canopy_identity_refusals_total", "what", IDENTITY_REFUSALS);
         by("canopy_backfill_bad_chunks_total", "source", CHUNK_SOURCES);
+        by("canopy_overlay_messages_total", "kind", OVERLAY_MESSAGES);
         by(
             "canopy_proposal_failures_total",
             "reason",
@@ -523,6 +539,14 @@ impl NodeMetrics {
     pub fn materialized(&self, bytes: u64) {
         self.materialize_bytes.increment(bytes);
         self.materialize_writes.increment(1);
+    }
+
+    /// Counts one message of the tree's control plane this node sent, by kind
+    /// ([`OVERLAY_MESSAGES`]).
+    pub fn overlay_message(&self, kind: &'static str) {
+        debug_assert!(OVERLAY_MESSAGES.contains(&kind), "unknown kind {kind}");
+        metrics::counter!("canopy_overlay_messages_total", "node" => self.node.clone(), "kind" => kind)
+            .increment(1);
     }
 
     /// Counts one change of parent, by reason ([`REPARENT_REASONS`]).

@@ -164,4 +164,35 @@ async fn an_idle_tree_sends_heartbeats_and_nothing_else() {
         }
         break;
     }
+    // The control plane's messages are counted by kind, as the simulator counts them.
+    let mut answers = 0.0;
+    let mut requests = 0.0;
+    for p in &nodes {
+        let m = metrics(&c, p).await;
+        let kind = |k: &str| {
+            labelled(
+                &m,
+                "canopy_overlay_messages_total",
+                &format!("kind=\"{k}\""),
+            )
+        };
+        if p.name != "core" {
+            assert!(
+                kind("attach_request") >= 1.0,
+                "{} sent no subscription",
+                p.name
+            );
+            assert!(
+                kind("sample_request") >= 4.0,
+                "{} counted fewer sample requests than the samples it took",
+                p.name
+            );
+        }
+        answers += kind("attach_answer");
+        requests += kind("attach_request");
+    }
+    assert!(
+        answers >= RELAYS as f64 && answers <= requests,
+        "{answers} subscription answers for {requests} subscriptions sent by {RELAYS} relays"
+    );
 }

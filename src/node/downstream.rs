@@ -390,7 +390,10 @@ pub(crate) async fn serve_child(
         queued,
         cut,
     } = match register(&shared, &sub, rogue.as_ref()) {
-        Ok(r) => r,
+        Ok(r) => {
+            shared.metrics.overlay_message("attach_answer");
+            r
+        }
         Err((reason, referral)) => {
             debug!(node = %shared.cfg.name, child = %sub.name, "refusing subscription: {reason}");
             let refusal = proto::Downstream {
@@ -399,6 +402,7 @@ pub(crate) async fn serve_child(
                     referral: referral.map(|r| *r),
                 })),
             };
+            shared.metrics.overlay_message("attach_answer");
             if transport::write_frame(&mut send, &refusal).await.is_ok() {
                 let _ = send.finish();
                 let _ = send.stopped().await;

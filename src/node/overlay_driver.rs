@@ -173,6 +173,7 @@ pub(crate) async fn run(
 fn carry_out(shared: &Arc<Shared>, out: Output, cmds: &mpsc::UnboundedSender<UpstreamCommand>) {
     match out {
         Output::RequestSample { addr, offer } => {
+            shared.metrics.overlay_message("sample_request");
             let s = shared.clone();
             shared.tasks.spawn(async move {
                 let answer = match request_sample(&s, &addr, offer).await {

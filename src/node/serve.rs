@@ -387,6 +387,7 @@ async fn serve_stream(
                 info: Some(peer_to_proto(&info)),
                 peers: peers.iter().map(|p| peer_to_proto(p)).collect(),
             };
+            shared.metrics.overlay_message("sample_answer");
             reply(&mut send, &answer).await;
         }
         Some(request::Kind::Tree(q)) => {

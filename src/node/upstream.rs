@@ -165,6 +165,7 @@ async fn open_link(
         },
     )
     .await?;
+    shared.metrics.overlay_message("attach_request");
     let wait = Duration::from_millis(shared.cfg.overlay.attach_timeout_ms);
     let bounds = DownBounds::of(&shared.cfg.stream);
     let (raw, msg) = tokio::time::timeout(wait, bounds.read(&mut recv))
@@ -358,6 +359,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
         let failure = match wake {
             Wake::Command(UpstreamCommand::Attach { addr, reason }) => {
                 if let Some(old) = try_move(&shared, &mut current, addr, reason).await {
+                    shared.metrics.overlay_message("detach");
                     moved_from = Some(old);
                     transfer = None;
                 }
@@ -382,6 +384,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
                     report: Some(overlay_driver::report_to_proto(&r)),
                 };
                 let _ = transport::write_frame(&mut link.send, &up).await;
+                shared.metrics.overlay_message("child_report");
                 continue;
             }
             Wake::Frame(Err(_)) => UpstreamError::Silent(silent),
@@ -574,6 +577,7 @@ fn apply_frame(
         let mut cell = shared.overlay.lock();
         if cell.overlay.info().root_path != path {
             cell.overlay.update_path(&path);
+            shared.metrics.overlay_message("path_update");
         }
     }
     settle(shared, &mut st, clock, events);
