@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
@@ -914,6 +914,100 @@ fn the_view_never_exceeds_view_size_and_keeps_the_bootstrap() {
         let view = o.view_addrs();
         assert!(view.len() <= cfg.view_size);
         assert!(view.contains(&addr("p")), "{view:?}");
+    }
+}
+
+/// The view as the trim leaves it: each address with its age and sequence number.
+fn view_state(o: &Overlay) -> Vec<(String, u32, u64, bool)> {
+    o.view
+        .iter()
+        .map(|(a, e)| (a.clone(), e.age, e.seq, e.info.is_some()))
+        .collect()
+}
+
+/// What `learn` did before a new entry took the dropped one's place: insert it, then trim.
+fn learn_by_insert_and_trim(o: &mut Overlay, p: Peer) {
+    if p.addr == o.addr || o.view.get(&p.addr).is_some() {
+        return o.learn(p);
+    }
+    o.learned += 1;
+    if o.parent.is_some() && o.next_rebalance > 1 && o.is_candidate(&p) {
+        o.next_rebalance = 1;
+    }
+    let rec = ViewRecord {
+        info: Some(p.clone()),
+        boot: false,
+        age: 0,
+        seq: o.learned,
+        rtt_us: None,
+    };
+    o.view.insert(p.addr.clone(), rec);
+    o.trim();
+}
+
+#[test]
+fn a_learned_peer_takes_the_place_the_trim_frees() {
+    // Full and oversized views (more bootstrap addresses than view_size), with and
+    // without a parent, the parent's own advert arriving when it has been forgotten.
+    for (view_size, boots) in [(4, 1), (16, 1), (3, 5), (1, 1), (2, 2)] {
+        for seed in 0..20u64 {
+            let cfg = OverlayConfig {
+                view_size,
+                ..OverlayConfig::default()
+            };
+            let bootstrap: Vec<String> = (0..boots).map(|b| addr(&format!("b{b}"))).collect();
+            let new = || {
+                Overlay::new(
+                    cfg.clone(),
+                    ME.to_string(),
+                    addr(ME),
+                    false,
+                    bootstrap.clone(),
+                )
+            };
+            let (mut a, mut b) = (new(), new());
+            let (mut ra, mut rb, mut pick) = (rng(seed), rng(seed), rng(seed + 1000));
+            for step in 0..300u64 {
+                let k = pick.random_range(0..24u32);
+                let depth = pick.random_range(1..4u32);
+                let p = if k == 0 {
+                    peer(ME, Some(1), 1, &["b0", ME])
+                } else {
+                    peer(
+                        &format!("n{k}"),
+                        Some(depth),
+                        k % 3,
+                        &["b0", "x", &format!("n{k}")],
+                    )
+                };
+                match pick.random_range(0..10u32) {
+                    0 => {
+                        let t = step * 10_000;
+                        a.handle(t, Input::Tick, &mut ra);
+                        b.handle(t, Input::Tick, &mut rb);
+                    }
+                    1 if a.parent.is_none() => {
+                        let at = attached(&p);
+                        a.handle(step, at.clone(), &mut ra);
+                        b.handle(step, at, &mut rb);
+                    }
+                    2 => {
+                        a.forget(&p.addr);
+                        b.forget(&p.addr);
+                    }
+                    _ => {
+                        a.learn(p.clone());
+                        learn_by_insert_and_trim(&mut b, p);
+                    }
+                }
+                assert_eq!(
+                    view_state(&a),
+                    view_state(&b),
+                    "view_size {view_size}, seed {seed}, step {step}"
+                );
+                assert_eq!(a.next_rebalance, b.next_rebalance);
+            }
+        }
     }
 }
 
