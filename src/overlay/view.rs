@@ -130,17 +130,22 @@ impl<I: Id> Overlay<I> {
         let Some(parent) = self.parent.as_ref() else {
             return self.is_eligible(p) && self.gains(Self::landing(p).saturating_sub(1));
         };
-        let extra = if parent.zone_class == 0 && self.zone_class(p) != 0 {
-            self.cfg.latency_slack
-        } else {
-            0
-        };
         // No place is shallower than the cores' shallowest room: an advert that says so is
         // stale, and a move to it would end in refusals.
         let floor = if self.core_landing == u32::MAX {
             0
         } else {
             self.core_landing
+        };
+        // A node that would not gain enough even there (a settled one) answers without
+        // reading the advert, which lies in another node's memory: no landing is above 1.
+        if !self.gains(floor.max(1) - 1) {
+            return false;
+        }
+        let extra = if parent.zone_class == 0 && self.zone_class(p) != 0 {
+            self.cfg.latency_slack
+        } else {
+            0
         };
         let landing = Self::landing(p).max(floor);
         (p.free_slots > 0 || p.room > 0)
