@@ -1011,6 +1011,79 @@ fn a_learned_peer_takes_the_place_the_trim_frees() {
     }
 }
 
+/// `is_candidate` as it was before it could answer without reading the advert.
+fn is_candidate_reference(o: &Overlay, p: &Peer) -> bool {
+    let Some(parent) = o.parent.as_ref() else {
+        return o.is_eligible(p) && o.gains(Overlay::<String>::landing(p).saturating_sub(1));
+    };
+    let extra = if parent.zone_class == 0 && o.zone_class(p) != 0 {
+        o.cfg.latency_slack
+    } else {
+        0
+    };
+    let floor = if o.core_landing == u32::MAX {
+        0
+    } else {
+        o.core_landing
+    };
+    let landing = Overlay::<String>::landing(p).max(floor);
+    (p.free_slots > 0 || p.room > 0)
+        && o.gains(landing.saturating_sub(1).saturating_add(extra))
+        && p.addr != parent.addr
+        && o.is_eligible(p)
+}
+
+#[test]
+fn is_candidate_answers_as_before_at_every_depth_and_core_landing() {
+    let zone = |z: u32| Some(format!("z{z}"));
+    let mut checked = 0;
+    for mine in 1..8u32 {
+        for landing in [u32::MAX, 0, 1, 2, 3, 5] {
+            for (zone_class, children) in [(0, false), (2, false), (1, true)] {
+                let mut o = relay().with_zone(zone(0));
+                let path: Vec<String> = (0..mine).map(|d| format!("a{d}")).collect();
+                o.parent = Some(Parent {
+                    addr: addr("a-parent"),
+                    name: "a-parent".to_string(),
+                    depth: mine - 1,
+                    root_path: path.clone(),
+                    zone_class,
+                });
+                o.core_landing = landing;
+                if children {
+                    o.children.insert(
+                        "kid".to_string(),
+                        Child {
+                            addr: addr("kid"),
+                            zone: None,
+                            report: None,
+                        },
+                    );
+                }
+                for depth in 0..8u32 {
+                    for (free_slots, room) in [(0, 0), (0, 2), (3, 0)] {
+                        for z in 0..2 {
+                            let mut q =
+                                (*peer(&format!("q{depth}"), Some(depth), free_slots, &["core"]))
+                                    .clone();
+                            q.room = room;
+                            q.zone = zone(z);
+                            let q = Peer::new(q);
+                            assert_eq!(
+                                o.is_candidate(&q),
+                                is_candidate_reference(&o, &q),
+                                "depth {mine}, core landing {landing}, {q:?}"
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 5000);
+}
+
 fn scripted(seed: u64) -> Vec<(u64, Output)> {
     let mut r = rng(seed);
     let mut peers = vec![core_info(0)];
