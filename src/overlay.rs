@@ -557,6 +557,11 @@ impl<I: Id> Overlay<I> {
         Arc::clone(self.me.get_or_init(|| Arc::new(self.info())))
     }
 
+    /// The zone this node advertises.
+    pub fn zone(&self) -> Option<&I> {
+        self.zone.as_ref()
+    }
+
     /// The current parent's address, if attached.
     pub fn parent_addr(&self) -> Option<&I> {
         self.parent.as_ref().map(|p| &p.addr)

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
@@ -915,6 +915,173 @@ fn the_view_never_exceeds_view_size_and_keeps_the_bootstrap() {
         assert!(view.len() <= cfg.view_size);
         assert!(view.contains(&addr("p")), "{view:?}");
     }
+}
+
+/// The view as the trim leaves it: each address with its age and sequence number.
+fn view_state(o: &Overlay) -> Vec<(String, u32, u64, bool)> {
+    o.view
+        .iter()
+        .map(|(a, e)| (a.clone(), e.age, e.seq, e.info.is_some()))
+        .collect()
+}
+
+/// What `learn` did before a new entry took the dropped one's place: insert it, then trim.
+fn learn_by_insert_and_trim(o: &mut Overlay, p: Peer) {
+    if p.addr == o.addr || o.view.get(&p.addr).is_some() {
+        return o.learn(p);
+    }
+    o.learned += 1;
+    if o.parent.is_some() && o.next_rebalance > 1 && o.is_candidate(&p) {
+        o.next_rebalance = 1;
+    }
+    let rec = ViewRecord {
+        info: Some(p.clone()),
+        boot: false,
+        age: 0,
+        seq: o.learned,
+        rtt_us: None,
+    };
+    o.view.insert(p.addr.clone(), rec);
+    o.trim();
+}
+
+#[test]
+fn a_learned_peer_takes_the_place_the_trim_frees() {
+    // Full and oversized views (more bootstrap addresses than view_size), with and
+    // without a parent, the parent's own advert arriving when it has been forgotten.
+    for (view_size, boots) in [(4, 1), (16, 1), (3, 5), (1, 1), (2, 2)] {
+        for seed in 0..20u64 {
+            let cfg = OverlayConfig {
+                view_size,
+                ..OverlayConfig::default()
+            };
+            let bootstrap: Vec<String> = (0..boots).map(|b| addr(&format!("b{b}"))).collect();
+            let new = || {
+                Overlay::new(
+                    cfg.clone(),
+                    ME.to_string(),
+                    addr(ME),
+                    false,
+                    bootstrap.clone(),
+                )
+            };
+            let (mut a, mut b) = (new(), new());
+            let (mut ra, mut rb, mut pick) = (rng(seed), rng(seed), rng(seed + 1000));
+            for step in 0..300u64 {
+                let k = pick.random_range(0..24u32);
+                let depth = pick.random_range(1..4u32);
+                let p = if k == 0 {
+                    peer(ME, Some(1), 1, &["b0", ME])
+                } else {
+                    peer(
+                        &format!("n{k}"),
+                        Some(depth),
+                        k % 3,
+                        &["b0", "x", &format!("n{k}")],
+                    )
+                };
+                match pick.random_range(0..10u32) {
+                    0 => {
+                        let t = step * 10_000;
+                        a.handle(t, Input::Tick, &mut ra);
+                        b.handle(t, Input::Tick, &mut rb);
+                    }
+                    1 if a.parent.is_none() => {
+                        let at = attached(&p);
+                        a.handle(step, at.clone(), &mut ra);
+                        b.handle(step, at, &mut rb);
+                    }
+                    2 => {
+                        a.forget(&p.addr);
+                        b.forget(&p.addr);
+                    }
+                    _ => {
+                        a.learn(p.clone());
+                        learn_by_insert_and_trim(&mut b, p);
+                    }
+                }
+                assert_eq!(
+                    view_state(&a),
+                    view_state(&b),
+                    "view_size {view_size}, seed {seed}, step {step}"
+                );
+                assert_eq!(a.next_rebalance, b.next_rebalance);
+            }
+        }
+    }
+}
+
+/// `is_candidate` as it was before it could answer without reading the advert.
+fn is_candidate_reference(o: &Overlay, p: &Peer) -> bool {
+    let Some(parent) = o.parent.as_ref() else {
+        return o.is_eligible(p) && o.gains(Overlay::<String>::landing(p).saturating_sub(1));
+    };
+    let extra = if parent.zone_class == 0 && o.zone_class(p) != 0 {
+        o.cfg.latency_slack
+    } else {
+        0
+    };
+    let floor = if o.core_landing == u32::MAX {
+        0
+    } else {
+        o.core_landing
+    };
+    let landing = Overlay::<String>::landing(p).max(floor);
+    (p.free_slots > 0 || p.room > 0)
+        && o.gains(landing.saturating_sub(1).saturating_add(extra))
+        && p.addr != parent.addr
+        && o.is_eligible(p)
+}
+
+#[test]
+fn is_candidate_answers_as_before_at_every_depth_and_core_landing() {
+    let zone = |z: u32| Some(format!("z{z}"));
+    let mut checked = 0;
+    for mine in 1..8u32 {
+        for landing in [u32::MAX, 0, 1, 2, 3, 5] {
+            for (zone_class, children) in [(0, false), (2, false), (1, true)] {
+                let mut o = relay().with_zone(zone(0));
+                let path: Vec<String> = (0..mine).map(|d| format!("a{d}")).collect();
+                o.parent = Some(Parent {
+                    addr: addr("a-parent"),
+                    name: "a-parent".to_string(),
+                    depth: mine - 1,
+                    root_path: path.clone(),
+                    zone_class,
+                });
+                o.core_landing = landing;
+                if children {
+                    o.children.insert(
+                        "kid".to_string(),
+                        Child {
+                            addr: addr("kid"),
+                            zone: None,
+                            report: None,
+                        },
+                    );
+                }
+                for depth in 0..8u32 {
+                    for (free_slots, room) in [(0, 0), (0, 2), (3, 0)] {
+                        for z in 0..2 {
+                            let mut q =
+                                (*peer(&format!("q{depth}"), Some(depth), free_slots, &["core"]))
+                                    .clone();
+                            q.room = room;
+                            q.zone = zone(z);
+                            let q = Peer::new(q);
+                            assert_eq!(
+                                o.is_candidate(&q),
+                                is_candidate_reference(&o, &q),
+                                "depth {mine}, core landing {landing}, {q:?}"
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 5000);
 }
 
 fn scripted(seed: u64) -> Vec<(u64, Output)> {

@@ -109,8 +109,8 @@ impl<I: Id> Overlay<I> {
             .filter(|(_, c)| key(c) == top)
             .collect();
         let (name, c) = best.choose(rng)?;
-        let me = self.info();
-        let mut root_path = me.root_path;
+        let me = self.me();
+        let mut root_path = me.root_path.clone();
         root_path.push((*name).clone());
         let report = c.report.unwrap_or_default();
         Some(Arc::new(PeerInfo {

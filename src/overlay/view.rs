@@ -44,30 +44,62 @@ impl<I: Id> Overlay<I> {
         if self.parent.is_some() && self.next_rebalance > 1 && self.is_candidate(&p) {
             self.next_rebalance = 1;
         }
-        if let Some(e) = self.view.get_mut(&p.addr) {
-            // The same advert again (the peer's place has not changed): keeping the one
-            // held spares touching a second record.
-            if !e.info.as_ref().is_some_and(|held| Arc::ptr_eq(held, &p)) {
-                e.info = Some(p);
-            }
-            e.age = 0;
-            e.seq = seq;
-            if e.boot {
-                self.refresh_core_landing();
-            }
+        let at = match self.view.find(&p.addr) {
+            Ok(i) => i,
+            Err(i) => return self.insert_learned(i, p, seq),
+        };
+        let e = &mut self.view.0[at].1;
+        // The same advert again (the peer's place has not changed): keeping the one held
+        // spares touching a second record.
+        if !e.info.as_ref().is_some_and(|held| Arc::ptr_eq(held, &p)) {
+            e.info = Some(p);
+        }
+        e.age = 0;
+        e.seq = seq;
+        if e.boot {
+            self.refresh_core_landing();
+        }
+    }
+
+    /// A new entry for `p`, whose address sorts at `at`, then the trim. In a full view the
+    /// entry that [`Self::trim`] would drop is found first and the new one takes its place
+    /// (the entries between shift by one), without inserting and removing in turn: the
+    /// new entry, the youngest, is the one dropped only when no other may be.
+    fn insert_learned(&mut self, at: usize, p: Peer<I>, seq: u64) {
+        let addr = p.addr.clone();
+        let rec = ViewRecord {
+            info: Some(p),
+            boot: false,
+            age: 0,
+            seq,
+            rtt_us: None,
+        };
+        if self.view.len() != self.cfg.view_size {
+            self.view.0.insert(at, (addr, rec));
+            self.trim();
             return;
         }
-        self.view.insert(
-            p.addr.clone(),
-            ViewRecord {
-                info: Some(p),
-                boot: false,
-                age: 0,
-                seq,
-                rtt_us: None,
-            },
-        );
-        self.trim();
+        let parent = self.parent.as_ref().map(|p| &p.addr);
+        let oldest = self
+            .view
+            .iter()
+            .enumerate()
+            .filter(|(_, (a, e))| !e.boot && Some(*a) != parent)
+            .max_by_key(|(_, (_, e))| (e.age, std::cmp::Reverse(e.seq)))
+            .map(|(i, _)| i);
+        match oldest {
+            Some(v) => {
+                self.view.0[v] = (addr, rec);
+                if v < at {
+                    self.view.0[v..at].rotate_left(1);
+                } else {
+                    self.view.0[at..=v].rotate_right(1);
+                }
+            }
+            // Nothing else may go: the new entry stays only as the parent's.
+            None if Some(&addr) == parent => self.view.0.insert(at, (addr, rec)),
+            None => {}
+        }
     }
 
     pub(super) fn trim(&mut self) {
@@ -98,17 +130,22 @@ impl<I: Id> Overlay<I> {
         let Some(parent) = self.parent.as_ref() else {
             return self.is_eligible(p) && self.gains(Self::landing(p).saturating_sub(1));
         };
-        let extra = if parent.zone_class == 0 && self.zone_class(p) != 0 {
-            self.cfg.latency_slack
-        } else {
-            0
-        };
         // No place is shallower than the cores' shallowest room: an advert that says so is
         // stale, and a move to it would end in refusals.
         let floor = if self.core_landing == u32::MAX {
             0
         } else {
             self.core_landing
+        };
+        // A node that would not gain enough even there (a settled one) answers without
+        // reading the advert, which lies in another node's memory: no landing is above 1.
+        if !self.gains(floor.max(1) - 1) {
+            return false;
+        }
+        let extra = if parent.zone_class == 0 && self.zone_class(p) != 0 {
+            self.cfg.latency_slack
+        } else {
+            0
         };
         let landing = Self::landing(p).max(floor);
         (p.free_slots > 0 || p.room > 0)

@@ -56,6 +56,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use anyhow::{anyhow, ensure, Result};
 use canopy::overlay::{
@@ -323,6 +324,12 @@ fn splitmix64(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// Whether a node's place (depth and root path) differs between two of its advertisements.
+fn moved(before: &Peer<u32>, after: &Peer<u32>) -> bool {
+    !Arc::ptr_eq(before, after)
+        && (before.depth != after.depth || before.root_path != after.root_path)
 }
 
 #[derive(Debug)]
@@ -1107,7 +1114,7 @@ impl Sim {
             return Ok(());
         }
         self.msgs.attach_answer += 1;
-        let info = self.nodes[target as usize].ov.info();
+        let info = self.nodes[target as usize].ov.me();
         let serves_at = self.nodes[target as usize].serves_at;
         if info.depth.is_some() && self.now < serves_at {
             // Still syncing: the subscriber waits, as the runtime makes it.
@@ -1134,7 +1141,7 @@ impl Sim {
             );
             return Ok(());
         };
-        let zone = self.nodes[child as usize].ov.info().zone;
+        let zone = self.nodes[child as usize].ov.zone().cloned();
         let n = &mut self.nodes[target as usize];
         match n.ov.admit(&name(child), zone.as_ref(), &mut n.rng) {
             Admit::Accept => {
@@ -1154,7 +1161,7 @@ impl Sim {
                         child,
                         target,
                         depth,
-                        root_path: info.root_path,
+                        root_path: info.root_path.clone(),
                     },
                 );
             }
@@ -1184,7 +1191,7 @@ impl Sim {
         if self.nodes[child as usize].ov.parent_addr() != Some(&pa) {
             return Ok(());
         }
-        let pi = self.nodes[parent as usize].ov.info();
+        let pi = self.nodes[parent as usize].ov.me();
         if pi.depth.is_none() {
             return Ok(());
         }
@@ -1197,11 +1204,11 @@ impl Sim {
         if self.stale_path(child, &pi) {
             self.path_updates_applied += 1;
             let before = self.place(child);
-            let mut path = pi.root_path;
+            let mut path = pi.root_path.clone();
             path.push(me);
             self.nodes[child as usize].ov.update_path(&path);
             self.rearm(child);
-            if before != self.place(child) {
+            if moved(&before, &self.place(child)) {
                 self.announce(child);
             }
         }
@@ -1210,7 +1217,7 @@ impl Sim {
 
     /// Whether `child` believes something else about its parent's place than `parent` says.
     fn stale_path(&self, child: u32, parent: &PeerInfo<u32>) -> bool {
-        let ci = self.nodes[child as usize].ov.info();
+        let ci = self.nodes[child as usize].ov.me();
         ci.depth != parent.depth.map(|d| d + 1)
             || ci.root_path.len() != parent.root_path.len() + 1
             || ci.root_path[..parent.root_path.len()] != parent.root_path[..]
@@ -1284,16 +1291,16 @@ impl Sim {
         self.rearm(id);
         if let Some(before) = before {
             self.reconcile(id)?;
-            if before != self.place(id) {
+            if moved(&before, &self.place(id)) {
                 self.announce(id);
             }
         }
         Ok(())
     }
 
-    fn place(&self, id: u32) -> (Option<u32>, Vec<u32>) {
-        let i = self.nodes[id as usize].ov.info();
-        (i.depth, i.root_path)
+    /// Where `id` is: its own advertisement, whose depth and root path [`moved`] compares.
+    fn place(&self, id: u32) -> Peer<u32> {
+        self.nodes[id as usize].ov.me()
     }
 
     /// Tells the children of `id` that its place in the tree changed.
@@ -1429,7 +1436,7 @@ impl Sim {
                 },
             );
         } else {
-            let pi = self.nodes[new as usize].ov.info();
+            let pi = self.nodes[new as usize].ov.me();
             if pi.depth.is_some() && self.stale_path(c, &pi) {
                 // The parent moved between accepting and the child hearing of it.
                 self.msgs.path_update += 1;
