@@ -425,6 +425,20 @@ pub(crate) async fn serve_child(
             kind: Some(Down::SubscribeOk(ok)),
         };
         transport::write_frame(&mut send, &ok).await?;
+        let slot = if matches!(plan, SubscribePlan::Snapshot(_) | SubscribePlan::Follow(_)) {
+            let link = Link {
+                conn: &conn,
+                sub: &sub,
+                beat: &mut beat,
+            };
+            let Some(permit) = transfer_slot(&shared, link, &mut send).await? else {
+                return Ok(());
+            };
+            shared.metrics.full_transfers_served.increment(1);
+            Some((permit, ServingGuard::new(&shared)))
+        } else {
+            None
+        };
         match plan {
             SubscribePlan::Resume(frames) => {
                 shared.metrics.resumes_served.increment(1);
@@ -443,16 +457,6 @@ pub(crate) async fn serve_child(
                     commit_time_us,
                     then,
                 } = *p;
-                let link = Link {
-                    conn: &conn,
-                    sub: &sub,
-                    beat: &mut beat,
-                };
-                let Some(_permit) = transfer_slot(&shared, link, &mut send).await? else {
-                    return Ok(());
-                };
-                let _serving = ServingGuard::new(&shared);
-                shared.metrics.full_transfers_served.increment(1);
                 let corrupt = failpoint::corrupt_chunk_for(&sub.name);
                 let below = limit.clone();
                 let frames = snapshot_frames_below(
@@ -485,16 +489,6 @@ pub(crate) async fn serve_child(
                     sub: &sub,
                     beat: &mut beat,
                 };
-                let Some(_permit) = transfer_slot(&shared, link, &mut send).await? else {
-                    return Ok(());
-                };
-                let _serving = ServingGuard::new(&shared);
-                shared.metrics.full_transfers_served.increment(1);
-                let link = Link {
-                    conn: &conn,
-                    sub: &sub,
-                    beat: &mut beat,
-                };
                 if !follow(&shared, link, &mut send, &p, &limit, &mut transfer).await? {
                     debug!(node = %shared.cfg.name, child = %sub.name, version = p.version, "no longer receiving the transfer the child follows: cutting it off");
                     cut.store(true, Ordering::Release);
@@ -503,6 +497,7 @@ pub(crate) async fn serve_child(
             }
             SubscribePlan::Refuse(_) => {}
         }
+        drop(slot);
         beat.sent();
         loop {
             let frame = tokio::select! {
