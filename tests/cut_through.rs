@@ -7,7 +7,8 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-/// The core serves its only child (fan-out 1) an 8 MB file at 2 MB/s; a second relay joins
+/// The core serves its only child (fan-out 1) a 12 MB file at 1.5 MB/s (8 s, room for a
+/// slow machine to start the second relay in time); a second relay joins
 /// below the first while that transfer runs. It must receive chunks while its parent is
 /// still receiving (before, it waited for its parent's whole copy), and both end at the
 /// core's version and root, with the core's bytes on disk.
@@ -20,7 +21,7 @@ async fn a_relay_receiving_a_transfer_passes_it_on_chunk_by_chunk() {
         pki.issue(n, r);
     }
     let slow = root.join("slow.toml");
-    std::fs::write(&slow, "[stream]\nbackfill_bytes_per_sec = 2000000\n").unwrap();
+    std::fs::write(&slow, "[stream]\nbackfill_bytes_per_sec = 1500000\n").unwrap();
     let one_source = root.join("one-source.toml");
     std::fs::write(&one_source, "[stream]\nfetch_sources = 1\n").unwrap();
     let c = http();
@@ -33,7 +34,7 @@ async fn a_relay_receiving_a_transfer_passes_it_on_chunk_by_chunk() {
         &["--fanout", "1", "--config", slow.to_str().unwrap()],
     );
     wait_leader(&c, &core).await;
-    let (v, content) = put_random(&c, &core, 8_000_000, 21).await;
+    let (v, content) = put_random(&c, &core, 12_000_000, 21).await;
     let cfg = ["--config", one_source.to_str().unwrap()];
     let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &cfg);
     wait_until(60, "r1 receives its transfer", || async {
@@ -68,7 +69,7 @@ async fn a_relay_receiving_a_transfer_passes_it_on_chunk_by_chunk() {
         a["backfill"]["bytes_done"].as_u64() < a["backfill"]["bytes_total"].as_u64(),
         "r1 was mid-transfer: {a}"
     );
-    assert_eq!(b["backfill"]["bytes_total"], 8_000_000, "{b}");
+    assert_eq!(b["backfill"]["bytes_total"], 12_000_000, "{b}");
     let core_root = version_root(&c, &core).await.unwrap();
     for p in [&r1, &r2] {
         let s = wait_materialized(&c, p, v).await;
