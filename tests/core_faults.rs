@@ -4,13 +4,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use canopy::proto;
-use canopy::tls::{Identity, Role, TransportConfig};
 use common::*;
 
 fn error_lines(p: &Proc) -> Vec<String> {
@@ -77,18 +75,6 @@ async fn a_restart_with_init_logs_no_error() {
     assert!(errors.is_empty(), "logged errors: {errors:#?}");
 }
 
-fn client(root: &Path, ca: &Path, name: &str) -> quinn::Endpoint {
-    let dir = root.join(format!("client-{name}"));
-    canopy::tls::cert_issue(ca, name, Role::Relay, &dir).unwrap();
-    let id = Identity::load(&dir, name).unwrap();
-    canopy::tls::endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &id,
-        &TransportConfig::default(),
-    )
-    .unwrap()
-}
-
 /// Sends one proposal over QUIC, as a relay forwards a write.
 async fn propose(ep: &quinn::Endpoint, to: &Proc, p: proto::Proposal) -> proto::ProposeReply {
     let conn = ep
@@ -139,7 +125,7 @@ async fn a_retry_across_a_snapshot_and_a_restart_applies_once() {
     let c = http();
     let l = leader_index(&c, &cores).await;
     let f = (l + 1) % 3;
-    let ep = client(root, &pki.ca, "retrier");
+    let ep = quic_client(root, &pki.ca, "retrier");
     let first = write(0, b"first write", b"retried-proposal");
     let reply = propose(&ep, &cores[l], first.clone()).await;
     let Some(proto::propose_reply::Kind::CommittedVersion(v1)) = reply.kind else {

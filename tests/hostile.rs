@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use canopy::proto;
-use canopy::tls::{Identity, Role, TransportConfig};
 use common::*;
 use serde_json::Value;
 
@@ -182,18 +181,6 @@ fn rejected(metrics: &str, reason: &str) -> f64 {
 }
 
 /// A QUIC endpoint with a relay certificate `name` of the cluster's CA.
-fn quic_client(cl: &Cluster, name: &str) -> quinn::Endpoint {
-    let dir = cl.root.join(format!("client-{name}"));
-    canopy::tls::cert_issue(&cl.pki.ca, name, Role::Relay, &dir).unwrap();
-    let id = Identity::load(&dir, name).unwrap();
-    canopy::tls::endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &id,
-        &TransportConfig::default(),
-    )
-    .unwrap()
-}
-
 async fn connect(ep: &quinn::Endpoint, to: &Proc) -> quinn::Connection {
     ep.connect(to.quic, canopy::tls::SERVER_NAME)
         .unwrap()
@@ -547,7 +534,7 @@ async fn a_2gb_put_is_refused_early_with_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_proposal_over_max_update_bytes_is_refused() {
     let cl = cluster("[stream]\nmax_update_bytes = 4194304\nmax_frame = 8388608\n").await;
-    let ep = quic_client(&cl, "forger");
+    let ep = quic_client(&cl.root, &cl.pki.ca, "forger");
     let conn = connect(&ep, &cl.core).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let data = Bytes::from(vec![5u8; 4 * 1024 * 1024 + 512 * 1024]);
@@ -593,7 +580,7 @@ async fn a_quic_proposal_over_max_update_bytes_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_with_millions_of_chunk_hashes_is_refused_before_decoding() {
     let cl = cluster("").await;
-    let ep = quic_client(&cl, "amplifier");
+    let ep = quic_client(&cl.root, &cl.pki.ca, "amplifier");
     let conn = connect(&ep, &cl.r1).await;
     let req = proto::Request {
         kind: Some(proto::request::Kind::Subscribe(proto::Subscribe {
@@ -627,7 +614,7 @@ async fn a_subscription_with_millions_of_chunk_hashes_is_refused_before_decoding
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_peer_address_are_bounded() {
     let cl = cluster("").await;
-    let ep = quic_client(&cl, "flooder");
+    let ep = quic_client(&cl.root, &cl.pki.ca, "flooder");
     let mut open = Vec::new();
     let mut refused = 0;
     for _ in 0..40 {
@@ -656,7 +643,7 @@ async fn connections_per_peer_address_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parent_declaring_depth_u32_max_is_refused() {
     let cl = cluster("").await;
-    let evil = quic_client(&cl, "evil");
+    let evil = quic_client(&cl.root, &cl.pki.ca, "evil");
     let evil_addr = evil.local_addr().unwrap();
     let core_addr = cl.core.quic.to_string();
     let me = evil_addr.to_string();

@@ -181,8 +181,7 @@ async fn killed_while_writing(p: Pair, seed: u64) {
     .as_bytes()])));
     let stop = tokio_util::sync::CancellationToken::new();
     let writer = {
-        let (c, url, possible, stop) =
-            (p.c.clone(), p.core.url(""), possible.clone(), stop.clone());
+        let (c, api, possible, stop) = (p.c.clone(), p.core.api, possible.clone(), stop.clone());
         let mut content = content.clone();
         tokio::spawn(async move {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -193,16 +192,9 @@ async fn killed_while_writing(p: Pair, seed: u64) {
                 rng.fill_bytes(&mut body);
                 content[offset..offset + body.len()].copy_from_slice(&body);
                 possible.lock().insert(*blake3::hash(&content).as_bytes());
-                let r = c
-                    .patch(format!("{url}/v1/file?offset={offset}"))
-                    .body(body)
-                    .send()
+                last = patch_api(&c, api, offset as u64, body)
                     .await
-                    .unwrap();
-                assert!(r.status().is_success());
-                last = r.json::<Value>().await.unwrap()["version"]
-                    .as_u64()
-                    .unwrap();
+                    .expect("the core takes every write");
             }
             (last, content)
         })

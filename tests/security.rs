@@ -4,20 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use canopy::tls::{Identity, Role, TransportConfig};
 use common::*;
-
-fn client(root: &std::path::Path, ca: &std::path::Path, name: &str) -> quinn::Endpoint {
-    let dir = root.join(format!("client-{name}"));
-    canopy::tls::cert_issue(ca, name, Role::Relay, &dir).unwrap();
-    let id = Identity::load(&dir, name).unwrap();
-    canopy::tls::endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &id,
-        &TransportConfig::default(),
-    )
-    .unwrap()
-}
 
 async fn close_reason(conn: &quinn::Connection) -> String {
     tokio::time::timeout(Duration::from_secs(20), conn.closed())
@@ -45,7 +32,7 @@ async fn foreign_ca_and_bad_frames_are_refused_and_the_node_keeps_serving() {
     // A peer whose certificate chains to another CA never gets a connection.
     let foreign_ca = root.join("foreign-ca");
     canopy::tls::ca_init(&foreign_ca).unwrap();
-    let foreign = client(root, &foreign_ca, "intruder");
+    let foreign = quic_client(root, &foreign_ca, "intruder");
     let attempt = foreign
         .connect(core.quic, canopy::tls::SERVER_NAME)
         .unwrap()
@@ -58,7 +45,7 @@ async fn foreign_ca_and_bad_frames_are_refused_and_the_node_keeps_serving() {
     }
 
     // An oversized frame: only that connection is closed.
-    let good = client(root, &pki.ca, "tester");
+    let good = quic_client(root, &pki.ca, "tester");
     let conn = good
         .connect(core.quic, canopy::tls::SERVER_NAME)
         .unwrap()

@@ -578,8 +578,18 @@ pub async fn term(c: &reqwest::Client, p: &Proc) -> u64 {
 
 /// Writes `body` at `offset` through `p`; the version, or `None` if it failed.
 pub async fn patch(c: &reqwest::Client, p: &Proc, offset: u64, body: Vec<u8>) -> Option<u64> {
+    patch_api(c, p.api, offset, body).await
+}
+
+/// [`patch`] by the node's API address, for tasks that do not hold its [`Proc`].
+pub async fn patch_api(
+    c: &reqwest::Client,
+    api: SocketAddr,
+    offset: u64,
+    body: Vec<u8>,
+) -> Option<u64> {
     let r = c
-        .patch(p.url(&format!("/v1/file?offset={offset}")))
+        .patch(format!("http://{api}/v1/file?offset={offset}"))
         .body(body)
         .send()
         .await
@@ -616,6 +626,20 @@ pub fn core_cluster(root: &Path, n: usize) -> (Pki, Vec<Proc>) {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let cores = Proc::start_core_cluster(root, &pki, &refs);
     (pki, cores)
+}
+
+/// A QUIC endpoint on 127.0.0.1 with a relay certificate named `name` from the CA at `ca`
+/// (issued into `root/client-NAME`): a hand-driven peer for tests that speak the protocol.
+pub fn quic_client(root: &Path, ca: &Path, name: &str) -> quinn::Endpoint {
+    let dir = root.join(format!("client-{name}"));
+    canopy::tls::cert_issue(ca, name, canopy::tls::Role::Relay, &dir).unwrap();
+    let id = canopy::tls::Identity::load(&dir, name).unwrap();
+    canopy::tls::endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &id,
+        &canopy::tls::TransportConfig::default(),
+    )
+    .unwrap()
 }
 
 /// Mounts a tmpfs of `mb` MiB at `dir`; None (with the reason printed) where mounting is
