@@ -38,7 +38,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use crate::merkle::{build_levels, empty_tree_root, file_root, parent_at};
+use crate::merkle::{build_levels, check_shape, empty_tree_root, file_root, parent_at};
 pub use crate::merkle::{
     check_chunk_size, chunk_count_for, chunk_len_for, hash_hex, leaf_hash, root_of,
 };
@@ -128,19 +128,7 @@ impl ChunkedFile {
         r: &mut R,
         version: u64,
     ) -> Result<Self, FileError> {
-        check_chunk_size(chunk_size)?;
-        if len > max_len {
-            return Err(FileError::TooLarge { len, max: max_len });
-        }
-        let count = chunk_count_for(len, chunk_size);
-        if count > MAX_CHUNK_COUNT {
-            return Err(FileError::TooManyChunks {
-                len,
-                chunk_size,
-                chunks: count,
-                max: MAX_CHUNK_COUNT,
-            });
-        }
+        let count = check_shape(chunk_size, max_len, len)?;
         let zero = Bytes::from(vec![0u8; u64::from(chunk_size).min(len) as usize]);
         let mut chunks = Vec::new();
         let mut leaves = Vec::new();

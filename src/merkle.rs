@@ -7,7 +7,7 @@
 //! u32 LE || tree root). Leaves carry no prefix: the shape of the tree is fixed by the length
 //! and chunk size, which the file root commits to.
 
-use crate::update::{FileError, Hash, MAX_CHUNK_SIZE};
+use crate::update::{FileError, Hash, MAX_CHUNK_COUNT, MAX_CHUNK_SIZE};
 
 const NODE_TAG: u8 = 0x01;
 const ROOT_TAG: u8 = 0x02;
@@ -19,6 +19,26 @@ pub fn check_chunk_size(chunk_size: u32) -> Result<(), FileError> {
     } else {
         Ok(())
     }
+}
+
+/// Checks the shape a file of `len` bytes at `chunk_size` would have, before anything is
+/// sized by it: a valid chunk size, `len <= max_len`, at most [`MAX_CHUNK_COUNT`] chunks.
+/// Returns the chunk count.
+pub fn check_shape(chunk_size: u32, max_len: u64, len: u64) -> Result<u64, FileError> {
+    check_chunk_size(chunk_size)?;
+    if len > max_len {
+        return Err(FileError::TooLarge { len, max: max_len });
+    }
+    let count = chunk_count_for(len, chunk_size);
+    if count > MAX_CHUNK_COUNT {
+        return Err(FileError::TooManyChunks {
+            len,
+            chunk_size,
+            chunks: count,
+            max: MAX_CHUNK_COUNT,
+        });
+    }
+    Ok(count)
 }
 
 /// Number of chunks of a file with this length.

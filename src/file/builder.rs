@@ -40,19 +40,7 @@ impl FileBuilder {
         version: u64,
         expected_root: Hash,
     ) -> Result<Self, FileError> {
-        check_chunk_size(chunk_size)?;
-        if len > max_len {
-            return Err(FileError::TooLarge { len, max: max_len });
-        }
-        let count = chunk_count_for(len, chunk_size);
-        if count > MAX_CHUNK_COUNT {
-            return Err(FileError::TooManyChunks {
-                len,
-                chunk_size,
-                chunks: count,
-                max: MAX_CHUNK_COUNT,
-            });
-        }
+        let count = check_shape(chunk_size, max_len, len)?;
         let n = to_index(count).ok_or(FileError::TooLarge { len, max: max_len })?;
         let zero = Bytes::from(vec![0u8; u64::from(chunk_size).min(len) as usize]);
         let zero_leaf = leaf_hash(&zero);
