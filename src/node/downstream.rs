@@ -498,6 +498,7 @@ pub(crate) async fn serve_child(
             SubscribePlan::Refuse(_) => {}
         }
         drop(slot);
+        drop(transfer);
         beat.sent();
         loop {
             let frame = tokio::select! {
