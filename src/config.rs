@@ -590,6 +590,22 @@ mod tests {
         let mut c = relay();
         c.zone = Some("z".repeat(MAX_ZONE_BYTES));
         c.validate().unwrap();
+        for copies in [0, 1, MAX_MATERIALIZE_COPIES + 1, u32::MAX] {
+            let mut c = relay();
+            c.materialize.copies = copies;
+            assert_eq!(c.validate(), Err(ConfigError::MaterializeCopies(copies)));
+        }
+        for copies in [2, MAX_MATERIALIZE_COPIES] {
+            let mut c = relay();
+            c.materialize.copies = copies;
+            c.validate().unwrap();
+        }
+        for bad in ["mode = \"fast\"", "mode = 3", "copies = -1", "grace = 5"] {
+            assert!(
+                toml::from_str::<MaterializeConfig>(bad).is_err(),
+                "[materialize] {bad} was taken"
+            );
+        }
         let mut c = relay();
         c.kind = NodeKind::Relay { join: vec![] };
         assert_eq!(c.validate(), Err(ConfigError::NoJoin));
