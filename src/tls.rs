@@ -346,6 +346,14 @@ pub struct TransportConfig {
     pub stream_window: u64,
     pub conn_window: u64,
     pub max_concurrent_bidi: u32,
+    /// Ask the peer to acknowledge every ack-eliciting packet at once (QUIC ACK frequency
+    /// extension, threshold 0) instead of every other one or after its 25 ms delayed-ACK timer.
+    /// Default on: a tree link mostly carries one small entry per write, and a delayed ACK
+    /// is a second wake-up of the child for every write (and of the parent for every child),
+    /// where an immediate one leaves in the same wake-up as the entry's processing. Measured
+    /// with 100 relay processes at 20 writes/s: CPU per delivery and p99 no worse in any of
+    /// 3 alternating rounds (docs/benchmarks.md), and bulk transfers unchanged.
+    pub immediate_ack: bool,
 }
 
 impl Default for TransportConfig {
@@ -356,6 +364,7 @@ impl Default for TransportConfig {
             stream_window: 16 * 1024 * 1024,
             conn_window: 64 * 1024 * 1024,
             max_concurrent_bidi: 256,
+            immediate_ack: true,
         }
     }
 }
@@ -370,6 +379,11 @@ impl TransportConfig {
             .receive_window(clamp(self.conn_window))
             .send_window(self.conn_window)
             .max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_concurrent_bidi));
+        if self.immediate_ack {
+            let mut ack = quinn::AckFrequencyConfig::default();
+            ack.ack_eliciting_threshold(quinn::VarInt::from_u32(0));
+            t.ack_frequency_config(Some(ack));
+        }
         Arc::new(t)
     }
 }
@@ -830,6 +844,11 @@ mod tests {
         let mut b = [0u8; 1];
         recv.read_exact(&mut b).await.unwrap();
         assert_eq!(b[0], 42);
+        assert!(
+            conn.stats().frame_rx.ack_frequency >= 1,
+            "the server asks for immediate ACKs: {:?}",
+            conn.stats().frame_rx
+        );
         conn.close(0u32.into(), b"done");
 
         assert_eq!(
