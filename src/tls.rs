@@ -11,8 +11,8 @@
 //! - Node names are 1–63 ASCII characters from `[A-Za-z0-9_-]`, start with a letter or digit, and
 //!   are never `ca` (which would collide with `ca.pem`).
 //! - Keys are Ed25519 unless ECDSA P-256 is asked for ([`KeyAlg`]): a relay checks a core
-//!   signature on every entry it receives, and Ed25519 verification costs about a third of
-//!   P-256's. Both kinds are accepted everywhere, so a cluster can mix them.
+//!   signature on every entry it receives, and Ed25519 verification costs about two thirds
+//!   of P-256's. Both kinds are accepted everywhere, so a cluster can mix them.
 //! - Private keys are written with mode 0600; `ca_init` never overwrites an existing `ca.key`.
 //! - Endpoints only speak TLS 1.3 with ALPN `canopy/1` through the ring provider passed
 //!   explicitly; the process-default crypto provider is never consulted.

@@ -71,16 +71,58 @@ impl Memo {
     }
 }
 
-/// Checks `signature` over `message` with `key` under `alg`, through the memo.
-fn verify_memoized(
-    alg: &'static dyn ring::signature::VerificationAlgorithm,
-    key: &[u8],
-    message: &[u8],
-    signature: &[u8],
-) -> bool {
+/// A signer's public key, parsed once when its certificate is learnt.
+#[derive(Clone)]
+enum PublicKey {
+    /// Checked by ed25519-dalek (`verify_strict`), whose vectorised field arithmetic
+    /// verifies in about half of ring's time on x86-64 with AVX2.
+    Ed25519(ed25519_dalek::VerifyingKey),
+    /// ECDSA P-256 with SHA-256, checked by ring.
+    P256(Arc<[u8]>),
+}
+
+impl PublicKey {
+    fn parse(alg: &str, curve: Option<&str>, key: &[u8]) -> Result<Self, String> {
+        match (alg, curve) {
+            ("1.3.101.112", _) => {
+                let bytes: &[u8; 32] = key
+                    .try_into()
+                    .map_err(|_| format!("an Ed25519 key of {} bytes", key.len()))?;
+                ed25519_dalek::VerifyingKey::from_bytes(bytes)
+                    .map(Self::Ed25519)
+                    .map_err(|e| format!("Ed25519 key: {e}"))
+            }
+            ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => Ok(Self::P256(key.into())),
+            other => Err(format!("unsupported key {other:?}")),
+        }
+    }
+
+    fn tag_and_bytes(&self) -> (u8, &[u8]) {
+        match self {
+            Self::Ed25519(k) => (1, k.as_bytes()),
+            Self::P256(k) => (2, k),
+        }
+    }
+
+    fn check(&self, message: &[u8], signature: &[u8]) -> bool {
+        match self {
+            Self::Ed25519(k) => ed25519_dalek::Signature::from_slice(signature)
+                .is_ok_and(|sig| k.verify_strict(message, &sig).is_ok()),
+            Self::P256(k) => {
+                ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, k)
+                    .verify(message, signature)
+                    .is_ok()
+            }
+        }
+    }
+}
+
+/// Checks `signature` over `message` with `key`, through the memo.
+fn verify_memoized(key: &PublicKey, message: &[u8], signature: &[u8]) -> bool {
+    let (tag, key_bytes) = key.tag_and_bytes();
     let mut h = blake3::Hasher::new();
-    h.update(&(std::ptr::from_ref(alg).cast::<()>() as usize).to_le_bytes());
-    for part in [key, message, signature] {
+    h.update(&[tag]);
+    for part in [key_bytes, message, signature] {
         h.update(&(part.len() as u64).to_le_bytes());
         h.update(part);
     }
@@ -88,9 +130,7 @@ fn verify_memoized(
     if VERIFIED.lock().set.contains(&memo_key) {
         return true;
     }
-    let ok = ring::signature::UnparsedPublicKey::new(alg, key)
-        .verify(message, signature)
-        .is_ok();
+    let ok = key.check(message, signature);
     if ok {
         VERIFIED.lock().insert(memo_key);
     }
@@ -256,8 +296,7 @@ struct Signer {
     /// The cluster id its signatures carry: BLAKE3 of the CA that issued its certificate.
     cluster: Hash,
     cert: Bytes,
-    alg: &'static dyn ring::signature::VerificationAlgorithm,
-    key: Arc<[u8]>,
+    key: PublicKey,
     until: SystemTime,
 }
 
@@ -307,18 +346,8 @@ impl Verifier {
             )));
         }
         let (alg, key, curve) = crate::tls::public_key(der).map_err(TrustError::BadCert)?;
-        let alg: &'static dyn ring::signature::VerificationAlgorithm =
-            match (alg.as_str(), curve.as_deref()) {
-                ("1.3.101.112", _) => &ring::signature::ED25519,
-                ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => {
-                    &ring::signature::ECDSA_P256_SHA256_ASN1
-                }
-                other => {
-                    return Err(TrustError::BadCert(format!(
-                        "{name}: unsupported key {other:?}"
-                    )))
-                }
-            };
+        let key = PublicKey::parse(&alg, curve.as_deref(), &key)
+            .map_err(|e| TrustError::BadCert(format!("{name}: {e}")))?;
         if self.signers.len() >= MAX_SIGNERS {
             let soonest = self
                 .signers
@@ -335,8 +364,7 @@ impl Verifier {
                 name,
                 cluster,
                 cert: Bytes::copy_from_slice(der),
-                alg,
-                key: key.into(),
+                key,
                 until,
             },
         );
@@ -362,7 +390,7 @@ impl Verifier {
             .get(&fp)
             .ok_or_else(|| TrustError::UnknownSigner(hex::encode(&fp[..8])))?;
         let message = anchor.message(&signer.cluster);
-        if !verify_memoized(signer.alg, &signer.key, &message, &seal.signature) {
+        if !verify_memoized(&signer.key, &message, &seal.signature) {
             return Err(TrustError::BadSignature(signer.name.clone()));
         }
         Ok(&signer.name)
@@ -540,6 +568,16 @@ mod tests {
         );
         assert_eq!(v.verify(&a, &s_ed), Ok("core-ed"));
         assert_eq!(v.verify(&a, &s_p), Ok("core-p"));
+        for short in [63, 0] {
+            let cut = proto::Seal {
+                signature: s_ed.signature.slice(..short),
+                ..s_ed.clone()
+            };
+            assert_eq!(
+                v.verify(&a, &cut),
+                Err(TrustError::BadSignature("core-ed".into()))
+            );
+        }
         let swapped = proto::Seal {
             signer: s_p.signer.clone(),
             ..s_ed.clone()
