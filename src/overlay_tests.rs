@@ -1011,16 +1011,21 @@ fn a_learned_peer_takes_the_place_the_trim_frees() {
     }
 }
 
-/// `is_candidate` as it was before it could answer without reading the advert.
+/// `is_candidate` as it was before it could answer without reading the advert (with the
+/// zone rule of the latency-aware choice).
 fn is_candidate_reference(o: &Overlay, p: &Peer) -> bool {
     let Some(parent) = o.parent.as_ref() else {
         return o.is_eligible(p) && o.gains(Overlay::<String>::landing(p).saturating_sub(1));
     };
-    let extra = if parent.zone_class == 0 && o.zone_class(p) != 0 {
-        o.cfg.latency_slack
-    } else {
-        0
-    };
+    // With zones, a node whose parent is in its zone leaves it for depth only when too deep.
+    if parent.zone_class == 0
+        && o.cfg.latency_slack > 0
+        && o.zone.is_some()
+        && o.zone_class(p) != 0
+        && !o.too_deep()
+    {
+        return false;
+    }
     let floor = if o.core_landing == u32::MAX {
         0
     } else {
@@ -1028,7 +1033,7 @@ fn is_candidate_reference(o: &Overlay, p: &Peer) -> bool {
     };
     let landing = Overlay::<String>::landing(p).max(floor);
     (p.free_slots > 0 || p.room > 0)
-        && o.gains(landing.saturating_sub(1).saturating_add(extra))
+        && o.gains(landing.saturating_sub(1))
         && p.addr != parent.addr
         && o.is_eligible(p)
 }
@@ -1795,4 +1800,74 @@ fn a_node_more_than_a_level_below_the_cores_room_moves_as_soon_as_it_hears_of_it
     // Refused without a referral: the core's room is not believed any more, and the node
     // waits for its timer again.
     assert!(o.poll_timeout() > 1_000, "{}", o.poll_timeout());
+}
+
+/// The place a zoned joiner picks among `cands` when the cores' room says a joiner lands at
+/// `core_landing`.
+fn zoned_pick(core_landing: u32, cands: Vec<Peer>) -> String {
+    let mut r = rng(51);
+    let mut o = relay_with(OverlayConfig {
+        choices: 4,
+        ..OverlayConfig::default()
+    })
+    .with_zone(Some("b".to_string()));
+    o.handle(0, gossip(cands), &mut r);
+    o.core_landing = core_landing;
+    match o.handle(0, Input::Tick, &mut r).as_slice() {
+        [Output::Attach { addr, .. }] => addr.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_place_in_the_zone_wins_down_to_a_level_below_the_cores_room() {
+    let cands = |b_depth: u32| vec![zoned("a1", 1, 3, "a"), zoned("b", b_depth, 2, "b")];
+    // The cores' room at depth 4: a place in the zone landing at 5 wins over one elsewhere
+    // landing at 2; one landing at 6 does not.
+    assert_eq!(zoned_pick(4, cands(4)), addr("b"));
+    assert_eq!(zoned_pick(4, cands(5)), addr("a1"));
+    // Without the cores' room, only `latency_slack` (1) is given.
+    assert_eq!(zoned_pick(u32::MAX, cands(2)), addr("b"));
+    assert_eq!(zoned_pick(u32::MAX, cands(3)), addr("a1"));
+}
+
+#[test]
+fn a_node_with_a_subtree_gets_less_depth_in_its_zone_by_its_height() {
+    let mut r = rng(52);
+    let mut o = relay_with(OverlayConfig {
+        choices: 4,
+        ..OverlayConfig::default()
+    })
+    .with_zone(Some("b".to_string()));
+    o.handle(0, child_added("kid", Some("b"), Some(report(0, 1))), &mut r);
+    o.core_landing = 4;
+    // Height 2: a place in the zone may land at 3 (its subtree then ends at 5).
+    assert_eq!(o.zone_fill(), 3);
+    o.handle(
+        0,
+        gossip(vec![zoned("a1", 1, 3, "a"), zoned("b", 3, 2, "b")]),
+        &mut r,
+    );
+    match o.handle(0, Input::Tick, &mut r).as_slice() {
+        [Output::Attach { addr: a, .. }] => assert_eq!(*a, addr("a1")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_node_whose_parent_is_in_another_zone_moves_into_its_zone_down_to_the_fill_limit() {
+    let mut r = rng(53);
+    let mut o = relay().with_zone(Some("b".to_string()));
+    let p = zoned("a1", 1, 3, "a");
+    o.handle(0, gossip(vec![p.clone()]), &mut r);
+    o.handle(0, Input::Tick, &mut r);
+    o.handle(1, attached(&p), &mut r);
+    assert_eq!(o.depth(), Some(2));
+    o.core_landing = 3;
+    // Down to a level below the cores' room (4): a place landing at 4 is taken, with the
+    // current parent kept until it accepts.
+    o.handle(2, gossip(vec![zoned("b", 3, 2, "b")]), &mut r);
+    assert_eq!(o.nearer_place().map(|p| p.addr.clone()), Some(addr("b")));
+    o.handle(2, gossip(vec![zoned("b", 4, 2, "b")]), &mut r);
+    assert_eq!(o.nearer_place(), None);
 }

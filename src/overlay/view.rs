@@ -123,9 +123,9 @@ impl<I: Id> Overlay<I> {
     /// A place a move could go: eligible, not the current parent, and landing there (down
     /// its referrals when it is full) gains enough.
     /// A full peer that did not say where its room is (a room of 0) is no place to move
-    /// to. Leaving a parent in this node's zone for one elsewhere must also gain the
-    /// `latency_slack` that moves for latency may lose, or the two kinds of move undo each
-    /// other.
+    /// to. With zones, a node whose parent is in its zone never moves to a parent
+    /// elsewhere for depth: moves for depth add no edge between zones, and moves for
+    /// latency remove one, so the two kinds never undo each other.
     pub(super) fn is_candidate(&self, p: &Peer<I>) -> bool {
         let Some(parent) = self.parent.as_ref() else {
             return self.is_eligible(p) && self.gains(Self::landing(p).saturating_sub(1));
@@ -142,14 +142,12 @@ impl<I: Id> Overlay<I> {
         if !self.gains(floor.max(1) - 1) {
             return false;
         }
-        let extra = if parent.zone_class == 0 && self.zone_class(p) != 0 {
-            self.cfg.latency_slack
-        } else {
-            0
-        };
+        if parent.zone_class == 0 && self.zoned() && self.zone_class(p) != 0 && !self.too_deep() {
+            return false;
+        }
         let landing = Self::landing(p).max(floor);
         (p.free_slots > 0 || p.room > 0)
-            && self.gains(landing.saturating_sub(1).saturating_add(extra))
+            && self.gains(landing.saturating_sub(1))
             && p.addr != parent.addr
             && self.is_eligible(p)
     }
@@ -168,12 +166,17 @@ impl<I: Id> Overlay<I> {
     /// instead: its choice sets the depth of the whole subtree, and it is rare.
     pub(super) fn choose<R: Rng>(&self, rng: &mut R) -> Option<Peer<I>> {
         let mut cands = self.known(|p| self.is_target(p));
-        if self.cfg.latency_slack > 0 && self.zone.is_some() {
-            // The d choices are drawn from the nearest zone class among the targets within
-            // the slack of the shallowest.
+        if self.zoned() {
+            // The d choices are drawn from the nearest zone class among the targets that
+            // [`Self::best`] would let win.
             let top = cands.iter().map(|(p, _)| Self::landing(p)).min()?;
-            let limit = top.saturating_add(self.cfg.latency_slack);
-            cands.retain(|(p, _)| Self::landing(p) <= limit);
+            let (near, far) = (
+                self.zone_limit(top),
+                top.saturating_add(self.cfg.latency_slack),
+            );
+            cands.retain(|(p, _)| {
+                Self::landing(p) <= if self.zone_class(p) == 0 { near } else { far }
+            });
             let class = cands.iter().map(|(p, _)| self.zone_class(p)).min()?;
             cands.retain(|(p, _)| self.zone_class(p) == class);
         }
