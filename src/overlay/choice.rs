@@ -86,14 +86,15 @@ impl<I: Id> Overlay<I> {
     }
 
     /// How deep this node may hang in its own zone rather than hang from another: a level
-    /// below the shallowest room the cores advertise (where a packed tree may put its
-    /// deepest node, so the depth bound holds), less the height of the subtree it brings.
-    /// 0 (no say) without zones or while the cores' room is unknown.
+    /// below the deepest room the cores advertised so far (`landing_high`: where a packed
+    /// tree may put its deepest node, so the depth bound holds; a slot freed for a moment
+    /// does not lower it), less the height of the subtree it brings. 0 (no say) without
+    /// zones or before the cores' room is known.
     pub(super) fn zone_fill(&self) -> u32 {
-        if !self.zoned() || self.core_landing == u32::MAX {
+        if !self.zoned() || self.landing_high == 0 {
             return 0;
         }
-        self.core_landing
+        self.landing_high
             .saturating_add(1)
             .saturating_sub(self.report().height)
     }
@@ -107,6 +108,13 @@ impl<I: Id> Overlay<I> {
         } else {
             self.cfg.subtree_min_gain
         }
+    }
+
+    /// Whether this node hangs deeper than [`Self::zone_fill`] allows a leaf: the one case
+    /// where it leaves a parent in its zone for one elsewhere.
+    pub(super) fn beyond_fill(&self) -> bool {
+        self.depth()
+            .is_some_and(|d| d > self.landing_high.saturating_add(1))
     }
 
     /// Whether this node hangs more than a level below the shallowest room the cores
@@ -136,6 +144,9 @@ impl<I: Id> Overlay<I> {
             .map(|p| Self::landing(p))
             .min()
             .unwrap_or(u32::MAX);
+        if self.core_landing != u32::MAX {
+            self.landing_high = self.landing_high.max(self.core_landing);
+        }
     }
 
     /// Whether a parent at `depth` puts this node [`Self::min_gain`] levels nearer the core.
@@ -183,13 +194,17 @@ impl<I: Id> Overlay<I> {
             return None;
         }
         let limit = self.nearer_limit();
-        let near = |p: &Peer<I>| {
-            self.is_eligible(p)
-                && p.addr != parent.addr
-                && (p.free_slots > 0 || p.room > 0)
-                && self.zone_class(p) == 0
-                && Self::landing(p) <= limit
-        };
+        let near = |p: &Peer<I>| self.is_nearer(p, &parent.addr, limit);
         self.best(&self.known(near)).map(Arc::clone)
+    }
+
+    /// Whether `p` is a place in this node's zone, not its parent (at `parent`), with room
+    /// landing no deeper than `limit`.
+    pub(super) fn is_nearer(&self, p: &Peer<I>, parent: &I, limit: u32) -> bool {
+        self.zone_class(p) == 0
+            && p.addr != *parent
+            && (p.free_slots > 0 || p.room > 0)
+            && Self::landing(p) <= limit
+            && self.is_eligible(p)
     }
 }

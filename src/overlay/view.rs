@@ -41,7 +41,10 @@ impl<I: Id> Overlay<I> {
         self.learned += 1;
         let seq = self.learned;
         // A place worth moving to: check at the next tick rather than on the timer.
-        if self.parent.is_some() && self.next_rebalance > 1 && self.is_candidate(&p) {
+        if self.parent.is_some()
+            && self.next_rebalance > 1
+            && (self.is_candidate(&p) || self.is_nearer_move(&p))
+        {
             self.next_rebalance = 1;
         }
         let at = match self.view.find(&p.addr) {
@@ -123,9 +126,10 @@ impl<I: Id> Overlay<I> {
     /// A place a move could go: eligible, not the current parent, and landing there (down
     /// its referrals when it is full) gains enough.
     /// A full peer that did not say where its room is (a room of 0) is no place to move
-    /// to. With zones, a node whose parent is in its zone never moves to a parent
-    /// elsewhere for depth: moves for depth add no edge between zones, and moves for
-    /// latency remove one, so the two kinds never undo each other.
+    /// to. With zones, a node whose parent is in its zone moves to a parent elsewhere for
+    /// depth only from below [`Self::beyond_fill`]: moves for depth then add no edge
+    /// between zones, and moves for latency remove one, so the two kinds never undo each
+    /// other.
     pub(super) fn is_candidate(&self, p: &Peer<I>) -> bool {
         let Some(parent) = self.parent.as_ref() else {
             return self.is_eligible(p) && self.gains(Self::landing(p).saturating_sub(1));
@@ -142,7 +146,8 @@ impl<I: Id> Overlay<I> {
         if !self.gains(floor.max(1) - 1) {
             return false;
         }
-        if parent.zone_class == 0 && self.zoned() && self.zone_class(p) != 0 && !self.too_deep() {
+        if parent.zone_class == 0 && self.zoned() && self.zone_class(p) != 0 && !self.beyond_fill()
+        {
             return false;
         }
         let landing = Self::landing(p).max(floor);
@@ -150,6 +155,17 @@ impl<I: Id> Overlay<I> {
             && self.gains(landing.saturating_sub(1))
             && p.addr != parent.addr
             && self.is_eligible(p)
+    }
+
+    /// Whether `p` is a place [`Self::nearer_place`] would take: this node's parent is in
+    /// another zone and `p` is in its own, within [`Self::nearer_limit`].
+    fn is_nearer_move(&self, p: &Peer<I>) -> bool {
+        match &self.parent {
+            Some(parent) if parent.zone_class == 2 && self.zoned() => {
+                self.is_nearer(p, &parent.addr, self.nearer_limit())
+            }
+            _ => false,
+        }
     }
 
     /// Peers of the view passing `keep`, with their measured RTT.
