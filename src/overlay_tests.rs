@@ -1011,16 +1011,22 @@ fn a_learned_peer_takes_the_place_the_trim_frees() {
     }
 }
 
-/// `is_candidate` as it was before it could answer without reading the advert.
+/// `is_candidate` as it was before it could answer without reading the advert (with the
+/// zone rule of the latency-aware choice).
 fn is_candidate_reference(o: &Overlay, p: &Peer) -> bool {
     let Some(parent) = o.parent.as_ref() else {
         return o.is_eligible(p) && o.gains(Overlay::<String>::landing(p).saturating_sub(1));
     };
-    let extra = if parent.zone_class == 0 && o.zone_class(p) != 0 {
-        o.cfg.latency_slack
-    } else {
-        0
-    };
+    // With zones, a node whose parent is in its zone leaves it for depth only from more
+    // than a level below the deepest room the cores advertised.
+    if parent.zone_class == 0
+        && o.cfg.latency_slack > 0
+        && o.zone.is_some()
+        && o.zone_class(p) != 0
+        && o.depth().is_some_and(|d| d <= o.landing_high + 1)
+    {
+        return false;
+    }
     let floor = if o.core_landing == u32::MAX {
         0
     } else {
@@ -1028,7 +1034,7 @@ fn is_candidate_reference(o: &Overlay, p: &Peer) -> bool {
     };
     let landing = Overlay::<String>::landing(p).max(floor);
     (p.free_slots > 0 || p.room > 0)
-        && o.gains(landing.saturating_sub(1).saturating_add(extra))
+        && o.gains(landing.saturating_sub(1))
         && p.addr != parent.addr
         && o.is_eligible(p)
 }
@@ -1050,6 +1056,7 @@ fn is_candidate_answers_as_before_at_every_depth_and_core_landing() {
                     zone_class,
                 });
                 o.core_landing = landing;
+                o.landing_high = if landing == u32::MAX { 0 } else { landing };
                 if children {
                     o.children.insert(
                         "kid".to_string(),
@@ -1795,4 +1802,140 @@ fn a_node_more_than_a_level_below_the_cores_room_moves_as_soon_as_it_hears_of_it
     // Refused without a referral: the core's room is not believed any more, and the node
     // waits for its timer again.
     assert!(o.poll_timeout() > 1_000, "{}", o.poll_timeout());
+}
+
+/// The place a zoned joiner picks among `cands` when the cores' room says a joiner lands at
+/// `core_landing`.
+fn zoned_pick(core_landing: u32, cands: Vec<Peer>) -> String {
+    let mut r = rng(51);
+    let mut o = relay_with(OverlayConfig {
+        choices: 4,
+        ..OverlayConfig::default()
+    })
+    .with_zone(Some("b".to_string()));
+    o.handle(0, gossip(cands), &mut r);
+    o.core_landing = core_landing;
+    o.landing_high = if core_landing == u32::MAX {
+        0
+    } else {
+        core_landing
+    };
+    match o.handle(0, Input::Tick, &mut r).as_slice() {
+        [Output::Attach { addr, .. }] => addr.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_place_in_the_zone_wins_down_to_a_level_below_the_cores_room() {
+    let cands = |b_depth: u32| vec![zoned("a1", 1, 3, "a"), zoned("b", b_depth, 2, "b")];
+    // The cores' room at depth 4: a place in the zone landing at 5 wins over one elsewhere
+    // landing at 2; one landing at 6 does not.
+    assert_eq!(zoned_pick(4, cands(4)), addr("b"));
+    assert_eq!(zoned_pick(4, cands(5)), addr("a1"));
+    // Without the cores' room, only `latency_slack` (1) is given.
+    assert_eq!(zoned_pick(u32::MAX, cands(2)), addr("b"));
+    assert_eq!(zoned_pick(u32::MAX, cands(3)), addr("a1"));
+}
+
+#[test]
+fn a_node_with_a_subtree_gets_less_depth_in_its_zone_by_its_height() {
+    let mut r = rng(52);
+    let mut o = relay_with(OverlayConfig {
+        choices: 4,
+        ..OverlayConfig::default()
+    })
+    .with_zone(Some("b".to_string()));
+    o.handle(0, child_added("kid", Some("b"), Some(report(0, 1))), &mut r);
+    (o.core_landing, o.landing_high) = (4, 4);
+    // Height 2: a place in the zone may land at 3 (its subtree then ends at 5).
+    assert_eq!(o.zone_fill(), 3);
+    o.handle(
+        0,
+        gossip(vec![zoned("a1", 1, 3, "a"), zoned("b", 3, 2, "b")]),
+        &mut r,
+    );
+    match o.handle(0, Input::Tick, &mut r).as_slice() {
+        [Output::Attach { addr: a, .. }] => assert_eq!(*a, addr("a1")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_node_whose_parent_is_in_another_zone_moves_into_its_zone_down_to_the_fill_limit() {
+    let mut r = rng(53);
+    let mut o = relay().with_zone(Some("b".to_string()));
+    let p = zoned("a1", 1, 3, "a");
+    o.handle(0, gossip(vec![p.clone()]), &mut r);
+    o.handle(0, Input::Tick, &mut r);
+    o.handle(1, attached(&p), &mut r);
+    assert_eq!(o.depth(), Some(2));
+    (o.core_landing, o.landing_high) = (3, 3);
+    // Down to a level below the cores' room (4): a place landing at 4 is taken, with the
+    // current parent kept until it accepts.
+    o.handle(2, gossip(vec![zoned("b", 3, 2, "b")]), &mut r);
+    assert_eq!(o.nearer_place().map(|p| p.addr.clone()), Some(addr("b")));
+    o.handle(2, gossip(vec![zoned("b", 4, 2, "b")]), &mut r);
+    assert_eq!(o.nearer_place(), None);
+}
+
+#[test]
+fn a_node_across_zones_checks_at_once_on_hearing_of_a_place_in_its_zone() {
+    let mut r = rng(54);
+    let mut o = relay().with_zone(Some("b".to_string()));
+    let p = zoned("a1", 1, 3, "a");
+    o.handle(0, gossip(vec![p.clone()]), &mut r);
+    o.handle(0, Input::Tick, &mut r);
+    o.handle(1, attached(&p), &mut r);
+    o.handle(2_000, Input::Tick, &mut r);
+    assert!(o.poll_timeout() > 2_001, "{}", o.poll_timeout());
+    (o.core_landing, o.landing_high) = (3, 3);
+    // A place in its zone two levels deeper than the old parent (within a level below the
+    // cores' room): checked at the next tick, and taken make-before-break.
+    o.handle(2_001, gossip(vec![zoned("b", 3, 2, "b")]), &mut r);
+    assert!(o.poll_timeout() <= 2_001, "{}", o.poll_timeout());
+    let out = o.handle(2_001, Input::Tick, &mut r);
+    let attaches: Vec<&Output> = out
+        .iter()
+        .filter(|o| matches!(o, Output::Attach { .. }))
+        .collect();
+    assert_eq!(
+        attaches,
+        vec![&Output::Attach {
+            addr: addr("b"),
+            moving: true,
+            reason: Reason::Rebalance,
+            report: LEAF
+        }]
+    );
+    // The new parent answers from where the view said: the move is kept.
+    let path: Vec<String> = ["core", "b-up1", "b-up2", "b"].map(String::from).to_vec();
+    assert!(o.keeps_move(3, &path));
+}
+
+#[test]
+fn the_zone_fill_follows_the_deepest_room_the_cores_advertised() {
+    let mut r = rng(55);
+    let mut o = relay().with_zone(Some("b".to_string()));
+    assert_eq!(o.zone_fill(), 0, "unknown before the cores speak");
+    let core = |free_slots, room| {
+        Peer::new(PeerInfo {
+            room,
+            zone: Some("a".to_string()),
+            ..(*core_info(free_slots)).clone()
+        })
+    };
+    o.handle(0, sampled(core(0, 3), vec![]), &mut r);
+    assert_eq!((o.core_landing, o.zone_fill()), (4, 5));
+    // A slot freed at the core for a moment lowers where joiners land, not the fill.
+    o.handle(1, sampled(core(1, 0), vec![]), &mut r);
+    assert_eq!((o.core_landing, o.zone_fill()), (1, 5));
+    // Without a zone, or with latency_slack 0, zones have no say.
+    let mut plain = relay_with(OverlayConfig {
+        latency_slack: 0,
+        ..OverlayConfig::default()
+    })
+    .with_zone(Some("b".to_string()));
+    plain.handle(0, sampled(core(0, 3), vec![]), &mut r);
+    assert_eq!(plain.zone_fill(), 0);
 }

@@ -45,14 +45,18 @@ impl<I: Id> Overlay<I> {
     }
 
     /// The best place among `cands`: the shallowest landing, except that one in this
-    /// node's zone within `latency_slack` levels of it wins over one elsewhere; then the
-    /// lower RTT, free before full, more free slots, the lower address.
+    /// node's zone wins over one elsewhere while it lands no deeper than
+    /// [`Self::zone_limit`]; then the lower RTT, free before full, more free slots, the
+    /// lower address.
     pub(super) fn best<'a>(&self, cands: &[(&'a Peer<I>, Option<u64>)]) -> Option<&'a Peer<I>> {
         let top = cands.iter().map(|(p, _)| Self::landing(p)).min()?;
-        let slack = top.saturating_add(self.cfg.latency_slack);
+        let (near, far) = (
+            self.zone_limit(top),
+            top.saturating_add(self.cfg.latency_slack),
+        );
         cands
             .iter()
-            .filter(|(p, _)| Self::landing(p) <= slack)
+            .filter(|(p, _)| Self::landing(p) <= if self.zone_class(p) == 0 { near } else { far })
             .min_by_key(|(p, rtt)| {
                 let (zone, rtt) = self.nearness(p, *rtt);
                 (
@@ -67,6 +71,34 @@ impl<I: Id> Overlay<I> {
             .map(|(p, _)| *p)
     }
 
+    /// Whether zones order candidates at all: this node has one and `latency_slack` is
+    /// above 0.
+    pub(super) fn zoned(&self) -> bool {
+        self.cfg.latency_slack > 0 && self.zone.is_some()
+    }
+
+    /// The deepest landing a place in this node's zone may have and still win, `top`
+    /// being the shallowest landing on offer: `latency_slack` levels below `top`, or
+    /// [`Self::zone_fill`] where that is deeper.
+    pub(super) fn zone_limit(&self, top: u32) -> u32 {
+        top.saturating_add(self.cfg.latency_slack)
+            .max(self.zone_fill())
+    }
+
+    /// How deep this node may hang in its own zone rather than hang from another: a level
+    /// below the deepest room the cores advertised so far (`landing_high`: where a packed
+    /// tree may put its deepest node, so the depth bound holds; a slot freed for a moment
+    /// does not lower it), less the height of the subtree it brings. 0 (no say) without
+    /// zones or before the cores' room is known.
+    pub(super) fn zone_fill(&self) -> u32 {
+        if !self.zoned() || self.landing_high == 0 {
+            return 0;
+        }
+        self.landing_high
+            .saturating_add(1)
+            .saturating_sub(self.report().height)
+    }
+
     /// Levels a move must gain: `subtree_min_gain` when this node brings a subtree along,
     /// or when it hangs more than a level below the shallowest room the cores advertise
     /// (where a packed tree would have it); else `rebalance_min_gain`.
@@ -76,6 +108,13 @@ impl<I: Id> Overlay<I> {
         } else {
             self.cfg.subtree_min_gain
         }
+    }
+
+    /// Whether this node hangs deeper than [`Self::zone_fill`] allows a leaf: the one case
+    /// where it leaves a parent in its zone for one elsewhere.
+    pub(super) fn beyond_fill(&self) -> bool {
+        self.depth()
+            .is_some_and(|d| d > self.landing_high.saturating_add(1))
     }
 
     /// Whether this node hangs more than a level below the shallowest room the cores
@@ -105,6 +144,9 @@ impl<I: Id> Overlay<I> {
             .map(|p| Self::landing(p))
             .min()
             .unwrap_or(u32::MAX);
+        if self.core_landing != u32::MAX {
+            self.landing_high = self.landing_high.max(self.core_landing);
+        }
     }
 
     /// Whether a parent at `depth` puts this node [`Self::min_gain`] levels nearer the core.
@@ -115,9 +157,16 @@ impl<I: Id> Overlay<I> {
     }
 
     /// Whether a move to a parent at `depth` is worth it: it gains enough, or, for a move
-    /// for latency (`nearer`), it costs no depth.
+    /// into this node's zone (`nearer`), it lands no deeper than [`Self::nearer_limit`].
     pub(super) fn move_ok(&self, depth: u32, nearer: bool) -> bool {
-        self.gains(depth) || (nearer && self.depth().is_some_and(|mine| depth < mine))
+        self.gains(depth) || (nearer && depth < self.nearer_limit())
+    }
+
+    /// The deepest landing a move into this node's zone may have: no deeper than now, or
+    /// as deep as [`Self::zone_fill`]. Such a move turns an edge between zones into one
+    /// inside a zone and adds none, so moves for latency end.
+    pub(super) fn nearer_limit(&self) -> u32 {
+        self.depth().map_or(0, |mine| mine.max(self.zone_fill()))
     }
 
     /// Whether this node keeps a move to a parent that answered with `depth` and `root_path`:
@@ -134,23 +183,28 @@ impl<I: Id> Overlay<I> {
         self.nearness(p, None).0
     }
 
-    /// For a node whose parent is in another zone, with `latency_slack` above 0: the best
-    /// place in its own zone that costs no depth.
+    /// For a node whose parent is in another zone, with zones on: the best place in its
+    /// own zone within [`Self::nearer_limit`].
     pub(super) fn nearer_place(&self) -> Option<Peer<I>> {
-        if self.cfg.latency_slack == 0 || self.zone.is_none() {
+        if !self.zoned() {
             return None;
         }
         let parent = self.parent.as_ref()?;
         if parent.zone_class != 2 {
             return None;
         }
-        let limit = self.depth()?;
-        let near = |p: &Peer<I>| {
-            self.is_eligible(p)
-                && p.addr != parent.addr
-                && self.zone_class(p) == 0
-                && Self::landing(p) <= limit
-        };
+        let limit = self.nearer_limit();
+        let near = |p: &Peer<I>| self.is_nearer(p, &parent.addr, limit);
         self.best(&self.known(near)).map(Arc::clone)
+    }
+
+    /// Whether `p` is a place in this node's zone, not its parent (at `parent`), with room
+    /// landing no deeper than `limit`.
+    pub(super) fn is_nearer(&self, p: &Peer<I>, parent: &I, limit: u32) -> bool {
+        self.zone_class(p) == 0
+            && p.addr != *parent
+            && (p.free_slots > 0 || p.room > 0)
+            && Self::landing(p) <= limit
+            && self.is_eligible(p)
     }
 }

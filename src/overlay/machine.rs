@@ -187,7 +187,7 @@ impl<I: Id> Overlay<I> {
                     } else if now >= self.next_rebalance {
                         self.next_rebalance = now + self.jitter(rng);
                         // The shuffles keep the view fresh: a check reads it, sending nothing.
-                        let nearer = self.cfg.latency_slack > 0 && self.zone.is_some();
+                        let nearer = self.zoned();
                         if nearer || self.depth().unwrap_or(0) > self.min_gain() {
                             out.extend(self.finish_probe(now, true, rng));
                         }

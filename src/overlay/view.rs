@@ -41,7 +41,10 @@ impl<I: Id> Overlay<I> {
         self.learned += 1;
         let seq = self.learned;
         // A place worth moving to: check at the next tick rather than on the timer.
-        if self.parent.is_some() && self.next_rebalance > 1 && self.is_candidate(&p) {
+        if self.parent.is_some()
+            && self.next_rebalance > 1
+            && (self.is_candidate(&p) || self.is_nearer_move(&p))
+        {
             self.next_rebalance = 1;
         }
         let at = match self.view.find(&p.addr) {
@@ -123,8 +126,9 @@ impl<I: Id> Overlay<I> {
     /// A place a move could go: eligible, not the current parent, and landing there (down
     /// its referrals when it is full) gains enough.
     /// A full peer that did not say where its room is (a room of 0) is no place to move
-    /// to. Leaving a parent in this node's zone for one elsewhere must also gain the
-    /// `latency_slack` that moves for latency may lose, or the two kinds of move undo each
+    /// to. With zones, a node whose parent is in its zone moves to a parent elsewhere for
+    /// depth only from below [`Self::beyond_fill`]: moves for depth then add no edge
+    /// between zones, and moves for latency remove one, so the two kinds never undo each
     /// other.
     pub(super) fn is_candidate(&self, p: &Peer<I>) -> bool {
         let Some(parent) = self.parent.as_ref() else {
@@ -142,16 +146,26 @@ impl<I: Id> Overlay<I> {
         if !self.gains(floor.max(1) - 1) {
             return false;
         }
-        let extra = if parent.zone_class == 0 && self.zone_class(p) != 0 {
-            self.cfg.latency_slack
-        } else {
-            0
-        };
+        if parent.zone_class == 0 && self.zoned() && self.zone_class(p) != 0 && !self.beyond_fill()
+        {
+            return false;
+        }
         let landing = Self::landing(p).max(floor);
         (p.free_slots > 0 || p.room > 0)
-            && self.gains(landing.saturating_sub(1).saturating_add(extra))
+            && self.gains(landing.saturating_sub(1))
             && p.addr != parent.addr
             && self.is_eligible(p)
+    }
+
+    /// Whether `p` is a place [`Self::nearer_place`] would take: this node's parent is in
+    /// another zone and `p` is in its own, within [`Self::nearer_limit`].
+    fn is_nearer_move(&self, p: &Peer<I>) -> bool {
+        match &self.parent {
+            Some(parent) if parent.zone_class == 2 && self.zoned() => {
+                self.is_nearer(p, &parent.addr, self.nearer_limit())
+            }
+            _ => false,
+        }
     }
 
     /// Peers of the view passing `keep`, with their measured RTT.
@@ -168,12 +182,17 @@ impl<I: Id> Overlay<I> {
     /// instead: its choice sets the depth of the whole subtree, and it is rare.
     pub(super) fn choose<R: Rng>(&self, rng: &mut R) -> Option<Peer<I>> {
         let mut cands = self.known(|p| self.is_target(p));
-        if self.cfg.latency_slack > 0 && self.zone.is_some() {
-            // The d choices are drawn from the nearest zone class among the targets within
-            // the slack of the shallowest.
+        if self.zoned() {
+            // The d choices are drawn from the nearest zone class among the targets that
+            // [`Self::best`] would let win.
             let top = cands.iter().map(|(p, _)| Self::landing(p)).min()?;
-            let limit = top.saturating_add(self.cfg.latency_slack);
-            cands.retain(|(p, _)| Self::landing(p) <= limit);
+            let (near, far) = (
+                self.zone_limit(top),
+                top.saturating_add(self.cfg.latency_slack),
+            );
+            cands.retain(|(p, _)| {
+                Self::landing(p) <= if self.zone_class(p) == 0 { near } else { far }
+            });
             let class = cands.iter().map(|(p, _)| self.zone_class(p)).min()?;
             cands.retain(|(p, _)| self.zone_class(p) == class);
         }
