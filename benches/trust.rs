@@ -1,6 +1,6 @@
 //! What core signatures cost: a core seals one anchor per entry it produces (one commit
 //! batch); every other node verifies one seal per entry it shows, plus the digest of the
-//! entry frame. `cargo bench --bench trust` (criterion).
+//! entry frame, for each kind of core key. `cargo bench --bench trust` (criterion).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -9,11 +9,11 @@ use canopy::tls::{self, Identity, Role};
 use canopy::trust::{entry_digest, Anchor, Sealer, Verifier};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
-fn identities() -> (tempfile::TempDir, Identity, Identity) {
+fn identities(alg: tls::KeyAlg) -> (tempfile::TempDir, Identity, Identity) {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
     tls::ca_init(&ca).unwrap();
-    tls::cert_issue(&ca, "core", Role::Core, dir.path()).unwrap();
+    tls::cert_issue_with(&ca, "core", Role::Core, dir.path(), tls::NODE_VALIDITY, alg).unwrap();
     tls::cert_issue(&ca, "relay", Role::Relay, dir.path()).unwrap();
     let core = Identity::load(dir.path(), "core").unwrap();
     let relay = Identity::load(dir.path(), "relay").unwrap();
@@ -21,7 +21,13 @@ fn identities() -> (tempfile::TempDir, Identity, Identity) {
 }
 
 fn bench(c: &mut Criterion) {
-    let (_dir, core, relay) = identities();
+    for alg in [tls::KeyAlg::Ed25519, tls::KeyAlg::P256] {
+        bench_alg(c, alg);
+    }
+}
+
+fn bench_alg(c: &mut Criterion, alg: tls::KeyAlg) {
+    let (_dir, core, relay) = identities(alg);
     let sealer = Sealer::new(&core).unwrap();
     let mut verifier = Verifier::new(Arc::new(relay));
     verifier.learn(sealer.cert(), SystemTime::now()).unwrap();
@@ -36,7 +42,7 @@ fn bench(c: &mut Criterion) {
         entry: Some(entry_digest(&frame)),
     };
     let seal = sealer.seal(&anchor).unwrap();
-    c.bench_function("core: seal one entry (ECDSA P-256)", |b| {
+    c.bench_function(&format!("core: seal one entry ({alg})"), |b| {
         b.iter(|| sealer.seal(black_box(&anchor)).unwrap())
     });
     // Distinct seals, more than the process-wide memo of checks holds, so every check below
@@ -52,7 +58,7 @@ fn bench(c: &mut Criterion) {
         })
         .collect();
     let mut i = 0;
-    c.bench_function("relay: verify one seal (digest + ECDSA P-256)", |b| {
+    c.bench_function(&format!("relay: verify one seal (digest + {alg})"), |b| {
         b.iter(|| {
             let (a, s) = &many[i % many.len()];
             i += 1;
@@ -65,7 +71,7 @@ fn bench(c: &mut Criterion) {
     });
     verifier.verify(&anchor, &seal).unwrap();
     c.bench_function(
-        "relay: verify a seal another node of the process checked (memo)",
+        &format!("relay: verify a seal another node of the process checked (memo, {alg})"),
         |b| {
             b.iter(|| {
                 let a = Anchor {

@@ -285,6 +285,7 @@ impl StreamConfig {
             stream_window: self.stream_window_bytes,
             conn_window: (self.stream_window_bytes * 4).max(8 * 1024 * 1024),
             max_concurrent_bidi: LimitsConfig::default().streams_per_connection,
+            immediate_ack: true,
         }
     }
 }

@@ -182,6 +182,9 @@ pub enum CaCmd {
     Init {
         #[arg(long)]
         out: PathBuf,
+        /// The CA key's kind: ed25519 or p256.
+        #[arg(long, default_value = "ed25519")]
+        key: crate::tls::KeyAlg,
     },
 }
 
@@ -202,6 +205,10 @@ pub enum CertCmd {
         /// expired, for tests).
         #[arg(long)]
         days: Option<u64>,
+        /// The node key's kind: ed25519 (default: cheapest for relays to verify a core's
+        /// seals with) or p256 (where policy requires a NIST curve).
+        #[arg(long, default_value = "ed25519")]
+        key: crate::tls::KeyAlg,
     },
 }
 

@@ -508,6 +508,48 @@ mod tests {
         ));
     }
 
+    /// Seals by an Ed25519 core and a P-256 core of one cluster both verify, each says its
+    /// scheme, and neither's signature passes for the other's.
+    #[test]
+    fn ed25519_and_p256_signers_both_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        tls::ca_init_with(&ca, tls::KeyAlg::P256).unwrap();
+        let valid = tls::NODE_VALIDITY;
+        for (n, r, alg) in [
+            ("core-ed", Role::Core, tls::KeyAlg::Ed25519),
+            ("core-p", Role::Core, tls::KeyAlg::P256),
+            ("relay-a", Role::Relay, tls::KeyAlg::Ed25519),
+        ] {
+            tls::cert_issue_with(&ca, n, r, dir.path(), valid, alg).unwrap();
+        }
+        let load = |n| Identity::load(dir.path(), n).unwrap();
+        let ed = Sealer::new(&load("core-ed")).unwrap();
+        let p = Sealer::new(&load("core-p")).unwrap();
+        let now = SystemTime::now();
+        let mut v = Verifier::new(Arc::new(load("relay-a")));
+        v.learn(ed.cert(), now).unwrap();
+        v.learn(p.cert(), now).unwrap();
+        let a = anchor(Some([1; 32]));
+        let (s_ed, s_p) = (ed.seal(&a).unwrap(), p.seal(&a).unwrap());
+        assert_eq!(s_ed.scheme, u32::from(u16::from(SignatureScheme::ED25519)));
+        assert_eq!(s_ed.signature.len(), 64);
+        assert_eq!(
+            s_p.scheme,
+            u32::from(u16::from(SignatureScheme::ECDSA_NISTP256_SHA256))
+        );
+        assert_eq!(v.verify(&a, &s_ed), Ok("core-ed"));
+        assert_eq!(v.verify(&a, &s_p), Ok("core-p"));
+        let swapped = proto::Seal {
+            signer: s_p.signer.clone(),
+            ..s_ed.clone()
+        };
+        assert_eq!(
+            v.verify(&a, &swapped),
+            Err(TrustError::BadSignature("core-p".into()))
+        );
+    }
+
     #[test]
     fn expired_signers_are_refused_and_forgotten() {
         let dir = tempfile::tempdir().unwrap();

@@ -59,6 +59,9 @@ struct Args {
     /// Seed of the file and the writes.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The core's key kind (whose seal the relay verifies on every entry): ed25519 or p256.
+    #[arg(long, default_value = "ed25519")]
+    key: tls::KeyAlg,
 }
 
 /// What the path did.
@@ -137,8 +140,15 @@ fn main() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let ca = dir.path().join("ca");
-    tls::ca_init(&ca)?;
-    tls::cert_issue(&ca, "core-0", Role::Core, dir.path())?;
+    tls::ca_init_with(&ca, args.key)?;
+    tls::cert_issue_with(
+        &ca,
+        "core-0",
+        Role::Core,
+        dir.path(),
+        tls::NODE_VALIDITY,
+        args.key,
+    )?;
     tls::cert_issue(&ca, "relay-0", Role::Relay, dir.path())?;
     let core_id = Arc::new(Identity::load(dir.path(), "core-0")?);
     let relay_id = Arc::new(Identity::load(dir.path(), "relay-0")?);
@@ -260,6 +270,7 @@ fn main() -> anyhow::Result<()> {
             "write_bytes": args.write_bytes,
             "fanout": args.fanout,
             "seed": args.seed,
+            "key": args.key.as_str(),
             "chunk_size": cfg.chunk_size,
             "checkpoint_every": cfg.checkpoint_every,
             "input_frames": d.frames,

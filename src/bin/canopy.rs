@@ -245,9 +245,9 @@ async fn run(cli: Cli, api_defaulted: bool) -> Result<u8> {
     let json_out = cli.json;
     match cli.cmd {
         Cmd::Ca {
-            cmd: CaCmd::Init { out },
+            cmd: CaCmd::Init { out, key },
         } => {
-            canopy::tls::ca_init(&out).map_err(|e| tls_error(&e))?;
+            canopy::tls::ca_init_with(&out, key).map_err(|e| tls_error(&e))?;
             if json_out {
                 print_json(
                     &json!({"ca_cert": out.join("ca.pem"), "ca_key": out.join("ca.key")}),
@@ -265,18 +265,13 @@ async fn run(cli: Cli, api_defaulted: bool) -> Result<u8> {
                     role,
                     out,
                     days,
+                    key,
                 },
         } => {
-            let issued = match days {
-                Some(d) => canopy::tls::cert_issue_valid(
-                    &ca,
-                    &name,
-                    role,
-                    &out,
-                    Duration::from_secs(d.saturating_mul(86400)),
-                ),
-                None => canopy::tls::cert_issue(&ca, &name, role, &out),
-            };
+            let validity = days.map_or(canopy::tls::NODE_VALIDITY, |d| {
+                Duration::from_secs(d.saturating_mul(86400))
+            });
+            let issued = canopy::tls::cert_issue_with(&ca, &name, role, &out, validity, key);
             issued.map_err(|e| tls_error(&e))?;
             if json_out {
                 print_json(
