@@ -48,6 +48,23 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn file(&self) -> ChunkedFile;
     /// `(version shown, its commit time in µs)`, updated as versions arrive.
     fn versions(&self) -> watch::Receiver<(u64, u64)>;
+    /// The version shown, as one line of a streamed watch reports it. Called on every new
+    /// version of every streamed watch, so a backend should answer it without building a
+    /// whole [`Status`] (the default does).
+    fn shown(&self) -> Shown {
+        let s = self.status();
+        Shown {
+            version: s.version,
+            root: s.root,
+            commit_version: s.commit_version,
+            file_version: s.file_version,
+        }
+    }
+    /// Changes of the version the materialized `--file` holds (`None`: the backend keeps no
+    /// file), so that a streamed watch also reports when the file catches up.
+    fn file_versions(&self) -> Option<watch::Receiver<Option<(u64, crate::file::Hash)>>> {
+        None
+    }
     /// The largest write body accepted (`stream.max_update_bytes`).
     fn max_update_bytes(&self) -> u64;
     /// The largest file (`stream.max_len`): a write that would make it longer is refused
@@ -340,6 +357,82 @@ async fn metrics() -> Response {
 struct WatchQuery {
     after: Option<u64>,
     timeout: Option<f64>,
+    #[serde(default)]
+    stream: bool,
+}
+
+/// One line of a streamed watch (`GET /v1/watch?stream=true`, `application/x-ndjson`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Shown {
+    /// The version this node shows.
+    pub version: u64,
+    /// The file's root at that version (hex).
+    pub root: String,
+    /// The newest version this node knows is committed.
+    pub commit_version: u64,
+    /// The version the materialized `--file` holds (absent without `--file`).
+    pub file_version: Option<u64>,
+}
+
+/// A streamed watch: a line whenever the version shown or the file's version changes (a
+/// burst of versions may come as one line, for the newest), the first as soon as the
+/// version is above `after`, and the current state again after `period` without a line,
+/// so a client can tell a quiet node from a dead connection. Holds its watch slot for as
+/// long as the client reads.
+fn watch_stream<B: Backend>(
+    node: B,
+    after: u64,
+    period: Duration,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> Body {
+    struct St<B> {
+        node: B,
+        rx: watch::Receiver<(u64, u64)>,
+        files: Option<watch::Receiver<Option<(u64, crate::file::Hash)>>>,
+        sent: Option<(u64, Option<u64>)>,
+        after: u64,
+        period: Duration,
+        _slot: tokio::sync::OwnedSemaphorePermit,
+    }
+    let st = St {
+        rx: node.versions(),
+        files: node.file_versions(),
+        node,
+        sent: None,
+        after,
+        period,
+        _slot: slot,
+    };
+    let lines = futures::stream::unfold(st, |mut st| async move {
+        let quiet = tokio::time::Instant::now() + st.period;
+        loop {
+            st.rx.borrow_and_update();
+            if let Some(f) = st.files.as_mut() {
+                f.borrow_and_update();
+            }
+            let now = st.node.shown();
+            let key = (now.version, now.file_version);
+            let due = tokio::time::Instant::now() >= quiet;
+            if (now.version > st.after && st.sent != Some(key)) || due {
+                st.sent = Some(key);
+                let mut line = serde_json::to_vec(&now).unwrap_or_default();
+                line.push(b'\n');
+                return Some((Ok::<_, std::convert::Infallible>(Bytes::from(line)), st));
+            }
+            let files = async {
+                match st.files.as_mut() {
+                    Some(f) => f.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = st.rx.changed() => if r.is_err() { return None },
+                ok = files => if !ok { return None },
+                _ = tokio::time::sleep_until(quiet) => {}
+            }
+        }
+    });
+    Body::from_stream(lines)
 }
 
 async fn watch<B: Backend>(
@@ -370,6 +463,23 @@ async fn watch<B: Backend>(
             ),
         ));
     };
+    if q.stream {
+        if timeout.is_zero() {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                "a streamed watch needs a timeout above 0 (the longest quiet time between two lines)".into(),
+            ));
+        }
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "application/x-ndjson"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            watch_stream(node, after, timeout, _slot),
+        )
+            .into_response());
+    }
     let mut rx = node.versions();
     let _ = tokio::time::timeout(timeout, rx.wait_for(|(v, _)| *v > after)).await;
     Ok(Json(node.status()).into_response())
@@ -826,6 +936,99 @@ mod tests {
         assert_eq!(s["version"], 1);
         assert_eq!(s["length"], 3);
         assert_eq!(s["depth"], serde_json::Value::Null);
+    }
+
+    /// Reads the next line of a streamed watch, within 10 s.
+    async fn next_line(r: &mut reqwest::Response, buf: &mut Vec<u8>) -> Shown {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    return serde_json::from_slice(&line).unwrap();
+                }
+                let chunk = r.chunk().await.unwrap().expect("the stream goes on");
+                buf.extend_from_slice(&chunk);
+            }
+        })
+        .await
+        .expect("a line within 10 s")
+    }
+
+    /// A streamed watch sends a line per new version (the newest of a burst at least), the
+    /// state again after a quiet period, holds its watch slot until the client goes, and
+    /// refuses a zero period.
+    #[tokio::test]
+    async fn a_streamed_watch_sends_each_new_version_and_keeps_its_slot() {
+        let fake = Fake::new();
+        let url = serve(fake.clone()).await;
+        let c = reqwest::Client::new();
+        let truncate = |len| {
+            let fake = fake.clone();
+            async move {
+                let update = Update {
+                    ops: vec![Op::Truncate { len }],
+                };
+                fake.write(update, None).await.unwrap()
+            }
+        };
+        truncate(1).await;
+        let mut r = c
+            .get(format!("{url}/v1/watch?after=0&stream=true&timeout=0.5"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/x-ndjson");
+        let mut buf = Vec::new();
+        let first = next_line(&mut r, &mut buf).await;
+        assert_eq!(first.version, 1, "the version above after= at once");
+        assert_eq!(first.root, fake.status().root);
+        assert_eq!(first.file_version, None);
+        for len in 2..=4 {
+            truncate(len).await;
+        }
+        let mut seen = vec![first.version];
+        while *seen.last().unwrap() < 4 {
+            let l = next_line(&mut r, &mut buf).await;
+            assert!(l.version > *seen.last().unwrap(), "{seen:?} then {l:?}");
+            seen.push(l.version);
+        }
+        let again = next_line(&mut r, &mut buf).await;
+        assert_eq!(again.version, 4, "the state again after a quiet period");
+
+        let refused = c
+            .get(format!("{url}/v1/watch?after=9&timeout=0"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            refused.status(),
+            503,
+            "the stream holds the only watch slot"
+        );
+        drop(r);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = c
+                .get(format!("{url}/v1/watch?after=9&timeout=0"))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the slot is freed once the client goes"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let zero = c
+            .get(format!("{url}/v1/watch?stream=true&timeout=0"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(zero.status(), 400);
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
 //! `canopy watch --exec` against real core and relay processes: bursts, failures, a relay
-//! restart and SIGTERM.
+//! restart and SIGTERM; and a relay's streamed `/v1/watch`.
 
 mod common;
 
@@ -334,4 +334,76 @@ async fn sigterm_waits_for_the_running_command_and_passes_its_status() {
         .success();
     assert!(ok);
     assert_eq!(w.exit_code(60).await, 0, "{}", w.log_text());
+}
+
+/// A relay's streamed watch reports every write's version, in order, then its `--file`
+/// catching up, with the relay's root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relays_streamed_watch_reports_versions_and_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    pki.issue("r1", "relay");
+    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    let c = http();
+    wait_leader(&c, &core).await;
+    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let v0 = patch(&c, &core, 0, &[5u8; 200_000]).await;
+    wait_materialized(&c, &r1, v0).await;
+
+    let mut stream = c
+        .get(r1.url(&format!("/v1/watch?after={v0}&stream=true&timeout=30")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut last = v0;
+    for i in 0..10u64 {
+        last = patch(&c, &core, i * 1000, format!("w{i}").as_bytes()).await;
+    }
+    let mut buf = Vec::new();
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let l: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            let done = l["version"] == last && l["file_version"] == last;
+            lines.push(l);
+            if done {
+                break;
+            }
+            continue;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line with the file at {last}: {lines:?}"
+        );
+        let chunk = tokio::time::timeout(Duration::from_secs(60), stream.chunk())
+            .await
+            .expect("a line within 60 s")
+            .unwrap()
+            .expect("the stream goes on");
+        buf.extend_from_slice(&chunk);
+    }
+    let key = |l: &serde_json::Value| {
+        (
+            l["version"].as_u64().unwrap(),
+            l["file_version"].as_u64().unwrap_or(0),
+        )
+    };
+    for pair in lines.windows(2) {
+        let (a, b) = (key(&pair[0]), key(&pair[1]));
+        assert!(
+            a != b && b.0 >= a.0 && b.1 >= a.1,
+            "lines go forward: {lines:?}"
+        );
+    }
+    assert!(
+        key(&lines[0]).0 > v0,
+        "the first line is above after=: {lines:?}"
+    );
+    let (_, root_hex) = version_root(&c, &r1).await.unwrap();
+    assert_eq!(lines.last().unwrap()["root"], root_hex.as_str());
 }

@@ -107,6 +107,11 @@ struct Args {
     /// Like --endpoints, one host:port a line.
     #[arg(long)]
     endpoints_file: Option<std::path::PathBuf>,
+    /// canopy-api: how each subscriber watches its relay: one streamed watch
+    /// (`/v1/watch?stream=true`, a line per version) or long polls (`/v1/watch?after=V`, a
+    /// request and a whole status per version).
+    #[arg(long, value_enum, default_value = "stream")]
+    canopy_watch: CanopyWatch,
     /// Processes (one pid a line: Redis replicas, relay-node processes) whose summed CPU is
     /// `replicas_cpu_s` and whose disk writes are `replicas_disk_write_bytes`.
     #[arg(long)]
@@ -555,15 +560,55 @@ async fn canopy_relay(
 
 /// Long-polls one relay process's `/v1/watch`: once it shows `v0`, records every version it
 /// answers with as (version, time).
+/// How a canopy-api subscriber watches its relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CanopyWatch {
+    Stream,
+    Poll,
+}
+
 async fn canopy_api_watcher(
     http: reqwest::Client,
     url: String,
     v0: u64,
     shared: Arc<Shared>,
     me: usize,
+    mode: CanopyWatch,
 ) -> anyhow::Result<()> {
     let mut after = 0u64;
     let mut ready = false;
+    if mode == CanopyWatch::Stream {
+        let mut r = http
+            .get(format!("{url}/v1/watch?after=0&stream=true&timeout=20"))
+            .send()
+            .await?
+            .error_for_status()?;
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                let t = shared.now_ns();
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                let st: Value = serde_json::from_slice(&line)?;
+                let v = st
+                    .get("version")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| anyhow!("no version in {st}"))?;
+                if !ready && v >= v0 {
+                    ready = true;
+                    shared.ready.fetch_add(1, Ordering::SeqCst);
+                }
+                if ready && v > after {
+                    shared.seen[me].lock().unwrap().push((v as usize, t));
+                }
+                after = after.max(v);
+            }
+            let chunk = r
+                .chunk()
+                .await?
+                .ok_or_else(|| anyhow!("{url}: the watch stream ended"))?;
+            buf.extend_from_slice(&chunk);
+        }
+    }
     loop {
         let st: Value = http
             .get(format!("{url}/v1/watch?after={after}&timeout=20"))
@@ -743,6 +788,7 @@ async fn main() -> anyhow::Result<()> {
                     v0,
                     shared,
                     me,
+                    args.canopy_watch,
                 ));
             }
         }
@@ -1058,6 +1104,7 @@ async fn main() -> anyhow::Result<()> {
         "measured": measured,
         "setup_s": (setup.as_secs_f64() * 1e3).round() / 1e3,
         "settle_ms": args.settle_ms,
+        "canopy_watch": format!("{:?}", args.canopy_watch).to_lowercase(),
         "write_phase_s": (write_time.as_secs_f64() * 1e3).round() / 1e3,
         "writes_failed": put_errors.len(),
         "writes_complete": complete,

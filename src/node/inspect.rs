@@ -20,6 +20,19 @@ pub const MAX_TREE_DEPTH: u32 = 64;
 /// How long one level of a tree query waits for its children.
 const TREE_WAIT: Duration = Duration::from_secs(2);
 
+/// What a line of a streamed watch reports: [`status`]'s version fields alone.
+pub(crate) fn shown(shared: &Shared) -> crate::api::Shown {
+    let st = shared.state.lock();
+    let file = st.replica.file();
+    let (commit_version, _) = lag(&st);
+    crate::api::Shown {
+        version: file.version(),
+        root: file.root_hex(),
+        commit_version,
+        file_version: shared.materialized.borrow().map(|(v, _)| v),
+    }
+}
+
 /// What `/v1/status` reports.
 pub(crate) fn status(shared: &Shared) -> Status {
     let (parent, parent_addr) = shared.parent();

@@ -428,6 +428,18 @@ impl Backend for Node {
         self.applied()
     }
 
+    fn shown(&self) -> crate::api::Shown {
+        inspect::shown(&self.0)
+    }
+
+    fn file_versions(&self) -> Option<watch::Receiver<Option<(u64, crate::file::Hash)>>> {
+        self.0
+            .cfg
+            .file
+            .is_some()
+            .then(|| self.0.materialized.subscribe())
+    }
+
     fn max_update_bytes(&self) -> u64 {
         self.0.cfg.stream.max_update_bytes
     }
