@@ -22,8 +22,10 @@ use serde_json::{json, Value};
 
 use sim::{JoinMode, Params, Report, Spread};
 
-/// The relay runtime's overlay tick (`upstream::overlay_loop`).
-const REALISTIC_TICK_MS: u64 = 200;
+/// The relay runtime's overlay tick: none on an interval; `overlay_driver::run` ticks at
+/// the overlay's own deadline (`Overlay::poll_timeout`, at most every 10 ms), which is
+/// what `--tick-ms 0` does.
+const REALISTIC_TICK_MS: u64 = 0;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -69,6 +71,10 @@ struct Args {
     /// baseline for --zones).
     #[arg(long)]
     depth_only: bool,
+    /// Every sample hands the sampler the link's RTT before its answer, zones or not, as
+    /// the runtime does with QUIC's estimate.
+    #[arg(long)]
+    sample_rtt: bool,
     /// Levels of depth a nearer candidate may lose and still win (the overlay's
     /// latency_slack).
     #[arg(long)]
@@ -94,11 +100,12 @@ struct Args {
     /// children (its subscribers wait), ms.
     #[arg(long, default_value_t = 0)]
     sync_ms: u64,
-    /// The real runtime's timing: ticks every 200 ms, a dead parent noticed
+    /// The real runtime's timing: ticks at the overlay's deadline, a dead parent noticed
     /// parent_timeout_ms after its last heartbeat (so up to heartbeat_ms sooner after its
     /// death), a dead child after the QUIC idle_timeout_ms, a dead target after the
-    /// connect/probe timeout (all from the default config); overrides --tick-ms,
-    /// --detect-ms, --detect-jitter-ms, --child-detect-ms and --dead-target-ms.
+    /// connect/probe timeout (all from the default config), and an RTT from every sample
+    /// (--sample-rtt); overrides --tick-ms, --detect-ms, --detect-jitter-ms,
+    /// --child-detect-ms and --dead-target-ms.
     #[arg(long)]
     realistic: bool,
     /// Fraction of the live relays killed at --kill-at.
@@ -107,6 +114,10 @@ struct Args {
     /// When --kill strikes, in virtual seconds.
     #[arg(long, default_value_t = 5.0)]
     kill_at: f64,
+    /// The relays killed at --kill-at, by id (the k-th relay to join is --cores + k),
+    /// instead of a seeded draw of --kill of them.
+    #[arg(long, value_delimiter = ',')]
+    kill_nodes: Vec<u32>,
     /// Fraction of the relays that die and are replaced by new joiners per virtual minute,
     /// until --duration.
     #[arg(long, default_value_t = 0.0)]
@@ -163,6 +174,7 @@ impl Args {
             zones: self.zones,
             cross_zone_ms: self.cross_zone_ms,
             latency_aware: !self.depth_only,
+            sample_rtt: self.sample_rtt || self.realistic,
             tick_ms: self.tick_ms,
             detect_ms: self.detect_ms,
             detect_jitter_ms: self.detect_jitter_ms,
@@ -171,6 +183,7 @@ impl Args {
             sync_ms: self.sync_ms,
             kill: self.kill,
             kill_at_s: self.kill_at,
+            kill_nodes: self.kill_nodes.clone(),
             churn: self.churn,
             duration_s: self.duration,
             settle_s: self.settle,
@@ -190,6 +203,18 @@ fn to_json(r: &Report) -> Value {
         .iter()
         .map(|(depth, nodes)| json!({ "depth": depth, "nodes": nodes }))
         .collect();
+    let kinds = |m: &sim::Messages| {
+        json!({
+            "total": m.total(),
+            "sample_request": m.sample_request,
+            "sample_answer": m.sample_answer,
+            "attach_request": m.attach_request,
+            "attach_answer": m.attach_answer,
+            "detach": m.detach,
+            "path_update": m.path_update,
+            "child_report": m.child_report,
+        })
+    };
     let m = &r.messages;
     json!({
         "seed": p.seed,
@@ -203,6 +228,7 @@ fn to_json(r: &Report) -> Value {
         "zones": p.zones,
         "cross_zone_ms": p.cross_zone_ms,
         "latency_aware": p.latency_aware,
+        "sample_rtt": p.sample_rtt,
         "latency_slack": p.overlay.latency_slack,
         "root_latency_ms": spread_json(&r.root_latency),
         "cross_zone_edges": r.cross_zone_edges,
@@ -215,6 +241,7 @@ fn to_json(r: &Report) -> Value {
         "tick_ms": p.tick_ms,
         "kill": p.kill,
         "kill_at_s": p.kill_at_s,
+        "kill_nodes": p.kill_nodes,
         "churn": p.churn,
         "duration_s": p.duration_s,
         "settle_s": p.settle_s,
@@ -249,6 +276,7 @@ fn to_json(r: &Report) -> Value {
             "path_update": m.path_update,
             "child_report": m.child_report,
         },
+        "messages_before_kill": r.messages_before_kill.as_ref().map(kinds),
         "cycle_detaches": r.cycle_detaches,
         "path_cycles": r.path_cycles,
         "transient_cycles": r.transient_cycles,
@@ -423,6 +451,9 @@ mod tests {
             "0.1",
             "--kill-at",
             "2.5",
+            "--kill-nodes",
+            "5,7",
+            "--sample-rtt",
             "--churn",
             "0.05",
             "--duration",

@@ -103,6 +103,10 @@ pub struct Params {
     /// Whether the overlays know their zone and hear each sampled peer's RTT
     /// (`Input::Rtt`); without, parent choice is by depth alone.
     pub latency_aware: bool,
+    /// Whether every sample, zones or not, hands the sampler the link's RTT before its
+    /// answer, as the runtime does with QUIC's estimate (`--realistic`); without, RTTs
+    /// are heard only with zones, after the answer.
+    pub sample_rtt: bool,
     /// Period of each node's tick (ms, phases staggered), as a runtime that ticks on an
     /// interval does; 0 (the default) ticks each node exactly at `Overlay::poll_timeout`.
     pub tick_ms: u64,
@@ -120,6 +124,9 @@ pub struct Params {
     /// Fraction of the live relays killed at `kill_at_s`.
     pub kill: f64,
     pub kill_at_s: f64,
+    /// The relays `kill_at_s` strikes, by id (the k-th relay to join is `cores + k`),
+    /// instead of a seeded draw of `kill` of them: the victims of a real run.
+    pub kill_nodes: Vec<u32>,
     /// Fraction of the relays replaced per virtual minute, until `duration_s`.
     pub churn: f64,
     pub duration_s: f64,
@@ -141,6 +148,7 @@ impl Params {
             zones: 1,
             cross_zone_ms: 40.0,
             latency_aware: true,
+            sample_rtt: false,
             tick_ms: 0,
             detect_ms: 1000,
             detect_jitter_ms: 0,
@@ -149,6 +157,7 @@ impl Params {
             sync_ms: 0,
             kill: 0.0,
             kill_at_s: 5.0,
+            kill_nodes: Vec::new(),
             churn: 0.0,
             duration_s: 0.0,
             settle_s: 60.0,
@@ -189,6 +198,12 @@ impl Params {
             "--kill-at must be a non-negative number of seconds"
         );
         ensure!(
+            self.kill_nodes
+                .iter()
+                .all(|&n| (self.cores..self.nodes).contains(&n)),
+            "--kill-nodes must name relays (ids from --cores to --nodes - 1)"
+        );
+        ensure!(
             self.churn.is_finite() && self.churn >= 0.0,
             "--churn must be a non-negative fraction per minute"
         );
@@ -209,6 +224,11 @@ impl Params {
 
     fn relays(&self) -> u32 {
         self.nodes - self.cores
+    }
+
+    /// Whether anything is killed at `kill_at_s`.
+    pub fn kills(&self) -> bool {
+        self.kill > 0.0 || !self.kill_nodes.is_empty()
     }
 
     /// A command line that replays this run.
@@ -238,6 +258,9 @@ impl Params {
                 cmd.push_str(" --depth-only");
             }
         }
+        if self.sample_rtt {
+            cmd.push_str(" --sample-rtt");
+        }
         if self.overlay.latency_slack != d.latency_slack {
             cmd.push_str(&format!(" --latency-slack {}", self.overlay.latency_slack));
         }
@@ -245,10 +268,14 @@ impl Params {
             cmd.push_str(&format!(" --rebalance-ms {}", self.overlay.rebalance_ms));
         }
         if self.kill > 0.0 {
-            cmd.push_str(&format!(
-                " --kill {} --kill-at {}",
-                self.kill, self.kill_at_s
-            ));
+            cmd.push_str(&format!(" --kill {}", self.kill));
+        }
+        if !self.kill_nodes.is_empty() {
+            let ids: Vec<String> = self.kill_nodes.iter().map(u32::to_string).collect();
+            cmd.push_str(&format!(" --kill-nodes {}", ids.join(",")));
+        }
+        if self.kills() {
+            cmd.push_str(&format!(" --kill-at {}", self.kill_at_s));
         }
         if self.churn > 0.0 {
             cmd.push_str(&format!(" --churn {}", self.churn));
@@ -559,6 +586,12 @@ impl Tables {
     }
 }
 
+/// The tree's control-plane messages, each counted once and where the runtime counts it
+/// (`canopy_overlay_messages_total{kind}`), so that a run and a real cluster compare kind
+/// by kind: a sample asked (even of a dead node) and answered; a subscription that reached
+/// a live node and its answer; a parent left for another (`detach`: a move); a child that
+/// learnt a new root path (`path_update`: the runtime carries the path on heartbeats);
+/// a report sent up. Heartbeats and the data plane are in neither count.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Messages {
     pub sample_request: u64,
@@ -633,6 +666,8 @@ pub struct Report {
     /// The same as counted by the overlays themselves (`Overlay::reparents`).
     pub overlay_reparents: BTreeMap<&'static str, u64>,
     pub messages: Messages,
+    /// `messages` as they stood just before `--kill` struck (None without a kill).
+    pub messages_before_kill: Option<Messages>,
     pub nodes_ever: u64,
     pub killed: u64,
     pub churned: u64,
@@ -674,6 +709,8 @@ struct Sim {
     path_updates_in_flight: u64,
     events: u64,
     msgs: Messages,
+    /// The counts just before `--kill` struck.
+    msgs_at_kill: Option<Messages>,
     reparents: BTreeMap<Reason, u64>,
     dead_overlay_reparents: BTreeMap<Reason, u64>,
     attach_us: Vec<u64>,
@@ -751,6 +788,7 @@ impl Sim {
             path_updates_in_flight: 0,
             events: 0,
             msgs: Messages::default(),
+            msgs_at_kill: None,
             reparents: BTreeMap::new(),
             dead_overlay_reparents: BTreeMap::new(),
             attach_us: Vec::new(),
@@ -853,7 +891,7 @@ impl Sim {
             self.schedule(at, Ev::Join(id));
         }
         let mut faults_end = join_end.max(us(self.p.duration_s));
-        if self.p.kill > 0.0 {
+        if self.p.kills() {
             let at = us(self.p.kill_at_s);
             faults_end = faults_end.max(at);
             self.schedule(at, Ev::Kill);
@@ -953,21 +991,23 @@ impl Sim {
                 peers,
             } => {
                 if self.alive(to) {
+                    let rtt = Input::Rtt {
+                        addr: addr(from),
+                        rtt_us: 2 * self.latency(to, from),
+                    };
+                    // The runtime hands QUIC's estimate over before the answer.
+                    let first = self.p.latency_aware && self.p.sample_rtt;
+                    if first {
+                        self.deliver(to, rtt.clone())?;
+                    }
                     let input = Input::Sampled {
                         addr: addr(from),
                         info,
                         peers,
                     };
                     self.deliver(to, input)?;
-                    if self.p.latency_aware && self.p.zones > 1 && self.alive(to) {
-                        let rtt_us = 2 * self.latency(to, from);
-                        self.deliver(
-                            to,
-                            Input::Rtt {
-                                addr: addr(from),
-                                rtt_us,
-                            },
-                        )?;
+                    if !first && self.p.latency_aware && self.p.zones > 1 && self.alive(to) {
+                        self.deliver(to, rtt)?;
                     }
                 }
             }
@@ -1059,10 +1099,15 @@ impl Sim {
                 self.path_update(child, parent)?;
             }
             Ev::Kill => {
-                let k = (self.p.kill * self.live_relays.len() as f64).round() as usize;
-                let mut pool = self.live_relays.clone();
-                let (victims, _) = pool.partial_shuffle(&mut self.rng, k);
-                let mut victims = victims.to_vec();
+                self.msgs_at_kill = Some(self.msgs.clone());
+                let mut victims = if self.p.kill_nodes.is_empty() {
+                    let k = (self.p.kill * self.live_relays.len() as f64).round() as usize;
+                    let mut pool = self.live_relays.clone();
+                    let (victims, _) = pool.partial_shuffle(&mut self.rng, k);
+                    victims.to_vec()
+                } else {
+                    self.p.kill_nodes.clone()
+                };
                 victims.sort_unstable();
                 for v in victims {
                     self.kill(v)?;
@@ -1113,12 +1158,11 @@ impl Sim {
             self.schedule(at, Ev::AttachFailed { child, target });
             return Ok(());
         }
-        self.msgs.attach_answer += 1;
         let info = self.nodes[target as usize].ov.me();
         let serves_at = self.nodes[target as usize].serves_at;
         if info.depth.is_some() && self.now < serves_at {
-            // Still syncing: the subscriber waits, as the runtime makes it.
-            self.msgs.attach_answer -= 1;
+            // Still syncing: the subscriber waits, as the runtime makes it (counted once,
+            // when answered).
             self.schedule(
                 serves_at,
                 Ev::AttachReq {
@@ -1129,6 +1173,10 @@ impl Sim {
             );
             return Ok(());
         }
+        // As the runtime counts them: a subscription once it reached a live node (one to a
+        // dead node fails to connect first), and its answer.
+        self.msgs.attach_request += 1;
+        self.msgs.attach_answer += 1;
         let Some(depth) = info.depth else {
             self.send(
                 target,
@@ -1202,6 +1250,8 @@ impl Sim {
             return self.deliver(child, Input::ParentLost { addr: pa });
         }
         if self.stale_path(child, &pi) {
+            // Counted where the runtime counts it: a child that learns a new root path.
+            self.msgs.path_update += 1;
             self.path_updates_applied += 1;
             let before = self.place(child);
             let mut path = pi.root_path.clone();
@@ -1306,7 +1356,6 @@ impl Sim {
     /// Tells the children of `id` that its place in the tree changed.
     fn announce(&mut self, id: u32) {
         for c in self.tree.children[id as usize].clone() {
-            self.msgs.path_update += 1;
             self.path_updates_in_flight += 1;
             self.send(
                 id,
@@ -1343,7 +1392,6 @@ impl Sim {
                 } => {
                     let to = id_of(&addr);
                     self.nodes[id as usize].attaching = Some((to, reason));
-                    self.msgs.attach_request += 1;
                     self.send(
                         id,
                         to,
@@ -1356,7 +1404,6 @@ impl Sim {
                 }
                 Output::Detach { addr } => {
                     let to = id_of(&addr);
-                    self.msgs.detach += 1;
                     self.cycle_detaches += 1;
                     if self.tree.parent[id as usize] != Some(to) {
                         let at = self.now + self.latency(id, to);
@@ -1389,6 +1436,10 @@ impl Sim {
             return Ok(());
         }
         if let Some(old) = self.tree.unlink(c) {
+            if want.is_some() {
+                // A move: the old parent is left for the new one.
+                self.msgs.detach += 1;
+            }
             if self.tree.children[old as usize].contains(&c) {
                 return Err(self.violated(
                     Invariant::SingleParent,
@@ -1439,7 +1490,6 @@ impl Sim {
             let pi = self.nodes[new as usize].ov.me();
             if pi.depth.is_some() && self.stale_path(c, &pi) {
                 // The parent moved between accepting and the child hearing of it.
-                self.msgs.path_update += 1;
                 self.path_updates_in_flight += 1;
                 self.send(
                     new,
@@ -1738,6 +1788,7 @@ impl Sim {
             reparents: label(&self.reparents),
             overlay_reparents: label(&overlay_reparents),
             messages: self.msgs.clone(),
+            messages_before_kill: self.msgs_at_kill.clone(),
             nodes_ever: self.nodes.len() as u64,
             killed: self.killed,
             churned: self.churned,
@@ -2018,6 +2069,53 @@ mod tests {
         assert!(r.reparents["parent_lost"] > 0);
     }
 
+    /// The victims named, and the messages counted as the runtime counts them: up to the
+    /// kill, and in all.
+    #[test]
+    fn named_victims_die_and_the_messages_up_to_the_kill_are_kept() {
+        let mut p = params(60, 4, 2);
+        p.join = JoinMode::Staggered;
+        p.kill_nodes = vec![1, 2, 3];
+        p.kill_at_s = 3.0;
+        let r = run(&p).unwrap_or_else(|e| panic!("{e:#}"));
+        clean(&r);
+        assert_eq!((r.killed, r.live_nodes), (3, 57));
+        // The first relays hang below the core, with children that lose them.
+        assert!(r.time_to_reattach.count > 0);
+        let before = r.messages_before_kill.clone().expect("a kill");
+        let after = &r.messages;
+        assert!(before.attach_request >= 59, "{before:?}");
+        assert!(after.attach_request > before.attach_request);
+        assert!(after.total() > before.total());
+        // Each subscription is counted once it reached a live node, with its answer.
+        assert_eq!(after.attach_request, after.attach_answer);
+        // A path update is counted by the child that learnt a new path.
+        assert_eq!(after.path_update, r.path_updates_applied);
+        assert!(run(&params(60, 4, 2))
+            .unwrap()
+            .messages_before_kill
+            .is_none());
+    }
+
+    /// The runtime hands QUIC's RTT over before a sample's answer: a joiner then knows
+    /// the RTT of its bootstrap core alone, and on a tie of landing depth tries the full
+    /// core first, which refers it down (one more subscription and answer).
+    #[test]
+    fn rtts_before_answers_send_joiners_to_the_measured_core_first() {
+        let attaches = |sample_rtt: bool| {
+            let mut p = params(101, 8, 1);
+            p.join = JoinMode::Staggered;
+            p.join_interval_ms = 50;
+            p.latency_ms = 5.0;
+            p.sample_rtt = sample_rtt;
+            let r = run(&p).unwrap();
+            clean(&r);
+            r.messages.attach_request
+        };
+        let (with, without) = (attaches(true), attaches(false));
+        assert!(with > without + 10, "{with} with RTTs, {without} without");
+    }
+
     #[test]
     fn bad_parameters_are_rejected() {
         for f in [
@@ -2028,6 +2126,8 @@ mod tests {
             |p| p.churn = 0.5,
             |p| p.overlay.fanout = 0,
             |p| p.latency_ms = f64::NAN,
+            |p| p.kill_nodes = vec![0],
+            |p| p.kill_nodes = vec![4, 10],
         ] {
             let mut p = Params::new(10, 1);
             p.cores = 3;
