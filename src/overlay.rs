@@ -296,6 +296,10 @@ pub enum Output<I = String> {
 pub enum Refusal {
     /// The subscriber is this node or one of its ancestors: serving it would close a cycle.
     OnRootPath,
+    /// This relay has no parent (it has not attached yet, or lost its parent and is
+    /// re-attaching): it cannot tell a child its depth or path to the core, and a child
+    /// placed under it would sit in a subtree cut off from the core.
+    Unattached,
     /// Every slot is taken.
     Full { children: u32, fanout: u32 },
 }
@@ -304,6 +308,7 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::OnRootPath => f.write_str("the subscriber is on this node's path to the core"),
+            Refusal::Unattached => f.write_str("not attached to the tree (no parent)"),
             Refusal::Full { children, fanout } => {
                 write!(f, "full: {children} children (fanout {fanout})")
             }

@@ -1487,6 +1487,38 @@ fn admit_refuses_itself_and_its_ancestors() {
     );
 }
 
+/// A relay without a parent refuses every subscriber, its own children included, until it
+/// is attached again: it could tell them neither their depth nor their path to the core.
+#[test]
+fn an_unattached_relay_refuses_subscribers_until_it_is_attached_again() {
+    let mut r = rng(45);
+    let unattached = Admit::Refuse {
+        reason: Refusal::Unattached,
+        referral: None,
+    };
+    let fresh = relay();
+    assert_eq!(fresh.admit(&"x".to_string(), None, &mut r), unattached);
+    let mut o = joined(&mut r);
+    assert_eq!(o.admit(&"x".to_string(), None, &mut r), Admit::Accept);
+    o.handle(3, child_added("x", None, None), &mut r);
+    o.handle(4, Input::ParentLost { addr: addr("core") }, &mut r);
+    assert_eq!(o.depth(), None);
+    for name in ["x", "y"] {
+        assert_eq!(
+            o.admit(&name.to_string(), None, &mut r),
+            unattached,
+            "{name}"
+        );
+    }
+    o.handle(5, attached(&core_info(8)), &mut r);
+    assert_eq!(o.depth(), Some(1));
+    assert_eq!(o.admit(&"y".to_string(), None, &mut r), Admit::Accept);
+    assert_eq!(
+        Refusal::Unattached.to_string(),
+        "not attached to the tree (no parent)"
+    );
+}
+
 #[test]
 fn admit_accepts_up_to_the_fanout_then_refers_to_a_child_with_room() {
     let mut r = rng(44);

@@ -183,8 +183,11 @@ fn suggest_sources(st: &State, child: &str) -> Vec<String> {
 
 /// The heartbeat a child gets on an idle link.
 fn heartbeat(shared: &Shared, st: &State, child: &str) -> Bytes {
-    st.replica
-        .heartbeat(now_us(), shared.root_path(), suggest_sources(st, child))
+    st.replica.heartbeat(
+        now_us(),
+        shared.announced_path(),
+        suggest_sources(st, child),
+    )
 }
 
 /// When one child link's heartbeats go out: at the multiples of `heartbeat_ms` counted from

@@ -216,6 +216,16 @@ impl Shared {
         }
     }
 
+    /// The path to the core this node announces to its children in heartbeats: empty on a
+    /// relay without a parent, so that its children keep the path they had (and the depth
+    /// they advertise) until it is attached again, instead of learning that it is a root.
+    pub(crate) fn announced_path(&self) -> Vec<String> {
+        if !self.cfg.is_core() && self.depth().is_none() {
+            return Vec::new();
+        }
+        self.root_path()
+    }
+
     /// Where this node's parent is (empty when unattached or a core node).
     pub(crate) fn parent(&self) -> (String, String) {
         let cell = self.overlay.lock();

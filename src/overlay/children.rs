@@ -55,8 +55,9 @@ impl<I: Id> Overlay<I> {
         out
     }
 
-    /// Whether to serve `name` (a subscriber in `zone`) as a child. Refuses this node
-    /// itself or one of its ancestors, and refuses when `fanout` children are registered,
+    /// Whether to serve `name` (a subscriber in `zone`) as a child. Refuses everyone while
+    /// this relay has no parent ([`Refusal::Unattached`]), this node itself or one of its
+    /// ancestors, and refuses when `fanout` children are registered,
     /// referring it to one child: one reported with a free slot, else one not reported
     /// yet, else any (its own referral goes a level further down, so a joiner descends
     /// towards the shallowest room); among those, one in the subscriber's zone, then
@@ -70,6 +71,12 @@ impl<I: Id> Overlay<I> {
         if *name == self.name || on_path {
             return Admit::Refuse {
                 reason: Refusal::OnRootPath,
+                referral: None,
+            };
+        }
+        if !self.core && self.parent.is_none() {
+            return Admit::Refuse {
+                reason: Refusal::Unattached,
                 referral: None,
             };
         }
