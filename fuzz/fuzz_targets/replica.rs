@@ -146,7 +146,7 @@ fuzz_target!(|data: &[u8]| {
                             feed(&mut relay, f);
                         }
                     }
-                    SubscribePlan::Refuse(_) => {}
+                    SubscribePlan::Refuse(_) | SubscribePlan::Follow(_) => {}
                 }
             }
             3 => {
