@@ -516,13 +516,16 @@ async fn follow_status(api: &Api, json_out: bool) -> Result<()> {
     }
 }
 
-/// How long one long poll of `/v1/watch` waits on the node.
-const WATCH_POLL: Duration = Duration::from_secs(30);
-/// Poll period while the node's materialized copy lags its version...
-const FILE_POLL: Duration = Duration::from_millis(100);
-/// ...and once it has lagged for [`FILE_LAG_HINT`] (a node without that --file never
-/// catches up).
-const FILE_POLL_SLOW: Duration = Duration::from_secs(1);
+/// The longest quiet time between two lines of a streamed watch (the node sends its state
+/// again after it): as long as the copy may lag before the watcher says so, so the hint is
+/// never later than that.
+const WATCH_QUIET: Duration = FILE_LAG_HINT;
+/// How much longer than [`WATCH_QUIET`] a watch may stay silent before the connection is
+/// taken for dead and opened again.
+const WATCH_SLACK: Duration = Duration::from_secs(10);
+/// The longest line a watch may send (a whole status from a node without streamed watches
+/// is a few kB).
+const MAX_WATCH_LINE: usize = 1 << 20;
 /// How long the copy may lag before the watcher says what may be wrong.
 const FILE_LAG_HINT: Duration = Duration::from_secs(10);
 /// Longest pause between two attempts to reach a node that is down.

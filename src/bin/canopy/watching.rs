@@ -17,73 +17,139 @@ pub(super) fn visible(v: &Value, file: Option<&Path>) -> Option<canopy::watch::V
     })
 }
 
-/// Follows the node's visible version for as long as `tx` is open, reconnecting with
-/// back-off when the node is down or restarting.
+/// What the follower knows between two lines of the watch stream.
+struct Follow<'a> {
+    api: &'a Api,
+    file: Option<&'a Path>,
+    after: u64,
+    lagging_since: Option<Instant>,
+    hinted: bool,
+    down_since: Option<Instant>,
+}
+
+impl Follow<'_> {
+    /// One line of the stream (or a whole status from a node without streamed watches).
+    /// False once `tx` is closed.
+    async fn seen(
+        &mut self,
+        line: &[u8],
+        tx: &tokio::sync::mpsc::Sender<canopy::watch::Visible>,
+    ) -> bool {
+        let parsed = serde_json::from_slice::<Value>(line).ok();
+        let Some(v) = parsed.as_ref().and_then(|v| visible(v, self.file)) else {
+            eprintln!(
+                "canopy watch: {}: /v1/watch sent a line without a version",
+                self.api.base
+            );
+            return !tx.is_closed();
+        };
+        if let Some(since) = self.down_since.take() {
+            eprintln!(
+                "canopy watch: reached the node at {} again after {:.1} s",
+                self.api.base,
+                since.elapsed().as_secs_f64()
+            );
+        }
+        self.after = self.after.max(v.version);
+        if v.file_version.is_some_and(|f| f < v.version) {
+            let since = *self.lagging_since.get_or_insert_with(Instant::now);
+            if !self.hinted && since.elapsed() >= FILE_LAG_HINT {
+                self.hinted = true;
+                eprintln!(
+                    "canopy watch: the node at {} has not written version {} to its --file for {} s; is {} the node's --file?",
+                    self.api.base,
+                    v.version,
+                    FILE_LAG_HINT.as_secs(),
+                    self.file.map(|f| f.display().to_string()).unwrap_or_default()
+                );
+            }
+        } else {
+            self.lagging_since = None;
+            self.hinted = false;
+        }
+        tx.send(v).await.is_ok()
+    }
+
+    /// Reads one streamed watch until it ends (`Ok(true)`), `tx` closes (`Ok(false)`) or
+    /// the connection fails. A node without streamed watches answers one status and
+    /// closes, which reads as a stream of one line.
+    async fn stream(
+        &mut self,
+        tx: &tokio::sync::mpsc::Sender<canopy::watch::Visible>,
+    ) -> std::result::Result<bool, CliError> {
+        let req = self.api.get(&format!(
+            "/v1/watch?after={}&stream=true&timeout={}",
+            self.after,
+            WATCH_QUIET.as_secs_f64()
+        ));
+        let mut resp = self.api.send(req).await?;
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let chunk = tokio::time::timeout(WATCH_QUIET + WATCH_SLACK, resp.chunk())
+                .await
+                .map_err(|_| {
+                    CliError::new(
+                        exit::UNREACHABLE,
+                        format!(
+                            "{}: no line on the watch for {} s",
+                            self.api.base,
+                            (WATCH_QUIET + WATCH_SLACK).as_secs()
+                        ),
+                    )
+                })?
+                .map_err(|e| self.api.transport_error(&e))?;
+            let Some(chunk) = chunk else {
+                let rest = std::mem::take(&mut buf);
+                if !rest.iter().all(u8::is_ascii_whitespace) && !self.seen(&rest, tx).await {
+                    return Ok(false);
+                }
+                return Ok(true);
+            };
+            if buf.len() + chunk.len() > MAX_WATCH_LINE {
+                return Err(CliError::new(
+                    exit::UNREACHABLE,
+                    format!(
+                        "{}: a watch line over {MAX_WATCH_LINE} bytes",
+                        self.api.base
+                    ),
+                ));
+            }
+            buf.extend_from_slice(&chunk);
+            while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                if !self.seen(&line, tx).await {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
+
+/// Follows the node's visible version and its `--file`'s through one streamed watch for as
+/// long as `tx` is open, reconnecting with back-off when the node is down or restarting.
 pub(super) async fn poll_versions(
     api: &Api,
     file: Option<&Path>,
     tx: tokio::sync::mpsc::Sender<canopy::watch::Visible>,
 ) {
-    let mut after = 0u64;
-    let mut lagging_since: Option<Instant> = None;
-    let mut hinted = false;
-    let mut down_since: Option<Instant> = None;
+    let mut f = Follow {
+        api,
+        file,
+        after: 0,
+        lagging_since: None,
+        hinted: false,
+        down_since: None,
+    };
     let mut last_report = Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
-        let wait = match lagging_since {
-            Some(t) if t.elapsed() >= FILE_LAG_HINT => FILE_POLL_SLOW,
-            Some(_) => FILE_POLL,
-            None => WATCH_POLL,
-        };
-        let req = api
-            .get(&format!(
-                "/v1/watch?after={after}&timeout={}",
-                wait.as_secs_f64()
-            ))
-            .timeout(wait + Duration::from_secs(10));
-        match api.json(req).await.map(|v| visible(&v, file)) {
-            Ok(Some(v)) => {
-                if let Some(since) = down_since.take() {
-                    eprintln!(
-                        "canopy watch: reached the node at {} again after {:.1} s",
-                        api.base,
-                        since.elapsed().as_secs_f64()
-                    );
-                }
-                delay = Duration::from_millis(100);
-                after = after.max(v.version);
-                if v.file_version.is_some_and(|f| f < v.version) {
-                    let since = *lagging_since.get_or_insert_with(Instant::now);
-                    if !hinted && since.elapsed() >= FILE_LAG_HINT {
-                        hinted = true;
-                        eprintln!(
-                            "canopy watch: the node at {} has not written version {} to its --file for {} s; is {} the node's --file?",
-                            api.base,
-                            v.version,
-                            FILE_LAG_HINT.as_secs(),
-                            file.map(|f| f.display().to_string()).unwrap_or_default()
-                        );
-                    }
-                } else {
-                    lagging_since = None;
-                    hinted = false;
-                }
-                if tx.send(v).await.is_err() {
-                    return;
-                }
-            }
-            Ok(None) | Err(_) if tx.is_closed() => return,
-            Ok(None) => {
-                eprintln!(
-                    "canopy watch: {}: /v1/watch answered without a version",
-                    api.base
-                );
-                tokio::time::sleep(MAX_RECONNECT_DELAY).await;
-            }
+        match f.stream(&tx).await {
+            Ok(false) => return,
+            Ok(true) => delay = Duration::from_millis(100),
+            Err(_) if tx.is_closed() => return,
             Err(e) => {
-                let first = down_since.is_none();
-                let since = *down_since.get_or_insert_with(Instant::now);
+                let first = f.down_since.is_none();
+                let since = *f.down_since.get_or_insert_with(Instant::now);
                 if first || last_report.elapsed() >= Duration::from_secs(30) {
                     eprintln!(
                         "canopy watch: {} (down for {:.0} s; retrying)",
