@@ -251,13 +251,7 @@ async fn core_and_five_relays_stay_identical() {
 async fn core_restart_keeps_the_file_and_relays_resume() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::new(root);
-    pki.issue("core", "core");
-    pki.issue("r1", "relay");
-    let mut core = Proc::start(root, &pki, "core", true, &[], &[]);
-    let c = http();
-    wait_leader(&c, &core).await;
-    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let (_pki, mut core, r1, c) = core_and_relay(root).await;
     let mut model = Vec::new();
     for i in 0..10u8 {
         let off = 70_000 * i as usize;

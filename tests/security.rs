@@ -17,13 +17,7 @@ async fn close_reason(conn: &quinn::Connection) -> String {
 async fn foreign_ca_and_bad_frames_are_refused_and_the_node_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::new(root);
-    pki.issue("core", "core");
-    pki.issue("r1", "relay");
-    let core = Proc::start(root, &pki, "core", true, &[], &[]);
-    let c = http();
-    wait_leader(&c, &core).await;
-    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let (pki, core, r1, c) = core_and_relay(root).await;
     wait_until(30, "r1 to attach", || async {
         status(&c, &r1).await.is_some_and(|s| s["parent"] == "core")
     })

@@ -118,13 +118,7 @@ rmdir lock
 async fn a_burst_runs_the_command_on_the_final_version_without_overlap() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::new(root);
-    pki.issue("core", "core");
-    pki.issue("r1", "relay");
-    let core = Proc::start(root, &pki, "core", true, &[], &[]);
-    let c = http();
-    wait_leader(&c, &core).await;
-    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let (_pki, core, r1, c) = core_and_relay(root).await;
     let mut model = vec![7u8; 300_000];
     let v0 = patch(&c, &core, 0, &model).await;
     wait_materialized(&c, &r1, v0).await;
@@ -239,13 +233,7 @@ async fn failing_commands_are_retried_and_once_passes_the_status() {
 async fn it_survives_the_relay_restarting() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::new(root);
-    pki.issue("core", "core");
-    pki.issue("r1", "relay");
-    let core = Proc::start(root, &pki, "core", true, &[], &[]);
-    let c = http();
-    wait_leader(&c, &core).await;
-    let mut r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let (_pki, core, mut r1, c) = core_and_relay(root).await;
     let v1 = patch(&c, &core, 0, b"first").await;
     wait_materialized(&c, &r1, v1).await;
 
@@ -342,13 +330,7 @@ async fn sigterm_waits_for_the_running_command_and_passes_its_status() {
 async fn a_relays_streamed_watch_reports_versions_and_its_file() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::new(root);
-    pki.issue("core", "core");
-    pki.issue("r1", "relay");
-    let core = Proc::start(root, &pki, "core", true, &[], &[]);
-    let c = http();
-    wait_leader(&c, &core).await;
-    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let (_pki, core, r1, c) = core_and_relay(root).await;
     let v0 = patch(&c, &core, 0, &[5u8; 200_000]).await;
     wait_materialized(&c, &r1, v0).await;
 

@@ -495,6 +495,20 @@ pub async fn wait_leader(c: &reqwest::Client, core: &Proc) {
     .await;
 }
 
+/// Certificates for `core` and `r1` under `root`, a one-node core `core` that leads, and a
+/// relay `r1` started below it (not waited for): the setup most two-node tests begin with.
+/// The [`Pki`] is returned for restarts and further certificates.
+pub async fn core_and_relay(root: &Path) -> (Pki, Proc, Proc, reqwest::Client) {
+    let pki = Pki::new(root);
+    pki.issue("core", "core");
+    pki.issue("r1", "relay");
+    let core = Proc::start(root, &pki, "core", true, &[], &[]);
+    let c = http();
+    wait_leader(&c, &core).await;
+    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    (pki, core, r1, c)
+}
+
 /// Waits until `p` has applied and materialized `version` (its `--file` holds it); returns
 /// its status.
 pub async fn wait_materialized(c: &reqwest::Client, p: &Proc, version: u64) -> Value {
