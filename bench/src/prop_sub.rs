@@ -558,8 +558,6 @@ async fn canopy_relay(
     }
 }
 
-/// Long-polls one relay process's `/v1/watch`: once it shows `v0`, records every version it
-/// answers with as (version, time).
 /// How a canopy-api subscriber watches its relay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum CanopyWatch {
@@ -567,6 +565,40 @@ enum CanopyWatch {
     Poll,
 }
 
+/// What one canopy-api subscriber has seen of its relay.
+struct ApiWatch<'a> {
+    shared: &'a Shared,
+    me: usize,
+    v0: u64,
+    ready: bool,
+    after: u64,
+}
+
+impl ApiWatch<'_> {
+    /// A watch answer (a streamed line or a long poll's status) parsed at `t`: once the
+    /// relay shows `v0`, every higher version is recorded as (version, time).
+    fn answer(&mut self, st: &Value, t: u64) -> anyhow::Result<()> {
+        let v = st
+            .get("version")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| anyhow!("no version in {st}"))?;
+        if !self.ready && v >= self.v0 {
+            self.ready = true;
+            self.shared.ready.fetch_add(1, Ordering::SeqCst);
+        }
+        if self.ready && v > self.after {
+            self.shared.seen[self.me]
+                .lock()
+                .unwrap()
+                .push((v as usize, t));
+        }
+        self.after = self.after.max(v);
+        Ok(())
+    }
+}
+
+/// Watches one relay process's `/v1/watch` (one streamed watch, or a long poll per
+/// version): once it shows `v0`, records every version it answers with as (version, time).
 async fn canopy_api_watcher(
     http: reqwest::Client,
     url: String,
@@ -575,8 +607,13 @@ async fn canopy_api_watcher(
     me: usize,
     mode: CanopyWatch,
 ) -> anyhow::Result<()> {
-    let mut after = 0u64;
-    let mut ready = false;
+    let mut seen = ApiWatch {
+        shared: &shared,
+        me,
+        v0,
+        ready: false,
+        after: 0,
+    };
     if mode == CanopyWatch::Stream {
         let mut r = http
             .get(format!("{url}/v1/watch?after=0&stream=true&timeout=20"))
@@ -588,19 +625,7 @@ async fn canopy_api_watcher(
             while let Some(i) = buf.iter().position(|b| *b == b'\n') {
                 let t = shared.now_ns();
                 let line: Vec<u8> = buf.drain(..=i).collect();
-                let st: Value = serde_json::from_slice(&line)?;
-                let v = st
-                    .get("version")
-                    .and_then(Value::as_u64)
-                    .ok_or_else(|| anyhow!("no version in {st}"))?;
-                if !ready && v >= v0 {
-                    ready = true;
-                    shared.ready.fetch_add(1, Ordering::SeqCst);
-                }
-                if ready && v > after {
-                    shared.seen[me].lock().unwrap().push((v as usize, t));
-                }
-                after = after.max(v);
+                seen.answer(&serde_json::from_slice(&line)?, t)?;
             }
             let chunk = r
                 .chunk()
@@ -611,25 +636,13 @@ async fn canopy_api_watcher(
     }
     loop {
         let st: Value = http
-            .get(format!("{url}/v1/watch?after={after}&timeout=20"))
+            .get(format!("{url}/v1/watch?after={}&timeout=20", seen.after))
             .send()
             .await?
             .error_for_status()?
             .json()
             .await?;
-        let t = shared.now_ns();
-        let v = st
-            .get("version")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| anyhow!("no version in {st}"))?;
-        if !ready && v >= v0 {
-            ready = true;
-            shared.ready.fetch_add(1, Ordering::SeqCst);
-        }
-        if ready && v > after {
-            shared.seen[me].lock().unwrap().push((v as usize, t));
-        }
-        after = after.max(v);
+        seen.answer(&st, shared.now_ns())?;
     }
 }
 
