@@ -215,7 +215,8 @@ fn to_json(r: &Report) -> Value {
             "child_report": m.child_report,
         })
     };
-    let m = &r.messages;
+    let mut messages = kinds(&r.messages);
+    messages["per_node"] = json!(r.messages_per_node());
     json!({
         "seed": p.seed,
         "nodes": p.nodes,
@@ -265,17 +266,7 @@ fn to_json(r: &Report) -> Value {
         "all_attached_ms": r.all_attached_ms,
         "reparents": r.reparents,
         "overlay_reparents": r.overlay_reparents,
-        "messages": {
-            "total": m.total(),
-            "per_node": r.messages_per_node(),
-            "sample_request": m.sample_request,
-            "sample_answer": m.sample_answer,
-            "attach_request": m.attach_request,
-            "attach_answer": m.attach_answer,
-            "detach": m.detach,
-            "path_update": m.path_update,
-            "child_report": m.child_report,
-        },
+        "messages": messages,
         "messages_before_kill": r.messages_before_kill.as_ref().map(kinds),
         "cycle_detaches": r.cycle_detaches,
         "path_cycles": r.path_cycles,
