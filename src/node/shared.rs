@@ -205,10 +205,7 @@ impl Shared {
     /// Names from the core down to this node, itself included (just itself on a core node
     /// or an unattached relay).
     pub(crate) fn root_path(&self) -> Vec<String> {
-        if self.cfg.is_core() {
-            return vec![self.cfg.name.clone()];
-        }
-        let path = self.overlay.lock().overlay.info().root_path;
+        let path = self.announced_path();
         if path.is_empty() {
             vec![self.cfg.name.clone()]
         } else {
@@ -220,10 +217,10 @@ impl Shared {
     /// relay without a parent, so that its children keep the path they had (and the depth
     /// they advertise) until it is attached again, instead of learning that it is a root.
     pub(crate) fn announced_path(&self) -> Vec<String> {
-        if !self.cfg.is_core() && self.depth().is_none() {
-            return Vec::new();
+        if self.cfg.is_core() {
+            return vec![self.cfg.name.clone()];
         }
-        self.root_path()
+        self.overlay.lock().overlay.info().root_path
     }
 
     /// Where this node's parent is (empty when unattached or a core node).
