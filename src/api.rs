@@ -1023,12 +1023,10 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let zero = c
-            .get(format!("{url}/v1/watch?stream=true&timeout=0"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(zero.status(), 400);
+        for bad in ["stream=true&timeout=0", "stream=maybe", "stream=1e400"] {
+            let r = c.get(format!("{url}/v1/watch?{bad}")).send().await.unwrap();
+            assert_eq!(r.status(), 400, "{bad}");
+        }
     }
 
     #[tokio::test]
