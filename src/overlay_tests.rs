@@ -2056,3 +2056,118 @@ fn a_node_below_a_cores_zone_moves_only_into_its_own() {
     );
     assert_eq!(o.nearer_place(), None);
 }
+
+/// A joiner that sampled two equally shallow parents (the RTT of each handed over before its
+/// answer, as the runtime does) takes the nearer one over the one with more free slots.
+#[test]
+fn a_joiner_takes_the_sampled_parent_with_the_lower_rtt() {
+    let mut r = rng(58);
+    let mut o = Overlay::new(
+        OverlayConfig {
+            choices: 3,
+            ..OverlayConfig::default()
+        },
+        ME.to_string(),
+        addr(ME),
+        false,
+        vec![addr("ra"), addr("rb")],
+    );
+    let asked: Vec<String> = o
+        .handle(0, Input::Tick, &mut r)
+        .into_iter()
+        .filter_map(|out| match out {
+            Output::RequestSample { addr, .. } => Some(addr),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, vec![addr("ra"), addr("rb")]);
+    let ra = peer("ra", Some(1), 8, &["core", "ra"]);
+    let rb = peer("rb", Some(1), 2, &["core", "rb"]);
+    let mut core = (*core_info(0)).clone();
+    core.room = 1;
+    let core = Peer::new(core);
+    o.handle(
+        1,
+        Input::Rtt {
+            addr: addr("rb"),
+            rtt_us: 300,
+        },
+        &mut r,
+    );
+    let out = o.handle(
+        1,
+        sampled(rb.clone(), vec![core.clone(), ra.clone()]),
+        &mut r,
+    );
+    assert_eq!(out, vec![], "waits for the other answer");
+    o.handle(
+        2,
+        Input::Rtt {
+            addr: addr("ra"),
+            rtt_us: 80_000,
+        },
+        &mut r,
+    );
+    let out = o.handle(2, sampled(ra, vec![core, rb]), &mut r);
+    assert_eq!(out, vec![attach("rb", false, Reason::Join)]);
+}
+
+/// A joiner that tried a full node on a stale advert, and is referred to one of its
+/// children, still takes a place as shallow that it measured nearer than that child.
+#[test]
+fn a_referral_gives_way_to_a_place_as_shallow_measured_nearer() {
+    let joined_under = |rb_rtt: Option<u64>| {
+        let mut r = rng(59);
+        let mut o = Overlay::new(
+            OverlayConfig {
+                choices: 3,
+                ..OverlayConfig::default()
+            },
+            ME.to_string(),
+            addr(ME),
+            false,
+            vec![addr("ra"), addr("rb")],
+        );
+        o.handle(0, Input::Tick, &mut r);
+        let ra = peer("ra", Some(1), 8, &["core", "ra"]);
+        let rb = peer("rb", Some(1), 2, &["core", "rb"]);
+        // The core's advert is stale: it says one slot is free.
+        let stale_core = core_info(1);
+        if let Some(rtt_us) = rb_rtt {
+            o.handle(
+                1,
+                Input::Rtt {
+                    addr: addr("rb"),
+                    rtt_us,
+                },
+                &mut r,
+            );
+        }
+        o.handle(1, sampled(rb.clone(), vec![stale_core.clone()]), &mut r);
+        o.handle(
+            2,
+            Input::Rtt {
+                addr: addr("ra"),
+                rtt_us: 80_000,
+            },
+            &mut r,
+        );
+        let out = o.handle(2, sampled(ra.clone(), vec![stale_core]), &mut r);
+        assert_eq!(out, vec![attach("core", false, Reason::Join)]);
+        let out = o.handle(
+            3,
+            Input::Refused {
+                addr: addr("core"),
+                referral: Some(ra),
+            },
+            &mut r,
+        );
+        match out.as_slice() {
+            [Output::Attach { addr, .. }] => addr.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(joined_under(Some(300)), addr("rb"));
+    // Unmeasured, rb does not beat the referral.
+    assert_eq!(joined_under(None), addr("ra"));
+}

@@ -106,6 +106,28 @@ impl<I: Id> Overlay<I> {
             .map(|(p, _)| *p)
     }
 
+    /// For a joiner referred to `referral`: a free place it knows that lands as shallow, in
+    /// a zone ranked as near ([`Self::zone_rank`]), and whose measured RTT is lower than the
+    /// referral's (unmeasured counts as the highest), the lowest such RTT first. A full node
+    /// refers a joiner to a child chosen by room alone, and the joiner may have ranked that
+    /// node first on a stale advert saying it had room; RTTs it measured still count.
+    pub(super) fn nearer_than(&self, referral: &I) -> Option<I> {
+        let e = self.view.get(referral)?;
+        let r = e.info.as_ref()?;
+        let (landing, rank) = (Self::landing(r), self.zone_rank(r));
+        let rtt = e.rtt_us.unwrap_or(u64::MAX);
+        self.known(|p| {
+            self.is_target(p)
+                && p.free_slots > 0
+                && Self::landing(p) <= landing
+                && self.zone_rank(p) <= rank
+        })
+        .into_iter()
+        .filter_map(|(p, m)| m.filter(|&m| m < rtt).map(|m| (m, p)))
+        .min_by_key(|(m, p)| (*m, &p.addr))
+        .map(|(_, p)| p.addr.clone())
+    }
+
     /// Whether zones order candidates at all: this node has one and `latency_slack` is
     /// above 0.
     pub(super) fn zoned(&self) -> bool {

@@ -319,8 +319,11 @@ impl<I: Id> Overlay<I> {
                             && !r.root_path.contains(&self.name)
                             && gains(&r) =>
                     {
-                        let addr = r.addr.clone();
+                        let mut addr = r.addr.clone();
                         self.learn(r);
+                        if !moving {
+                            addr = self.nearer_than(&addr).unwrap_or(addr);
+                        }
                         out.extend(self.attach(now, addr, moving, nearer, referrals + 1));
                     }
                     _ if !moving => out.extend(self.seek(now, rng)),
