@@ -30,15 +30,24 @@
 //!   below; the cached `root` is the file root of the current content.
 //! * `apply` rehashes only the changed chunks and the paths from them to the top:
 //!   O(k log n) hashes for k changed chunks of n.
+//! * `pieces[i]` is `None` or the piece chaining values of chunk `i`
+//!   ([`crate::merkle::piece_cvs`]); a write into a chunk that has them rehashes only the
+//!   pieces it touched ([`crate::merkle::PIECE`] bytes each) and rebuilds the leaf from them.
+//!   A chunk gets them the first time a write changes it, so they cost memory only for the
+//!   chunks that change.
 //! * A write past the end first extends the file with zeros up to `offset` (even when `data`
 //!   is empty); a truncate to a larger length extends it with zeros.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::merkle::{build_levels, check_shape, empty_tree_root, file_root, parent_at};
+use crate::merkle::{
+    build_levels, check_shape, empty_tree_root, file_root, leaf_from_pieces, parent_at, piece_cv,
+    piece_cvs, PieceCv, PIECE,
+};
 pub use crate::merkle::{
     check_chunk_size, chunk_count_for, chunk_len_for, hash_hex, leaf_hash, root_of,
 };
@@ -69,6 +78,7 @@ pub struct ChunkedFile {
     len: u64,
     version: u64,
     chunks: Vec<Bytes>,
+    pieces: Vec<Option<Arc<[PieceCv]>>>,
     levels: Vec<Vec<Hash>>,
     root: Hash,
 }
@@ -92,6 +102,10 @@ struct Staging {
     rehash: Vec<usize>,
     touched: Vec<usize>,
     zero: Option<(Bytes, Hash)>,
+    /// Byte ranges within a chunk that writes changed in place.
+    written: BTreeMap<usize, Vec<(usize, usize)>>,
+    /// Chunks changed otherwise (replaced, resized): their pieces are all rehashed.
+    reshaped: BTreeSet<usize>,
 }
 
 impl ChunkedFile {
@@ -174,6 +188,7 @@ impl ChunkedFile {
             max_len,
             len,
             version,
+            pieces: vec![None; chunks.len()],
             chunks,
             levels: build_levels(leaves),
             root: [0; 32],
@@ -280,6 +295,8 @@ impl ChunkedFile {
             rehash: Vec::new(),
             touched: Vec::new(),
             zero: None,
+            written: BTreeMap::new(),
+            reshaped: BTreeSet::new(),
         };
         for op in &update.ops {
             match op {
@@ -344,11 +361,13 @@ impl ChunkedFile {
     pub fn undo(&mut self, undo: Undo) {
         let count = self.chunks.len();
         self.chunks.resize(undo.count, Bytes::new());
+        self.pieces.resize(undo.count, None);
         self.levels[0].resize(undo.count, [0; 32]);
         let mut dirty = Vec::with_capacity(undo.chunks.len() + 1);
         for (i, chunk) in undo.chunks {
             self.levels[0][i] = leaf_hash(&chunk);
             self.chunks[i] = chunk;
+            self.pieces[i] = None;
             dirty.push(i);
         }
         if count != undo.count && undo.count > 0 {
@@ -385,6 +404,7 @@ impl ChunkedFile {
                 .or_insert_with(|| chunks[last].to_vec())
                 .resize(target, 0);
             st.rehash.push(last);
+            st.reshaped.insert(last);
         }
         let new_count = chunk_count_for(new_len, self.chunk_size) as usize;
         for i in self.chunks.len()..new_count {
@@ -403,6 +423,8 @@ impl ChunkedFile {
                 self.levels[0].push([0; 32]);
                 st.rehash.push(i);
             }
+            self.pieces.push(None);
+            st.reshaped.insert(i);
         }
         self.len = new_len;
     }
@@ -423,11 +445,14 @@ impl ChunkedFile {
                     None => self.chunks[last] = self.chunks[last].slice(..r),
                 }
                 st.rehash.push(last);
+                st.reshaped.insert(last);
             }
         }
         self.chunks.truncate(new_count);
+        self.pieces.truncate(new_count);
         self.levels[0].truncate(new_count);
         st.bufs.split_off(&new_count);
+        st.written.split_off(&new_count);
         self.len = new_len;
     }
 
@@ -446,13 +471,16 @@ impl ChunkedFile {
             let lo = offset.max(start);
             let hi = end.min(start + clen);
             let src = &data[(lo - offset) as usize..(hi - offset) as usize];
-            if lo == start && hi == start + clen {
+            let (lo, hi) = ((lo - start) as usize, (hi - start) as usize);
+            if lo == 0 && hi as u64 == clen {
                 st.bufs.remove(&i);
                 self.chunks[i] = Bytes::copy_from_slice(src);
+                st.reshaped.insert(i);
             } else {
                 let chunks = &self.chunks;
                 let buf = st.bufs.entry(i).or_insert_with(|| chunks[i].to_vec());
-                buf[(lo - start) as usize..(hi - start) as usize].copy_from_slice(src);
+                buf[lo..hi].copy_from_slice(src);
+                st.written.entry(i).or_default().push((lo, hi));
             }
             st.rehash.push(i);
         }
@@ -464,6 +492,8 @@ impl ChunkedFile {
             bufs,
             mut rehash,
             touched,
+            written,
+            reshaped,
             ..
         } = st;
         for (i, buf) in bufs {
@@ -474,7 +504,8 @@ impl ChunkedFile {
         rehash.sort_unstable();
         rehash.dedup();
         for &i in &rehash {
-            self.levels[0][i] = leaf_hash(&self.chunks[i]);
+            let ranges = written.get(&i).filter(|_| !reshaped.contains(&i));
+            self.levels[0][i] = self.rehash_chunk(i, ranges.map(Vec::as_slice));
         }
         let mut dirty = rehash;
         dirty.extend(touched.into_iter().filter(|&i| i < count));
@@ -485,6 +516,39 @@ impl ChunkedFile {
         dirty.dedup();
         self.update_tree(dirty);
         self.root = self.compute_root();
+    }
+
+    /// The leaf hash of chunk `i` after a change, keeping its piece chaining values: only the
+    /// pieces that `written` (byte ranges within the chunk) touched are rehashed when the chunk
+    /// had them and changed only there; all of them otherwise. A chunk of at most one piece is
+    /// hashed whole and keeps none.
+    fn rehash_chunk(&mut self, i: usize, written: Option<&[(usize, usize)]>) -> Hash {
+        let chunk = &self.chunks[i];
+        if chunk.len() <= PIECE {
+            self.pieces[i] = None;
+            return leaf_hash(chunk);
+        }
+        let count = chunk.len().div_ceil(PIECE);
+        let cvs: Arc<[PieceCv]> = match (self.pieces[i].take(), written) {
+            (Some(old), Some(ranges)) if old.len() == count => {
+                let mut cvs = old.to_vec();
+                let mut ks: Vec<usize> = ranges
+                    .iter()
+                    .filter(|(lo, hi)| hi > lo)
+                    .flat_map(|&(lo, hi)| lo / PIECE..=(hi - 1) / PIECE)
+                    .collect();
+                ks.sort_unstable();
+                ks.dedup();
+                for k in ks {
+                    cvs[k] = piece_cv(chunk, k);
+                }
+                cvs.into()
+            }
+            _ => piece_cvs(chunk).into(),
+        };
+        let leaf = leaf_from_pieces(chunk.len(), &cvs);
+        self.pieces[i] = Some(cvs);
+        leaf
     }
 
     /// Recomputes the ancestors of the sorted, deduplicated leaf indices in `dirty`, resizing
@@ -682,6 +746,16 @@ mod tests {
             f.root(),
             root_of(f.chunk_size(), f.len(), &f.chunk_hashes())
         );
+        assert_eq!(f.pieces.len(), f.chunks.len());
+        for (i, (chunk, pieces)) in f.chunks.iter().zip(&f.pieces).enumerate() {
+            if let Some(p) = pieces {
+                assert_eq!(
+                    &p[..],
+                    &crate::merkle::piece_cvs(chunk)[..],
+                    "pieces of chunk {i}"
+                );
+            }
+        }
         let cs = u64::from(f.chunk_size());
         assert_eq!(f.chunk_count(), f.len().div_ceil(cs));
         for i in 0..f.chunk_count() {
@@ -1150,6 +1224,50 @@ mod tests {
 
     fn chunk_size_strategy() -> impl Strategy<Value = u32> {
         prop::sample::select(vec![1u32, 4, 16, 64])
+    }
+
+    /// Writes of up to two pieces anywhere in a file of a few chunks of several pieces, and
+    /// now and then a truncate or an extension.
+    fn piece_update_strategy() -> impl Strategy<Value = Update> {
+        let op = prop_oneof![
+            8 => (0u64..100_000, prop::collection::vec(any::<u8>(), 0..9000))
+                .prop_map(|(offset, d)| Op::Write { offset, data: Bytes::from(d) }),
+            1 => (0u64..110_000).prop_map(|len| Op::Truncate { len }),
+        ];
+        prop::collection::vec(op, 0..4).prop_map(|ops| Update { ops })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Chunks of 4 and 16 pieces: after every update the leaves and the root equal those
+        /// of the model's bytes hashed afresh, with only the touched pieces rehashed.
+        #[test]
+        fn prop_piece_hashes_match_the_model(
+            cs in prop::sample::select(vec![16_384u32, 65_536]),
+            init_len in 0usize..100_000,
+            updates in prop::collection::vec(piece_update_strategy(), 1..10),
+        ) {
+            let max = 128 * 1024;
+            let init: Vec<u8> = (0..init_len).map(|i| (i % 251) as u8).collect();
+            let mut f = ChunkedFile::from_bytes(cs, max, &init, 0).unwrap();
+            let mut model = init;
+            for (n, u) in updates.iter().enumerate() {
+                let snap = f.clone();
+                let prev_root = f.root();
+                let res = f.apply(n as u64 + 1, u);
+                if let Some(next) = model_apply(&model, u, max) {
+                    prop_assert!(res.is_ok());
+                    model = next;
+                }
+                let fresh = ChunkedFile::from_bytes(cs, max, &model, 0).unwrap();
+                prop_assert_eq!(f.root(), fresh.root());
+                prop_assert_eq!(&f.levels, &fresh.levels);
+                prop_assert_eq!(snap.root(), prev_root);
+                assert_consistent(&snap);
+            }
+            assert_consistent(&f);
+        }
     }
 
     proptest! {

@@ -6,6 +6,11 @@
 //! BLAKE3(""), of one leaf that leaf; the file root = BLAKE3(0x02 || len u64 LE || chunk_size
 //! u32 LE || tree root). Leaves carry no prefix: the shape of the tree is fixed by the length
 //! and chunk size, which the file root commits to.
+//!
+//! A chunk longer than [`PIECE`] also has *piece* chaining values: BLAKE3's own chaining value
+//! of each [`PIECE`]-byte piece (the last may be short), from which [`leaf_from_pieces`] rebuilds
+//! exactly `BLAKE3(chunk)`. A small write then rehashes the pieces it touched and the few parent
+//! nodes above them, not the whole chunk.
 
 use crate::update::{FileError, Hash, MAX_CHUNK_COUNT, MAX_CHUNK_SIZE};
 
@@ -58,6 +63,52 @@ pub fn chunk_len_for(len: u64, chunk_size: u32, index: u64) -> u64 {
 /// Leaf hash of one chunk.
 pub fn leaf_hash(chunk: &[u8]) -> Hash {
     *blake3::hash(chunk).as_bytes()
+}
+
+/// Bytes per piece of a chunk whose BLAKE3 chaining value is kept (see [`piece_cvs`]). 4 KiB: a
+/// 100-byte write into a 64 KiB chunk rehashes one piece and merges 15 parents (79
+/// compressions against 1 087 for the whole chunk), for 32 bytes kept per 4 KiB (0.8 %). A
+/// power of two and a multiple of BLAKE3's 1 KiB chunk, so every whole piece is a subtree of the
+/// chunk's BLAKE3 tree.
+pub const PIECE: usize = 4096;
+
+/// BLAKE3's chaining value of one piece or subtree of a chunk (not a hash by itself).
+pub type PieceCv = blake3::hazmat::ChainingValue;
+
+/// The chaining value of piece `k` of `chunk` (`chunk.len() > PIECE`; the last piece may be
+/// short).
+pub fn piece_cv(chunk: &[u8], k: usize) -> PieceCv {
+    use blake3::hazmat::HasherExt;
+    let lo = k * PIECE;
+    let hi = (lo + PIECE).min(chunk.len());
+    blake3::Hasher::new()
+        .set_input_offset(lo as u64)
+        .update(&chunk[lo..hi])
+        .finalize_non_root()
+}
+
+/// The chaining values of every piece of `chunk` (`chunk.len() > PIECE`).
+pub fn piece_cvs(chunk: &[u8]) -> Vec<PieceCv> {
+    (0..chunk.len().div_ceil(PIECE))
+        .map(|k| piece_cv(chunk, k))
+        .collect()
+}
+
+/// `BLAKE3(chunk)` of a chunk of `len > PIECE` bytes from its [`piece_cvs`]: the same
+/// splits as BLAKE3's tree (the left subtree the largest power of two of its 1 KiB chunks
+/// below the length), every one at a multiple of [`PIECE`] until a part is one piece.
+pub fn leaf_from_pieces(len: usize, cvs: &[PieceCv]) -> Hash {
+    use blake3::hazmat::{left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, Mode};
+    fn node(off: usize, len: usize, cvs: &[PieceCv]) -> PieceCv {
+        if len <= PIECE {
+            return cvs[off / PIECE];
+        }
+        let l = left_subtree_len(len as u64) as usize;
+        merge_subtrees_non_root(&node(off, l, cvs), &node(off + l, len - l, cvs), Mode::Hash)
+    }
+    debug_assert!(len > PIECE && cvs.len() == len.div_ceil(PIECE));
+    let l = left_subtree_len(len as u64) as usize;
+    *merge_subtrees_root(&node(0, l, cvs), &node(l, len - l, cvs), Mode::Hash).as_bytes()
 }
 
 /// Lowercase hex of a hash.
@@ -124,4 +175,46 @@ pub fn root_of(chunk_size: u32, len: u64, chunk_hashes: &[Hash]) -> Hash {
         }
     };
     file_root(len, chunk_size, &tree)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn pieces_rebuild_the_chunk_hash_at_every_boundary() {
+        let data: Vec<u8> = (0..3 * 65536 + 7).map(|i| (i * 31 % 251) as u8).collect();
+        for len in [
+            PIECE + 1,
+            2 * PIECE - 1,
+            2 * PIECE,
+            2 * PIECE + 1,
+            3 * PIECE,
+            5 * PIECE + 100,
+            8 * PIECE,
+            65535,
+            65536,
+            65537,
+            3 * 65536 + 7,
+        ] {
+            let chunk = &data[..len];
+            assert_eq!(
+                leaf_from_pieces(len, &piece_cvs(chunk)),
+                leaf_hash(chunk),
+                "len {len}"
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn pieces_rebuild_the_hash_of_any_chunk_longer_than_a_piece(
+            len in PIECE + 1..200_000usize,
+            seed in any::<u8>(),
+        ) {
+            let chunk: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed | 1)).collect();
+            prop_assert_eq!(leaf_from_pieces(len, &piece_cvs(&chunk)), leaf_hash(&chunk));
+        }
+    }
 }

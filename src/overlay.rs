@@ -420,6 +420,8 @@ struct Parent<I> {
     root_path: Vec<I>,
     /// Its zone class against this node's ([`Overlay::zone_class`]), from the view.
     zone_class: u8,
+    /// Its zone, from the view.
+    zone: Option<I>,
 }
 
 /// The join or move under way: nothing, sampling candidates, or attaching to one.
@@ -467,6 +469,9 @@ pub struct Overlay<I = String> {
     /// once the tree has grown, which a slot freed for a moment does not lower.
     landing_high: u32,
     zone: Option<I>,
+    /// The zones of the cores this node's bootstrap entries advertise: among places outside
+    /// its own zone, one in a core's zone adds no second edge between zones to the path.
+    core_zones: Vec<I>,
     next_shuffle: u64,
     next_rebalance: u64,
     reason: Reason,
@@ -517,6 +522,7 @@ impl<I: Id> Overlay<I> {
             core_landing: u32::MAX,
             landing_high: 0,
             zone: None,
+            core_zones: Vec::new(),
             next_shuffle: 0,
             next_rebalance: 0,
             reason: Reason::Join,

@@ -1054,6 +1054,11 @@ fn is_candidate_answers_as_before_at_every_depth_and_core_landing() {
                     depth: mine - 1,
                     root_path: path.clone(),
                     zone_class,
+                    zone: if zone_class == 1 {
+                        None
+                    } else {
+                        zone(zone_class.into())
+                    },
                 });
                 o.core_landing = landing;
                 o.landing_high = if landing == u32::MAX { 0 } else { landing };
@@ -1970,4 +1975,199 @@ fn the_zone_fill_follows_the_deepest_room_the_cores_advertised() {
     .with_zone(Some("b".to_string()));
     plain.handle(0, sampled(core(0, 3), vec![]), &mut r);
     assert_eq!(plain.zone_fill(), 0);
+}
+
+/// A full core in `zone` whose shallowest room is `room` levels down.
+fn zoned_core(zone: &str, room: u32) -> Peer {
+    Peer::new(PeerInfo {
+        name: "core".to_string(),
+        addr: addr("core"),
+        depth: Some(0),
+        free_slots: 0,
+        root_path: vec!["core".to_string()],
+        height: room + 1,
+        room,
+        zone: Some(zone.to_string()),
+    })
+}
+
+#[test]
+fn a_place_in_a_cores_zone_beats_one_in_a_third_zone_at_equal_depth() {
+    let pick = |core_zone_known: bool| {
+        let mut r = rng(55);
+        let mut o = relay_with(OverlayConfig {
+            choices: 4,
+            ..OverlayConfig::default()
+        })
+        .with_zone(Some("b".to_string()));
+        if core_zone_known {
+            o.handle(0, sampled(zoned_core("a", 4), vec![]), &mut r);
+        }
+        o.handle(
+            0,
+            gossip(vec![zoned("c1", 2, 5, "c"), zoned("a1", 2, 1, "a")]),
+            &mut r,
+        );
+        match o.handle(0, Input::Tick, &mut r).as_slice() {
+            [Output::Attach { addr, .. }] => addr.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    // Without the core's zone the third zone's place wins on its free slots; with it, the
+    // place in the core's zone, whose path crosses no zone, wins.
+    assert_eq!(pick(false), addr("c1"));
+    assert_eq!(pick(true), addr("a1"));
+}
+
+#[test]
+fn a_node_below_a_third_zone_moves_to_a_cores_zone_no_deeper_than_now() {
+    let mut r = rng(56);
+    let mut o = relay().with_zone(Some("b".to_string()));
+    o.handle(0, sampled(zoned_core("a", 4), vec![]), &mut r);
+    let p = zoned("c1", 1, 3, "c");
+    o.handle(0, gossip(vec![p.clone()]), &mut r);
+    o.handle(0, Input::Tick, &mut r);
+    o.handle(1, attached(&p), &mut r);
+    assert_eq!(o.depth(), Some(2));
+    // A place in the core's zone landing deeper than now is not taken; one landing where the
+    // node hangs now is, and so is one in its own zone down to the fill.
+    o.handle(2, gossip(vec![zoned("a3", 2, 2, "a")]), &mut r);
+    assert_eq!(o.nearer_place(), None);
+    o.handle(2, gossip(vec![zoned("a2", 1, 2, "a")]), &mut r);
+    assert_eq!(o.nearer_place().map(|p| p.addr.clone()), Some(addr("a2")));
+    o.handle(2, gossip(vec![zoned("b4", 4, 2, "b")]), &mut r);
+    assert_eq!(o.nearer_place().map(|p| p.addr.clone()), Some(addr("b4")));
+}
+
+#[test]
+fn a_node_below_a_cores_zone_moves_only_into_its_own() {
+    let mut r = rng(57);
+    let mut o = relay().with_zone(Some("b".to_string()));
+    o.handle(0, sampled(zoned_core("a", 4), vec![]), &mut r);
+    let p = zoned("a1", 2, 3, "a");
+    o.handle(0, gossip(vec![p.clone()]), &mut r);
+    o.handle(0, Input::Tick, &mut r);
+    o.handle(1, attached(&p), &mut r);
+    assert_eq!(o.depth(), Some(3));
+    o.handle(
+        2,
+        gossip(vec![zoned("a2", 1, 2, "a"), zoned("c1", 1, 2, "c")]),
+        &mut r,
+    );
+    assert_eq!(o.nearer_place(), None);
+}
+
+/// A joiner that sampled two equally shallow parents (the RTT of each handed over before its
+/// answer, as the runtime does) takes the nearer one over the one with more free slots.
+#[test]
+fn a_joiner_takes_the_sampled_parent_with_the_lower_rtt() {
+    let mut r = rng(58);
+    let mut o = Overlay::new(
+        OverlayConfig {
+            choices: 3,
+            ..OverlayConfig::default()
+        },
+        ME.to_string(),
+        addr(ME),
+        false,
+        vec![addr("ra"), addr("rb")],
+    );
+    let asked: Vec<String> = o
+        .handle(0, Input::Tick, &mut r)
+        .into_iter()
+        .filter_map(|out| match out {
+            Output::RequestSample { addr, .. } => Some(addr),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, vec![addr("ra"), addr("rb")]);
+    let ra = peer("ra", Some(1), 8, &["core", "ra"]);
+    let rb = peer("rb", Some(1), 2, &["core", "rb"]);
+    let mut core = (*core_info(0)).clone();
+    core.room = 1;
+    let core = Peer::new(core);
+    o.handle(
+        1,
+        Input::Rtt {
+            addr: addr("rb"),
+            rtt_us: 300,
+        },
+        &mut r,
+    );
+    let out = o.handle(
+        1,
+        sampled(rb.clone(), vec![core.clone(), ra.clone()]),
+        &mut r,
+    );
+    assert_eq!(out, vec![], "waits for the other answer");
+    o.handle(
+        2,
+        Input::Rtt {
+            addr: addr("ra"),
+            rtt_us: 80_000,
+        },
+        &mut r,
+    );
+    let out = o.handle(2, sampled(ra, vec![core, rb]), &mut r);
+    assert_eq!(out, vec![attach("rb", false, Reason::Join)]);
+}
+
+/// A joiner that tried a full node on a stale advert, and is referred to one of its
+/// children, still takes a place as shallow that it measured nearer than that child.
+#[test]
+fn a_referral_gives_way_to_a_place_as_shallow_measured_nearer() {
+    let joined_under = |rb_rtt: Option<u64>| {
+        let mut r = rng(59);
+        let mut o = Overlay::new(
+            OverlayConfig {
+                choices: 3,
+                ..OverlayConfig::default()
+            },
+            ME.to_string(),
+            addr(ME),
+            false,
+            vec![addr("ra"), addr("rb")],
+        );
+        o.handle(0, Input::Tick, &mut r);
+        let ra = peer("ra", Some(1), 8, &["core", "ra"]);
+        let rb = peer("rb", Some(1), 2, &["core", "rb"]);
+        // The core's advert is stale: it says one slot is free.
+        let stale_core = core_info(1);
+        if let Some(rtt_us) = rb_rtt {
+            o.handle(
+                1,
+                Input::Rtt {
+                    addr: addr("rb"),
+                    rtt_us,
+                },
+                &mut r,
+            );
+        }
+        o.handle(1, sampled(rb.clone(), vec![stale_core.clone()]), &mut r);
+        o.handle(
+            2,
+            Input::Rtt {
+                addr: addr("ra"),
+                rtt_us: 80_000,
+            },
+            &mut r,
+        );
+        let out = o.handle(2, sampled(ra.clone(), vec![stale_core]), &mut r);
+        assert_eq!(out, vec![attach("core", false, Reason::Join)]);
+        let out = o.handle(
+            3,
+            Input::Refused {
+                addr: addr("core"),
+                referral: Some(ra),
+            },
+            &mut r,
+        );
+        match out.as_slice() {
+            [Output::Attach { addr, .. }] => addr.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(joined_under(Some(300)), addr("rb"));
+    // Unmeasured, rb does not beat the referral.
+    assert_eq!(joined_under(None), addr("ra"));
 }

@@ -404,6 +404,22 @@ mod tests {
     use super::*;
     use crate::tls;
 
+    #[test]
+    fn a_key_of_the_wrong_length_or_kind_is_refused_with_its_reason() {
+        const ED25519: &str = "1.3.101.112";
+        for len in [0, 31, 33, 65] {
+            let e = PublicKey::parse(ED25519, None, &vec![9u8; len]).err();
+            assert_eq!(e, Some(format!("an Ed25519 key of {len} bytes")));
+        }
+        let e = PublicKey::parse("1.2.840.10045.2.1", Some("1.3.132.0.34"), &[4u8; 97]).err();
+        assert!(e.is_some_and(|e| e.starts_with("unsupported key")));
+        let e = PublicKey::parse("1.2.840.113549.1.1.1", None, &[1u8; 270]).err();
+        assert!(e.is_some_and(|e| e.starts_with("unsupported key")));
+        let good = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]).verifying_key();
+        let k = PublicKey::parse(ED25519, None, good.as_bytes()).expect("a valid key");
+        assert_eq!(k.tag_and_bytes(), (1, &good.as_bytes()[..]));
+    }
+
     fn identities(dir: &std::path::Path) -> (Identity, Identity, Identity) {
         let ca = dir.join("ca");
         tls::ca_init(&ca).unwrap();

@@ -389,3 +389,95 @@ async fn a_relays_streamed_watch_reports_versions_and_its_file() {
     let (_, root_hex) = version_root(&c, &r1).await.unwrap();
     assert_eq!(lines.last().unwrap()["root"], root_hex.as_str());
 }
+
+/// A node from before streamed watches: `/v1/watch` is a long poll that answers one whole
+/// status once the node's version is above `after` (or at `timeout`) and closes. This one
+/// goes from version 1 to 5, a version every 200 ms, and counts the requests.
+async fn old_node(
+    listener: tokio::net::TcpListener,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = Instant::now();
+    let version = move || (1 + start.elapsed().as_millis() as u64 / 200).min(5);
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            return;
+        };
+        requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::spawn(async move {
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let line = String::from_utf8_lossy(&req)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string();
+            let param = |k: &str| -> Option<f64> {
+                line.split([' ', '?', '&'])
+                    .find_map(|p| p.strip_prefix(&format!("{k}=")))
+                    .and_then(|v| v.parse().ok())
+            };
+            let after = param("after").unwrap_or(0.0) as u64;
+            let until = Instant::now() + Duration::from_secs_f64(param("timeout").unwrap_or(30.0));
+            while version() <= after && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let v = version();
+            let body = format!(
+                r#"{{"name":"old","role":"relay","version":{v},"root":"{:064x}","synced":true}}"#,
+                v
+            );
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn it_follows_a_node_that_predates_streamed_watches() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let server = tokio::spawn(old_node(listener, requests.clone()));
+    let _w = Watcher::start(
+        root,
+        api,
+        &[
+            "--exec",
+            r#"echo "end $CANOPY_VERSION $CANOPY_ROOT" >> runs.log"#,
+            "--min-interval",
+            "100ms",
+        ],
+    );
+    wait_until(60, "a run on version 5", || async {
+        ended(root).last() == Some(&5)
+    })
+    .await;
+    let seen = ended(root);
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "runs in version order: {seen:?}"
+    );
+    assert!(
+        runs(root).contains(&format!("end 5 {:064x}", 5)),
+        "CANOPY_ROOT from the old status: {:?}",
+        runs(root)
+    );
+    // One request per version, not a tight loop of immediate answers.
+    let n = requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((5..=12).contains(&n), "{n} requests for 5 versions");
+    server.abort();
+}

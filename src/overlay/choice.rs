@@ -44,9 +44,44 @@ impl<I: Id> Overlay<I> {
         (zone, rtt_us.unwrap_or(u64::MAX))
     }
 
+    /// The order of zones among places: this node's own (0), a core's zone (1: its path
+    /// from the core crosses no zone, so hanging there costs one edge between zones),
+    /// unknown (2), any other (3: its path may already have crossed one).
+    pub(super) fn zone_rank(&self, p: &PeerInfo<I>) -> u8 {
+        self.rank_of(p.zone.as_ref())
+    }
+
+    fn rank_of(&self, zone: Option<&I>) -> u8 {
+        match (&self.zone, zone) {
+            (Some(a), Some(b)) if a == b => 0,
+            (Some(_), Some(b)) if self.core_zones.contains(b) => 1,
+            (Some(_), Some(_)) => 3,
+            _ => 2,
+        }
+    }
+
+    /// With zones on and a parent in another zone: the highest [`Self::zone_rank`] a move
+    /// may go to. From a parent in a core's zone only this node's own zone (0); from one in
+    /// a third zone also a core's zone (1), whose path crosses no zone before this edge.
+    pub(super) fn across_rank(&self) -> Option<u8> {
+        if !self.zoned() {
+            return None;
+        }
+        let parent = self.parent.as_ref()?;
+        if parent.zone_class != 2 {
+            return None;
+        }
+        Some(if self.rank_of(parent.zone.as_ref()) == 3 {
+            1
+        } else {
+            0
+        })
+    }
+
     /// The best place among `cands`: the shallowest landing, except that one in this
     /// node's zone wins over one elsewhere while it lands no deeper than
-    /// [`Self::zone_limit`]; then the lower RTT, free before full, more free slots, the
+    /// [`Self::zone_limit`], and one in a core's zone over one in a third
+    /// ([`Self::zone_rank`]); then the lower RTT, free before full, more free slots, the
     /// lower address.
     pub(super) fn best<'a>(&self, cands: &[(&'a Peer<I>, Option<u64>)]) -> Option<&'a Peer<I>> {
         let top = cands.iter().map(|(p, _)| Self::landing(p)).min()?;
@@ -58,9 +93,9 @@ impl<I: Id> Overlay<I> {
             .iter()
             .filter(|(p, _)| Self::landing(p) <= if self.zone_class(p) == 0 { near } else { far })
             .min_by_key(|(p, rtt)| {
-                let (zone, rtt) = self.nearness(p, *rtt);
+                let (_, rtt) = self.nearness(p, *rtt);
                 (
-                    zone,
+                    self.zone_rank(p),
                     Self::landing(p),
                     rtt,
                     p.free_slots == 0,
@@ -69,6 +104,28 @@ impl<I: Id> Overlay<I> {
                 )
             })
             .map(|(p, _)| *p)
+    }
+
+    /// For a joiner referred to `referral`: a free place it knows that lands as shallow, in
+    /// a zone ranked as near ([`Self::zone_rank`]), and whose measured RTT is lower than the
+    /// referral's (unmeasured counts as the highest), the lowest such RTT first. A full node
+    /// refers a joiner to a child chosen by room alone, and the joiner may have ranked that
+    /// node first on a stale advert saying it had room; RTTs it measured still count.
+    pub(super) fn nearer_than(&self, referral: &I) -> Option<I> {
+        let e = self.view.get(referral)?;
+        let r = e.info.as_ref()?;
+        let (landing, rank) = (Self::landing(r), self.zone_rank(r));
+        let rtt = e.rtt_us.unwrap_or(u64::MAX);
+        self.known(|p| {
+            self.is_target(p)
+                && p.free_slots > 0
+                && Self::landing(p) <= landing
+                && self.zone_rank(p) <= rank
+        })
+        .into_iter()
+        .filter_map(|(p, m)| m.filter(|&m| m < rtt).map(|m| (m, p)))
+        .min_by_key(|(m, p)| (*m, &p.addr))
+        .map(|(_, p)| p.addr.clone())
     }
 
     /// Whether zones order candidates at all: this node has one and `latency_slack` is
@@ -147,6 +204,21 @@ impl<I: Id> Overlay<I> {
         if self.core_landing != u32::MAX {
             self.landing_high = self.landing_high.max(self.core_landing);
         }
+        if self.zoned() {
+            let zones: Vec<I> = self
+                .view
+                .values()
+                .filter(|e| e.boot)
+                .filter_map(|e| e.info.as_ref())
+                .filter(|p| p.depth == Some(0))
+                .filter_map(|p| p.zone.clone())
+                .collect();
+            for z in zones {
+                if !self.core_zones.contains(&z) {
+                    self.core_zones.push(z);
+                }
+            }
+        }
     }
 
     /// Whether a parent at `depth` puts this node [`Self::min_gain`] levels nearer the core.
@@ -184,25 +256,25 @@ impl<I: Id> Overlay<I> {
     }
 
     /// For a node whose parent is in another zone, with zones on: the best place in its
-    /// own zone within [`Self::nearer_limit`].
+    /// own zone within [`Self::nearer_limit`], or, from a parent in a third zone, in a
+    /// core's zone no deeper than now ([`Self::across_rank`]).
     pub(super) fn nearer_place(&self) -> Option<Peer<I>> {
-        if !self.zoned() {
-            return None;
-        }
+        let rank = self.across_rank()?;
         let parent = self.parent.as_ref()?;
-        if parent.zone_class != 2 {
-            return None;
-        }
-        let limit = self.nearer_limit();
-        let near = |p: &Peer<I>| self.is_nearer(p, &parent.addr, limit);
+        let near = |p: &Peer<I>| self.is_nearer(p, &parent.addr, rank);
         self.best(&self.known(near)).map(Arc::clone)
     }
 
-    /// Whether `p` is a place in this node's zone, not its parent (at `parent`), with room
-    /// landing no deeper than `limit`.
-    pub(super) fn is_nearer(&self, p: &Peer<I>, parent: &I, limit: u32) -> bool {
-        self.zone_class(p) == 0
-            && p.addr != *parent
+    /// Whether `p` is a place a node whose parent (at `parent`) is in another zone may move
+    /// to: not its parent, with room, of [`Self::zone_rank`] at most `rank`, landing no
+    /// deeper than [`Self::nearer_limit`] in this node's zone or than now in a core's.
+    pub(super) fn is_nearer(&self, p: &Peer<I>, parent: &I, rank: u8) -> bool {
+        let limit = match self.zone_rank(p) {
+            0 => self.nearer_limit(),
+            r if r <= rank => self.depth().unwrap_or(0),
+            _ => return false,
+        };
+        p.addr != *parent
             && (p.free_slots > 0 || p.room > 0)
             && Self::landing(p) <= limit
             && self.is_eligible(p)

@@ -262,14 +262,14 @@ impl<I: Id> Overlay<I> {
                 self.fruitless = 0;
                 self.probe_after = 0;
                 self.idle_rebalances = 0;
+                let info = self.view.get(&addr).and_then(|e| e.info.as_ref());
+                let zone = info.and_then(|i| i.zone.clone());
+                let zone_class = info.map_or(1, |i| self.zone_class(i));
                 self.set_parent(
                     now,
                     Some(Parent {
-                        zone_class: self
-                            .view
-                            .get(&addr)
-                            .and_then(|e| e.info.as_ref())
-                            .map_or(1, |i| self.zone_class(i)),
+                        zone_class,
+                        zone,
                         addr: addr.clone(),
                         name,
                         depth,
@@ -319,8 +319,11 @@ impl<I: Id> Overlay<I> {
                             && !r.root_path.contains(&self.name)
                             && gains(&r) =>
                     {
-                        let addr = r.addr.clone();
+                        let mut addr = r.addr.clone();
                         self.learn(r);
+                        if !moving {
+                            addr = self.nearer_than(&addr).unwrap_or(addr);
+                        }
                         out.extend(self.attach(now, addr, moving, nearer, referrals + 1));
                     }
                     _ if !moving => out.extend(self.seek(now, rng)),

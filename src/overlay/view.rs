@@ -157,13 +157,12 @@ impl<I: Id> Overlay<I> {
             && self.is_eligible(p)
     }
 
-    /// Whether `p` is a place [`Self::nearer_place`] would take: this node's parent is in
-    /// another zone and `p` is in its own, within [`Self::nearer_limit`].
+    /// Whether `p` is a place in this node's zone that [`Self::nearer_place`] would take
+    /// (a place in a core's zone waits for the next rebalance check: such places are few
+    /// and sought by their own zone, so an advert of one is often stale).
     fn is_nearer_move(&self, p: &Peer<I>) -> bool {
-        match &self.parent {
-            Some(parent) if parent.zone_class == 2 && self.zoned() => {
-                self.is_nearer(p, &parent.addr, self.nearer_limit())
-            }
+        match (self.across_rank(), &self.parent) {
+            (Some(_), Some(parent)) => self.is_nearer(p, &parent.addr, 0),
             _ => false,
         }
     }
@@ -183,7 +182,7 @@ impl<I: Id> Overlay<I> {
     pub(super) fn choose<R: Rng>(&self, rng: &mut R) -> Option<Peer<I>> {
         let mut cands = self.known(|p| self.is_target(p));
         if self.zoned() {
-            // The d choices are drawn from the nearest zone class among the targets that
+            // The d choices are drawn from the nearest zone rank among the targets that
             // [`Self::best`] would let win.
             let top = cands.iter().map(|(p, _)| Self::landing(p)).min()?;
             let (near, far) = (
@@ -193,8 +192,8 @@ impl<I: Id> Overlay<I> {
             cands.retain(|(p, _)| {
                 Self::landing(p) <= if self.zone_class(p) == 0 { near } else { far }
             });
-            let class = cands.iter().map(|(p, _)| self.zone_class(p)).min()?;
-            cands.retain(|(p, _)| self.zone_class(p) == class);
+            let rank = cands.iter().map(|(p, _)| self.zone_rank(p)).min()?;
+            cands.retain(|(p, _)| self.zone_rank(p) == rank);
         }
         let k = if self.children.is_empty() {
             self.cfg.choices
