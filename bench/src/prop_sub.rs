@@ -48,7 +48,9 @@
 //! process; `cpu_us_per_delivery` divides it by writes x subscribers. The window runs from
 //! the first write to the last arrival plus `--tail-ms` (work a write leaves behind, such
 //! as a relay materializing its `--file`, falls in it). The replicas' disk writes
-//! (`/proc/PID/io`) over the same window, per delivery, are `disk_bytes_per_delivery`. With
+//! (`/proc/PID/io`) over the same window, per delivery, are `disk_bytes_per_delivery`, and
+//! their voluntary context switches (summed over their live threads), per delivery, are
+//! `wakeups_per_delivery`: how often a delivery puts a replica's thread to sleep. With
 //! `--idle-secs S`, the same counters are first read over S seconds with every subscriber
 //! ready and no write: `idle_ms_per_s_per_replica` is the CPU an idle replica (Canopy
 //! in-process: an idle relay of this process) spends per second.
@@ -60,7 +62,7 @@
 
 use canopy::measure::percentile;
 use canopy_bench::etcd_gateway::{self, base};
-use canopy_bench::{cpu_seconds, disk_write_bytes};
+use canopy_bench::{cpu_seconds, disk_write_bytes, voluntary_switches};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -221,6 +223,7 @@ struct Counters {
     self_cpu: f64,
     root_disk: Option<u64>,
     replicas_disk: Option<u64>,
+    replicas_wakeups: Option<u64>,
 }
 
 /// What the counters grew by over `secs` seconds.
@@ -231,19 +234,21 @@ struct Spent {
     self_cpu: f64,
     root_disk: Option<u64>,
     replicas_disk: Option<u64>,
+    replicas_wakeups: Option<u64>,
 }
 
 impl Counters {
     fn since(&self, before: &Counters, elapsed: Duration) -> Spent {
         let cpu = |a: Option<f64>, b: Option<f64>| Some(round2(b? - a?));
-        let disk = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+        let grew = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
         Spent {
             secs: elapsed.as_secs_f64(),
             root_cpu: cpu(before.root_cpu, self.root_cpu),
             replicas_cpu: cpu(before.replicas_cpu, self.replicas_cpu),
             self_cpu: round2(self.self_cpu - before.self_cpu),
-            root_disk: disk(before.root_disk, self.root_disk),
-            replicas_disk: disk(before.replicas_disk, self.replicas_disk),
+            root_disk: grew(before.root_disk, self.root_disk),
+            replicas_disk: grew(before.replicas_disk, self.replicas_disk),
+            replicas_wakeups: grew(before.replicas_wakeups, self.replicas_wakeups),
         }
     }
 }
@@ -717,6 +722,12 @@ async fn main() -> anyhow::Result<()> {
                 .filter_map(|&p| disk_write_bytes(p))
                 .sum()
         }),
+        replicas_wakeups: (!replica_pids.is_empty()).then(|| {
+            replica_pids
+                .iter()
+                .filter_map(|&p| voluntary_switches(p))
+                .sum()
+        }),
     };
     let token = match &args.token_file {
         Some(f) => std::fs::read_to_string(f)
@@ -1060,6 +1071,7 @@ async fn main() -> anyhow::Result<()> {
             "replicas_cpu_s": i.replicas_cpu,
             "self_cpu_s": i.self_cpu,
             "replicas_disk_write_bytes": i.replicas_disk,
+            "replicas_voluntary_switches": i.replicas_wakeups,
             "ms_per_s_per_replica": per_replica.map(|c| round3(c * 1e3 / i.secs / n as f64)),
             "root_ms_per_s": i.root_cpu.map(|c| round3(c * 1e3 / i.secs)),
         })
@@ -1147,6 +1159,8 @@ async fn main() -> anyhow::Result<()> {
         "root_disk_write_bytes": cost.root_disk,
         "replicas_disk_write_bytes": cost.replicas_disk,
         "disk_bytes_per_delivery": cost.replicas_disk.map(|b| (b as f64 / deliveries).round()),
+        "replicas_voluntary_switches": cost.replicas_wakeups,
+        "wakeups_per_delivery": cost.replicas_wakeups.map(|b| round3(b as f64 / deliveries)),
         "idle": idle_json,
         "file_bytes": if args.kind.is_canopy() { Some(args.file_size) } else { None },
         "replica_processes": if replica_pids.is_empty() { None } else { Some(replica_pids.len()) },
