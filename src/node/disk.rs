@@ -69,6 +69,13 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf, m: Mate
         if let Some((file, sealed, signer)) = shown {
             let key = (file.version(), file.root());
             if written != Some(key) {
+                if let Some(d) = m.as_ref().and_then(|m| m.wait_for(Instant::now())) {
+                    tokio::select! {
+                        _ = shared.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(d) => {}
+                    }
+                    continue;
+                }
                 let Some(mut mat) = m.take() else { return };
                 let sidecar = shared.cfg.data.join(SIDECAR);
                 let write = move || {

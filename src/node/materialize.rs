@@ -227,17 +227,31 @@ impl Materializer {
         }
     }
 
-    fn write_swap(&mut self, now: Instant, file: &ChunkedFile) -> io::Result<Outcome> {
-        let target = (0..self.copies.len())
+    /// How long [`Materializer::write`] would answer [`Outcome::Wait`] at `now` without
+    /// touching the disk: in swap mode, the rest of the grace of the copy it would patch
+    /// next (`None`: it would write now). A driver that asks first spares a trip to a
+    /// blocking thread for nothing.
+    pub fn wait_for(&self, now: Instant) -> Option<Duration> {
+        if self.method != Method::Swap {
+            return None;
+        }
+        let target = self.swap_target()?;
+        let ready = self.copies[target].retired? + self.grace;
+        (now < ready).then(|| ready - now)
+    }
+
+    /// The copy a swap write patches next: the one retired longest ago (never used first).
+    fn swap_target(&self) -> Option<usize> {
+        (0..self.copies.len())
             .filter(|i| Some(*i) != self.current)
             .min_by_key(|i| self.copies[*i].retired)
-            .expect("at least two copies");
-        if let Some(r) = self.copies[target].retired {
-            let ready = r + self.grace;
-            if now < ready {
-                return Ok(Outcome::Wait(ready - now));
-            }
+    }
+
+    fn write_swap(&mut self, now: Instant, file: &ChunkedFile) -> io::Result<Outcome> {
+        if let Some(d) = self.wait_for(now) {
+            return Ok(Outcome::Wait(d));
         }
+        let target = self.swap_target().expect("at least two copies");
         let c = &mut self.copies[target];
         let f = std::fs::OpenOptions::new()
             .read(true)

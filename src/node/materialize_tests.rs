@@ -131,8 +131,15 @@ fn swap_waits_out_the_grace_and_a_reader_lock() {
     let v1 = file_of(&seeded(100_000), 1);
     let v2 = write_at(&v1, 10, b"two");
     let v3 = write_at(&v2, 20, b"three");
+    assert_eq!(m.wait_for(t), None, "nothing written yet");
     written(m.write(t, &v1).unwrap());
     written(m.write(t, &v2).unwrap());
+    assert_eq!(
+        m.wait_for(t + Duration::from_millis(400)),
+        Some(Duration::from_millis(600)),
+        "the wait, told without touching the disk"
+    );
+    assert_eq!(m.wait_for(t + Duration::from_millis(1000)), None);
     assert_eq!(
         m.write(t + Duration::from_millis(400), &v3).unwrap(),
         Outcome::Wait(Duration::from_millis(600)),
