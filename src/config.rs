@@ -408,8 +408,9 @@ pub struct MaterializeConfig {
     pub grace_ms: u64,
     /// swap only: physical copies that take turns (2 to 8). 3: under steady writes
     /// `--file` is replaced `copies - 1` = 2 times per `grace_ms` (2 s), for 3 files of
-    /// disk space: the two copies out of their grace are written one after the other (a
-    /// materialize interval apart), then both wait; each change is written once per copy.
+    /// disk space: the two copies out of their grace are written one after the other (at
+    /// least a materialize interval apart, more under `max_bytes_per_sec`), then both wait;
+    /// each change is written once per copy.
     pub copies: u32,
     /// Disk bytes per second the materializer may write, on average (0: no limit). After a
     /// write of B bytes the next waits at least B / this. 32 MiB/s: a whole 50 MB

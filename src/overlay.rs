@@ -11,9 +11,13 @@
 //!   itself; a parent whose announced path contains this node is dropped at once (no cycles).
 //! - A node never has more than one attach in flight; a move (rebalance) keeps the current
 //!   parent until the new one has accepted (make-before-break is the driver's job).
-//! - A node moves only when the new parent puts it at least `rebalance_min_gain` levels
-//!   nearer the root, or `subtree_min_gain` levels when it brings a subtree along (every
-//!   move lowers the sum of depths, so moves end: no flapping).
+//! - A node moves for depth only when the new parent puts it at least `rebalance_min_gain`
+//!   levels nearer the root, or `subtree_min_gain` levels when it brings a subtree along.
+//!   With zones it also moves across zones: into its own zone (down to the fill below), or,
+//!   from a parent in a third zone, into a core's zone no deeper than now; the new parent's
+//!   answer is held to the same limit as the choice. Moves end (no flapping): each one either
+//!   lowers the node's depth, or turns its edge into one inside its zone, or moves it from a
+//!   third zone to a core's at no cost in depth, and none of them undoes another.
 //! - [`Overlay::admit`] accepts a child only while fewer than `fanout` children are
 //!   registered ([`Input::ChildAdded`] to [`Input::ChildRemoved`]), and never a node on this
 //!   node's own root path: a driver that registers each accepted child before the next
@@ -23,8 +27,9 @@
 //!   the deepest room the cores advertised, less the height of the node's subtree, which
 //!   keeps the depth bound; with 0 it only breaks ties of depth and zones have no say.
 //! - With zones, a move for depth never leaves a parent in the node's zone for one elsewhere
-//!   unless the node hangs beyond that fill, and a move into its zone removes an edge between
-//!   zones: the two kinds of move never undo each other.
+//!   unless the node hangs beyond that fill. Outside its zone a place in a core's zone ranks
+//!   before one in a third (`zone_rank`): its path from the core has usually
+//!   crossed no zone yet.
 //! - Iteration order that reaches an output is deterministic for a given RNG seed
 //!   (`BTreeMap`, sorted candidate lists).
 
@@ -441,7 +446,8 @@ enum Step<I> {
         reason: Reason,
         /// What the subscription told the new parent.
         report: Report,
-        /// A move for latency: to a parent in this node's zone, at no cost in depth.
+        /// A move across zones: into this node's zone down to the zone fill, or from a
+        /// parent in a third zone into a core's zone no deeper than now.
         nearer: bool,
     },
 }
@@ -469,8 +475,9 @@ pub struct Overlay<I = String> {
     /// once the tree has grown, which a slot freed for a moment does not lower.
     landing_high: u32,
     zone: Option<I>,
-    /// The zones of the cores this node's bootstrap entries advertise: among places outside
-    /// its own zone, one in a core's zone adds no second edge between zones to the path.
+    /// The zones of the cores among this node's bootstrap entries (a relay started from
+    /// relays alone learns none): among places outside its own zone, one in a core's zone
+    /// usually adds no second edge between zones to the path.
     core_zones: Vec<I>,
     next_shuffle: u64,
     next_rebalance: u64,

@@ -2171,3 +2171,38 @@ fn a_referral_gives_way_to_a_place_as_shallow_measured_nearer() {
     // Unmeasured, rb does not beat the referral.
     assert_eq!(joined_under(None), addr("ra"));
 }
+
+/// A move into a core's zone that answers deeper than its advert said (the advert was
+/// stale) is undone: such a move may cost no depth, unlike one into the node's own zone.
+#[test]
+fn a_move_into_a_cores_zone_that_lands_deeper_is_undone() {
+    let mut r = rng(60);
+    let mut o = relay().with_zone(Some("b".to_string()));
+    o.handle(0, sampled(zoned_core("a", 4), vec![]), &mut r);
+    let p = zoned("c1", 1, 3, "c");
+    o.handle(0, gossip(vec![p.clone()]), &mut r);
+    o.handle(0, Input::Tick, &mut r);
+    o.handle(1, attached(&p), &mut r);
+    assert_eq!(o.depth(), Some(2));
+    o.handle(2, gossip(vec![zoned("a2", 1, 2, "a")]), &mut r);
+    assert_eq!(o.nearer_place().map(|p| p.addr.clone()), Some(addr("a2")));
+    o.attach(3, addr("a2"), true, true, 0);
+    let path: Vec<String> = ["core", "x", "a2"].map(String::from).to_vec();
+    assert!(
+        !o.keeps_move(2, &path),
+        "a2 at depth 2 would put this node at 3"
+    );
+    assert!(o.keeps_move(1, &["core", "a2"].map(String::from)));
+    let out = o.handle(
+        4,
+        Input::Attached {
+            addr: addr("a2"),
+            name: "a2".to_string(),
+            depth: 2,
+            root_path: path,
+        },
+        &mut r,
+    );
+    assert_eq!(out, vec![Output::Detach { addr: addr("a2") }]);
+    assert_eq!(o.parent_addr(), Some(&addr("c1")));
+}

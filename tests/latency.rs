@@ -10,7 +10,7 @@ use common::*;
 /// Node i listens on `backend[i]` and advertises the proxy's `front(i)`, so every packet
 /// between two nodes passes the proxy. The kid starts from ra and rb, samples both (the
 /// runtime hands the overlay each sample's QUIC RTT) and picks between them: ra (fan-out 8)
-/// would win the tie of depth on its free slots over rb (fan-out 2), but 40 ms each way
+/// would win the tie of depth on its free slots over rb (fan-out 2), but 200 ms each way
 /// between the kid and ra make rb the nearer. Without the RTT the kid would pick ra (or try
 /// the full core first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,7 +33,7 @@ async fn a_joiner_picks_the_parent_with_the_lower_quic_rtt() {
         1,
         vec![(kid_i, ra_i), (ra_i, kid_i)],
         LinkRule {
-            delay_ms: 40,
+            delay_ms: 200,
             ..LinkRule::default()
         },
     );

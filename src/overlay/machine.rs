@@ -245,7 +245,7 @@ impl<I: Id> Overlay<I> {
                 // A move is checked again against the parent's depth as it answered: the
                 // view's depth may be stale, and two moves made on stale depths can close a
                 // cycle (the runtime then breaks it on the next heartbeat).
-                if moving && !self.move_ok(depth, nearer) {
+                if moving && !self.move_ok(depth, nearer, self.rank_at(&addr)) {
                     if let Some(Some(i)) = self.view.get_mut(&addr).map(|e| e.info.as_mut()) {
                         Arc::make_mut(i).depth = Some(depth);
                     }
@@ -310,7 +310,7 @@ impl<I: Id> Overlay<I> {
                         || r.depth.is_some_and(|d| self.gains(d))
                         || (nearer
                             && self.zone_class(r) == 0
-                            && r.depth.is_some_and(|d| self.move_ok(d, true)))
+                            && r.depth.is_some_and(|d| self.move_ok(d, true, 0)))
                 };
                 match referral {
                     Some(r)
