@@ -2116,7 +2116,7 @@ fn a_joiner_takes_the_sampled_parent_with_the_lower_rtt() {
 /// children, still takes a place as shallow that it measured nearer than that child.
 #[test]
 fn a_referral_gives_way_to_a_place_as_shallow_measured_nearer() {
-    let joined_under = |rb_rtt: Option<u64>| {
+    let joined_under = |rb_rtt: Option<u64>, rb_free: u32| {
         let mut r = rng(59);
         let mut o = Overlay::new(
             OverlayConfig {
@@ -2130,7 +2130,7 @@ fn a_referral_gives_way_to_a_place_as_shallow_measured_nearer() {
         );
         o.handle(0, Input::Tick, &mut r);
         let ra = peer("ra", Some(1), 8, &["core", "ra"]);
-        let rb = peer("rb", Some(1), 2, &["core", "rb"]);
+        let rb = peer("rb", Some(1), rb_free, &["core", "rb"]);
         // The core's advert is stale: it says one slot is free.
         let stale_core = core_info(1);
         if let Some(rtt_us) = rb_rtt {
@@ -2167,9 +2167,10 @@ fn a_referral_gives_way_to_a_place_as_shallow_measured_nearer() {
             other => panic!("{other:?}"),
         }
     };
-    assert_eq!(joined_under(Some(300)), addr("rb"));
-    // Unmeasured, rb does not beat the referral.
-    assert_eq!(joined_under(None), addr("ra"));
+    assert_eq!(joined_under(Some(300), 2), addr("rb"));
+    // Unmeasured, or full, rb does not beat the referral.
+    assert_eq!(joined_under(None, 2), addr("ra"));
+    assert_eq!(joined_under(Some(300), 0), addr("ra"));
 }
 
 /// A move into a core's zone that answers deeper than its advert said (the advert was
