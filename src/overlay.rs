@@ -423,8 +423,6 @@ struct Parent<I> {
     name: I,
     depth: u32,
     root_path: Vec<I>,
-    /// Its zone class against this node's ([`Overlay::zone_class`]), from the view.
-    zone_class: u8,
     /// Its zone, from the view.
     zone: Option<I>,
 }

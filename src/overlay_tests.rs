@@ -1019,10 +1019,10 @@ fn is_candidate_reference(o: &Overlay, p: &Peer) -> bool {
     };
     // With zones, a node whose parent is in its zone leaves it for depth only from more
     // than a level below the deepest room the cores advertised.
-    if parent.zone_class == 0
+    if o.rank_of(parent.zone.as_ref()) == 0
         && o.cfg.latency_slack > 0
         && o.zone.is_some()
-        && o.zone_class(p) != 0
+        && o.zone_rank(p) != 0
         && o.depth().is_some_and(|d| d <= o.landing_high + 1)
     {
         return false;
@@ -1045,7 +1045,7 @@ fn is_candidate_answers_as_before_at_every_depth_and_core_landing() {
     let mut checked = 0;
     for mine in 1..8u32 {
         for landing in [u32::MAX, 0, 1, 2, 3, 5] {
-            for (zone_class, children) in [(0, false), (2, false), (1, true)] {
+            for (parent_zone, children) in [(zone(0), false), (zone(2), false), (None, true)] {
                 let mut o = relay().with_zone(zone(0));
                 let path: Vec<String> = (0..mine).map(|d| format!("a{d}")).collect();
                 o.parent = Some(Parent {
@@ -1053,12 +1053,7 @@ fn is_candidate_answers_as_before_at_every_depth_and_core_landing() {
                     name: "a-parent".to_string(),
                     depth: mine - 1,
                     root_path: path.clone(),
-                    zone_class,
-                    zone: if zone_class == 1 {
-                        None
-                    } else {
-                        zone(zone_class.into())
-                    },
+                    zone: parent_zone.clone(),
                 });
                 o.core_landing = landing;
                 o.landing_high = if landing == u32::MAX { 0 } else { landing };

@@ -33,17 +33,6 @@ impl<I: Id> Overlay<I> {
         p.depth.unwrap_or(u32::MAX).saturating_add(1 + down)
     }
 
-    /// How near `p` is: its zone (the same as this node's, unknown, another), then the
-    /// measured RTT (unmeasured last).
-    pub(super) fn nearness(&self, p: &PeerInfo<I>, rtt_us: Option<u64>) -> (u8, u64) {
-        let zone = match (&self.zone, &p.zone) {
-            (Some(a), Some(b)) if a == b => 0,
-            (Some(_), Some(_)) => 2,
-            _ => 1,
-        };
-        (zone, rtt_us.unwrap_or(u64::MAX))
-    }
-
     /// The order of zones among places: this node's own (0), a core's zone (1: its path
     /// from the core usually crosses no zone, so hanging there costs one edge between
     /// zones), unknown (2), any other (3: its path has usually crossed one already).
@@ -51,7 +40,8 @@ impl<I: Id> Overlay<I> {
         self.rank_of(p.zone.as_ref())
     }
 
-    fn rank_of(&self, zone: Option<&I>) -> u8 {
+    /// [`Self::zone_rank`] of a place in `zone`.
+    pub(super) fn rank_of(&self, zone: Option<&I>) -> u8 {
         match (&self.zone, zone) {
             (Some(a), Some(b)) if a == b => 0,
             (Some(_), Some(b)) if self.core_zones.contains(b) => 1,
@@ -67,15 +57,11 @@ impl<I: Id> Overlay<I> {
         if !self.zoned() {
             return None;
         }
-        let parent = self.parent.as_ref()?;
-        if parent.zone_class != 2 {
-            return None;
+        match self.rank_of(self.parent.as_ref()?.zone.as_ref()) {
+            1 => Some(0),
+            3 => Some(1),
+            _ => None,
         }
-        Some(if self.rank_of(parent.zone.as_ref()) == 3 {
-            1
-        } else {
-            0
-        })
     }
 
     /// The best place among `cands`: the shallowest landing, except that one in this
@@ -91,13 +77,12 @@ impl<I: Id> Overlay<I> {
         );
         cands
             .iter()
-            .filter(|(p, _)| Self::landing(p) <= if self.zone_class(p) == 0 { near } else { far })
+            .filter(|(p, _)| Self::landing(p) <= if self.zone_rank(p) == 0 { near } else { far })
             .min_by_key(|(p, rtt)| {
-                let (_, rtt) = self.nearness(p, *rtt);
                 (
                     self.zone_rank(p),
                     Self::landing(p),
-                    rtt,
+                    rtt.unwrap_or(u64::MAX),
                     p.free_slots == 0,
                     std::cmp::Reverse(p.free_slots),
                     &p.addr,
@@ -265,11 +250,6 @@ impl<I: Id> Overlay<I> {
             _ => (false, 2),
         };
         !root_path.contains(&self.name) && self.move_ok(depth, nearer, rank)
-    }
-
-    /// The zone class of `p` against this node's: 0 the same, 1 unknown, 2 another.
-    pub(super) fn zone_class(&self, p: &PeerInfo<I>) -> u8 {
-        self.nearness(p, None).0
     }
 
     /// For a node whose parent is in another zone, with zones on: the best place in its

@@ -262,13 +262,13 @@ impl<I: Id> Overlay<I> {
                 self.fruitless = 0;
                 self.probe_after = 0;
                 self.idle_rebalances = 0;
-                let info = self.view.get(&addr).and_then(|e| e.info.as_ref());
-                let zone = info.and_then(|i| i.zone.clone());
-                let zone_class = info.map_or(1, |i| self.zone_class(i));
+                let zone = self
+                    .view
+                    .get(&addr)
+                    .and_then(|e| e.info.as_ref()?.zone.clone());
                 self.set_parent(
                     now,
                     Some(Parent {
-                        zone_class,
                         zone,
                         addr: addr.clone(),
                         name,
@@ -309,7 +309,7 @@ impl<I: Id> Overlay<I> {
                     !moving
                         || r.depth.is_some_and(|d| self.gains(d))
                         || (nearer
-                            && self.zone_class(r) == 0
+                            && self.zone_rank(r) == 0
                             && r.depth.is_some_and(|d| self.move_ok(d, true, 0)))
                 };
                 match referral {

@@ -146,7 +146,10 @@ impl<I: Id> Overlay<I> {
         if !self.gains(floor.max(1) - 1) {
             return false;
         }
-        if parent.zone_class == 0 && self.zoned() && self.zone_class(p) != 0 && !self.beyond_fill()
+        if self.zoned()
+            && self.rank_of(parent.zone.as_ref()) == 0
+            && self.zone_rank(p) != 0
+            && !self.beyond_fill()
         {
             return false;
         }
@@ -190,7 +193,7 @@ impl<I: Id> Overlay<I> {
                 top.saturating_add(self.cfg.latency_slack),
             );
             cands.retain(|(p, _)| {
-                Self::landing(p) <= if self.zone_class(p) == 0 { near } else { far }
+                Self::landing(p) <= if self.zone_rank(p) == 0 { near } else { far }
             });
             let rank = cands.iter().map(|(p, _)| self.zone_rank(p)).min()?;
             cands.retain(|(p, _)| self.zone_rank(p) == rank);
