@@ -16,10 +16,7 @@ use serde_json::Value;
 async fn a_relay_receiving_a_transfer_passes_it_on_chunk_by_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::new(root);
-    for (n, r) in [("c1", "core"), ("r1", "relay"), ("r2", "relay")] {
-        pki.issue(n, r);
-    }
+    let pki = Pki::with(root, &[("c1", "core"), ("r1", "relay"), ("r2", "relay")]);
     let slow = root.join("slow.toml");
     std::fs::write(&slow, "[stream]\nbackfill_bytes_per_sec = 1500000\n").unwrap();
     let one_source = root.join("one-source.toml");

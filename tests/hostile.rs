@@ -43,15 +43,15 @@ impl Cluster {
 async fn cluster(config: &str) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let pki = Pki::new(&root);
-    for (n, r) in [
-        ("c1", "core"),
-        ("r1", "relay"),
-        ("r2", "relay"),
-        ("r3", "relay"),
-    ] {
-        pki.issue(n, r);
-    }
+    let pki = Pki::with(
+        &root,
+        &[
+            ("c1", "core"),
+            ("r1", "relay"),
+            ("r2", "relay"),
+            ("r3", "relay"),
+        ],
+    );
     let cfg = root.join("node.toml");
     std::fs::write(&cfg, config).unwrap();
     let config = vec!["--config".to_string(), cfg.display().to_string()];

@@ -17,15 +17,15 @@ use common::*;
 async fn a_joiner_picks_the_parent_with_the_lower_quic_rtt() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::new(root);
-    for (n, r) in [
-        ("core", "core"),
-        ("ra", "relay"),
-        ("rb", "relay"),
-        ("kid", "relay"),
-    ] {
-        pki.issue(n, r);
-    }
+    let pki = Pki::with(
+        root,
+        &[
+            ("core", "core"),
+            ("ra", "relay"),
+            ("rb", "relay"),
+            ("kid", "relay"),
+        ],
+    );
     let backend: Vec<_> = (0..4).map(|_| free_udp()).collect();
     let proxy = Proxy::start(backend.clone(), 1).await.unwrap();
     let (core_i, ra_i, rb_i, kid_i) = (0, 1, 2, 3);

@@ -23,15 +23,15 @@ async fn subtree(c: &reqwest::Client, p: &Proc) -> Option<(u64, u64, Option<u64>
 async fn reports_climb_the_tree_and_referrals_follow_them() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::new(root);
-    for (n, r) in [
-        ("core", "core"),
-        ("r1", "relay"),
-        ("r2", "relay"),
-        ("r3", "relay"),
-    ] {
-        pki.issue(n, r);
-    }
+    let pki = Pki::with(
+        root,
+        &[
+            ("core", "core"),
+            ("r1", "relay"),
+            ("r2", "relay"),
+            ("r3", "relay"),
+        ],
+    );
     let one = ["--fanout", "1"];
     let core = Proc::start(root, &pki, "core", true, &[], &one);
     let c = http();
@@ -81,15 +81,15 @@ async fn reports_climb_the_tree_and_referrals_follow_them() {
 async fn a_relay_settles_under_the_parent_of_its_zone() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::new(root);
-    for (n, r) in [
-        ("core", "core"),
-        ("ra", "relay"),
-        ("rb", "relay"),
-        ("kid", "relay"),
-    ] {
-        pki.issue(n, r);
-    }
+    let pki = Pki::with(
+        root,
+        &[
+            ("core", "core"),
+            ("ra", "relay"),
+            ("rb", "relay"),
+            ("kid", "relay"),
+        ],
+    );
     let core = Proc::start(root, &pki, "core", true, &[], &["--fanout", "2"]);
     let c = http();
     wait_leader(&c, &core).await;

@@ -49,17 +49,17 @@ async fn assert_clean(c: &reqwest::Client, p: &Proc) {
 async fn a_rogue_relay_is_banned_and_its_data_never_shown() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::new(root);
-    for (n, r) in [
-        ("core", "core"),
-        ("rogue", "relay"),
-        ("good", "relay"),
-        ("a", "relay"),
-        ("b", "relay"),
-        ("d", "relay"),
-    ] {
-        pki.issue(n, r);
-    }
+    let pki = Pki::with(
+        root,
+        &[
+            ("core", "core"),
+            ("rogue", "relay"),
+            ("good", "relay"),
+            ("a", "relay"),
+            ("b", "relay"),
+            ("d", "relay"),
+        ],
+    );
     let core = Proc::start(root, &pki, "core", true, &[], &["--fanout", "2"]);
     let c = http();
     wait_leader(&c, &core).await;
@@ -155,15 +155,15 @@ async fn a_rogue_relay_is_banned_and_its_data_never_shown() {
 async fn a_rogue_parent_cannot_capture_writes() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::new(root);
-    for (n, r) in [
-        ("core", "core"),
-        ("rogue", "relay"),
-        ("w1", "relay"),
-        ("w2", "relay"),
-    ] {
-        pki.issue(n, r);
-    }
+    let pki = Pki::with(
+        root,
+        &[
+            ("core", "core"),
+            ("rogue", "relay"),
+            ("w1", "relay"),
+            ("w2", "relay"),
+        ],
+    );
     let core = Proc::start(root, &pki, "core", true, &[], &["--fanout", "1"]);
     let c = http();
     wait_leader(&c, &core).await;
@@ -222,10 +222,7 @@ async fn a_rogue_parent_cannot_capture_writes() {
 async fn declared_names_must_match_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::new(root);
-    for (n, r) in [("c1", "core"), ("c9", "core"), ("r1", "relay")] {
-        pki.issue(n, r);
-    }
+    let pki = Pki::with(root, &[("c1", "core"), ("c9", "core"), ("r1", "relay")]);
     let c1 = Proc::start(root, &pki, "c1", true, &[], &[]);
     let c = http();
     wait_leader(&c, &c1).await;
@@ -291,15 +288,15 @@ async fn declared_names_must_match_certificates() {
 async fn a_reader_follows_and_serves_but_cannot_write() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::new(root);
-    for (n, r) in [
-        ("core", "core"),
-        ("rd", "reader"),
-        ("rd2", "reader"),
-        ("kid", "relay"),
-    ] {
-        pki.issue(n, r);
-    }
+    let pki = Pki::with(
+        root,
+        &[
+            ("core", "core"),
+            ("rd", "reader"),
+            ("rd2", "reader"),
+            ("kid", "relay"),
+        ],
+    );
     let core = Proc::start(root, &pki, "core", true, &[], &["--fanout", "2"]);
     let c = http();
     wait_leader(&c, &core).await;

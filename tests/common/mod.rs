@@ -49,6 +49,15 @@ impl Pki {
         Pki { ca, tls, token }
     }
 
+    /// [`Pki::new`], then a certificate per `(name, role)`.
+    pub fn with(root: &Path, certs: &[(&str, &str)]) -> Pki {
+        let pki = Pki::new(root);
+        for (name, role) in certs {
+            pki.issue(name, role);
+        }
+        pki
+    }
+
     pub fn issue(&self, name: &str, role: &str) {
         canopy(&[
             "cert",
