@@ -1896,11 +1896,7 @@ fn a_node_with_a_subtree_gets_less_depth_in_its_zone_by_its_height() {
 #[test]
 fn a_node_whose_parent_is_in_another_zone_moves_into_its_zone_down_to_the_fill_limit() {
     let mut r = rng(53);
-    let mut o = relay().with_zone(Some("b".to_string()));
-    let p = zoned("a1", 1, 3, "a");
-    o.handle(0, gossip(vec![p.clone()]), &mut r);
-    o.handle(0, Input::Tick, &mut r);
-    o.handle(1, attached(&p), &mut r);
+    let mut o = in_b_below(&mut r, None, zoned("a1", 1, 3, "a"));
     assert_eq!(o.depth(), Some(2));
     (o.core_landing, o.landing_high) = (3, 3);
     // Down to a level below the cores' room (4): a place landing at 4 is taken, with the
@@ -1914,11 +1910,7 @@ fn a_node_whose_parent_is_in_another_zone_moves_into_its_zone_down_to_the_fill_l
 #[test]
 fn a_node_across_zones_checks_at_once_on_hearing_of_a_place_in_its_zone() {
     let mut r = rng(54);
-    let mut o = relay().with_zone(Some("b".to_string()));
-    let p = zoned("a1", 1, 3, "a");
-    o.handle(0, gossip(vec![p.clone()]), &mut r);
-    o.handle(0, Input::Tick, &mut r);
-    o.handle(1, attached(&p), &mut r);
+    let mut o = in_b_below(&mut r, None, zoned("a1", 1, 3, "a"));
     o.handle(2_000, Input::Tick, &mut r);
     assert!(o.poll_timeout() > 2_001, "{}", o.poll_timeout());
     (o.core_landing, o.landing_high) = (3, 3);
@@ -2017,12 +2009,7 @@ fn a_place_in_a_cores_zone_beats_one_in_a_third_zone_at_equal_depth() {
 #[test]
 fn a_node_below_a_third_zone_moves_to_a_cores_zone_no_deeper_than_now() {
     let mut r = rng(56);
-    let mut o = relay().with_zone(Some("b".to_string()));
-    o.handle(0, sampled(zoned_core("a", 4), vec![]), &mut r);
-    let p = zoned("c1", 1, 3, "c");
-    o.handle(0, gossip(vec![p.clone()]), &mut r);
-    o.handle(0, Input::Tick, &mut r);
-    o.handle(1, attached(&p), &mut r);
+    let mut o = in_b_below(&mut r, Some("a"), zoned("c1", 1, 3, "c"));
     assert_eq!(o.depth(), Some(2));
     // A place in the core's zone landing deeper than now is not taken; one landing where the
     // node hangs now is, and so is one in its own zone down to the fill.
@@ -2037,12 +2024,7 @@ fn a_node_below_a_third_zone_moves_to_a_cores_zone_no_deeper_than_now() {
 #[test]
 fn a_node_below_a_cores_zone_moves_only_into_its_own() {
     let mut r = rng(57);
-    let mut o = relay().with_zone(Some("b".to_string()));
-    o.handle(0, sampled(zoned_core("a", 4), vec![]), &mut r);
-    let p = zoned("a1", 2, 3, "a");
-    o.handle(0, gossip(vec![p.clone()]), &mut r);
-    o.handle(0, Input::Tick, &mut r);
-    o.handle(1, attached(&p), &mut r);
+    let mut o = in_b_below(&mut r, Some("a"), zoned("a1", 2, 3, "a"));
     assert_eq!(o.depth(), Some(3));
     o.handle(
         2,
@@ -2057,16 +2039,7 @@ fn a_node_below_a_cores_zone_moves_only_into_its_own() {
 #[test]
 fn a_joiner_takes_the_sampled_parent_with_the_lower_rtt() {
     let mut r = rng(58);
-    let mut o = Overlay::new(
-        OverlayConfig {
-            choices: 3,
-            ..OverlayConfig::default()
-        },
-        ME.to_string(),
-        addr(ME),
-        false,
-        vec![addr("ra"), addr("rb")],
-    );
+    let mut o = joiner_from_ra_rb();
     let asked: Vec<String> = o
         .handle(0, Input::Tick, &mut r)
         .into_iter()
@@ -2113,16 +2086,7 @@ fn a_joiner_takes_the_sampled_parent_with_the_lower_rtt() {
 fn a_referral_gives_way_to_a_place_as_shallow_measured_nearer() {
     let joined_under = |rb_rtt: Option<u64>, rb_free: u32| {
         let mut r = rng(59);
-        let mut o = Overlay::new(
-            OverlayConfig {
-                choices: 3,
-                ..OverlayConfig::default()
-            },
-            ME.to_string(),
-            addr(ME),
-            false,
-            vec![addr("ra"), addr("rb")],
-        );
+        let mut o = joiner_from_ra_rb();
         o.handle(0, Input::Tick, &mut r);
         let ra = peer("ra", Some(1), 8, &["core", "ra"]);
         let rb = peer("rb", Some(1), rb_free, &["core", "rb"]);
@@ -2173,12 +2137,7 @@ fn a_referral_gives_way_to_a_place_as_shallow_measured_nearer() {
 #[test]
 fn a_move_into_a_cores_zone_that_lands_deeper_is_undone() {
     let mut r = rng(60);
-    let mut o = relay().with_zone(Some("b".to_string()));
-    o.handle(0, sampled(zoned_core("a", 4), vec![]), &mut r);
-    let p = zoned("c1", 1, 3, "c");
-    o.handle(0, gossip(vec![p.clone()]), &mut r);
-    o.handle(0, Input::Tick, &mut r);
-    o.handle(1, attached(&p), &mut r);
+    let mut o = in_b_below(&mut r, Some("a"), zoned("c1", 1, 3, "c"));
     assert_eq!(o.depth(), Some(2));
     o.handle(2, gossip(vec![zoned("a2", 1, 2, "a")]), &mut r);
     assert_eq!(o.nearer_place().map(|p| p.addr.clone()), Some(addr("a2")));
@@ -2201,4 +2160,31 @@ fn a_move_into_a_cores_zone_that_lands_deeper_is_undone() {
     );
     assert_eq!(out, vec![Output::Detach { addr: addr("a2") }]);
     assert_eq!(o.parent_addr(), Some(&addr("c1")));
+}
+
+/// A relay in zone "b" that joined below `parent` (a gossip and a tick at 0, the answer at 1),
+/// having first heard of a core in `core_zone` with room 4 levels down, when given.
+fn in_b_below(r: &mut ChaCha8Rng, core_zone: Option<&str>, parent: Peer) -> Overlay {
+    let mut o = relay().with_zone(Some("b".to_string()));
+    if let Some(zone) = core_zone {
+        o.handle(0, sampled(zoned_core(zone, 4), vec![]), r);
+    }
+    o.handle(0, gossip(vec![parent.clone()]), r);
+    o.handle(0, Input::Tick, r);
+    o.handle(1, attached(&parent), r);
+    o
+}
+
+/// A relay started from ra and rb alone, comparing every place it knows (3 choices).
+fn joiner_from_ra_rb() -> Overlay {
+    Overlay::new(
+        OverlayConfig {
+            choices: 3,
+            ..OverlayConfig::default()
+        },
+        ME.to_string(),
+        addr(ME),
+        false,
+        vec![addr("ra"), addr("rb")],
+    )
 }
