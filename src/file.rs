@@ -1229,6 +1229,18 @@ mod tests {
         prop::sample::select(vec![1u32, 4, 16, 64])
     }
 
+    /// Files of a few chunks of 4 or 16 pieces: their chunk size, their largest length, and
+    /// bytes that differ from one offset to the next.
+    fn piece_chunk_size() -> impl Strategy<Value = u32> {
+        prop::sample::select(vec![16_384u32, 65_536])
+    }
+
+    const PIECE_TEST_MAX: u64 = 256 * 1024;
+
+    fn patterned(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
     /// Writes of up to two pieces anywhere in a file of a few chunks of several pieces, now
     /// and then one over whole chunks, a truncate or an extension.
     fn piece_update_strategy() -> impl Strategy<Value = Update> {
@@ -1249,12 +1261,12 @@ mod tests {
         /// of the model's bytes hashed afresh, and every chunk's kept pieces are its own.
         #[test]
         fn prop_piece_hashes_match_the_model(
-            cs in prop::sample::select(vec![16_384u32, 65_536]),
+            cs in piece_chunk_size(),
             init_len in 0usize..100_000,
             updates in prop::collection::vec(piece_update_strategy(), 1..10),
         ) {
-            let max = 256 * 1024;
-            let init: Vec<u8> = (0..init_len).map(|i| (i % 251) as u8).collect();
+            let max = PIECE_TEST_MAX;
+            let init = patterned(init_len);
             let mut f = ChunkedFile::from_bytes(cs, max, &init, 0).unwrap();
             let mut model = init;
             for (n, u) in updates.iter().enumerate() {
@@ -1280,7 +1292,7 @@ mod tests {
     /// and a write over that piece puts it right.
     #[test]
     fn a_small_write_rehashes_only_the_pieces_it_touches() {
-        let data: Vec<u8> = (0..65_536u32).map(|i| (i % 251) as u8).collect();
+        let data = patterned(65_536);
         let mut f = ChunkedFile::from_bytes(65_536, 1 << 20, &data, 0).unwrap();
         let write = |offset: u64, d: &[u8]| Update {
             ops: vec![Op::Write {
@@ -1318,13 +1330,12 @@ mod tests {
         /// Undo puts back a file whose chunks have pieces, exactly.
         #[test]
         fn prop_undo_restores_exactly_with_pieces(
-            cs in prop::sample::select(vec![16_384u32, 65_536]),
+            cs in piece_chunk_size(),
             init_len in 0usize..100_000,
             before in prop::collection::vec(piece_update_strategy(), 0..4),
             update in piece_update_strategy(),
         ) {
-            let init: Vec<u8> = (0..init_len).map(|i| (i % 251) as u8).collect();
-            let mut f = ChunkedFile::from_bytes(cs, 256 * 1024, &init, 0).unwrap();
+            let mut f = ChunkedFile::from_bytes(cs, PIECE_TEST_MAX, &patterned(init_len), 0).unwrap();
             for (n, u) in before.iter().enumerate() {
                 let _ = f.apply(n as u64 + 1, u);
             }
