@@ -175,34 +175,30 @@ impl<I: Id> Overlay<I> {
     }
 
     /// Recomputes [`Overlay::core_landing`] from the bootstrap entries (a full core that
-    /// did not say where its room is tells nothing).
+    /// did not say where its room is tells nothing), and, with zones, learns the cores'
+    /// zones.
     pub(super) fn refresh_core_landing(&mut self) {
-        self.core_landing = self
+        let zoned = self.zoned();
+        let mut landing = u32::MAX;
+        let cores = self
             .view
             .values()
             .filter(|e| e.boot)
             .filter_map(|e| e.info.as_ref())
-            .filter(|p| p.depth == Some(0) && (p.free_slots > 0 || p.room > 0))
-            .map(|p| Self::landing(p))
-            .min()
-            .unwrap_or(u32::MAX);
-        if self.core_landing != u32::MAX {
-            self.landing_high = self.landing_high.max(self.core_landing);
-        }
-        if self.zoned() {
-            let zones: Vec<I> = self
-                .view
-                .values()
-                .filter(|e| e.boot)
-                .filter_map(|e| e.info.as_ref())
-                .filter(|p| p.depth == Some(0))
-                .filter_map(|p| p.zone.clone())
-                .collect();
-            for z in zones {
-                if !self.core_zones.contains(&z) {
-                    self.core_zones.push(z);
+            .filter(|p| p.depth == Some(0));
+        for p in cores {
+            if p.free_slots > 0 || p.room > 0 {
+                landing = landing.min(Self::landing(p));
+            }
+            if let Some(z) = p.zone.as_ref().filter(|_| zoned) {
+                if !self.core_zones.contains(z) {
+                    self.core_zones.push(z.clone());
                 }
             }
+        }
+        self.core_landing = landing;
+        if landing != u32::MAX {
+            self.landing_high = self.landing_high.max(landing);
         }
     }
 
