@@ -21,6 +21,7 @@
 //!   by `max_len` before anything is read.
 //! - The record is written only after a write that made a new version visible.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -195,8 +196,9 @@ fn write_sidecar(
     };
     let tmp = path.with_extension("json.tmp");
     let written = (|| {
-        let f = std::fs::File::create(&tmp)?;
-        serde_json::to_writer(&f, &rec)?;
+        let bytes = serde_json::to_vec(&rec)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
