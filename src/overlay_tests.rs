@@ -2132,6 +2132,49 @@ fn a_referral_gives_way_to_a_place_as_shallow_measured_nearer() {
     assert_eq!(joined_under(Some(300), 0), addr("ra"));
 }
 
+/// The place a referral gives way to is in a zone ranked as near as the referral's: a
+/// zoned joiner referred into its own zone keeps that referral over a measured-nearer place
+/// in a third zone, and takes such a place over a referral into a third zone.
+#[test]
+fn a_referral_gives_way_only_to_a_place_in_a_zone_ranked_as_near() {
+    let joined_under = |referral_zone: &str| {
+        let mut r = rng(61);
+        let mut o = joiner_from_ra_rb().with_zone(Some("b".to_string()));
+        o.handle(0, Input::Tick, &mut r);
+        o.handle(
+            1,
+            Input::Rtt {
+                addr: addr("rb"),
+                rtt_us: 300,
+            },
+            &mut r,
+        );
+        o.handle(1, Input::SampleFailed { addr: addr("ra") }, &mut r);
+        // The core's zone is not known (rank 2), rb's is a third one (rank 3): the core
+        // comes first, on its stale advert of a free slot.
+        let out = o.handle(
+            2,
+            sampled(zoned("rb", 1, 2, "c"), vec![core_info(1)]),
+            &mut r,
+        );
+        assert_eq!(out, vec![attach("core", false, Reason::Join)]);
+        let out = o.handle(
+            3,
+            Input::Refused {
+                addr: addr("core"),
+                referral: Some(zoned("ra", 1, 8, referral_zone)),
+            },
+            &mut r,
+        );
+        match out.as_slice() {
+            [Output::Attach { addr, .. }] => addr.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(joined_under("b"), addr("ra"), "its own zone outranks rb's");
+    assert_eq!(joined_under("d"), addr("rb"), "a third zone, like rb's");
+}
+
 /// A move into a core's zone that answers deeper than its advert said (the advert was
 /// stale) is undone: such a move may cost no depth, unlike one into the node's own zone.
 #[test]
