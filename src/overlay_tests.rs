@@ -22,6 +22,7 @@ const LEAF: Report = Report {
     free_slots: 8,
     height: 0,
     room: 0,
+    size: 0,
 };
 
 fn rng(seed: u64) -> ChaCha8Rng {
@@ -38,6 +39,7 @@ fn peer(name: &str, depth: Option<u32>, free_slots: u32, root_path: &[&str]) -> 
         height: 0,
         room: 0,
         zone: None,
+        size: 0,
     })
 }
 
@@ -99,6 +101,7 @@ fn unattached_info(free_slots: u32) -> Peer {
         height: 0,
         room: 0,
         zone: None,
+        size: 0,
     })
 }
 
@@ -275,6 +278,7 @@ fn attached_sets_parent_depth_and_info() {
             height: 0,
             room: 0,
             zone: None,
+            size: 0,
         }
     );
     assert_eq!(o.reparents(), &BTreeMap::from([(Reason::Join, 1)]));
@@ -382,6 +386,7 @@ fn a_referral_to_a_descendant_or_to_itself_is_not_followed() {
             height: 0,
             room: 0,
             zone: None,
+            size: 0,
         }),
     ] {
         let mut r = rng(6);
@@ -1108,6 +1113,7 @@ fn scripted(seed: u64) -> Vec<(u64, Output)> {
             height: 0,
             room: 0,
             zone: None,
+            size: 0,
         }));
     }
     let w: BTreeMap<String, Peer> = peers.iter().map(|p| (p.addr.clone(), p.clone())).collect();
@@ -1338,6 +1344,7 @@ fn zoned(name: &str, depth: u32, free_slots: u32, zone: &str) -> Peer {
         height: 0,
         room: 0,
         zone: Some(zone.to_string()),
+        size: 0,
     })
 }
 
@@ -1355,6 +1362,7 @@ fn report(free_slots: u32, height: u32) -> Report {
         free_slots,
         height,
         room: u32::from(free_slots == 0),
+        size: 0,
     }
 }
 
@@ -1964,6 +1972,98 @@ fn the_zone_fill_follows_the_deepest_room_the_cores_advertised() {
     assert_eq!(plain.zone_fill(), 0);
 }
 
+#[test]
+fn sizes_round_down_to_four_significant_bits_and_the_bound_is_a_packed_trees_depth_plus_one() {
+    let rounded: Vec<u32> = [0, 1, 15, 16, 17, 31, 33, 1000, u64::MAX]
+        .map(round_size)
+        .to_vec();
+    assert_eq!(rounded, vec![0, 1, 15, 16, 16, 30, 32, 960, MAX_SIZE]);
+    let bounds: Vec<u32> = [(1, 8), (8, 8), (9, 8), (1000, 8), (10_000, 8), (100_000, 8)]
+        .map(|(n, k)| depth_bound(n, k))
+        .to_vec();
+    assert_eq!(bounds, vec![1, 2, 2, 5, 6, 7]);
+    assert_eq!((depth_bound(1000, 4), depth_bound(5, 0)), (6, 3));
+}
+
+#[test]
+fn a_filling_zoned_node_reports_its_subtree_size_and_others_only_what_children_report() {
+    let mut r = rng(62);
+    let sized = |size| Report {
+        size,
+        ..report(8, 1)
+    };
+    let mut o = filling().with_zone(Some("b".to_string()));
+    assert_eq!(o.report().size, 1);
+    o.handle(0, child_added("k1", Some("b"), Some(sized(8))), &mut r);
+    o.handle(0, child_added("k2", Some("b"), Some(sized(6))), &mut r);
+    assert_eq!(o.report().size, 15, "below 2^4: exact");
+    // A child that has not reported counts one.
+    o.handle(0, child_added("k3", Some("b"), None), &mut r);
+    assert_eq!(o.report().size, 16);
+    // 57 keeps 4 significant bits: 56.
+    o.handle(0, child_added("k4", Some("b"), Some(sized(41))), &mut r);
+    assert_eq!(o.report().size, 56);
+    // Without zones, or without the setting, nothing is counted.
+    let unset = relay().with_zone(Some("b".to_string()));
+    assert_eq!(unset.report().size, 0);
+    let mut plain = filling();
+    assert_eq!(plain.report().size, 0);
+    plain.handle(0, child_added("k1", None, Some(sized(0))), &mut r);
+    assert_eq!(
+        plain.report().size,
+        0,
+        "no zones below: no size, no extra report"
+    );
+    plain.handle(0, child_added("k2", None, Some(sized(5))), &mut r);
+    assert_eq!(plain.report().size, 7);
+}
+
+/// A zoned relay with [`OverlayConfig::fill_zones_to_bound`].
+fn filling() -> Overlay {
+    relay_with(OverlayConfig {
+        fill_zones_to_bound: true,
+        ..OverlayConfig::default()
+    })
+}
+
+#[test]
+fn the_zone_fill_follows_the_depth_bound_of_the_size_the_cores_report() {
+    let mut r = rng(63);
+    let mut o = filling().with_zone(Some("b".to_string()));
+    let core = |room, size| {
+        Peer::new(PeerInfo {
+            size,
+            ..(*zoned_core("a", room)).clone()
+        })
+    };
+    // Room 3 levels below the core: a joiner lands at 4, so a leaf may hang down to 5.
+    o.handle(0, sampled(core(3, 0), vec![]), &mut r);
+    assert_eq!(o.zone_fill(), 5);
+    // 10 000 nodes at fan-out 8: the bound is ceil(log8 10 000) + 1 = 6.
+    o.handle(1, sampled(core(3, 10_000), vec![]), &mut r);
+    assert_eq!(o.zone_fill(), 6);
+    // A subtree of height 1 brought along may hang a level less deep.
+    o.handle(1, child_added("kid", Some("b"), Some(report(8, 0))), &mut r);
+    assert_eq!(o.zone_fill(), 5);
+    // A tree that shrinks for a moment does not lower it.
+    o.handle(2, sampled(core(3, 100), vec![]), &mut r);
+    assert_eq!(o.zone_fill(), 5);
+    // Without the setting, the cores' size has no say.
+    let mut unset = relay().with_zone(Some("b".to_string()));
+    unset.handle(0, sampled(core(3, 10_000), vec![]), &mut r);
+    assert_eq!(unset.zone_fill(), 5);
+    // An inflated size (relays report it and pass adverts on) moves it a level at most:
+    // the bound of 2^24 nodes is 9, the room rule says 5 for a leaf.
+    let mut o = filling().with_zone(Some("b".to_string()));
+    o.handle(0, sampled(core(3, MAX_SIZE), vec![]), &mut r);
+    assert_eq!(o.zone_fill(), 6);
+    // Before the cores' room is known, zones have no say in depth.
+    let mut o = filling().with_zone(Some("b".to_string()));
+    assert_eq!(o.zone_fill(), 0);
+    o.handle(0, sampled(core(0, 10_000), vec![]), &mut r);
+    assert_eq!((o.core_landing, o.zone_fill()), (u32::MAX, 0));
+}
+
 /// A full core in `zone` whose shallowest room is `room` levels down.
 fn zoned_core(zone: &str, room: u32) -> Peer {
     Peer::new(PeerInfo {
@@ -1975,6 +2075,7 @@ fn zoned_core(zone: &str, room: u32) -> Peer {
         height: room + 1,
         room,
         zone: Some(zone.to_string()),
+        size: 0,
     })
 }
 

@@ -40,6 +40,7 @@ pub fn peer_to_proto(p: &PeerInfo) -> proto::PeerInfo {
         height: p.height,
         room: p.room,
         zone: p.zone.clone().unwrap_or_default(),
+        size: p.size,
     }
 }
 
@@ -55,6 +56,7 @@ pub fn report_from_proto(r: &proto::ChildReport) -> crate::overlay::Report {
         free_slots: r.free_slots,
         height: r.height.min(crate::overlay::MAX_HEIGHT),
         room: r.room.min(crate::overlay::MAX_HEIGHT),
+        size: r.size.min(crate::overlay::MAX_SIZE),
     }
 }
 
@@ -64,6 +66,7 @@ pub fn report_to_proto(r: &crate::overlay::Report) -> proto::ChildReport {
         free_slots: r.free_slots,
         height: r.height,
         room: r.room,
+        size: r.size,
     }
 }
 
@@ -103,6 +106,7 @@ pub fn peer_from_proto(p: proto::PeerInfo) -> Peer {
         height: p.height.min(crate::overlay::MAX_HEIGHT),
         room: p.room.min(crate::overlay::MAX_HEIGHT),
         zone: zone_from_proto(p.zone),
+        size: p.size.min(crate::overlay::MAX_SIZE),
     })
 }
 
@@ -250,9 +254,10 @@ mod tests {
 
     /// What peers declare about the tree is bounded before the overlay sees it: zones longer
     /// than `MAX_ZONE_BYTES` (or empty) count as none, heights and rooms are clamped to
-    /// `MAX_HEIGHT`, whether they come in an advert or in a child's report.
+    /// `MAX_HEIGHT` and subtree sizes to `MAX_SIZE`, whether they come in an advert or in a
+    /// child's report.
     #[test]
-    fn declared_zones_heights_and_rooms_are_bounded() {
+    fn declared_zones_heights_rooms_and_sizes_are_bounded() {
         let max = crate::config::MAX_ZONE_BYTES;
         assert_eq!(zone_from_proto(String::new()), None);
         assert_eq!(zone_from_proto("z".repeat(max + 1)), None);
@@ -261,11 +266,16 @@ mod tests {
             free_slots: u32::MAX,
             height: u32::MAX,
             room: u32::MAX,
+            size: u32::MAX,
         };
         let r = report_from_proto(&huge);
         assert_eq!(
-            (r.height, r.room),
-            (crate::overlay::MAX_HEIGHT, crate::overlay::MAX_HEIGHT)
+            (r.height, r.room, r.size),
+            (
+                crate::overlay::MAX_HEIGHT,
+                crate::overlay::MAX_HEIGHT,
+                crate::overlay::MAX_SIZE
+            )
         );
         let p = peer_from_proto(proto::PeerInfo {
             name: "p".into(),
@@ -276,10 +286,16 @@ mod tests {
             height: u32::MAX,
             room: u32::MAX,
             zone: "z".repeat(1 << 16),
+            size: u32::MAX,
         });
         assert_eq!(
-            (p.height, p.room, p.zone.clone()),
-            (crate::overlay::MAX_HEIGHT, crate::overlay::MAX_HEIGHT, None)
+            (p.height, p.room, p.zone.clone(), p.size),
+            (
+                crate::overlay::MAX_HEIGHT,
+                crate::overlay::MAX_HEIGHT,
+                None,
+                crate::overlay::MAX_SIZE
+            )
         );
     }
 }

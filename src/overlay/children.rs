@@ -4,16 +4,19 @@
 use super::*;
 
 impl<I: Id> Overlay<I> {
-    /// What this node tells its parent: free slots, the height of its subtree and the
-    /// levels down to its shallowest free slot. A child that has not reported counts as a
-    /// leaf with room.
+    /// What this node tells its parent: free slots, the height of its subtree, the levels
+    /// down to its shallowest free slot, and (see [`Report::size`]) the size of its subtree. A child
+    /// that has not reported counts as a leaf with room.
     pub fn report(&self) -> Report {
         let free_slots = self.cfg.fanout.saturating_sub(self.children.len() as u32);
         let (mut height, mut below) = (0, u32::MAX);
+        let (mut size, mut sized) = (1u64, self.cfg.fill_zones_to_bound && self.zoned());
         for c in self.children.values() {
             let r = c.report.unwrap_or_default();
             height = height.max(r.height + 1);
             below = below.min(r.room + 1);
+            size += u64::from(r.size.max(1));
+            sized |= r.size > 0;
         }
         let room = if free_slots > 0 || below == u32::MAX {
             0
@@ -24,6 +27,7 @@ impl<I: Id> Overlay<I> {
             free_slots,
             height: height.min(MAX_HEIGHT),
             room: room.min(MAX_HEIGHT),
+            size: if sized { round_size(size) } else { 0 },
         }
     }
 
@@ -129,6 +133,7 @@ impl<I: Id> Overlay<I> {
             height: report.height,
             room: report.room,
             zone: c.zone.clone(),
+            size: report.size,
         }))
     }
 
@@ -138,6 +143,7 @@ impl<I: Id> Overlay<I> {
             free_slots: r.free_slots.min(self.cfg.fanout),
             height: r.height.min(MAX_HEIGHT),
             room: r.room.min(MAX_HEIGHT),
+            size: r.size.min(MAX_SIZE),
         }
     }
 }

@@ -127,18 +127,36 @@ impl<I: Id> Overlay<I> {
             .max(self.zone_fill())
     }
 
-    /// How deep this node may hang in its own zone rather than hang from another: a level
-    /// below the deepest room the cores advertised so far (`landing_high`: where a packed
-    /// tree may put its deepest node, so the depth bound holds; a slot freed for a moment
-    /// does not lower it), less the height of the subtree it brings. 0 (no say) without
-    /// zones or before the cores' room is known.
+    /// How deep this node may hang in its own zone rather than hang from another:
+    /// [`Self::deepest`], less the height of the subtree it brings. 0 (no say) without
+    /// zones or before the cores' room or size is known.
     pub(super) fn zone_fill(&self) -> u32 {
-        if !self.zoned() || self.landing_high == 0 {
+        if !self.zoned() {
             return 0;
         }
-        self.landing_high
-            .saturating_add(1)
-            .saturating_sub(self.report().height)
+        self.deepest().saturating_sub(self.report().height)
+    }
+
+    /// The deepest a node may hang: a level below the deepest room the cores advertised
+    /// so far (`landing_high`: a packed tree may put its deepest node there, and a tree
+    /// packed down to that room holds enough nodes for the depth bound to be at least as
+    /// deep), or the depth bound of the tree's size as the cores report it (`bound_high`,
+    /// [`depth_bound`]) where that is deeper, with [`OverlayConfig::fill_zones_to_bound`],
+    /// by one level at most: sizes are what relays report and adverts are passed on by
+    /// relays, so a size inflated by a faulty or hostile one moves this by a level, no
+    /// more. 0 until the cores' room is known. A slot freed or a subtree lost for a moment
+    /// lowers neither.
+    pub(super) fn deepest(&self) -> u32 {
+        if self.landing_high == 0 {
+            return 0;
+        }
+        let room = self.landing_high.saturating_add(1);
+        let bound = if self.cfg.fill_zones_to_bound {
+            self.bound_high
+        } else {
+            0
+        };
+        room.max(bound.min(room + 1))
     }
 
     /// Levels a move must gain: `subtree_min_gain` when this node brings a subtree along,
@@ -155,8 +173,7 @@ impl<I: Id> Overlay<I> {
     /// Whether this node hangs deeper than [`Self::zone_fill`] allows a leaf: the one case
     /// where it leaves a parent in its zone for one elsewhere.
     pub(super) fn beyond_fill(&self) -> bool {
-        self.depth()
-            .is_some_and(|d| d > self.landing_high.saturating_add(1))
+        self.depth().is_some_and(|d| d > self.deepest().max(1))
     }
 
     /// Whether this node hangs more than a level below the shallowest room the cores
@@ -180,6 +197,7 @@ impl<I: Id> Overlay<I> {
     pub(super) fn refresh_core_landing(&mut self) {
         let zoned = self.zoned();
         let mut landing = u32::MAX;
+        let mut nodes = 0u64;
         let cores = self
             .view
             .values()
@@ -190,6 +208,7 @@ impl<I: Id> Overlay<I> {
             if p.free_slots > 0 || p.room > 0 {
                 landing = landing.min(Self::landing(p));
             }
+            nodes += u64::from(p.size.min(MAX_SIZE));
             if let Some(z) = p.zone.as_ref().filter(|_| zoned) {
                 if !self.core_zones.contains(z) {
                     self.core_zones.push(z.clone());
@@ -199,6 +218,9 @@ impl<I: Id> Overlay<I> {
         self.core_landing = landing;
         if landing != u32::MAX {
             self.landing_high = self.landing_high.max(landing);
+        }
+        if nodes > 0 {
+            self.bound_high = self.bound_high.max(depth_bound(nodes, self.cfg.fanout));
         }
     }
 
