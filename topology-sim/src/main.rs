@@ -79,6 +79,10 @@ struct Args {
     /// latency_slack).
     #[arg(long)]
     latency_slack: Option<u32>,
+    /// With zones, nodes report subtree sizes and fill their zones down to the depth bound
+    /// (the overlay's fill_zones_to_bound).
+    #[arg(long)]
+    fill_zones_to_bound: bool,
     /// Period of each node's overlay tick (ms; phases are staggered), as a runtime that ticks
     /// on an interval; 0 ticks each node exactly at its overlay's next deadline.
     #[arg(long, default_value_t = 0)]
@@ -163,6 +167,7 @@ impl Args {
         if let Some(slack) = self.latency_slack {
             overlay.latency_slack = slack;
         }
+        overlay.fill_zones_to_bound = self.fill_zones_to_bound;
         Params {
             nodes: self.nodes,
             cores: self.cores,

@@ -264,6 +264,9 @@ impl Params {
         if self.overlay.latency_slack != d.latency_slack {
             cmd.push_str(&format!(" --latency-slack {}", self.overlay.latency_slack));
         }
+        if self.overlay.fill_zones_to_bound {
+            cmd.push_str(" --fill-zones-to-bound");
+        }
         if self.overlay.rebalance_ms != d.rebalance_ms {
             cmd.push_str(&format!(" --rebalance-ms {}", self.overlay.rebalance_ms));
         }

@@ -38,6 +38,10 @@ pub struct SweepArgs {
     /// With zones, also run each case with depth-only choice.
     #[arg(long)]
     pub depth_only_too: bool,
+    /// With zones, nodes report subtree sizes and fill their zones down to the depth bound
+    /// (the overlay's fill_zones_to_bound).
+    #[arg(long)]
+    pub fill_zones_to_bound: bool,
     /// How the relays join.
     #[arg(long, value_enum, default_value_t = JoinMode::All)]
     pub join: JoinMode,
@@ -63,16 +67,10 @@ cross_zone_edges,min_cross_zone_edges,violations,wall_s,join,replay";
 
 /// ceil(log_k(n)) + 1: the depth goal (the deepest node of a packed tree, plus one).
 pub fn bound(n: u32, k: u32) -> u32 {
-    let (mut depth, mut reach, mut level) = (0u32, 1u64, 1u64);
-    while reach < u64::from(n) {
-        level *= u64::from(k.max(2));
-        reach += level;
-        depth += 1;
-    }
     if k == 1 {
         return n;
     }
-    depth + 1
+    canopy::overlay::depth_bound(u64::from(n), k)
 }
 
 fn p99_depth(r: &Report) -> u32 {
@@ -138,6 +136,7 @@ pub fn cases(a: &SweepArgs) -> Vec<Params> {
                                 p.overlay = OverlayConfig {
                                     fanout,
                                     choices,
+                                    fill_zones_to_bound: a.fill_zones_to_bound,
                                     ..OverlayConfig::default()
                                 };
                                 p.join = a.join;
