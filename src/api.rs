@@ -702,6 +702,7 @@ mod tests {
                 root_path: vec![],
                 subtree_height: 0,
                 room: 0,
+                subtree_size: 0,
                 synced: true,
                 commit_version: f.version(),
                 lag_entries: 0,

@@ -85,12 +85,12 @@ pub struct OverlayConfig {
     /// With zones: count subtree sizes in the reports ([`Report::size`]) and let a place in
     /// this node's zone win down to the depth bound of the tree's size (less the height of
     /// the subtree it brings) instead of a level below the cores' room. false: the depth
-    /// bound first. With it, 10k nodes in 3 zones (docs/topology.md) have 10 edges between
-    /// zones instead of 77 when relays join one by one and 421 instead of 1011 under
-    /// 5 %/min churn, the same p99 latency, for 13 % more messages; but the zones then fill
-    /// the tree down to the bound, and under churn 6 to 7 end snapshots of 20 catch a node
-    /// (up to 24) a level past it while it moves, against 1 of 20. For fleets that pay for
-    /// traffic between zones. Every node should have the same setting.
+    /// bound first. With it, 10k nodes in 3 zones (docs/topology.md) have 12 edges between
+    /// zones instead of 77 when relays join one by one and 444 instead of 1011 under
+    /// 5 %/min churn, the same p99 latency, for 10 % more messages; but the zones then fill
+    /// the tree down to the bound, and under churn 6 end snapshots of 20 catch 1 to 3 nodes
+    /// a level past it while they move, against 1 of 20. For fleets that pay for traffic
+    /// between zones. Every node should have the same setting.
     pub fill_zones_to_bound: bool,
     /// How long to wait for sample answers (ms). 1000.
     pub probe_timeout_ms: u64,

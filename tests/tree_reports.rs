@@ -7,6 +7,23 @@ mod common;
 use common::*;
 use serde_json::Value;
 
+/// Certificates for a core and three relays, r1 to r3.
+fn chain_pki(root: &std::path::Path) -> Pki {
+    Pki::with(
+        root,
+        &[
+            ("core", "core"),
+            ("r1", "relay"),
+            ("r2", "relay"),
+            ("r3", "relay"),
+        ],
+    )
+}
+
+async fn size(c: &reqwest::Client, p: &Proc) -> Option<u64> {
+    status(c, p).await?["subtree_size"].as_u64()
+}
+
 async fn subtree(c: &reqwest::Client, p: &Proc) -> Option<(u64, u64, Option<u64>)> {
     let s: Value = status(c, p).await?;
     Some((
@@ -23,15 +40,7 @@ async fn subtree(c: &reqwest::Client, p: &Proc) -> Option<(u64, u64, Option<u64>
 async fn reports_climb_the_tree_and_referrals_follow_them() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki = Pki::with(
-        root,
-        &[
-            ("core", "core"),
-            ("r1", "relay"),
-            ("r2", "relay"),
-            ("r3", "relay"),
-        ],
-    );
+    let pki = chain_pki(root);
     let one = ["--fanout", "1"];
     let core = Proc::start(root, &pki, "core", true, &[], &one);
     let c = http();
@@ -64,6 +73,8 @@ async fn reports_climb_the_tree_and_referrals_follow_them() {
         s["root_path"],
         serde_json::json!(["core", "r1", "r2", "r3"])
     );
+    // Without zones nobody counts sizes (no report changes for them).
+    assert_eq!(size(&c, &core).await, Some(0));
 
     // r3 leaves: the reports climb again, and the core's room shrinks to two levels.
     drop(r3);
@@ -104,6 +115,43 @@ async fn a_relay_settles_under_the_parent_of_its_zone() {
         status(&c, &kid)
             .await
             .is_some_and(|s| s["parent"] == "rb" && s["depth"] == 2)
+    })
+    .await;
+}
+
+/// With zones and `fill_zones_to_bound`, subtree sizes climb the same chain over the real
+/// subscription streams: the core counts the whole tree, and a relay that leaves takes its
+/// count with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subtree_sizes_climb_to_the_core_when_zones_fill_to_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = chain_pki(root);
+    let config = root.join("overlay.toml");
+    std::fs::write(&config, "[overlay]\nfill_zones_to_bound = true\n").unwrap();
+    let config = config.to_str().unwrap();
+    let args = ["--fanout", "1", "--zone", "a", "--config", config];
+    let core = Proc::start(root, &pki, "core", true, &[], &args);
+    let c = http();
+    wait_leader(&c, &core).await;
+    let (v0, _) = put_random(&c, &core, 50_000, 5).await;
+    let mut relays = Vec::new();
+    for name in ["r1", "r2", "r3"] {
+        let r = Proc::start(root, &pki, name, false, &[core.quic], &args);
+        wait_materialized(&c, &r, v0).await;
+        relays.push(r);
+    }
+    wait_until(60, "every node's subtree size", || async {
+        let mut sizes = vec![size(&c, &core).await];
+        for r in &relays {
+            sizes.push(size(&c, r).await);
+        }
+        sizes == [Some(4), Some(3), Some(2), Some(1)]
+    })
+    .await;
+    drop(relays.pop());
+    wait_until(60, "the sizes after r3 left", || async {
+        size(&c, &core).await == Some(3) && size(&c, &relays[1]).await == Some(1)
     })
     .await;
 }

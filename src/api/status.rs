@@ -42,6 +42,10 @@ pub struct Status {
     pub subtree_height: u32,
     /// Levels below this node to the shallowest free slot of its subtree (0: one of its own).
     pub room: u32,
+    /// Nodes in the subtree this node serves, itself included, as its children report them
+    /// (rounded down to 4 significant bits); 0 unless this node has a zone and
+    /// `overlay.fill_zones_to_bound`, or a child reports a size.
+    pub subtree_size: u32,
     pub synced: bool,
     pub commit_version: u64,
     pub lag_entries: u64,

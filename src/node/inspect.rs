@@ -64,6 +64,7 @@ pub(crate) fn status(shared: &Shared) -> Status {
         root_path,
         subtree_height: report.height,
         room: report.room,
+        subtree_size: report.size,
         synced: st.replica.is_synced(),
         commit_version: commit,
         lag_entries: commit.saturating_sub(version),
