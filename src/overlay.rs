@@ -535,7 +535,8 @@ pub struct Overlay<I = String> {
     /// once the tree has grown, which a slot freed for a moment does not lower.
     landing_high: u32,
     /// The deepest [`depth_bound`] of the tree's size as the cores advertised it (the sum
-    /// of their [`PeerInfo::size`]), 0 while unknown: like `landing_high`, a tree that
+    /// of their [`PeerInfo::size`]), 0 while unknown or without
+    /// [`OverlayConfig::fill_zones_to_bound`]: like `landing_high`, a tree that
     /// shrinks for a moment does not lower it.
     bound_high: u32,
     zone: Option<I>,

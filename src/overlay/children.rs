@@ -5,8 +5,8 @@ use super::*;
 
 impl<I: Id> Overlay<I> {
     /// What this node tells its parent: free slots, the height of its subtree, the levels
-    /// down to its shallowest free slot, and (see [`Report::size`]) the size of its subtree. A child
-    /// that has not reported counts as a leaf with room.
+    /// down to its shallowest free slot, and (see [`Report::size`]) the size of its
+    /// subtree. A child that has not reported counts as a leaf with room.
     pub fn report(&self) -> Report {
         let free_slots = self.cfg.fanout.saturating_sub(self.children.len() as u32);
         let (mut height, mut below) = (0, u32::MAX);

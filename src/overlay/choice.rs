@@ -151,12 +151,7 @@ impl<I: Id> Overlay<I> {
             return 0;
         }
         let room = self.landing_high.saturating_add(1);
-        let bound = if self.cfg.fill_zones_to_bound {
-            self.bound_high
-        } else {
-            0
-        };
-        room.max(bound.min(room + 1))
+        room.max(self.bound_high.min(room + 1))
     }
 
     /// Levels a move must gain: `subtree_min_gain` when this node brings a subtree along,
@@ -219,7 +214,7 @@ impl<I: Id> Overlay<I> {
         if landing != u32::MAX {
             self.landing_high = self.landing_high.max(landing);
         }
-        if nodes > 0 {
+        if nodes > 0 && self.cfg.fill_zones_to_bound {
             self.bound_high = self.bound_high.max(depth_bound(nodes, self.cfg.fanout));
         }
     }
