@@ -4,10 +4,11 @@
 //!
 //! A file of `len` bytes with chunk size `cs` (a power of two, at most 16 MiB) is split into
 //! `ceil(len / cs)` chunks. Every chunk holds exactly `cs` bytes except the last, which holds the
-//! remainder; an empty file has no chunks. Chunks are immutable [`Bytes`]: changing a chunk
-//! builds a new buffer, so a cloned [`ChunkedFile`] (a held snapshot) shares every chunk with the
-//! original and is never affected by later updates. Cloning costs O(chunk count) reference-count
-//! bumps and hash copies, never a copy of the content.
+//! remainder; an empty file has no chunks. Chunks are [`Bytes`], shared by clones: a cloned
+//! [`ChunkedFile`] (a held snapshot) shares every chunk with the original and is never affected
+//! by later updates. A change to part of a chunk that nothing else holds (no snapshot, undo or
+//! reply in flight shares it) is made in place; a shared chunk is copied first. Cloning costs
+//! O(chunk count) reference-count bumps and hash copies, never a copy of the content.
 //!
 //! # Hashing
 //!
@@ -43,7 +44,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::merkle::{
     build_levels, check_shape, empty_tree_root, file_root, leaf_from_pieces, parent_at, piece_cv,
@@ -57,6 +58,21 @@ pub use crate::update::{
     MAX_CHUNK_COUNT, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
 
+/// Chunk `c` as a buffer to change, leaving `c` empty until the change is committed: its own
+/// memory when nothing else holds it (a small write then costs its bytes, not a copy of the
+/// chunk), else a copy, which leaves the holders (a snapshot, an undo, a reply in flight)
+/// their bytes.
+fn own_chunk(c: &mut Bytes) -> BytesMut {
+    match std::mem::take(c).try_into_mut() {
+        Ok(m) => m,
+        Err(shared) => {
+            let m = BytesMut::from(&shared[..]);
+            *c = shared;
+            m
+        }
+    }
+}
+
 fn to_index(i: u64) -> Option<usize> {
     usize::try_from(i).ok()
 }
@@ -67,7 +83,12 @@ pub struct Undo {
     version: u64,
     len: u64,
     count: usize,
+    /// Chunks the update may change whole (or remove): the old chunk, shared, not copied.
     chunks: Vec<(usize, Bytes)>,
+    /// Ranges it may change within chunks it does not change whole: the chunk, the start
+    /// within it, the old bytes. A copy of those bytes, not of the chunk, so that the update
+    /// itself can change the chunk in place.
+    ranges: Vec<(usize, usize, Vec<u8>)>,
     root: Hash,
 }
 
@@ -99,7 +120,9 @@ impl fmt::Debug for ChunkedFile {
 /// Per-batch working state of [`ChunkedFile::apply`].
 struct Staging {
     old_count: usize,
-    bufs: BTreeMap<usize, Vec<u8>>,
+    /// Chunks being changed in place: taken out of the file without a copy where nothing
+    /// else (a snapshot, an undo, a reply in flight) shares them ([`own_chunk`]).
+    bufs: BTreeMap<usize, BytesMut>,
     rehash: Vec<usize>,
     touched: Vec<usize>,
     zero: Option<(Bytes, Hash)>,
@@ -231,6 +254,13 @@ impl ChunkedFile {
         self.chunks.get(to_index(i)?).cloned()
     }
 
+    /// The chaining values of chunk `i`'s 4 KiB pieces ([`crate::merkle::PIECE`]), where the
+    /// file keeps them: for a chunk a write changed in place, not for one replaced whole,
+    /// resized or never written.
+    pub fn chunk_pieces(&self, i: u64) -> Option<Arc<[PieceCv]>> {
+        self.pieces.get(to_index(i)?)?.clone()
+    }
+
     pub fn chunk_hash(&self, i: u64) -> Option<Hash> {
         self.levels[0].get(to_index(i)?).copied()
     }
@@ -311,23 +341,20 @@ impl ChunkedFile {
     }
 
     /// [`ChunkedFile::apply`], also returning what [`ChunkedFile::undo`] needs to put the file
-    /// back as it was: the previous bytes of only the chunks `update` may change (one or two
-    /// for a small write; every chunk a truncate removes), not a copy of the file.
+    /// back as it was: the old bytes of only the ranges `update` may change (a copy of the
+    /// 100 bytes a small write covers, so the write still changes its chunk in place), and
+    /// the chunks it covers whole or removes (shared, not copied).
     pub fn apply_undoable(&mut self, version: u64, update: &Update) -> Result<Undo, FileError> {
         self.validate(update)?;
         let cs = self.cs();
-        let count = self.chunks.len();
+        let (old_len, count) = (self.len, self.chunks.len());
         let mut len = self.len;
-        let mut touched = std::collections::BTreeSet::new();
+        let mut spans: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
         for op in &update.ops {
             let (lo, hi) = match op {
                 Op::Write { offset, data } => {
                     let end = offset.saturating_add(data.len() as u64);
-                    let r = if end > len {
-                        ((*offset).min(len), end)
-                    } else {
-                        (*offset, end)
-                    };
+                    let r = ((*offset).min(len), end);
                     len = len.max(end);
                     r
                 }
@@ -337,20 +364,42 @@ impl ChunkedFile {
                     r
                 }
             };
-            if hi > lo {
-                let first = usize::try_from(lo / cs).unwrap_or(usize::MAX);
-                let last = usize::try_from((hi - 1) / cs).unwrap_or(usize::MAX);
-                touched.extend(first.min(count)..last.saturating_add(1).min(count));
+            let hi = hi.min(old_len);
+            if hi <= lo {
+                continue;
+            }
+            for i in lo / cs..=(hi - 1) / cs {
+                let start = i * cs;
+                let (a, b) = (lo.max(start) - start, hi.min(start + cs) - start);
+                spans
+                    .entry(i as usize)
+                    .or_default()
+                    .push((a as usize, b as usize));
+            }
+        }
+        let (mut chunks, mut ranges) = (Vec::new(), Vec::new());
+        for (i, mut list) in spans {
+            list.sort_unstable();
+            let mut merged: Vec<(usize, usize)> = Vec::with_capacity(list.len());
+            for (a, b) in list {
+                match merged.last_mut() {
+                    Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                    _ => merged.push((a, b)),
+                }
+            }
+            let old = &self.chunks[i];
+            if merged == [(0, old.len())] {
+                chunks.push((i, old.clone()));
+            } else {
+                ranges.extend(merged.into_iter().map(|(a, b)| (i, a, old[a..b].to_vec())));
             }
         }
         let undo = Undo {
             version: self.version,
-            len: self.len,
+            len: old_len,
             count,
-            chunks: touched
-                .into_iter()
-                .map(|i| (i, self.chunks[i].clone()))
-                .collect(),
+            chunks,
+            ranges,
             root: self.root,
         };
         self.apply(version, update)?;
@@ -364,18 +413,47 @@ impl ChunkedFile {
         self.chunks.resize(undo.count, Bytes::new());
         self.pieces.resize(undo.count, None);
         self.levels[0].resize(undo.count, [0; 32]);
-        let mut dirty = Vec::with_capacity(undo.chunks.len() + 1);
+        let mut dirty = Vec::with_capacity(undo.chunks.len() + undo.ranges.len() + 1);
         for (i, chunk) in undo.chunks {
-            self.levels[0][i] = leaf_hash(&chunk);
             self.chunks[i] = chunk;
-            self.pieces[i] = None;
             dirty.push(i);
         }
-        if count != undo.count && undo.count > 0 {
-            dirty.push(undo.count - 1);
+        let mut bufs: BTreeMap<usize, BytesMut> = BTreeMap::new();
+        for (i, a, old) in undo.ranges {
+            let buf = bufs.entry(i).or_insert_with(|| {
+                let mut b = own_chunk(&mut self.chunks[i]);
+                b.resize(
+                    chunk_len_for(undo.len, self.chunk_size, i as u64) as usize,
+                    0,
+                );
+                b
+            });
+            buf[a..a + old.len()].copy_from_slice(&old);
+        }
+        for (i, buf) in bufs {
+            self.chunks[i] = buf.freeze();
+            dirty.push(i);
+        }
+        if let Some(last) = undo.count.checked_sub(1) {
+            let clen = chunk_len_for(undo.len, self.chunk_size, last as u64) as usize;
+            if self.chunks[last].len() != clen {
+                let mut buf = own_chunk(&mut self.chunks[last]);
+                buf.resize(clen, 0);
+                self.chunks[last] = buf.freeze();
+                dirty.push(last);
+            }
         }
         dirty.sort_unstable();
         dirty.dedup();
+        for &i in &dirty {
+            self.levels[0][i] = leaf_hash(&self.chunks[i]);
+            self.pieces[i] = None;
+        }
+        if count != undo.count && undo.count > 0 {
+            dirty.push(undo.count - 1);
+            dirty.sort_unstable();
+            dirty.dedup();
+        }
         self.len = undo.len;
         self.version = undo.version;
         self.update_tree(dirty);
@@ -399,10 +477,10 @@ impl ChunkedFile {
         if self.len % cs != 0 {
             let last = self.chunks.len() - 1;
             let target = cs.min(new_len - last as u64 * cs) as usize;
-            let chunks = &self.chunks;
+            let chunks = &mut self.chunks;
             st.bufs
                 .entry(last)
-                .or_insert_with(|| chunks[last].to_vec())
+                .or_insert_with(|| own_chunk(&mut chunks[last]))
                 .resize(target, 0);
             st.rehash.push(last);
             st.reshaped.insert(last);
@@ -478,8 +556,11 @@ impl ChunkedFile {
                 self.chunks[i] = Bytes::copy_from_slice(src);
                 st.reshaped.insert(i);
             } else {
-                let chunks = &self.chunks;
-                let buf = st.bufs.entry(i).or_insert_with(|| chunks[i].to_vec());
+                let chunks = &mut self.chunks;
+                let buf = st
+                    .bufs
+                    .entry(i)
+                    .or_insert_with(|| own_chunk(&mut chunks[i]));
                 buf[lo..hi].copy_from_slice(src);
                 st.written.entry(i).or_default().push((lo, hi));
             }
@@ -498,7 +579,7 @@ impl ChunkedFile {
             ..
         } = st;
         for (i, buf) in bufs {
-            self.chunks[i] = Bytes::from(buf);
+            self.chunks[i] = buf.freeze();
         }
         let count = self.chunks.len();
         rehash.retain(|&i| i < count);
@@ -871,6 +952,66 @@ mod tests {
         }
         assert_eq!(f.read(4, 6), model[4..10]);
         assert_eq!(f.range_hash(5, 20), *blake3::hash(&model[5..25]).as_bytes());
+        assert_consistent(&f);
+    }
+
+    #[test]
+    fn a_small_write_changes_an_unshared_chunk_in_place_and_copies_a_shared_one() {
+        let data = vec![7u8; 4 * 65536];
+        let mut f = ChunkedFile::from_bytes(DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN, &data, 0).unwrap();
+        f.apply(1, &upd(vec![w(65536 + 10, &[1; 100])])).unwrap();
+        let at = f.chunk(1).unwrap().as_ptr();
+        f.apply(2, &upd(vec![w(65536 + 500, &[2; 100])])).unwrap();
+        assert_eq!(
+            f.chunk(1).unwrap().as_ptr(),
+            at,
+            "unshared: changed in place"
+        );
+        let snap = f.clone();
+        f.apply(3, &upd(vec![w(65536 + 900, &[3; 100])])).unwrap();
+        assert_ne!(f.chunk(1).unwrap().as_ptr(), at, "shared: copied");
+        assert_eq!(snap.chunk(1).unwrap().as_ptr(), at);
+        assert_eq!(snap.read(65536 + 900, 1), [7]);
+        let mut model = data;
+        model[65536 + 10..65536 + 110].fill(1);
+        model[65536 + 500..65536 + 600].fill(2);
+        model[65536 + 900..65536 + 1000].fill(3);
+        assert_eq!(f.to_vec(), model);
+        let fresh =
+            ChunkedFile::from_bytes(DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN, &model, 0).unwrap();
+        assert_eq!(f.root(), fresh.root());
+        assert_consistent(&f);
+    }
+
+    #[test]
+    fn an_undoable_small_write_changes_its_chunk_in_place_and_undoes_from_the_saved_bytes() {
+        let data: Vec<u8> = (0..3 * 65536 + 7).map(|i| (i % 251) as u8).collect();
+        let mut f = ChunkedFile::from_bytes(DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LEN, &data, 0).unwrap();
+        let at = f.chunk(1).unwrap().as_ptr();
+        let root = f.root();
+        let undo = f
+            .apply_undoable(
+                1,
+                &upd(vec![w(65536 + 10, &[1; 100]), w(3 * 65536, &[2; 20])]),
+            )
+            .unwrap();
+        assert_eq!(
+            f.chunk(1).unwrap().as_ptr(),
+            at,
+            "changed in place, not copied"
+        );
+        let whole: Vec<usize> = undo.chunks.iter().map(|(i, _)| *i).collect();
+        assert_eq!(whole, [3], "the 7-byte last chunk is covered whole");
+        let saved: Vec<(usize, usize, usize)> = undo
+            .ranges
+            .iter()
+            .map(|(i, a, old)| (*i, *a, old.len()))
+            .collect();
+        assert_eq!(saved, [(1, 10, 100)], "only the written bytes of chunk 1");
+        assert_eq!(f.len(), 3 * 65536 + 20);
+        f.undo(undo);
+        assert_eq!(f.to_vec(), data);
+        assert_eq!((f.root(), f.version()), (root, 0));
         assert_consistent(&f);
     }
 
@@ -1395,6 +1536,41 @@ mod tests {
                 prop_assert_eq!(
                     snap.root(),
                     ChunkedFile::from_bytes(cs, max, &snap.to_vec(), 0).unwrap().root()
+                );
+            }
+            assert_consistent(&f);
+        }
+
+        /// Writes into chunks nothing else holds change them in place; snapshots taken
+        /// between updates keep their bytes and roots all the same.
+        #[test]
+        fn prop_in_place_matches_model_and_spares_snapshots(
+            cs in chunk_size_strategy(),
+            init in prop::collection::vec(0u8..3, 0..200),
+            updates in prop::collection::vec((update_strategy(), any::<bool>()), 1..12),
+        ) {
+            let max = 512;
+            let mut f = ChunkedFile::from_bytes(cs, max, &init, 0).unwrap();
+            let mut model = init;
+            let mut snaps = Vec::new();
+            for (n, (u, keep)) in updates.iter().enumerate() {
+                if *keep {
+                    snaps.push((f.clone(), model.clone()));
+                }
+                if let Some(next) = model_apply(&model, u, max) {
+                    prop_assert!(f.apply(n as u64 + 1, u).is_ok());
+                    model = next;
+                }
+                prop_assert_eq!(f.to_vec(), model.clone());
+                let fresh = ChunkedFile::from_bytes(cs, max, &model, 0).unwrap();
+                prop_assert_eq!(f.root(), fresh.root());
+                prop_assert_eq!(&f.levels, &fresh.levels);
+            }
+            for (snap, bytes) in snaps {
+                prop_assert_eq!(snap.to_vec(), bytes.clone());
+                prop_assert_eq!(
+                    snap.root(),
+                    ChunkedFile::from_bytes(cs, max, &bytes, 0).unwrap().root()
                 );
             }
             assert_consistent(&f);
