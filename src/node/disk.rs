@@ -53,7 +53,23 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf, m: Mate
     let mut written: Option<(u64, [u8; 32])> = None;
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let shown = {
+        let due = {
+            let st = shared.state.lock();
+            let f = st.replica.file();
+            st.replica.is_synced() && written != Some((f.version(), f.root()))
+        };
+        // The copy to patch may still be in its grace: wait without holding a snapshot of
+        // the file, which would make every write meanwhile copy the chunk it changes.
+        if due {
+            if let Some(d) = m.as_ref().and_then(|m| m.wait_for(Instant::now())) {
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(d) => {}
+                }
+                continue;
+            }
+        }
+        let shown = due.then(|| {
             let st = shared.state.lock();
             let signers = st.replica.signer_certs();
             st.replica.is_synced().then(|| {
@@ -66,17 +82,10 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf, m: Mate
                 });
                 (st.replica.file().clone(), sealed, signer)
             })
-        };
-        if let Some((file, sealed, signer)) = shown {
+        });
+        if let Some((file, sealed, signer)) = shown.flatten() {
             let key = (file.version(), file.root());
             if written != Some(key) {
-                if let Some(d) = m.as_ref().and_then(|m| m.wait_for(Instant::now())) {
-                    tokio::select! {
-                        _ = shared.shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(d) => {}
-                    }
-                    continue;
-                }
                 let Some(mut mat) = m.take() else { return };
                 let sidecar = shared.cfg.data.join(SIDECAR);
                 let write = move || {

@@ -4,14 +4,16 @@
 //! - A reader that opens `--file` gets one whole version: every method writes into a file
 //!   that is not `--file` at that moment, fsyncs it, renames a name of it over `--file` and
 //!   fsyncs the directory.
-//! - A physical file is patched only from a known image of it: the snapshot
-//!   ([`ChunkedFile`]) this materializer last wrote into it, or the copy the node read and
-//!   hashed at start. A file whose content is not known (first write, an earlier failure, a
+//! - A physical file is patched only from a known image of it ([`Image`]): the version
+//!   this materializer last wrote into it, or the copy the node read and hashed at start. A file whose content is not known (first write, an earlier failure, a
 //!   chunk size that changed) is written whole; a failure while writing one forgets its image,
 //!   and a swap copy that failed is emptied, so a full disk is not kept full by it.
 //! - A patch writes only the 4 KiB pages that differ between the image and the new
 //!   version, plus the change of length; pages past the old end that are all zero stay
-//!   holes, as do all-zero chunks of a whole write.
+//!   holes, as do all-zero chunks of a whole write. A page is compared by its bytes, or by
+//!   its BLAKE3 chaining value where both versions of its chunk keep those (a chunk changed
+//!   in place): the image then holds no bytes of that chunk, which the file can go on
+//!   changing in place; a chunk the image knows only by its hash is written whole.
 //! - swap: a copy is written only `grace` after it stopped being `--file`, and only under an
 //!   exclusive `flock` taken without waiting: a reader holding a shared lock on the copy it
 //!   opened defers the write, never sees it torn.
@@ -25,10 +27,20 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::{MaterializeConfig, MaterializeMode, MAX_MATERIALIZE_COPIES};
-use crate::file::ChunkedFile;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::file::{ChunkedFile, Hash};
+use crate::merkle::PieceCv;
 
 /// Granularity of a patch: the page size of the kernels Canopy runs on.
 pub const PAGE: usize = 4096;
+
+const _: () = assert!(
+    crate::merkle::PIECE == PAGE,
+    "a piece's chaining value stands for a page"
+);
 
 /// How long a write waits before trying again when a reader holds a lock on its target.
 pub const RETRY_LOCKED: Duration = Duration::from_millis(100);
@@ -78,11 +90,57 @@ pub enum Outcome {
     Wait(Duration),
 }
 
+/// What a physical file is known to hold, to patch it from: its length and chunk size,
+/// and per chunk its hash and what its pages are compared by.
+#[derive(Clone)]
+pub struct Image {
+    len: u64,
+    chunk_size: u32,
+    chunks: Vec<(Hash, Pages)>,
+}
+
+/// How an [`Image`] knows a chunk's pages.
+#[derive(Clone)]
+enum Pages {
+    /// By the chaining value of each 4 KiB piece: the file keeps them for a chunk a write
+    /// changed in place, and holding them leaves the chunk's bytes to the file alone.
+    Pieces(Arc<[PieceCv]>),
+    /// By the bytes: a chunk the file keeps no pieces of (shared with the file until it
+    /// changes, so the next write into it copies it).
+    Bytes(Bytes),
+}
+
+impl Image {
+    /// The image of `file`: for each chunk, its pieces where the file keeps them, else its
+    /// bytes (shared, not copied).
+    pub fn of(file: &ChunkedFile) -> Self {
+        let chunks = (0..file.chunk_count())
+            .map(|i| {
+                let hash = file.chunk_hash(i).unwrap_or_default();
+                let pages = match file.chunk_pieces(i) {
+                    Some(p) => Pages::Pieces(p),
+                    None => Pages::Bytes(file.chunk(i).unwrap_or_default()),
+                };
+                (hash, pages)
+            })
+            .collect();
+        Self {
+            len: file.len(),
+            chunk_size: file.chunk_size(),
+            chunks,
+        }
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+}
+
 /// One physical copy of the swap method.
 struct Copy {
     path: PathBuf,
     /// What it holds, when known.
-    image: Option<ChunkedFile>,
+    image: Option<Image>,
     /// When it stopped being `--file` (`None`: not since start).
     retired: Option<Instant>,
 }
@@ -94,7 +152,7 @@ pub struct Materializer {
     method: Method,
     grace: Duration,
     /// reflink: what `--file` holds, when known.
-    image: Option<ChunkedFile>,
+    image: Option<Image>,
     /// swap: the copies, and which one `--file` is.
     copies: Vec<Copy>,
     current: Option<usize>,
@@ -110,6 +168,7 @@ impl Materializer {
         cfg: &MaterializeConfig,
         loaded: Option<ChunkedFile>,
     ) -> Result<Self, MaterializeError> {
+        let loaded = loaded.as_ref().map(Image::of);
         let dir = parent_dir(path);
         std::fs::create_dir_all(&dir).map_err(|source| MaterializeError::Io {
             path: dir.clone(),
@@ -211,7 +270,7 @@ impl Materializer {
                     f.sync_all()?;
                     Ok(written)
                 })?;
-                self.image = Some(file.clone());
+                self.image = Some(Image::of(file));
                 Ok(Outcome::Written { bytes, whole })
             }
             Method::Rewrite => {
@@ -292,7 +351,7 @@ impl Materializer {
             self.copies[old].retired = Some(now);
         }
         self.current = Some(target);
-        self.copies[target].image = Some(file.clone());
+        self.copies[target].image = Some(Image::of(file));
         self.copies[target].retired = None;
         drop(f);
         sync_dir(&self.dir)?;
@@ -440,40 +499,57 @@ pub fn write_whole(f: &File, file: &ChunkedFile) -> io::Result<u64> {
 
 /// Turns `f`, which holds `old`, into `new` by writing the pages that differ. Returns the
 /// bytes written.
-pub fn patch(f: &File, old: &ChunkedFile, new: &ChunkedFile) -> io::Result<u64> {
+pub fn patch(f: &File, old: &Image, new: &ChunkedFile) -> io::Result<u64> {
     let cs = u64::from(new.chunk_size());
-    if new.len() < old.len() {
+    if new.len() < old.len {
         f.set_len(new.len())?;
     }
     let mut written = 0u64;
     for i in 0..new.chunk_count() {
         let n = new.chunk(i).unwrap_or_default();
-        let o = if i * cs < old.len() {
-            if old.chunk_hash(i) == new.chunk_hash(i) {
-                continue;
-            }
-            old.chunk(i).unwrap_or_default()
-        } else {
-            bytes::Bytes::new()
+        written += match old.chunks.get(i as usize) {
+            None => write_changed_pages(f, i * cs, &n, &[])?,
+            Some((hash, _)) if Some(*hash) == new.chunk_hash(i) => 0,
+            Some((_, Pages::Bytes(o))) => write_changed_pages(f, i * cs, &n, o)?,
+            Some((_, Pages::Pieces(o))) => match new.chunk_pieces(i) {
+                Some(p) if p.len() == o.len() && old_chunk_len(old, i) == n.len() as u64 => {
+                    write_pages_where(f, i * cs, &n, |k| p[k] != o[k])?
+                }
+                _ => write_pages_where(f, i * cs, &n, |_| true)?,
+            },
         };
-        written += write_changed_pages(f, i * cs, &n, &o)?;
     }
-    if new.len() != old.len() {
+    if new.len() != old.len {
         f.set_len(new.len())?;
     }
     Ok(written)
 }
 
+/// The length chunk `i` had in `image`.
+fn old_chunk_len(image: &Image, i: u64) -> u64 {
+    let cs = u64::from(image.chunk_size);
+    image.len.saturating_sub(i * cs).min(cs)
+}
+
 /// Writes the runs of pages of `new` that differ from `old` (zeros past `old`'s end), at
 /// `offset`.
 fn write_changed_pages(f: &File, offset: u64, new: &[u8], old: &[u8]) -> io::Result<u64> {
-    let differs = |p: usize| {
+    write_pages_where(f, offset, new, |p| {
         let end = ((p + 1) * PAGE).min(new.len());
         let n = &new[p * PAGE..end];
         let o_end = end.min(old.len());
         let o = old.get(p * PAGE..o_end).unwrap_or(&[]);
         n[..o.len()] != *o || n[o.len()..].iter().any(|b| *b != 0)
-    };
+    })
+}
+
+/// Writes the runs of pages `p` of `new` for which `differs(p)`, at `offset`.
+fn write_pages_where(
+    f: &File,
+    offset: u64,
+    new: &[u8],
+    differs: impl Fn(usize) -> bool,
+) -> io::Result<u64> {
     let pages = new.len().div_ceil(PAGE);
     let mut written = 0u64;
     let mut p = 0;

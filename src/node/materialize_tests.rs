@@ -104,6 +104,51 @@ fn swap_patches_only_the_pages_changed_since_each_copy_was_written() {
     assert_eq!(std::fs::read(&path).unwrap(), v4.to_vec());
 }
 
+/// A chunk written in place is known to the image by its pages' chaining values: the image
+/// holds none of its bytes, so the next write changes it in place, and a patch compares
+/// its pages by those values.
+#[test]
+fn an_image_compares_a_chunk_changed_in_place_by_its_pages_chaining_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.bin");
+    let mut m = Materializer::open(&path, &cfg(MaterializeMode::Swap, 2, 0), None).unwrap();
+    let t = Instant::now();
+    let mut f = file_of(&seeded(1 << 20), 1);
+    let write = |f: &mut ChunkedFile, offset: u64, byte: u8| {
+        let u = Update {
+            ops: vec![Op::Write {
+                offset,
+                data: Bytes::from(vec![byte; 100]),
+            }],
+        };
+        f.apply(f.version() + 1, &u).unwrap();
+    };
+    assert_eq!(written(m.write(t, &f).unwrap()), (1 << 20, true));
+    write(&mut f, 100_000, 0xAA);
+    assert_eq!(written(m.write(t, &f).unwrap()), (1 << 20, true));
+    let at = f.chunk(1).unwrap().as_ptr();
+    write(&mut f, 100_500, 0xBB);
+    assert_eq!(
+        f.chunk(1).unwrap().as_ptr(),
+        at,
+        "the images hold no bytes of chunk 1: the write changes it in place"
+    );
+    assert_eq!(
+        written(m.write(t, &f).unwrap()),
+        (PAGE as u64, false),
+        "copy 0 held v1 by its bytes: the one page both writes changed"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), f.to_vec());
+    write(&mut f, 110_000, 0xCC);
+    assert_eq!(f.chunk(1).unwrap().as_ptr(), at);
+    assert_eq!(
+        written(m.write(t, &f).unwrap()),
+        (2 * PAGE as u64, false),
+        "copy 1 held v2 by chaining values: v3's page and v4's"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), f.to_vec());
+}
+
 #[test]
 fn a_reader_keeps_a_whole_version_through_the_next_write() {
     use std::io::Read;
