@@ -430,18 +430,17 @@ impl ChunkedFile {
             });
             buf[a..a + old.len()].copy_from_slice(&old);
         }
+        if let Some(last) = undo.count.checked_sub(1) {
+            let clen = chunk_len_for(undo.len, self.chunk_size, last as u64) as usize;
+            if !bufs.contains_key(&last) && self.chunks[last].len() != clen {
+                let mut b = own_chunk(&mut self.chunks[last]);
+                b.resize(clen, 0);
+                bufs.insert(last, b);
+            }
+        }
         for (i, buf) in bufs {
             self.chunks[i] = buf.freeze();
             dirty.push(i);
-        }
-        if let Some(last) = undo.count.checked_sub(1) {
-            let clen = chunk_len_for(undo.len, self.chunk_size, last as u64) as usize;
-            if self.chunks[last].len() != clen {
-                let mut buf = own_chunk(&mut self.chunks[last]);
-                buf.resize(clen, 0);
-                self.chunks[last] = buf.freeze();
-                dirty.push(last);
-            }
         }
         dirty.sort_unstable();
         dirty.dedup();

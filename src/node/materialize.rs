@@ -5,15 +5,17 @@
 //!   that is not `--file` at that moment, fsyncs it, renames a name of it over `--file` and
 //!   fsyncs the directory.
 //! - A physical file is patched only from a known image of it ([`Image`]): the version
-//!   this materializer last wrote into it, or the copy the node read and hashed at start. A file whose content is not known (first write, an earlier failure, a
-//!   chunk size that changed) is written whole; a failure while writing one forgets its image,
-//!   and a swap copy that failed is emptied, so a full disk is not kept full by it.
+//!   this materializer last wrote into it, or the copy the node read and hashed at start.
+//!   A file whose content is not known (first write, an earlier failure, a chunk size that
+//!   changed) is written whole; a failure while writing one forgets its image, and a swap
+//!   copy that failed is emptied, so a full disk is not kept full by it.
 //! - A patch writes only the 4 KiB pages that differ between the image and the new
 //!   version, plus the change of length; pages past the old end that are all zero stay
 //!   holes, as do all-zero chunks of a whole write. A page is compared by its bytes, or by
 //!   its BLAKE3 chaining value where both versions of its chunk keep those (a chunk changed
 //!   in place): the image then holds no bytes of that chunk, which the file can go on
-//!   changing in place; a chunk the image knows only by its hash is written whole.
+//!   changing in place. A chunk the image knows by chaining values and the new version
+//!   keeps none of (or has resized) is written whole.
 //! - swap: a copy is written only `grace` after it stopped being `--file`, and only under an
 //!   exclusive `flock` taken without waiting: a reader holding a shared lock on the copy it
 //!   opened defers the write, never sees it torn.
@@ -26,13 +28,13 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::config::{MaterializeConfig, MaterializeMode, MAX_MATERIALIZE_COPIES};
 use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::config::{MaterializeConfig, MaterializeMode, MAX_MATERIALIZE_COPIES};
 use crate::file::{ChunkedFile, Hash};
-use crate::merkle::PieceCv;
+use crate::merkle::{chunk_len_for, PieceCv};
 
 /// Granularity of a patch: the page size of the kernels Canopy runs on.
 pub const PAGE: usize = 4096;
@@ -512,7 +514,10 @@ pub fn patch(f: &File, old: &Image, new: &ChunkedFile) -> io::Result<u64> {
             Some((hash, _)) if Some(*hash) == new.chunk_hash(i) => 0,
             Some((_, Pages::Bytes(o))) => write_changed_pages(f, i * cs, &n, o)?,
             Some((_, Pages::Pieces(o))) => match new.chunk_pieces(i) {
-                Some(p) if p.len() == o.len() && old_chunk_len(old, i) == n.len() as u64 => {
+                Some(p)
+                    if p.len() == o.len()
+                        && chunk_len_for(old.len, old.chunk_size, i) == n.len() as u64 =>
+                {
                     write_pages_where(f, i * cs, &n, |k| p[k] != o[k])?
                 }
                 _ => write_pages_where(f, i * cs, &n, |_| true)?,
@@ -523,12 +528,6 @@ pub fn patch(f: &File, old: &Image, new: &ChunkedFile) -> io::Result<u64> {
         f.set_len(new.len())?;
     }
     Ok(written)
-}
-
-/// The length chunk `i` had in `image`.
-fn old_chunk_len(image: &Image, i: u64) -> u64 {
-    let cs = u64::from(image.chunk_size);
-    image.len.saturating_sub(i * cs).min(cs)
 }
 
 /// Writes the runs of pages of `new` that differ from `old` (zeros past `old`'s end), at

@@ -291,6 +291,12 @@ fn switching_away_from_swap_removes_its_copies() {
     assert_eq!(std::fs::read(&path).unwrap(), v2.to_vec());
 }
 
+/// Applies `ops` to `f` as its next version.
+fn apply_next(f: &mut ChunkedFile, ops: Vec<Op>) {
+    let v = f.version() + 1;
+    f.apply(v, &Update { ops }).unwrap();
+}
+
 fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (0u64..400_000, prop::collection::vec(any::<u8>(), 0..9000)).prop_map(|(offset, d)| Op::Write {
@@ -318,15 +324,13 @@ proptest! {
         let path = dir.path().join("f");
         let mut f = file_of(&start, 1);
         for ops in before {
-            let v = f.version() + 1;
-            f.apply(v, &Update { ops }).unwrap();
+            apply_next(&mut f, ops);
         }
-        let disk = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let disk = create(&path).unwrap();
         write_whole(&disk, &f).unwrap();
         let image = Image::of(&f);
         for ops in updates {
-            let v = f.version() + 1;
-            f.apply(v, &Update { ops }).unwrap();
+            apply_next(&mut f, ops);
         }
         patch(&disk, &image, &f).unwrap();
         prop_assert_eq!(std::fs::read(&path).unwrap(), f.to_vec());
@@ -354,8 +358,7 @@ proptest! {
         written(m.write(t, &f).unwrap());
         prop_assert_eq!(std::fs::read(&path).unwrap(), f.to_vec());
         for ops in updates {
-            let v = f.version() + 1;
-            f.apply(v, &Update { ops }).unwrap();
+            apply_next(&mut f, ops);
             written(m.write(t, &f).unwrap());
             prop_assert_eq!(std::fs::read(&path).unwrap(), f.to_vec());
         }
