@@ -40,6 +40,7 @@ fn bench_alg(c: &mut Criterion, alg: tls::KeyAlg) {
         root: [3; 32],
         commit_time_us: 1_700_000_000_000_000,
         entry: Some(entry_digest(&frame)),
+        prev: None,
     };
     let seal = sealer.seal(&anchor).unwrap();
     c.bench_function(&format!("core: seal one entry ({alg})"), |b| {
@@ -54,7 +55,8 @@ fn bench_alg(c: &mut Criterion, alg: tls::KeyAlg) {
                 ..anchor.clone()
             };
             let s = sealer.seal(&a).unwrap();
-            (a, s)
+            // As a relay rebuilds it: with the link of the seal before (seal chains).
+            (Anchor::of_seal(&s, a.entry).unwrap(), s)
         })
         .collect();
     let mut i = 0;

@@ -122,6 +122,12 @@ pub struct StreamConfig {
     /// writes becomes one write of `--file`, and a reader sees a new version within a
     /// quarter of a second (see also `[materialize]`).
     pub materialize_interval_ms: u64,
+    /// Core nodes: each entry seal also signs the link of the seal before it (`Seal.prev`),
+    /// so that a relay behind its parent checks one signature for a run of queued entries
+    /// instead of one each (docs/benchmarks.md). true. Relays accept seals with and without
+    /// it; set it false on the cores while relays older than this version remain, which
+    /// rebuild the signed message without it and refuse such seals.
+    pub chain_seals: bool,
     /// Full or diff transfers this node serves at once; more children wait their turn (their
     /// live entries queue meanwhile). 4: half a fan-out of 8 bootstraps at once while the
     /// node keeps CPU and uplink for the live stream.
@@ -165,6 +171,7 @@ impl Default for StreamConfig {
             stream_window_bytes: 16 * 1024 * 1024,
             parent_timeout_ms: 1500,
             materialize_interval_ms: 250,
+            chain_seals: true,
             max_backfills: 4,
             backfill_bytes_per_sec: 0,
             fetch_sources: 4,

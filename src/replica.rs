@@ -562,6 +562,7 @@ impl Replica {
             root: self.file.root(),
             commit_time_us,
             entry: Some(digest),
+            prev: None,
         };
         match sealer.seal(&anchor) {
             Ok(seal) => {

@@ -117,8 +117,8 @@ impl PublicKey {
     }
 }
 
-/// Checks `signature` over `message` with `key`, through the memo.
-fn verify_memoized(key: &PublicKey, message: &[u8], signature: &[u8]) -> bool {
+/// What the memo remembers a check by.
+fn memo_key(key: &PublicKey, message: &[u8], signature: &[u8]) -> Hash {
     let (tag, key_bytes) = key.tag_and_bytes();
     let mut h = blake3::Hasher::new();
     h.update(&[tag]);
@@ -126,7 +126,12 @@ fn verify_memoized(key: &PublicKey, message: &[u8], signature: &[u8]) -> bool {
         h.update(&(part.len() as u64).to_le_bytes());
         h.update(part);
     }
-    let memo_key: Hash = *h.finalize().as_bytes();
+    *h.finalize().as_bytes()
+}
+
+/// Checks `signature` over `message` with `key`, through the memo.
+fn verify_memoized(key: &PublicKey, message: &[u8], signature: &[u8]) -> bool {
+    let memo_key = memo_key(key, message, signature);
     if VERIFIED.lock().set.contains(&memo_key) {
         return true;
     }
@@ -181,6 +186,9 @@ pub struct Anchor {
     /// BLAKE3 of the entry frame's body, for the seal of that entry; `None` for the anchor of
     /// a state (what a snapshot or a restarted relay's copy is checked against).
     pub entry: Option<Hash>,
+    /// For the seal of an entry: the [`link`] of the entry seal the same core node made
+    /// before it ([`Sealer::seal`] fills it in); `None` otherwise.
+    pub prev: Option<Hash>,
 }
 
 impl Anchor {
@@ -201,6 +209,10 @@ impl Anchor {
             }
             None => m.push(0),
         }
+        if let Some(p) = &self.prev {
+            m.push(1);
+            m.extend_from_slice(p);
+        }
         m
     }
 
@@ -213,8 +225,26 @@ impl Anchor {
             root: to_hash(&seal.root, "root")?,
             commit_time_us: seal.commit_time_unix_us,
             entry,
+            prev: match seal.prev.len() {
+                0 => None,
+                _ => Some(to_hash(&seal.prev, "prev")?),
+            },
         })
     }
+}
+
+const LINK_DOMAIN: &[u8] = b"canopy-seal-link-v1\0";
+
+/// The link of a seal: BLAKE3 over its signed message and its signature. The next entry seal
+/// of the same core node signs it as [`Anchor::prev`], so a run of seals that link up is
+/// proven, byte for byte, by the signature of its last one.
+fn link(message: &[u8], signature: &[u8]) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(LINK_DOMAIN);
+    h.update(&(message.len() as u64).to_le_bytes());
+    h.update(message);
+    h.update(signature);
+    *h.finalize().as_bytes()
 }
 
 /// The digest a seal of `entry_frame` signs: BLAKE3 of the frame's body (its bytes after
@@ -232,6 +262,29 @@ fn to_hash(b: &[u8], what: &'static str) -> Result<Hash, TrustError> {
     b.try_into().map_err(|_| TrustError::Malformed(what))
 }
 
+/// The seals among `frames` (each as received, with its decoded message) with the anchors
+/// they claim, each seal paired with the entry frame right before it, as a replica pairs
+/// them; a seal after anything else is left out. What [`Verifier::check_chain`] takes.
+pub fn queued_seals<'a>(
+    frames: impl Iterator<Item = (&'a Bytes, &'a proto::Downstream)>,
+) -> Vec<(Anchor, &'a proto::Seal)> {
+    use proto::downstream::Kind as Down;
+    let mut out = Vec::new();
+    let mut entry = None;
+    for (frame, msg) in frames {
+        match &msg.kind {
+            Some(Down::Entry(_)) => entry = Some(entry_digest(frame)),
+            Some(Down::Seal(s)) => {
+                if let Some(a) = entry.take().and_then(|d| Anchor::of_seal(s, Some(d)).ok()) {
+                    out.push((a, s));
+                }
+            }
+            _ => entry = None,
+        }
+    }
+    out
+}
+
 /// A signer certificate's fingerprint: BLAKE3 of its DER.
 pub fn fingerprint(der: &[u8]) -> Hash {
     *blake3::hash(der).as_bytes()
@@ -243,6 +296,10 @@ pub struct Sealer {
     key: Box<dyn rustls::sign::Signer>,
     fingerprint: Hash,
     cert: Bytes,
+    /// The link of the last entry seal made ([`Anchor::prev`] of the next).
+    last: parking_lot::Mutex<Option<Hash>>,
+    /// Whether entry seals sign [`Anchor::prev`] ([`Sealer::chained`]).
+    chain: bool,
 }
 
 impl Sealer {
@@ -262,7 +319,16 @@ impl Sealer {
             key,
             fingerprint: fingerprint(&cert),
             cert,
+            last: parking_lot::Mutex::new(None),
+            chain: true,
         })
+    }
+
+    /// The same sealer with entry seals chained (the default) or not: a relay older than
+    /// the chains rebuilds the signed message without `prev` and refuses chained seals.
+    pub fn chained(mut self, chain: bool) -> Self {
+        self.chain = chain;
+        self
     }
 
     /// This signer's certificate, for the nodes that must verify it.
@@ -270,12 +336,27 @@ impl Sealer {
         &self.cert
     }
 
-    /// Signs `anchor` into a seal.
+    /// Signs `anchor` into a seal. The seal of an entry (`anchor.entry` set) signs, as
+    /// `prev`, the link of the entry seal made before it (its own `prev` is ignored); call it
+    /// for a node's entries in their order.
     pub fn seal(&self, anchor: &Anchor) -> Result<proto::Seal, TrustError> {
+        let mut last = self.last.lock();
+        let anchor = Anchor {
+            prev: if anchor.entry.is_some() && self.chain {
+                *last
+            } else {
+                None
+            },
+            ..anchor.clone()
+        };
+        let message = anchor.message(&self.cluster);
         let signature = self
             .key
-            .sign(&anchor.message(&self.cluster))
+            .sign(&message)
             .map_err(|e| TrustError::Sign(e.to_string()))?;
+        if anchor.entry.is_some() && self.chain {
+            *last = Some(link(&message, &signature));
+        }
         Ok(proto::Seal {
             version: anchor.version,
             length: anchor.length,
@@ -285,6 +366,9 @@ impl Sealer {
             signer: Bytes::copy_from_slice(&self.fingerprint),
             scheme: u32::from(u16::from(self.key.scheme())),
             signature: Bytes::from(signature),
+            prev: anchor
+                .prev
+                .map_or_else(Bytes::new, |p| Bytes::copy_from_slice(&p)),
         })
     }
 }
@@ -395,6 +479,75 @@ impl Verifier {
         }
         Ok(&signer.name)
     }
+
+    /// For seals queued together, in their order: finds the runs in which each seal's `prev`
+    /// is the link of the one before it (one known signer throughout), checks the signature
+    /// of each run's last seal, and, where it holds, remembers the seals before it as
+    /// checked, in the memo [`Verifier::verify`] consults: the links prove them byte for
+    /// byte what the core signed, and the core signs validly. Returns how many it
+    /// remembered. Nothing is shown or applied here; a seal not remembered is checked on its
+    /// own as before.
+    pub fn check_chain(&self, seals: &[(Anchor, &proto::Seal)]) -> usize {
+        let mut proven = 0;
+        let mut run: Vec<(Linked, usize)> = Vec::new();
+        for (i, (anchor, seal)) in seals.iter().enumerate() {
+            let item = self.linked(anchor, seal);
+            let joins = match (run.last(), &item) {
+                (Some((last, _)), Some(it)) => it.fp == last.fp && it.prev == Some(last.link),
+                _ => false,
+            };
+            if !joins {
+                proven += self.prove(std::mem::take(&mut run), seals);
+            }
+            if let Some(it) = item {
+                run.push((it, i));
+            }
+        }
+        proven + self.prove(run, seals)
+    }
+
+    /// What [`Verifier::check_chain`] needs of one seal by a known signer.
+    fn linked(&self, anchor: &Anchor, seal: &proto::Seal) -> Option<Linked> {
+        let fp = to_hash(&seal.signer, "signer").ok()?;
+        let signer = self.signers.get(&fp)?;
+        let message = anchor.message(&signer.cluster);
+        Some(Linked {
+            fp,
+            key: memo_key(&signer.key, &message, &seal.signature),
+            link: link(&message, &seal.signature),
+            prev: anchor.prev,
+            message,
+        })
+    }
+
+    /// A run of linked seals: if it holds two or more and its last seal's signature
+    /// verifies, remembers the others. Returns how many it remembered.
+    fn prove(&self, run: Vec<(Linked, usize)>, seals: &[(Anchor, &proto::Seal)]) -> usize {
+        let Some(((last, i), before)) = run.split_last() else {
+            return 0;
+        };
+        let Some(signer) = self.signers.get(&last.fp) else {
+            return 0;
+        };
+        if before.is_empty() || !verify_memoized(&signer.key, &last.message, &seals[*i].1.signature)
+        {
+            return 0;
+        }
+        let mut memo = VERIFIED.lock();
+        for (it, _) in before {
+            memo.insert(it.key);
+        }
+        before.len()
+    }
+}
+
+/// One seal as [`Verifier::check_chain`] links it.
+struct Linked {
+    fp: Hash,
+    key: Hash,
+    link: Hash,
+    prev: Option<Hash>,
+    message: Vec<u8>,
 }
 
 #[cfg(test)]
@@ -448,6 +601,7 @@ mod tests {
             root: [3; 32],
             commit_time_us: 42,
             entry,
+            prev: None,
         }
     }
 
@@ -525,6 +679,10 @@ mod tests {
             },
             Anchor {
                 entry: None,
+                ..a.clone()
+            },
+            Anchor {
+                prev: Some([9; 32]),
                 ..a.clone()
             },
         ] {
@@ -619,5 +777,188 @@ mod tests {
         assert_eq!(v.certs().len(), 1);
         v.expire(later);
         assert!(v.certs().is_empty());
+    }
+
+    /// Anchors of consecutive entries, each with a root of its own (the memo is process-wide,
+    /// so every test seals something no other test sealed).
+    fn entries(tag: u8, n: u64) -> Vec<Anchor> {
+        (1..=n)
+            .map(|i| Anchor {
+                version: i,
+                root: [tag.wrapping_add(i as u8); 32],
+                entry: Some([tag; 32]),
+                ..anchor(None)
+            })
+            .collect()
+    }
+
+    /// The anchor a receiver rebuilds from a seal (with the entry digest it computed).
+    fn claimed(seal: &proto::Seal, entry: &Anchor) -> Anchor {
+        Anchor::of_seal(seal, entry.entry).unwrap()
+    }
+
+    /// Each entry seal signs the link of the one before it, still verifies on its own, and a
+    /// state's anchor neither carries a link nor breaks the chain of entries.
+    #[test]
+    fn entry_seals_link_up_and_each_still_verifies_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, relay, _) = identities(dir.path());
+        let sealer = Sealer::new(&core).unwrap();
+        let mut v = Verifier::new(Arc::new(relay));
+        v.learn(sealer.cert(), SystemTime::now()).unwrap();
+        let a = entries(0x10, 3);
+        let s1 = sealer.seal(&a[0]).unwrap();
+        let state = sealer.seal(&anchor(None)).unwrap();
+        let s2 = sealer.seal(&a[1]).unwrap();
+        let s3 = sealer.seal(&a[2]).unwrap();
+        assert!(s1.prev.is_empty() && state.prev.is_empty());
+        let cluster = core.cluster_id();
+        let link_of = |s: &proto::Seal, e: &Anchor| {
+            link(&claimed(s, e).message(&cluster), &s.signature).to_vec()
+        };
+        assert_eq!(s2.prev.to_vec(), link_of(&s1, &a[0]));
+        assert_eq!(s3.prev.to_vec(), link_of(&s2, &a[1]));
+        for (s, e) in [(&s1, &a[0]), (&s2, &a[1]), (&s3, &a[2])] {
+            assert_eq!(v.verify(&claimed(s, e), s), Ok("core-a"));
+        }
+        assert_eq!(v.verify(&anchor(None), &state), Ok("core-a"));
+        let unlinked = Anchor {
+            prev: None,
+            ..claimed(&s2, &a[1])
+        };
+        assert_eq!(
+            v.verify(&unlinked, &s2),
+            Err(TrustError::BadSignature("core-a".into()))
+        );
+
+        let unchained = Sealer::new(&core).unwrap().chained(false);
+        let b = entries(0x18, 2);
+        let (u1, u2) = (
+            unchained.seal(&b[0]).unwrap(),
+            unchained.seal(&b[1]).unwrap(),
+        );
+        assert!(u1.prev.is_empty() && u2.prev.is_empty());
+        assert_eq!(
+            v.verify(&b[1], &u2),
+            Ok("core-a"),
+            "the message of old seals"
+        );
+    }
+
+    /// A run of linked seals is proven by its last signature: the ones before it are then
+    /// found in the memo. A changed signature or anchor anywhere, a forged last seal or a
+    /// seal of an unknown signer in between proves nothing past it, and what was not proven
+    /// is still checked on its own.
+    #[test]
+    fn a_chain_of_seals_is_proven_by_its_last_signature_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, relay, foreign) = identities(dir.path());
+        let sealer = Sealer::new(&core).unwrap();
+        let mut v = Verifier::new(Arc::new(relay));
+        v.learn(sealer.cert(), SystemTime::now()).unwrap();
+        let seal_all = |tag: u8| {
+            let a = entries(tag, 4);
+            let s: Vec<proto::Seal> = a.iter().map(|x| sealer.seal(x).unwrap()).collect();
+            let c: Vec<Anchor> = s.iter().zip(&a).map(|(s, e)| claimed(s, e)).collect();
+            (c, s)
+        };
+        let pairs = |c: &[Anchor], s: &[proto::Seal]| -> Vec<(Anchor, proto::Seal)> {
+            c.iter().cloned().zip(s.iter().cloned()).collect()
+        };
+        let check = |items: &[(Anchor, proto::Seal)]| {
+            let refs: Vec<(Anchor, &proto::Seal)> =
+                items.iter().map(|(a, s)| (a.clone(), s)).collect();
+            v.check_chain(&refs)
+        };
+
+        let (c, s) = seal_all(0x20);
+        assert_eq!(check(&pairs(&c, &s)), 3);
+        for (a, seal) in c.iter().zip(&s) {
+            assert_eq!(v.verify(a, seal), Ok("core-a"));
+        }
+        assert_eq!(check(&pairs(&c[..1], &s[..1])), 0, "one seal is no run");
+
+        let (c, s) = seal_all(0x30);
+        let mut items = pairs(&c, &s);
+        let mut sig = items[1].1.signature.to_vec();
+        sig[0] ^= 1;
+        items[1].1.signature = sig.into();
+        assert_eq!(check(&items), 1, "only the run after the changed seal");
+        assert_eq!(
+            v.verify(&items[1].0, &items[1].1),
+            Err(TrustError::BadSignature("core-a".into()))
+        );
+        assert_eq!(v.verify(&items[0].0, &items[0].1), Ok("core-a"));
+
+        let (c, s) = seal_all(0x40);
+        let mut items = pairs(&c, &s);
+        items[1].0.root = [0xEE; 32];
+        assert_eq!(check(&items), 1);
+        assert_eq!(
+            v.verify(&items[1].0, &items[1].1),
+            Err(TrustError::BadSignature("core-a".into()))
+        );
+
+        let (c, s) = seal_all(0x50);
+        let mut items = pairs(&c, &s);
+        let mut sig = items[3].1.signature.to_vec();
+        sig[5] ^= 1;
+        items[3].1.signature = sig.into();
+        assert_eq!(check(&items), 0, "a forged last seal proves nothing");
+        assert_eq!(
+            v.verify(&items[3].0, &items[3].1),
+            Err(TrustError::BadSignature("core-a".into()))
+        );
+        for (a, seal) in &items[..3] {
+            assert_eq!(v.verify(a, seal), Ok("core-a"));
+        }
+
+        let (c, s) = seal_all(0x60);
+        let mut items = pairs(&c, &s);
+        let stranger = Sealer::new(&foreign).unwrap().seal(&items[1].0).unwrap();
+        items[1].1 = stranger;
+        assert_eq!(check(&items), 1);
+    }
+
+    /// Each seal is paired with the entry right before it and claims that entry's digest; a
+    /// seal after anything else (here a heartbeat) is left out.
+    #[test]
+    fn queued_seals_pair_each_seal_with_the_entry_before_it() {
+        use proto::downstream::Kind as Down;
+        let entry = |version| {
+            Down::Entry(proto::Entry {
+                version,
+                prev_version: version - 1,
+                ..Default::default()
+            })
+        };
+        let seal = |version| {
+            Down::Seal(proto::Seal {
+                version,
+                root: vec![7; 32].into(),
+                ..Default::default()
+            })
+        };
+        let frames: Vec<(Bytes, proto::Downstream)> = [
+            entry(1),
+            seal(1),
+            entry(2),
+            Down::Heartbeat(proto::Heartbeat::default()),
+            seal(2),
+            entry(3),
+            seal(3),
+            seal(4),
+        ]
+        .into_iter()
+        .map(|k| {
+            let msg = proto::Downstream { kind: Some(k) };
+            (crate::wire::encode(&msg), msg)
+        })
+        .collect();
+        let got = queued_seals(frames.iter().map(|(f, m)| (f, m)));
+        let versions: Vec<u64> = got.iter().map(|(a, _)| a.version).collect();
+        assert_eq!(versions, [1, 3]);
+        assert_eq!(got[0].0.entry, Some(entry_digest(&frames[0].0)));
+        assert_eq!(got[1].0.entry, Some(entry_digest(&frames[5].0)));
     }
 }

@@ -169,6 +169,7 @@ async fn one_round(
                 root: f.root(),
                 commit_time_us: 0,
                 entry: None,
+                prev: None,
             })?,
             None,
         )),

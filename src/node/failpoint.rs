@@ -144,6 +144,7 @@ impl Rogue {
             root: tampered.root(),
             commit_time_us: 0,
             entry: None,
+            prev: None,
         };
         let sealed = self.sealer.seal(&anchor).ok().map(|s| (s, None));
         (tampered, sealed)

@@ -56,7 +56,9 @@ pub(crate) fn reload(shared: &Shared, id: Arc<Identity>) -> Result<(), NodeError
     let client = tls::client_config(&id, &tc).map_err(|e| NodeError::Identity(e.to_string()))?;
     let verifier = Verifier::new(id.clone());
     let trust = if shared.cfg.is_core() {
-        let sealer = Sealer::new(&id).map_err(|e| NodeError::Identity(e.to_string()))?;
+        let sealer = Sealer::new(&id)
+            .map_err(|e| NodeError::Identity(e.to_string()))?
+            .chained(shared.cfg.stream.chain_seals);
         Trust::Sign { sealer, verifier }
     } else {
         Trust::Verify(verifier)

@@ -107,7 +107,9 @@ impl Node {
         })?;
         let verifier = Verifier::new(id.clone());
         let trust = if cfg.is_core() {
-            let sealer = Sealer::new(&id).map_err(|e| NodeError::Identity(e.to_string()))?;
+            let sealer = Sealer::new(&id)
+                .map_err(|e| NodeError::Identity(e.to_string()))?
+                .chained(cfg.stream.chain_seals);
             Trust::Sign { sealer, verifier }
         } else {
             Trust::Verify(verifier)

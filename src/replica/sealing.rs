@@ -14,9 +14,15 @@ impl Replica {
                 root: self.file.root(),
                 commit_time_us: self.last_commit_time_us,
                 entry: None,
+                prev: None,
             };
             self.anchor = sealer.seal(&anchor).ok().map(|s| (s, None));
         }
+    }
+
+    /// The signers this node checks seals against (none without trust).
+    pub fn verifier(&self) -> Option<&Verifier> {
+        self.trust.verifier()
     }
 
     /// The core's seal over the version shown (for a snapshot's begin, or a sidecar).
