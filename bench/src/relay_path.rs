@@ -22,6 +22,7 @@
 //! Prints one JSON object: the input, the deliveries, and the wall time of the path (native
 //! runs only; meaningless under callgrind).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -62,6 +63,12 @@ struct Args {
     /// The core's key kind (whose seal the relay verifies on every entry): ed25519 or p256.
     #[arg(long, default_value = "ed25519")]
     key: tls::KeyAlg,
+    /// Entries found queued at once, as by a relay behind its parent: before each entry that
+    /// nothing is queued behind, the next `2 x burst` frames are taken and their seals
+    /// checked as a chain, as the node's follower does (`Verifier::check_chain`). 1: every
+    /// frame as it comes, a relay keeping up.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    burst: u32,
 }
 
 /// What the path did.
@@ -69,14 +76,18 @@ struct Delivered {
     frames: usize,
     entries: usize,
     applied: usize,
+    /// Seals proven through a chain ([`canopy::trust::Verifier::check_chain`]).
+    chained: usize,
 }
 
-/// The measured path: every frame of `input` through the relay and out to `children`.
+/// The measured path: every frame of `input` through the relay and out to `children`, with
+/// the seals of up to `burst` queued entries checked as a chain first.
 #[inline(never)]
 fn receive_apply_forward(
     relay: &mut Replica,
     input: &Bytes,
     max_frame: usize,
+    burst: usize,
     children: &[mpsc::UnboundedSender<Bytes>],
     applied: &watch::Sender<(u64, u64)>,
 ) -> anyhow::Result<Delivered> {
@@ -85,21 +96,30 @@ fn receive_apply_forward(
         frames: 0,
         entries: 0,
         applied: 0,
+        chained: 0,
     };
-    while rest.has_remaining() {
-        ensure!(rest.len() >= PREFIX_LEN, "truncated prefix");
-        let len = u32::from_be_bytes(rest[..PREFIX_LEN].try_into()?) as usize;
-        ensure!(len <= max_frame, "frame of {len} bytes over {max_frame}");
-        ensure!(rest.len() >= PREFIX_LEN + len, "truncated frame");
-        let mut frame = BytesMut::with_capacity(PREFIX_LEN + len);
-        frame.extend_from_slice(&rest[..PREFIX_LEN + len]);
-        rest.advance(PREFIX_LEN + len);
-        let raw = RawFrame {
-            frame: frame.freeze(),
+    let mut queued: VecDeque<(RawFrame, proto::Downstream)> = VecDeque::new();
+    loop {
+        let (raw, msg) = match queued.pop_front() {
+            Some(f) => f,
+            None if rest.has_remaining() => next_frame(&mut rest, max_frame)?,
+            None => break,
         };
-        let msg: proto::Downstream = raw.decode()?;
         if matches!(msg.kind, Some(Down::Entry(_))) {
             d.entries += 1;
+            if burst > 1 && queued.is_empty() {
+                while queued.len() < 2 * burst - 1 && rest.has_remaining() {
+                    queued.push_back(next_frame(&mut rest, max_frame)?);
+                }
+                let frames = std::iter::once((&raw.frame, &msg))
+                    .chain(queued.iter().map(|(r, m)| (&r.frame, m)));
+                let seals = canopy::trust::queued_seals(frames);
+                if seals.len() >= 2 {
+                    if let Some(v) = relay.verifier().cloned() {
+                        d.chained += v.check_chain(&seals);
+                    }
+                }
+            }
         }
         d.frames += 1;
         for ev in relay.handle_downstream(raw.frame, msg)? {
@@ -122,6 +142,23 @@ fn receive_apply_forward(
         }
     }
     Ok(d)
+}
+
+/// The next frame of `rest`, copied out of the received bytes as `transport::read_raw`
+/// does, and decoded.
+fn next_frame(rest: &mut Bytes, max_frame: usize) -> anyhow::Result<(RawFrame, proto::Downstream)> {
+    ensure!(rest.len() >= PREFIX_LEN, "truncated prefix");
+    let len = u32::from_be_bytes(rest[..PREFIX_LEN].try_into()?) as usize;
+    ensure!(len <= max_frame, "frame of {len} bytes over {max_frame}");
+    ensure!(rest.len() >= PREFIX_LEN + len, "truncated frame");
+    let mut frame = BytesMut::with_capacity(PREFIX_LEN + len);
+    frame.extend_from_slice(&rest[..PREFIX_LEN + len]);
+    rest.advance(PREFIX_LEN + len);
+    let raw = RawFrame {
+        frame: frame.freeze(),
+    };
+    let msg: proto::Downstream = raw.decode()?;
+    Ok((raw, msg))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -237,8 +274,15 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let (applied, _applied_rx) = watch::channel((0, 0));
     let t = Instant::now();
-    let d = receive_apply_forward(&mut relay, &input, stream.max_frame, &children, &applied)
-        .context("the relay's path")?;
+    let d = receive_apply_forward(
+        &mut relay,
+        &input,
+        stream.max_frame,
+        args.burst as usize,
+        &children,
+        &applied,
+    )
+    .context("the relay's path")?;
     let took = t.elapsed();
 
     ensure!(
@@ -273,6 +317,8 @@ fn main() -> anyhow::Result<()> {
             "key": args.key.as_str(),
             "chunk_size": cfg.chunk_size,
             "checkpoint_every": cfg.checkpoint_every,
+            "burst": args.burst,
+            "seals_chained": d.chained,
             "input_frames": d.frames,
             "input_bytes": input.len(),
             "forwarded_frames": d.frames * args.fanout,
