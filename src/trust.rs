@@ -23,6 +23,10 @@
 //!   same answer without the curve arithmetic. Several nodes in one process (`canopy demo`,
 //!   tests) then check each seal once; a deployment, one node per process, gains nothing
 //!   and loses nothing. Failures are never remembered.
+//! - Seal chains: an entry seal signs the link of the entry seal its sealer made before it
+//!   ([`Anchor::prev`]). [`Verifier::check_chain`] remembers a seal as checked without its
+//!   own curve arithmetic only when every link from it to the last seal of its run holds
+//!   (the link covers message and signature) and that last seal's signature verifies.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
