@@ -344,13 +344,10 @@ impl Sealer {
     /// `prev`, the link of the entry seal made before it (its own `prev` is ignored); call it
     /// for a node's entries in their order.
     pub fn seal(&self, anchor: &Anchor) -> Result<proto::Seal, TrustError> {
+        let chained = anchor.entry.is_some() && self.chain;
         let mut last = self.last.lock();
         let anchor = Anchor {
-            prev: if anchor.entry.is_some() && self.chain {
-                *last
-            } else {
-                None
-            },
+            prev: if chained { *last } else { None },
             ..anchor.clone()
         };
         let message = anchor.message(&self.cluster);
@@ -358,7 +355,7 @@ impl Sealer {
             .key
             .sign(&message)
             .map_err(|e| TrustError::Sign(e.to_string()))?;
-        if anchor.entry.is_some() && self.chain {
+        if chained {
             *last = Some(link(&message, &signature));
         }
         Ok(proto::Seal {
@@ -493,25 +490,23 @@ impl Verifier {
     /// own as before.
     pub fn check_chain(&self, seals: &[(Anchor, &proto::Seal)]) -> usize {
         let mut proven = 0;
-        let mut run: Vec<(Linked, usize)> = Vec::new();
-        for (i, (anchor, seal)) in seals.iter().enumerate() {
+        let mut run: Vec<Linked> = Vec::new();
+        for (anchor, seal) in seals {
             let item = self.linked(anchor, seal);
             let joins = match (run.last(), &item) {
-                (Some((last, _)), Some(it)) => it.fp == last.fp && it.prev == Some(last.link),
+                (Some(last), Some(it)) => it.fp == last.fp && it.prev == Some(last.link),
                 _ => false,
             };
             if !joins {
-                proven += self.prove(std::mem::take(&mut run), seals);
+                proven += Self::prove(std::mem::take(&mut run));
             }
-            if let Some(it) = item {
-                run.push((it, i));
-            }
+            run.extend(item);
         }
-        proven + self.prove(run, seals)
+        proven + Self::prove(run)
     }
 
     /// What [`Verifier::check_chain`] needs of one seal by a known signer.
-    fn linked(&self, anchor: &Anchor, seal: &proto::Seal) -> Option<Linked> {
+    fn linked<'a>(&'a self, anchor: &Anchor, seal: &'a proto::Seal) -> Option<Linked<'a>> {
         let fp = to_hash(&seal.signer, "signer").ok()?;
         let signer = self.signers.get(&fp)?;
         let message = anchor.message(&signer.cluster);
@@ -521,24 +516,22 @@ impl Verifier {
             link: link(&message, &seal.signature),
             prev: anchor.prev,
             message,
+            signature: &seal.signature,
+            signer,
         })
     }
 
     /// A run of linked seals: if it holds two or more and its last seal's signature
     /// verifies, remembers the others. Returns how many it remembered.
-    fn prove(&self, run: Vec<(Linked, usize)>, seals: &[(Anchor, &proto::Seal)]) -> usize {
-        let Some(((last, i), before)) = run.split_last() else {
+    fn prove(run: Vec<Linked>) -> usize {
+        let Some((last, before)) = run.split_last() else {
             return 0;
         };
-        let Some(signer) = self.signers.get(&last.fp) else {
-            return 0;
-        };
-        if before.is_empty() || !verify_memoized(&signer.key, &last.message, &seals[*i].1.signature)
-        {
+        if before.is_empty() || !verify_memoized(&last.signer.key, &last.message, last.signature) {
             return 0;
         }
         let mut memo = VERIFIED.lock();
-        for (it, _) in before {
+        for it in before {
             memo.insert(it.key);
         }
         before.len()
@@ -546,12 +539,14 @@ impl Verifier {
 }
 
 /// One seal as [`Verifier::check_chain`] links it.
-struct Linked {
+struct Linked<'a> {
     fp: Hash,
     key: Hash,
     link: Hash,
     prev: Option<Hash>,
     message: Vec<u8>,
+    signature: &'a [u8],
+    signer: &'a Signer,
 }
 
 #[cfg(test)]
@@ -835,6 +830,25 @@ mod tests {
             Err(TrustError::BadSignature("core-a".into()))
         );
 
+        for bad in [vec![1u8; 7], vec![1u8; 33]] {
+            let hostile = proto::Seal {
+                prev: bad.into(),
+                ..s2.clone()
+            };
+            assert_eq!(
+                Anchor::of_seal(&hostile, a[1].entry),
+                Err(TrustError::Malformed("prev"))
+            );
+        }
+        let forged_prev = proto::Seal {
+            prev: vec![9u8; 32].into(),
+            ..s2.clone()
+        };
+        assert_eq!(
+            v.verify(&claimed(&forged_prev, &a[1]), &forged_prev),
+            Err(TrustError::BadSignature("core-a".into()))
+        );
+
         let unchained = Sealer::new(&core).unwrap().chained(false);
         let b = entries(0x18, 2);
         let (u1, u2) = (
@@ -869,6 +883,11 @@ mod tests {
         let pairs = |c: &[Anchor], s: &[proto::Seal]| -> Vec<(Anchor, proto::Seal)> {
             c.iter().cloned().zip(s.iter().cloned()).collect()
         };
+        let flip = |seal: &mut proto::Seal, byte: usize| {
+            let mut sig = seal.signature.to_vec();
+            sig[byte] ^= 1;
+            seal.signature = sig.into();
+        };
         let check = |items: &[(Anchor, proto::Seal)]| {
             let refs: Vec<(Anchor, &proto::Seal)> =
                 items.iter().map(|(a, s)| (a.clone(), s)).collect();
@@ -884,9 +903,7 @@ mod tests {
 
         let (c, s) = seal_all(0x30);
         let mut items = pairs(&c, &s);
-        let mut sig = items[1].1.signature.to_vec();
-        sig[0] ^= 1;
-        items[1].1.signature = sig.into();
+        flip(&mut items[1].1, 0);
         assert_eq!(check(&items), 1, "only the run after the changed seal");
         assert_eq!(
             v.verify(&items[1].0, &items[1].1),
@@ -905,9 +922,7 @@ mod tests {
 
         let (c, s) = seal_all(0x50);
         let mut items = pairs(&c, &s);
-        let mut sig = items[3].1.signature.to_vec();
-        sig[5] ^= 1;
-        items[3].1.signature = sig.into();
+        flip(&mut items[3].1, 5);
         assert_eq!(check(&items), 0, "a forged last seal proves nothing");
         assert_eq!(
             v.verify(&items[3].0, &items[3].1),
