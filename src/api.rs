@@ -703,6 +703,7 @@ mod tests {
                 subtree_height: 0,
                 room: 0,
                 subtree_size: 0,
+                held_for: Vec::new(),
                 synced: true,
                 commit_version: f.version(),
                 lag_entries: 0,

@@ -143,6 +143,10 @@ pub struct NodeArgs {
     /// (default: none).
     #[arg(long)]
     pub zone: Option<String>,
+    /// Core nodes: the zones to keep a share of this node's slots for, comma-separated
+    /// (e.g. `rack-1,rack-2,rack-3`; default: none, every slot to whoever asks first).
+    #[arg(long, value_delimiter = ',')]
+    pub zone_shares: Option<Vec<String>>,
     /// Log filter (also RUST_LOG), e.g. `info` or `canopy=debug`.
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -163,6 +167,7 @@ struct FileConfig {
     peers: Option<Vec<String>>,
     seed: Option<u64>,
     zone: Option<String>,
+    zone_shares: Option<Vec<String>>,
     api_token_file: Option<PathBuf>,
     #[serde(default)]
     stream: Option<StreamConfig>,
@@ -293,6 +298,11 @@ pub fn prepare(args: &NodeArgs, role: Role) -> Result<Prepared, StartError> {
         api_token_file: args.api_token_file.clone().or(fc.api_token_file),
         seed: args.seed.or(fc.seed),
         zone: args.zone.clone().or(fc.zone),
+        zone_shares: args
+            .zone_shares
+            .clone()
+            .or(fc.zone_shares)
+            .unwrap_or_default(),
     };
     cfg.validate()
         .map_err(|e| usage(format!("invalid configuration: {e}")))?;

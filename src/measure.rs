@@ -158,6 +158,7 @@ pub async fn start_local_node(
         api_token_file: None,
         seed: None,
         zone: None,
+        zone_shares: Vec::new(),
     };
     let node = Node::start(cfg, std::sync::Arc::new(id), endpoint, api, shutdown).await?;
     Ok(LocalNode {

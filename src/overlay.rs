@@ -117,6 +117,13 @@ pub struct OverlayConfig {
 /// node that loses its parent shuffles at the base period again.
 pub const MAX_SHUFFLE_DOUBLINGS: u32 = 6;
 
+/// How many times the wait before a node still too deep tries to move again doubles while
+/// its moves keep failing. 6 (64×, 16 s at the default `probe_backoff_ms`): a place that
+/// keeps refusing is one the node cannot have (its room is in another zone, or sought by
+/// many), and a retry every 250 ms was a storm of refused subscriptions (10k nodes, 3
+/// cores, 3 zones, 5 %/min churn: 2.3 million, docs/topology.md).
+pub const MAX_MOVE_BACKOFFS: u32 = 6;
+
 impl Default for OverlayConfig {
     fn default() -> Self {
         Self {
@@ -200,6 +207,10 @@ pub struct PeerInfo<I = String> {
     /// (0: not known). The cores' sizes add up to the tree's, from which every node knows
     /// the depth bound ([`depth_bound`]).
     pub size: u32,
+    /// Zones a core holds free slots for ([`Overlay::with_zone_shares`]), besides the
+    /// `free_slots` open to every zone: a subscriber in one of them is admitted, any other
+    /// referred down. Sorted; empty for relays and for cores without shares.
+    pub held_for: Vec<I>,
 }
 
 /// A peer's advertisement as views hold and pass it on: shared, so that forwarding it in a
@@ -369,6 +380,9 @@ pub enum Refusal {
     Unattached,
     /// Every slot is taken.
     Full { children: u32, fanout: u32 },
+    /// The free slots left are held for other zones ([`Overlay::with_zone_shares`]), and the
+    /// subscriber's zone has its share.
+    HeldForOtherZones { children: u32, held: u32 },
 }
 
 impl std::fmt::Display for Refusal {
@@ -379,6 +393,10 @@ impl std::fmt::Display for Refusal {
             Refusal::Full { children, fanout } => {
                 write!(f, "full: {children} children (fanout {fanout})")
             }
+            Refusal::HeldForOtherZones { children, held } => write!(
+                f,
+                "the {held} free slots left are held for other zones ({children} children)"
+            ),
         }
     }
 }
@@ -540,6 +558,9 @@ pub struct Overlay<I = String> {
     /// shrinks for a moment does not lower it.
     bound_high: u32,
     zone: Option<I>,
+    /// The zones this core keeps a share of its slots for ([`Overlay::with_zone_shares`]);
+    /// sorted, empty for relays.
+    shares: Vec<I>,
     /// The zones of the cores among this node's bootstrap entries (a relay started from
     /// relays alone learns none): among places outside its own zone, one in a core's zone
     /// usually adds no second edge between zones to the path.
@@ -552,6 +573,9 @@ pub struct Overlay<I = String> {
     fruitless: u32,
     probe_after: u64,
     idle_rebalances: u32,
+    /// Moves in a row that did not happen since the parent last changed
+    /// ([`Self::retry_move`]'s backoff).
+    failed_moves: u32,
     stable_shuffles: u32,
     banned: BTreeMap<I, u64>,
     /// Full nodes that refused this join since the last probe (not tried again until then).
@@ -595,6 +619,7 @@ impl<I: Id> Overlay<I> {
             landing_high: 0,
             bound_high: 0,
             zone: None,
+            shares: Vec::new(),
             core_zones: Vec::new(),
             next_shuffle: 0,
             next_rebalance: 0,
@@ -604,6 +629,7 @@ impl<I: Id> Overlay<I> {
             fruitless: 0,
             probe_after: 0,
             idle_rebalances: 0,
+            failed_moves: 0,
             stable_shuffles: 0,
             banned: BTreeMap::new(),
             refused: BTreeSet::new(),
@@ -614,6 +640,23 @@ impl<I: Id> Overlay<I> {
     /// The same node in `zone` (a rack or region label, advertised to peers).
     pub fn with_zone(mut self, zone: Option<I>) -> Self {
         self.zone = zone;
+        self.me.take();
+        self
+    }
+
+    /// The same node, a core, keeping `fanout / zones.len()` of its slots for each of
+    /// `zones` until that many children of the zone hold them: a subscriber from a zone at
+    /// or over its share takes only a slot no other zone is owed, else it is referred down
+    /// (to a child in its own zone). Every zone then has places at depth 1 from the start,
+    /// where the cores' own zone, nearest to them, would otherwise fill every slot before
+    /// another zone's first subscription arrives and leave each other zone's relays hanging
+    /// from it. No effect on a relay, or with more zones than `fanout`.
+    pub fn with_zone_shares(mut self, mut zones: Vec<I>) -> Self {
+        zones.sort();
+        zones.dedup();
+        if self.core && zones.len() as u32 <= self.cfg.fanout {
+            self.shares = zones;
+        }
         self.me.take();
         self
     }
@@ -647,6 +690,7 @@ impl<I: Id> Overlay<I> {
             room: report.room,
             zone: self.zone.clone(),
             size: report.size,
+            held_for: self.held().into_keys().cloned().collect(),
         }
     }
 

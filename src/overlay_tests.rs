@@ -40,6 +40,7 @@ fn peer(name: &str, depth: Option<u32>, free_slots: u32, root_path: &[&str]) -> 
         room: 0,
         zone: None,
         size: 0,
+        held_for: Vec::new(),
     })
 }
 
@@ -102,6 +103,7 @@ fn unattached_info(free_slots: u32) -> Peer {
         room: 0,
         zone: None,
         size: 0,
+        held_for: Vec::new(),
     })
 }
 
@@ -279,6 +281,7 @@ fn attached_sets_parent_depth_and_info() {
             room: 0,
             zone: None,
             size: 0,
+            held_for: Vec::new(),
         }
     );
     assert_eq!(o.reparents(), &BTreeMap::from([(Reason::Join, 1)]));
@@ -387,6 +390,7 @@ fn a_referral_to_a_descendant_or_to_itself_is_not_followed() {
             room: 0,
             zone: None,
             size: 0,
+            held_for: Vec::new(),
         }),
     ] {
         let mut r = rng(6);
@@ -1020,7 +1024,7 @@ fn a_learned_peer_takes_the_place_the_trim_frees() {
 /// zone rule of the latency-aware choice).
 fn is_candidate_reference(o: &Overlay, p: &Peer) -> bool {
     let Some(parent) = o.parent.as_ref() else {
-        return o.is_eligible(p) && o.gains(Overlay::<String>::landing(p).saturating_sub(1));
+        return o.is_eligible(p) && o.gains(o.landing(p).saturating_sub(1));
     };
     // With zones, a node whose parent is in its zone leaves it for depth only from more
     // than a level below the deepest room the cores advertised.
@@ -1037,7 +1041,7 @@ fn is_candidate_reference(o: &Overlay, p: &Peer) -> bool {
     } else {
         o.core_landing
     };
-    let landing = Overlay::<String>::landing(p).max(floor);
+    let landing = o.landing(p).max(floor);
     (p.free_slots > 0 || p.room > 0)
         && o.gains(landing.saturating_sub(1))
         && p.addr != parent.addr
@@ -1114,6 +1118,7 @@ fn scripted(seed: u64) -> Vec<(u64, Output)> {
             room: 0,
             zone: None,
             size: 0,
+            held_for: Vec::new(),
         }));
     }
     let w: BTreeMap<String, Peer> = peers.iter().map(|p| (p.addr.clone(), p.clone())).collect();
@@ -1345,6 +1350,7 @@ fn zoned(name: &str, depth: u32, free_slots: u32, zone: &str) -> Peer {
         room: 0,
         zone: Some(zone.to_string()),
         size: 0,
+        held_for: Vec::new(),
     })
 }
 
@@ -2033,6 +2039,7 @@ fn the_zone_fill_follows_the_depth_bound_of_the_size_the_cores_report() {
     let core = |room, size| {
         Peer::new(PeerInfo {
             size,
+            held_for: Vec::new(),
             ..(*zoned_core("a", room)).clone()
         })
     };
@@ -2076,6 +2083,7 @@ fn zoned_core(zone: &str, room: u32) -> Peer {
         room,
         zone: Some(zone.to_string()),
         size: 0,
+        held_for: Vec::new(),
     })
 }
 
@@ -2331,4 +2339,181 @@ fn joiner_from_ra_rb() -> Overlay {
         false,
         vec![addr("ra"), addr("rb")],
     )
+}
+
+/// A core keeping shares for zones a, b and c at fan-out 8.
+fn core_with_shares(zones: &[&str]) -> Overlay {
+    Overlay::new(
+        OverlayConfig::default(),
+        "core".to_string(),
+        addr("core"),
+        true,
+        vec![],
+    )
+    .with_zone(Some("a".to_string()))
+    .with_zone_shares(zones.iter().map(|z| z.to_string()).collect())
+}
+
+#[test]
+fn a_core_holds_a_share_of_its_slots_for_each_zone_until_the_zone_takes_it() {
+    let mut r = rng(60);
+    let mut o = core_with_shares(&["c", "a", "b", "a"]);
+    let zone = |z: &str| Some(z.to_string());
+    let info = o.info();
+    assert_eq!(
+        (info.free_slots, info.held_for.clone()),
+        (2, vec!["a".to_string(), "b".into(), "c".into()]),
+        "8 / 3 zones: 2 slots held for each, 2 open to all"
+    );
+    // Zone a takes its share and the two open slots.
+    for i in 0..4 {
+        let name = format!("a{i}");
+        assert_eq!(o.admit(&name, zone("a").as_ref(), &mut r), Admit::Accept);
+        o.handle(1, child_added(&name, Some("a"), Some(LEAF)), &mut r);
+    }
+    let info = o.info();
+    assert_eq!((info.free_slots, info.room), (0, 1));
+    assert_eq!(info.held_for, vec!["b".to_string(), "c".into()]);
+    // The rest are held for b and c: a fifth of zone a, or a relay with no zone, is
+    // referred down, to a child of its own zone.
+    for (name, z) in [("a4", zone("a")), ("n", None), ("d", zone("d"))] {
+        match o.admit(&name.to_string(), z.as_ref(), &mut r) {
+            Admit::Refuse {
+                reason:
+                    Refusal::HeldForOtherZones {
+                        children: 4,
+                        held: 4,
+                    },
+                referral: Some(p),
+            } => assert!(p.name.starts_with('a'), "{p:?}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // Zone b is admitted to its own share, and no further than its share plus what is left
+    // once c's is held.
+    for i in 0..2 {
+        let name = format!("b{i}");
+        assert_eq!(o.admit(&name, zone("b").as_ref(), &mut r), Admit::Accept);
+        o.handle(2, child_added(&name, Some("b"), Some(LEAF)), &mut r);
+    }
+    assert!(matches!(
+        o.admit(&"b2".to_string(), zone("b").as_ref(), &mut r),
+        Admit::Refuse {
+            reason: Refusal::HeldForOtherZones { children: 6, held: 2 },
+            referral: Some(p),
+        } if p.zone.as_deref() == Some("b")
+    ));
+    assert_eq!(o.info().held_for, vec!["c".to_string()]);
+    assert_eq!(
+        o.admit(&"c0".to_string(), zone("c").as_ref(), &mut r),
+        Admit::Accept
+    );
+    o.handle(3, child_added("c0", Some("c"), Some(LEAF)), &mut r);
+    assert_eq!(
+        o.admit(&"c1".to_string(), zone("c").as_ref(), &mut r),
+        Admit::Accept
+    );
+    o.handle(3, child_added("c1", Some("c"), Some(LEAF)), &mut r);
+    assert!(o.info().held_for.is_empty());
+    assert!(matches!(
+        o.admit(&"c2".to_string(), zone("c").as_ref(), &mut r),
+        Admit::Refuse {
+            reason: Refusal::Full {
+                children: 8,
+                fanout: 8
+            },
+            ..
+        }
+    ));
+    // A child of a zone that leaves gives its slot back to that zone alone.
+    o.handle(4, Input::ChildRemoved { name: "b0".into() }, &mut r);
+    assert_eq!(o.info().held_for, vec!["b".to_string()]);
+    assert_eq!(o.info().free_slots, 0);
+    assert!(matches!(
+        o.admit(&"a9".to_string(), zone("a").as_ref(), &mut r),
+        Admit::Refuse {
+            reason: Refusal::HeldForOtherZones {
+                children: 7,
+                held: 1
+            },
+            ..
+        }
+    ));
+    assert_eq!(
+        Refusal::HeldForOtherZones {
+            children: 7,
+            held: 1
+        }
+        .to_string(),
+        "the 1 free slots left are held for other zones (7 children)"
+    );
+}
+
+#[test]
+fn zone_shares_apply_to_cores_only_and_never_to_more_zones_than_the_fanout() {
+    let relay = relay().with_zone_shares(vec!["a".into(), "b".into()]);
+    assert!(relay.info().held_for.is_empty());
+    let many: Vec<&str> = vec!["a", "b", "c", "d", "e", "f", "g", "h", "i"];
+    let core = core_with_shares(&many);
+    assert_eq!(core.info().free_slots, 8);
+    assert!(core.info().held_for.is_empty());
+    let core = core_with_shares(&many[..8]);
+    assert_eq!(core.info().free_slots, 0);
+    assert_eq!(core.info().held_for.len(), 8);
+}
+
+#[test]
+fn a_joiner_lands_on_a_slot_a_core_holds_for_its_zone() {
+    let held_core = |held: &[&str]| {
+        let mut info = (*zoned("core", 0, 0, "a")).clone();
+        info.root_path = vec!["core".into()];
+        info.room = 2;
+        info.held_for = held.iter().map(|z| z.to_string()).collect();
+        Peer::new(info)
+    };
+    let view = || {
+        sampled(
+            held_core(&["b", "c"]),
+            vec![zoned("a1", 1, 3, "a"), zoned("b2", 2, 3, "b")],
+        )
+    };
+    let joiner = |zone: &str| {
+        relay_with(OverlayConfig {
+            choices: 4,
+            ..OverlayConfig::default()
+        })
+        .with_zone(Some(zone.to_string()))
+    };
+    // Zone b: the core holds a slot for it (landing 1), where b2 of its own zone lands at 3.
+    let mut r = rng(61);
+    let mut o = joiner("b");
+    o.handle(0, view(), &mut r);
+    assert_eq!(
+        o.handle(1, Input::Tick, &mut r),
+        vec![attach("core", false, Reason::Join)]
+    );
+    o.handle(2, attached(&held_core(&["b", "c"])), &mut r);
+    assert_eq!(o.depth(), Some(1));
+    // Zone a, whose share is taken, sees a full core whose room is 2 levels down: a1
+    // (landing 2) wins.
+    let mut o = joiner("a");
+    o.handle(0, view(), &mut r);
+    assert_eq!(
+        o.handle(1, Input::Tick, &mut r),
+        vec![attach("a1", false, Reason::Join)]
+    );
+    // A refusal takes the held slots out of the advert too: the joiner goes on to b2, a
+    // level deeper in its own zone (within `latency_slack` of a1).
+    let mut o = joiner("b");
+    o.handle(0, view(), &mut r);
+    o.handle(1, Input::Tick, &mut r);
+    let out = o.handle(
+        2,
+        Input::Refused {
+            addr: addr("core"),
+            referral: None,
+        },
+        &mut r,
+    );
+    assert_eq!(out, vec![attach("b2", false, Reason::Join)]);
 }

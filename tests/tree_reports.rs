@@ -155,3 +155,62 @@ async fn subtree_sizes_climb_to_the_core_when_zones_fill_to_the_bound() {
     })
     .await;
 }
+
+/// `--zone-shares` reaches a core's overlay: at fan-out 2 with shares for zones a and b, the
+/// core keeps one slot for each. A second relay of zone a is referred below the first, and
+/// the first relay of zone b, arriving last, still finds its slot at depth 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_keeps_a_slot_for_each_zone_of_its_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::with(
+        root,
+        &[
+            ("core", "core"),
+            ("a1", "relay"),
+            ("a2", "relay"),
+            ("b1", "relay"),
+        ],
+    );
+    let core = Proc::start(
+        root,
+        &pki,
+        "core",
+        true,
+        &[],
+        &["--fanout", "2", "--zone", "a", "--zone-shares", "a,b"],
+    );
+    let c = http();
+    wait_leader(&c, &core).await;
+    let held = |s: &Value| s["held_for"].clone();
+    assert_eq!(
+        held(&status(&c, &core).await.unwrap()),
+        serde_json::json!(["a", "b"])
+    );
+    let (v0, _) = put_random(&c, &core, 50_000, 5).await;
+    let a1 = Proc::start(root, &pki, "a1", false, &[core.quic], &["--zone", "a"]);
+    wait_materialized(&c, &a1, v0).await;
+    let a2 = Proc::start(root, &pki, "a2", false, &[core.quic], &["--zone", "a"]);
+    wait_materialized(&c, &a2, v0).await;
+    let s = status(&c, &a2).await.unwrap();
+    assert_eq!(
+        (&s["parent"], &s["depth"]),
+        (&Value::from("a1"), &Value::from(2))
+    );
+    assert_eq!(
+        held(&status(&c, &core).await.unwrap()),
+        serde_json::json!(["b"])
+    );
+    let b1 = Proc::start(root, &pki, "b1", false, &[core.quic], &["--zone", "b"]);
+    wait_materialized(&c, &b1, v0).await;
+    wait_until(60, "b1 on the slot the core held for zone b", || async {
+        status(&c, &b1)
+            .await
+            .is_some_and(|s| s["parent"] == "core" && s["depth"] == 1)
+    })
+    .await;
+    let s = status(&c, &core).await.unwrap();
+    assert_eq!(held(&s), serde_json::json!([]));
+    assert_eq!(s["children"], serde_json::json!(["a1", "b1"]));
+    drop((a2, a1));
+}

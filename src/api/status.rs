@@ -46,6 +46,9 @@ pub struct Status {
     /// (rounded down to 4 significant bits); 0 unless this node has a zone and
     /// `overlay.fill_zones_to_bound`, or a child reports a size.
     pub subtree_size: u32,
+    /// A core node with `zone_shares`: the zones it still holds free slots for (a zone
+    /// whose relays have not taken its share yet). Empty otherwise.
+    pub held_for: Vec<String>,
     pub synced: bool,
     pub commit_version: u64,
     pub lag_entries: u64,

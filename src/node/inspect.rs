@@ -36,7 +36,10 @@ pub(crate) fn shown(shared: &Shared) -> crate::api::Shown {
 /// What `/v1/status` reports.
 pub(crate) fn status(shared: &Shared) -> Status {
     let (parent, parent_addr) = shared.parent();
-    let report = shared.overlay.lock().overlay.report();
+    let (report, held_for) = {
+        let cell = shared.overlay.lock();
+        (cell.overlay.report(), cell.overlay.me().held_for.clone())
+    };
     let depth = shared.depth();
     let root_path = shared.root_path();
     let st = shared.state.lock();
@@ -65,6 +68,7 @@ pub(crate) fn status(shared: &Shared) -> Status {
         subtree_height: report.height,
         room: report.room,
         subtree_size: report.size,
+        held_for,
         synced: st.replica.is_synced(),
         commit_version: commit,
         lag_entries: commit.saturating_sub(version),

@@ -154,7 +154,8 @@ impl Node {
             cfg.is_core(),
             bootstrap,
         )
-        .with_zone(cfg.zone.clone());
+        .with_zone(cfg.zone.clone())
+        .with_zone_shares(cfg.zone_shares.clone());
         let (overlay_out, overlay_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {

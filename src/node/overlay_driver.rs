@@ -41,6 +41,7 @@ pub fn peer_to_proto(p: &PeerInfo) -> proto::PeerInfo {
         room: p.room,
         zone: p.zone.clone().unwrap_or_default(),
         size: p.size,
+        held_for: p.held_for.clone(),
     }
 }
 
@@ -48,6 +49,26 @@ pub fn peer_to_proto(p: &PeerInfo) -> proto::PeerInfo {
 /// [`crate::config::MAX_ZONE_BYTES`].
 pub fn zone_from_proto(zone: String) -> Option<String> {
     (!zone.is_empty() && zone.len() <= crate::config::MAX_ZONE_BYTES).then_some(zone)
+}
+
+/// Most zones a peer may say a core holds slots for ([`PeerInfo::held_for`]): a core keeps
+/// shares for at most `fanout` zones, and no fan-out in use comes near 64.
+pub const MAX_HELD_ZONES: usize = 64;
+
+/// Zones a peer says a core holds slots for: none when over [`MAX_HELD_ZONES`] or when one
+/// of them is not a zone name ([`zone_from_proto`]); sorted.
+pub fn held_from_proto(zones: Vec<String>) -> Vec<String> {
+    if zones.len() > MAX_HELD_ZONES
+        || zones
+            .iter()
+            .any(|z| z.is_empty() || z.len() > crate::config::MAX_ZONE_BYTES)
+    {
+        return Vec::new();
+    }
+    let mut zones = zones;
+    zones.sort();
+    zones.dedup();
+    zones
 }
 
 /// A report as a child declared it, its height and room clamped to [`overlay::MAX_HEIGHT`].
@@ -107,6 +128,7 @@ pub fn peer_from_proto(p: proto::PeerInfo) -> Peer {
         room: p.room.min(crate::overlay::MAX_HEIGHT),
         zone: zone_from_proto(p.zone),
         size: p.size.min(crate::overlay::MAX_SIZE),
+        held_for: held_from_proto(p.held_for),
     })
 }
 
@@ -255,10 +277,17 @@ mod tests {
     /// What peers declare about the tree is bounded before the overlay sees it: zones longer
     /// than `MAX_ZONE_BYTES` (or empty) count as none, heights and rooms are clamped to
     /// `MAX_HEIGHT` and subtree sizes to `MAX_SIZE`, whether they come in an advert or in a
-    /// child's report.
+    /// child's report. A list of zones a core holds slots for counts as none when it is
+    /// longer than `MAX_HELD_ZONES` or names something that is not a zone.
     #[test]
     fn declared_zones_heights_rooms_and_sizes_are_bounded() {
         let max = crate::config::MAX_ZONE_BYTES;
+        let held = |zs: &[String]| held_from_proto(zs.to_vec());
+        assert_eq!(held(&["b".into(), "a".into(), "b".into()]), ["a", "b"]);
+        assert!(held(&["a".into(), String::new()]).is_empty());
+        assert!(held(&["a".into(), "z".repeat(max + 1)]).is_empty());
+        let many: Vec<String> = (0..MAX_HELD_ZONES).map(|i| format!("z{i:02}")).collect();
+        assert_eq!(held(&many).len(), MAX_HELD_ZONES);
         assert_eq!(zone_from_proto(String::new()), None);
         assert_eq!(zone_from_proto("z".repeat(max + 1)), None);
         assert_eq!(zone_from_proto("z".repeat(max)), Some("z".repeat(max)));
@@ -287,14 +316,16 @@ mod tests {
             room: u32::MAX,
             zone: "z".repeat(1 << 16),
             size: u32::MAX,
+            held_for: (0..=MAX_HELD_ZONES).map(|i| format!("z{i}")).collect(),
         });
         assert_eq!(
-            (p.height, p.room, p.zone.clone(), p.size),
+            (p.height, p.room, p.zone.clone(), p.size, p.held_for.len()),
             (
                 crate::overlay::MAX_HEIGHT,
                 crate::overlay::MAX_HEIGHT,
                 None,
-                crate::overlay::MAX_SIZE
+                crate::overlay::MAX_SIZE,
+                0
             )
         );
     }

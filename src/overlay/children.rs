@@ -8,7 +8,11 @@ impl<I: Id> Overlay<I> {
     /// down to its shallowest free slot, and (see [`Report::size`]) the size of its
     /// subtree. A child that has not reported counts as a leaf with room.
     pub fn report(&self) -> Report {
-        let free_slots = self.cfg.fanout.saturating_sub(self.children.len() as u32);
+        let held: u32 = self.held().values().sum();
+        let free_slots = self
+            .cfg
+            .fanout
+            .saturating_sub(self.children.len() as u32 + held);
         let (mut height, mut below) = (0, u32::MAX);
         let (mut size, mut sized) = (1u64, self.cfg.fill_zones_to_bound && self.zoned());
         for c in self.children.values() {
@@ -85,16 +89,49 @@ impl<I: Id> Overlay<I> {
             };
         }
         let fanout = self.cfg.fanout;
-        if (self.children.len() as u32) < fanout || self.children.contains_key(name) {
+        let owed: u32 = self
+            .held()
+            .into_iter()
+            .filter(|(z, _)| Some(*z) != zone)
+            .map(|(_, n)| n)
+            .sum();
+        if (self.children.len() as u32 + owed) < fanout || self.children.contains_key(name) {
             return Admit::Accept;
         }
+        let children = self.children.len() as u32;
+        let reason = if children < fanout {
+            Refusal::HeldForOtherZones {
+                children,
+                held: fanout - children,
+            }
+        } else {
+            Refusal::Full { children, fanout }
+        };
         Admit::Refuse {
-            reason: Refusal::Full {
-                children: self.children.len() as u32,
-                fanout,
-            },
+            reason,
             referral: self.referral(zone, rng),
         }
+    }
+
+    /// The slots a core still holds for each zone of its shares that has fewer children
+    /// than its share ([`Overlay::with_zone_shares`]); empty for relays.
+    pub(super) fn held(&self) -> BTreeMap<&I, u32> {
+        let mut held = BTreeMap::new();
+        if self.shares.is_empty() {
+            return held;
+        }
+        let share = self.cfg.fanout / self.shares.len() as u32;
+        for z in &self.shares {
+            let have = self
+                .children
+                .values()
+                .filter(|c| c.zone.as_ref() == Some(z))
+                .count() as u32;
+            if have < share {
+                held.insert(z, share - have);
+            }
+        }
+        held
     }
 
     /// One registered child for a subscriber in `zone` that found this node full.
@@ -134,6 +171,7 @@ impl<I: Id> Overlay<I> {
             room: report.room,
             zone: c.zone.clone(),
             size: report.size,
+            held_for: Vec::new(),
         }))
     }
 

@@ -28,9 +28,20 @@ impl<I: Id> Overlay<I> {
 
     /// The depth this node would get starting at `p`: a full node refers it down to its
     /// shallowest room, `room` levels below (at least one).
-    pub(super) fn landing(p: &PeerInfo<I>) -> u32 {
-        let down = if p.free_slots == 0 { p.room.max(1) } else { 0 };
+    pub(super) fn landing(&self, p: &PeerInfo<I>) -> u32 {
+        let down = if self.free_at(p) == 0 {
+            p.room.max(1)
+        } else {
+            0
+        };
         p.depth.unwrap_or(u32::MAX).saturating_add(1 + down)
+    }
+
+    /// The slots `p` would admit this node to: those open to all, and one more where `p`
+    /// holds slots for this node's zone ([`PeerInfo::held_for`]).
+    pub(super) fn free_at(&self, p: &PeerInfo<I>) -> u32 {
+        let held = self.zone.as_ref().is_some_and(|z| p.held_for.contains(z));
+        p.free_slots + u32::from(held)
     }
 
     /// The order of zones among places: this node's own (0), a core's zone (1: its path
@@ -70,21 +81,21 @@ impl<I: Id> Overlay<I> {
     /// ([`Self::zone_rank`]); then the lower RTT, free before full, more free slots, the
     /// lower address.
     pub(super) fn best<'a>(&self, cands: &[(&'a Peer<I>, Option<u64>)]) -> Option<&'a Peer<I>> {
-        let top = cands.iter().map(|(p, _)| Self::landing(p)).min()?;
+        let top = cands.iter().map(|(p, _)| self.landing(p)).min()?;
         let (near, far) = (
             self.zone_limit(top),
             top.saturating_add(self.cfg.latency_slack),
         );
         cands
             .iter()
-            .filter(|(p, _)| Self::landing(p) <= if self.zone_rank(p) == 0 { near } else { far })
+            .filter(|(p, _)| self.landing(p) <= if self.zone_rank(p) == 0 { near } else { far })
             .min_by_key(|(p, rtt)| {
                 (
                     self.zone_rank(p),
-                    Self::landing(p),
+                    self.landing(p),
                     rtt.unwrap_or(u64::MAX),
-                    p.free_slots == 0,
-                    std::cmp::Reverse(p.free_slots),
+                    self.free_at(p) == 0,
+                    std::cmp::Reverse(self.free_at(p)),
                     &p.addr,
                 )
             })
@@ -99,12 +110,12 @@ impl<I: Id> Overlay<I> {
     pub(super) fn nearer_than(&self, referral: &I) -> Option<I> {
         let e = self.view.get(referral)?;
         let r = e.info.as_ref()?;
-        let (landing, rank) = (Self::landing(r), self.zone_rank(r));
+        let (landing, rank) = (self.landing(r), self.zone_rank(r));
         let rtt = e.rtt_us.unwrap_or(u64::MAX);
         self.known(|p| {
             self.is_target(p)
-                && p.free_slots > 0
-                && Self::landing(p) <= landing
+                && self.free_at(p) > 0
+                && self.landing(p) <= landing
                 && self.zone_rank(p) <= rank
         })
         .into_iter()
@@ -182,7 +193,9 @@ impl<I: Id> Overlay<I> {
     /// place it tried was stale; the view may hold another).
     pub(super) fn retry_move(&mut self, now: u64) {
         if self.too_deep() {
-            self.next_rebalance = now + self.cfg.probe_backoff_ms;
+            let backoff = self.cfg.probe_backoff_ms << self.failed_moves.min(MAX_MOVE_BACKOFFS);
+            self.failed_moves += 1;
+            self.next_rebalance = now + backoff;
         }
     }
 
@@ -200,8 +213,8 @@ impl<I: Id> Overlay<I> {
             .filter_map(|e| e.info.as_ref())
             .filter(|p| p.depth == Some(0));
         for p in cores {
-            if p.free_slots > 0 || p.room > 0 {
-                landing = landing.min(Self::landing(p));
+            if self.free_at(p) > 0 || p.room > 0 {
+                landing = landing.min(self.landing(p));
             }
             nodes += u64::from(p.size.min(MAX_SIZE));
             if let Some(z) = p.zone.as_ref().filter(|_| zoned) {
@@ -285,8 +298,8 @@ impl<I: Id> Overlay<I> {
             _ => return false,
         };
         p.addr != *parent
-            && (p.free_slots > 0 || p.room > 0)
-            && Self::landing(p) <= limit
+            && (self.free_at(p) > 0 || p.room > 0)
+            && self.landing(p) <= limit
             && self.is_eligible(p)
     }
 }

@@ -284,7 +284,12 @@ impl<I: Id> Overlay<I> {
                 if let Some(e) = self.view.get_mut(&addr) {
                     if let Some(i) = e.info.as_mut() {
                         let i = Arc::make_mut(i);
-                        i.free_slots = i.free_slots.saturating_sub(1);
+                        match self.zone.as_ref().map(|z| i.held_for.binary_search(z)) {
+                            Some(Ok(at)) => {
+                                i.held_for.remove(at);
+                            }
+                            _ => i.free_slots = i.free_slots.saturating_sub(1),
+                        }
                         i.depth = Some(depth);
                     }
                 }
@@ -399,6 +404,7 @@ impl<I: Id> Overlay<I> {
             self.reported = None;
         }
         self.parent = parent;
+        self.failed_moves = 0;
         self.refused.clear();
         self.me.take();
         self.stable_shuffles = 0;

@@ -132,7 +132,7 @@ impl<I: Id> Overlay<I> {
     /// other.
     pub(super) fn is_candidate(&self, p: &Peer<I>) -> bool {
         let Some(parent) = self.parent.as_ref() else {
-            return self.is_eligible(p) && self.gains(Self::landing(p).saturating_sub(1));
+            return self.is_eligible(p) && self.gains(self.landing(p).saturating_sub(1));
         };
         // No place is shallower than the cores' shallowest room: an advert that says so is
         // stale, and a move to it would end in refusals.
@@ -153,8 +153,8 @@ impl<I: Id> Overlay<I> {
         {
             return false;
         }
-        let landing = Self::landing(p).max(floor);
-        (p.free_slots > 0 || p.room > 0)
+        let landing = self.landing(p).max(floor);
+        (self.free_at(p) > 0 || p.room > 0)
             && self.gains(landing.saturating_sub(1))
             && p.addr != parent.addr
             && self.is_eligible(p)
@@ -187,13 +187,13 @@ impl<I: Id> Overlay<I> {
         if self.zoned() {
             // The d choices are drawn from the nearest zone rank among the targets that
             // [`Self::best`] would let win.
-            let top = cands.iter().map(|(p, _)| Self::landing(p)).min()?;
+            let top = cands.iter().map(|(p, _)| self.landing(p)).min()?;
             let (near, far) = (
                 self.zone_limit(top),
                 top.saturating_add(self.cfg.latency_slack),
             );
             cands.retain(|(p, _)| {
-                Self::landing(p) <= if self.zone_rank(p) == 0 { near } else { far }
+                self.landing(p) <= if self.zone_rank(p) == 0 { near } else { far }
             });
             let rank = cands.iter().map(|(p, _)| self.zone_rank(p)).min()?;
             cands.retain(|(p, _)| self.zone_rank(p) == rank);
@@ -220,6 +220,7 @@ impl<I: Id> Overlay<I> {
             if let Some(i) = e.info.as_mut() {
                 let i = Arc::make_mut(i);
                 i.free_slots = 0;
+                i.held_for.clear();
                 if !referred {
                     i.room = 0;
                 }

@@ -83,6 +83,10 @@ struct Args {
     /// (the overlay's fill_zones_to_bound).
     #[arg(long)]
     fill_zones_to_bound: bool,
+    /// With zones, the cores keep a share of their slots for each zone (the core-node's
+    /// `zone_shares`, listing every zone).
+    #[arg(long)]
+    zone_shares: bool,
     /// Period of each node's overlay tick (ms; phases are staggered), as a runtime that ticks
     /// on an interval; 0 ticks each node exactly at its overlay's next deadline.
     #[arg(long, default_value_t = 0)]
@@ -178,6 +182,7 @@ impl Args {
             latency_ms: self.latency_ms,
             zones: self.zones,
             cross_zone_ms: self.cross_zone_ms,
+            zone_shares: self.zone_shares,
             latency_aware: !self.depth_only,
             sample_rtt: self.sample_rtt || self.realistic,
             tick_ms: self.tick_ms,
@@ -233,6 +238,7 @@ fn to_json(r: &Report) -> Value {
         "latency_ms": p.latency_ms,
         "zones": p.zones,
         "cross_zone_ms": p.cross_zone_ms,
+        "zone_shares": p.zone_shares,
         "latency_aware": p.latency_aware,
         "sample_rtt": p.sample_rtt,
         "latency_slack": p.overlay.latency_slack,

@@ -100,6 +100,9 @@ pub struct Params {
     pub zones: u32,
     /// Mean one-way latency of a link between two zones (ms).
     pub cross_zone_ms: f64,
+    /// With zones, whether the cores keep a share of their slots for each zone
+    /// (`Overlay::with_zone_shares` over every zone).
+    pub zone_shares: bool,
     /// Whether the overlays know their zone and hear each sampled peer's RTT
     /// (`Input::Rtt`); without, parent choice is by depth alone.
     pub latency_aware: bool,
@@ -147,6 +150,7 @@ impl Params {
             latency_ms: 0.5,
             zones: 1,
             cross_zone_ms: 40.0,
+            zone_shares: false,
             latency_aware: true,
             sample_rtt: false,
             tick_ms: 0,
@@ -256,6 +260,9 @@ impl Params {
             ));
             if !self.latency_aware {
                 cmd.push_str(" --depth-only");
+            }
+            if self.zone_shares {
+                cmd.push_str(" --zone-shares");
             }
         }
         if self.sample_rtt {
@@ -851,7 +858,13 @@ impl Sim {
         let id = self.nodes.len() as u32;
         let mut rng = ChaCha8Rng::seed_from_u64(self.p.seed);
         rng.set_stream(u64::from(id) + 1);
-        let zone = (self.p.latency_aware && self.p.zones > 1).then(|| self.zone(id));
+        let zoned = self.p.latency_aware && self.p.zones > 1;
+        let zone = zoned.then(|| self.zone(id));
+        let shares = if zoned && self.p.zone_shares {
+            (0..self.p.zones).collect()
+        } else {
+            Vec::new()
+        };
         let ov = Overlay::new(
             self.p.overlay.clone(),
             name(id),
@@ -859,7 +872,8 @@ impl Sim {
             core,
             self.core_addrs.clone(),
         )
-        .with_zone(zone);
+        .with_zone(zone)
+        .with_zone_shares(shares);
         self.nodes.push(Node {
             core,
             life: Life::NotYet,
