@@ -2354,6 +2354,17 @@ fn core_with_shares(zones: &[&str]) -> Overlay {
     .with_zone_shares(zones.iter().map(|z| z.to_string()).collect())
 }
 
+/// `o` admits `name` of `zone`, and the child is registered.
+fn accept_child(o: &mut Overlay, name: &str, zone: &str, r: &mut ChaCha8Rng) {
+    let z = zone.to_string();
+    assert_eq!(
+        o.admit(&name.to_string(), Some(&z), r),
+        Admit::Accept,
+        "{name}"
+    );
+    o.handle(1, child_added(name, Some(zone), Some(LEAF)), r);
+}
+
 #[test]
 fn a_core_holds_a_share_of_its_slots_for_each_zone_until_the_zone_takes_it() {
     let mut r = rng(60);
@@ -2366,10 +2377,8 @@ fn a_core_holds_a_share_of_its_slots_for_each_zone_until_the_zone_takes_it() {
         "8 / 3 zones: 2 slots held for each, 2 open to all"
     );
     // Zone a takes its share and the two open slots.
-    for i in 0..4 {
-        let name = format!("a{i}");
-        assert_eq!(o.admit(&name, zone("a").as_ref(), &mut r), Admit::Accept);
-        o.handle(1, child_added(&name, Some("a"), Some(LEAF)), &mut r);
+    for name in ["a0", "a1", "a2", "a3"] {
+        accept_child(&mut o, name, "a", &mut r);
     }
     let info = o.info();
     assert_eq!((info.free_slots, info.room), (0, 1));
@@ -2391,10 +2400,8 @@ fn a_core_holds_a_share_of_its_slots_for_each_zone_until_the_zone_takes_it() {
     }
     // Zone b is admitted to its own share, and no further than its share plus what is left
     // once c's is held.
-    for i in 0..2 {
-        let name = format!("b{i}");
-        assert_eq!(o.admit(&name, zone("b").as_ref(), &mut r), Admit::Accept);
-        o.handle(2, child_added(&name, Some("b"), Some(LEAF)), &mut r);
+    for name in ["b0", "b1"] {
+        accept_child(&mut o, name, "b", &mut r);
     }
     assert!(matches!(
         o.admit(&"b2".to_string(), zone("b").as_ref(), &mut r),
@@ -2404,16 +2411,9 @@ fn a_core_holds_a_share_of_its_slots_for_each_zone_until_the_zone_takes_it() {
         } if p.zone.as_deref() == Some("b")
     ));
     assert_eq!(o.info().held_for, vec!["c".to_string()]);
-    assert_eq!(
-        o.admit(&"c0".to_string(), zone("c").as_ref(), &mut r),
-        Admit::Accept
-    );
-    o.handle(3, child_added("c0", Some("c"), Some(LEAF)), &mut r);
-    assert_eq!(
-        o.admit(&"c1".to_string(), zone("c").as_ref(), &mut r),
-        Admit::Accept
-    );
-    o.handle(3, child_added("c1", Some("c"), Some(LEAF)), &mut r);
+    for name in ["c0", "c1"] {
+        accept_child(&mut o, name, "c", &mut r);
+    }
     assert!(o.info().held_for.is_empty());
     assert!(matches!(
         o.admit(&"c2".to_string(), zone("c").as_ref(), &mut r),

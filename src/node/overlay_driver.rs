@@ -58,14 +58,14 @@ pub const MAX_HELD_ZONES: usize = 64;
 /// Zones a peer says a core holds slots for: none when over [`MAX_HELD_ZONES`] or when one
 /// of them is not a zone name ([`zone_from_proto`]); sorted.
 pub fn held_from_proto(zones: Vec<String>) -> Vec<String> {
-    if zones.len() > MAX_HELD_ZONES
-        || zones
-            .iter()
-            .any(|z| z.is_empty() || z.len() > crate::config::MAX_ZONE_BYTES)
-    {
+    if zones.len() > MAX_HELD_ZONES {
         return Vec::new();
     }
-    let mut zones = zones;
+    let mut zones: Vec<String> = zones
+        .into_iter()
+        .map(zone_from_proto)
+        .collect::<Option<_>>()
+        .unwrap_or_default();
     zones.sort();
     zones.dedup();
     zones
