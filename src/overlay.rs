@@ -55,10 +55,11 @@ pub struct OverlayConfig {
     pub view_size: usize,
     /// Peers exchanged per shuffle or sample. 6: Cyclon's usual third of the view.
     pub shuffle_len: usize,
-    /// Period of view shuffles (ms). 2000: views stay fresh without chatter. It doubles
-    /// after each shuffle while the node keeps its parent (up to 64×, about 2 min:
-    /// [`MAX_SHUFFLE_DOUBLINGS`]) and drops back when the parent changes: a settled tree
-    /// goes quiet, a moving one stays fresh.
+    /// Mean period of view shuffles (ms), jittered ±50 %. 2000: views stay fresh without
+    /// chatter. It doubles after each shuffle while the node keeps its parent (up to 64×,
+    /// about 2 min: [`MAX_SHUFFLE_DOUBLINGS`]) and drops back when the parent changes: a
+    /// settled tree goes quiet, a moving one stays fresh. The jitter keeps nodes that
+    /// attached together from shuffling together.
     pub shuffle_ms: u64,
     /// Mean period of rebalance checks (ms), jittered ±50 %. 10000: a tree settles in tens of
     /// seconds without constant movement. A check reads the view (kept fresh by shuffles) and

@@ -2517,3 +2517,45 @@ fn a_joiner_lands_on_a_slot_a_core_holds_for_its_zone() {
     );
     assert_eq!(out, vec![attach("b2", false, Reason::Join)]);
 }
+
+#[test]
+fn relays_that_attach_together_shuffle_at_different_times_around_the_mean_period() {
+    let base = OverlayConfig::default().shuffle_ms;
+    let mut firsts = BTreeSet::new();
+    for seed in 0..16 {
+        let mut r = rng(300 + seed);
+        let mut o = joined(&mut r);
+        let mut times = Vec::new();
+        for t in (1..=30_000).map(|i| i * 10) {
+            let out = o.handle(t, Input::Tick, &mut r);
+            if out
+                .iter()
+                .any(|x| matches!(x, Output::RequestSample { .. }))
+            {
+                times.push(t);
+            }
+        }
+        assert!(times.len() >= 5, "seed {seed}: {times:?}");
+        // Shuffle k waits the base period doubled k - 1 times (at most 64×), ±50 %; the first
+        // counts from the first tick (at 0 ms, the attach is at 2). Ticks every 10 ms round
+        // each wait up by less than 10 ms.
+        let mut prev = 0;
+        for (k, &t) in times.iter().enumerate() {
+            let period = if k == 0 {
+                base
+            } else {
+                base << (k as u32 - 1).min(MAX_SHUFFLE_DOUBLINGS)
+            };
+            let wait = t - prev;
+            assert!(
+                wait >= period / 2 && wait < period / 2 + period + 12,
+                "seed {seed}: shuffle {k} after {wait} ms, period {period}: {times:?}"
+            );
+            prev = t;
+        }
+        firsts.insert(times[0]);
+    }
+    assert!(firsts.len() >= 12, "{firsts:?}");
+    let spread = firsts.last().unwrap() - firsts.first().unwrap();
+    assert!(spread >= base / 2, "{firsts:?}");
+}

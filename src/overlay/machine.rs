@@ -158,9 +158,7 @@ impl<I: Id> Overlay<I> {
                     return out;
                 }
                 if now >= self.next_shuffle {
-                    let period =
-                        self.cfg.shuffle_ms << self.stable_shuffles.min(MAX_SHUFFLE_DOUBLINGS);
-                    self.next_shuffle = now + period;
+                    self.next_shuffle = now + self.shuffle_wait(self.stable_shuffles, rng);
                     if self.parent.is_some() {
                         self.stable_shuffles += 1;
                     }
@@ -237,7 +235,7 @@ impl<I: Id> Overlay<I> {
                     self.forget(&addr);
                     out.push(Output::Detach { addr });
                     if !moving {
-                        self.set_parent(now, None);
+                        self.set_parent(now, None, rng);
                         out.extend(self.seek(now, rng));
                     }
                     return out;
@@ -275,6 +273,7 @@ impl<I: Id> Overlay<I> {
                         depth,
                         root_path,
                     }),
+                    rng,
                 );
                 self.reason = Reason::ParentLost;
                 self.reported = report;
@@ -350,7 +349,7 @@ impl<I: Id> Overlay<I> {
             Input::ParentLost { addr } => {
                 if self.parent.as_ref().is_some_and(|p| p.addr == addr) {
                     self.lost_depth = self.depth();
-                    self.set_parent(now, None);
+                    self.set_parent(now, None, rng);
                     self.forget(&addr);
                     self.reason = Reason::ParentLost;
                     if matches!(self.step, Step::Attaching { moving: true, .. }) {
@@ -399,7 +398,7 @@ impl<I: Id> Overlay<I> {
 
     /// Every change of parent goes through here: the advertisement is rebuilt and shuffles
     /// return to their base period.
-    pub(super) fn set_parent(&mut self, now: u64, parent: Option<Parent<I>>) {
+    pub(super) fn set_parent<R: Rng>(&mut self, now: u64, parent: Option<Parent<I>>, rng: &mut R) {
         if parent.is_none() {
             self.reported = None;
         }
@@ -408,7 +407,18 @@ impl<I: Id> Overlay<I> {
         self.refused.clear();
         self.me.take();
         self.stable_shuffles = 0;
-        self.next_shuffle = self.next_shuffle.min(now + self.cfg.shuffle_ms);
+        self.next_shuffle = self.next_shuffle.min(now + self.shuffle_wait(0, rng));
+    }
+
+    /// The wait before the next shuffle after `stable` shuffles under one parent: the base
+    /// period doubled `stable` times (at most [`MAX_SHUFFLE_DOUBLINGS`]), jittered ±50 %.
+    /// Without the jitter, nodes that attach together (a batch started at once, the children
+    /// of a parent that failed) shuffle together for good: a burst of connections and TLS
+    /// handshakes every period, which stalled the stream behind it when those nodes share
+    /// CPUs (docs/benchmarks.md, "Synchronized shuffles").
+    pub(super) fn shuffle_wait<R: Rng>(&self, stable: u32, rng: &mut R) -> u64 {
+        let period = self.cfg.shuffle_ms << stable.min(MAX_SHUFFLE_DOUBLINGS);
+        period / 2 + rng.random_range(0..=period)
     }
 
     pub(super) fn answered<R: Rng>(&mut self, now: u64, addr: &I, rng: &mut R) -> Vec<Output<I>> {
