@@ -15,6 +15,8 @@
 //!   "None" is absent, never 0: an unattached relay has no `canopy_depth` series, a node that
 //!   has written no file has no `canopy_materialized_version` series.
 //! - Each histogram has buckets fitted to what it measures.
+//! - A histogram keeps its samples only until the next upkeep, run every [`UPKEEP_PERIOD`]
+//!   by a thread of the recorder's own: a node nobody scrapes holds bounded memory.
 
 use std::fmt::Write as _;
 use std::sync::OnceLock;
@@ -24,6 +26,20 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use parking_lot::Mutex;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// How often the recorder folds the samples its histograms queued into their buckets.
+/// 5 s: the exporter's own default. The recorder is built without the exporter's tasks
+/// (the API renders it), so nothing else drains the queues between scrapes: without it a
+/// relay that nobody scrapes grows by 8 bytes per histogram sample, one per delivery, for
+/// ever.
+pub const UPKEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
+static UPKEEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Upkeeps run since the recorder was installed.
+pub fn upkeeps() -> u64 {
+    UPKEEPS.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Reasons of `canopy_resyncs_total`: the upstream follower's own failures, then the
 /// replica's (`ReplicaError::label`). A reason outside this list fails a debug assertion.
@@ -183,6 +199,17 @@ pub fn handle() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+        }
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("canopy-metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(UPKEEP_PERIOD);
+                upkeep.run_upkeep();
+                UPKEEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("no metrics upkeep thread ({e}): histograms grow until scraped");
         }
         for &(name, help) in DESCRIBED {
             if name.ends_with("_total") {
