@@ -24,7 +24,7 @@
 //! - Every frame handed out in [`Event::Broadcast`] is one this node has applied or verified,
 //!   in stream order; entry frames are forwarded verbatim (encoded once at the core).
 
-use std::collections::VecDeque;
+use fifo::Fifo;
 
 use bytes::Bytes;
 
@@ -271,7 +271,7 @@ pub struct Replica {
     name: String,
     file: ChunkedFile,
     synced: bool,
-    retained: VecDeque<Retained>,
+    retained: Fifo<Retained>,
     retained_bytes: u64,
     base: (u64, Hash),
     upstream: Upstream,
@@ -314,7 +314,7 @@ impl Replica {
             name: String::new(),
             file,
             synced,
-            retained: VecDeque::new(),
+            retained: Fifo::new(),
             retained_bytes: 0,
             base,
             upstream: Upstream::Idle,
@@ -716,6 +716,7 @@ impl Replica {
 }
 
 mod child;
+mod fifo;
 mod sealing;
 
 #[cfg(test)]
