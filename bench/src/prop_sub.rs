@@ -742,7 +742,11 @@ async fn main() -> anyhow::Result<()> {
         ready: AtomicU64::new(0),
         received: AtomicU64::new(0),
         sent_ns: (0..args.writes).map(|_| AtomicU64::new(u64::MAX)).collect(),
-        seen: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
+        // Room for every write up front: a subscriber's list growing (all of them at the
+        // same write) would be the harness's own stall, not the system's.
+        seen: (0..n)
+            .map(|_| Mutex::new(Vec::with_capacity(args.writes + 64)))
+            .collect(),
     });
     let url = base(&args.endpoint);
     let http = reqwest::Client::builder()
