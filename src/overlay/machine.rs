@@ -415,7 +415,7 @@ impl<I: Id> Overlay<I> {
     /// Without the jitter, nodes that attach together (a batch started at once, the children
     /// of a parent that failed) shuffle together for good: a burst of connections and TLS
     /// handshakes every period, which stalled the stream behind it when those nodes share
-    /// CPUs (docs/benchmarks.md, "Synchronized shuffles").
+    /// CPUs (docs/benchmarks.md, "The N = 1000 tail was synchronized work").
     pub(super) fn shuffle_wait<R: Rng>(&self, stable: u32, rng: &mut R) -> u64 {
         let period = self.cfg.shuffle_ms << stable.min(MAX_SHUFFLE_DOUBLINGS);
         period / 2 + rng.random_range(0..=period)

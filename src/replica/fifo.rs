@@ -7,7 +7,7 @@
 //!   A `VecDeque` doubles instead, copying everything: a relay's retained entries (up to
 //!   `retain_bytes`, hundreds of thousands of entries) were copied whole at each power of two
 //!   on the delivery path, and all relays of a process did it at the same write
-//!   (docs/benchmarks.md, "Retained entries that grow without copying").
+//!   (docs/benchmarks.md, "The N = 1000 tail was synchronized work").
 
 use std::collections::VecDeque;
 
