@@ -45,14 +45,12 @@ impl<T> Fifo<T> {
 
     pub(super) fn pop_front(&mut self) -> Option<T> {
         let first = self.blocks.front_mut()?;
-        let item = first.pop_front();
+        let item = first.pop_front()?;
         if first.is_empty() {
             self.blocks.pop_front();
         }
-        if item.is_some() {
-            self.len -= 1;
-        }
-        item
+        self.len -= 1;
+        Some(item)
     }
 
     pub(super) fn clear(&mut self) {
