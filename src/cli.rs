@@ -334,7 +334,7 @@ pub fn init_logging(filter: &str) {
 #[derive(Parser, Debug)]
 #[command(
     name = "core-node",
-    version,
+    version = crate::VERSION,
     about = "A Canopy core node: orders every change and streams it to the tree"
 )]
 pub struct CoreNodeCli {
@@ -349,7 +349,7 @@ pub struct CoreNodeCli {
 #[derive(Parser, Debug)]
 #[command(
     name = "relay-node",
-    version,
+    version = crate::VERSION,
     about = "A Canopy relay node: follows the committed stream and relays it"
 )]
 pub struct RelayNodeCli {

@@ -28,3 +28,21 @@ pub mod trust;
 pub mod update;
 pub mod watch;
 pub mod wire;
+
+/// What `--version` prints: the version, and whether this code was compiled as a test build.
+///
+/// `cargo test --workspace --profile bench` (the README's test command) compiles this crate
+/// unoptimized with debug assertions and puts its binaries in `target/release`, over the
+/// release ones, until the next `cargo build --release`. The benches refuse a binary whose
+/// version says "test build" (`bench/check-bins`).
+pub const VERSION: &str = if TEST_BUILD {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (test build: unoptimized, debug assertions on; not for measuring)"
+    )
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (optimized)")
+};
+
+/// Whether this crate was compiled with debug assertions, as the test profile compiles it.
+pub const TEST_BUILD: bool = cfg!(debug_assertions);

@@ -41,7 +41,7 @@ Exit codes:
 #[derive(Parser, Debug)]
 #[command(
     name = "canopy",
-    version,
+    version = crate::VERSION,
     about = "Canopy: keep one large file byte-identical on thousands of hosts",
     after_help = EXIT_CODES
 )]

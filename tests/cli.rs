@@ -137,3 +137,39 @@ async fn put_shows_progress_on_a_terminal_and_one_line_otherwise() {
     assert!(tty.contains("MiB/s"), "{tty}");
     assert!(tty.contains("version "), "{tty}");
 }
+
+/// `--version` says whether the binary is a test build, and `bench/check-bins` refuses one:
+/// the test profile puts its unoptimized binaries in `target/release`, where the benches
+/// look for release ones.
+#[test]
+fn version_says_how_it_was_built_and_the_benches_refuse_a_test_build() {
+    let bin = std::path::Path::new(RELAY_NODE);
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .expect("run relay-node");
+    assert!(out.status.success());
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert!(version.starts_with("relay-node "), "{version}");
+    assert_eq!(
+        version.contains("(test build: unoptimized, debug assertions on; not for measuring)"),
+        cfg!(debug_assertions),
+        "{version}"
+    );
+    assert_eq!(
+        version.contains("(optimized)"),
+        !cfg!(debug_assertions),
+        "{version}"
+    );
+
+    let check = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/check-bins"))
+        .arg(bin.parent().unwrap())
+        .arg("relay-node")
+        .output()
+        .expect("run bench/check-bins");
+    assert_eq!(check.status.success(), !cfg!(debug_assertions));
+    if cfg!(debug_assertions) {
+        let why = String::from_utf8_lossy(&check.stderr);
+        assert!(why.contains("is not an optimized build"), "{why}");
+    }
+}

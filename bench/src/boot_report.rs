@@ -21,7 +21,7 @@ use serde_json::{json, Map, Value};
 use canopy_bench::ReportFiles;
 
 #[derive(Parser, Debug)]
-#[command(about = "Fold bootstrap rows into a JSON document and a Markdown table")]
+#[command(version = canopy_bench::VERSION, about = "Fold bootstrap rows into a JSON document and a Markdown table")]
 struct Args {
     #[command(flatten)]
     files: ReportFiles,

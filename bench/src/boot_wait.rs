@@ -50,7 +50,7 @@ enum Kind {
 }
 
 #[derive(Parser, Debug)]
-#[command(about = "Start N node processes at once; time each until it holds a verified copy")]
+#[command(version = canopy_bench::VERSION, about = "Start N node processes at once; time each until it holds a verified copy")]
 struct Args {
     #[arg(long, value_enum)]
     kind: Kind,

@@ -29,7 +29,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 #[derive(Parser, Debug, Clone)]
-#[command(about = "Load or page-read a key prefix through etcd's JSON gateway")]
+#[command(version = canopy_bench::VERSION, about = "Load or page-read a key prefix through etcd's JSON gateway")]
 struct Args {
     /// etcd client URL (http://127.0.0.1:2379 or 127.0.0.1:2379).
     #[arg(long)]

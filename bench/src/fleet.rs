@@ -31,6 +31,7 @@ enum Kind {
 
 #[derive(Parser)]
 #[command(
+    version = canopy_bench::VERSION,
     about = "N subscribers in one process (Canopy relays or etcd watchers) that report when the slowest reaches a version"
 )]
 struct Args {

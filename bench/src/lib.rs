@@ -8,6 +8,18 @@
 
 pub mod etcd_gateway;
 
+/// What a bench binary's `--version` prints: "test build" when it or the canopy library it
+/// runs was compiled by the test profile (see `canopy::VERSION`), which `bench/check-bins`
+/// refuses.
+pub const VERSION: &str = if canopy::TEST_BUILD || cfg!(debug_assertions) {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (test build: unoptimized, debug assertions on; not for measuring)"
+    )
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (optimized)")
+};
+
 /// CPU seconds (user + system, every thread) a process has used, plus those of its children
 /// it has waited for (a Redis master's fork), from `/proc/PID/stat` at 100 Hz; `pid` may be
 /// `self`. 0 when the process is gone.

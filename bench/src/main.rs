@@ -56,7 +56,7 @@ impl Target {
 }
 
 #[derive(Parser, Debug, Clone)]
-#[command(about = "Closed-loop write load generator: Canopy core vs etcd")]
+#[command(version = canopy_bench::VERSION, about = "Closed-loop write load generator: Canopy core vs etcd")]
 struct Args {
     /// What to load.
     #[arg(long, value_enum)]

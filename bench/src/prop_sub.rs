@@ -95,7 +95,7 @@ impl Kind {
 }
 
 #[derive(Parser, Debug, Clone)]
-#[command(about = "N subscribers of one system in one process; time each write to the last one")]
+#[command(version = canopy_bench::VERSION, about = "N subscribers of one system in one process; time each write to the last one")]
 struct Args {
     #[arg(long, value_enum)]
     kind: Kind,

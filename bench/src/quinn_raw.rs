@@ -76,7 +76,7 @@ impl Mode {
 }
 
 #[derive(Parser, Debug)]
-#[command(about = "Stream N bytes over one quinn connection on loopback; print the time")]
+#[command(version = canopy_bench::VERSION, about = "Stream N bytes over one quinn connection on loopback; print the time")]
 struct Args {
     /// Bytes to stream, e.g. 50MB, 20MiB, 1000000.
     #[arg(long, default_value = "50MB", value_parser = parse_size)]

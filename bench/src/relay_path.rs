@@ -43,7 +43,7 @@ use canopy::trust::{Sealer, Verifier};
 use canopy::wire::{self, RawFrame, PREFIX_LEN};
 
 #[derive(Parser, Debug)]
-#[command(about = "One relay's receive-apply-forward path on a fixed, seeded input")]
+#[command(version = canopy_bench::VERSION, about = "One relay's receive-apply-forward path on a fixed, seeded input")]
 struct Args {
     /// Size of the file, e.g. 1MB, 50MB.
     #[arg(long, default_value = "1MB", value_parser = canopy::measure::parse_size)]

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use canopy_bench::ReportFiles;
 
 #[derive(Parser, Debug)]
-#[command(about = "Fold loadgen --json rows into a JSON document and a Markdown table")]
+#[command(version = canopy_bench::VERSION, about = "Fold loadgen --json rows into a JSON document and a Markdown table")]
 struct Args {
     #[command(flatten)]
     files: ReportFiles,
