@@ -7,7 +7,10 @@
 //!   that state with the signer's certificate) is written after the file, so a crash in
 //!   between leaves a record that does not match: the copy is then untrusted at start, and
 //!   only its differing chunks are fetched. A copy is trusted only when the seal verifies
-//!   over its recomputed content.
+//!   over its recomputed content. So the record is replaced by a rename but not fsynced of
+//!   its own: it reaches the disk with the filesystem's next commit (at the latest the next
+//!   write of `--file`), and one lost to a power failure costs a fetch of the changed chunks,
+//!   not a journal commit on every write.
 //! - Only a version the node shows (one a core seal covers) is ever written.
 //! - The materializer writes the newest version, at most once per
 //!   `materialize_interval_ms`, however many versions arrive, and after a write of B bytes
@@ -185,7 +188,7 @@ struct Sidecar {
 }
 
 /// Records the version, root, shape and core seal of the file just materialized (temp +
-/// fsync + rename).
+/// rename; no fsync, see the module's invariants).
 fn write_sidecar(
     path: &Path,
     file: &ChunkedFile,
@@ -208,7 +211,6 @@ fn write_sidecar(
         let bytes = serde_json::to_vec(&rec)?;
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&bytes)?;
-        f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
     if written.is_err() {

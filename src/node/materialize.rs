@@ -2,8 +2,9 @@
 //!
 //! Invariants:
 //! - A reader that opens `--file` gets one whole version: every method writes into a file
-//!   that is not `--file` at that moment, fsyncs it, renames a name of it over `--file` and
-//!   fsyncs the directory.
+//!   that is not `--file` at that moment, makes its data durable (`fdatasync`: the bytes
+//!   and what it takes to read them back, not its times, so a copy patched in place costs
+//!   no journal commit), renames a name of it over `--file` and fsyncs the directory.
 //! - A physical file is patched only from a known image of it ([`Image`]): the version
 //!   this materializer last wrote into it, or the copy the node read and hashed at start.
 //!   A file whose content is not known (first write, an earlier failure, a chunk size that
@@ -269,7 +270,7 @@ impl Materializer {
                         (Ok(()), Some(img)) => (patch(&f, img, file)?, false),
                         _ => (write_whole(&f, file)?, true),
                     };
-                    f.sync_all()?;
+                    f.sync_data()?;
                     Ok(written)
                 })?;
                 self.image = Some(Image::of(file));
@@ -280,7 +281,7 @@ impl Materializer {
                 let (bytes, _) = self.replace_via(&tmp, |tmp| {
                     let f = create(tmp)?;
                     let n = write_whole(&f, file)?;
-                    f.sync_all()?;
+                    f.sync_data()?;
                     Ok((n, true))
                 })?;
                 Ok(Outcome::Written { bytes, whole: true })
@@ -333,7 +334,7 @@ impl Materializer {
                 }
                 _ => (write_whole(&f, file)?, true),
             };
-            f.sync_all()?;
+            f.sync_data()?;
             remove_if_present(&link)?;
             std::fs::hard_link(&target_path, &link)?;
             if let Err(e) = std::fs::rename(&link, &self.path) {
