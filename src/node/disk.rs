@@ -8,9 +8,10 @@
 //!   between leaves a record that does not match: the copy is then untrusted at start, and
 //!   only its differing chunks are fetched. A copy is trusted only when the seal verifies
 //!   over its recomputed content. So the record is replaced by a rename but not fsynced of
-//!   its own: it reaches the disk with the filesystem's next commit (at the latest the next
-//!   write of `--file`), and one lost to a power failure costs a fetch of the changed chunks,
-//!   not a journal commit on every write.
+//!   its own: it reaches the disk with its filesystem's next commit (on `--file`'s
+//!   filesystem, the next write's directory fsync), and one lost or torn by a power failure
+//!   costs a fetch of the changed chunks, not a journal commit on every write. It is read
+//!   back only up to [`MAX_SIDECAR`] bytes.
 //! - Only a version the node shows (one a core seal covers) is ever written.
 //! - The materializer writes the newest version, at most once per
 //!   `materialize_interval_ms`, however many versions arrive, and after a write of B bytes
@@ -219,6 +220,24 @@ fn write_sidecar(
     written
 }
 
+/// The record at `path`, if it is there, at most [`MAX_SIDECAR`] bytes (checked before it
+/// is read) and well-formed. An empty or torn one (the record is not fsynced) is `None`.
+fn read_sidecar(path: &Path) -> Option<Sidecar> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).ok()?;
+    if f.metadata().ok()?.len() > MAX_SIDECAR as u64 {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_SIDECAR as u64 + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    if bytes.len() > MAX_SIDECAR {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// A relay's copy found on disk, with the seal and signer its record names (the replica
 /// decides whether to trust it).
 pub(crate) struct LocalCopy {
@@ -236,10 +255,7 @@ pub(crate) fn load_local_copy(cfg: &NodeConfig, path: &Path) -> Option<LocalCopy
         warn!(node = %cfg.name, path = %path.display(), len, max_len = cfg.stream.max_len, "ignoring the local copy: longer than max_len");
         return None;
     }
-    let rec: Option<Sidecar> = std::fs::read(cfg.data.join(SIDECAR))
-        .ok()
-        .filter(|b| b.len() <= MAX_SIDECAR)
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let rec = read_sidecar(&cfg.data.join(SIDECAR));
     let mut reader = std::io::BufReader::with_capacity(1 << 20, &mut f);
     let mut file = ChunkedFile::from_reader(
         cfg.stream.chunk_size,
@@ -273,4 +289,72 @@ pub(crate) fn load_local_copy(cfg: &NodeConfig, path: &Path) -> Option<LocalCopy
         sealed: seal.map(|s| (s, entry)),
         signer,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay_cfg(data: &Path) -> NodeConfig {
+        NodeConfig {
+            name: "r1".into(),
+            advertise: "127.0.0.1:1".parse().unwrap(),
+            data: data.to_path_buf(),
+            file: None,
+            kind: crate::config::NodeKind::Relay {
+                join: vec!["127.0.0.1:2".into()],
+            },
+            stream: Default::default(),
+            overlay: Default::default(),
+            limits: Default::default(),
+            materialize: Default::default(),
+            api_token_file: None,
+            seed: None,
+            zone: None,
+            zone_shares: Vec::new(),
+        }
+    }
+
+    /// The record is not fsynced, so after a power failure it may be missing, empty or
+    /// torn, and one edited by hand may be oversized: each leaves the copy loaded but
+    /// untrusted. A record that matches is taken.
+    #[test]
+    fn a_damaged_record_leaves_the_copy_untrusted_and_a_matching_one_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = relay_cfg(dir.path());
+        let content: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
+        let file = ChunkedFile::from_bytes(cfg.stream.chunk_size, cfg.stream.max_len, &content, 42)
+            .unwrap();
+        let path = dir.path().join("table.bin");
+        std::fs::write(&path, &content).unwrap();
+        let record = cfg.data.join(SIDECAR);
+        let untrusted = |what: &str| {
+            let copy = load_local_copy(&cfg, &path).expect("the copy is loaded");
+            assert_eq!(copy.file.root(), file.root(), "{what}");
+            assert_eq!(copy.file.version(), 0, "{what}: no version taken");
+            assert!(copy.sealed.is_none() && copy.signer.is_none(), "{what}");
+        };
+        untrusted("no record");
+        std::fs::write(&record, b"").unwrap();
+        untrusted("empty record");
+        std::fs::write(&record, b"{\"version\": 42, \"root\": \"ab").unwrap();
+        untrusted("torn record");
+        let mut big = serde_json::to_vec(&Sidecar {
+            version: 42,
+            root: file.root_hex(),
+            length: file.len(),
+            chunk_size: file.chunk_size(),
+            seal: String::new(),
+            seal_entry: String::new(),
+            signer: String::new(),
+        })
+        .unwrap();
+        big.resize(MAX_SIDECAR + 1, b' ');
+        std::fs::write(&record, &big).unwrap();
+        untrusted("record over MAX_SIDECAR");
+        write_sidecar(&record, &file, None, None).unwrap();
+        let copy = load_local_copy(&cfg, &path).expect("the copy is loaded");
+        assert_eq!(copy.file.version(), 42);
+        assert_eq!(copy.file.root(), file.root());
+    }
 }
