@@ -148,6 +148,47 @@ async fn without_reflinks_a_relay_patches_swapped_copies() {
     );
 }
 
+/// The niceness of each of `pid`'s threads named `name` (field 19 of its `stat`).
+fn thread_nice(pid: u32, name: &str) -> Vec<i64> {
+    let mut nices = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let Ok(stat) = std::fs::read_to_string(t.join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if head.split_once(" (").map(|(_, comm)| comm) == Some(name) {
+            nices.push(rest.split_whitespace().nth(16).unwrap().parse().unwrap());
+        }
+    }
+    nices
+}
+
+/// `--file` is written by a thread of its own at `materialize.nice` (19 by default), so a
+/// contended CPU runs the relay's deliveries first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_is_written_by_a_thread_at_the_configured_niceness() {
+    for (config, nice) in [("", 19), ("[materialize]\nnice = 7\n", 7)] {
+        let p = pair(|_| Some(None), config).await.unwrap();
+        let (v, content) = put_random(&p.c, &p.core, 300_000, 5).await;
+        wait_materialized(&p.c, &p.relay, v).await;
+        assert_eq!(std::fs::read(&p.relay.file).unwrap(), content);
+        let pid = p.relay.pid().unwrap();
+        assert_eq!(
+            thread_nice(pid, "canopy-material"),
+            vec![nice],
+            "{config:?}"
+        );
+        let workers = thread_nice(pid, "tokio-rt-worker");
+        assert!(
+            !workers.is_empty() && workers.iter().all(|n| *n == 0),
+            "the relay's runtime stays at the process's niceness: {workers:?}"
+        );
+    }
+}
+
 /// The relay's `file_method` once its API answers.
 async fn file_method(p: &Pair) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

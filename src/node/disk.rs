@@ -13,6 +13,8 @@
 //!   costs a fetch of the changed chunks, not a journal commit on every write. It is read
 //!   back only up to [`MAX_SIDECAR`] bytes.
 //! - Only a version the node shows (one a core seal covers) is ever written.
+//! - `--file` is written on a thread of its own, at `materialize.nice` (19 by default):
+//!   where the CPU is contended, deliveries run before file writes.
 //! - The materializer writes the newest version, at most once per
 //!   `materialize_interval_ms`, however many versions arrive, and after a write of B bytes
 //!   waits at least B / `materialize.max_bytes_per_sec`.
@@ -49,7 +51,74 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest pause between two attempts to write `--file` after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The thread that writes `--file`: one per materializer, at `materialize.nice`, so a node
+/// whose CPU is contended runs its deliveries before its file writes. It ends when the
+/// materializer's loop drops it.
+struct Writer {
+    jobs: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl Writer {
+    fn spawn(node: &str, nice: i32) -> std::io::Result<Self> {
+        let (jobs, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let node = node.to_string();
+        std::thread::Builder::new()
+            .name("canopy-materialize".into())
+            .spawn(move || {
+                if let Err(e) = lower_priority(nice) {
+                    warn!(node = %node, "the --file writer stays at the node's CPU priority (nice {nice} refused: {e})");
+                }
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })?;
+        Ok(Writer { jobs })
+    }
+
+    /// Runs `f` on the writer thread; `None` if the thread is gone (a job panicked).
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .ok()?;
+        rx.await.ok()
+    }
+}
+
+/// Sets the calling thread's niceness (Linux's `setpriority` on a thread id names that
+/// thread alone).
+#[cfg(target_os = "linux")]
+fn lower_priority(nice: i32) -> std::io::Result<()> {
+    if nice == 0 {
+        return Ok(());
+    }
+    // SAFETY: gettid has no preconditions; setpriority only reads its arguments.
+    let r = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority(_nice: i32) -> std::io::Result<()> {
+    Ok(())
+}
+
 pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf, m: Materializer) {
+    let writer = match Writer::spawn(&shared.cfg.name, shared.cfg.materialize.nice) {
+        Ok(w) => w,
+        Err(e) => {
+            error!(node = %shared.cfg.name, "no thread to write {}: {e}; it is not written", path.display());
+            return;
+        }
+    };
     let mut rx = shared.applied.subscribe();
     let interval = Duration::from_millis(shared.cfg.stream.materialize_interval_ms);
     let budget = shared.cfg.materialize.max_bytes_per_sec;
@@ -101,8 +170,8 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf, m: Mate
                     });
                     (mat, r)
                 };
-                let pause = match tokio::task::spawn_blocking(write).await {
-                    Ok((mat, r)) => {
+                let pause = match writer.run(write).await {
+                    Some((mat, r)) => {
                         m = Some(mat);
                         match r {
                             Ok(Outcome::Written { bytes, .. }) => {
@@ -132,8 +201,8 @@ pub(crate) async fn materialize_loop(shared: Arc<Shared>, path: PathBuf, m: Mate
                             }
                         }
                     }
-                    Err(e) => {
-                        error!(node = %shared.cfg.name, "materializer task: {e}; {} is no longer written", path.display());
+                    None => {
+                        error!(node = %shared.cfg.name, "the --file writer thread failed; {} is no longer written", path.display());
                         return;
                     }
                 };

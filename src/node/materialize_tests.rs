@@ -16,6 +16,7 @@ fn cfg(mode: MaterializeMode, copies: u32, grace_ms: u64) -> MaterializeConfig {
         grace_ms,
         copies,
         max_bytes_per_sec: 0,
+        nice: 0,
     }
 }
 
