@@ -7,11 +7,10 @@
 //!   that state with the signer's certificate) is written after the file, so a crash in
 //!   between leaves a record that does not match: the copy is then untrusted at start, and
 //!   only its differing chunks are fetched. A copy is trusted only when the seal verifies
-//!   over its recomputed content. So the record is replaced by a rename but not fsynced of
-//!   its own: it reaches the disk with its filesystem's next commit (on `--file`'s
-//!   filesystem, the next write's directory fsync), and one lost or torn by a power failure
-//!   costs a fetch of the changed chunks, not a journal commit on every write. It is read
-//!   back only up to [`MAX_SIDECAR`] bytes.
+//!   over its recomputed content. So the record is overwritten in place and not fsynced:
+//!   it reaches the disk with the kernel's writeback, and one lost or torn by a crash
+//!   costs a fetch of the changed chunks, not a new inode, a rename and a journal commit
+//!   on every write. It is read back only up to [`MAX_SIDECAR`] bytes.
 //! - Only a version the node shows (one a core seal covers) is ever written.
 //! - `--file` is written on a thread of its own, at `materialize.nice` (19 by default):
 //!   where the CPU is contended, deliveries run before file writes.
@@ -27,7 +26,7 @@
 //!   by `max_len` before anything is read.
 //! - The record is written only after a write that made a new version visible.
 
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -240,6 +239,9 @@ fn next_backoff(backoff: &mut Duration) -> Duration {
 const SIDECAR: &str = "replica.json";
 /// Largest record read back (a seal and a signer certificate in hex are a few KiB).
 const MAX_SIDECAR: usize = 1 << 20;
+/// A record is padded to a multiple of this (a page), so the next one, a few bytes longer
+/// or shorter, is written over the same pages.
+const RECORD_PAD: usize = 4096;
 
 #[derive(Serialize, serde::Deserialize)]
 struct Sidecar {
@@ -257,8 +259,10 @@ struct Sidecar {
     signer: String,
 }
 
-/// Records the version, root, shape and core seal of the file just materialized (temp +
-/// rename; no fsync, see the module's invariants).
+/// Records the version, root, shape and core seal of the file just materialized, over the
+/// last record in place: padded with spaces (which JSON ignores) to whole [`RECORD_PAD`]s
+/// and to the length the record file has, so a write is one `pwrite` into pages it already
+/// has, with no new inode, rename or truncate; no fsync (see the module's invariants).
 fn write_sidecar(
     path: &Path,
     file: &ChunkedFile,
@@ -276,17 +280,25 @@ fn write_sidecar(
             .unwrap_or_default(),
         signer: signer.map_or_else(String::new, hex::encode),
     };
-    let tmp = path.with_extension("json.tmp");
-    let written = (|| {
-        let bytes = serde_json::to_vec(&rec)?;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let mut bytes = serde_json::to_vec(&rec)?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    let had = usize::try_from(f.metadata()?.len()).unwrap_or(usize::MAX);
+    let pages = bytes.len().div_ceil(RECORD_PAD) * RECORD_PAD;
+    let len = if (pages..=MAX_SIDECAR).contains(&had) {
+        had
+    } else {
+        pages
+    };
+    bytes.resize(len, b' ');
+    f.write_all_at(&bytes, 0)?;
+    if had > len {
+        f.set_len(len as u64)?;
     }
-    written
+    Ok(())
 }
 
 /// The record at `path`, if it is there, at most [`MAX_SIDECAR`] bytes (checked before it
@@ -425,5 +437,32 @@ mod tests {
         let copy = load_local_copy(&cfg, &path).expect("the copy is loaded");
         assert_eq!(copy.file.version(), 42);
         assert_eq!(copy.file.root(), file.root());
+        assert_eq!(
+            std::fs::metadata(&record).unwrap().len() as usize,
+            RECORD_PAD
+        );
+        let longer = vec![b'x'; 3 * RECORD_PAD];
+        write_sidecar(&record, &file, None, Some(&Bytes::from(longer))).unwrap();
+        assert_eq!(
+            std::fs::metadata(&record).unwrap().len() as usize,
+            7 * RECORD_PAD,
+            "a longer record grows to whole pages"
+        );
+        write_sidecar(&record, &file, None, None).unwrap();
+        assert_eq!(
+            std::fs::metadata(&record).unwrap().len() as usize,
+            7 * RECORD_PAD,
+            "a shorter one is written over the same pages"
+        );
+        let copy = load_local_copy(&cfg, &path).expect("the copy is loaded");
+        assert_eq!(
+            copy.file.version(),
+            42,
+            "the padded, shorter record is read"
+        );
+        assert!(
+            copy.signer.is_none_or(|s| s.is_empty()),
+            "nothing of the longer record is left"
+        );
     }
 }
