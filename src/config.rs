@@ -419,11 +419,11 @@ pub struct MaterializeConfig {
     /// page-cached 1 GB file takes well under a second. Readers that may take longer hold
     /// `flock(LOCK_SH)` on the file they opened while they read it.
     pub grace_ms: u64,
-    /// swap only: physical copies that take turns (2 to 8). 3: under steady writes
-    /// `--file` is replaced `copies - 1` = 2 times per `grace_ms` (2 s), for 3 files of
-    /// disk space: the two copies out of their grace are written one after the other (at
-    /// least a materialize interval apart, more under `max_bytes_per_sec`), then both wait;
-    /// each change is written once per copy.
+    /// swap only: physical copies that take turns (2 to 8). 3: `--file` is replaced at
+    /// most once every `grace_ms / (copies - 1)` (1 s; and at least a materialize interval
+    /// apart, more under `max_bytes_per_sec`), so under steady writes it trails the newest
+    /// version by at most that, for 3 files of disk space; each change is written once
+    /// per copy.
     pub copies: u32,
     /// Disk bytes per second the materializer may write, on average (0: no limit). After a
     /// write of B bytes the next waits at least B / this. 32 MiB/s: a whole 50 MB

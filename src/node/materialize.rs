@@ -17,6 +17,8 @@
 //!   in place): the image then holds no bytes of that chunk, which the file can go on
 //!   changing in place. A chunk the image knows by chaining values and the new version
 //!   keeps none of (or has resized) is written whole.
+//! - swap: two writes are at least `grace / (copies - 1)` apart, so under steady writes
+//!   `--file` trails the newest version by at most that.
 //! - swap: a copy is written only `grace` after it stopped being `--file`, and only under an
 //!   exclusive `flock` taken without waiting: a reader holding a shared lock on the copy it
 //!   opened defers the write, never sees it torn.
@@ -154,6 +156,14 @@ pub struct Materializer {
     dir: PathBuf,
     method: Method,
     grace: Duration,
+    /// swap: the least time between two writes, `grace / (copies - 1)`: under steady
+    /// writes the copy retired longest ago leaves its grace just as this has passed, so
+    /// `--file` is replaced at an even pace and trails the newest version by at most this,
+    /// where writing each copy as soon as its grace ended gave pairs of writes and then a
+    /// wait of nearly `grace`.
+    spacing: Duration,
+    /// swap: when the last write made a copy `--file`.
+    last_swap: Option<Instant>,
     /// reflink: what `--file` holds, when known.
     image: Option<Image>,
     /// swap: the copies, and which one `--file` is.
@@ -215,6 +225,8 @@ impl Materializer {
             dir: dir.clone(),
             method,
             grace: Duration::from_millis(cfg.grace_ms),
+            spacing: Duration::from_millis(cfg.grace_ms) / cfg.copies.saturating_sub(1).max(1),
+            last_swap: None,
             image: None,
             copies: Vec::new(),
             current: None,
@@ -290,15 +302,17 @@ impl Materializer {
     }
 
     /// How long [`Materializer::write`] would answer [`Outcome::Wait`] at `now` without
-    /// touching the disk: in swap mode, the rest of the grace of the copy it would patch
-    /// next (`None`: it would write now). A driver that asks first spares a trip to a
-    /// blocking thread for nothing.
+    /// touching the disk: in swap mode, until the copy it would patch next is out of its
+    /// grace and the spacing since the last write has passed (`None`: it would write now).
+    /// A driver that asks first spares a trip to the writer thread for nothing.
     pub fn wait_for(&self, now: Instant) -> Option<Duration> {
         if self.method != Method::Swap {
             return None;
         }
         let target = self.swap_target()?;
-        let ready = self.copies[target].retired? + self.grace;
+        let graced = self.copies[target].retired.map(|r| r + self.grace);
+        let spaced = self.last_swap.map(|w| w + self.spacing);
+        let ready = graced.max(spaced)?;
         (now < ready).then(|| ready - now)
     }
 
@@ -354,6 +368,7 @@ impl Materializer {
             self.copies[old].retired = Some(now);
         }
         self.current = Some(target);
+        self.last_swap = Some(now);
         self.copies[target].image = Some(Image::of(file));
         self.copies[target].retired = None;
         drop(f);

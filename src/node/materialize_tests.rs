@@ -179,6 +179,7 @@ fn swap_waits_out_the_grace_and_a_reader_lock() {
     let v3 = write_at(&v2, 20, b"three");
     assert_eq!(m.wait_for(t), None, "nothing written yet");
     written(m.write(t, &v1).unwrap());
+    let t = t + Duration::from_secs(1);
     written(m.write(t, &v2).unwrap());
     assert_eq!(
         m.wait_for(t + Duration::from_millis(400)),
@@ -219,6 +220,42 @@ fn swap_waits_out_the_grace_and_a_reader_lock() {
         v2.to_vec(),
         "copy 1, still in its grace, is untouched"
     );
+}
+
+/// Under steady writes the copies are written `grace / (copies - 1)` apart, not in a pair
+/// as soon as each leaves its grace and then not at all for nearly a grace: `--file`
+/// trails the newest version by at most the spacing. A lone write after a quiet spell is
+/// written at once.
+#[test]
+fn swap_spaces_its_writes_evenly_under_steady_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.bin");
+    let mut m = Materializer::open(&path, &cfg(MaterializeMode::Swap, 3, 2000), None).unwrap();
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    let mut f = file_of(&seeded(100_000), 1);
+    let mut log = Vec::new();
+    for step in 0..40u64 {
+        let now = ms(step * 250);
+        f = write_at(&f, step * 1000, &[step as u8; 10]);
+        if m.wait_for(now).is_none() {
+            written(m.write(now, &f).unwrap());
+            log.push(step * 250);
+        }
+    }
+    assert_eq!(
+        log,
+        [0, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000],
+        "a write every 250 ms, --file replaced every second"
+    );
+    let quiet = ms(9000 + 5000);
+    assert_eq!(m.wait_for(quiet), None, "after a quiet spell: at once");
+    written(m.write(quiet, &f).unwrap());
+    assert_eq!(
+        m.wait_for(quiet + Duration::from_millis(250)),
+        Some(Duration::from_millis(750))
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), f.to_vec());
 }
 
 #[test]
