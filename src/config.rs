@@ -523,6 +523,31 @@ pub struct NodeConfig {
 pub const MAX_ZONE_BYTES: usize = 64;
 
 impl NodeConfig {
+    /// A node with every other setting at its default: no `--file`, no token file, a
+    /// random seed, no zone.
+    pub fn new(
+        name: impl Into<String>,
+        advertise: SocketAddr,
+        data: PathBuf,
+        kind: NodeKind,
+    ) -> Self {
+        NodeConfig {
+            name: name.into(),
+            advertise,
+            data,
+            file: None,
+            kind,
+            stream: StreamConfig::default(),
+            overlay: OverlayConfig::default(),
+            limits: LimitsConfig::default(),
+            materialize: MaterializeConfig::default(),
+            api_token_file: None,
+            seed: None,
+            zone: None,
+            zone_shares: Vec::new(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let ok = !self.name.is_empty()
             && self.name.len() <= 64
@@ -600,23 +625,14 @@ mod tests {
     use super::*;
 
     fn relay() -> NodeConfig {
-        NodeConfig {
-            name: "r1".into(),
-            advertise: "127.0.0.1:1".parse().unwrap(),
-            data: "/tmp/x".into(),
-            file: None,
-            kind: NodeKind::Relay {
+        NodeConfig::new(
+            "r1",
+            "127.0.0.1:1".parse().unwrap(),
+            "/tmp/x".into(),
+            NodeKind::Relay {
                 join: vec!["127.0.0.1:2".into()],
             },
-            stream: StreamConfig::default(),
-            overlay: OverlayConfig::default(),
-            limits: LimitsConfig::default(),
-            materialize: MaterializeConfig::default(),
-            api_token_file: None,
-            seed: None,
-            zone: None,
-            zone_shares: Vec::new(),
-        }
+        )
     }
 
     #[test]

@@ -146,19 +146,8 @@ pub async fn start_local_node(
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let api_addr = api.local_addr()?;
     let cfg = NodeConfig {
-        name: name.to_string(),
-        advertise,
-        data: data.join(name),
-        file: None,
-        kind,
         stream,
-        overlay: Default::default(),
-        limits: Default::default(),
-        materialize: Default::default(),
-        api_token_file: None,
-        seed: None,
-        zone: None,
-        zone_shares: Vec::new(),
+        ..NodeConfig::new(name, advertise, data.join(name), kind)
     };
     let node = Node::start(cfg, std::sync::Arc::new(id), endpoint, api, shutdown).await?;
     Ok(LocalNode {

@@ -377,23 +377,14 @@ mod tests {
     use super::*;
 
     fn relay_cfg(data: &Path) -> NodeConfig {
-        NodeConfig {
-            name: "r1".into(),
-            advertise: "127.0.0.1:1".parse().unwrap(),
-            data: data.to_path_buf(),
-            file: None,
-            kind: crate::config::NodeKind::Relay {
+        NodeConfig::new(
+            "r1",
+            "127.0.0.1:1".parse().unwrap(),
+            data.to_path_buf(),
+            crate::config::NodeKind::Relay {
                 join: vec!["127.0.0.1:2".into()],
             },
-            stream: Default::default(),
-            overlay: Default::default(),
-            limits: Default::default(),
-            materialize: Default::default(),
-            api_token_file: None,
-            seed: None,
-            zone: None,
-            zone_shares: Vec::new(),
-        }
+        )
     }
 
     /// The record is not fsynced, so after a power failure it may be missing, empty or
