@@ -7,8 +7,8 @@
 /// a relay is one process among many on a fleet host, and an idle one should cost that host
 /// nothing. With two workers every packet or timer woke one thread and then the other (the
 /// first hands the ready task over): half of an idle relay's wake-ups and a fifth of its
-/// CPU (docs/benchmarks.md, "Idle relay cost"). Writing `--file` runs on tokio's blocking
-/// threads, which this does not limit.
+/// CPU (docs/benchmarks.md, "Idle relay cost"). Writing `--file` runs on a thread of its own
+/// (`canopy-materialize`, at `materialize.nice`), which this does not limit.
 const DEFAULT_WORKERS: &str = "1";
 
 fn main() -> std::process::ExitCode {
