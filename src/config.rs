@@ -55,6 +55,8 @@ pub enum ConfigError {
     MaterializeCopies(u32),
     #[error("materialize.nice must be 0 to 19, got {0}")]
     MaterializeNice(i32),
+    #[error("udp_buffer_bytes must be at most {max} (256 MiB), got {0}", max = crate::udp::MAX_UDP_BUFFER)]
+    UdpBuffer(u64),
     #[error("a relay needs at least one --join address")]
     NoJoin,
     #[error("raft: {0}")]
@@ -121,6 +123,18 @@ pub struct StreamConfig {
     /// QUIC receive window per stream (bytes). 16 MiB: a 50 MB transfer runs at loopback
     /// speed. With `child_queue_bytes` it bounds what a parent buffers for one slow child.
     pub stream_window_bytes: u64,
+    /// Receive and send buffer asked of the kernel for the node's UDP socket (bytes; 0:
+    /// the kernel's default, 208 KiB on Linux). 2 MiB: with the default, 100 relays joining
+    /// at once with a 20 MB file dropped about 4 400 datagrams per join in full socket
+    /// queues, each a loss QUIC must detect and resend and a cut in the sender's window;
+    /// with 2 MiB a few hundred, and the join took a fifth less time and CPU. 4 MiB dropped
+    /// none but slowed a lone relay's 50 MB bootstrap by a tenth, its datagrams read back
+    /// cold from a deeper queue (docs/benchmarks.md). The memory is used only while
+    /// datagrams queue. Beyond `net.core.rmem_max`/`wmem_max` the kernel grants it only to
+    /// a process with CAP_NET_ADMIN (`deploy/canopy.sysctl` raises those caps); the node
+    /// warns at start when it got less, and `canopy_udp_receive_drops_total` counts the
+    /// drops. At most 256 MiB.
+    pub udp_buffer_bytes: u64,
     /// A parent whose stream carries nothing (no entry, checkpoint or heartbeat) this long
     /// is dead and the child re-attaches (ms). 1500: three heartbeat periods.
     pub parent_timeout_ms: u64,
@@ -175,6 +189,7 @@ impl Default for StreamConfig {
             heartbeat_ms: 500,
             idle_timeout_ms: 2000,
             stream_window_bytes: 16 * 1024 * 1024,
+            udp_buffer_bytes: 2 * 1024 * 1024,
             parent_timeout_ms: 1500,
             materialize_interval_ms: 250,
             chain_seals: true,
@@ -238,6 +253,9 @@ impl StreamConfig {
         if self.fetch_window > MAX_FETCH_WINDOW {
             return Err(ConfigError::FetchWindow(self.fetch_window));
         }
+        if self.udp_buffer_bytes > crate::udp::MAX_UDP_BUFFER {
+            return Err(ConfigError::UdpBuffer(self.udp_buffer_bytes));
+        }
         if (self.max_frame as u64) < self.max_update_bytes + 64 * 1024 {
             return Err(ConfigError::FrameTooSmall {
                 max_frame: self.max_frame,
@@ -299,6 +317,7 @@ impl StreamConfig {
             conn_window: (self.stream_window_bytes * 4).max(8 * 1024 * 1024),
             max_concurrent_bidi: LimitsConfig::default().streams_per_connection,
             immediate_ack: true,
+            udp_buffer: usize::try_from(self.udp_buffer_bytes).unwrap_or(usize::MAX),
         }
     }
 }
@@ -693,6 +712,17 @@ mod tests {
             let mut c = relay();
             c.materialize.nice = nice;
             c.validate().unwrap();
+        }
+        for bytes in [crate::udp::MAX_UDP_BUFFER + 1, u64::MAX] {
+            let mut c = relay();
+            c.stream.udp_buffer_bytes = bytes;
+            assert_eq!(c.validate(), Err(ConfigError::UdpBuffer(bytes)));
+        }
+        for bytes in [0, crate::udp::MAX_UDP_BUFFER] {
+            let mut c = relay();
+            c.stream.udp_buffer_bytes = bytes;
+            c.validate().unwrap();
+            assert_eq!(c.transport().udp_buffer as u64, bytes);
         }
         for bad in ["mode = \"fast\"", "mode = 3", "copies = -1", "grace = 5"] {
             assert!(

@@ -25,6 +25,7 @@ pub mod tool;
 pub mod transfer;
 pub mod transport;
 pub mod trust;
+pub mod udp;
 pub mod update;
 pub mod watch;
 pub mod wire;

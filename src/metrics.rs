@@ -240,6 +240,9 @@ pub struct Live {
     pub materialized_version: Option<u64>,
     /// `(bytes held, bytes in all)` of the transfer being received; `None` when none is.
     pub backfill: Option<(u64, u64)>,
+    /// Datagrams the kernel dropped on their way into this node's UDP socket
+    /// ([`crate::udp::drops`]); `None` when unknown (no series).
+    pub udp_drops: Option<u64>,
 }
 
 /// The families a [`Live`] source reports, with their HELP text.
@@ -320,7 +323,21 @@ fn render_live(out: &mut String, nodes: &[Live]) {
         }
         out.push('\n');
     }
+    let (name, help) = UDP_DROPS;
+    family(out, name, help, "counter");
+    for l in nodes {
+        if let Some(v) = l.udp_drops {
+            let _ = writeln!(out, "{name}{{node=\"{}\"}} {v}", escape(&l.node));
+        }
+    }
+    out.push('\n');
 }
+
+/// The one counter a [`Live`] source reports, read from the kernel at the scrape.
+pub const UDP_DROPS: (&str, &str) = (
+    "canopy_udp_receive_drops_total",
+    "Datagrams the kernel dropped on their way into this node's UDP socket (its receive buffer full): each is a QUIC loss; raise stream.udp_buffer_bytes or the sysctls that cap it.",
+);
 
 /// The process's resource use, read from `/proc/self` (Linux). A value that cannot be
 /// read is left out.
@@ -694,6 +711,7 @@ mod tests {
                 depth: None,
                 materialized_version: None,
                 backfill: None,
+                udp_drops: Some(4),
             })
         }));
         let text = render();
@@ -705,6 +723,11 @@ mod tests {
         assert_eq!(series(&text, "canopy_commit_version", n).len(), 1);
         assert!(series(&text, "canopy_depth", n).is_empty(), "{text}");
         assert!(series(&text, "canopy_materialized_version", n).is_empty());
+        assert_eq!(
+            series(&text, "canopy_udp_receive_drops_total", n),
+            [format!("canopy_udp_receive_drops_total{{node=\"{n}\"}} 4")]
+        );
+        assert!(text.contains("# TYPE canopy_udp_receive_drops_total counter"));
         gone.store(true, std::sync::atomic::Ordering::SeqCst);
         assert!(series(&render(), "canopy_lag_seconds", n).is_empty());
     }

@@ -360,6 +360,9 @@ pub struct TransportConfig {
     /// delivery, against 469-512 and 4.4-4.5 with quinn's default and 452-568 and 3.8-4.6
     /// lazy, in each of 3 rounds; bulk transfers unchanged (session 6).
     pub immediate_ack: bool,
+    /// Receive and send buffer asked of the kernel for the endpoint's UDP socket (bytes; 0:
+    /// the kernel's default). See `stream.udp_buffer_bytes`.
+    pub udp_buffer: usize,
 }
 
 impl Default for TransportConfig {
@@ -371,6 +374,7 @@ impl Default for TransportConfig {
             conn_window: 64 * 1024 * 1024,
             max_concurrent_bidi: 256,
             immediate_ack: true,
+            udp_buffer: 2 * 1024 * 1024,
         }
     }
 }
@@ -606,6 +610,7 @@ pub fn endpoint_from_socket(
     tc: &TransportConfig,
 ) -> Result<quinn::Endpoint, TlsError> {
     let runtime = quinn::default_runtime().ok_or(TlsError::NoRuntime)?;
+    report_buffers(&sock, tc.udp_buffer);
     let mut endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(server_config(id, tc)?),
@@ -615,6 +620,20 @@ pub fn endpoint_from_socket(
     .map_err(TlsError::Endpoint)?;
     endpoint.set_default_client_config(client_config(id, tc)?);
     Ok(endpoint)
+}
+
+/// Sizes the socket's buffers as `tc.udp_buffer` asks and says what the kernel granted: at
+/// debug level, or once per process as a warning when it granted less.
+fn report_buffers(sock: &UdpSocket, asked: usize) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let addr = sock.local_addr().ok();
+    match crate::udp::size_buffers(sock, asked) {
+        Ok(b) => match b.shortfall(asked) {
+            Some(msg) => WARNED.call_once(|| tracing::warn!(?addr, "{msg}")),
+            None => tracing::debug!(?addr, receive = b.receive, send = b.send, "UDP buffers"),
+        },
+        Err(e) => WARNED.call_once(|| tracing::warn!(?addr, "UDP buffers left as they are: {e}")),
+    }
 }
 
 /// When the peer's certificate on an established connection expires (`None` if absent or

@@ -356,6 +356,7 @@ fn expect(title: &str, refid: &str, phase: Phase, s: &[Sample], cx: &Ctx) -> Res
         | ("Proposal failures by reason (per minute)", _)
         | ("Bad chunks by source (per minute)", _)
         | ("Untrusted frames and identity refusals (per minute)", _) => empty(s),
+        ("UDP datagrams dropped by the kernel (per minute), top $topn", _) => none_or(s, pos),
         ("Resyncs by reason (per minute)", _) | ("Re-parents by reason (per minute)", _) => {
             if phase == Killed {
                 if !s.is_empty() && s.iter().all(|x| x.value > 0.0) {
@@ -543,6 +544,7 @@ async fn check_metrics(c: &reqwest::Client, p: &Proc) {
         "process_open_fds",
         "canopy_lag_seconds",
         "canopy_cert_expiry_seconds",
+        "canopy_udp_receive_drops_total",
     ] {
         assert!(
             text.contains(&format!("# TYPE {family} ")),

@@ -240,6 +240,104 @@ fn a_file_path_the_service_user_cannot_write_is_refused() {
     );
 }
 
+/// A relay whose UDP buffers the kernel caps below `stream.udp_buffer_bytes` (an unprivileged
+/// user, over `net.core.rmem_max`) starts anyway and warns once, naming the sysctls and the
+/// counter of the drops. Runs only as root with `setpriv`.
+#[test]
+fn udp_buffers_the_kernel_caps_are_a_warning_that_names_the_fix() {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false);
+    let has_setpriv = Command::new("setpriv").arg("--version").output().is_ok();
+    if !is_root || !has_setpriv {
+        eprintln!("skipped: needs root and setpriv (root: {is_root}, setpriv: {has_setpriv})");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(root);
+    pki.issue("r1", "relay");
+    let open = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(root, 0o755);
+    open(&pki.tls, 0o755);
+    open(&pki.tls.join("r1.key"), 0o644);
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    open(&data, 0o777);
+    let rmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let ask = rmem_max + 1024 * 1024;
+    let config = root.join("relay.toml");
+    std::fs::write(&config, format!("[stream]\nudp_buffer_bytes = {ask}\n")).unwrap();
+    open(&config, 0o644);
+
+    let err = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            RELAY_NODE,
+        ])
+        .args(["--name", "r1", "--join", "127.0.0.1:9", "--listen"])
+        .arg(free_udp().to_string())
+        .arg("--api")
+        .arg(free_tcp().to_string())
+        .arg("--tls")
+        .arg(&pki.tls)
+        .arg("--data")
+        .arg(&data)
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(err.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let log = loop {
+        let log = std::fs::read_to_string(err.path()).unwrap_or_default();
+        if log.contains("udp_buffer_bytes asks for") {
+            break log;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the relay exited ({status}) instead of warning:\n{log}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warning about the UDP buffers within 30 s:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let still_running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(still_running, "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("udp_buffer_bytes asks for"))
+        .unwrap();
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains(&format!("asks for {ask}-byte UDP buffers"))
+            && line.contains(&format!("receive {rmem_max} (net.core.rmem_max)"))
+            && line.contains("canopy_udp_receive_drops_total"),
+        "{line}"
+    );
+    assert_eq!(
+        log.matches("udp_buffer_bytes asks for").count(),
+        1,
+        "warned more than once:\n{log}"
+    );
+}
+
 /// Answers every request with `404 Not Found` (a web server that is not a Canopy node).
 fn not_canopy() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();

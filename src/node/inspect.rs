@@ -155,6 +155,11 @@ pub(crate) fn live(shared: &Shared) -> Live {
         depth,
         materialized_version: shared.materialized.borrow().map(|(v, _)| v),
         backfill: st.replica.backfill_progress(),
+        udp_drops: shared
+            .endpoint
+            .local_addr()
+            .ok()
+            .and_then(crate::udp::drops),
     }
 }
 
