@@ -262,7 +262,9 @@ struct Sidecar {
 /// Records the version, root, shape and core seal of the file just materialized, over the
 /// last record in place: padded with spaces (which JSON ignores) to whole [`RECORD_PAD`]s
 /// and to the length the record file has, so a write is one `pwrite` into pages it already
-/// has, with no new inode, rename or truncate; no fsync (see the module's invariants).
+/// has, with no new inode, rename or truncate; no fsync (see the module's invariants). A
+/// record file more than twice the padded record (a signer's certificate dropped from it,
+/// or one edited by hand) is cut to it, once.
 fn write_sidecar(
     path: &Path,
     file: &ChunkedFile,
@@ -288,7 +290,7 @@ fn write_sidecar(
         .open(path)?;
     let had = usize::try_from(f.metadata()?.len()).unwrap_or(usize::MAX);
     let pages = bytes.len().div_ceil(RECORD_PAD) * RECORD_PAD;
-    let len = if (pages..=MAX_SIDECAR).contains(&had) {
+    let len = if (pages..=pages.saturating_mul(2).min(MAX_SIDECAR)).contains(&had) {
         had
     } else {
         pages
@@ -439,11 +441,18 @@ mod tests {
             7 * RECORD_PAD,
             "a longer record grows to whole pages"
         );
-        write_sidecar(&record, &file, None, None).unwrap();
+        let shorter = vec![b'x'; 3 * RECORD_PAD / 2];
+        write_sidecar(&record, &file, None, Some(&Bytes::from(shorter))).unwrap();
         assert_eq!(
             std::fs::metadata(&record).unwrap().len() as usize,
             7 * RECORD_PAD,
-            "a shorter one is written over the same pages"
+            "a shorter one within half of the pages is written over the same pages"
+        );
+        write_sidecar(&record, &file, None, None).unwrap();
+        assert_eq!(
+            std::fs::metadata(&record).unwrap().len() as usize,
+            RECORD_PAD,
+            "one under half of them cuts the file to its own pages"
         );
         let copy = load_local_copy(&cfg, &path).expect("the copy is loaded");
         assert_eq!(
