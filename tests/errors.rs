@@ -183,10 +183,16 @@ fn node_start_failures_name_the_fix() {
     assert!(e.contains("line 2") && e.contains("deploy/"), "{e}");
 }
 
-/// As an unprivileged user (the `canopy` user of the systemd units), a `--file` in a
-/// directory owned by root is refused at start. Runs only as root with `setpriv`.
-#[test]
-fn a_file_path_the_service_user_cannot_write_is_refused() {
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+}
+
+/// A relay `r1` run as uid 65534, unprivileged like the `canopy` user of the systemd units:
+/// its certificate and a `data` directory it may read and write, under a temp dir it may
+/// read, and the `setpriv … relay-node` command with every flag but the caller's own.
+/// `None`, with a line saying why, unless this runs as root with `setpriv`.
+fn unprivileged_relay() -> Option<(tempfile::TempDir, Command)> {
     let is_root = Command::new("id")
         .arg("-u")
         .output()
@@ -195,26 +201,18 @@ fn a_file_path_the_service_user_cannot_write_is_refused() {
     let has_setpriv = Command::new("setpriv").arg("--version").output().is_ok();
     if !is_root || !has_setpriv {
         eprintln!("skipped: needs root and setpriv (root: {is_root}, setpriv: {has_setpriv})");
-        return;
+        return None;
     }
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let pki = Pki::new(root);
     pki.issue("r1", "relay");
-    let open = |p: &Path, mode: u32| {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
-    };
-    open(root, 0o755);
-    open(&pki.tls, 0o755);
-    open(&pki.tls.join("r1.key"), 0o644);
+    set_mode(root, 0o755);
+    set_mode(&pki.tls, 0o755);
+    set_mode(&pki.tls.join("r1.key"), 0o644);
     let data = root.join("data");
     std::fs::create_dir_all(&data).unwrap();
-    open(&data, 0o777);
-    let root_only = root.join("srv");
-    std::fs::create_dir_all(&root_only).unwrap();
-    open(&root_only, 0o755);
-
+    set_mode(&data, 0o777);
     let mut cmd = Command::new("setpriv");
     cmd.args([
         "--reuid=65534",
@@ -229,9 +227,21 @@ fn a_file_path_the_service_user_cannot_write_is_refused() {
     .arg("--tls")
     .arg(&pki.tls)
     .arg("--data")
-    .arg(&data)
-    .arg("--file")
-    .arg(root_only.join("table.bin"));
+    .arg(&data);
+    Some((dir, cmd))
+}
+
+/// As an unprivileged user (the `canopy` user of the systemd units), a `--file` in a
+/// directory owned by root is refused at start. Runs only as root with `setpriv`.
+#[test]
+fn a_file_path_the_service_user_cannot_write_is_refused() {
+    let Some((dir, mut cmd)) = unprivileged_relay() else {
+        return;
+    };
+    let root_only = dir.path().join("srv");
+    std::fs::create_dir_all(&root_only).unwrap();
+    set_mode(&root_only, 0o755);
+    cmd.arg("--file").arg(root_only.join("table.bin"));
     let (code, e) = one_line_failure(&mut cmd);
     assert_eq!(code, 5, "{e}");
     assert!(
@@ -245,56 +255,21 @@ fn a_file_path_the_service_user_cannot_write_is_refused() {
 /// counter of the drops. Runs only as root with `setpriv`.
 #[test]
 fn udp_buffers_the_kernel_caps_are_a_warning_that_names_the_fix() {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0\n"))
-        .unwrap_or(false);
-    let has_setpriv = Command::new("setpriv").arg("--version").output().is_ok();
-    if !is_root || !has_setpriv {
-        eprintln!("skipped: needs root and setpriv (root: {is_root}, setpriv: {has_setpriv})");
+    let Some((dir, mut cmd)) = unprivileged_relay() else {
         return;
-    }
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let pki = Pki::new(root);
-    pki.issue("r1", "relay");
-    let open = |p: &Path, mode: u32| {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
     };
-    open(root, 0o755);
-    open(&pki.tls, 0o755);
-    open(&pki.tls.join("r1.key"), 0o644);
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    open(&data, 0o777);
     let rmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
         .unwrap()
         .trim()
         .parse()
         .unwrap();
     let ask = rmem_max + 1024 * 1024;
-    let config = root.join("relay.toml");
+    let config = dir.path().join("relay.toml");
     std::fs::write(&config, format!("[stream]\nudp_buffer_bytes = {ask}\n")).unwrap();
-    open(&config, 0o644);
+    set_mode(&config, 0o644);
 
     let err = tempfile::NamedTempFile::new().unwrap();
-    let mut child = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            RELAY_NODE,
-        ])
-        .args(["--name", "r1", "--join", "127.0.0.1:9", "--listen"])
-        .arg(free_udp().to_string())
-        .arg("--api")
-        .arg(free_tcp().to_string())
-        .arg("--tls")
-        .arg(&pki.tls)
-        .arg("--data")
-        .arg(&data)
+    let mut child = cmd
         .arg("--config")
         .arg(&config)
         .stdout(std::process::Stdio::null())
