@@ -247,18 +247,18 @@ async fn conditional_writes_race_exactly_one_wins() {
         .await
         .unwrap();
     assert!(resp.status().is_success());
+    let mut floor = version_root(&c, &cores[0]).await.unwrap().0;
     for round in 0..5 {
-        let v = status(&c, &cores[1]).await.unwrap()["version"]
-            .as_u64()
-            .unwrap();
         wait_until(30, "cores to apply", || async {
-            let mut ok = true;
+            let mut seen = Vec::new();
             for p in &cores {
-                ok &= version_root(&c, p).await.map(|x| x.0) == Some(v);
+                seen.push(version_root(&c, p).await.map(|x| x.0));
             }
-            ok
+            seen.iter().all(|x| *x == seen[0]) && seen[0] >= Some(floor)
         })
         .await;
+        let v = version_root(&c, &cores[1]).await.unwrap().0;
+        floor = v + 1;
         let a = c
             .patch(cores[1].url(&format!("/v1/file?offset=0&if_version={v}")))
             .body(format!("writer A round {round}"))
