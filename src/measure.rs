@@ -1,5 +1,6 @@
 //! What the demo, the benchmarks and the tests measure with: sizes and durations from the
-//! command line, percentiles, Prometheus text, and a node started inside the calling process.
+//! command line, percentiles, Prometheus text, a process's wake-ups, and a node started inside
+//! the calling process.
 //!
 //! Invariants: one definition of each, so a figure means the same in every report; percentiles
 //! are nearest-rank (the smallest sample with at least `q` of the samples at or below it, as
@@ -157,6 +158,23 @@ pub async fn start_local_node(
     })
 }
 
+/// Voluntary context switches of a process: `voluntary_ctxt_switches` of
+/// `/proc/PID/task/*/status`, summed over its live threads (a thread that exited takes its
+/// count with it); `None` when the process is gone.
+pub fn voluntary_switches(pid: impl std::fmt::Display) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+            .filter_map(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .sum(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +225,24 @@ mod tests {
         assert_eq!(metric_sum(text, "y"), 0.0);
         let first = prometheus_samples(text).next().unwrap();
         assert_eq!(first.labels, "peer=\"a b\",k=\"v\"");
+    }
+
+    #[test]
+    fn voluntary_switches_are_read() {
+        // A process that sleeps gives up the CPU: its count grows.
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut seen = voluntary_switches(child.id());
+        while seen.unwrap_or(0) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            seen = voluntary_switches(child.id());
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(seen.unwrap_or(0) > 0, "{seen:?}");
+        assert_eq!(voluntary_switches("no-such-pid"), None);
     }
 }

@@ -44,22 +44,7 @@ pub fn disk_write_bytes(pid: impl std::fmt::Display) -> Option<u64> {
     Some(field("write_bytes")?.saturating_sub(field("cancelled_write_bytes").unwrap_or(0)))
 }
 
-/// Voluntary context switches of a process: `voluntary_ctxt_switches` of
-/// `/proc/PID/task/*/status`, summed over its live threads (a thread that exited takes its
-/// count with it); `None` when the process is gone.
-pub fn voluntary_switches(pid: impl std::fmt::Display) -> Option<u64> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    Some(
-        tasks
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
-            .filter_map(|st| {
-                st.lines()
-                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-            })
-            .sum(),
-    )
-}
+pub use canopy::measure::voluntary_switches;
 
 /// Parses `KEY=VALUE`: VALUE as JSON when it is a JSON number, bool, array or object, else as
 /// a string.
@@ -204,25 +189,6 @@ mod tests {
         let after = disk_write_bytes("self").unwrap();
         assert!(after - before >= 1 << 20, "{before} -> {after}");
         assert_eq!(disk_write_bytes("no-such-pid"), None);
-    }
-
-    #[test]
-    fn voluntary_switches_are_read() {
-        // A process that sleeps gives up the CPU: its count grows.
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let mut seen = voluntary_switches(child.id());
-        while seen.unwrap_or(0) == 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            seen = voluntary_switches(child.id());
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert!(seen.unwrap_or(0) > 0, "{seen:?}");
-        assert_eq!(voluntary_switches("no-such-pid"), None);
     }
 
     #[test]
