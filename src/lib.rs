@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod node;
 pub mod overlay;
 pub mod replica;
+pub mod runtime;
 pub mod tls;
 pub mod tool;
 pub mod transfer;

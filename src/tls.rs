@@ -609,7 +609,8 @@ pub fn endpoint_from_socket(
     id: &Identity,
     tc: &TransportConfig,
 ) -> Result<quinn::Endpoint, TlsError> {
-    let runtime = quinn::default_runtime().ok_or(TlsError::NoRuntime)?;
+    tokio::runtime::Handle::try_current().map_err(|_| TlsError::NoRuntime)?;
+    let runtime = Arc::new(crate::runtime::ExactTimers);
     report_buffers(&sock, tc.udp_buffer);
     let mut endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
