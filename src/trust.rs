@@ -78,9 +78,9 @@ impl Memo {
 /// A signer's public key, parsed once when its certificate is learnt.
 #[derive(Clone)]
 enum PublicKey {
-    /// Checked by ed25519-dalek (`verify_strict`), whose vectorised field arithmetic
-    /// verifies in about half of ring's time on x86-64 with AVX2.
-    Ed25519(ed25519_dalek::VerifyingKey),
+    /// Checked with a table of the key's multiples built when it is learnt
+    /// ([`Ed25519Key`]).
+    Ed25519(Arc<Ed25519Key>),
     /// ECDSA P-256 with SHA-256, checked by ring.
     P256(Arc<[u8]>),
 }
@@ -92,9 +92,7 @@ impl PublicKey {
                 let bytes: &[u8; 32] = key
                     .try_into()
                     .map_err(|_| format!("an Ed25519 key of {} bytes", key.len()))?;
-                ed25519_dalek::VerifyingKey::from_bytes(bytes)
-                    .map(Self::Ed25519)
-                    .map_err(|e| format!("Ed25519 key: {e}"))
+                Ed25519Key::new(bytes).map(|k| Self::Ed25519(Arc::new(k)))
             }
             ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => Ok(Self::P256(key.into())),
             other => Err(format!("unsupported key {other:?}")),
@@ -103,21 +101,78 @@ impl PublicKey {
 
     fn tag_and_bytes(&self) -> (u8, &[u8]) {
         match self {
-            Self::Ed25519(k) => (1, k.as_bytes()),
+            Self::Ed25519(k) => (1, &k.bytes),
             Self::P256(k) => (2, k),
         }
     }
 
     fn check(&self, message: &[u8], signature: &[u8]) -> bool {
         match self {
-            Self::Ed25519(k) => ed25519_dalek::Signature::from_slice(signature)
-                .is_ok_and(|sig| k.verify_strict(message, &sig).is_ok()),
+            Self::Ed25519(k) => k.check(message, signature),
             Self::P256(k) => {
                 ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, k)
                     .verify(message, signature)
                     .is_ok()
             }
         }
+    }
+}
+
+/// An Ed25519 public key `A` with the table that checks its signatures in about 70 % of
+/// ed25519-dalek's `verify_strict` time (25 against 36 µs on this machine's x86-64 with
+/// AVX2): `[k]A` is a fixed-base multiplication by a table of `-A`'s multiples built once
+/// per signer (about 30 KiB), as `[s]B` is by the basepoint's, instead of a variable-base
+/// one per check.
+///
+/// The check is RFC 8032's cofactorless equation, as ed25519-dalek's `verify`: `s` is
+/// canonical (below the group order) and the encoding of `[s]B - [k]A`, with
+/// `k = SHA-512(R || A || M)`, equals the signature's `R` bytes (which a non-canonical `R`
+/// never does). A key of small order is refused when learnt. Unlike `verify_strict`, an
+/// `R` with a small-order component is not refused: with the key's order large, such a
+/// signature can only come from the key's holder (the core), and it is one fixed string,
+/// so the seal links that hash it stay unique.
+struct Ed25519Key {
+    bytes: [u8; 32],
+    neg_a: curve25519_dalek::edwards::EdwardsBasepointTable,
+}
+
+impl Ed25519Key {
+    fn new(bytes: &[u8; 32]) -> Result<Self, String> {
+        use curve25519_dalek::traits::BasepointTable;
+        let a = curve25519_dalek::edwards::CompressedEdwardsY(*bytes)
+            .decompress()
+            .ok_or("Ed25519 key: not a curve point")?;
+        if a.is_small_order() {
+            return Err("Ed25519 key: of small order (a weak key)".into());
+        }
+        Ok(Self {
+            bytes: *bytes,
+            neg_a: curve25519_dalek::edwards::EdwardsBasepointTable::create(&-a),
+        })
+    }
+
+    fn check(&self, message: &[u8], signature: &[u8]) -> bool {
+        use curve25519_dalek::scalar::Scalar;
+        use sha2::Digest;
+        let Ok(signature) = <&[u8; 64]>::try_from(signature) else {
+            return false;
+        };
+        let (r, s) = signature.split_at(32);
+        let Some(s) = s
+            .try_into()
+            .ok()
+            .and_then(|s| Option::<Scalar>::from(Scalar::from_canonical_bytes(s)))
+        else {
+            return false;
+        };
+        let k = Scalar::from_hash(
+            sha2::Sha512::new()
+                .chain_update(r)
+                .chain_update(self.bytes)
+                .chain_update(message),
+        );
+        let expected = curve25519_dalek::constants::ED25519_BASEPOINT_TABLE * &s + &self.neg_a * &k;
+        expected.compress().as_bytes() == r
     }
 }
 
@@ -570,6 +625,82 @@ mod tests {
         let good = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]).verifying_key();
         let k = PublicKey::parse(ED25519, None, good.as_bytes()).expect("a valid key");
         assert_eq!(k.tag_and_bytes(), (1, &good.as_bytes()[..]));
+    }
+
+    fn ed25519_key(seed: u8) -> (ed25519_dalek::SigningKey, Ed25519Key) {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let key = Ed25519Key::new(sk.verifying_key().as_bytes()).expect("a valid key");
+        (sk, key)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_ed25519_table_check_agrees_with_ed25519_dalek(
+            seed in 1u8..=255,
+            message in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            flip in 0usize..(64 + 300) * 8,
+        ) {
+            use ed25519_dalek::{Signer, Verifier as _};
+            let (sk, key) = ed25519_key(seed);
+            let vk = sk.verifying_key();
+            let sig = sk.sign(&message).to_bytes();
+            proptest::prop_assert!(key.check(&message, &sig));
+            // One bit flipped anywhere in the signature or the message.
+            let (mut sig2, mut msg2) = (sig, message.clone());
+            let byte = flip / 8;
+            if byte < 64 {
+                sig2[byte] ^= 1 << (flip % 8);
+            } else if byte - 64 < msg2.len() {
+                msg2[byte - 64] ^= 1 << (flip % 8);
+            } else {
+                msg2.push(0);
+            }
+            let dalek = vk.verify(&msg2, &ed25519_dalek::Signature::from_bytes(&sig2)).is_ok();
+            proptest::prop_assert!(!key.check(&msg2, &sig2));
+            proptest::prop_assert_eq!(key.check(&msg2, &sig2), dalek);
+        }
+    }
+
+    #[test]
+    fn the_ed25519_table_check_refuses_what_ed25519_dalek_refuses() {
+        use ed25519_dalek::Signer;
+        let (sk, key) = ed25519_key(7);
+        let sig = sk.sign(b"m").to_bytes();
+        assert!(key.check(b"m", &sig));
+        assert!(!key.check(b"m", &sig[..63]), "a short signature");
+        assert!(!key.check(b"", &[]));
+        // s + l: the same point equation, but a non-canonical scalar.
+        // The group order l = 2^252 + 27742317777372353535851937790883648493, little-endian.
+        let mut l = [0u8; 32];
+        l[..16].copy_from_slice(&[
+            0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9,
+            0xde, 0x14,
+        ]);
+        l[31] = 0x10;
+        let mut big = sig;
+        let mut carry = 0u16;
+        for i in 0..32 {
+            let v = u16::from(big[32 + i]) + u16::from(l[i]) + carry;
+            big[32 + i] = v as u8;
+            carry = v >> 8;
+        }
+        assert!(!key.check(b"m", &big), "s + l accepted");
+        // Another signer's key.
+        let (_, other) = ed25519_key(8);
+        assert!(!other.check(b"m", &sig));
+        // A key of small order (the identity) and bytes that are no point.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert!(Ed25519Key::new(&identity).is_err_and(|e| e.contains("small order")));
+        let not_a_point = (0u8..=255)
+            .map(|b| [b; 32])
+            .find(|b| {
+                curve25519_dalek::edwards::CompressedEdwardsY(*b)
+                    .decompress()
+                    .is_none()
+            })
+            .expect("some byte string is no point");
+        assert!(Ed25519Key::new(&not_a_point).is_err_and(|e| e.contains("not a curve point")));
     }
 
     fn identities(dir: &std::path::Path) -> (Identity, Identity, Identity) {
