@@ -57,6 +57,8 @@ pub enum ConfigError {
     MaterializeNice(i32),
     #[error("udp_buffer_bytes must be at most {max} (256 MiB), got {0}", max = crate::udp::MAX_UDP_BUFFER)]
     UdpBuffer(u64),
+    #[error("max_udp_payload_bytes must be {min} to {max}, got {0}", min = crate::tls::MIN_UDP_PAYLOAD, max = crate::tls::MAX_UDP_PAYLOAD)]
+    UdpPayload(u16),
     #[error("a relay needs at least one --join address")]
     NoJoin,
     #[error("raft: {0}")]
@@ -135,6 +137,15 @@ pub struct StreamConfig {
     /// warns at start when it got less, and `canopy_udp_receive_drops_total` counts the
     /// drops. At most 256 MiB.
     pub udp_buffer_bytes: u64,
+    /// Largest UDP payload QUIC may use on a path (bytes), found per connection by MTU
+    /// discovery (RFC 8899): probes go up from 1200 towards this, and a path that drops them
+    /// stays at what it carried. 8952: a 9000-byte jumbo frame less the IPv6 and UDP headers,
+    /// what datacenter networks with jumbo frames carry; a 1500-byte network settles at
+    /// about 1452 after a few lost probes. Bulk transfers then take a sixth of the packets
+    /// (each one sealed, sent, received, opened and acknowledged on its own), and loopback,
+    /// whose MTU is 64 KiB, gets the same. 1200 to 65507 (the largest IPv4 UDP payload);
+    /// 1452 is quinn's own bound; 1200 turns discovery off.
+    pub max_udp_payload_bytes: u16,
     /// A parent whose stream carries nothing (no entry, checkpoint or heartbeat) this long
     /// is dead and the child re-attaches (ms). 1500: three heartbeat periods.
     pub parent_timeout_ms: u64,
@@ -190,6 +201,7 @@ impl Default for StreamConfig {
             idle_timeout_ms: 2000,
             stream_window_bytes: 16 * 1024 * 1024,
             udp_buffer_bytes: 2 * 1024 * 1024,
+            max_udp_payload_bytes: crate::tls::DEFAULT_MAX_UDP_PAYLOAD,
             parent_timeout_ms: 1500,
             materialize_interval_ms: 250,
             chain_seals: true,
@@ -256,6 +268,11 @@ impl StreamConfig {
         if self.udp_buffer_bytes > crate::udp::MAX_UDP_BUFFER {
             return Err(ConfigError::UdpBuffer(self.udp_buffer_bytes));
         }
+        if !(crate::tls::MIN_UDP_PAYLOAD..=crate::tls::MAX_UDP_PAYLOAD)
+            .contains(&self.max_udp_payload_bytes)
+        {
+            return Err(ConfigError::UdpPayload(self.max_udp_payload_bytes));
+        }
         if (self.max_frame as u64) < self.max_update_bytes + 64 * 1024 {
             return Err(ConfigError::FrameTooSmall {
                 max_frame: self.max_frame,
@@ -318,6 +335,7 @@ impl StreamConfig {
             max_concurrent_bidi: LimitsConfig::default().streams_per_connection,
             immediate_ack: true,
             udp_buffer: usize::try_from(self.udp_buffer_bytes).unwrap_or(usize::MAX),
+            max_udp_payload: self.max_udp_payload_bytes,
         }
     }
 }
@@ -723,6 +741,17 @@ mod tests {
             c.stream.udp_buffer_bytes = bytes;
             c.validate().unwrap();
             assert_eq!(c.transport().udp_buffer as u64, bytes);
+        }
+        for bytes in [0, 1199, crate::tls::MAX_UDP_PAYLOAD + 1, u16::MAX] {
+            let mut c = relay();
+            c.stream.max_udp_payload_bytes = bytes;
+            assert_eq!(c.validate(), Err(ConfigError::UdpPayload(bytes)));
+        }
+        for bytes in [1200, 1452, 8952, crate::tls::MAX_UDP_PAYLOAD] {
+            let mut c = relay();
+            c.stream.max_udp_payload_bytes = bytes;
+            c.validate().unwrap();
+            assert_eq!(c.transport().max_udp_payload, bytes);
         }
         for bad in ["mode = \"fast\"", "mode = 3", "copies = -1", "grace = 5"] {
             assert!(

@@ -363,7 +363,20 @@ pub struct TransportConfig {
     /// Receive and send buffer asked of the kernel for the endpoint's UDP socket (bytes; 0:
     /// the kernel's default). See `stream.udp_buffer_bytes`.
     pub udp_buffer: usize,
+    /// Upper bound of MTU discovery: the largest UDP payload this endpoint sends on a path
+    /// that carries it, and accepts (bytes, [`MIN_UDP_PAYLOAD`] to [`MAX_UDP_PAYLOAD`]). See
+    /// `stream.max_udp_payload_bytes`.
+    pub max_udp_payload: u16,
 }
+
+/// Default [`TransportConfig::max_udp_payload`]: a 9000-byte jumbo frame less the IPv6 (40)
+/// and UDP (8) headers.
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 8952;
+/// The smallest UDP payload QUIC allows (RFC 9000 section 14); at this bound MTU discovery
+/// is off.
+pub const MIN_UDP_PAYLOAD: u16 = 1200;
+/// The largest UDP payload of an IPv4 datagram (65535 less the IPv4 and UDP headers).
+pub const MAX_UDP_PAYLOAD: u16 = 65507;
 
 impl Default for TransportConfig {
     fn default() -> Self {
@@ -375,6 +388,7 @@ impl Default for TransportConfig {
             max_concurrent_bidi: 256,
             immediate_ack: true,
             udp_buffer: 2 * 1024 * 1024,
+            max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
         }
     }
 }
@@ -389,6 +403,14 @@ impl TransportConfig {
             .receive_window(clamp(self.conn_window))
             .send_window(self.conn_window)
             .max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_concurrent_bidi));
+        let payload = self.max_udp_payload.clamp(MIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD);
+        if payload > MIN_UDP_PAYLOAD {
+            let mut mtud = quinn::MtuDiscoveryConfig::default();
+            mtud.upper_bound(payload);
+            t.mtu_discovery_config(Some(mtud));
+        } else {
+            t.mtu_discovery_config(None);
+        }
         if self.immediate_ack {
             let mut ack = quinn::AckFrequencyConfig::default();
             ack.ack_eliciting_threshold(quinn::VarInt::from_u32(0));
@@ -610,15 +632,16 @@ pub fn endpoint_from_socket(
     tc: &TransportConfig,
 ) -> Result<quinn::Endpoint, TlsError> {
     tokio::runtime::Handle::try_current().map_err(|_| TlsError::NoRuntime)?;
-    let runtime = Arc::new(crate::runtime::ExactTimers);
+    let payload = tc.max_udp_payload.clamp(MIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD);
+    let runtime = Arc::new(crate::runtime::ExactTimers::new(payload));
     report_buffers(&sock, tc.udp_buffer);
-    let mut endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server_config(id, tc)?),
-        sock,
-        runtime,
-    )
-    .map_err(TlsError::Endpoint)?;
+    let mut ec = quinn::EndpointConfig::default();
+    // Accepting at least quinn's default keeps peers with a smaller bound interoperable.
+    ec.max_udp_payload_size(payload.max(1472)).map_err(|e| {
+        TlsError::Endpoint(io::Error::other(format!("max_udp_payload {payload}: {e}")))
+    })?;
+    let mut endpoint = quinn::Endpoint::new(ec, Some(server_config(id, tc)?), sock, runtime)
+        .map_err(TlsError::Endpoint)?;
     endpoint.set_default_client_config(client_config(id, tc)?);
     Ok(endpoint)
 }
@@ -882,6 +905,73 @@ mod tests {
             Some(("relay_7".to_string(), Role::Relay))
         );
         client.wait_idle().await;
+    }
+
+    /// Streams `bytes` from a client to a server built with `tc` on loopback and returns the
+    /// client connection's path statistics once the server has read everything.
+    async fn stream_over_loopback(tc: &TransportConfig, bytes: usize) -> quinn::PathStats {
+        let c = cluster();
+        let server_id = c.identity("core-1", Role::Core);
+        let client_id = c.identity("relay-1", Role::Relay);
+        let bind = || UdpSocket::bind("127.0.0.1:0").unwrap();
+        let server = endpoint_from_socket(bind(), &server_id, tc).unwrap();
+        let client = endpoint_from_socket(bind(), &client_id, tc).unwrap();
+        let server_addr = addr(&server);
+        let read = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let mut recv = conn.accept_uni().await.unwrap();
+            let got = recv.read_to_end(usize::MAX).await.unwrap();
+            conn.close(0u32.into(), b"done");
+            got.len()
+        });
+        let conn = client
+            .connect(server_addr, SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        let mut send = conn.open_uni().await.unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            send.write_all(&chunk[..n]).await.unwrap();
+            left -= n;
+        }
+        send.finish().unwrap();
+        assert_eq!(read.await.unwrap(), bytes, "the server read every byte");
+        let path = conn.stats().path;
+        conn.close(0u32.into(), b"done");
+        client.wait_idle().await;
+        path
+    }
+
+    /// Loopback carries 64 KiB datagrams, so MTU discovery climbs to the configured bound,
+    /// and the segmentation-offload batches of that size still fit one UDP send: had a batch
+    /// exceeded 64 KiB, the kernel would refuse every full batch and most packets of a bulk
+    /// transfer would count as lost.
+    #[tokio::test]
+    async fn bulk_transfers_use_jumbo_datagrams_where_the_path_carries_them() {
+        let tc = TransportConfig::default();
+        assert_eq!(tc.max_udp_payload, DEFAULT_MAX_UDP_PAYLOAD);
+        let path = stream_over_loopback(&tc, 16 * 1024 * 1024).await;
+        assert_eq!(
+            path.current_mtu, DEFAULT_MAX_UDP_PAYLOAD,
+            "MTU discovery reaches the bound on loopback: {path:?}"
+        );
+        assert!(
+            path.lost_packets * 10 < path.sent_packets,
+            "a tenth or more of the packets were lost: {path:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_smallest_payload_bound_turns_mtu_discovery_off() {
+        let tc = TransportConfig {
+            max_udp_payload: MIN_UDP_PAYLOAD,
+            ..TransportConfig::default()
+        };
+        let path = stream_over_loopback(&tc, 1024 * 1024).await;
+        assert_eq!(path.current_mtu, MIN_UDP_PAYLOAD, "{path:?}");
     }
 
     /// Every pairing of key kinds (CA, server, client) completes a mutual-TLS handshake, and
