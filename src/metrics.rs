@@ -143,6 +143,7 @@ const DESCRIBED: &[(&str, &str)] = &[
     ("canopy_overlay_messages_total", "Messages of the tree's control plane this node sent, by kind (the simulator's counts: sample_request, sample_answer, attach_request, attach_answer, detach, path_update, child_report)."),
     ("canopy_samples_total", "Samples this node asked of peers for its view, each over a connection closed after."),
     ("canopy_parent_link_datagrams", "UDP datagrams on the current parent link as of its last heartbeat, by direction (sent, received)."),
+    ("canopy_parent_link_mtu_bytes", "Largest UDP payload the current parent link carries, as MTU discovery found it (at most stream.max_udp_payload_bytes), as of its last heartbeat."),
     ("canopy_reparents_total", "Changes of parent, by reason (join, parent_lost, rebalance)."),
     ("canopy_resyncs_total", "Resubscriptions of this node's upstream, by reason."),
     ("canopy_untrusted_frames_total", "Frames or signer certificates refused for lack of a valid core signature, by reason."),
@@ -505,6 +506,8 @@ pub struct NodeMetrics {
     pub parent_link_sent: Gauge,
     /// UDP datagrams received on the current parent link, as of its last heartbeat.
     pub parent_link_received: Gauge,
+    /// The parent link's UDP payload bound found by MTU discovery, as of its last heartbeat.
+    pub parent_link_mtu: Gauge,
     node: String,
 }
 
@@ -578,6 +581,7 @@ impl NodeMetrics {
                 "node" => n.clone(),
                 "dir" => "received"
             ),
+            parent_link_mtu: metrics::gauge!("canopy_parent_link_mtu_bytes", &l),
             node: n,
         }
     }

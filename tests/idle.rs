@@ -34,6 +34,7 @@ struct Counts {
     heartbeats_received: f64,
     link_sent: f64,
     link_received: f64,
+    link_mtu: f64,
     reparents: f64,
     samples: f64,
     served: f64,
@@ -55,6 +56,7 @@ async fn counts(c: &reqwest::Client, p: &Proc) -> Counts {
         heartbeats_received: v("canopy_heartbeats_received_total"),
         link_sent: labelled(&m, "canopy_parent_link_datagrams", "dir=\"sent\""),
         link_received: labelled(&m, "canopy_parent_link_datagrams", "dir=\"received\""),
+        link_mtu: v("canopy_parent_link_mtu_bytes"),
         reparents: canopy::measure::metric_sum(&m, "canopy_reparents_total"),
         samples: v("canopy_samples_total"),
         served: v("canopy_connections_served"),
@@ -162,6 +164,12 @@ async fn an_idle_tree_sends_heartbeats_and_nothing_else() {
             assert!(
                 received <= 1.5 * beats + 4.0,
                 "{} received {received} datagrams from its parent for {beats} heartbeats",
+                r.name
+            );
+            assert_eq!(
+                b.link_mtu,
+                f64::from(canopy::tls::DEFAULT_MAX_UDP_PAYLOAD),
+                "{}'s parent link did not find loopback's jumbo datagrams",
                 r.name
             );
         }

@@ -469,6 +469,10 @@ async fn follow_frame(
             .metrics
             .parent_link_received
             .set(udp.udp_rx.datagrams as f64);
+        shared
+            .metrics
+            .parent_link_mtu
+            .set(f64::from(udp.path.current_mtu));
     }
     match apply_frame(shared, clock, frame)? {
         Fed::Begin => *transfer = Transfer::start(shared, &link.addr, &link.conn),
