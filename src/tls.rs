@@ -394,6 +394,11 @@ impl Default for TransportConfig {
 }
 
 impl TransportConfig {
+    /// [`TransportConfig::max_udp_payload`] within what QUIC and IPv4 allow.
+    fn udp_payload(&self) -> u16 {
+        self.max_udp_payload.clamp(MIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD)
+    }
+
     fn to_quinn(&self) -> Arc<quinn::TransportConfig> {
         let clamp = |v: u64| quinn::VarInt::from_u64(v).unwrap_or(quinn::VarInt::MAX);
         let mut t = quinn::TransportConfig::default();
@@ -403,7 +408,7 @@ impl TransportConfig {
             .receive_window(clamp(self.conn_window))
             .send_window(self.conn_window)
             .max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_concurrent_bidi));
-        let payload = self.max_udp_payload.clamp(MIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD);
+        let payload = self.udp_payload();
         if payload > MIN_UDP_PAYLOAD {
             let mut mtud = quinn::MtuDiscoveryConfig::default();
             mtud.upper_bound(payload);
@@ -632,7 +637,7 @@ pub fn endpoint_from_socket(
     tc: &TransportConfig,
 ) -> Result<quinn::Endpoint, TlsError> {
     tokio::runtime::Handle::try_current().map_err(|_| TlsError::NoRuntime)?;
-    let payload = tc.max_udp_payload.clamp(MIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD);
+    let payload = tc.udp_payload();
     let runtime = Arc::new(crate::runtime::ExactTimers::new(payload));
     report_buffers(&sock, tc.udp_buffer);
     let mut ec = quinn::EndpointConfig::default();

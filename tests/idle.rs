@@ -171,8 +171,7 @@ async fn an_idle_tree_sends_heartbeats_and_nothing_else() {
                 r.name
             );
             assert_eq!(
-                b.link_mtu,
-                f64::from(canopy::tls::DEFAULT_MAX_UDP_PAYLOAD),
+                b.link_mtu, jumbo,
                 "{}'s parent link did not find loopback's jumbo datagrams",
                 r.name
             );
