@@ -26,7 +26,8 @@ use super::error::NodeError;
 use super::inspect::MAX_TREE_DEPTH;
 use super::shared::{now_us, Shared, UpstreamCommand};
 
-/// Ticks never come closer together than this, whatever the overlay's deadline says.
+/// Ticks never come closer together than this, whatever the overlay's deadline says. The
+/// first tick is not held back by it: a node starting with a peer to join acts at once.
 const MIN_TICK: Duration = Duration::from_millis(10);
 
 /// Converts between the overlay's and the wire's peer descriptions.
@@ -174,12 +175,12 @@ pub(crate) async fn run(
     mut outputs: mpsc::UnboundedReceiver<Output>,
     cmds: mpsc::UnboundedSender<UpstreamCommand>,
 ) {
-    let mut last_tick = tokio::time::Instant::now();
+    let mut last_tick: Option<tokio::time::Instant> = None;
     loop {
         let deadline = {
             let cell = shared.overlay.lock();
             let at = cell.start + Duration::from_millis(cell.overlay.poll_timeout());
-            tokio::time::Instant::from_std(at).max(last_tick + MIN_TICK)
+            next_tick(tokio::time::Instant::from_std(at), last_tick)
         };
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -189,11 +190,20 @@ pub(crate) async fn run(
             },
             _ = shared.overlay_wake.notified() => {}
             _ = tokio::time::sleep_until(deadline) => {
-                last_tick = tokio::time::Instant::now();
+                last_tick = Some(tokio::time::Instant::now());
                 input(&shared, Input::Tick);
             }
         }
     }
+}
+
+/// When to tick next: at the overlay's deadline `at`, but no sooner than [`MIN_TICK`] after
+/// the last tick, if there was one.
+fn next_tick(
+    at: tokio::time::Instant,
+    last_tick: Option<tokio::time::Instant>,
+) -> tokio::time::Instant {
+    last_tick.map_or(at, |t| at.max(t + MIN_TICK))
 }
 
 fn carry_out(shared: &Arc<Shared>, out: Output, cmds: &mpsc::UnboundedSender<UpstreamCommand>) {
@@ -273,6 +283,18 @@ async fn request_sample(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node starting with a peer to join (a deadline already due) ticks at once; after
+    /// that, ticks are at least `MIN_TICK` apart, and a later deadline is kept.
+    #[test]
+    fn the_first_tick_is_not_held_back_and_later_ones_are_spaced() {
+        let t0 = tokio::time::Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(next_tick(t0, None), t0);
+        assert_eq!(next_tick(t0 + ms(3), None), t0 + ms(3));
+        assert_eq!(next_tick(t0, Some(t0)), t0 + MIN_TICK);
+        assert_eq!(next_tick(t0 + ms(500), Some(t0)), t0 + ms(500));
+    }
 
     /// What peers declare about the tree is bounded before the overlay sees it: zones longer
     /// than `MAX_ZONE_BYTES` (or empty) count as none, heights and rooms are clamped to
