@@ -14,6 +14,7 @@ pub mod dedup;
 pub mod demo;
 pub mod fetch;
 pub mod file;
+pub mod fixed_base;
 pub mod measure;
 pub mod merkle;
 pub mod metrics;

@@ -92,7 +92,7 @@ impl PublicKey {
                 let bytes: &[u8; 32] = key
                     .try_into()
                     .map_err(|_| format!("an Ed25519 key of {} bytes", key.len()))?;
-                Ed25519Key::new(bytes).map(|k| Self::Ed25519(Arc::new(k)))
+                Ed25519Key::shared(bytes).map(Self::Ed25519)
             }
             ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => Ok(Self::P256(key.into())),
             other => Err(format!("unsupported key {other:?}")),
@@ -118,11 +118,13 @@ impl PublicKey {
     }
 }
 
-/// An Ed25519 public key `A` with the table that checks its signatures in about 70 % of
-/// ed25519-dalek's `verify_strict` time (25 against 36 µs on this machine's x86-64 with
-/// AVX2): `[k]A` is a fixed-base multiplication by a table of `-A`'s multiples built once
-/// per signer (about 30 KiB), as `[s]B` is by the basepoint's, instead of a variable-base
-/// one per check.
+/// An Ed25519 public key `A` with the table that checks its signatures: `[k]A` is a
+/// fixed-base multiplication by a table of `-A`'s multiples built once per signer and
+/// process ([`crate::fixed_base`], 640 KiB, about 1.3 ms), as `[s]B` is by the basepoint's,
+/// instead of a variable-base one per check. The values are all public, so the tables are
+/// read in variable time: 0.56 of curve25519-dalek's constant-time tables' time with cold
+/// caches, which were themselves 70 % of ed25519-dalek's `verify_strict` (25 against 36 µs
+/// on this machine's x86-64 with AVX2).
 ///
 /// The check is RFC 8032's cofactorless equation, as ed25519-dalek's `verify`: `s` is
 /// canonical (below the group order) and the encoding of `[s]B - [k]A`, with
@@ -133,12 +135,34 @@ impl PublicKey {
 /// so the seal links that hash it stay unique.
 struct Ed25519Key {
     bytes: [u8; 32],
-    neg_a: curve25519_dalek::edwards::EdwardsBasepointTable,
+    neg_a: crate::fixed_base::Table,
 }
 
+/// The basepoint's table for [`Ed25519Key::check`], built on first use (640 KiB).
+static BASEPOINT: std::sync::LazyLock<crate::fixed_base::Table> = std::sync::LazyLock::new(|| {
+    crate::fixed_base::Table::new(&curve25519_dalek::constants::ED25519_BASEPOINT_POINT)
+});
+
+/// The Ed25519 keys that some node of this process knows, by their bytes: every node of a
+/// process (`canopy demo`, tests) shares one table per signer.
+static ED25519_KEYS: parking_lot::Mutex<BTreeMap<[u8; 32], std::sync::Weak<Ed25519Key>>> =
+    parking_lot::Mutex::new(BTreeMap::new());
+
 impl Ed25519Key {
+    /// The key of `bytes`, with its table: the one another node of the process holds, or a
+    /// new one.
+    fn shared(bytes: &[u8; 32]) -> Result<Arc<Self>, String> {
+        let mut keys = ED25519_KEYS.lock();
+        if let Some(key) = keys.get(bytes).and_then(std::sync::Weak::upgrade) {
+            return Ok(key);
+        }
+        keys.retain(|_, key| key.strong_count() > 0);
+        let key = Arc::new(Self::new(bytes)?);
+        keys.insert(*bytes, Arc::downgrade(&key));
+        Ok(key)
+    }
+
     fn new(bytes: &[u8; 32]) -> Result<Self, String> {
-        use curve25519_dalek::traits::BasepointTable;
         let a = curve25519_dalek::edwards::CompressedEdwardsY(*bytes)
             .decompress()
             .ok_or("Ed25519 key: not a curve point")?;
@@ -147,7 +171,7 @@ impl Ed25519Key {
         }
         Ok(Self {
             bytes: *bytes,
-            neg_a: curve25519_dalek::edwards::EdwardsBasepointTable::create(&-a),
+            neg_a: crate::fixed_base::Table::new(&-a),
         })
     }
 
@@ -171,7 +195,7 @@ impl Ed25519Key {
                 .chain_update(self.bytes)
                 .chain_update(message),
         );
-        let expected = curve25519_dalek::constants::ED25519_BASEPOINT_TABLE * &s + &self.neg_a * &k;
+        let expected = self.neg_a.mul_add(BASEPOINT.mul(&s), &k);
         expected.compress().as_bytes() == r
     }
 }
@@ -659,6 +683,25 @@ mod tests {
             proptest::prop_assert!(!key.check(&msg2, &sig2));
             proptest::prop_assert_eq!(key.check(&msg2, &sig2), dalek);
         }
+    }
+
+    #[test]
+    fn the_nodes_of_a_process_share_a_signers_table_until_the_last_lets_go() {
+        let bytes = ed25519_dalek::SigningKey::from_bytes(&[201u8; 32])
+            .verifying_key()
+            .to_bytes();
+        let a = Ed25519Key::shared(&bytes).expect("a valid key");
+        let b = Ed25519Key::shared(&bytes).expect("a valid key");
+        assert!(Arc::ptr_eq(&a, &b));
+        let gone = Arc::downgrade(&a);
+        drop((a, b));
+        assert!(gone.upgrade().is_none());
+        let c = Ed25519Key::shared(&bytes).expect("a valid key");
+        assert!(ED25519_KEYS
+            .lock()
+            .get(&bytes)
+            .and_then(std::sync::Weak::upgrade)
+            .is_some_and(|k| Arc::ptr_eq(&k, &c)));
     }
 
     #[test]
