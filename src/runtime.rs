@@ -36,8 +36,8 @@ use tokio::io::Interest;
 use tokio::time::Sleep;
 
 /// [`TokioRuntime`] with [`ExactTimer`]s, whose sockets send segmentation-offload batches
-/// that fit one UDP datagram and end a read at a short batch ([`Socket`]). Must be used inside a tokio runtime with
-/// time enabled, as `TokioRuntime` must.
+/// that fit one UDP datagram and end a read at a short batch ([`Socket`]). Must be used
+/// inside a tokio runtime with time enabled, as `TokioRuntime` must.
 #[derive(Debug, Clone, Copy)]
 pub struct ExactTimers {
     max_udp_payload: u16,

@@ -122,7 +122,7 @@ impl PublicKey {
 /// fixed-base multiplication by a table of `-A`'s multiples built once per signer and
 /// process ([`crate::fixed_base`], 640 KiB, about 1.3 ms), as `[s]B` is by the basepoint's,
 /// instead of a variable-base one per check. The values are all public, so the tables are
-/// read in variable time: 0.56 of curve25519-dalek's constant-time tables' time with cold
+/// read in variable time: about 0.55 of curve25519-dalek's constant-time tables' time with cold
 /// caches, which were themselves 70 % of ed25519-dalek's `verify_strict` (25 against 36 µs
 /// on this machine's x86-64 with AVX2).
 ///
@@ -142,6 +142,21 @@ struct Ed25519Key {
 static BASEPOINT: std::sync::LazyLock<crate::fixed_base::Table> = std::sync::LazyLock::new(|| {
     crate::fixed_base::Table::new(&curve25519_dalek::constants::ED25519_BASEPOINT_POINT)
 });
+
+/// Builds [`BASEPOINT`] on a thread of its own, once per process: the first seal check of a
+/// node comes on its join's path, a few milliseconds after it starts, and would otherwise
+/// wait the 1.3 ms the table takes. A check that comes first waits for the build in
+/// progress; if the thread cannot start, the first check builds the table.
+fn prebuild_basepoint() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let _ = std::thread::Builder::new()
+            .name("ed25519-table".into())
+            .spawn(|| {
+                std::sync::LazyLock::force(&BASEPOINT);
+            });
+    });
+}
 
 /// The Ed25519 keys that some node of this process knows, by their bytes: every node of a
 /// process (`canopy demo`, tests) shares one table per signer.
@@ -480,8 +495,10 @@ impl std::fmt::Debug for Verifier {
 }
 
 impl Verifier {
-    /// A verifier for the cluster of `id`, knowing no signer yet.
+    /// A verifier for the cluster of `id`, knowing no signer yet. Starts building the
+    /// basepoint's table, once per process, on a thread of its own.
     pub fn new(id: Arc<Identity>) -> Self {
+        prebuild_basepoint();
         Self {
             id,
             signers: BTreeMap::new(),
