@@ -315,3 +315,71 @@ async fn a_core_member_with_a_full_disk_stops_instead_of_acknowledging() {
         }
     }
 }
+
+/// A core member that cannot reach the leader skips it only for a while: cut off from the
+/// leader (both directions, at a UDP proxy) while the leader keeps its quorum through the
+/// third member, a follower's forward of a write fails; once the link is back and the leader
+/// still leads, the follower forwards to it again and the write commits. (Skipping the leader
+/// for the rest of the proposal's 10 s wait, as before, failed the write with "not the
+/// leader" though the leader was alive and reachable again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_forwards_to_the_leader_again_once_the_link_is_back() {
+    use canopy_chaos::proxy::{LinkRule, Proxy};
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::with(root, &[("c1", "core"), ("c2", "core"), ("c3", "core")]);
+    let backend: Vec<_> = (0..3).map(|_| free_udp()).collect();
+    let proxy = Proxy::start(backend.clone(), 1).await.unwrap();
+    let fronts: Vec<String> = (0..3).map(|i| proxy.front(i).to_string()).collect();
+    let mut peers = Vec::new();
+    for (i, f) in fronts.iter().enumerate() {
+        peers.push("--peer".to_string());
+        peers.push(format!("c{}={f}", i + 1));
+    }
+    let cores: Vec<Proc> = (0..3)
+        .map(|i| {
+            let mut extra = vec!["--init", "--advertise", &fronts[i]];
+            extra.extend(peers.iter().map(String::as_str));
+            Proc::start_at(root, &pki, &format!("c{}", i + 1), true, backend[i], &extra)
+        })
+        .collect();
+    let c = http();
+    let l = leader_index(&c, &cores).await;
+    let v = patch(&c, &cores[l], 0, b"before the cut".to_vec())
+        .await
+        .expect("a write through the leader");
+    let f = (l + 1) % 3;
+    let leader_name = cores[l].name.clone();
+    wait_until(30, "the follower to follow the leader", || async {
+        status(&c, &cores[f]).await.is_some_and(|s| {
+            s["core"]["leader"] == leader_name.as_str() && s["version"].as_u64() >= Some(v)
+        })
+    })
+    .await;
+    proxy.set(1, vec![(f, l), (l, f)], LinkRule::blocked());
+    let write = {
+        let (c, api) = (c.clone(), cores[f].api);
+        tokio::spawn(async move { patch_api(&c, api, 0, b"through the follower".to_vec()).await })
+    };
+    wait_until(
+        30,
+        "the follower's forward to the leader to fail",
+        || async {
+            cores[f]
+                .log_text()
+                .contains("proposal not confirmed by the core")
+        },
+    )
+    .await;
+    proxy.clear(1);
+    let version = write.await.unwrap();
+    assert!(
+        version.is_some(),
+        "the write through the follower failed; {}'s log:\n{}",
+        cores[f].name,
+        cores[f].log_text()
+    );
+    let body = file_of(&c, &cores[l]).await;
+    assert_eq!(&body[..20], b"through the follower");
+}

@@ -22,6 +22,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
+use crate::config::NodeKind;
 use crate::consensus::{ConsensusError, Core, Member};
 use crate::file::{ApplyOutcome, Precondition, Update};
 use crate::proto::{self, propose_reply, request};
@@ -147,6 +148,10 @@ fn failure_label(e: &NodeError) -> &'static str {
 
 /// A core node commits directly when it leads, and otherwise forwards to the leader it
 /// knows (waiting for an election if there is none); a relay forwards to a core node.
+///
+/// A leader that could not be reached is skipped for one maximal election timeout (the time
+/// in which the others replace a dead leader), then tried again if it still leads: a
+/// connection lost once does not rule out, for the rest of the wait, a leader that is alive.
 pub(crate) async fn propose_hops(
     shared: &Arc<Shared>,
     proposal: proto::Proposal,
@@ -156,17 +161,24 @@ pub(crate) async fn propose_hops(
         return Ok(forward_proposal(shared, proposal, hops, None).await?);
     };
     let me = &shared.cfg.name;
+    let skip_for = match &shared.cfg.kind {
+        NodeKind::Core { raft, .. } => Duration::from_millis(raft.election_timeout_max_ms),
+        NodeKind::Relay { .. } => Duration::ZERO,
+    };
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
-    // Leaders this proposal failed to reach: their hints are not followed again; the next
-    // leader is waited for instead.
-    let mut dead: Vec<String> = Vec::new();
+    let mut unreachable = Unreachable::default();
     loop {
         match core_propose(shared, proposal.clone()).await? {
             Err(ConsensusError::NotLeader { leader }) => {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let now = tokio::time::Instant::now();
+                let left = deadline.saturating_duration_since(now);
+                let skipped = unreachable.skipped(now);
                 let leader = match leader {
-                    Some(l) if l.name != *me && !dead.contains(&l.name) => Some(l),
-                    _ => core.wait_for_leader_except(&dead, left).await.ok(),
+                    Some(l) if l.name != *me && !skipped.contains(&l.name) => Some(l),
+                    _ => {
+                        let wait = unreachable.until_retry(now).unwrap_or(left).min(left);
+                        core.wait_for_leader_except(&skipped, wait).await.ok()
+                    }
                 };
                 match leader {
                     Some(l) if l.name != *me && hops < MAX_HOPS => {
@@ -185,7 +197,8 @@ pub(crate) async fn propose_hops(
                                 if e.is_retryable() && tokio::time::Instant::now() < deadline =>
                             {
                                 // The same id again is safe: every member deduplicates it.
-                                dead.push(l.name.clone());
+                                unreachable
+                                    .add(l.name.clone(), tokio::time::Instant::now() + skip_for);
                             }
                             other => return Ok(other?),
                         }
@@ -199,6 +212,32 @@ pub(crate) async fn propose_hops(
             }
             other => return Ok(other?),
         }
+    }
+}
+
+/// Leaders a proposal failed to reach, each skipped until its instant.
+#[derive(Debug, Default)]
+struct Unreachable(Vec<(String, tokio::time::Instant)>);
+
+impl Unreachable {
+    /// Skip `name` until `until`.
+    fn add(&mut self, name: String, until: tokio::time::Instant) {
+        self.0.retain(|(n, _)| *n != name);
+        self.0.push((name, until));
+    }
+
+    /// The names still skipped at `now`.
+    fn skipped(&mut self, now: tokio::time::Instant) -> Vec<String> {
+        self.0.retain(|(_, until)| now < *until);
+        self.0.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// How long from `now` until the first skipped name may be tried again.
+    fn until_retry(&self, now: tokio::time::Instant) -> Option<Duration> {
+        self.0
+            .iter()
+            .map(|(_, until)| until.saturating_duration_since(now))
+            .min()
     }
 }
 
