@@ -349,37 +349,68 @@ async fn a_follower_forwards_to_the_leader_again_once_the_link_is_back() {
     let v = patch(&c, &cores[l], 0, b"before the cut".to_vec())
         .await
         .expect("a write through the leader");
-    let f = (l + 1) % 3;
-    let leader_name = cores[l].name.clone();
-    wait_until(30, "the follower to follow the leader", || async {
-        status(&c, &cores[f]).await.is_some_and(|s| {
-            s["core"]["leader"] == leader_name.as_str() && s["version"].as_u64() >= Some(v)
-        })
-    })
-    .await;
+    // A follower that has applied the write and names as leader a member that says it leads
+    // (the leader found above may have been replaced meanwhile).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (l, f) = 'found: loop {
+        for (f, p) in cores.iter().enumerate() {
+            let Some(s) = status(&c, p).await else {
+                continue;
+            };
+            let Some(l) = cores
+                .iter()
+                .position(|q| s["core"]["leader"] == q.name.as_str())
+            else {
+                continue;
+            };
+            if l != f
+                && s["version"].as_u64() >= Some(v)
+                && status(&c, &cores[l])
+                    .await
+                    .is_some_and(|s| s["role"] == "leader")
+            {
+                break 'found (l, f);
+            }
+        }
+        assert!(Instant::now() < deadline, "no follower of a leader");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
     proxy.set(1, vec![(f, l), (l, f)], LinkRule::blocked());
     let write = {
         let (c, api) = (c.clone(), cores[f].api);
         tokio::spawn(async move { patch_api(&c, api, 0, b"through the follower".to_vec()).await })
     };
+    // (Or the write finished: under load the leader may have changed and the follower
+    // reached the new one.)
     wait_until(
-        30,
+        60,
         "the follower's forward to the leader to fail",
         || async {
-            cores[f]
-                .log_text()
-                .contains("proposal not confirmed by the core")
+            write.is_finished()
+                || cores[f]
+                    .log_text()
+                    .contains("proposal not confirmed by the core")
         },
     )
     .await;
     proxy.clear(1);
-    let version = write.await.unwrap();
-    assert!(
-        version.is_some(),
-        "the write through the follower failed; {}'s log:\n{}",
-        cores[f].name,
-        cores[f].log_text()
-    );
-    let body = file_of(&c, &cores[l]).await;
-    assert_eq!(&body[..20], b"through the follower");
+    let version = write.await.unwrap().unwrap_or_else(|| {
+        panic!(
+            "the write through the follower failed; {}'s log:\n{}",
+            cores[f].name,
+            cores[f].log_text()
+        )
+    });
+    for p in &cores {
+        wait_until(60, "every member to apply the write", || async {
+            status(&c, p).await.and_then(|s| s["version"].as_u64()) >= Some(version)
+        })
+        .await;
+        assert_eq!(
+            &file_of(&c, p).await[..20],
+            b"through the follower",
+            "{}",
+            p.name
+        );
+    }
 }
