@@ -606,3 +606,29 @@ async fn commit_batch(shared: &Shared, core: &Core, mut batch: Vec<QueuedProposa
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Unreachable;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    #[test]
+    fn an_unreachable_leader_is_skipped_until_its_instant_and_then_tried_again() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut u = Unreachable::default();
+        assert_eq!(u.skipped(t0), Vec::<String>::new());
+        assert_eq!(u.until_retry(t0), None);
+        u.add("c1".into(), t0 + s);
+        u.add("c2".into(), t0 + 2 * s);
+        assert_eq!(u.skipped(t0), vec!["c1".to_string(), "c2".to_string()]);
+        assert_eq!(u.until_retry(t0), Some(s));
+        assert_eq!(u.skipped(t0 + s), vec!["c2".to_string()]);
+        assert_eq!(u.until_retry(t0 + s), Some(s));
+        u.add("c2".into(), t0 + 3 * s);
+        assert_eq!(u.skipped(t0 + 2 * s), vec!["c2".to_string()]);
+        assert_eq!(u.skipped(t0 + 3 * s), Vec::<String>::new());
+        assert_eq!(u.until_retry(t0 + 3 * s), None);
+    }
+}
