@@ -62,20 +62,8 @@ impl Load {
                     let mut target = w as usize;
                     while !stop.load(Ordering::Relaxed) {
                         let api = apis[target % apis.len()];
-                        let off = i as usize * WRITE;
-                        let r = client
-                            .patch(format!("http://{api}/v1/file?offset={off}"))
-                            .body(payload(i))
-                            .send()
-                            .await;
-                        let version = match r {
-                            Ok(resp) if resp.status().is_success() => resp
-                                .json::<serde_json::Value>()
-                                .await
-                                .ok()
-                                .and_then(|v| v["version"].as_u64()),
-                            _ => None,
-                        };
+                        let off = i * WRITE as u64;
+                        let version = patch_api(&client, api, off, payload(i)).await;
                         match version {
                             Some(version) => {
                                 let at = Instant::now();

@@ -868,6 +868,11 @@ impl Core {
         }
     }
 
+    /// The longest election timeout: within it the other members replace a leader that died.
+    pub fn election_timeout_max(&self) -> Duration {
+        self.timing.election_max
+    }
+
     /// The known leader, if any.
     pub fn leader(&self) -> Option<Member> {
         let id = self.raft.metrics().borrow().current_leader?;

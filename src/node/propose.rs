@@ -22,7 +22,6 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use crate::config::NodeKind;
 use crate::consensus::{ConsensusError, Core, Member};
 use crate::file::{ApplyOutcome, Precondition, Update};
 use crate::proto::{self, propose_reply, request};
@@ -161,10 +160,7 @@ pub(crate) async fn propose_hops(
         return Ok(forward_proposal(shared, proposal, hops, None).await?);
     };
     let me = &shared.cfg.name;
-    let skip_for = match &shared.cfg.kind {
-        NodeKind::Core { raft, .. } => Duration::from_millis(raft.election_timeout_max_ms),
-        NodeKind::Relay { .. } => Duration::ZERO,
-    };
+    let skip_for = core.election_timeout_max();
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
     let mut unreachable = Unreachable::default();
     loop {
