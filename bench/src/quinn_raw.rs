@@ -24,6 +24,12 @@
 //!   the file built, the root verified, installed): Canopy's whole receive path minus the node
 //!   runtime (locks, metrics, API, separate processes, materializing).
 //!
+//! The `keep-*` rungs send raw bytes and weigh how a client could keep them as 64 KiB chunks:
+//! `keep-copy` copies each chunk into a buffer of its own and hashes it (as a relay does);
+//! `keep-rope` keeps quinn's received buffers as the chunk's pieces and hashes them piece by
+//! piece; `keep-rope-scratch` hashes a reused scratch copy instead; `keep-rope-no-hash` does
+//! not hash (docs/benchmarks.md, "A chunk as quinn's buffers").
+//!
 //! Prints one JSON object per round on stdout with `--json` (a summary on stderr).
 
 use std::net::{SocketAddr, UdpSocket};
@@ -63,14 +69,33 @@ enum Mode {
     Frames,
     /// Frames fed to a real child Replica (verify, build, install).
     Replica,
+    /// Raw bytes; the client copies each 64 KiB chunk into a buffer of its own, hashes it and
+    /// keeps it: what a relay does with a chunk (`read_raw`, `leaf_hash`), without the frames.
+    KeepCopy,
+    /// Raw bytes; the client keeps quinn's received buffers as each 64 KiB chunk's bytes (a
+    /// chunk as a list of pieces, no copy) and hashes them piece by piece.
+    KeepRope,
+    /// As `keep-rope`, but each chunk is hashed from a reused 64 KiB scratch copy.
+    KeepRopeScratch,
+    /// As `keep-rope`, with no hashing: what keeping quinn's buffers costs.
+    KeepRopeNoHash,
 }
 
 impl Mode {
+    /// Whether the server sends raw bytes (no Canopy frames).
+    fn raw_payload(self) -> bool {
+        !matches!(self, Mode::Frames | Mode::Replica)
+    }
+
     fn label(self) -> &'static str {
         match self {
             Mode::Raw => "raw",
             Mode::Frames => "+ canopy frames",
             Mode::Replica => "+ canopy frames + replica verify/build",
+            Mode::KeepCopy => "raw + copy, hash, keep per chunk",
+            Mode::KeepRope => "raw + keep quinn's pieces per chunk, hash them piece by piece",
+            Mode::KeepRopeScratch => "raw + keep quinn's pieces per chunk, hash a scratch copy",
+            Mode::KeepRopeNoHash => "raw + keep quinn's pieces per chunk, no hash",
         }
     }
 }
@@ -183,8 +208,8 @@ async fn one_round(
             .context("server endpoint closed")?
             .await?;
         let mut send = conn.open_uni().await?;
-        match (mode, file) {
-            (Mode::Raw, _) | (_, None) => {
+        match file.filter(|_| !mode.raw_payload()) {
+            None => {
                 let mut off = 0;
                 while off < payload.len() {
                     let end = (off + chunk).min(payload.len());
@@ -192,7 +217,7 @@ async fn one_round(
                     off = end;
                 }
             }
-            (_, Some(file)) => {
+            Some(file) => {
                 // What serve_child writes for a full transfer.
                 let ok = wire::encode(&proto::Downstream {
                     kind: Some(Down::SubscribeOk(proto::SubscribeOk {
@@ -233,6 +258,78 @@ async fn one_round(
                 }
                 received += c.bytes.len() as u64;
             }
+        }
+        Mode::KeepCopy => {
+            let cs = 64 * 1024;
+            let mut kept: Vec<(Bytes, [u8; 32])> = Vec::new();
+            let mut cur = bytes::BytesMut::with_capacity(cs);
+            while let Some(c) = recv.read_chunk(usize::MAX, true).await? {
+                if first_byte.is_none() {
+                    first_byte = Some(start.elapsed());
+                }
+                received += c.bytes.len() as u64;
+                let mut b = c.bytes;
+                while !b.is_empty() {
+                    let take = (cs - cur.len()).min(b.len());
+                    cur.extend_from_slice(&b.split_to(take));
+                    if cur.len() == cs {
+                        let full = std::mem::replace(&mut cur, bytes::BytesMut::with_capacity(cs))
+                            .freeze();
+                        let h = *blake3::hash(&full).as_bytes();
+                        kept.push((full, h));
+                    }
+                }
+            }
+            if !cur.is_empty() {
+                let full = cur.freeze();
+                let h = *blake3::hash(&full).as_bytes();
+                kept.push((full, h));
+            }
+            std::hint::black_box(&kept);
+        }
+        Mode::KeepRope | Mode::KeepRopeScratch | Mode::KeepRopeNoHash => {
+            let cs = 64 * 1024;
+            let mut kept: Vec<(Vec<Bytes>, [u8; 32])> = Vec::new();
+            let mut cur: Vec<Bytes> = Vec::new();
+            let mut cur_len = 0;
+            let mut hasher = blake3::Hasher::new();
+            let mut scratch: Vec<u8> = Vec::with_capacity(cs);
+            let mut finish =
+                |cur: Vec<Bytes>, hasher: &mut blake3::Hasher, scratch: &mut Vec<u8>| {
+                    if args.mode == Mode::KeepRopeScratch {
+                        hasher.update(scratch);
+                        scratch.clear();
+                    }
+                    kept.push((cur, *hasher.finalize().as_bytes()));
+                    hasher.reset();
+                };
+            while let Some(c) = recv.read_chunk(usize::MAX, true).await? {
+                if first_byte.is_none() {
+                    first_byte = Some(start.elapsed());
+                }
+                received += c.bytes.len() as u64;
+                let mut b = c.bytes;
+                while !b.is_empty() {
+                    let piece = b.split_to((cs - cur_len).min(b.len()));
+                    match args.mode {
+                        Mode::KeepRope => {
+                            hasher.update(&piece);
+                        }
+                        Mode::KeepRopeScratch => scratch.extend_from_slice(&piece),
+                        _ => {}
+                    }
+                    cur_len += piece.len();
+                    cur.push(piece);
+                    if cur_len == cs {
+                        finish(std::mem::take(&mut cur), &mut hasher, &mut scratch);
+                        cur_len = 0;
+                    }
+                }
+            }
+            if cur_len > 0 {
+                finish(cur, &mut hasher, &mut scratch);
+            }
+            std::hint::black_box(&kept);
         }
         Mode::Frames | Mode::Replica => {
             let max = StreamConfig::default().max_frame;
@@ -308,7 +405,7 @@ fn main() -> anyhow::Result<()> {
     let mut buf = vec![0u8; args.size as usize];
     ChaCha8Rng::seed_from_u64(1).fill_bytes(&mut buf);
     let file = match args.mode {
-        Mode::Raw => None,
+        m if m.raw_payload() => None,
         _ => {
             let cfg = StreamConfig::default();
             Some(ChunkedFile::from_bytes(
@@ -353,7 +450,7 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 json!({
-                    "scenario": if args.mode == Mode::Raw { "single" } else { "ladder" },
+                    "scenario": if matches!(args.mode, Mode::Raw) { "single" } else { "ladder" },
                     "system": "quinn-raw",
                     "variant": match (args.mode, args.transport) {
                         (Mode::Raw, Transport::Canopy) => "canopy transport config".to_string(),
