@@ -215,6 +215,24 @@ impl Ed25519Key {
     }
 }
 
+/// A relay's Ed25519 seal check on its own ([`Ed25519Key`]: the signer's table, no memo),
+/// for comparing it with a reference outside this crate (the `ed25519` fuzz target).
+#[doc(hidden)]
+pub struct Ed25519Check(Arc<Ed25519Key>);
+
+impl Ed25519Check {
+    /// The check for the key `bytes`, sharing its table as nodes do; `Err` for what a node
+    /// refuses to learn (no curve point, or a key of small order).
+    pub fn new(bytes: &[u8; 32]) -> Result<Self, String> {
+        Ed25519Key::shared(bytes).map(Self)
+    }
+
+    /// Whether `signature` is a valid Ed25519 signature of `message` under this key.
+    pub fn check(&self, message: &[u8], signature: &[u8]) -> bool {
+        self.0.check(message, signature)
+    }
+}
+
 /// What the memo remembers a check by.
 fn memo_key(key: &PublicKey, message: &[u8], signature: &[u8]) -> Hash {
     let (tag, key_bytes) = key.tag_and_bytes();
