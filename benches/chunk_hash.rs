@@ -1,7 +1,8 @@
-//! What hashing a transfer's 64 KiB chunk costs, by how its bytes are held: contiguous (as
-//! `ChunkedFile` keeps a chunk), as quinn's received pieces fed to BLAKE3 one by one, or as
-//! those pieces copied into a reused scratch buffer first. `cargo bench --bench chunk_hash`
-//! (criterion); docs/benchmarks.md, "A chunk as quinn's buffers".
+//! What hashing one 64 KiB chunk costs, by how its bytes are held.
+//!
+//! Contiguous (as `ChunkedFile` keeps a chunk), as quinn's received pieces fed to BLAKE3 one
+//! by one, or as those pieces copied into a reused scratch buffer first. `cargo bench --bench
+//! chunk_hash` (criterion); docs/benchmarks.md, "A chunk as quinn's buffers".
 
 use bytes::Bytes;
 use canopy::file::leaf_hash;
