@@ -221,10 +221,12 @@ impl Ed25519Key {
 pub struct Ed25519Check(Arc<Ed25519Key>);
 
 impl Ed25519Check {
-    /// The check for the key `bytes`, sharing its table as nodes do; `Err` for what a node
-    /// refuses to learn (no curve point, or a key of small order).
-    pub fn new(bytes: &[u8; 32]) -> Result<Self, String> {
-        Ed25519Key::shared(bytes).map(Self)
+    /// The check for the key `bytes`, sharing its table as nodes do; `BadCert` for what a
+    /// node refuses to learn (no curve point, or a key of small order).
+    pub fn new(bytes: &[u8; 32]) -> Result<Self, TrustError> {
+        Ed25519Key::shared(bytes)
+            .map(Self)
+            .map_err(TrustError::BadCert)
     }
 
     /// Whether `signature` is a valid Ed25519 signature of `message` under this key.

@@ -1,9 +1,11 @@
-//! The relay's own Ed25519 seal check against the references: `fixed_base::Table` against
-//! curve25519-dalek's multiplications for any scalar and points with and without a torsion
-//! part, and `trust::Ed25519Check` against ed25519-dalek's `verify` (the same cofactorless
-//! equation) for genuine signatures changed anywhere, arbitrary signatures and arbitrary keys.
-//! Any disagreement is a crash: a check that accepts what dalek refuses would let a relay
-//! show a forged version.
+//! Differential target: the relay's own Ed25519 seal check against the dalek references.
+//!
+//! `fixed_base::Table` is compared with curve25519-dalek's multiplications for any scalar and
+//! for points with and without a torsion part; `trust::Ed25519Check` with ed25519-dalek's
+//! `verify` (the same cofactorless equation) for genuine signatures changed anywhere,
+//! arbitrary signatures, arbitrary keys, and valid signatures whose `R` carries a torsion
+//! point under a mixed-order key. Any disagreement is a crash: a check that accepts what dalek
+//! refuses would let a relay show a forged version.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -15,13 +17,15 @@ use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
 use curve25519_dalek::scalar::Scalar;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use libfuzzer_sys::fuzz_target;
+use sha2::{Digest, Sha512};
 
 /// Signers with known secrets, by seed.
 const SEEDS: [u8; 4] = [1, 7, 0x80, 0xff];
 
 struct Fixed {
-    /// The points tables are built for: B, each signer's -A, and a signer's A plus a point
-    /// of order 8 (a mixed-order key: it verifies, though no honest signer has it).
+    /// The points tables are built for: B, each signer's -A, and the first signer's A plus
+    /// the torsion point `EIGHT_TORSION[1]` (a mixed-order key: no honest signer has it, but
+    /// the cofactorless equation accepts some signatures under it).
     points: Vec<(EdwardsPoint, Table)>,
     signers: Vec<(SigningKey, Ed25519Check)>,
     mixed: (VerifyingKey, Ed25519Check),
@@ -79,7 +83,7 @@ fuzz_target!(|data: &[u8]| {
     let f = fixed();
     let mut data = data;
     let [mode, pick] = take::<2>(&mut data);
-    match mode % 4 {
+    match mode % 5 {
         // [s]P and acc + [s]P for any reduced scalar, against dalek's own multiplications.
         0 => {
             let s = Scalar::from_bytes_mod_order(take::<32>(&mut data));
@@ -125,6 +129,35 @@ fuzz_target!(|data: &[u8]| {
                 "arbitrary signature bytes",
             );
             agree(check.check(message, &sig[..63]), false, "a short signature");
+        }
+        // Under the mixed-order key A + T: R = [r]B + T' with T' of order dividing 8, and
+        // s = r + k a, which the equation accepts when [k]T = -T' (one nonce in 8).
+        3 => {
+            let a = f.signers[0].0.to_scalar();
+            let (vk, check) = (&f.mixed.0, &f.mixed.1);
+            let torsion = EIGHT_TORSION[usize::from(pick) % 8];
+            let r0 = Scalar::from_bytes_mod_order(take::<32>(&mut data));
+            let message = data;
+            for i in 0u64..64 {
+                let r = r0 + Scalar::from(i);
+                let big_r = (EdwardsPoint::mul_base(&r) + torsion).compress().to_bytes();
+                let k = Scalar::from_hash(
+                    Sha512::new()
+                        .chain_update(big_r)
+                        .chain_update(vk.as_bytes())
+                        .chain_update(message),
+                );
+                if EIGHT_TORSION[1] * k != -torsion {
+                    continue;
+                }
+                let mut sig = [0u8; 64];
+                sig[..32].copy_from_slice(&big_r);
+                sig[32..].copy_from_slice((r + k * a).as_bytes());
+                let dalek = vk.verify(message, &Signature::from_bytes(&sig)).is_ok();
+                assert!(dalek, "dalek refused [r]B + T' with [k]T = -T'");
+                agree(check.check(message, &sig), dalek, "R with a torsion part");
+                return;
+            }
         }
         // Arbitrary key bytes: what a node learns, and a check under it.
         _ => {
