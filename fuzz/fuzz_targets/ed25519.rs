@@ -2,10 +2,10 @@
 //!
 //! `fixed_base::Table` is compared with curve25519-dalek's multiplications for any scalar and
 //! for points with and without a torsion part; `trust::Ed25519Check` with ed25519-dalek's
-//! `verify` (the same cofactorless equation) for genuine signatures changed anywhere,
-//! arbitrary signatures, arbitrary keys, and valid signatures whose `R` carries a torsion
-//! point under a mixed-order key. Any disagreement is a crash: a check that accepts what dalek
-//! refuses would let a relay show a forged version.
+//! `verify` (the same cofactorless equation) for genuine signatures changed anywhere or with
+//! `s` raised by the group order, arbitrary signatures, arbitrary keys, and valid signatures
+//! whose `R` carries a torsion point under a mixed-order key. Any disagreement is a crash: a
+//! check that accepts what dalek refuses would let a relay show a forged version.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -72,6 +72,28 @@ fn take<const N: usize>(data: &mut &[u8]) -> [u8; N] {
     out
 }
 
+/// The group order l = 2^252 + 27742317777372353535851937790883648493, little-endian.
+const ORDER: [u8; 32] = [
+    0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde, 0x14,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+
+/// `s += l` as 256-bit integers; false (and `s` unchanged) when the sum does not fit.
+fn add_order(s: &mut [u8]) -> bool {
+    let mut sum = [0u8; 32];
+    let mut carry = 0u16;
+    for (i, out) in sum.iter_mut().enumerate() {
+        let v = u16::from(s[i]) + u16::from(ORDER[i]) + carry;
+        *out = v as u8;
+        carry = v >> 8;
+    }
+    if carry != 0 {
+        return false;
+    }
+    s.copy_from_slice(&sum);
+    true
+}
+
 fn agree(ours: bool, dalek: bool, what: &str) {
     assert_eq!(
         ours, dalek,
@@ -95,7 +117,9 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(table.mul(&s), EdwardsPoint::mul_base(&s), "[s]B");
             }
         }
-        // A genuine signature, then any bytes of it XORed with the input's mask.
+        // A genuine signature, then any bytes of it XORed with the input's mask, and `s`
+        // raised by the group order up to `pick / 16` times while it fits in 256 bits (the
+        // same point equation, a non-canonical scalar).
         1 => {
             let (sk, check) = &f.signers[usize::from(pick) % f.signers.len()];
             let mask = take::<64>(&mut data);
@@ -104,13 +128,20 @@ fuzz_target!(|data: &[u8]| {
             for (b, m) in sig.iter_mut().zip(mask) {
                 *b ^= m;
             }
+            let raised = (0..pick / 16)
+                .take_while(|_| add_order(&mut sig[32..]))
+                .count();
             let dalek = sk
                 .verifying_key()
                 .verify(message, &Signature::from_bytes(&sig))
                 .is_ok();
             agree(check.check(message, &sig), dalek, "a changed signature");
             if mask == [0; 64] {
-                assert!(dalek, "dalek refused its own signature");
+                assert_eq!(
+                    dalek,
+                    raised == 0,
+                    "dalek on its own signature, s + {raised} l"
+                );
             }
         }
         // Arbitrary signature bytes, under a signer's key or the mixed-order one.
