@@ -148,6 +148,39 @@ struct Round {
     received: u64,
 }
 
+/// Bytes per chunk that the keep-* rungs cut the stream into (Canopy's default chunk size).
+const KEEP_CHUNK: usize = 64 * 1024;
+
+/// Reads `recv` to its end for the keep-* rungs: `piece` gets quinn's received pieces, cut
+/// at every [`KEEP_CHUNK`] bytes of offset, as `Some`, and `None` after each chunk's last
+/// piece (the last chunk ends with the stream). Returns the bytes read.
+async fn read_pieces(
+    recv: &mut quinn::RecvStream,
+    start: Instant,
+    first_byte: &mut Option<Duration>,
+    mut piece: impl FnMut(Option<Bytes>),
+) -> anyhow::Result<u64> {
+    let (mut received, mut in_chunk) = (0u64, 0usize);
+    while let Some(c) = recv.read_chunk(usize::MAX, true).await? {
+        first_byte.get_or_insert_with(|| start.elapsed());
+        received += c.bytes.len() as u64;
+        let mut b = c.bytes;
+        while !b.is_empty() {
+            let p = b.split_to((KEEP_CHUNK - in_chunk).min(b.len()));
+            in_chunk += p.len();
+            piece(Some(p));
+            if in_chunk == KEEP_CHUNK {
+                piece(None);
+                in_chunk = 0;
+            }
+        }
+    }
+    if in_chunk > 0 {
+        piece(None);
+    }
+    Ok(received)
+}
+
 async fn one_round(
     round: u32,
     server_id: &Identity,
@@ -264,76 +297,46 @@ async fn one_round(
             }
         }
         Mode::KeepCopy => {
-            let cs = 64 * 1024;
-            let kept = &mut kept_flat;
-            let mut cur = bytes::BytesMut::with_capacity(cs);
-            while let Some(c) = recv.read_chunk(usize::MAX, true).await? {
-                if first_byte.is_none() {
-                    first_byte = Some(start.elapsed());
-                }
-                received += c.bytes.len() as u64;
-                let mut b = c.bytes;
-                while !b.is_empty() {
-                    let take = (cs - cur.len()).min(b.len());
-                    cur.extend_from_slice(&b.split_to(take));
-                    if cur.len() == cs {
-                        let full = std::mem::replace(&mut cur, bytes::BytesMut::with_capacity(cs))
+            let mut cur = bytes::BytesMut::with_capacity(KEEP_CHUNK);
+            received = read_pieces(&mut recv, start, &mut first_byte, |piece| match piece {
+                Some(p) => cur.extend_from_slice(&p),
+                None => {
+                    let full =
+                        std::mem::replace(&mut cur, bytes::BytesMut::with_capacity(KEEP_CHUNK))
                             .freeze();
-                        let h = *blake3::hash(&full).as_bytes();
-                        kept.push((full, h));
-                    }
+                    let h = *blake3::hash(&full).as_bytes();
+                    kept_flat.push((full, h));
                 }
-            }
-            if !cur.is_empty() {
-                let full = cur.freeze();
-                let h = *blake3::hash(&full).as_bytes();
-                kept.push((full, h));
-            }
+            })
+            .await?;
         }
         Mode::KeepRope | Mode::KeepRopeScratch | Mode::KeepRopeNoHash => {
-            let cs = 64 * 1024;
-            let kept = &mut kept_pieces;
             let mut cur: Vec<Bytes> = Vec::new();
-            let mut cur_len = 0;
             let mut hasher = blake3::Hasher::new();
-            let mut scratch: Vec<u8> = Vec::with_capacity(cs);
-            let mut finish =
-                |cur: Vec<Bytes>, hasher: &mut blake3::Hasher, scratch: &mut Vec<u8>| {
+            let mut scratch: Vec<u8> = Vec::with_capacity(KEEP_CHUNK);
+            received = read_pieces(&mut recv, start, &mut first_byte, |piece| match piece {
+                Some(p) => {
+                    match args.mode {
+                        Mode::KeepRope => {
+                            hasher.update(&p);
+                        }
+                        Mode::KeepRopeScratch => scratch.extend_from_slice(&p),
+                        _ => {}
+                    }
+                    cur.push(p);
+                }
+                None => {
                     if args.mode == Mode::KeepRopeScratch {
-                        hasher.update(scratch);
+                        hasher.update(&scratch);
                         scratch.clear();
                     }
                     let hash =
                         (args.mode != Mode::KeepRopeNoHash).then(|| *hasher.finalize().as_bytes());
-                    kept.push((cur, hash));
+                    kept_pieces.push((std::mem::take(&mut cur), hash));
                     hasher.reset();
-                };
-            while let Some(c) = recv.read_chunk(usize::MAX, true).await? {
-                if first_byte.is_none() {
-                    first_byte = Some(start.elapsed());
                 }
-                received += c.bytes.len() as u64;
-                let mut b = c.bytes;
-                while !b.is_empty() {
-                    let piece = b.split_to((cs - cur_len).min(b.len()));
-                    match args.mode {
-                        Mode::KeepRope => {
-                            hasher.update(&piece);
-                        }
-                        Mode::KeepRopeScratch => scratch.extend_from_slice(&piece),
-                        _ => {}
-                    }
-                    cur_len += piece.len();
-                    cur.push(piece);
-                    if cur_len == cs {
-                        finish(std::mem::take(&mut cur), &mut hasher, &mut scratch);
-                        cur_len = 0;
-                    }
-                }
-            }
-            if cur_len > 0 {
-                finish(cur, &mut hasher, &mut scratch);
-            }
+            })
+            .await?;
         }
         Mode::Frames | Mode::Replica => {
             let max = StreamConfig::default().max_frame;
