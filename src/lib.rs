@@ -20,6 +20,7 @@ pub mod merkle;
 pub mod metrics;
 pub mod node;
 pub mod overlay;
+pub mod prefault;
 pub mod replica;
 pub mod runtime;
 pub mod tls;

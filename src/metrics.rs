@@ -129,6 +129,7 @@ const DESCRIBED: &[(&str, &str)] = &[
     ("canopy_proposals_total", "Writes proposed through this node."),
     ("canopy_proposal_failures_total", "Writes proposed through this node that failed, by reason (unavailable is the core's)."),
     ("canopy_backfill_received_bytes_total", "Chunk bytes received in transfers, by source (parent or peer)."),
+    ("canopy_backfill_prefaulted_bytes_total", "Heap bytes faulted in at a transfer's start for the chunks it will bring (MADV_POPULATE_WRITE; 0 where the kernel cannot)."),
     ("canopy_backfill_served_bytes_total", "Chunk bytes served in transfers to children and peers."),
     ("canopy_backfill_bad_chunks_total", "Chunks refused because they did not match the manifest, by source (parent or peer)."),
     ("canopy_backfill_seconds", "Duration of a transfer received, from its start to its install."),
@@ -485,6 +486,8 @@ pub struct NodeMetrics {
     /// Chunk bytes fetched from other peers (`source="peer"`).
     pub backfill_received_peers: Counter,
     pub backfill_served: Counter,
+    /// Heap bytes faulted in ahead of transfers ([`crate::prefault`]).
+    pub backfill_prefaulted: Counter,
     pub backfill_seconds: Histogram,
     pub backfills_serving: Gauge,
     /// Seconds until this node's own certificate expires.
@@ -561,6 +564,7 @@ impl NodeMetrics {
                 "source" => "peer"
             ),
             backfill_served: metrics::counter!("canopy_backfill_served_bytes_total", &l),
+            backfill_prefaulted: metrics::counter!("canopy_backfill_prefaulted_bytes_total", &l),
             backfill_seconds: metrics::histogram!("canopy_backfill_seconds", &l),
             backfills_serving: metrics::gauge!("canopy_backfills_serving", &l),
             cert_expiry_seconds: metrics::gauge!("canopy_cert_expiry_seconds", &l),

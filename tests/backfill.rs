@@ -36,6 +36,20 @@ async fn returning_relays_fetch_only_what_changed() {
     let core_file = file_of(&c, &core).await;
     assert_eq!(s["root"], status(&c, &core).await.unwrap()["root"]);
     assert!(std::fs::read(&r1.file).unwrap() == core_file);
+    // The heap was faulted in for the whole transfer before its chunks came (where this
+    // kernel can populate: Linux 5.14 and later).
+    if canopy::prefault::Prefaulted::heap(1 << 20).bytes() > 0 {
+        let text = metrics(&c, &r1).await;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("canopy_backfill_prefaulted_bytes_total"))
+            .unwrap_or_else(|| panic!("no prefault series in\n{text}"));
+        let warmed = metric_value(line, "canopy_backfill_prefaulted_bytes_total").unwrap();
+        assert!(
+            warmed >= SIZE as f64 * 0.9 && warmed <= SIZE as f64 * 1.1,
+            "{warmed} bytes faulted in for a {SIZE}-byte transfer"
+        );
+    }
 
     // (b) stopped while 20 small writes commit: on restart it fetches under 5 % of the file.
     r1.kill();

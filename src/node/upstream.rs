@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 
 use quinn::VarInt;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::fetch;
 use crate::overlay::{Input, Peer, Reason};
+use crate::prefault::Prefaulted;
 use crate::proto::{self, downstream::Kind as Down, request};
 use crate::replica::{Event, Replica, ReplicaError};
 use crate::transport::{self, StreamError};
@@ -303,6 +304,7 @@ type BackfillClock = Option<(Instant, u64)>;
 pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<UpstreamCommand>) {
     let mut current: Option<Link> = None;
     let mut transfer: Option<Transfer> = None;
+    let mut warm: Option<Prefaulted> = None;
     let mut clock: BackfillClock = None;
     // The parent left by the last move: if the overlay undoes that move, it still believes
     // in this one and must hear that it is gone too.
@@ -312,6 +314,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
     loop {
         let Some(link) = current.as_mut() else {
             transfer = None;
+            warm = None;
             let cmd = tokio::select! {
                 _ = shared.shutdown.cancelled() => return,
                 c = cmds.recv() => match c { Some(c) => c, None => return },
@@ -402,13 +405,15 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
                 if matches!(frame.1.kind, Some(Down::Entry(_))) && link.backlog.is_empty() {
                     check_queued_seals(&shared, &frame, link);
                 }
-                match follow_frame(&shared, link, &mut transfer, &mut clock, frame).await {
+                match follow_frame(&shared, link, &mut transfer, &mut warm, &mut clock, frame).await
+                {
                     Ok(()) => continue,
                     Err(e) => e,
                 }
             }
         };
         transfer = None;
+        warm = None;
         let addr = link.addr.clone();
         link.conn
             .close(VarInt::from_u32(code::RESYNC), b"resubscribing");
@@ -449,12 +454,14 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
 }
 
 /// Feeds one frame from the parent to the replica and keeps the multi-source transfer in
-/// step with it: started after the manifest, told of every pushed chunk, and awaited when
-/// the push ends before the fetched chunks are all in.
+/// step with it: started after the manifest (with the heap faulted in for what is missing,
+/// `warm`, kept until the transfer ends), told of every pushed chunk, and awaited when the
+/// push ends before the fetched chunks are all in.
 async fn follow_frame(
     shared: &Arc<Shared>,
     link: &Link,
     transfer: &mut Option<Transfer>,
+    warm: &mut Option<Prefaulted>,
     clock: &mut BackfillClock,
     frame: LinkFrame,
 ) -> Result<(), UpstreamError> {
@@ -475,7 +482,10 @@ async fn follow_frame(
             .set(f64::from(udp.path.current_mtu));
     }
     match apply_frame(shared, clock, frame)? {
-        Fed::Begin => *transfer = Transfer::start(shared, &link.addr, &link.conn),
+        Fed::Begin => {
+            *warm = Some(prefault_missing(shared));
+            *transfer = Transfer::start(shared, &link.addr, &link.conn);
+        }
         Fed::Chunk(index) => {
             if let Some(t) = transfer.as_mut() {
                 // Peers learnt since the push began, or in place of failed ones.
@@ -489,6 +499,7 @@ async fn follow_frame(
             }
         }
         Fed::End => {
+            let _warm = warm.take();
             let Some(mut t) = transfer.take() else {
                 let st = shared.state.lock();
                 if st.replica.snapshot_waiting() {
@@ -515,6 +526,26 @@ async fn follow_frame(
         Fed::Other => {}
     }
     Ok(())
+}
+
+/// Faults in the heap for the chunks the transfer just begun will bring (see
+/// [`Prefaulted`]); on the worker that runs the link, where they are allocated.
+fn prefault_missing(shared: &Shared) -> Prefaulted {
+    let missing = shared
+        .state
+        .lock()
+        .replica
+        .snapshot_wanted()
+        .map_or(0, |(_, missing, _)| missing.len());
+    let bytes = missing.saturating_mul(shared.cfg.stream.chunk_size as usize);
+    let started = Instant::now();
+    let warm = Prefaulted::heap(bytes);
+    shared
+        .metrics
+        .backfill_prefaulted
+        .increment(warm.bytes() as u64);
+    debug!(node = %shared.cfg.name, bytes = warm.bytes(), took = ?started.elapsed(), "heap faulted in for the transfer");
+    warm
 }
 
 /// Most frames [`check_queued_seals`] takes off a link ahead of the one being fed: the
