@@ -7,47 +7,63 @@
 //! at once, faults the pages in with one `MADV_POPULATE_WRITE` per contiguous run (about
 //! half the cost per page), and frees them again, so that quinn's datagram buffers and the
 //! kept frames are then cut from memory already in place (docs/benchmarks.md, "A join's heap
-//! faulted in ahead").
+//! faulted in ahead"). It assumes glibc's allocator and that the calling thread is the one
+//! that allocates what the transfer keeps (a relay's one tokio worker).
 //!
 //! Invariants:
 //! - Nothing is written to the memory, and no byte the process holds changes: populating a
 //!   page only maps it.
-//! - At most [`Prefaulted::MAX_BYTES`] per call, in blocks below glibc's smallest
-//!   `mmap` threshold, so that they come from the thread's heap and go back to it.
-//! - The highest block stays allocated while the [`Prefaulted`] lives: the freed blocks
-//!   then lie below it, not at the heap's top, and glibc does not trim them away. Dropping
-//!   it lets glibc trim whatever the transfer did not use.
-//! - Where the kernel cannot populate (Linux before 5.14, other systems) nothing is
-//!   allocated, and the pages fault as they are written, as before.
+//! - At most [`Prefaulted::MAX_BYTES`] per call, in blocks under glibc's default `mmap`
+//!   threshold, so that they come from the thread's heap and go back to it. An allocation
+//!   that fails ends the growth; it never aborts the process.
+//! - The last block allocated stays allocated while the [`Prefaulted`] lives. The blocks
+//!   are cut from the heap's top once the free memory below is used, so the last one
+//!   borders the top, the freed ones lie below it, and glibc does not trim them away.
+//!   Dropping it lets glibc trim what lies at the top unused.
+//! - Where the kernel cannot populate (Linux before 5.14) or the allocator is not glibc's,
+//!   nothing is kept, later calls allocate nothing, and the pages fault as they are written,
+//!   as before.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Memory faulted in for a transfer; keep it until the transfer ends.
 #[derive(Debug, Default)]
 pub struct Prefaulted {
-    /// The highest block, kept so that the others, freed, are not the heap's top.
+    /// The last block allocated, kept so that the others, freed, are not the heap's top.
     _guard: Option<Vec<u8>>,
     bytes: usize,
 }
 
+/// Cleared once the kernel refuses `MADV_POPULATE_WRITE`: later calls allocate nothing.
+static POPULATE: AtomicBool = AtomicBool::new(cfg!(all(target_os = "linux", target_env = "gnu")));
+
 impl Prefaulted {
-    /// Most bytes one call faults in: 64 MiB, about 20 ms of the worker's time on this VM,
-    /// a bounded stall however large the file; a larger transfer's remainder faults as it
-    /// arrives.
-    pub const MAX_BYTES: usize = 64 << 20;
-    /// One block: 124 KiB, under glibc's smallest `mmap` threshold (128 KiB) with room for
-    /// its header, so that it is cut from the heap and freed back to it, never mapped on its
-    /// own; as large as that allows, since each block's header costs one trap.
+    /// Most bytes one call faults in: 48 MiB, about 15 ms of the worker's time on this VM,
+    /// a bounded stall however large the file, and room to spare in one of glibc's 64 MiB
+    /// thread heaps; a larger transfer's remainder faults as it arrives.
+    pub const MAX_BYTES: usize = 48 << 20;
+    /// One block: 124 KiB, under glibc's default `mmap` threshold (128 KiB, which only
+    /// rises by itself) with room for its header, so that it is cut from the heap and freed
+    /// back to it; as large as that allows, since each block's header costs one trap.
     pub const BLOCK: usize = 124 << 10;
 
     /// Faults in about `bytes` (at most [`Prefaulted::MAX_BYTES`]) of the calling thread's
-    /// heap. Call on the thread that will allocate what the transfer keeps (a relay's one
-    /// tokio worker), when the transfer's size is known and before its data flows, and keep
-    /// the result until the transfer ends.
+    /// heap. Call on the thread that will allocate what the transfer keeps, when the
+    /// transfer's size is known and before its data flows, and keep the result until the
+    /// transfer ends.
     pub fn heap(bytes: usize) -> Self {
         let n = bytes.min(Self::MAX_BYTES) / Self::BLOCK;
-        if n < 2 || !cfg!(target_os = "linux") {
+        if n < 2 || !POPULATE.load(Ordering::Relaxed) {
             return Self::default();
         }
-        let mut blocks: Vec<Vec<u8>> = (0..n).map(|_| Vec::with_capacity(Self::BLOCK)).collect();
+        let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut b = Vec::new();
+            if b.try_reserve_exact(Self::BLOCK).is_err() {
+                break;
+            }
+            blocks.push(b);
+        }
         let mut ranges: Vec<(usize, usize)> = blocks
             .iter()
             .map(|b| (b.as_ptr() as usize, b.as_ptr() as usize + b.capacity()))
@@ -57,17 +73,17 @@ impl Prefaulted {
         for (start, end) in runs(&ranges) {
             match populate(start, end) {
                 Ok(n) => populated += n,
-                Err(Unsupported) => break,
-                Err(_) => {}
+                Err(NotPopulated::Unsupported) => {
+                    POPULATE.store(false, Ordering::Relaxed);
+                    return Self::default();
+                }
+                Err(NotPopulated::Failed) => {}
             }
         }
-        let top = (0..blocks.len())
-            .max_by_key(|&i| blocks[i].as_ptr() as usize)
-            .unwrap_or(0);
-        let guard = blocks.swap_remove(top);
+        let guard = blocks.pop();
         drop(blocks);
         Self {
-            _guard: Some(guard),
+            _guard: guard,
             bytes: populated,
         }
     }
@@ -78,42 +94,50 @@ impl Prefaulted {
     }
 }
 
-/// Adjacent ranges joined where less than a page separates them (the allocator's chunk
-/// headers): one populate call per run instead of one per block.
+/// glibc's smallest chunk: two blocks closer than this have nothing but the allocator's
+/// header between them.
+const MIN_CHUNK: usize = 32;
+
+/// Adjacent ranges joined where only an allocator header separates them: one populate
+/// call per run of contiguous blocks instead of one per block.
 fn runs(sorted: &[(usize, usize)]) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = Vec::new();
     for &(s, e) in sorted {
         match out.last_mut() {
-            Some(last) if s <= last.1 + PAGE => last.1 = last.1.max(e),
+            Some(last) if s < last.1 + MIN_CHUNK => last.1 = last.1.max(e),
             _ => out.push((s, e)),
         }
     }
     out
 }
 
-const PAGE: usize = 4096;
+fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).unwrap_or(4096).max(1)
+}
 
 /// Why a run was not populated.
 #[derive(Debug)]
 enum NotPopulated {
     /// The kernel has no `MADV_POPULATE_WRITE`: stop trying.
     Unsupported,
-    /// This run only (a hole in it, or memory short): go on with the others.
+    /// This run only (memory short): go on with the others.
     Failed,
 }
-use NotPopulated::Unsupported;
 
 /// Populates the whole pages of `[start, end)` for writing.
 #[cfg(target_os = "linux")]
 fn populate(start: usize, end: usize) -> Result<usize, NotPopulated> {
-    let from = start.next_multiple_of(PAGE);
-    let to = end / PAGE * PAGE;
+    let page = page_size();
+    let from = start.next_multiple_of(page);
+    let to = end / page * page;
     if to <= from {
         return Ok(0);
     }
-    // SAFETY: the range lies within memory this thread just allocated, with at most the
-    // allocator's own headers between blocks; populating maps pages and changes no byte, and
-    // a hole in the range is refused by the kernel, not touched.
+    // SAFETY: the range lies within blocks this thread just allocated and still holds, with
+    // only the allocator's chunk headers between adjacent ones (`runs`); populating maps
+    // pages and changes no byte.
     let r = unsafe {
         libc::madvise(
             from as *mut libc::c_void,
@@ -124,7 +148,7 @@ fn populate(start: usize, end: usize) -> Result<usize, NotPopulated> {
     match r {
         0 => Ok(to - from),
         _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) => {
-            Err(Unsupported)
+            Err(NotPopulated::Unsupported)
         }
         _ => Err(NotPopulated::Failed),
     }
@@ -132,7 +156,7 @@ fn populate(start: usize, end: usize) -> Result<usize, NotPopulated> {
 
 #[cfg(not(target_os = "linux"))]
 fn populate(_start: usize, _end: usize) -> Result<usize, NotPopulated> {
-    Err(Unsupported)
+    Err(NotPopulated::Unsupported)
 }
 
 #[cfg(test)]
@@ -140,15 +164,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn runs_join_blocks_a_header_apart_and_keep_gaps() {
+    fn runs_join_blocks_only_a_header_apart() {
         let r = runs(&[
             (0, 100),
             (116, 200),
             (200, 300),
+            (332, 400),
             (9000, 9100),
             (9100, 9000 + 50),
         ]);
-        assert_eq!(r, vec![(0, 300), (9000, 9100)]);
+        assert_eq!(r, vec![(0, 300), (332, 400), (9000, 9100)]);
         assert!(runs(&[]).is_empty());
     }
 
@@ -160,20 +185,21 @@ mod tests {
     }
 
     #[test]
-    #[cfg(target_os = "linux")]
     fn it_faults_in_about_what_was_asked_and_keeps_one_block() {
         let p = Prefaulted::heap(4 << 20);
+        if p.bytes() == 0 {
+            // This kernel or allocator cannot: nothing is kept.
+            assert!(p._guard.is_none());
+            return;
+        }
         assert_eq!(
             p._guard.as_ref().map(Vec::capacity),
             Some(Prefaulted::BLOCK)
         );
-        // The kernel populates, or (before 5.14) nothing is counted.
-        assert!(
-            p.bytes() == 0 || p.bytes() >= (4 << 20) - 64 * PAGE,
-            "{}",
-            p.bytes()
-        );
+        let blocks = (4 << 20) / Prefaulted::BLOCK;
+        let floor = blocks * Prefaulted::BLOCK - blocks * 2 * page_size();
+        assert!(p.bytes() >= floor, "{} < {floor}", p.bytes());
         let capped = Prefaulted::heap(usize::MAX);
-        assert!(capped.bytes() <= Prefaulted::MAX_BYTES + PAGE);
+        assert!(capped.bytes() <= Prefaulted::MAX_BYTES);
     }
 }

@@ -373,6 +373,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
                     shared.metrics.overlay_message("detach");
                     moved_from = Some(old);
                     transfer = None;
+                    warm = None;
                 }
                 continue;
             }
@@ -483,8 +484,8 @@ async fn follow_frame(
     }
     match apply_frame(shared, clock, frame)? {
         Fed::Begin => {
-            *warm = Some(prefault_missing(shared));
             *transfer = Transfer::start(shared, &link.addr, &link.conn);
+            *warm = Some(prefault_missing(shared));
         }
         Fed::Chunk(index) => {
             if let Some(t) = transfer.as_mut() {
@@ -528,16 +529,23 @@ async fn follow_frame(
     Ok(())
 }
 
-/// Faults in the heap for the chunks the transfer just begun will bring (see
-/// [`Prefaulted`]); on the worker that runs the link, where they are allocated.
+/// Faults in the heap for the bytes the transfer just begun will bring (see
+/// [`Prefaulted`]), on the worker that runs the link, where they are allocated. Nothing
+/// when the runtime has several workers (the chunks may be allocated on another thread's
+/// heap) or the chunks are too large for the heap (glibc maps each on its own).
 fn prefault_missing(shared: &Shared) -> Prefaulted {
-    let missing = shared
+    let one_worker =
+        tokio::runtime::Handle::try_current().is_ok_and(|h| h.metrics().num_workers() == 1);
+    if !one_worker || shared.cfg.stream.chunk_size as usize >= Prefaulted::BLOCK {
+        return Prefaulted::default();
+    }
+    let (held, len) = shared
         .state
         .lock()
         .replica
-        .snapshot_wanted()
-        .map_or(0, |(_, missing, _)| missing.len());
-    let bytes = missing.saturating_mul(shared.cfg.stream.chunk_size as usize);
+        .backfill_progress()
+        .unwrap_or((0, 0));
+    let bytes = usize::try_from(len.saturating_sub(held)).unwrap_or(usize::MAX);
     let started = Instant::now();
     let warm = Prefaulted::heap(bytes);
     shared
