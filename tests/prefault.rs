@@ -5,6 +5,9 @@
 
 use canopy::prefault::Prefaulted;
 
+/// A kept frame of a 64 KiB chunk: the chunk, its prefix and its protobuf header.
+const FRAME: usize = 65_556;
+
 /// Minor page faults taken by the calling thread so far.
 fn thread_faults() -> u64 {
     // SAFETY: getrusage fills the struct it is given.
@@ -18,14 +21,14 @@ fn thread_faults() -> u64 {
 /// returns them and the faults that took.
 fn keep_frames(n: usize) -> (Vec<Vec<u8>>, u64) {
     let before = thread_faults();
-    let frames: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8 | 1; 65_556]).collect();
+    let frames: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8 | 1; FRAME]).collect();
     (frames, thread_faults() - before)
 }
 
 #[test]
 fn frames_kept_after_a_prefault_take_almost_no_page_faults() {
     const FRAMES: usize = 400;
-    let pages = (FRAMES * 65_556 / 4096) as u64;
+    let pages = (FRAMES * FRAME / 4096) as u64;
     // glibc's defaults, as in a fresh process: the test harness's own large buffers may have
     // raised the trim threshold, which would hide a prefault that glibc trims away at once.
     // SAFETY: mallopt only sets a tunable.
@@ -44,13 +47,13 @@ fn frames_kept_after_a_prefault_take_almost_no_page_faults() {
             eprintln!("{cold_faults} faults for {pages} fresh pages: this machine does not fault page by page (huge pages?); nothing to compare");
             return;
         }
-        let warm = Prefaulted::heap(FRAMES * 65_556 * 2);
+        let warm = Prefaulted::heap(FRAMES * FRAME * 2);
         if warm.bytes() == 0 {
             eprintln!("this kernel cannot populate (MADV_POPULATE_WRITE): nothing to test");
             return;
         }
         let (frames, warm_faults) = keep_frames(FRAMES);
-        assert!(frames.iter().enumerate().all(|(i, f)| f[65_555] == i as u8 | 1));
+        assert!(frames.iter().enumerate().all(|(i, f)| f[FRAME - 1] == i as u8 | 1));
         eprintln!("{pages} pages written: {cold_faults} faults cold, {warm_faults} after the prefault");
         assert!(
             warm_faults < pages / 10,
