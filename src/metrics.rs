@@ -142,7 +142,8 @@ const DESCRIBED: &[(&str, &str)] = &[
     ("canopy_heartbeats_received_total", "Heartbeats received from the parent."),
     ("canopy_connections_served", "QUIC connections this node accepted that are still open (children, one-shot exchanges under way)."),
     ("canopy_overlay_messages_total", "Messages of the tree's control plane this node sent, by kind (the simulator's counts: sample_request, sample_answer, attach_request, attach_answer, detach, path_update, child_report)."),
-    ("canopy_samples_total", "Samples this node asked of peers for its view, each over a connection closed after."),
+    ("canopy_samples_total", "Samples this node asked of peers for its view, each over a connection of its own (kept briefly for the attach that follows while the node has no parent)."),
+    ("canopy_attach_connections_total", "Connections this node subscribed to a parent over, by how it got them: the one a sample just made (sampled) or a new handshake (dialed)."),
     ("canopy_parent_link_datagrams", "UDP datagrams on the current parent link as of its last heartbeat, by direction (sent, received)."),
     ("canopy_parent_link_mtu_bytes", "Largest UDP payload the current parent link carries, as MTU discovery found it (at most stream.max_udp_payload_bytes), as of its last heartbeat."),
     ("canopy_reparents_total", "Changes of parent, by reason (join, parent_lost, rebalance)."),
@@ -503,8 +504,12 @@ pub struct NodeMetrics {
     /// QUIC connections this node accepted that are still open: its children's, plus the
     /// few of one-shot exchanges (samples, fetches, tree queries) under way.
     pub connections_served: Gauge,
-    /// Samples this node asked of peers (each over a connection of its own, closed after).
+    /// Samples this node asked of peers (each over a connection of its own).
     pub samples: Counter,
+    /// Subscriptions to a parent made over the connection a sample just made.
+    pub attach_connections_sampled: Counter,
+    /// Subscriptions to a parent made over a connection of their own.
+    pub attach_connections_dialed: Counter,
     /// UDP datagrams sent on the current parent link, as of its last heartbeat.
     pub parent_link_sent: Gauge,
     /// UDP datagrams received on the current parent link, as of its last heartbeat.
@@ -575,6 +580,16 @@ impl NodeMetrics {
             heartbeats_received: metrics::counter!("canopy_heartbeats_received_total", &l),
             connections_served: metrics::gauge!("canopy_connections_served", &l),
             samples: metrics::counter!("canopy_samples_total", &l),
+            attach_connections_sampled: metrics::counter!(
+                "canopy_attach_connections_total",
+                "node" => n.clone(),
+                "how" => "sampled"
+            ),
+            attach_connections_dialed: metrics::counter!(
+                "canopy_attach_connections_total",
+                "node" => n.clone(),
+                "how" => "dialed"
+            ),
             parent_link_sent: metrics::gauge!(
                 "canopy_parent_link_datagrams",
                 "node" => n.clone(),

@@ -247,6 +247,36 @@ async fn core_and_five_relays_stay_identical() {
     assert!(metrics.contains("canopy_relayed_bytes_total"));
 }
 
+/// A relay joining a lone core subscribes over the connection its sample of the core just
+/// made: one handshake, not two. The connection is not held twice: the core serves the one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_subscribes_over_the_connection_of_its_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_pki, core, r1, c) = core_and_relay(dir.path()).await;
+    wait_until(30, "r1 to attach to the core", || async {
+        status(&c, &r1).await.is_some_and(|s| s["parent"] == "core")
+    })
+    .await;
+    let text = metrics(&c, &r1).await;
+    let how = |h: &str| {
+        metric_labelled(
+            &text,
+            "canopy_attach_connections_total",
+            &format!("how=\"{h}\""),
+        )
+    };
+    assert_eq!(
+        (how("sampled"), how("dialed")),
+        (1.0, 0.0),
+        "connections r1 subscribed over (sampled, dialed)"
+    );
+    assert!(metric_value(&text, "canopy_samples_total").unwrap_or(0.0) >= 1.0);
+    wait_until(10, "the core to serve one connection", || async {
+        metric_value(&metrics(&c, &core).await, "canopy_connections_served") == Some(1.0)
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_restart_keeps_the_file_and_relays_resume() {
     let dir = tempfile::tempdir().unwrap();

@@ -40,13 +40,6 @@ struct Counts {
     served: f64,
 }
 
-fn labelled(text: &str, name: &str, label: &str) -> f64 {
-    canopy::measure::prometheus_samples(text)
-        .filter(|s| s.name == name && s.labels.contains(label))
-        .map(|s| s.value)
-        .sum()
-}
-
 async fn counts(c: &reqwest::Client, p: &Proc) -> Counts {
     let m = metrics(c, p).await;
     let v = |name: &str| metric_value(&m, name).unwrap_or(0.0);
@@ -54,8 +47,8 @@ async fn counts(c: &reqwest::Client, p: &Proc) -> Counts {
         children: v("canopy_children"),
         heartbeats_sent: v("canopy_heartbeats_sent_total"),
         heartbeats_received: v("canopy_heartbeats_received_total"),
-        link_sent: labelled(&m, "canopy_parent_link_datagrams", "dir=\"sent\""),
-        link_received: labelled(&m, "canopy_parent_link_datagrams", "dir=\"received\""),
+        link_sent: metric_labelled(&m, "canopy_parent_link_datagrams", "dir=\"sent\""),
+        link_received: metric_labelled(&m, "canopy_parent_link_datagrams", "dir=\"received\""),
         link_mtu: v("canopy_parent_link_mtu_bytes"),
         reparents: canopy::measure::metric_sum(&m, "canopy_reparents_total"),
         samples: v("canopy_samples_total"),
@@ -184,7 +177,7 @@ async fn an_idle_tree_sends_heartbeats_and_nothing_else() {
     for p in &nodes {
         let m = metrics(&c, p).await;
         let kind = |k: &str| {
-            labelled(
+            metric_labelled(
                 &m,
                 "canopy_overlay_messages_total",
                 &format!("kind=\"{k}\""),

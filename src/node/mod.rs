@@ -183,6 +183,7 @@ impl Node {
             core: OnceLock::new(),
             endpoint,
             core_conns: tokio::sync::Mutex::new(BTreeMap::new()),
+            sampled: Mutex::new(BTreeMap::new()),
             core_pick: AtomicUsize::new(0),
             batcher: OnceLock::new(),
             proposals_queued: AtomicUsize::new(0),

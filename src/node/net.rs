@@ -10,8 +10,12 @@
 //! - There is one cache of connections to core nodes, by address, shared by proposals,
 //!   membership requests and forwarding between core nodes; a closed or failed connection is
 //!   dropped from it and redialed on next use.
+//! - A sample's connection outlives its exchange only while the node has no parent, for the
+//!   attach that follows ([`keep_sampled`]): at most [`MAX_SAMPLED_KEPT`] at once, each until
+//!   the attach takes it, the overlay attaches elsewhere, or its time to live passes.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proto::{self, request};
@@ -37,6 +41,81 @@ pub(crate) async fn connect(shared: &Shared, addr: &str) -> Result<quinn::Connec
         Expect::Anyone,
     )
     .await?)
+}
+
+/// Most sample connections kept at once for an attach. An unattached node asks
+/// `overlay.choices` peers per probe (2 by default); a sample over the bound is closed at
+/// once, and its attach makes a handshake of its own.
+pub(crate) const MAX_SAMPLED_KEPT: usize = 8;
+
+/// Keeps the connection of a sample this unattached node just made, for the attach that may
+/// follow it: until [`connect_to_parent`] takes it, a later sample of `addr` replaces it,
+/// the overlay attaches elsewhere ([`drop_sampled_except`]), or `ttl` passes.
+pub(crate) fn keep_sampled(
+    shared: &Arc<Shared>,
+    addr: &str,
+    conn: quinn::Connection,
+    ttl: Duration,
+) {
+    let id = conn.stable_id();
+    let replaced = {
+        let mut kept = shared.sampled.lock();
+        if kept.len() >= MAX_SAMPLED_KEPT && !kept.contains_key(addr) {
+            return;
+        }
+        kept.insert(addr.to_string(), conn)
+    };
+    drop(replaced);
+    let (s, addr) = (shared.clone(), addr.to_string());
+    shared.tasks.spawn(async move {
+        tokio::select! {
+            _ = s.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(ttl) => {}
+        }
+        let stale = {
+            let mut kept = s.sampled.lock();
+            match kept.get(&addr) {
+                Some(c) if c.stable_id() == id => kept.remove(&addr),
+                _ => None,
+            }
+        };
+        drop(stale);
+    });
+}
+
+/// Closes the kept sample connections to every address but `addr`, the one the overlay
+/// chose to attach to.
+pub(crate) fn drop_sampled_except(shared: &Shared, addr: &str) {
+    let others = {
+        let mut kept = shared.sampled.lock();
+        let chosen = kept.remove(addr);
+        let others = std::mem::take(&mut *kept);
+        if let Some(c) = chosen {
+            kept.insert(addr.to_string(), c);
+        }
+        others
+    };
+    drop(others);
+}
+
+/// A connection to subscribe to `addr` over: the one a sample just made, while it is open
+/// and the peer's certificate valid (one handshake fewer on a join), else a new one.
+pub(crate) async fn connect_to_parent(
+    shared: &Shared,
+    addr: &str,
+) -> Result<quinn::Connection, NodeError> {
+    let kept = shared.sampled.lock().remove(addr);
+    match kept {
+        Some(c) if c.close_reason().is_none() && !transport::peer_expired(&c) => {
+            shared.metrics.attach_connections_sampled.increment(1);
+            Ok(c)
+        }
+        _ => {
+            let c = connect(shared, addr).await?;
+            shared.metrics.attach_connections_dialed.increment(1);
+            Ok(c)
+        }
+    }
 }
 
 /// A reply to a request this node makes, with the bounds it is read within: its largest

@@ -213,8 +213,13 @@ fn carry_out(shared: &Arc<Shared>, out: Output, cmds: &mpsc::UnboundedSender<Ups
             let s = shared.clone();
             shared.tasks.spawn(async move {
                 let answer = match request_sample(&s, &addr, offer).await {
-                    Ok((info, peers, rtt)) => {
+                    Ok((info, peers, rtt, conn)) => {
                         s.metrics.samples.increment(1);
+                        let unattached =
+                            !s.cfg.is_core() && s.overlay.lock().overlay.parent_addr().is_none();
+                        if unattached {
+                            super::net::keep_sampled(&s, &addr, conn, kept_for(&s));
+                        }
                         input(
                             &s,
                             Input::Rtt {
@@ -235,6 +240,7 @@ fn carry_out(shared: &Arc<Shared>, out: Output, cmds: &mpsc::UnboundedSender<Ups
             });
         }
         Output::Attach { addr, reason, .. } => {
+            super::net::drop_sampled_except(shared, &addr);
             let _ = cmds.send(UpstreamCommand::Attach { addr, reason });
         }
         Output::Detach { addr } => {
@@ -246,12 +252,20 @@ fn carry_out(shared: &Arc<Shared>, out: Output, cmds: &mpsc::UnboundedSender<Ups
     }
 }
 
-/// Asks `addr` for a sample; returns its answer and QUIC's estimate of the round trip to it.
+/// How long an unattached node keeps a sample's connection for its attach: twice
+/// `overlay.probe_timeout_ms`. The first answer of a probe may come that long before the
+/// last, and the attach follows the last at once.
+fn kept_for(shared: &Shared) -> Duration {
+    Duration::from_millis(shared.cfg.overlay.probe_timeout_ms.saturating_mul(2))
+}
+
+/// Asks `addr` for a sample; returns its answer, QUIC's estimate of the round trip to it, and
+/// the connection.
 async fn request_sample(
     shared: &Shared,
     addr: &str,
     offer: Vec<Peer>,
-) -> Result<(Peer, Vec<Peer>, Duration), NodeError> {
+) -> Result<(Peer, Vec<Peer>, Duration, quinn::Connection), NodeError> {
     let timeout = Duration::from_millis(shared.cfg.overlay.probe_timeout_ms);
     let ask = async {
         let conn = super::net::connect(shared, addr).await?;
@@ -263,21 +277,22 @@ async fn request_sample(
             }),
         )
         .await?;
-        Ok::<_, NodeError>((reply, conn.rtt()))
+        Ok::<_, NodeError>((reply, conn))
     };
-    let (r, rtt) = tokio::time::timeout(timeout, ask)
-        .await
-        .map_err(|_| NodeError::Connect {
-            addr: addr.to_string(),
-            reason: "sample timed out".into(),
-        })??;
+    let (r, conn) =
+        tokio::time::timeout(timeout, ask)
+            .await
+            .map_err(|_| NodeError::Connect {
+                addr: addr.to_string(),
+                reason: "sample timed out".into(),
+            })??;
     let info = r
         .info
         .filter(peer_sane)
         .map(peer_from_proto)
         .ok_or(NodeError::Wire(WireError::Malformed("sample reply")))?;
     let peers = r.peers.into_iter().filter(peer_sane).map(peer_from_proto);
-    Ok((info, peers.collect(), rtt))
+    Ok((info, peers.collect(), conn.rtt(), conn))
 }
 
 #[cfg(test)]

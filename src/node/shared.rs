@@ -10,6 +10,7 @@
 //! 4. [`Shared::identity`], [`Shared::client_config`]: this node's certificate and key, and
 //!    the client configuration made of them, replaced on reload.
 //! 5. [`Shared::cert_warned`]: peers already logged as presenting a foreign certificate.
+//! 6. [`Shared::sampled`]: connections of the last samples, kept for the attach that follows.
 //!
 //! The tokio mutex over connections ([`Shared::core_conns`]) is taken only with none of the
 //! above held. All locks are `parking_lot` locks: a panic in one request cannot poison them
@@ -153,6 +154,10 @@ pub struct Shared {
     pub(crate) endpoint: quinn::Endpoint,
     /// Cached connections to core nodes, by address (proposals, admin, forwarding).
     pub(crate) core_conns: tokio::sync::Mutex<BTreeMap<String, quinn::Connection>>,
+    /// Connections that samples of an unattached node just used, by address: the attach
+    /// that follows the samples takes its parent's from here instead of making a new
+    /// handshake ([`super::net::keep_sampled`]).
+    pub(crate) sampled: Mutex<BTreeMap<String, quinn::Connection>>,
     /// Which core address a relay tries first (rotates on failure).
     pub(crate) core_pick: AtomicUsize,
     pub(crate) batcher: OnceLock<mpsc::UnboundedSender<QueuedProposal>>,

@@ -490,6 +490,15 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     canopy::measure::metric_value(text, name)
 }
 
+/// The sum over the series of `name` whose labels contain `label` (`how="sampled"`), 0
+/// when there is none.
+pub fn metric_labelled(text: &str, name: &str, label: &str) -> f64 {
+    canopy::measure::prometheus_samples(text)
+        .filter(|s| s.name == name && s.labels.contains(label))
+        .map(|s| s.value)
+        .sum()
+}
+
 /// Version and root from a node's status.
 pub async fn version_root(c: &reqwest::Client, p: &Proc) -> Option<(u64, String)> {
     let s = status(c, p).await?;
