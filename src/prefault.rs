@@ -3,16 +3,18 @@
 //!
 //! A relay that joins keeps every byte of the file it receives, so its heap grows by the
 //! file's size, and each new page costs a trap at its first write (about 2 µs on a VM; 25 ms
-//! for 50 MB). [`Prefaulted::heap`] grows the calling thread's heap by the transfer's size
-//! at once, faults the pages in with one `MADV_POPULATE_WRITE` per contiguous run (about
-//! half the cost per page), and frees them again, so that quinn's datagram buffers and the
+//! for 50 MB). [`Prefaulted::reserve`] grows the calling thread's heap by the transfer's
+//! size at once and frees it again; its [`Populate`] faults the pages in with one
+//! `MADV_POPULATE_WRITE` per contiguous run (about half the cost per page), on another
+//! thread if the caller likes, while the caller goes on. quinn's datagram buffers and the
 //! kept frames are then cut from memory already in place (docs/benchmarks.md, "A join's heap
-//! faulted in ahead"). It assumes glibc's allocator and that the calling thread is the one
-//! that allocates what the transfer keeps (a relay's one tokio worker).
+//! faulted in ahead"). [`Prefaulted::heap`] does both on the calling thread. It assumes
+//! glibc's allocator and that the calling thread is the one that allocates what the transfer
+//! keeps (a relay's one tokio worker).
 //!
 //! Invariants:
 //! - Nothing is written to the memory, and no byte the process holds changes: populating a
-//!   page only maps it.
+//!   page only maps it, whether the allocator has handed it out again or not.
 //! - At most [`Prefaulted::MAX_BYTES`] per call, in blocks under glibc's default `mmap`
 //!   threshold, so that they come from the thread's heap and go back to it. An allocation
 //!   that fails ends the growth; it never aborts the process.
@@ -21,8 +23,8 @@
 //!   borders the top, the freed ones lie below it, and glibc does not trim them away.
 //!   Dropping it lets glibc trim what lies at the top unused.
 //! - Where the kernel cannot populate (Linux before 5.14) or the allocator is not glibc's,
-//!   nothing is kept, later calls allocate nothing, and the pages fault as they are written,
-//!   as before.
+//!   later calls allocate nothing, and the pages fault as they are written, as before; the
+//!   first call keeps its guard block until dropped ([`Prefaulted::heap`] keeps nothing).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -38,8 +40,8 @@ pub struct Prefaulted {
 static POPULATE: AtomicBool = AtomicBool::new(cfg!(all(target_os = "linux", target_env = "gnu")));
 
 impl Prefaulted {
-    /// Most bytes one call faults in: 48 MiB, about 15 ms of the worker's time on this VM,
-    /// a bounded stall however large the file, and room to spare in one of glibc's 64 MiB
+    /// Most bytes one call faults in: 48 MiB, about 15 ms of one core's time on this VM,
+    /// a bounded cost however large the file, and room to spare in one of glibc's 64 MiB
     /// thread heaps; a larger transfer's remainder faults as it arrives.
     pub const MAX_BYTES: usize = 48 << 20;
     /// One block: 124 KiB, under glibc's default `mmap` threshold (128 KiB, which only
@@ -48,13 +50,27 @@ impl Prefaulted {
     pub const BLOCK: usize = 124 << 10;
 
     /// Faults in about `bytes` (at most [`Prefaulted::MAX_BYTES`]) of the calling thread's
-    /// heap. Call on the thread that will allocate what the transfer keeps, when the
-    /// transfer's size is known and before its data flows, and keep the result until the
-    /// transfer ends.
+    /// heap, on this thread. Call on the thread that will allocate what the transfer keeps,
+    /// when the transfer's size is known and before its data flows, and keep the result
+    /// until the transfer ends.
     pub fn heap(bytes: usize) -> Self {
+        let (mut warm, populate) = Self::reserve(bytes);
+        warm.bytes = populate.run();
+        if warm.bytes == 0 {
+            return Self::default();
+        }
+        warm
+    }
+
+    /// Grows the calling thread's heap by about `bytes` (at most
+    /// [`Prefaulted::MAX_BYTES`]) and frees it again, all but the guard block, without
+    /// faulting it in: the returned [`Populate`] does that, on any thread (another core,
+    /// while this thread goes on receiving). Call as [`Prefaulted::heap`]; keep the
+    /// `Prefaulted` until the transfer ends.
+    pub fn reserve(bytes: usize) -> (Self, Populate) {
         let n = bytes.min(Self::MAX_BYTES) / Self::BLOCK;
         if n < 2 || !POPULATE.load(Ordering::Relaxed) {
-            return Self::default();
+            return (Self::default(), Populate::default());
         }
         let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(n);
         for _ in 0..n {
@@ -69,28 +85,51 @@ impl Prefaulted {
             .map(|b| (b.as_ptr() as usize, b.as_ptr() as usize + b.capacity()))
             .collect();
         ranges.sort_unstable();
+        let guard = blocks.pop();
+        drop(blocks);
+        let warm = Self {
+            _guard: guard,
+            bytes: 0,
+        };
+        (
+            warm,
+            Populate {
+                runs: runs(&ranges),
+            },
+        )
+    }
+
+    /// Bytes faulted in (0 where the kernel cannot populate, and after
+    /// [`Prefaulted::reserve`], whose [`Populate::run`] tells instead).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// The pages of a heap growth to fault in ([`Prefaulted::reserve`]).
+#[derive(Debug, Default)]
+pub struct Populate {
+    runs: Vec<(usize, usize)>,
+}
+
+impl Populate {
+    /// Faults the pages in, one `MADV_POPULATE_WRITE` per contiguous run, on the calling
+    /// thread; returns the bytes faulted in. Run it soon: the ranges stay in the heap (the
+    /// guard block keeps glibc from trimming them) but are free for the allocator to reuse,
+    /// which populating does not disturb.
+    pub fn run(self) -> usize {
         let mut populated = 0;
-        for (start, end) in runs(&ranges) {
+        for (start, end) in self.runs {
             match populate(start, end) {
                 Ok(n) => populated += n,
                 Err(NotPopulated::Unsupported) => {
                     POPULATE.store(false, Ordering::Relaxed);
-                    return Self::default();
+                    return 0;
                 }
                 Err(NotPopulated::Failed) => {}
             }
         }
-        let guard = blocks.pop();
-        drop(blocks);
-        Self {
-            _guard: guard,
-            bytes: populated,
-        }
-    }
-
-    /// Bytes faulted in (0 where the kernel cannot populate).
-    pub fn bytes(&self) -> usize {
-        self.bytes
+        populated
     }
 }
 
@@ -135,9 +174,11 @@ fn populate(start: usize, end: usize) -> Result<usize, NotPopulated> {
     if to <= from {
         return Ok(0);
     }
-    // SAFETY: the range lies within blocks this thread just allocated and still holds, with
-    // only the allocator's chunk headers between adjacent ones (`runs`); populating maps
-    // pages and changes no byte.
+    // SAFETY: the range lies within blocks just allocated from a glibc heap and freed back
+    // to it, with only the allocator's chunk headers between adjacent ones (`runs`); the
+    // guard block keeps the heap from being trimmed, so the range stays this heap's, in use
+    // or not. Populating maps pages and changes no byte, whoever uses them; a range no
+    // longer mapped writable fails and is skipped.
     let r = unsafe {
         libc::madvise(
             from as *mut libc::c_void,

@@ -303,8 +303,7 @@ type BackfillClock = Option<(Instant, u64)>;
 /// Follows the parent the overlay chooses, switching on moves and reporting losses.
 pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<UpstreamCommand>) {
     let mut current: Option<Link> = None;
-    let mut transfer: Option<Transfer> = None;
-    let mut warm: Option<Prefaulted> = None;
+    let mut incoming: Option<Incoming> = None;
     let mut clock: BackfillClock = None;
     // The parent left by the last move: if the overlay undoes that move, it still believes
     // in this one and must hear that it is gone too.
@@ -313,8 +312,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
     let silent = Duration::from_millis(shared.cfg.stream.parent_timeout_ms);
     loop {
         let Some(link) = current.as_mut() else {
-            transfer = None;
-            warm = None;
+            incoming = None;
             let cmd = tokio::select! {
                 _ = shared.shutdown.cancelled() => return,
                 c = cmds.recv() => match c { Some(c) => c, None => return },
@@ -364,7 +362,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
                 _ = shared.shutdown.cancelled() => return,
                 c = cmds.recv() => match c { Some(c) => Wake::Command(c), None => return },
                 r = tokio::time::timeout(silent, link.frames.recv()) => Wake::Frame(r.map(|f| f.unwrap_or(Ok(None)))),
-                Some(below) = async { transfer.as_mut()?.next_limit().await }, if transfer.is_some() => Wake::Limit(below),
+                Some(below) = async { incoming.as_mut()?.fetch.as_mut()?.next_limit().await }, if incoming.as_ref().is_some_and(|i| i.fetch.is_some()) => Wake::Limit(below),
             },
         };
         let failure = match wake {
@@ -372,8 +370,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
                 if let Some(old) = try_move(&shared, &mut current, addr, reason).await {
                     shared.metrics.overlay_message("detach");
                     moved_from = Some(old);
-                    transfer = None;
-                    warm = None;
+                    incoming = None;
                 }
                 continue;
             }
@@ -406,15 +403,13 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
                 if matches!(frame.1.kind, Some(Down::Entry(_))) && link.backlog.is_empty() {
                     check_queued_seals(&shared, &frame, link);
                 }
-                match follow_frame(&shared, link, &mut transfer, &mut warm, &mut clock, frame).await
-                {
+                match follow_frame(&shared, link, &mut incoming, &mut clock, frame).await {
                     Ok(()) => continue,
                     Err(e) => e,
                 }
             }
         };
-        transfer = None;
-        warm = None;
+        incoming = None;
         let addr = link.addr.clone();
         link.conn
             .close(VarInt::from_u32(code::RESYNC), b"resubscribing");
@@ -454,15 +449,22 @@ pub(crate) async fn run(shared: Arc<Shared>, mut cmds: mpsc::UnboundedReceiver<U
     }
 }
 
+/// A transfer this node receives from its parent: the fetch from other peers beside the
+/// push, and the heap faulted in for its chunks. Both end with it, whichever way it ends.
+struct Incoming {
+    /// `None` when the transfer draws on the parent alone.
+    fetch: Option<Transfer>,
+    _warm: Prefaulted,
+}
+
 /// Feeds one frame from the parent to the replica and keeps the multi-source transfer in
-/// step with it: started after the manifest (with the heap faulted in for what is missing,
-/// `warm`, kept until the transfer ends), told of every pushed chunk, and awaited when the
-/// push ends before the fetched chunks are all in.
+/// step with it: started after the manifest (with the heap faulted in for what is missing),
+/// told of every pushed chunk, and awaited when the push ends before the fetched chunks are
+/// all in.
 async fn follow_frame(
     shared: &Arc<Shared>,
     link: &Link,
-    transfer: &mut Option<Transfer>,
-    warm: &mut Option<Prefaulted>,
+    incoming: &mut Option<Incoming>,
     clock: &mut BackfillClock,
     frame: LinkFrame,
 ) -> Result<(), UpstreamError> {
@@ -484,11 +486,14 @@ async fn follow_frame(
     }
     match apply_frame(shared, clock, frame)? {
         Fed::Begin => {
-            *transfer = Transfer::start(shared, &link.addr, &link.conn);
-            *warm = Some(prefault_missing(shared));
+            let fetch = Transfer::start(shared, &link.addr, &link.conn);
+            *incoming = Some(Incoming {
+                fetch,
+                _warm: prefault_missing(shared),
+            });
         }
         Fed::Chunk(index) => {
-            if let Some(t) = transfer.as_mut() {
+            if let Some(t) = incoming.as_mut().and_then(|i| i.fetch.as_mut()) {
                 // Peers learnt since the push began, or in place of failed ones.
                 if index % ADD_PEERS_EVERY == ADD_PEERS_EVERY - 1 {
                     t.add_peers();
@@ -500,8 +505,8 @@ async fn follow_frame(
             }
         }
         Fed::End => {
-            let _warm = warm.take();
-            let Some(mut t) = transfer.take() else {
+            let mut ending = incoming.take();
+            let Some(mut t) = ending.as_mut().and_then(|i| i.fetch.take()) else {
                 let st = shared.state.lock();
                 if st.replica.snapshot_waiting() {
                     let missing = st.replica.snapshot_wanted().map_or(0, |w| w.1.len());
@@ -529,10 +534,11 @@ async fn follow_frame(
     Ok(())
 }
 
-/// Faults in the heap for the bytes the transfer just begun will bring (see
-/// [`Prefaulted`]), on the worker that runs the link, where they are allocated. Nothing
-/// when the runtime has several workers (the chunks may be allocated on another thread's
-/// heap) or the chunks are too large for the heap (glibc maps each on its own).
+/// Grows the heap for the bytes the transfer just begun will bring (see [`Prefaulted`]), on
+/// the worker that runs the link, where they are allocated, and faults it in on a blocking
+/// thread (the second core), while the worker goes on receiving. Nothing when the runtime has
+/// several workers (the chunks may be allocated on another thread's heap) or the chunks are
+/// too large for the heap (glibc maps each on its own).
 fn prefault_missing(shared: &Shared) -> Prefaulted {
     let one_worker =
         tokio::runtime::Handle::try_current().is_ok_and(|h| h.metrics().num_workers() == 1);
@@ -546,13 +552,15 @@ fn prefault_missing(shared: &Shared) -> Prefaulted {
         .backfill_progress()
         .unwrap_or((0, 0));
     let bytes = usize::try_from(len.saturating_sub(held)).unwrap_or(usize::MAX);
-    let started = Instant::now();
-    let warm = Prefaulted::heap(bytes);
-    shared
-        .metrics
-        .backfill_prefaulted
-        .increment(warm.bytes() as u64);
-    debug!(node = %shared.cfg.name, bytes = warm.bytes(), took = ?started.elapsed(), "heap faulted in for the transfer");
+    let (warm, populate) = Prefaulted::reserve(bytes);
+    let counter = shared.metrics.backfill_prefaulted.clone();
+    let node = shared.cfg.name.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let bytes = populate.run();
+        counter.increment(bytes as u64);
+        debug!(%node, bytes, took = ?started.elapsed(), "heap faulted in for the transfer");
+    });
     warm
 }
 
