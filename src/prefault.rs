@@ -18,26 +18,36 @@
 //! - At most [`Prefaulted::MAX_BYTES`] per call, in blocks under glibc's default `mmap`
 //!   threshold, so that they come from the thread's heap and go back to it. An allocation
 //!   that fails ends the growth; it never aborts the process.
-//! - The last block allocated stays allocated while the [`Prefaulted`] lives. The blocks
-//!   are cut from the heap's top once the free memory below is used, so the last one
-//!   borders the top, the freed ones lie below it, and glibc does not trim them away.
-//!   Dropping it lets glibc trim what lies at the top unused.
-//! - Where the kernel cannot populate (Linux before 5.14) or the allocator is not glibc's,
-//!   later calls allocate nothing, and the pages fault as they are written, as before; the
-//!   first call keeps its guard block until dropped ([`Prefaulted::heap`] keeps nothing).
+//! - The last block allocated stays allocated while the [`Prefaulted`] or its [`Populate`]
+//!   lives, whichever is dropped last. The blocks are cut from the heap's top once the free
+//!   memory below is used, so the last one borders the top, the freed ones lie below it, and
+//!   glibc neither trims them away nor deletes their heap while they are populated.
+//!   Dropping both lets glibc trim what lies at the top unused.
+//! - One `madvise` covers at most [`SLICE`] bytes, so that a thread mapping memory meanwhile
+//!   (the worker, receiving) waits on the address space's lock for one slice at most.
+//! - Where the kernel cannot populate (Linux before 5.14, found by one probe) or the
+//!   allocator is not glibc's, nothing is allocated, and the pages fault as they are
+//!   written, as before.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// Memory faulted in for a transfer; keep it until the transfer ends.
 #[derive(Debug, Default)]
 pub struct Prefaulted {
-    /// The last block allocated, kept so that the others, freed, are not the heap's top.
-    _guard: Option<Vec<u8>>,
+    /// The last block allocated, kept so that the others, freed, are not the heap's top;
+    /// shared with the [`Populate`] of the same growth.
+    _guard: Option<Arc<Vec<u8>>>,
     bytes: usize,
 }
 
-/// Cleared once the kernel refuses `MADV_POPULATE_WRITE`: later calls allocate nothing.
-static POPULATE: AtomicBool = AtomicBool::new(cfg!(all(target_os = "linux", target_env = "gnu")));
+/// Most bytes one `madvise` populates: 2 MiB, under a millisecond of the kernel's time.
+pub const SLICE: usize = 2 << 20;
+
+/// Whether this kernel and allocator can populate: one probe, on first use.
+fn can_populate() -> bool {
+    static CAN: OnceLock<bool> = OnceLock::new();
+    *CAN.get_or_init(|| cfg!(all(target_os = "linux", target_env = "gnu")) && probe())
+}
 
 impl Prefaulted {
     /// Most bytes one call faults in: 48 MiB, about 15 ms of one core's time on this VM,
@@ -69,7 +79,7 @@ impl Prefaulted {
     /// `Prefaulted` until the transfer ends.
     pub fn reserve(bytes: usize) -> (Self, Populate) {
         let n = bytes.min(Self::MAX_BYTES) / Self::BLOCK;
-        if n < 2 || !POPULATE.load(Ordering::Relaxed) {
+        if n < 2 || !can_populate() {
             return (Self::default(), Populate::default());
         }
         let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(n);
@@ -85,18 +95,17 @@ impl Prefaulted {
             .map(|b| (b.as_ptr() as usize, b.as_ptr() as usize + b.capacity()))
             .collect();
         ranges.sort_unstable();
-        let guard = blocks.pop();
+        let guard = blocks.pop().map(Arc::new);
         drop(blocks);
+        let populate = Populate {
+            runs: runs(&ranges),
+            _guard: guard.clone(),
+        };
         let warm = Self {
             _guard: guard,
             bytes: 0,
         };
-        (
-            warm,
-            Populate {
-                runs: runs(&ranges),
-            },
-        )
+        (warm, populate)
     }
 
     /// Bytes faulted in (0 where the kernel cannot populate, and after
@@ -110,23 +119,22 @@ impl Prefaulted {
 #[derive(Debug, Default)]
 pub struct Populate {
     runs: Vec<(usize, usize)>,
+    /// The growth's guard block: the runs stay in the heap while this lives.
+    _guard: Option<Arc<Vec<u8>>>,
 }
 
 impl Populate {
-    /// Faults the pages in, one `MADV_POPULATE_WRITE` per contiguous run, on the calling
-    /// thread; returns the bytes faulted in. Run it soon: the ranges stay in the heap (the
-    /// guard block keeps glibc from trimming them) but are free for the allocator to reuse,
-    /// which populating does not disturb.
+    /// Faults the pages in, with `MADV_POPULATE_WRITE` over each contiguous run in slices of
+    /// at most [`SLICE`], on the calling thread; returns the bytes faulted in. The ranges
+    /// are free for the allocator to hand out meanwhile, which populating does not disturb.
     pub fn run(self) -> usize {
         let mut populated = 0;
-        for (start, end) in self.runs {
-            match populate(start, end) {
-                Ok(n) => populated += n,
-                Err(NotPopulated::Unsupported) => {
-                    POPULATE.store(false, Ordering::Relaxed);
-                    return 0;
-                }
-                Err(NotPopulated::Failed) => {}
+        for &(start, end) in &self.runs {
+            let mut at = start;
+            while at < end {
+                let to = end.min(at.saturating_add(SLICE));
+                populated += populate(at, to).unwrap_or(0);
+                at = to;
             }
         }
         populated
@@ -156,13 +164,25 @@ fn page_size() -> usize {
     usize::try_from(p).unwrap_or(4096).max(1)
 }
 
-/// Why a run was not populated.
+/// The kernel refused to populate a range (memory short, or no longer mapped writable):
+/// the next range is tried all the same.
 #[derive(Debug)]
-enum NotPopulated {
-    /// The kernel has no `MADV_POPULATE_WRITE`: stop trying.
-    Unsupported,
-    /// This run only (memory short): go on with the others.
-    Failed,
+struct NotPopulated;
+
+/// Whether the kernel knows `MADV_POPULATE_WRITE`: advice over no bytes is checked and
+/// then does nothing (0), unknown advice is refused (`EINVAL`).
+#[cfg(target_os = "linux")]
+fn probe() -> bool {
+    let page = page_size();
+    let here = 0u8;
+    let at = (&here as *const u8 as usize) / page * page;
+    // SAFETY: an empty range; the kernel only checks the advice and the alignment.
+    unsafe { libc::madvise(at as *mut libc::c_void, 0, libc::MADV_POPULATE_WRITE) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn probe() -> bool {
+    false
 }
 
 /// Populates the whole pages of `[start, end)` for writing.
@@ -176,9 +196,9 @@ fn populate(start: usize, end: usize) -> Result<usize, NotPopulated> {
     }
     // SAFETY: the range lies within blocks just allocated from a glibc heap and freed back
     // to it, with only the allocator's chunk headers between adjacent ones (`runs`); the
-    // guard block keeps the heap from being trimmed, so the range stays this heap's, in use
-    // or not. Populating maps pages and changes no byte, whoever uses them; a range no
-    // longer mapped writable fails and is skipped.
+    // guard block, held by the caller's `Populate`, keeps the heap from being trimmed, so
+    // the range stays this heap's, in use or not. Populating maps pages and changes no byte,
+    // whoever uses them; a range no longer mapped writable fails and is skipped.
     let r = unsafe {
         libc::madvise(
             from as *mut libc::c_void,
@@ -188,16 +208,13 @@ fn populate(start: usize, end: usize) -> Result<usize, NotPopulated> {
     };
     match r {
         0 => Ok(to - from),
-        _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) => {
-            Err(NotPopulated::Unsupported)
-        }
-        _ => Err(NotPopulated::Failed),
+        _ => Err(NotPopulated),
     }
 }
 
 #[cfg(not(target_os = "linux"))]
 fn populate(_start: usize, _end: usize) -> Result<usize, NotPopulated> {
-    Err(NotPopulated::Unsupported)
+    Err(NotPopulated)
 }
 
 #[cfg(test)]
@@ -218,6 +235,24 @@ mod tests {
         assert!(runs(&[]).is_empty());
     }
 
+    /// The guard block lives as long as either half: a transfer that ends (or fails) while
+    /// its pages are still being populated does not let glibc trim them meanwhile.
+    #[test]
+    fn the_guard_outlives_the_transfer_while_populating() {
+        let (warm, populate) = Prefaulted::reserve(3 * SLICE);
+        if !can_populate() {
+            assert!(warm._guard.is_none() && populate._guard.is_none());
+            return;
+        }
+        let guard = Arc::downgrade(warm._guard.as_ref().expect("a guard block"));
+        drop(warm);
+        assert!(guard.upgrade().is_some(), "freed while populating");
+        let bytes = populate.run();
+        assert!(guard.upgrade().is_none(), "held after both ended");
+        // Three slices and more of 124 KiB blocks, all but a few pages at their seams.
+        assert!(bytes > 2 * SLICE, "{bytes} bytes populated");
+    }
+
     #[test]
     fn a_tiny_transfer_allocates_nothing() {
         let p = Prefaulted::heap(Prefaulted::BLOCK);
@@ -234,7 +269,7 @@ mod tests {
             return;
         }
         assert_eq!(
-            p._guard.as_ref().map(Vec::capacity),
+            p._guard.as_ref().map(|g| g.capacity()),
             Some(Prefaulted::BLOCK)
         );
         let blocks = (4 << 20) / Prefaulted::BLOCK;

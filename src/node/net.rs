@@ -12,9 +12,10 @@
 //!   dropped from it and redialed on next use.
 //! - A sample's connection outlives its exchange only while the node has no parent, for the
 //!   attach that follows ([`keep_sampled`]): at most [`MAX_SAMPLED_KEPT`] at once, each until
-//!   the attach takes it, the overlay attaches elsewhere, or its time to live passes.
+//!   the attach takes it, the overlay attaches elsewhere, the identity is reloaded, or its
+//!   time to live passes. A kept connection is dropped outside the lock.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,22 +49,26 @@ pub(crate) async fn connect(shared: &Shared, addr: &str) -> Result<quinn::Connec
 /// once, and its attach makes a handshake of its own.
 pub(crate) const MAX_SAMPLED_KEPT: usize = 8;
 
+/// Tells kept sample connections apart, so that a time-to-live task drops only its own.
+static KEPT: AtomicU64 = AtomicU64::new(0);
+
 /// Keeps the connection of a sample this unattached node just made, for the attach that may
-/// follow it: until [`connect_to_parent`] takes it, a later sample of `addr` replaces it,
-/// the overlay attaches elsewhere ([`drop_sampled_except`]), or `ttl` passes.
+/// follow it: until [`open_to_parent`] takes it, a later sample of `addr` replaces it, the
+/// overlay attaches elsewhere ([`drop_sampled_except`]), the identity is reloaded, or `ttl`
+/// passes.
 pub(crate) fn keep_sampled(
     shared: &Arc<Shared>,
     addr: &str,
     conn: quinn::Connection,
     ttl: Duration,
 ) {
-    let id = conn.stable_id();
+    let id = KEPT.fetch_add(1, Ordering::Relaxed);
     let replaced = {
         let mut kept = shared.sampled.lock();
         if kept.len() >= MAX_SAMPLED_KEPT && !kept.contains_key(addr) {
             return;
         }
-        kept.insert(addr.to_string(), conn)
+        kept.insert(addr.to_string(), (id, conn))
     };
     drop(replaced);
     let (s, addr) = (shared.clone(), addr.to_string());
@@ -75,7 +80,7 @@ pub(crate) fn keep_sampled(
         let stale = {
             let mut kept = s.sampled.lock();
             match kept.get(&addr) {
-                Some(c) if c.stable_id() == id => kept.remove(&addr),
+                Some((i, _)) if *i == id => kept.remove(&addr),
                 _ => None,
             }
         };
@@ -98,24 +103,35 @@ pub(crate) fn drop_sampled_except(shared: &Shared, addr: &str) {
     drop(others);
 }
 
-/// A connection to subscribe to `addr` over: the one a sample just made, while it is open
-/// and the peer's certificate valid (one handshake fewer on a join), else a new one.
-pub(crate) async fn connect_to_parent(
+/// Closes every kept sample connection (the identity they were made with was replaced).
+pub(crate) fn drop_sampled(shared: &Shared) {
+    let all = std::mem::take(&mut *shared.sampled.lock());
+    drop(all);
+}
+
+/// A connection to `addr` and a new stream on it, to subscribe over: the connection a
+/// sample just made, while it is open and the peer's certificate valid (one handshake fewer
+/// on a join), else, or when that one fails to open a stream, a new connection.
+pub(crate) async fn open_to_parent(
     shared: &Shared,
     addr: &str,
-) -> Result<quinn::Connection, NodeError> {
-    let kept = shared.sampled.lock().remove(addr);
-    match kept {
-        Some(c) if c.close_reason().is_none() && !transport::peer_expired(&c) => {
-            shared.metrics.attach_connections_sampled.increment(1);
-            Ok(c)
-        }
-        _ => {
-            let c = connect(shared, addr).await?;
-            shared.metrics.attach_connections_dialed.increment(1);
-            Ok(c)
+) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), NodeError> {
+    let kept = shared.sampled.lock().remove(addr).map(|(_, c)| c);
+    if let Some(c) = kept {
+        if c.close_reason().is_none() && !transport::peer_expired(&c) {
+            if let Ok((send, recv)) = c.open_bi().await {
+                shared.metrics.attach_connections_sampled.increment(1);
+                return Ok((c, send, recv));
+            }
         }
     }
+    let c = connect(shared, addr).await?;
+    let (send, recv) = c.open_bi().await.map_err(|e| NodeError::Connect {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    })?;
+    shared.metrics.attach_connections_dialed.increment(1);
+    Ok((c, send, recv))
 }
 
 /// A reply to a request this node makes, with the bounds it is read within: its largest

@@ -157,7 +157,8 @@ pub struct Shared {
     /// Connections that samples of an unattached node just used, by address: the attach
     /// that follows the samples takes its parent's from here instead of making a new
     /// handshake ([`super::net::keep_sampled`]).
-    pub(crate) sampled: Mutex<BTreeMap<String, quinn::Connection>>,
+    /// Each with the number that tells its time-to-live task it is still the one kept.
+    pub(crate) sampled: Mutex<BTreeMap<String, (u64, quinn::Connection)>>,
     /// Which core address a relay tries first (rotates on failure).
     pub(crate) core_pick: AtomicUsize,
     pub(crate) batcher: OnceLock<mpsc::UnboundedSender<QueuedProposal>>,

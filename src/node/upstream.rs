@@ -35,7 +35,7 @@ use super::downstream::{dispatch, MAX_SUGGESTED_SOURCES};
 use super::error::{code, NodeError};
 use super::failpoint;
 use super::inspect::MAX_TREE_DEPTH;
-use super::net::connect_to_parent;
+use super::net::open_to_parent;
 use super::overlay_driver::{self, peer_from_proto};
 use super::propose;
 use super::shared::{Shared, State, UpstreamCommand};
@@ -154,15 +154,9 @@ async fn open_link(
     addr: &str,
     sub: proto::Subscribe,
 ) -> Result<(Link, RawFrame, proto::SubscribeOk), UpstreamError> {
-    let conn = connect_to_parent(shared, addr)
+    let (conn, mut send, mut recv) = open_to_parent(shared, addr)
         .await
         .map_err(UpstreamError::Connect)?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
-        UpstreamError::Connect(NodeError::Connect {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })
-    })?;
     transport::write_frame(
         &mut send,
         &proto::Request {
