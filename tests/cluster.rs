@@ -247,17 +247,16 @@ async fn core_and_five_relays_stay_identical() {
     assert!(metrics.contains("canopy_relayed_bytes_total"));
 }
 
-/// A relay joining a lone core subscribes over the connection its sample of the core just
-/// made: one handshake, not two. The connection is not held twice: the core serves the one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_join_subscribes_over_the_connection_of_its_sample() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_pki, core, r1, c) = core_and_relay(dir.path()).await;
-    wait_until(30, "r1 to attach to the core", || async {
-        status(&c, &r1).await.is_some_and(|s| s["parent"] == "core")
+/// Waits until `relay` is attached to the node named `core`; returns how many of its
+/// subscriptions went over a sample's connection and how many over a new one.
+async fn attached_over(c: &reqwest::Client, relay: &Proc) -> (f64, f64) {
+    wait_until(30, "the relay to attach to the core", || async {
+        status(c, relay)
+            .await
+            .is_some_and(|s| s["parent"] == "core")
     })
     .await;
-    let text = metrics(&c, &r1).await;
+    let text = metrics(c, relay).await;
     let how = |h: &str| {
         metric_labelled(
             &text,
@@ -265,16 +264,40 @@ async fn a_join_subscribes_over_the_connection_of_its_sample() {
             &format!("how=\"{h}\""),
         )
     };
+    (how("sampled"), how("dialed"))
+}
+
+/// A relay joining a lone core subscribes over the connection its sample of the core just
+/// made: one handshake, not two. The connection is not held twice: the core serves the one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_subscribes_over_the_connection_of_its_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_pki, core, r1, c) = core_and_relay(dir.path()).await;
     assert_eq!(
-        (how("sampled"), how("dialed")),
+        attached_over(&c, &r1).await,
         (1.0, 0.0),
         "connections r1 subscribed over (sampled, dialed)"
     );
+    let text = metrics(&c, &r1).await;
     assert!(metric_value(&text, "canopy_samples_total").unwrap_or(0.0) >= 1.0);
     wait_until(10, "the core to serve one connection", || async {
         metric_value(&metrics(&c, &core).await, "canopy_connections_served") == Some(1.0)
     })
     .await;
+}
+
+/// A kept sample connection that is gone by the time of the attach (closed at once by a
+/// failpoint) costs a new handshake, not the join: the relay dials anew and attaches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_dials_anew_when_its_samples_connection_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let lose = [("CANOPY_FAILPOINT_LOSE_SAMPLED", "1")];
+    let (_pki, _core, r1, c) = core_and_relay_env(dir.path(), &lose).await;
+    assert_eq!(
+        attached_over(&c, &r1).await,
+        (0.0, 1.0),
+        "connections r1 subscribed over (sampled, dialed)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,9 @@
 //!   own key), name itself the core, and acknowledge proposals without committing them.
 //! - `CANOPY_FAILPOINT_ECLIPSE=1`: answer samples with no peers, so that a node joining
 //!   through this one learns of no other (an eclipse attack, when combined with `ROGUE`).
+//! - `CANOPY_FAILPOINT_LOSE_SAMPLED=1`: close each sample connection an unattached node
+//!   keeps for its attach as soon as it is kept (as if the peer had gone away), so that the
+//!   attach has to dial anew.
 //! - `CANOPY_FAILPOINT_DECLARE_NAME=NAME`: subscribe under NAME, not the certificate's name.
 //! - `CANOPY_FAILPOINT_WRITE_ANYWAY=1`: a reader forwards writes to the core instead of
 //!   refusing them itself.
@@ -93,6 +96,11 @@ pub(crate) fn write_anyway() -> bool {
 /// Whether this node hides every other peer from the nodes that sample it.
 pub(crate) fn eclipses() -> bool {
     set("CANOPY_FAILPOINT_ECLIPSE")
+}
+
+/// Whether this node loses the sample connections it keeps for its attach at once.
+pub(crate) fn loses_sampled() -> bool {
+    set("CANOPY_FAILPOINT_LOSE_SAMPLED")
 }
 
 /// Whether this node plays a rogue relay.

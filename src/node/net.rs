@@ -63,6 +63,12 @@ pub(crate) fn keep_sampled(
     ttl: Duration,
 ) {
     let id = KEPT.fetch_add(1, Ordering::Relaxed);
+    if super::failpoint::loses_sampled() {
+        conn.close(
+            quinn::VarInt::from_u32(0),
+            b"failpoint: sample connection lost",
+        );
+    }
     let replaced = {
         let mut kept = shared.sampled.lock();
         if kept.len() >= MAX_SAMPLED_KEPT && !kept.contains_key(addr) {

@@ -517,13 +517,21 @@ pub async fn wait_leader(c: &reqwest::Client, core: &Proc) {
 /// relay `r1` started below it (not waited for): the setup most two-node tests begin with.
 /// The [`Pki`] is returned for restarts and further certificates.
 pub async fn core_and_relay(root: &Path) -> (Pki, Proc, Proc, reqwest::Client) {
+    core_and_relay_env(root, &[]).await
+}
+
+/// [`core_and_relay`] with extra environment variables for the relay (fault injection).
+pub async fn core_and_relay_env(
+    root: &Path,
+    env: &[(&str, &str)],
+) -> (Pki, Proc, Proc, reqwest::Client) {
     let pki = Pki::new(root);
     pki.issue("core", "core");
     pki.issue("r1", "relay");
     let core = Proc::start(root, &pki, "core", true, &[], &[]);
     let c = http();
     wait_leader(&c, &core).await;
-    let r1 = Proc::start(root, &pki, "r1", false, &[core.quic], &[]);
+    let r1 = Proc::start_env(root, &pki, "r1", false, &[core.quic], &[], env);
     (pki, core, r1, c)
 }
 
