@@ -531,6 +531,7 @@ impl NodeMetrics {
                 metrics::counter!(name, "node" => n.clone(), label => *v).absolute(0);
             }
         };
+        let counter_by = |name: &'static str, label: &'static str, value: &'static str| metrics::counter!(name, "node" => n.clone(), label => value);
         by("canopy_resyncs_total", "reason", RESYNC_REASONS);
         by("canopy_reparents_total", "reason", REPARENT_REASONS);
         by("canopy_untrusted_frames_total", "reason", UNTRUSTED_REASONS);
@@ -558,15 +559,15 @@ impl NodeMetrics {
             resumes_served: metrics::counter!("canopy_resumes_served_total", &l),
             full_transfers_received: metrics::counter!("canopy_full_transfers_received_total", &l),
             proposals: metrics::counter!("canopy_proposals_total", &l),
-            backfill_received: metrics::counter!(
+            backfill_received: counter_by(
                 "canopy_backfill_received_bytes_total",
-                "node" => n.clone(),
-                "source" => "parent"
+                "source",
+                "parent",
             ),
-            backfill_received_peers: metrics::counter!(
+            backfill_received_peers: counter_by(
                 "canopy_backfill_received_bytes_total",
-                "node" => n.clone(),
-                "source" => "peer"
+                "source",
+                "peer",
             ),
             backfill_served: metrics::counter!("canopy_backfill_served_bytes_total", &l),
             backfill_prefaulted: metrics::counter!("canopy_backfill_prefaulted_bytes_total", &l),
@@ -580,15 +581,15 @@ impl NodeMetrics {
             heartbeats_received: metrics::counter!("canopy_heartbeats_received_total", &l),
             connections_served: metrics::gauge!("canopy_connections_served", &l),
             samples: metrics::counter!("canopy_samples_total", &l),
-            attach_connections_sampled: metrics::counter!(
+            attach_connections_sampled: counter_by(
                 "canopy_attach_connections_total",
-                "node" => n.clone(),
-                "how" => "sampled"
+                "how",
+                "sampled",
             ),
-            attach_connections_dialed: metrics::counter!(
+            attach_connections_dialed: counter_by(
                 "canopy_attach_connections_total",
-                "node" => n.clone(),
-                "how" => "dialed"
+                "how",
+                "dialed",
             ),
             parent_link_sent: metrics::gauge!(
                 "canopy_parent_link_datagrams",

@@ -8,8 +8,7 @@
 //! `MADV_POPULATE_WRITE` per contiguous run (about half the cost per page), on another
 //! thread if the caller likes, while the caller goes on. quinn's datagram buffers and the
 //! kept frames are then cut from memory already in place (docs/benchmarks.md, "A join's heap
-//! faulted in ahead"). [`Prefaulted::heap`] does both on the calling thread. It assumes
-//! glibc's allocator and that the calling thread is the one that allocates what the transfer
+//! faulted in ahead"). It assumes glibc's allocator and that the calling thread is the one that allocates what the transfer
 //! keeps (a relay's one tokio worker).
 //!
 //! Invariants:
@@ -37,14 +36,14 @@ pub struct Prefaulted {
     /// The last block allocated, kept so that the others, freed, are not the heap's top;
     /// shared with the [`Populate`] of the same growth.
     _guard: Option<Arc<Vec<u8>>>,
-    bytes: usize,
 }
 
 /// Most bytes one `madvise` populates: 2 MiB, under a millisecond of the kernel's time.
 pub const SLICE: usize = 2 << 20;
 
-/// Whether this kernel and allocator can populate: one probe, on first use.
-fn can_populate() -> bool {
+/// Whether this kernel and allocator can populate: one probe, on first use. Where they
+/// cannot, [`Prefaulted::reserve`] allocates nothing.
+pub fn can_populate() -> bool {
     static CAN: OnceLock<bool> = OnceLock::new();
     *CAN.get_or_init(|| cfg!(all(target_os = "linux", target_env = "gnu")) && probe())
 }
@@ -59,24 +58,12 @@ impl Prefaulted {
     /// back to it; as large as that allows, since each block's header costs one trap.
     pub const BLOCK: usize = 124 << 10;
 
-    /// Faults in about `bytes` (at most [`Prefaulted::MAX_BYTES`]) of the calling thread's
-    /// heap, on this thread. Call on the thread that will allocate what the transfer keeps,
-    /// when the transfer's size is known and before its data flows, and keep the result
-    /// until the transfer ends.
-    pub fn heap(bytes: usize) -> Self {
-        let (mut warm, populate) = Self::reserve(bytes);
-        warm.bytes = populate.run();
-        if warm.bytes == 0 {
-            return Self::default();
-        }
-        warm
-    }
-
     /// Grows the calling thread's heap by about `bytes` (at most
     /// [`Prefaulted::MAX_BYTES`]) and frees it again, all but the guard block, without
     /// faulting it in: the returned [`Populate`] does that, on any thread (another core,
-    /// while this thread goes on receiving). Call as [`Prefaulted::heap`]; keep the
-    /// `Prefaulted` until the transfer ends.
+    /// while this thread goes on receiving). Call on the thread that will allocate what the
+    /// transfer keeps, when the transfer's size is known and before its data flows, and keep
+    /// the `Prefaulted` until the transfer ends.
     pub fn reserve(bytes: usize) -> (Self, Populate) {
         let n = bytes.min(Self::MAX_BYTES) / Self::BLOCK;
         if n < 2 || !can_populate() {
@@ -101,17 +88,7 @@ impl Prefaulted {
             runs: runs(&ranges),
             _guard: guard.clone(),
         };
-        let warm = Self {
-            _guard: guard,
-            bytes: 0,
-        };
-        (warm, populate)
-    }
-
-    /// Bytes faulted in (0 where the kernel cannot populate, and after
-    /// [`Prefaulted::reserve`], whose [`Populate::run`] tells instead).
-    pub fn bytes(&self) -> usize {
-        self.bytes
+        (Self { _guard: guard }, populate)
     }
 }
 
@@ -124,6 +101,11 @@ pub struct Populate {
 }
 
 impl Populate {
+    /// Whether there is nothing to fault in (a growth too small, or a kernel that cannot).
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
     /// Faults the pages in, with `MADV_POPULATE_WRITE` over each contiguous run in slices of
     /// at most [`SLICE`], on the calling thread; returns the bytes faulted in. The ranges
     /// are free for the allocator to hand out meanwhile, which populating does not disturb.
@@ -133,7 +115,7 @@ impl Populate {
             let mut at = start;
             while at < end {
                 let to = end.min(at.saturating_add(SLICE));
-                populated += populate(at, to).unwrap_or(0);
+                populated += populate(at, to);
                 at = to;
             }
         }
@@ -164,11 +146,6 @@ fn page_size() -> usize {
     usize::try_from(p).unwrap_or(4096).max(1)
 }
 
-/// The kernel refused to populate a range (memory short, or no longer mapped writable):
-/// the next range is tried all the same.
-#[derive(Debug)]
-struct NotPopulated;
-
 /// Whether the kernel knows `MADV_POPULATE_WRITE`: advice over no bytes is checked and
 /// then does nothing (0), unknown advice is refused (`EINVAL`).
 #[cfg(target_os = "linux")]
@@ -185,14 +162,16 @@ fn probe() -> bool {
     false
 }
 
-/// Populates the whole pages of `[start, end)` for writing.
+/// Populates the whole pages of `[start, end)` for writing; returns the bytes populated, 0
+/// where the kernel refused (memory short, or the range no longer mapped writable: the next
+/// range is tried all the same).
 #[cfg(target_os = "linux")]
-fn populate(start: usize, end: usize) -> Result<usize, NotPopulated> {
+fn populate(start: usize, end: usize) -> usize {
     let page = page_size();
     let from = start.next_multiple_of(page);
     let to = end / page * page;
     if to <= from {
-        return Ok(0);
+        return 0;
     }
     // SAFETY: the range lies within blocks just allocated from a glibc heap and freed back
     // to it, with only the allocator's chunk headers between adjacent ones (`runs`); the
@@ -206,15 +185,16 @@ fn populate(start: usize, end: usize) -> Result<usize, NotPopulated> {
             libc::MADV_POPULATE_WRITE,
         )
     };
-    match r {
-        0 => Ok(to - from),
-        _ => Err(NotPopulated),
+    if r == 0 {
+        to - from
+    } else {
+        0
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn populate(_start: usize, _end: usize) -> Result<usize, NotPopulated> {
-    Err(NotPopulated)
+fn populate(_start: usize, _end: usize) -> usize {
+    0
 }
 
 #[cfg(test)]
@@ -255,27 +235,29 @@ mod tests {
 
     #[test]
     fn a_tiny_transfer_allocates_nothing() {
-        let p = Prefaulted::heap(Prefaulted::BLOCK);
+        let (p, populate) = Prefaulted::reserve(Prefaulted::BLOCK);
         assert!(p._guard.is_none());
-        assert_eq!(p.bytes(), 0);
+        assert!(populate.is_empty());
+        assert_eq!(populate.run(), 0);
     }
 
     #[test]
     fn it_faults_in_about_what_was_asked_and_keeps_one_block() {
-        let p = Prefaulted::heap(4 << 20);
-        if p.bytes() == 0 {
+        let (p, populate) = Prefaulted::reserve(4 << 20);
+        if !can_populate() {
             // This kernel or allocator cannot: nothing is kept.
             assert!(p._guard.is_none());
             return;
         }
+        let bytes = populate.run();
         assert_eq!(
             p._guard.as_ref().map(|g| g.capacity()),
             Some(Prefaulted::BLOCK)
         );
         let blocks = (4 << 20) / Prefaulted::BLOCK;
         let floor = blocks * Prefaulted::BLOCK - blocks * 2 * page_size();
-        assert!(p.bytes() >= floor, "{} < {floor}", p.bytes());
-        let capped = Prefaulted::heap(usize::MAX);
-        assert!(capped.bytes() <= Prefaulted::MAX_BYTES);
+        assert!(bytes >= floor, "{bytes} < {floor}");
+        let (_capped, populate) = Prefaulted::reserve(usize::MAX);
+        assert!(populate.run() <= Prefaulted::MAX_BYTES);
     }
 }

@@ -38,7 +38,7 @@ async fn returning_relays_fetch_only_what_changed() {
     assert!(std::fs::read(&r1.file).unwrap() == core_file);
     // The heap was faulted in for the whole transfer, beside its chunks (where this kernel
     // can populate: Linux 5.14 and later).
-    if canopy::prefault::Prefaulted::heap(1 << 20).bytes() > 0 {
+    if canopy::prefault::can_populate() {
         let expected = SIZE.min(canopy::prefault::Prefaulted::MAX_BYTES) as f64;
         wait_until(30, "the transfer's heap to be faulted in", || async {
             let text = metrics(&c, &r1).await;

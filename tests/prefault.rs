@@ -1,6 +1,7 @@
 //! A transfer's memory, faulted in ahead (`canopy::prefault`) by another thread, takes no
-//! page fault when the transfer's frames are then allocated and written. Its own test binary, so that no other
-//! test's thread shares (and takes) the heap it warms. glibc and Linux only.
+//! page fault when the transfer's frames are then allocated and written. Its own test
+//! binary, so that no other test's thread shares (and takes) the heap it warms. glibc and
+//! Linux only.
 #![cfg(all(target_os = "linux", target_env = "gnu"))]
 
 use canopy::prefault::Prefaulted;

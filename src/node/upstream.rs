@@ -547,6 +547,9 @@ fn prefault_missing(shared: &Shared) -> Prefaulted {
         .unwrap_or((0, 0));
     let bytes = usize::try_from(len.saturating_sub(held)).unwrap_or(usize::MAX);
     let (warm, populate) = Prefaulted::reserve(bytes);
+    if populate.is_empty() {
+        return warm;
+    }
     let counter = shared.metrics.backfill_prefaulted.clone();
     let node = shared.cfg.name.clone();
     tokio::task::spawn_blocking(move || {
