@@ -109,10 +109,13 @@ pub(crate) fn drop_sampled_except(shared: &Shared, addr: &str) {
     drop(others);
 }
 
-/// Closes every kept sample connection (the identity they were made with was replaced).
+/// Closes every kept sample connection (the identity they were made with was replaced),
+/// at once, even where an exchange still holds a handle to one.
 pub(crate) fn drop_sampled(shared: &Shared) {
     let all = std::mem::take(&mut *shared.sampled.lock());
-    drop(all);
+    for (_, (_, conn)) in all {
+        conn.close(quinn::VarInt::from_u32(0), b"identity reloaded");
+    }
 }
 
 /// A connection to `addr` and a new stream on it, to subscribe over: the connection a
@@ -296,4 +299,83 @@ pub(crate) fn explain_certificate_failure(shared: &Shared, addr: &str, e: &NodeE
         );
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::config::{NodeKind, StreamConfig};
+    use crate::consensus::RaftConfig;
+    use crate::measure::start_local_node;
+    use crate::tls::{self, Identity, Role};
+
+    /// A relay that reloads its identity closes the sample connections it kept, made with
+    /// the identity it replaced, though their time to live has not passed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_identity_reload_closes_the_kept_sample_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, certs, data) = (
+            dir.path().join("ca"),
+            dir.path().join("tls"),
+            dir.path().join("data"),
+        );
+        tls::ca_init(&ca).unwrap();
+        tls::cert_issue(&ca, "core-0", Role::Core, &certs).unwrap();
+        tls::cert_issue(&ca, "relay-0", Role::Relay, &certs).unwrap();
+        let shutdown = CancellationToken::new();
+        let core = start_local_node(
+            "core-0",
+            &certs,
+            &data,
+            NodeKind::Core {
+                raft: RaftConfig::default(),
+                init: true,
+                peers: Vec::new(),
+            },
+            StreamConfig::default(),
+            shutdown.child_token(),
+        )
+        .await
+        .unwrap();
+        let relay = start_local_node(
+            "relay-0",
+            &certs,
+            &data,
+            NodeKind::Relay {
+                join: vec![core.quic.to_string()],
+            },
+            StreamConfig::default(),
+            shutdown.child_token(),
+        )
+        .await
+        .unwrap();
+        let shared = &relay.node.0;
+        let addr = core.quic.to_string();
+        let conn = connect(shared, &addr).await.unwrap();
+        keep_sampled(shared, &addr, conn.clone(), Duration::from_secs(600));
+        assert!(
+            shared.sampled.lock().contains_key(&addr),
+            "the connection is kept"
+        );
+
+        let id = Identity::load(&certs, "relay-0").unwrap();
+        relay.node.reload_identity(id).unwrap();
+        assert!(
+            shared.sampled.lock().is_empty(),
+            "nothing is kept after the reload"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while conn.close_reason().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the kept connection is still open 10 s after the reload"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shutdown.cancel();
+    }
 }
