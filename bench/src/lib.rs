@@ -46,6 +46,15 @@ pub fn disk_write_bytes(pid: impl std::fmt::Display) -> Option<u64> {
 
 pub use canopy::measure::voluntary_switches;
 
+/// One RESP line starting at `at`: its bytes before the `\r\n` and where the next begins;
+/// `None` while `buf` does not hold the whole line. What `prop-sub` reads from Redis and
+/// `quinn-tree` from its clients.
+pub fn resp_line(buf: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    let rest = buf.get(at..)?;
+    let i = rest.windows(2).position(|w| w == b"\r\n")?;
+    Some((&rest[..i], at + i + 2))
+}
+
 /// Parses `KEY=VALUE`: VALUE as JSON when it is a JSON number, bool, array or object, else as
 /// a string.
 pub fn parse_kv(s: &str) -> Result<(String, serde_json::Value), String> {

@@ -62,7 +62,7 @@
 
 use canopy::measure::percentile;
 use canopy_bench::etcd_gateway::{self, base};
-use canopy_bench::{cpu_seconds, disk_write_bytes, voluntary_switches};
+use canopy_bench::{cpu_seconds, disk_write_bytes, resp_line, voluntary_switches};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -358,18 +358,12 @@ enum Resp {
     Array(Vec<Resp>),
 }
 
-fn parse_line(buf: &[u8], at: usize) -> Option<(&[u8], usize)> {
-    let rest = buf.get(at..)?;
-    let i = rest.windows(2).position(|w| w == b"\r\n")?;
-    Some((&rest[..i], at + i + 2))
-}
-
 /// Parses one value at `at`; `None` if the buffer does not hold all of it yet.
 fn parse_resp(buf: &[u8], at: usize) -> anyhow::Result<Option<(Resp, usize)>> {
     let Some(&tag) = buf.get(at) else {
         return Ok(None);
     };
-    let Some((line, next)) = parse_line(buf, at + 1) else {
+    let Some((line, next)) = resp_line(buf, at + 1) else {
         return Ok(None);
     };
     let text = std::str::from_utf8(line)?;
