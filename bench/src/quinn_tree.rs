@@ -499,6 +499,8 @@ mod tests {
             vec![Bytes::from("SET"), Bytes::from("k"), Bytes::from("hello")]
         );
         assert!(parse_command(b"*1\r\n$99999999999\r\n").is_err());
+        assert!(parse_command(b"*17\r\n").is_err(), "more than 16 arguments");
+        assert!(parse_command(b"*99999999999\r\n").is_err());
         assert!(parse_command(b"PING\r\n").is_err());
     }
 }
