@@ -100,7 +100,9 @@ pub const DEFAULT_API: SocketAddr =
 #[derive(clap::Args, Debug, Clone)]
 #[command(after_help = NODE_EXIT_CODES)]
 pub struct NodeArgs {
-    /// TOML file with the same keys as the flags (flags win); a `[stream]` table tunes streaming.
+    /// TOML file of these settings, named as the flags (flags win), except `peers = [...]` for
+    /// `--peer` and `[stream] fanout` for `--fanout` (`--log` has none); `[stream]`, `[overlay]`,
+    /// `[materialize]`, `[limits]` and `[raft]` tables tune the rest (deploy/*.toml).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// This node's name; its certificate must be `--tls/NAME.pem`.
@@ -340,7 +342,8 @@ pub fn init_logging(filter: &str) {
 pub struct CoreNodeCli {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Form a one-member cluster on first start (harmless if already initialized).
+    /// Form the cluster of the `--peer` members (without `--peer`, a one-member cluster) on
+    /// first start; harmless if already initialized.
     #[arg(long)]
     pub init: bool,
 }
