@@ -275,14 +275,29 @@ pub async fn read_raw(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<Option<RawFrame>, StreamError> {
-    read_raw_by_kind(recv, max, |_| max).await
+    read_capped(recv, max, |_| max).await
 }
 
-/// [`read_raw`] with a cap that depends on what the frame carries: `cap_of` gets the
-/// number of the frame's first field ([`wire::first_field`]: which oneof variant a
-/// `Request` or `Downstream` holds) once its first byte is in, and the frame is refused if
-/// it is longer than the cap, before anything is allocated for it.
+/// [`read_raw`] of a frame whose message is one oneof (`Request`, `Downstream`), with a cap
+/// that depends on which variant it carries: `cap_of` gets the number of the frame's first
+/// field ([`wire::first_field`]) once its first byte is in, and the frame is refused if it
+/// is longer than the cap, before anything is allocated for it. Once read, a frame with any
+/// other top-level field is refused ([`wire::check_one_kind`]): a decoder would keep that
+/// variant, which the cap and the caller's count bounds were not chosen for.
 pub async fn read_raw_by_kind(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    cap_of: impl FnOnce(u32) -> usize,
+) -> Result<Option<RawFrame>, StreamError> {
+    let Some(raw) = read_capped(recv, max, cap_of).await? else {
+        return Ok(None);
+    };
+    let body = &raw.frame[PREFIX_LEN..];
+    wire::check_one_kind(body, wire::first_field(body))?;
+    Ok(Some(raw))
+}
+
+async fn read_capped(
     recv: &mut quinn::RecvStream,
     max: usize,
     cap_of: impl FnOnce(u32) -> usize,

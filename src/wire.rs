@@ -29,6 +29,8 @@ pub enum WireError {
     Truncated,
     #[error("malformed frame: {0}")]
     Malformed(&'static str),
+    #[error("a frame that began as kind {first} also holds kind {other}")]
+    MixedKinds { first: u32, other: u32 },
     #[error("{count} {what} in one frame, over the limit of {max}")]
     TooMany {
         what: &'static str,
@@ -207,33 +209,7 @@ pub fn count_field(body: &[u8], path: &[u32], field: u32) -> Result<u64, WireErr
     let mut count = 0u64;
     let mut rest = body;
     while !rest.is_empty() {
-        let key = read_varint(&mut rest)?;
-        let number = u32::try_from(key >> 3).map_err(|_| WireError::Malformed("field number"))?;
-        let value: Option<&[u8]> = match key & 7 {
-            0 => {
-                read_varint(&mut rest)?;
-                None
-            }
-            1 => {
-                rest = rest.get(8..).ok_or(WireError::Malformed("fixed64"))?;
-                None
-            }
-            5 => {
-                rest = rest.get(4..).ok_or(WireError::Malformed("fixed32"))?;
-                None
-            }
-            2 => {
-                let len = usize::try_from(read_varint(&mut rest)?)
-                    .map_err(|_| WireError::Malformed("length"))?;
-                if len > rest.len() {
-                    return Err(WireError::Malformed("length past the end"));
-                }
-                let (v, r) = rest.split_at(len);
-                rest = r;
-                Some(v)
-            }
-            _ => return Err(WireError::Malformed("wire type")),
-        };
+        let (number, value) = next_field(&mut rest)?;
         match path.split_first() {
             None if number == field => count += 1,
             Some((first, deeper)) if *first == number => {
@@ -245,6 +221,80 @@ pub fn count_field(body: &[u8], path: &[u32], field: u32) -> Result<u64, WireErr
         }
     }
     Ok(count)
+}
+
+/// How many elements the repeated varint field `field` holds in the message reached from
+/// `body` through `path`, packed or not: [`count_field`] counts a packed run as the one
+/// field it is on the wire, where a decoder makes an element of every varint in it.
+pub fn count_packed_varints(body: &[u8], path: &[u32], field: u32) -> Result<u64, WireError> {
+    let mut count = 0u64;
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (number, value) = next_field(&mut rest)?;
+        match path.split_first() {
+            None if number == field => {
+                count += value.map_or(1, |v| v.iter().filter(|&&b| b < 0x80).count() as u64);
+            }
+            Some((first, deeper)) if *first == number => {
+                if let Some(v) = value {
+                    count += count_packed_varints(v, deeper, field)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(count)
+}
+
+/// Checks that every top-level field of `body` has the number `kind`. A frame whose message
+/// is one oneof (`Request`, `Downstream`) holds one variant, and a decoder keeps the last
+/// one it meets: a frame capped and counted as the kind its first field named must not end
+/// as another kind, with fields that no bound counted for that kind.
+pub fn check_one_kind(body: &[u8], kind: u32) -> Result<(), WireError> {
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (number, _) = next_field(&mut rest)?;
+        if number != kind {
+            return Err(WireError::MixedKinds {
+                first: kind,
+                other: number,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Takes one field off the front of `rest`: its number, and its value when it is
+/// length-delimited.
+fn next_field<'a>(rest: &mut &'a [u8]) -> Result<(u32, Option<&'a [u8]>), WireError> {
+    let key = read_varint(rest)?;
+    let number = u32::try_from(key >> 3).map_err(|_| WireError::Malformed("field number"))?;
+    let value = match key & 7 {
+        0 => {
+            read_varint(rest)?;
+            None
+        }
+        1 => {
+            *rest = rest.get(8..).ok_or(WireError::Malformed("fixed64"))?;
+            None
+        }
+        5 => {
+            *rest = rest.get(4..).ok_or(WireError::Malformed("fixed32"))?;
+            None
+        }
+        2 => {
+            let len =
+                usize::try_from(read_varint(rest)?).map_err(|_| WireError::Malformed("length"))?;
+            if len > rest.len() {
+                return Err(WireError::Malformed("length past the end"));
+            }
+            let (v, r) = rest.split_at(len);
+            *rest = r;
+            Some(v)
+        }
+        _ => return Err(WireError::Malformed("wire type")),
+    };
+    Ok((number, value))
 }
 
 fn read_varint(buf: &mut &[u8]) -> Result<u64, WireError> {
@@ -277,6 +327,59 @@ mod tests {
     use super::*;
     use crate::proto;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_frame_of_two_kinds_is_refused() {
+        let sub = prost::Message::encode_to_vec(&proto::Request {
+            kind: Some(proto::request::Kind::Subscribe(proto::Subscribe::default())),
+        });
+        let raft = prost::Message::encode_to_vec(&proto::Request {
+            kind: Some(proto::request::Kind::Raft(proto::RaftRpc {
+                kind: Some(proto::raft_rpc::Kind::AppendEntries(proto::AppendEntries {
+                    entries: vec![proto::RaftEntry::default(); 3],
+                    ..Default::default()
+                })),
+            })),
+        });
+        check_one_kind(&sub, first_field(&sub)).unwrap();
+        check_one_kind(&raft, first_field(&raft)).unwrap();
+        check_one_kind(&[sub.clone(), sub.clone()].concat(), 1).unwrap();
+        check_one_kind(&[], 0).unwrap();
+        let mixed = [sub.clone(), raft.clone()].concat();
+        assert_eq!(first_field(&mixed), 1);
+        assert!(matches!(
+            check_one_kind(&mixed, first_field(&mixed)),
+            Err(WireError::MixedKinds { first: 1, other: 3 })
+        ));
+        let decoded: proto::Request = prost::Message::decode(&mixed[..]).unwrap();
+        assert!(
+            matches!(decoded.kind, Some(proto::request::Kind::Raft(_))),
+            "a decoder keeps the last kind, which is why the check exists"
+        );
+        assert_eq!(count_field(&mixed, &[3, 1], 4).unwrap(), 3);
+    }
+
+    #[test]
+    fn packed_varints_are_counted_as_a_decoder_makes_them() {
+        let fetch = proto::FetchChunks {
+            indices: vec![0, 127, 128, u64::MAX, 5],
+            hashes: vec![Bytes::from_static(&[1; 32])],
+        };
+        let body = prost::Message::encode_to_vec(&fetch);
+        assert_eq!(count_field(&body, &[], 1).unwrap(), 1, "one packed run");
+        assert_eq!(count_packed_varints(&body, &[], 1).unwrap(), 5);
+        let mut unpacked = Vec::new();
+        for i in [3u64, 300] {
+            unpacked.extend_from_slice(&[0x08]);
+            prost::encoding::encode_varint(i, &mut unpacked);
+        }
+        let both = [unpacked, body.clone()].concat();
+        assert_eq!(count_packed_varints(&both, &[], 1).unwrap(), 7);
+        let req = prost::Message::encode_to_vec(&proto::Request {
+            kind: Some(proto::request::Kind::Fetch(fetch)),
+        });
+        assert_eq!(count_packed_varints(&req, &[7], 1).unwrap(), 5);
+    }
 
     #[test]
     fn counts_repeated_fields_without_decoding() {

@@ -252,7 +252,8 @@ pub struct RaftConfig {
     pub keep_logs_after_snapshot: u64,
     /// Most entries per AppendEntries RPC. Default 32: entries can be tens of MB each, so a
     /// batch stays bounded in memory (openraft's 300 assumes tiny entries). Every single entry
-    /// fits a frame ([`ENTRY_FRAME_OVERHEAD`]); a batch larger than a frame is split.
+    /// fits a frame ([`ENTRY_FRAME_OVERHEAD`]); a batch larger than a frame is split. At most
+    /// [`MAX_APPEND_ENTRIES`], the count a core member accepts in one RPC.
     pub max_payload_entries: u64,
     /// How often the leader proposes a root cross-check when entries were applied since the
     /// last one (0: never). Default 1000 ms: one tiny entry a second under load.
@@ -261,6 +262,11 @@ pub struct RaftConfig {
     /// is removed again). Default 90 s: a 10 GB file at 150 MB/s, with margin.
     pub catch_up_timeout_ms: u64,
 }
+
+/// Most entries a core member accepts in one AppendEntries, counted before the RPC is
+/// decoded (an empty entry is 2 bytes on the wire and a few hundred decoded). 4096: 128
+/// times the default `max_payload_entries`, so members with different settings still talk.
+pub const MAX_APPEND_ENTRIES: u64 = 4096;
 
 impl Default for RaftConfig {
     fn default() -> Self {
@@ -327,8 +333,11 @@ impl RaftConfig {
         if self.snapshot_every_entries == 0 {
             return invalid("snapshot_every_entries must be > 0".into());
         }
-        if self.max_payload_entries == 0 {
-            return invalid("max_payload_entries must be > 0".into());
+        if self.max_payload_entries == 0 || self.max_payload_entries > MAX_APPEND_ENTRIES {
+            return invalid(format!(
+                "max_payload_entries must be 1 to {MAX_APPEND_ENTRIES}, not {}",
+                self.max_payload_entries
+            ));
         }
         if self.catch_up_timeout_ms == 0 {
             return invalid("catch_up_timeout_ms must be > 0".into());

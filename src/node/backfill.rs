@@ -50,6 +50,15 @@ pub(crate) fn refuse_source(shared: &Shared, addr: &str, index: u64, from_parent
     );
 }
 
+/// The largest `FetchReply` a peer may send: one chunk and its index (the cap of a
+/// parent's `SnapshotChunk` too), so a source cannot make this node buffer a frame of
+/// `max_frame` for each fetch stream.
+fn fetch_reply_cap(cfg: &crate::config::StreamConfig) -> usize {
+    (cfg.chunk_size as usize)
+        .saturating_add(64)
+        .min(cfg.max_frame)
+}
+
 /// A multi-source transfer in progress; see the module docs.
 pub(crate) struct Transfer {
     shared: Arc<Shared>,
@@ -369,7 +378,7 @@ impl Source {
             loop {
                 let read = transport::read_frame::<proto::FetchReply>(
                     &mut recv,
-                    self.shared.cfg.stream.max_frame,
+                    fetch_reply_cap(&self.shared.cfg.stream),
                 );
                 let reply = match tokio::time::timeout(silent, read).await {
                     Err(_) if outstanding.load(Ordering::Acquire) == 0 => continue,

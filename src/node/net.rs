@@ -24,6 +24,7 @@ use crate::transport::{self, Expect};
 use crate::wire::{self, CountBound, WireError};
 
 use super::inspect::MAX_TREE_DEPTH;
+use super::overlay_driver::MAX_HELD_ZONES;
 
 use super::error::NodeError;
 use super::shared::Shared;
@@ -173,6 +174,18 @@ impl Reply for proto::SampleReply {
             field: 5,
             max: MAX_TREE_DEPTH as u64 + 1,
             what: "root path names in a sample reply",
+        },
+        CountBound {
+            path: &[1],
+            field: 10,
+            max: MAX_HELD_ZONES as u64,
+            what: "held zones in a sample reply",
+        },
+        CountBound {
+            path: &[2],
+            field: 10,
+            max: 64 * MAX_HELD_ZONES as u64,
+            what: "held zones in a sample reply",
         },
     ];
 }

@@ -29,11 +29,11 @@ use crate::tls::{self, Role};
 use crate::transport::{self, StreamError};
 use crate::wire::{self, CountBound, WireError};
 
-use super::downstream::{close_bad, serve_child, serve_fetch, MAX_FETCH_BATCH};
+use super::downstream::{self, close_bad, serve_child, serve_fetch, MAX_FETCH_BATCH};
 use super::error::NodeError;
 use super::failpoint;
 use super::inspect::{self, MAX_TREE_DEPTH};
-use super::overlay_driver::{self, peer_from_proto, peer_to_proto};
+use super::overlay_driver::{self, peer_from_proto, peer_to_proto, MAX_HELD_ZONES};
 use super::propose::{self, outcome_reply, MAX_HOPS};
 use super::shared::Shared;
 
@@ -135,7 +135,7 @@ fn request_cap(shared: &Shared, role: Role, field: u32) -> usize {
 }
 
 /// Bounds on the repeated fields of a `Request`, checked before it is decoded.
-fn request_counts(shared: &Shared) -> [CountBound; 6] {
+fn request_counts(shared: &Shared) -> [CountBound; 8] {
     let max_chunks = shared.cfg.stream.max_chunks();
     [
         CountBound {
@@ -169,6 +169,18 @@ fn request_counts(shared: &Shared) -> [CountBound; 6] {
             what: "root path names in a sample offer",
         },
         CountBound {
+            path: &[5, 1],
+            field: 10,
+            max: (MAX_SAMPLE_OFFER * MAX_HELD_ZONES) as u64,
+            what: "held zones in a sample offer",
+        },
+        CountBound {
+            path: &[3, 1],
+            field: 4,
+            max: crate::consensus::MAX_APPEND_ENTRIES,
+            what: "entries in an AppendEntries",
+        },
+        CountBound {
             path: &[7],
             field: 2,
             max: MAX_FETCH_BATCH as u64,
@@ -182,6 +194,7 @@ pub(crate) fn frame_reason(e: &StreamError) -> Option<&'static str> {
     match e {
         StreamError::Frame(WireError::TooLarge { .. }) => Some("frame_too_large"),
         StreamError::Frame(WireError::TooMany { .. }) => Some("too_many_elements"),
+        StreamError::Frame(WireError::MixedKinds { .. }) => Some("mixed_kinds"),
         _ => None,
     }
 }
@@ -199,7 +212,9 @@ async fn read_request(
     else {
         return Ok(None);
     };
-    wire::check_counts(&raw.body(), &request_counts(shared))?;
+    let body = raw.body();
+    wire::check_counts(&body, &request_counts(shared))?;
+    downstream::check_fetch_indices(&body, &[7])?;
     Ok(Some(raw.decode()?))
 }
 

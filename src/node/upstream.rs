@@ -36,6 +36,7 @@ use super::error::{code, NodeError};
 use super::failpoint;
 use super::inspect::MAX_TREE_DEPTH;
 use super::net::open_to_parent;
+use super::overlay_driver::MAX_HELD_ZONES;
 use super::overlay_driver::{self, peer_from_proto};
 use super::propose;
 use super::shared::{Shared, State, UpstreamCommand};

@@ -43,7 +43,7 @@ impl DownBounds {
         .min(self.max_frame)
     }
 
-    fn counts(&self) -> [CountBound; 10] {
+    fn counts(&self) -> [CountBound; 11] {
         let path = u64::from(MAX_TREE_DEPTH) + 1;
         let sources = MAX_SUGGESTED_SOURCES as u64;
         let b = |path: &'static [u32], field, max, what| CountBound {
@@ -62,6 +62,12 @@ impl DownBounds {
             b(&[7], 3, path, "root path names"),
             b(&[7], 4, sources, "fetch sources"),
             b(&[8, 2], 5, path, "root path names"),
+            b(
+                &[8, 2],
+                10,
+                MAX_HELD_ZONES as u64,
+                "held zones of a referral",
+            ),
             b(&[10], 1, MAX_SIGNER_CERTS, "signer certificates"),
         ]
     }
