@@ -24,7 +24,9 @@
 //! # Invariants
 //!
 //! * `len <= max_len`; every update that would make any intermediate length exceed `max_len`
-//!   is rejected as a whole before anything changes.
+//!   is rejected as a whole before anything changes, and so is one whose ops add more
+//!   chunks in all than a file of `max_len` has ([`crate::update::grown_chunks`]): an
+//!   update's cost in chunks is bounded by one whole file's, however its ops alternate.
 //! * `chunks.len() == ceil(len / chunk_size)` and chunk `i` has length
 //!   `min(chunk_size, len - i * chunk_size)`.
 //! * `levels[0][i] == BLAKE3(chunks[i])`; every stored upper level is consistent with the one
@@ -296,7 +298,9 @@ impl ChunkedFile {
         }
     }
 
-    /// The length the file would have after `update`, or `TooLarge` if any op overshoots.
+    /// The length the file would have after `update`, or `TooLarge` if any op overshoots,
+    /// or `TooMuchGrowth` if its ops add more chunks in all than a whole file has
+    /// ([`crate::update::grown_chunks`]).
     pub fn validate(&self, update: &Update) -> Result<u64, FileError> {
         let max = self.max_len;
         let mut len = self.len;
@@ -311,6 +315,18 @@ impl ChunkedFile {
             if len > max {
                 return Err(FileError::TooLarge { len, max });
             }
+        }
+        let grown = crate::update::grown_chunks(
+            self.len,
+            self.chunk_size,
+            update.ops.iter().map(Into::into),
+        );
+        let most = chunk_count_for(max, self.chunk_size);
+        if grown > most {
+            return Err(FileError::TooMuchGrowth {
+                chunks: grown,
+                max: most,
+            });
         }
         Ok(len)
     }
@@ -794,9 +810,14 @@ mod tests {
         Update { ops }
     }
 
-    fn model_apply(model: &[u8], update: &Update, max: u64) -> Option<Vec<u8>> {
+    /// The model's bytes after `update`, or None if some length would exceed `max` or the
+    /// ops would add more chunks of `cs` in all than a file of `max` has.
+    fn model_apply(model: &[u8], update: &Update, max: u64, cs: u32) -> Option<Vec<u8>> {
         let mut m = model.to_vec();
+        let chunks = |len: usize| (len as u64).div_ceil(u64::from(cs));
+        let mut grown = 0;
         for op in &update.ops {
+            let before = chunks(m.len());
             match op {
                 Op::Write { offset, data } => {
                     let end = offset.checked_add(data.len() as u64)?;
@@ -816,6 +837,10 @@ mod tests {
                     m.resize(*len as usize, 0);
                 }
             }
+            grown += chunks(m.len()).saturating_sub(before);
+        }
+        if grown > max.div_ceil(u64::from(cs)) {
+            return None;
         }
         Some(m)
     }
@@ -1079,6 +1104,38 @@ mod tests {
             len: 5,
             hash: empty
         }));
+    }
+
+    /// Ops that truncate to `max_len` and back again would add a whole file's chunks each
+    /// time (a few KB of proposal, billions of chunk entries): refused whole once their
+    /// growth passes one file's count; growing to `max_len` once is fine.
+    #[test]
+    fn an_update_adding_more_than_a_file_of_chunks_is_refused_whole() {
+        let mut f = ChunkedFile::from_bytes(4, 64, b"abcdef", 3).unwrap();
+        let root = f.root();
+        let err = f
+            .apply(4, &upd(vec![t(64), t(0), t(64), t(0)]))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            FileError::TooMuchGrowth {
+                chunks: 30,
+                max: 16
+            }
+        );
+        assert_eq!(
+            (f.to_vec(), f.root(), f.version()),
+            (b"abcdef".to_vec(), root, 3)
+        );
+        assert!(f
+            .apply_undoable(4, &upd(vec![t(0), t(64), t(0), w(63, b"x")]))
+            .is_err());
+        assert_eq!(
+            (f.to_vec(), f.root(), f.version()),
+            (b"abcdef".to_vec(), root, 3)
+        );
+        f.apply(4, &upd(vec![t(0), t(64), w(0, b"x")])).unwrap();
+        assert_eq!(f.len(), 64);
     }
 
     #[test]
@@ -1413,7 +1470,7 @@ mod tests {
                 let snap = f.clone();
                 let prev_root = f.root();
                 let res = f.apply(n as u64 + 1, u);
-                if let Some(next) = model_apply(&model, u, max) {
+                if let Some(next) = model_apply(&model, u, max, cs) {
                     prop_assert!(res.is_ok());
                     model = next;
                 }
@@ -1459,14 +1516,14 @@ mod tests {
                 }
                 let root = f.root();
                 let Ok(undo) = f.apply_undoable(n as u64 + 1, u) else {
-                    prop_assert!(model_apply(&model, u, max).is_none());
+                    prop_assert!(model_apply(&model, u, max, cs).is_none());
                     continue;
                 };
                 if *undo_it {
                     f.undo(undo);
                     prop_assert_eq!(f.root(), root);
                 } else {
-                    model = model_apply(&model, u, max).unwrap();
+                    model = model_apply(&model, u, max, cs).unwrap();
                 }
                 prop_assert_eq!(f.to_vec(), model.clone());
                 let fresh = ChunkedFile::from_bytes(cs, max, &model, 0).unwrap();
@@ -1567,7 +1624,7 @@ mod tests {
                 let prev_root = f.root();
                 let prev_version = f.version();
                 let res = f.apply(v, u);
-                match model_apply(&model, u, max) {
+                match model_apply(&model, u, max, cs) {
                     Some(next) => {
                         prop_assert!(res.is_ok());
                         prop_assert_eq!(f.version(), v);
@@ -1575,8 +1632,11 @@ mod tests {
                         model = next;
                     }
                     None => {
-                        let too_large = matches!(res, Err(FileError::TooLarge { .. }));
-                        prop_assert!(too_large);
+                        let refused = matches!(
+                            res,
+                            Err(FileError::TooLarge { .. } | FileError::TooMuchGrowth { .. })
+                        );
+                        prop_assert!(refused, "{:?}", res);
                         prop_assert_eq!(f.version(), prev_version);
                         prop_assert_eq!(f.root(), prev_root);
                     }
@@ -1612,7 +1672,7 @@ mod tests {
                 if *keep {
                     snaps.push((f.clone(), model.clone()));
                 }
-                if let Some(next) = model_apply(&model, u, max) {
+                if let Some(next) = model_apply(&model, u, max, cs) {
                     prop_assert!(f.apply(n as u64 + 1, u).is_ok());
                     model = next;
                 }

@@ -1854,9 +1854,12 @@ fn step_strategy() -> impl Strategy<Value = Step> {
 }
 
 /// The expected content after `u`, or None if some length would exceed `max`.
-fn model_apply(model: &[u8], u: &Update, max: u64) -> Option<Vec<u8>> {
+fn model_apply(model: &[u8], u: &Update, max: u64, cs: u32) -> Option<Vec<u8>> {
     let mut m = model.to_vec();
+    let chunks = |len: usize| (len as u64).div_ceil(u64::from(cs));
+    let mut grown = 0;
     for op in &u.ops {
+        let before = chunks(m.len());
         match op {
             Op::Write { offset, data } => {
                 let end = offset + data.len() as u64;
@@ -1876,6 +1879,10 @@ fn model_apply(model: &[u8], u: &Update, max: u64) -> Option<Vec<u8>> {
                 m.resize(*len as usize, 0);
             }
         }
+        grown += chunks(m.len()).saturating_sub(before);
+    }
+    if grown > max.div_ceil(u64::from(cs)) {
+        return None;
     }
     Some(m)
 }
@@ -1967,7 +1974,7 @@ proptest! {
                 _ => proposal(&u),
             };
             let (outcome, mut events) = parent.apply_committed(index, &prop, now);
-            match (step.extra, model_apply(&model, &u, max)) {
+            match (step.extra, model_apply(&model, &u, max, chunk_size)) {
                 (2, _) => {
                     prop_assert_eq!(outcome, ApplyOutcome::PreconditionFailed { version: current });
                     prop_assert_eq!(&events, &vec![]);

@@ -87,6 +87,8 @@ pub enum FileError {
     Incomplete { missing: u64 },
     #[error("reading the content: {0}")]
     Read(String),
+    #[error("the update's ops add {chunks} chunks in all, over the limit of {max} (one whole file's): split it")]
+    TooMuchGrowth { chunks: u64, max: u64 },
     #[error("{len} bytes in chunks of {chunk_size} make {chunks} chunks, over the limit of {max}")]
     TooManyChunks {
         len: u64,
@@ -94,6 +96,44 @@ pub enum FileError {
         chunks: u64,
         max: u64,
     },
+}
+
+/// How one op sets the file's length: a write ending at `end` makes it at least `end`, a
+/// truncate makes it exactly `len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LenChange {
+    AtLeast(u64),
+    Exactly(u64),
+}
+
+impl From<&Op> for LenChange {
+    fn from(op: &Op) -> Self {
+        match op {
+            Op::Write { offset, data } => Self::AtLeast(offset.saturating_add(data.len() as u64)),
+            Op::Truncate { len } => Self::Exactly(*len),
+        }
+    }
+}
+
+/// The chunks that ops add to a file of `start` bytes, summed over the ops: a chunk a
+/// later op removes was still added (indexed, hashed, and kept for the undo). Applying an
+/// update costs about this many chunks besides the bytes it writes, so it is bounded by one
+/// whole file's count: a few dozen ops that truncate to the maximum and back to 0 would
+/// otherwise cost billions. Counted from `start` = 0 it is at least the count from any
+/// larger start, which is how a proposal is checked before the file's length is known.
+pub fn grown_chunks(start: u64, chunk_size: u32, ops: impl IntoIterator<Item = LenChange>) -> u64 {
+    let count = |len: u64| len.div_ceil(u64::from(chunk_size.max(1)));
+    let mut len = start;
+    let mut grown = 0u64;
+    for op in ops {
+        let next = match op {
+            LenChange::AtLeast(end) => len.max(end),
+            LenChange::Exactly(l) => l,
+        };
+        grown = grown.saturating_add(count(next).saturating_sub(count(len)));
+        len = next;
+    }
+    grown
 }
 
 impl TryFrom<proto::Update> for Update {
@@ -188,5 +228,43 @@ impl Update {
 
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_counts_every_chunk_an_op_adds_even_if_a_later_op_removes_it() {
+        use LenChange::{AtLeast, Exactly};
+        assert_eq!(grown_chunks(0, 4, []), 0);
+        assert_eq!(grown_chunks(0, 4, [AtLeast(9)]), 3);
+        assert_eq!(grown_chunks(8, 4, [AtLeast(9)]), 1);
+        assert_eq!(grown_chunks(8, 4, [AtLeast(3), Exactly(5)]), 0);
+        assert_eq!(grown_chunks(8, 4, [Exactly(0), Exactly(8)]), 2);
+        assert_eq!(
+            grown_chunks(0, 4, [Exactly(16), Exactly(0), Exactly(16), Exactly(1)]),
+            8
+        );
+        assert_eq!(grown_chunks(0, 4, [AtLeast(u64::MAX)]), u64::MAX / 4 + 1);
+    }
+
+    proptest::proptest! {
+        /// Counted from an empty file, growth is at least what it is from any start: a
+        /// proposal that passes the check before it is queued also passes the apply's.
+        #[test]
+        fn growth_from_empty_bounds_growth_from_any_start(
+            start in 0u64..200,
+            ops in proptest::collection::vec((proptest::bool::ANY, 0u64..200), 0..12),
+        ) {
+            let ops: Vec<LenChange> = ops
+                .into_iter()
+                .map(|(t, n)| if t { LenChange::Exactly(n) } else { LenChange::AtLeast(n) })
+                .collect();
+            proptest::prop_assert!(
+                grown_chunks(0, 16, ops.iter().copied()) >= grown_chunks(start, 16, ops.iter().copied())
+            );
+        }
     }
 }

@@ -400,7 +400,10 @@ impl From<NodeError> for BackendError {
     fn from(e: NodeError) -> Self {
         match e {
             NodeError::UpdateTooLarge { .. }
-            | NodeError::File(crate::file::FileError::TooLarge { .. })
+            | NodeError::File(
+                crate::file::FileError::TooLarge { .. }
+                | crate::file::FileError::TooMuchGrowth { .. },
+            )
             | NodeError::Consensus(ConsensusError::TooLarge { .. }) => {
                 BackendError::TooLarge(e.to_string())
             }

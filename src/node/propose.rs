@@ -80,6 +80,7 @@ pub(crate) async fn propose(
 pub(crate) fn check_reason(e: &NodeError) -> &'static str {
     match e {
         NodeError::UpdateTooLarge { .. } => "update_too_large",
+        NodeError::File(crate::file::FileError::TooMuchGrowth { .. }) => "update_growth",
         NodeError::File(_) => "over_max_len",
         _ => "invalid_proposal",
     }
@@ -88,8 +89,11 @@ pub(crate) fn check_reason(e: &NodeError) -> &'static str {
 /// The checks every proposal from outside the core's own batcher passes, on every path (the
 /// local API, and `Propose` over QUIC from a relay or another core node), before it is
 /// queued: no batch or root check (only the core makes those), at most [`MAX_OPS`] ops and
-/// `max_update_bytes` of written data, and no op that would make the file longer than
-/// `max_len` (refused here rather than committed and rejected at apply).
+/// `max_update_bytes` of written data, no op that would make the file longer than `max_len`,
+/// and ops that add at most a whole file's chunks in all, counted from an empty file
+/// ([`crate::update::grown_chunks`]; so the apply's own check, from the file's length,
+/// never refuses what passed here). Refused here rather than committed and rejected at
+/// apply.
 pub(crate) fn check(shared: &Shared, proposal: &proto::Proposal) -> Result<(), NodeError> {
     if !proposal.batch.is_empty() || proposal.root_check.is_some() {
         return Err(NodeError::Rejected(
@@ -127,6 +131,25 @@ pub(crate) fn check(shared: &Shared, proposal: &proto::Proposal) -> Result<(), N
                 max: max_len,
             }));
         }
+    }
+    let chunk_size = shared.cfg.stream.chunk_size;
+    let grown = crate::update::grown_chunks(
+        0,
+        chunk_size,
+        ops.iter().map(|op| match &op.kind {
+            Some(proto::op::Kind::Write(w)) => {
+                crate::update::LenChange::AtLeast(w.offset.saturating_add(w.data.len() as u64))
+            }
+            Some(proto::op::Kind::Truncate(t)) => crate::update::LenChange::Exactly(t.len),
+            None => crate::update::LenChange::AtLeast(0),
+        }),
+    );
+    let most = shared.cfg.stream.max_chunks();
+    if grown > most {
+        return Err(NodeError::File(crate::file::FileError::TooMuchGrowth {
+            chunks: grown,
+            max: most,
+        }));
     }
     Ok(())
 }
