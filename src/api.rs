@@ -526,7 +526,7 @@ pub fn compact_tree(
 ) -> serde_json::Value {
     let commit = nodes
         .iter()
-        .map(|n| n.version + n.lag_entries)
+        .map(|n| n.version.saturating_add(n.lag_entries))
         .max()
         .unwrap_or(0);
     let rows: Vec<serde_json::Value> = nodes

@@ -261,7 +261,7 @@ pub(crate) async fn core_members(shared: &Shared) -> Option<CoreStatus> {
                 Ok(reply) => reply
                     .nodes
                     .first()
-                    .map(|n| (n.version, n.version + n.lag_entries))
+                    .map(|n| (n.version, n.version.saturating_add(n.lag_entries)))
                     .ok_or_else(|| "an empty answer".to_string()),
                 Err(e) => Err(e.to_string()),
             }

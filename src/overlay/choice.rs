@@ -41,7 +41,7 @@ impl<I: Id> Overlay<I> {
     /// holds slots for this node's zone ([`PeerInfo::held_for`]).
     pub(super) fn free_at(&self, p: &PeerInfo<I>) -> u32 {
         let held = self.zone.as_ref().is_some_and(|z| p.held_for.contains(z));
-        p.free_slots + u32::from(held)
+        p.free_slots.saturating_add(u32::from(held))
     }
 
     /// The order of zones among places: this node's own (0), a core's zone (1: its path
