@@ -606,6 +606,145 @@ async fn a_subscription_with_millions_of_chunk_hashes_is_refused_before_decoding
     in_sync(&cl).await;
 }
 
+/// A frame that begins as an empty subscription (so it is capped as one: 9 MB at the
+/// default limits) and goes on as a Raft RPC of 4 million empty entries (8 MB on the wire,
+/// about a GB decoded, where a decoder keeps the last kind it meets) is refused once read,
+/// before it is decoded: the connection is closed, and the relay's peak memory barely moves.
+///
+/// Caught on a99eacc (node binaries built from main before this work): the frame was
+/// decoded as the Raft RPC (`peak RSS grew by 842797056`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_begins_as_one_kind_and_ends_as_another_is_refused() {
+    let cl = cluster("").await;
+    let ep = quic_client(&cl.root, &cl.pki.ca, "mixer");
+    let conn = connect(&ep, &cl.r1).await;
+    let head = prost::Message::encode_to_vec(&proto::Request {
+        kind: Some(proto::request::Kind::Subscribe(proto::Subscribe {
+            name: "mixer".into(),
+            ..Default::default()
+        })),
+    });
+    let tail = prost::Message::encode_to_vec(&proto::Request {
+        kind: Some(proto::request::Kind::Raft(proto::RaftRpc {
+            kind: Some(proto::raft_rpc::Kind::AppendEntries(proto::AppendEntries {
+                entries: vec![proto::RaftEntry::default(); 4_000_000],
+                ..Default::default()
+            })),
+        })),
+    });
+    let body = [head, tail].concat();
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let (_, grew) = peak_during(&cl.r1, async {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let _ = send.write_all(&frame).await;
+        let _ = send.finish();
+        let got = canopy::transport::read_raw(&mut recv, 1 << 20).await;
+        assert!(got.is_err() || got.unwrap().is_none(), "no answer expected");
+        tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("the connection is closed");
+    })
+    .await;
+    assert!(grew < 48 * MIB, "peak RSS grew by {grew}");
+    assert!(rejected(&metrics(&cl.c, &cl.r1).await, "mixed_kinds") >= 1.0);
+    in_sync(&cl).await;
+}
+
+/// A sample offer whose one peer holds 200 000 empty zone names (400 KB on the wire, within
+/// a sample's 512 KiB; about 5 MB decoded) is refused by counting them before decoding.
+///
+/// Caught on a99eacc (node binaries built from main before this work): it was decoded and
+/// answered (`no answer expected`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sample_offer_with_too_many_held_zones_is_refused_before_decoding() {
+    let cl = cluster("").await;
+    let ep = quic_client(&cl.root, &cl.pki.ca, "zoner");
+    let conn = connect(&ep, &cl.r1).await;
+    let req = proto::Request {
+        kind: Some(proto::request::Kind::Sample(proto::Sample {
+            offer: vec![proto::PeerInfo {
+                name: "zoner".into(),
+                addr: "127.0.0.1:9".into(),
+                depth: -1,
+                held_for: vec![String::new(); 200_000],
+                ..Default::default()
+            }],
+        })),
+    };
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    canopy::transport::write_frame(&mut send, &req)
+        .await
+        .unwrap();
+    let _ = send.finish();
+    let got = canopy::transport::read_raw(&mut recv, 1 << 20).await;
+    assert!(got.is_err() || got.unwrap().is_none(), "no answer expected");
+    tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("the connection is closed");
+    assert!(rejected(&metrics(&cl.c, &cl.r1).await, "too_many_elements") >= 1.0);
+    in_sync(&cl).await;
+}
+
+/// A proposal of 2 000 ops that truncate to `max_len` (16 GiB) and back to 0 writes no byte,
+/// but each truncate up adds a whole file's chunks (262 144): applied, it would index
+/// half a billion chunks on every core and relay. It is refused before it is proposed, and
+/// nothing changes anywhere.
+///
+/// Caught on a99eacc (node binaries built from main before this work): it was committed,
+/// and the core, applying it under its state lock, went silent until the client's
+/// connection timed out (`Read(ConnectionLost(TimedOut))`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_that_truncates_back_and_forth_is_refused() {
+    let cl = cluster("").await;
+    let ep = quic_client(&cl.root, &cl.pki.ca, "seesaw");
+    let conn = connect(&ep, &cl.core).await;
+    let ops = (0..2000)
+        .map(|i| proto::Op {
+            kind: Some(proto::op::Kind::Truncate(proto::Truncate {
+                len: if i % 2 == 0 { 16 << 30 } else { 0 },
+            })),
+        })
+        .collect();
+    let req = proto::Request {
+        kind: Some(proto::request::Kind::Propose(proto::Propose {
+            proposal: Some(proto::Proposal {
+                update: Some(proto::Update { ops }),
+                id: Bytes::from_static(b"seesaw"),
+                ..Default::default()
+            }),
+            hops: 0,
+        })),
+    };
+    let (reply, grew) = peak_during(&cl.core, async {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        canopy::transport::write_frame(&mut send, &req)
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        let reply: proto::ProposeReply = tokio::time::timeout(
+            Duration::from_secs(30),
+            canopy::transport::read_frame(&mut recv, 1 << 20),
+        )
+        .await
+        .expect("an answer within 30 s")
+        .unwrap()
+        .unwrap();
+        reply
+    })
+    .await;
+    match reply.kind {
+        Some(proto::propose_reply::Kind::Refused(why)) => {
+            assert!(why.contains("chunks in all"), "{why}")
+        }
+        other => panic!("the proposal was not refused: {other:?}"),
+    }
+    assert!(grew < 48 * MIB, "peak RSS grew by {grew}");
+    assert_eq!(serves_status(&cl.c, &cl.core).await["version"], 0);
+    assert!(rejected(&metrics(&cl.c, &cl.core).await, "update_growth") >= 1.0);
+    in_sync(&cl).await;
+}
+
 /// One peer address opening 40 connections gets at most `limits.connections_per_peer` (32);
 /// the others are refused before the handshake, and other peers are unaffected.
 ///
