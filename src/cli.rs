@@ -521,6 +521,7 @@ async fn run_node(args: NodeArgs, role: Role) -> Result<(), StartError> {
     let p = prepare(&args, role)?;
     let id = load_identity(&p.tls, &p.cfg.name, p.cfg.is_core())?;
     check_storage(&p.cfg)?;
+    crate::node::check_api_token(&p.cfg).map_err(|e| StartError::Usage(e.to_string()))?;
     let socket =
         std::net::UdpSocket::bind(p.listen).map_err(|e| bind_error("--listen", p.listen, e))?;
     if let Some(w) = total_memory().and_then(|m| p.cfg.stream.memory_warning(m)) {

@@ -175,6 +175,22 @@ fn node_start_failures_name_the_fix() {
     assert_eq!(code, 5, "{e}");
     assert!(e.contains("is a directory"), "{e}");
 
+    // An API token file that is no token (a 1 MiB file named by mistake).
+    let huge = root.join("huge-token");
+    std::fs::write(&huge, vec![b'a'; 1 << 20]).unwrap();
+    let (code, e) = one_line_failure(&mut node(
+        RELAY_NODE,
+        root,
+        &pki.tls,
+        "r1",
+        &[("--api-token-file", &huge)],
+    ));
+    assert_eq!(code, 2, "{e}");
+    assert!(
+        e.contains("huge-token") && e.contains("over 4096 bytes"),
+        "{e}"
+    );
+
     // A config file with a wrong type.
     let bad = root.join("bad.toml");
     std::fs::write(&bad, "name = \"r1\"\nlisten = 5\n").unwrap();

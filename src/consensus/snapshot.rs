@@ -168,7 +168,7 @@ pub fn read<R: Read>(r: &mut R, limits: Limits) -> Result<Decoded, SnapshotError
     } else {
         DedupTable::default()
     };
-    let mut builder = FileBuilder::new(chunk_size, max_len, len, version, root)?;
+    let mut builder = FileBuilder::new(chunk_size, limits.max_len, len, version, root)?;
     for index in 0..chunk_count_for(len, chunk_size) {
         let n = chunk_len_for(len, chunk_size, index) as usize;
         let mut chunk = vec![0u8; n];

@@ -105,6 +105,7 @@ impl Node {
             path: cfg.data.clone(),
             source,
         })?;
+        let token = api_token(&cfg)?;
         let verifier = Verifier::new(id.clone());
         let trust = if cfg.is_core() {
             let sealer = Sealer::new(&id)
@@ -227,7 +228,6 @@ impl Node {
         if failpoint::is_rogue() {
             warn!(node = %shared.cfg.name, "failpoint: this node behaves as a rogue relay");
         }
-        let token = api_token(&shared.cfg)?;
         let node = Node(shared.clone());
         let router = crate::api::router(node.clone(), token);
         let sd = shared.shutdown.clone();
@@ -360,20 +360,20 @@ impl Node {
 /// Where the API token lives when no file is configured.
 pub const API_TOKEN_FILE: &str = "api-token";
 
+/// Largest API token file read (bytes): a token is a line (the node makes 64 hex digits).
+const MAX_API_TOKEN: u64 = 4096;
+
 /// The API token: read from `api_token_file`, or from `DATA/api-token`, created with a
 /// random token (mode 0600) at first start. The token itself is never logged.
 fn api_token(cfg: &NodeConfig) -> Result<crate::api::ApiToken, NodeError> {
-    let path = cfg
-        .api_token_file
-        .clone()
-        .unwrap_or_else(|| cfg.data.join(API_TOKEN_FILE));
-    let io = |source| NodeError::Io {
-        path: path.clone(),
-        source,
-    };
+    let path = api_token_path(cfg);
     if cfg.api_token_file.is_none() && !path.exists() {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
+        let io = |source| NodeError::Io {
+            path: path.clone(),
+            source,
+        };
         let token = hex::encode(rand::random::<[u8; 32]>());
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -385,7 +385,44 @@ fn api_token(cfg: &NodeConfig) -> Result<crate::api::ApiToken, NodeError> {
         f.sync_all().map_err(io)?;
         info!(node = %cfg.name, path = %path.display(), "created the API token file (writes need it)");
     }
-    let token = std::fs::read_to_string(&path).map_err(io)?;
+    read_api_token(&path).map(|t| crate::api::ApiToken::new(&t))
+}
+
+/// Checks the API token file that a start would read, where there is one already (a
+/// configured `api_token_file`, or `DATA/api-token` from an earlier start), so that a bad
+/// one is refused before the node starts anything. Creates nothing.
+pub(crate) fn check_api_token(cfg: &NodeConfig) -> Result<(), NodeError> {
+    let path = api_token_path(cfg);
+    if cfg.api_token_file.is_none() && !path.exists() {
+        return Ok(());
+    }
+    read_api_token(&path).map(drop)
+}
+
+fn api_token_path(cfg: &NodeConfig) -> std::path::PathBuf {
+    cfg.api_token_file
+        .clone()
+        .unwrap_or_else(|| cfg.data.join(API_TOKEN_FILE))
+}
+
+/// The token in `path`: its first [`MAX_API_TOKEN`] bytes at most, trimmed, not empty.
+fn read_api_token(path: &std::path::Path) -> Result<String, NodeError> {
+    let io = |source| NodeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut token = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(std::fs::File::open(path).map_err(io)?, MAX_API_TOKEN + 1),
+        &mut token,
+    )
+    .map_err(io)?;
+    if token.len() as u64 > MAX_API_TOKEN {
+        return Err(NodeError::Identity(format!(
+            "the API token file {} is over {MAX_API_TOKEN} bytes",
+            path.display()
+        )));
+    }
     let token = token.trim();
     if token.is_empty() {
         return Err(NodeError::Identity(format!(
@@ -393,7 +430,7 @@ fn api_token(cfg: &NodeConfig) -> Result<crate::api::ApiToken, NodeError> {
             path.display()
         )));
     }
-    Ok(crate::api::ApiToken::new(token))
+    Ok(token.to_string())
 }
 
 impl From<NodeError> for BackendError {
