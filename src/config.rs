@@ -359,6 +359,12 @@ pub struct LimitsConfig {
     /// at once. 32: a node opens a handful to another (its subscription, fetches, samples,
     /// tree queries, two Raft links, the proposal cache); more is a peer gone wrong.
     pub connections_per_peer: usize,
+    /// QUIC connections a node serves at once, from all peers together (refused before
+    /// the handshake beyond it). 16384: a core serves a connection to every relay that
+    /// forwards writes, in fleets of thousands, besides the tree's links; a bound so that
+    /// peers on many addresses (`connections_per_peer` counts one address) cannot make a
+    /// node hold connection state without end.
+    pub connections: usize,
     /// Bidirectional streams one QUIC connection may have open at once (the peer waits
     /// for credit beyond it). 64: concurrent proposals a relay forwards on its one core
     /// connection, plus fetch and Raft streams; each stream's buffer is bounded by
@@ -375,6 +381,7 @@ impl Default for LimitsConfig {
             http_requests: 256,
             watches: 128,
             connections_per_peer: 32,
+            connections: 16384,
             streams_per_connection: 64,
             proposal_queue: 4096,
         }
@@ -387,6 +394,7 @@ impl LimitsConfig {
             ("http_requests", self.http_requests as u64),
             ("watches", self.watches as u64),
             ("connections_per_peer", self.connections_per_peer as u64),
+            ("connections", self.connections as u64),
             (
                 "streams_per_connection",
                 u64::from(self.streams_per_connection),

@@ -773,6 +773,32 @@ async fn connections_per_peer_address_are_bounded() {
     drop(open);
 }
 
+/// Peers on many addresses, each within `connections_per_peer`, together reach
+/// `limits.connections` (here 8, for the core, which serves r1 already): the rest are
+/// refused before the handshake, and the tree stays in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_from_all_peers_together_are_bounded() {
+    let cl = cluster("[limits]\nconnections = 8\n").await;
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for i in 0..12 {
+        let ep = quic_client(&cl.root, &cl.pki.ca, &format!("many-{i}"));
+        match ep
+            .connect(cl.core.quic, canopy::tls::SERVER_NAME)
+            .unwrap()
+            .await
+        {
+            Ok(c) => open.push((ep, c)),
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(open.len() < 8, "{} connections were accepted", open.len());
+    assert!(refused >= 5, "{refused} refused");
+    assert!(rejected(&metrics(&cl.c, &cl.core).await, "connections") >= 5.0);
+    in_sync(&cl).await;
+    drop(open);
+}
+
 /// A fake parent that answers a subscription with `parent_depth = u32::MAX` is refused at
 /// decode (no depth arithmetic on it) and banned; the relay goes on to the core the fake
 /// parent named, and stays in sync.

@@ -57,29 +57,37 @@ pub(crate) fn rejected(shared: &Shared, reason: &'static str) {
         .increment(1);
 }
 
-/// Connections open per peer address, and the guard that gives one back.
-type PeerCounts = Arc<parking_lot::Mutex<std::collections::HashMap<SocketAddr, usize>>>;
+/// Connections open in all and per peer address, and the guard that gives one back.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    per_peer: std::collections::HashMap<SocketAddr, usize>,
+}
+
+type PeerCounts = Arc<parking_lot::Mutex<Open>>;
 
 struct PeerSlot(PeerCounts, SocketAddr);
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
-        let mut counts = self.0.lock();
-        if let Some(n) = counts.get_mut(&self.1) {
+        let mut open = self.0.lock();
+        open.total -= 1;
+        if let Some(n) = open.per_peer.get_mut(&self.1) {
             *n -= 1;
             if *n == 0 {
-                counts.remove(&self.1);
+                open.per_peer.remove(&self.1);
             }
         }
     }
 }
 
-/// Accepts connections until shutdown; each is served by a task of its own. A peer
-/// address that holds `limits.connections_per_peer` connections already is refused before
-/// the handshake.
+/// Accepts connections until shutdown; each is served by a task of its own. A connection
+/// is refused before the handshake when the node serves `limits.connections` already, or
+/// its peer address `limits.connections_per_peer`.
 pub(crate) async fn accept_loop(shared: Arc<Shared>) {
     let counts: PeerCounts = Arc::default();
     let max = shared.cfg.limits.connections_per_peer;
+    let max_total = shared.cfg.limits.connections;
     loop {
         let incoming = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -87,18 +95,25 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
         };
         let remote = incoming.remote_address();
         let slot = {
-            let mut c = counts.lock();
-            let n = c.entry(remote).or_insert(0);
-            (*n < max).then(|| {
-                *n += 1;
-                PeerSlot(counts.clone(), remote)
-            })
+            let mut open = counts.lock();
+            if open.total >= max_total {
+                Err("connections")
+            } else if open.per_peer.get(&remote).is_some_and(|n| *n >= max) {
+                Err("connections_per_peer")
+            } else {
+                open.total += 1;
+                *open.per_peer.entry(remote).or_insert(0) += 1;
+                Ok(PeerSlot(counts.clone(), remote))
+            }
         };
-        let Some(slot) = slot else {
-            rejected(&shared, "connections_per_peer");
-            debug!(node = %shared.cfg.name, %remote, "refused a connection: {max} open from this address already (limits.connections_per_peer)");
-            incoming.refuse();
-            continue;
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(reason) => {
+                rejected(&shared, reason);
+                debug!(node = %shared.cfg.name, %remote, "refused a connection: limits.{reason} ({max_total} in all, {max} per address) reached");
+                incoming.refuse();
+                continue;
+            }
         };
         let s = shared.clone();
         shared.tasks.spawn(async move {
