@@ -23,7 +23,7 @@ pub enum ConfigError {
     BadZone(String),
     #[error("zone_shares is a core node's setting (a relay holds no slots for zones)")]
     ZoneSharesOnRelay,
-    #[error("zone_shares lists {zones} zones, more than the fanout of {fanout}: each needs a slot of its own")]
+    #[error("zone_shares lists {zones} zones, more than the fanout of {fanout} (each needs a slot of its own) or than the 64 a peer accepts")]
     TooManyZoneShares { zones: usize, fanout: usize },
     #[error("{field} must be greater than zero")]
     Zero { field: &'static str },
@@ -611,7 +611,9 @@ impl NodeConfig {
         if !self.zone_shares.is_empty() && !self.is_core() {
             return Err(ConfigError::ZoneSharesOnRelay);
         }
-        if self.zone_shares.len() > self.stream.fanout {
+        if self.zone_shares.len() > self.stream.fanout
+            || self.zone_shares.len() > crate::node::MAX_HELD_ZONES
+        {
             return Err(ConfigError::TooManyZoneShares {
                 zones: self.zone_shares.len(),
                 fanout: self.stream.fanout,

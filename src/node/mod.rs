@@ -62,7 +62,7 @@ use crate::trust::{Sealer, Verifier};
 
 pub use error::NodeError;
 pub use inspect::MAX_TREE_DEPTH;
-pub use overlay_driver::{peer_from_proto, peer_to_proto};
+pub use overlay_driver::{peer_from_proto, peer_to_proto, MAX_HELD_ZONES};
 pub use shared::{now_us, Shared};
 
 use error::code;

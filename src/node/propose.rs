@@ -132,18 +132,7 @@ pub(crate) fn check(shared: &Shared, proposal: &proto::Proposal) -> Result<(), N
             }));
         }
     }
-    let chunk_size = shared.cfg.stream.chunk_size;
-    let grown = crate::update::grown_chunks(
-        0,
-        chunk_size,
-        ops.iter().map(|op| match &op.kind {
-            Some(proto::op::Kind::Write(w)) => {
-                crate::update::LenChange::AtLeast(w.offset.saturating_add(w.data.len() as u64))
-            }
-            Some(proto::op::Kind::Truncate(t)) => crate::update::LenChange::Exactly(t.len),
-            None => crate::update::LenChange::AtLeast(0),
-        }),
-    );
+    let grown = growth_of(proposal, shared.cfg.stream.chunk_size);
     let most = shared.cfg.stream.max_chunks();
     if grown > most {
         return Err(NodeError::File(crate::file::FileError::TooMuchGrowth {
@@ -510,6 +499,73 @@ fn ops_of(p: &proto::Proposal) -> usize {
     p.update.as_ref().map_or(0, |u| u.ops.len())
 }
 
+/// The chunks a proposal's ops add, counted from an empty file
+/// ([`crate::update::grown_chunks`]): at least what they add to a file of any length.
+fn growth_of(p: &proto::Proposal, chunk_size: u32) -> u64 {
+    let ops = p.update.as_ref().map_or(&[][..], |u| &u.ops[..]);
+    crate::update::grown_chunks(
+        0,
+        chunk_size,
+        ops.iter().map(|op| match &op.kind {
+            Some(proto::op::Kind::Write(w)) => {
+                crate::update::LenChange::AtLeast(w.offset.saturating_add(w.data.len() as u64))
+            }
+            Some(proto::op::Kind::Truncate(t)) => crate::update::LenChange::Exactly(t.len),
+            None => crate::update::LenChange::AtLeast(0),
+        }),
+    )
+}
+
+/// What one batch (one Raft entry) may still take: its encoded bytes within a frame, its
+/// ops within [`MAX_OPS`], and no truncate besides one proposal's own. The core applies a
+/// batch's proposals one by one, but its entry carries all their ops as one update, which
+/// every relay checks whole ([`crate::file::ChunkedFile::validate`]), the chunks it adds
+/// included: writes alone only lengthen the file, so any number of them add at most one
+/// file's chunks, while each proposal with a truncate was checked for that on its own
+/// ([`check`]) and so goes in an entry of its own.
+struct BatchBudget {
+    bytes: usize,
+    ops: usize,
+    alone: bool,
+    max_bytes: usize,
+}
+
+impl BatchBudget {
+    /// The budget of a batch that starts with `first`, which it always holds.
+    fn new(first: &proto::Proposal, max_bytes: usize) -> Self {
+        Self {
+            bytes: proposal_bytes(first),
+            ops: ops_of(first),
+            alone: truncates(first),
+            max_bytes,
+        }
+    }
+
+    /// Whether no proposal can join any more.
+    fn full(&self) -> bool {
+        self.alone || self.bytes >= self.max_bytes
+    }
+
+    /// Takes `p` into the batch if it fits; false (and nothing taken) if it goes to the next.
+    fn admit(&mut self, p: &proto::Proposal) -> bool {
+        let (bytes, ops) = (self.bytes + proposal_bytes(p), self.ops + ops_of(p));
+        if self.alone || truncates(p) || bytes > self.max_bytes || ops > MAX_OPS {
+            return false;
+        }
+        (self.bytes, self.ops) = (bytes, ops);
+        true
+    }
+}
+
+/// Whether a proposal has a truncate among its ops.
+fn truncates(p: &proto::Proposal) -> bool {
+    p.update.as_ref().is_some_and(|u| {
+        u.ops
+            .iter()
+            .any(|o| matches!(o.kind, Some(proto::op::Kind::Truncate(_))))
+    })
+}
+
 /// What a proposal adds to a batch's entry: its encoded size within the batch.
 fn proposal_bytes(p: &proto::Proposal) -> usize {
     let len = prost::Message::encoded_len(p);
@@ -553,21 +609,16 @@ pub(crate) async fn batcher(
         let Ok(permit) = inflight.clone().acquire_owned().await else {
             return;
         };
-        let mut bytes = proposal_bytes(&first.proposal);
-        let mut ops = ops_of(&first.proposal);
+        let mut budget = BatchBudget::new(&first.proposal, max_bytes);
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH && bytes < max_bytes {
+        while batch.len() < MAX_BATCH && !budget.full() {
             match rx.try_recv() {
                 Ok(p) => {
                     shared.proposals_queued.fetch_sub(1, Ordering::AcqRel);
-                    let size = proposal_bytes(&p.proposal);
-                    let more = ops_of(&p.proposal);
-                    if bytes + size > max_bytes || ops + more > MAX_OPS {
+                    if !budget.admit(&p.proposal) {
                         carry = Some(p);
                         break;
                     }
-                    bytes += size;
-                    ops += more;
                     batch.push(p);
                 }
                 Err(_) => break,
@@ -628,7 +679,7 @@ async fn commit_batch(shared: &Shared, core: &Core, mut batch: Vec<QueuedProposa
 
 #[cfg(test)]
 mod tests {
-    use super::Unreachable;
+    use super::{proto, BatchBudget, Unreachable, MAX_OPS};
     use std::time::Duration;
     use tokio::time::Instant;
 
@@ -649,5 +700,56 @@ mod tests {
         assert_eq!(u.skipped(t0 + 2 * s), vec!["c2".to_string()]);
         assert_eq!(u.skipped(t0 + 3 * s), Vec::<String>::new());
         assert_eq!(u.until_retry(t0 + 3 * s), None);
+    }
+
+    fn seesaw(max_len: u64) -> proto::Proposal {
+        let t = |len| proto::Op {
+            kind: Some(proto::op::Kind::Truncate(proto::Truncate { len })),
+        };
+        proto::Proposal {
+            update: Some(proto::Update {
+                ops: vec![t(0), t(max_len)],
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Two proposals that each add a whole file's chunks pass `check` one by one, but one
+    /// entry holding both would add two files' worth, which every relay refuses whole: a
+    /// proposal with a truncate has an entry of its own. Any number of writes share one.
+    #[test]
+    fn a_proposal_with_a_truncate_is_batched_alone() {
+        let write = proto::Proposal {
+            update: Some(proto::Update {
+                ops: vec![proto::Op {
+                    kind: Some(proto::op::Kind::Write(proto::Write {
+                        offset: 1 << 30,
+                        data: vec![1u8; 100].into(),
+                    })),
+                }],
+            }),
+            ..Default::default()
+        };
+        let mut b = BatchBudget::new(&seesaw(1 << 30), 1 << 20);
+        assert!(b.full());
+        assert!(!b.admit(&seesaw(1 << 30)));
+        assert!(!b.admit(&write));
+        let mut b = BatchBudget::new(&write, 1 << 20);
+        for _ in 0..500 {
+            assert!(b.admit(&write));
+        }
+        assert!(!b.admit(&seesaw(4096)));
+        assert!(!b.full());
+        let many = proto::Proposal {
+            update: Some(proto::Update {
+                ops: vec![proto::Op::default(); MAX_OPS],
+            }),
+            ..Default::default()
+        };
+        assert!(!b.admit(&many), "ops over MAX_OPS");
+        assert!(
+            !BatchBudget::new(&write, 100).admit(&write),
+            "bytes over the frame"
+        );
     }
 }
