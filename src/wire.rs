@@ -177,7 +177,7 @@ pub(crate) fn body_len(prefix: [u8; PREFIX_LEN], max: usize) -> Result<usize, Wi
     Ok(len)
 }
 
-/// A bound on how often one repeated field occurs in a frame: `field` of the message
+/// A bound on how many elements one repeated field holds in a frame: `field` of the message
 /// reached through the length-delimited fields `path` (from the frame's top message).
 #[derive(Clone, Copy, Debug)]
 pub struct CountBound {
@@ -185,12 +185,16 @@ pub struct CountBound {
     pub field: u32,
     pub max: u64,
     pub what: &'static str,
+    /// A repeated varint field, which proto3 packs: a run on the wire holds as many elements
+    /// as it has varints ([`count_packed_varints`]); otherwise each occurrence is one
+    /// ([`count_field`]).
+    pub packed: bool,
 }
 
 /// Checks every bound against the protobuf message `body` without decoding it.
 pub fn check_counts(body: &[u8], bounds: &[CountBound]) -> Result<(), WireError> {
     for b in bounds {
-        let count = count_field(body, b.path, b.field)?;
+        let count = count_elements(body, b.path, b.field, b.packed)?;
         if count > b.max {
             return Err(WireError::TooMany {
                 what: b.what,
@@ -206,38 +210,31 @@ pub fn check_counts(body: &[u8], bounds: &[CountBound]) -> Result<(), WireError>
 /// length-delimited fields `path`. Every occurrence of a path field is followed, as a
 /// decoder merges repeated occurrences of a message field.
 pub fn count_field(body: &[u8], path: &[u32], field: u32) -> Result<u64, WireError> {
-    let mut count = 0u64;
-    let mut rest = body;
-    while !rest.is_empty() {
-        let (number, value) = next_field(&mut rest)?;
-        match path.split_first() {
-            None if number == field => count += 1,
-            Some((first, deeper)) if *first == number => {
-                if let Some(v) = value {
-                    count += count_field(v, deeper, field)?;
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(count)
+    count_elements(body, path, field, false)
 }
 
 /// How many elements the repeated varint field `field` holds in the message reached from
 /// `body` through `path`, packed or not: [`count_field`] counts a packed run as the one
 /// field it is on the wire, where a decoder makes an element of every varint in it.
 pub fn count_packed_varints(body: &[u8], path: &[u32], field: u32) -> Result<u64, WireError> {
+    count_elements(body, path, field, true)
+}
+
+fn count_elements(body: &[u8], path: &[u32], field: u32, packed: bool) -> Result<u64, WireError> {
     let mut count = 0u64;
     let mut rest = body;
     while !rest.is_empty() {
         let (number, value) = next_field(&mut rest)?;
         match path.split_first() {
             None if number == field => {
-                count += value.map_or(1, |v| v.iter().filter(|&&b| b < 0x80).count() as u64);
+                count += match value {
+                    Some(run) if packed => run.iter().filter(|&&b| b < 0x80).count() as u64,
+                    _ => 1,
+                };
             }
             Some((first, deeper)) if *first == number => {
                 if let Some(v) = value {
-                    count += count_packed_varints(v, deeper, field)?;
+                    count += count_elements(v, deeper, field, packed)?;
                 }
             }
             _ => {}
@@ -379,6 +376,22 @@ mod tests {
             kind: Some(proto::request::Kind::Fetch(fetch)),
         });
         assert_eq!(count_packed_varints(&req, &[7], 1).unwrap(), 5);
+        let indices = |packed| CountBound {
+            path: &[7],
+            field: 1,
+            max: 4,
+            what: "indices in a fetch",
+            packed,
+        };
+        assert!(matches!(
+            check_counts(&req, &[indices(true)]),
+            Err(WireError::TooMany {
+                count: 5,
+                max: 4,
+                ..
+            })
+        ));
+        check_counts(&req, &[indices(false)]).expect("one run on the wire");
     }
 
     #[test]
@@ -400,6 +413,7 @@ mod tests {
             field: 5,
             max,
             what: "chunk hashes",
+            packed: false,
         };
         check_counts(&body, &[bound(1000)]).unwrap();
         assert!(matches!(

@@ -778,31 +778,24 @@ async fn read_fetch(
     let Some(raw) = transport::read_raw(recv, MAX_FETCH_FRAME).await? else {
         return Ok(None);
     };
-    let bounds = [crate::wire::CountBound {
-        path: &[],
-        field: 2,
-        max: MAX_FETCH_BATCH as u64,
-        what: "hashes in a fetch",
-    }];
-    let body = raw.body();
-    crate::wire::check_counts(&body, &bounds)?;
-    check_fetch_indices(&body, &[])?;
-    Ok(Some(raw.decode()?))
-}
-
-/// Refuses a `FetchChunks` (reached from `body` through `path`) with more than
-/// [`MAX_FETCH_BATCH`] indices, counted as a decoder would make them: one per varint of a
-/// packed run.
-pub(crate) fn check_fetch_indices(body: &[u8], path: &[u32]) -> Result<(), crate::wire::WireError> {
-    let count = crate::wire::count_packed_varints(body, path, 1)?;
-    if count > MAX_FETCH_BATCH as u64 {
-        return Err(crate::wire::WireError::TooMany {
-            what: "indices in a fetch",
-            count,
+    let bounds = [
+        crate::wire::CountBound {
+            path: &[],
+            field: 1,
             max: MAX_FETCH_BATCH as u64,
-        });
-    }
-    Ok(())
+            what: "indices in a fetch",
+            packed: true,
+        },
+        crate::wire::CountBound {
+            path: &[],
+            field: 2,
+            max: MAX_FETCH_BATCH as u64,
+            what: "hashes in a fetch",
+            packed: false,
+        },
+    ];
+    crate::wire::check_counts(&raw.body(), &bounds)?;
+    Ok(Some(raw.decode()?))
 }
 
 /// Closes a connection whose peer sent something malformed, counting and logging why; the

@@ -162,30 +162,35 @@ impl Reply for proto::SampleReply {
             field: 2,
             max: 64,
             what: "peers in a sample reply",
+            packed: false,
         },
         CountBound {
             path: &[2],
             field: 5,
             max: 64 * (MAX_TREE_DEPTH as u64 + 1),
             what: "root path names in a sample reply",
+            packed: false,
         },
         CountBound {
             path: &[1],
             field: 5,
             max: MAX_TREE_DEPTH as u64 + 1,
             what: "root path names in a sample reply",
+            packed: false,
         },
         CountBound {
             path: &[1],
             field: 10,
             max: MAX_HELD_ZONES as u64,
             what: "held zones in a sample reply",
+            packed: false,
         },
         CountBound {
             path: &[2],
             field: 10,
             max: 64 * MAX_HELD_ZONES as u64,
             what: "held zones in a sample reply",
+            packed: false,
         },
     ];
 }
@@ -197,6 +202,7 @@ impl Reply for proto::TreeReply {
         field: 1,
         max: MAX_TREE_NODES,
         what: "nodes in a tree reply",
+        packed: false,
     }];
 }
 

@@ -29,7 +29,7 @@ use crate::tls::{self, Role};
 use crate::transport::{self, StreamError};
 use crate::wire::{self, CountBound, WireError};
 
-use super::downstream::{self, close_bad, serve_child, serve_fetch, MAX_FETCH_BATCH};
+use super::downstream::{close_bad, serve_child, serve_fetch, MAX_FETCH_BATCH};
 use super::error::NodeError;
 use super::failpoint;
 use super::inspect::{self, MAX_TREE_DEPTH};
@@ -150,7 +150,7 @@ fn request_cap(shared: &Shared, role: Role, field: u32) -> usize {
 }
 
 /// Bounds on the repeated fields of a `Request`, checked before it is decoded.
-fn request_counts(shared: &Shared) -> [CountBound; 8] {
+fn request_counts(shared: &Shared) -> [CountBound; 9] {
     let max_chunks = shared.cfg.stream.max_chunks();
     [
         CountBound {
@@ -158,48 +158,63 @@ fn request_counts(shared: &Shared) -> [CountBound; 8] {
             field: 5,
             max: max_chunks,
             what: "chunk hashes in a subscription",
+            packed: false,
         },
         CountBound {
             path: &[2, 1, 1],
             field: 1,
             max: propose::MAX_OPS as u64,
             what: "ops in a proposal",
+            packed: false,
         },
         CountBound {
             path: &[2, 1],
             field: 4,
             max: 0,
             what: "batched proposals from outside the core",
+            packed: false,
         },
         CountBound {
             path: &[5],
             field: 1,
             max: MAX_SAMPLE_OFFER as u64,
             what: "peers in a sample offer",
+            packed: false,
         },
         CountBound {
             path: &[5, 1],
             field: 5,
             max: MAX_SAMPLE_OFFER as u64 * u64::from(MAX_TREE_DEPTH + 1),
             what: "root path names in a sample offer",
+            packed: false,
         },
         CountBound {
             path: &[5, 1],
             field: 10,
             max: (MAX_SAMPLE_OFFER * MAX_HELD_ZONES) as u64,
             what: "held zones in a sample offer",
+            packed: false,
         },
         CountBound {
             path: &[3, 1],
             field: 4,
             max: crate::consensus::MAX_APPEND_ENTRIES,
             what: "entries in an AppendEntries",
+            packed: false,
         },
         CountBound {
             path: &[7],
             field: 2,
             max: MAX_FETCH_BATCH as u64,
             what: "chunk hashes in a fetch",
+            packed: false,
+        },
+        CountBound {
+            path: &[7],
+            field: 1,
+            max: MAX_FETCH_BATCH as u64,
+            what: "indices in a fetch",
+            packed: true,
         },
     ]
 }
@@ -227,9 +242,7 @@ async fn read_request(
     else {
         return Ok(None);
     };
-    let body = raw.body();
-    wire::check_counts(&body, &request_counts(shared))?;
-    downstream::check_fetch_indices(&body, &[7])?;
+    wire::check_counts(&raw.body(), &request_counts(shared))?;
     Ok(Some(raw.decode()?))
 }
 

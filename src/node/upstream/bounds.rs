@@ -51,6 +51,7 @@ impl DownBounds {
             field,
             max,
             what,
+            packed: false,
         };
         [
             b(&[1], 4, MAX_CORE_ADDRS, "core addresses"),
