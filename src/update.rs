@@ -115,6 +115,20 @@ impl From<&Op> for LenChange {
     }
 }
 
+impl From<&proto::Op> for LenChange {
+    /// As the [`Op`] it converts to; an op without a kind (refused at conversion) changes
+    /// nothing.
+    fn from(op: &proto::Op) -> Self {
+        match &op.kind {
+            Some(proto::op::Kind::Write(w)) => {
+                Self::AtLeast(w.offset.saturating_add(w.data.len() as u64))
+            }
+            Some(proto::op::Kind::Truncate(t)) => Self::Exactly(t.len),
+            None => Self::AtLeast(0),
+        }
+    }
+}
+
 /// The chunks that ops add to a file of `start` bytes, summed over the ops: a chunk a
 /// later op removes was still added (indexed, hashed, and kept for the undo). Applying an
 /// update costs about this many chunks besides the bytes it writes, so it is bounded by one

@@ -503,17 +503,7 @@ fn ops_of(p: &proto::Proposal) -> usize {
 /// ([`crate::update::grown_chunks`]): at least what they add to a file of any length.
 fn growth_of(p: &proto::Proposal, chunk_size: u32) -> u64 {
     let ops = p.update.as_ref().map_or(&[][..], |u| &u.ops[..]);
-    crate::update::grown_chunks(
-        0,
-        chunk_size,
-        ops.iter().map(|op| match &op.kind {
-            Some(proto::op::Kind::Write(w)) => {
-                crate::update::LenChange::AtLeast(w.offset.saturating_add(w.data.len() as u64))
-            }
-            Some(proto::op::Kind::Truncate(t)) => crate::update::LenChange::Exactly(t.len),
-            None => crate::update::LenChange::AtLeast(0),
-        }),
-    )
+    crate::update::grown_chunks(0, chunk_size, ops.iter().map(Into::into))
 }
 
 /// What one batch (one Raft entry) may still take: its encoded bytes within a frame, its
