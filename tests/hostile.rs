@@ -188,6 +188,19 @@ async fn connect(ep: &quinn::Endpoint, to: &Proc) -> quinn::Connection {
         .unwrap()
 }
 
+/// Sends `frame` on a new stream of `conn` and waits for what a refused frame gets: no
+/// answer, and the connection closed within 10 s.
+async fn refused_and_closed(conn: &quinn::Connection, frame: &[u8]) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(frame).await;
+    let _ = send.finish();
+    let got = canopy::transport::read_raw(&mut recv, 1 << 20).await;
+    assert!(got.is_err() || got.unwrap().is_none(), "no answer expected");
+    tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("the connection is closed");
+}
+
 /// `POST /v1/file/truncate?len=68719476736` (64 GiB, the old default max_len) is refused
 /// with 413 before it is proposed: nothing changes anywhere.
 ///
@@ -590,17 +603,9 @@ async fn a_subscription_with_millions_of_chunk_hashes_is_refused_before_decoding
         })),
     };
     let frame = canopy::wire::encode(&req);
-    let (_, grew) = peak_during(&cl.r1, async {
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        let _ = send.write_all(&frame).await;
-        let _ = send.finish();
-        let got = canopy::transport::read_raw(&mut recv, 1 << 20).await;
-        assert!(got.is_err() || got.unwrap().is_none(), "no answer expected");
-        tokio::time::timeout(Duration::from_secs(10), conn.closed())
-            .await
-            .expect("the connection is closed");
-    })
-    .await;
+    let grew = peak_during(&cl.r1, refused_and_closed(&conn, &frame))
+        .await
+        .1;
     assert!(grew < 32 * MIB, "peak RSS grew by {grew}");
     assert!(rejected(&metrics(&cl.c, &cl.r1).await, "too_many_elements") >= 1.0);
     in_sync(&cl).await;
@@ -635,17 +640,9 @@ async fn a_frame_that_begins_as_one_kind_and_ends_as_another_is_refused() {
     let body = [head, tail].concat();
     let mut frame = (body.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&body);
-    let (_, grew) = peak_during(&cl.r1, async {
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        let _ = send.write_all(&frame).await;
-        let _ = send.finish();
-        let got = canopy::transport::read_raw(&mut recv, 1 << 20).await;
-        assert!(got.is_err() || got.unwrap().is_none(), "no answer expected");
-        tokio::time::timeout(Duration::from_secs(10), conn.closed())
-            .await
-            .expect("the connection is closed");
-    })
-    .await;
+    let grew = peak_during(&cl.r1, refused_and_closed(&conn, &frame))
+        .await
+        .1;
     assert!(grew < 48 * MIB, "peak RSS grew by {grew}");
     assert!(rejected(&metrics(&cl.c, &cl.r1).await, "mixed_kinds") >= 1.0);
     in_sync(&cl).await;
@@ -672,16 +669,7 @@ async fn a_sample_offer_with_too_many_held_zones_is_refused_before_decoding() {
             }],
         })),
     };
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    canopy::transport::write_frame(&mut send, &req)
-        .await
-        .unwrap();
-    let _ = send.finish();
-    let got = canopy::transport::read_raw(&mut recv, 1 << 20).await;
-    assert!(got.is_err() || got.unwrap().is_none(), "no answer expected");
-    tokio::time::timeout(Duration::from_secs(10), conn.closed())
-        .await
-        .expect("the connection is closed");
+    refused_and_closed(&conn, &canopy::wire::encode(&req)).await;
     assert!(rejected(&metrics(&cl.c, &cl.r1).await, "too_many_elements") >= 1.0);
     in_sync(&cl).await;
 }
