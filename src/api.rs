@@ -753,6 +753,7 @@ mod tests {
             LimitsConfig {
                 http_requests: 3,
                 watches: 1,
+                http_body_idle_ms: 500,
                 ..Default::default()
             }
         }
@@ -1080,6 +1081,58 @@ mod tests {
             .unwrap();
         assert_eq!(r.status(), 413);
         assert_eq!(fake.file.lock().to_vec(), b"0123456789abcdefXY");
+    }
+
+    #[tokio::test]
+    async fn a_write_body_that_stalls_is_refused_and_frees_its_slot() {
+        let fake = Fake::new();
+        let url = serve(fake.clone()).await;
+        let c = reqwest::Client::new();
+        let stalled = || {
+            let start = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from("ab"))]);
+            reqwest::Body::wrap_stream(start.chain(futures::stream::pending()))
+        };
+        // More stalled writes than there are request slots (3): each is cut in turn.
+        let writes: Vec<_> = (0..4)
+            .map(|i| {
+                let req = if i % 2 == 0 {
+                    c.put(format!("{url}/v1/file"))
+                } else {
+                    c.patch(format!("{url}/v1/file?offset=0"))
+                };
+                req.bearer_auth(TOKEN).body(stalled()).send()
+            })
+            .collect();
+        let answers =
+            tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(writes))
+                .await
+                .expect("every stalled write is answered");
+        for r in answers {
+            let r = r.unwrap();
+            let code = r.status().as_u16();
+            let e: serde_json::Value = r.json().await.unwrap();
+            if code == 503 {
+                assert!(
+                    e["error"].as_str().unwrap().contains("http_requests"),
+                    "{e}"
+                );
+                continue;
+            }
+            assert_eq!(code, 408, "{e}");
+            assert!(
+                e["error"].as_str().unwrap().contains("http_body_idle_ms"),
+                "{e}"
+            );
+        }
+        assert_eq!(fake.file.lock().len(), 0, "nothing written");
+        let r = c
+            .patch(format!("{url}/v1/file?offset=0"))
+            .bearer_auth(TOKEN)
+            .body("done")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "the slots are free again");
     }
 
     #[tokio::test]

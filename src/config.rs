@@ -41,6 +41,8 @@ pub enum ConfigError {
     LimitZero { field: &'static str },
     #[error("limits: watches ({watches}) must be below http_requests ({requests}), or watches alone can take every request slot")]
     WatchesOverRequests { watches: usize, requests: usize },
+    #[error("limits: request_bytes ({budget}) must be at least the largest first frame a peer may send ({need} bytes: a proposal of max_update_bytes, or a subscription listing max_len's chunks)")]
+    RequestBudgetTooSmall { budget: u64, need: u64 },
     #[error(
         "max_frame ({max_frame}) must exceed max_update_bytes ({max_update}) by at least 64 KiB"
     )]
@@ -373,6 +375,28 @@ pub struct LimitsConfig {
     /// Proposals queued for a core node's group-commit batcher. 4096: eight full batches;
     /// beyond it the core answers `busy` (503 over HTTP) instead of queueing in memory.
     pub proposal_queue: usize,
+    /// Bytes that the first frames of requests from peers other than core nodes may hold
+    /// at once, node-wide: each takes its declared length before its body is allocated,
+    /// and a proposal keeps it until it is answered. A request that finds no room within
+    /// `request_timeout_ms` is refused (`busy`). 256 MiB: three proposals of the default
+    /// `max_update_bytes` (64 MiB) at once, besides thousands of small ones, while a peer
+    /// that sends part of a large frame and stops can no longer make the node hold more.
+    /// At least the largest first frame a peer may send (a proposal of
+    /// `max_update_bytes`, a subscription listing `max_len`'s chunks). Frames from core
+    /// certificates (Raft) are not counted: the core is trusted.
+    pub request_bytes: u64,
+    /// How long the first frame of a request stream from a peer other than a core node
+    /// may take to arrive whole, from the stream's opening (ms); the stream is then reset
+    /// and counted
+    /// (`canopy_rejected_total{reason="request_timeout"}`). 30000: a 64 MiB proposal at
+    /// 2.2 MB/s; a peer that opens streams and sends nothing, or part of a frame, holds
+    /// them (and its share of `request_bytes`) no longer than this.
+    pub request_timeout_ms: u64,
+    /// A write's HTTP body (PUT, PATCH) that sends nothing for this long is refused (408
+    /// `body_timeout`), and its request slot freed (ms). 30000: a client that stalls
+    /// (paused, or holding slots on purpose) holds one of `http_requests` no longer;
+    /// a body that keeps coming, however slowly, is never cut.
+    pub http_body_idle_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -384,6 +408,9 @@ impl Default for LimitsConfig {
             connections: 16384,
             streams_per_connection: 64,
             proposal_queue: 4096,
+            request_bytes: 256 * 1024 * 1024,
+            request_timeout_ms: 30_000,
+            http_body_idle_ms: 30_000,
         }
     }
 }
@@ -400,6 +427,9 @@ impl LimitsConfig {
                 u64::from(self.streams_per_connection),
             ),
             ("proposal_queue", self.proposal_queue as u64),
+            ("request_bytes", self.request_bytes),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("http_body_idle_ms", self.http_body_idle_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::LimitZero { field });
@@ -621,6 +651,13 @@ impl NodeConfig {
         }
         self.stream.validate()?;
         self.limits.validate()?;
+        let need = crate::node::largest_request(&self.stream) as u64;
+        if self.limits.request_bytes < need {
+            return Err(ConfigError::RequestBudgetTooSmall {
+                budget: self.limits.request_bytes,
+                need,
+            });
+        }
         self.materialize.validate()?;
         self.overlay
             .validate()
@@ -769,6 +806,33 @@ mod tests {
                 "[materialize] {bad} was taken"
             );
         }
+        let mut c = relay();
+        let need = crate::node::largest_request(&c.stream) as u64;
+        assert_eq!(need, (65 << 20) + 4, "a default proposal and its prefix");
+        c.limits.request_bytes = need - 1;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::RequestBudgetTooSmall {
+                budget: need - 1,
+                need
+            })
+        );
+        c.limits.request_bytes = need;
+        c.validate().unwrap();
+        c.stream.max_update_bytes = 1 << 20;
+        let need = crate::node::largest_request(&c.stream) as u64;
+        assert_eq!(
+            need,
+            64 * 1024 + 35 * 262_144 + 4,
+            "a subscription at max_len"
+        );
+        c.limits.request_timeout_ms = 0;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::LimitZero {
+                field: "request_timeout_ms"
+            })
+        );
         let mut c = relay();
         c.kind = NodeKind::Relay { join: vec![] };
         assert_eq!(c.validate(), Err(ConfigError::NoJoin));

@@ -8,6 +8,10 @@
 //! - End of stream exactly between frames is a clean end (`Ok(None)`); end of stream anywhere
 //!   inside a frame, including inside the prefix, is [`WireError::Truncated`].
 //! - A frame read by [`read_raw`] is forwarded byte for byte by [`write_raw`].
+//! - A frame read against a [`ReadBudget`] ([`read_first_frame`]) holds its declared length
+//!   of that budget from before its body is allocated until the [`Reserved`] it returns is
+//!   dropped; one that cannot get it, or does not arrive whole, by the deadline is refused
+//!   ([`StreamError::Busy`], [`StreamError::Deadline`]) with nothing of it kept.
 //! - [`dial`] returns a connection only once its handshake completed within the timeout and
 //!   the peer's certificate matched what the caller expects of it.
 //! - No connection outlives its peer's certificate: the handshake refuses an expired one, and
@@ -19,6 +23,7 @@
 //!   leaves no connection behind sending keep-alives.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -35,6 +40,19 @@ pub enum StreamError {
     Write(#[from] quinn::WriteError),
     #[error("{0}")]
     Frame(#[from] WireError),
+    /// The frame's declared length did not fit in what is left of the node's budget for
+    /// frames being read before the deadline.
+    #[error("busy: a frame of {len} bytes found no room in limits.request_bytes ({budget} bytes) within {after:?}")]
+    Busy {
+        /// The frame's first field (its kind, for a oneof message).
+        kind: u32,
+        len: usize,
+        budget: usize,
+        after: Duration,
+    },
+    /// The frame did not arrive whole before the deadline.
+    #[error("no whole frame within {after:?}")]
+    Deadline { after: Duration },
 }
 
 impl StreamError {
@@ -269,13 +287,111 @@ pub async fn write_raws(
     Ok(send.write_all_chunks(frames).await?)
 }
 
+/// Bytes that frames being read may hold at once, shared by every stream that reads against
+/// it: a frame takes its declared length before its body is allocated ([`read_first_frame`]).
+/// Waiters are served in order.
+#[derive(Clone, Debug)]
+pub struct ReadBudget {
+    sem: Arc<tokio::sync::Semaphore>,
+    bytes: usize,
+}
+
+impl ReadBudget {
+    /// A budget of `bytes` (at most [`tokio::sync::Semaphore::MAX_PERMITS`]).
+    pub fn new(bytes: u64) -> Self {
+        let bytes = usize::try_from(bytes)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        Self {
+            sem: Arc::new(tokio::sync::Semaphore::new(bytes)),
+            bytes,
+        }
+    }
+
+    /// The whole budget, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Bytes not held by any frame now.
+    pub fn available(&self) -> usize {
+        self.sem.available_permits()
+    }
+
+    /// Waits for `len` bytes; `None` if `len` is more than the whole budget.
+    async fn take(&self, len: usize) -> Option<Reserved> {
+        let n = u32::try_from(len).ok().filter(|_| len <= self.bytes)?;
+        let permit = self.sem.clone().acquire_many_owned(n).await.ok()?;
+        Some(Reserved(Some(permit)))
+    }
+}
+
+/// A frame's share of a [`ReadBudget`], given back when dropped (or none, for a frame read
+/// without a budget).
+#[derive(Debug, Default)]
+pub struct Reserved(Option<tokio::sync::OwnedSemaphorePermit>);
+
+impl Reserved {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.0.as_ref().map_or(0, |p| p.num_permits())
+    }
+}
+
 /// Reads one frame; `Ok(None)` on a clean end of stream before a new frame. Refuses lengths over
 /// `max` before allocating.
 pub async fn read_raw(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<Option<RawFrame>, StreamError> {
-    read_capped(recv, max, |_| max).await
+    Ok(read_capped(recv, max, |_| max, None).await?.map(|(f, _)| f))
+}
+
+/// [`read_raw_by_kind`] of the first frame of a request stream, whole by `deadline`, and
+/// holding its declared length of `budget` (if any) from before its body is allocated. A
+/// frame that does not get its length of the budget by the deadline is
+/// [`StreamError::Busy`] (nothing of it was read past its first byte), one that does not
+/// arrive whole [`StreamError::Deadline`].
+pub async fn read_first_frame(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    cap_of: impl FnOnce(u32) -> usize,
+    budget: Option<&ReadBudget>,
+    deadline: tokio::time::Instant,
+) -> Result<Option<(RawFrame, Reserved)>, StreamError> {
+    let waiting = parking_lot::Mutex::new(None);
+    let after = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let gate = budget.map(|b| Gate {
+        budget: b,
+        waiting: &waiting,
+    });
+    let read = async {
+        let Some((raw, reserved)) = read_capped(recv, max, cap_of, gate).await? else {
+            return Ok(None);
+        };
+        let body = &raw.frame[PREFIX_LEN..];
+        wire::check_one_kind(body, wire::first_field(body))?;
+        Ok(Some((raw, reserved)))
+    };
+    match tokio::time::timeout_at(deadline, read).await {
+        Ok(r) => r,
+        Err(_) => match *waiting.lock() {
+            Some((kind, len)) => Err(StreamError::Busy {
+                kind,
+                len,
+                budget: budget.map_or(0, ReadBudget::bytes),
+                after,
+            }),
+            None => Err(StreamError::Deadline { after }),
+        },
+    }
+}
+
+/// What [`read_capped`] takes a frame's length from, and where it says that it waits (the
+/// frame's kind and length while it does).
+struct Gate<'a> {
+    budget: &'a ReadBudget,
+    waiting: &'a parking_lot::Mutex<Option<(u32, usize)>>,
 }
 
 /// [`read_raw`] of a frame whose message is one oneof (`Request`, `Downstream`), with a cap
@@ -289,7 +405,7 @@ pub async fn read_raw_by_kind(
     max: usize,
     cap_of: impl FnOnce(u32) -> usize,
 ) -> Result<Option<RawFrame>, StreamError> {
-    let Some(raw) = read_capped(recv, max, cap_of).await? else {
+    let Some((raw, _)) = read_capped(recv, max, cap_of, None).await? else {
         return Ok(None);
     };
     let body = &raw.frame[PREFIX_LEN..];
@@ -301,7 +417,8 @@ async fn read_capped(
     recv: &mut quinn::RecvStream,
     max: usize,
     cap_of: impl FnOnce(u32) -> usize,
-) -> Result<Option<RawFrame>, StreamError> {
+    gate: Option<Gate<'_>>,
+) -> Result<Option<(RawFrame, Reserved)>, StreamError> {
     let mut prefix = [0u8; PREFIX_LEN];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -318,14 +435,27 @@ async fn read_capped(
             Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
         }
     }
-    let cap = cap_of(if len > 0 {
+    let kind = if len > 0 {
         wire::first_field(&first)
     } else {
         0
-    });
+    };
+    let cap = cap_of(kind);
     if len > cap {
         return Err(WireError::TooLarge { len, max: cap }.into());
     }
+    let reserved = match gate {
+        None => Reserved::default(),
+        Some(g) => {
+            *g.waiting.lock() = Some((kind, PREFIX_LEN + len));
+            let r = g.budget.take(PREFIX_LEN + len).await;
+            *g.waiting.lock() = None;
+            r.ok_or(WireError::TooLarge {
+                len,
+                max: g.budget.bytes(),
+            })?
+        }
+    };
     let mut frame = BytesMut::with_capacity(PREFIX_LEN + len);
     frame.extend_from_slice(&prefix);
     if len > 0 {
@@ -340,9 +470,12 @@ async fn read_capped(
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(Some(RawFrame {
-        frame: frame.freeze(),
-    }))
+    Ok(Some((
+        RawFrame {
+            frame: frame.freeze(),
+        },
+        reserved,
+    )))
 }
 
 /// Reads and decodes one frame; `Ok(None)` on a clean end of stream before a new frame.
@@ -483,5 +616,65 @@ mod tests {
             read_raw(&mut recv, DEFAULT_MAX_FRAME).await,
             Err(StreamError::Frame(WireError::Truncated))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_first_frame_holds_its_length_of_the_budget_and_has_a_deadline() {
+        let (_dir, _client, server_conn, client_conn) = connected().await;
+        let frame = encode(&write_op(0, vec![5; 3000]));
+        let budget = ReadBudget::new(frame.len() as u64 + 100);
+        let soon = || tokio::time::Instant::now() + Duration::from_millis(300);
+        let later = || tokio::time::Instant::now() + Duration::from_secs(30);
+        let open = |bytes: Bytes| {
+            let c = client_conn.clone();
+            async move {
+                let (mut send, recv) = c.open_bi().await.unwrap();
+                send.write_all(&bytes).await.unwrap();
+                (send, recv)
+            }
+        };
+
+        let _first = open(frame.clone()).await;
+        let (_s, mut recv) = server_conn.accept_bi().await.unwrap();
+        let (raw, held) = read_first_frame(&mut recv, 1 << 20, |_| 1 << 20, Some(&budget), later())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(raw.frame, frame);
+        assert_eq!(held.bytes(), frame.len());
+        assert_eq!(budget.available(), 100);
+
+        let _second = open(frame.clone()).await;
+        let (_s, mut recv) = server_conn.accept_bi().await.unwrap();
+        let got = read_first_frame(&mut recv, 1 << 20, |_| 1 << 20, Some(&budget), soon()).await;
+        assert!(
+            matches!(got, Err(StreamError::Busy { kind: 1, len, .. }) if len == frame.len()),
+            "{got:?}"
+        );
+        drop(held);
+        assert_eq!(budget.available(), frame.len() + 100);
+
+        let _third = open(frame.slice(..frame.len() - 10)).await;
+        let (_s, mut recv) = server_conn.accept_bi().await.unwrap();
+        let got = read_first_frame(&mut recv, 1 << 20, |_| 1 << 20, Some(&budget), soon()).await;
+        assert!(matches!(got, Err(StreamError::Deadline { .. })), "{got:?}");
+        assert_eq!(budget.available(), frame.len() + 100, "given back");
+
+        let _fourth = open(frame.clone()).await;
+        let (_s, mut recv) = server_conn.accept_bi().await.unwrap();
+        let got = read_first_frame(&mut recv, 1 << 20, |_| 1 << 20, Some(&budget), later()).await;
+        assert_eq!(got.unwrap().unwrap().0.frame, frame);
+
+        let over = ReadBudget::new(100);
+        let _fifth = open(frame.clone()).await;
+        let (_s, mut recv) = server_conn.accept_bi().await.unwrap();
+        let got = read_first_frame(&mut recv, 1 << 20, |_| 1 << 20, Some(&over), later()).await;
+        assert!(
+            matches!(
+                got,
+                Err(StreamError::Frame(WireError::TooLarge { max: 100, .. }))
+            ),
+            "{got:?}"
+        );
     }
 }

@@ -787,6 +787,79 @@ async fn connections_from_all_peers_together_are_bounded() {
     in_sync(&cl).await;
 }
 
+/// A peer opens 60 streams on r1 over two connections, each stream with most of a 2.3 MB
+/// subscription (within the cap for a 4 GiB `max_len`), and never finishes any. The first
+/// frames of all requests together hold at most `limits.request_bytes` (here 4 MiB), and
+/// what quinn buffers at most its connection windows (8 MiB each here), not 60 frames:
+/// those that find no room wait, and every stream is reset `limits.request_timeout_ms`
+/// (1.5 s here) after it opened, refused as `request_budget` or `request_timeout`. The
+/// connections stay open, and the tree stays in sync.
+///
+/// Caught on fb904e1 (node binaries built from main before this work, the config without
+/// the two `[limits]` keys it does not know): every frame was allocated and read as it came,
+/// and no stream was ever refused (`peak RSS grew by 50380800` within 0.4 s, and rising).
+/// Here it grows by about 26 MB: the budget and the two connection windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_sent_in_part_hold_no_more_than_the_request_budget() {
+    let cl = cluster(
+        "[stream]\nmax_len = 4294967296\nmax_update_bytes = 1048576\nstream_window_bytes = 1048576\n\
+         [limits]\nrequest_bytes = 4194304\nrequest_timeout_ms = 1500\n",
+    )
+    .await;
+    let ep = quic_client(&cl.root, &cl.pki.ca, "dripper");
+    let conns = [connect(&ep, &cl.r1).await, connect(&ep, &cl.r1).await];
+    let frame = canopy::wire::encode(&proto::Request {
+        kind: Some(proto::request::Kind::Subscribe(proto::Subscribe {
+            name: "dripper".into(),
+            have_chunks: vec![Bytes::from(vec![7u8; 32]); 65_000],
+            ..Default::default()
+        })),
+    });
+    assert!(frame.len() > 2_200_000);
+    let partial = frame.slice(..frame.len() - 10);
+    let streams = 60;
+    let refused = || async {
+        let m = metrics(&cl.c, &cl.r1).await;
+        (
+            rejected(&m, "request_budget"),
+            rejected(&m, "request_timeout"),
+        )
+    };
+    let pid = pid_of(&cl.r1);
+    reset_peak(pid);
+    let base = status_kib(pid, "VmRSS:");
+    let writers: Vec<_> = (0..streams)
+        .map(|i| {
+            let (conn, partial) = (conns[i % 2].clone(), partial.clone());
+            tokio::spawn(async move {
+                let (mut send, _recv) = conn.open_bi().await.unwrap();
+                let _ = send.write_all(&partial).await;
+                // Held open (dropping it would finish the stream).
+                let _ = send.stopped().await;
+            })
+        })
+        .collect();
+    wait_until(60, "every stream sent in part refused", || async {
+        let grew = peak_growth(pid, base);
+        assert!(grew < 40 * MIB, "peak RSS grew by {grew}");
+        let (budget, timeout) = refused().await;
+        budget + timeout >= streams as f64
+    })
+    .await;
+    writers.iter().for_each(|w| w.abort());
+    let grew = peak_growth(pid, base);
+    eprintln!("r1's peak RSS grew by {grew} bytes");
+    assert!(grew < 40 * MIB, "peak RSS grew by {grew}");
+    let (budget, timeout) = refused().await;
+    assert_eq!(budget + timeout, streams as f64, "{budget} + {timeout}");
+    assert!(budget >= 1.0 && timeout >= 1.0, "{budget} + {timeout}");
+    for c in &conns {
+        assert!(c.close_reason().is_none(), "the connections stay open");
+    }
+    serves_status(&cl.c, &cl.r1).await;
+    in_sync(&cl).await;
+}
+
 /// A fake parent that answers a subscription with `parent_depth = u32::MAX` is refused at
 /// decode (no depth arithmetic on it) and banned; the relay goes on to the core the fake
 /// parent named, and stays in sync.

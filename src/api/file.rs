@@ -228,10 +228,16 @@ pub(super) async fn patch_file<B: Backend>(
     if content_length(&headers).is_some_and(|n| n > max) {
         return Err(body_too_large("the PATCH body (max_update_bytes)", max));
     }
-    let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    let data = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| body_too_large("the PATCH body (max_update_bytes)", max))?;
+    let idle = Duration::from_millis(node.limits().http_body_idle_ms);
+    let mut stream = body.into_data_stream();
+    let mut data = bytes::BytesMut::new();
+    while let Some(frame) = next_frame(&mut stream, idle).await? {
+        if (data.len() + frame.len()) as u64 > max {
+            return Err(body_too_large("the PATCH body (max_update_bytes)", max));
+        }
+        data.extend_from_slice(&frame);
+    }
+    let data = data.freeze();
     let end = offset.checked_add(data.len() as u64);
     let max_len = node.max_len();
     if end.is_none_or(|e| e > max_len) {
@@ -259,11 +265,34 @@ pub(super) async fn truncate_file<B: Backend>(
 /// chunks that differ are kept; the body's length is checked against `max_len` and the
 /// changed bytes against `max_update` as they arrive, so an oversized body is refused
 /// before it is read in full.
+/// The next piece of a write's body; `None` at its end. A body that sends nothing for `idle`
+/// is refused (408 `body_timeout`).
+async fn next_frame(
+    stream: &mut axum::body::BodyDataStream,
+    idle: Duration,
+) -> Result<Option<Bytes>, ApiError> {
+    match tokio::time::timeout(idle, stream.next()).await {
+        Err(_) => Err(ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the body sent nothing for {} ms (limits.http_body_idle_ms)",
+                idle.as_millis()
+            ),
+        )),
+        Ok(None) => Ok(None),
+        Ok(Some(frame)) => frame
+            .map(Some)
+            .map_err(|e| bad_request(&format!("reading the body: {e}"))),
+    }
+}
+
 pub(super) async fn diff_body(
     base: &ChunkedFile,
     body: Body,
     max_len: u64,
     max_update: u64,
+    idle: Duration,
 ) -> Result<Update, ApiError> {
     let cs = base.chunk_size() as usize;
     let mut ops = Vec::new();
@@ -292,8 +321,7 @@ pub(super) async fn diff_body(
         Ok(())
     };
     let mut stream = body.into_data_stream();
-    while let Some(frame) = stream.next().await {
-        let frame = frame.map_err(|e| bad_request(&format!("reading the body: {e}")))?;
+    while let Some(frame) = next_frame(&mut stream, idle).await? {
         total += frame.len() as u64;
         if total > max_len {
             return Err(over_max_len(Some(total), max_len));
@@ -345,7 +373,8 @@ pub(super) async fn put_file<B: Backend>(
         };
         return finish_write(&node, outcome, &q).await;
     }
-    let mut update = diff_body(&base, body, max_len, node.max_update_bytes()).await?;
+    let idle = Duration::from_millis(node.limits().http_body_idle_ms);
+    let mut update = diff_body(&base, body, max_len, node.max_update_bytes(), idle).await?;
     let mut target = base.clone();
     target
         .apply(base.version(), &update)

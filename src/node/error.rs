@@ -14,6 +14,10 @@ pub(crate) mod code {
     pub const CUT_OFF: u32 = 3;
     pub const RESYNC: u32 = 4;
     pub const MOVED: u32 = 5;
+    /// A stream reset: its first frame found no room in `limits.request_bytes` in time.
+    pub const BUSY: u32 = 6;
+    /// A stream reset: its first frame did not arrive within `limits.request_timeout_ms`.
+    pub const TIMEOUT: u32 = 7;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +62,14 @@ pub enum NodeError {
     /// The core's proposal queue is full: nothing was proposed.
     #[error("busy: {0}")]
     Busy(String),
-    #[error("the core may or may not have committed the write (connection lost after sending: {0}); check the version and retry if needed")]
+    #[error("the core may or may not have committed the write (after sending: {0}); check the version and retry if needed")]
     OutcomeUnknown(String),
+    /// A request was sent, and no reply came within the bound for it.
+    #[error("{what}: no reply within {after:?}")]
+    NoReply {
+        what: &'static str,
+        after: std::time::Duration,
+    },
 }
 
 impl NodeError {

@@ -63,6 +63,7 @@ use crate::trust::{Sealer, Verifier};
 pub use error::NodeError;
 pub use inspect::MAX_TREE_DEPTH;
 pub use overlay_driver::{peer_from_proto, peer_to_proto, MAX_HELD_ZONES};
+pub(crate) use serve::largest_request;
 pub use shared::{now_us, Shared};
 
 use error::code;
@@ -188,6 +189,7 @@ impl Node {
             core_pick: AtomicUsize::new(0),
             batcher: OnceLock::new(),
             proposals_queued: AtomicUsize::new(0),
+            requests: crate::transport::ReadBudget::new(cfg.limits.request_bytes),
             serving: Serving {
                 permits: Arc::new(tokio::sync::Semaphore::new(
                     cfg.stream.max_backfills as usize,

@@ -47,6 +47,12 @@ const MAX_INFLIGHT_BATCHES: usize = 4;
 
 /// Largest answer to a proposal (a version, or a one-line reason).
 const MAX_REPLY: usize = 64 * 1024;
+/// Longest wait for a core's answer to a proposal this node forwarded, or to a membership
+/// change forwarded to the leader; then the outcome is unknown (the client hears so, with
+/// how to check). 60 s: the core itself waits up to [`LEADER_WAIT`] for a leader, then
+/// commits; a 64 MiB write to followers on slow links takes seconds more. Without it a
+/// core that stalls after taking a request would hold the client's request slot forever.
+const REPLY_WAIT: Duration = Duration::from_secs(60);
 
 /// Most ops one proposal may carry: a PUT's diff has one per changed chunk (at most
 /// `max_update_bytes / chunk_size` of them), a PATCH or a truncate one.
@@ -362,8 +368,13 @@ pub(crate) async fn admin(
                 .into());
             }
             let conn = net::core_conn(shared, &leader.addr).await?;
-            let reply: proto::AdminReply =
-                net::request(shared, &conn, request::Kind::Admin(admin)).await?;
+            let ask = net::request(shared, &conn, request::Kind::Admin(admin));
+            let reply: proto::AdminReply = tokio::time::timeout(REPLY_WAIT, ask)
+                .await
+                .map_err(|_| NodeError::NoReply {
+                    what: "the membership change forwarded to the leader (it may or may not have been made: see `canopy core members`)",
+                    after: REPLY_WAIT,
+                })??;
             if reply.error.is_empty() {
                 Ok(())
             } else {
@@ -462,8 +473,15 @@ async fn send_proposal(
         .await
         .map_err(|e| not_sent(e.to_string()))?;
     let _ = send.finish();
-    let reply = transport::read_frame::<proto::ProposeReply>(&mut recv, MAX_REPLY)
+    let read = transport::read_frame::<proto::ProposeReply>(&mut recv, MAX_REPLY);
+    let reply = tokio::time::timeout(REPLY_WAIT, read)
         .await
+        .map_err(|_| {
+            Forward::Unknown(NodeError::NoReply {
+                what: "the proposal sent to a core node",
+                after: REPLY_WAIT,
+            })
+        })?
         .map_err(|e| Forward::Unknown(e.into()))?
         .ok_or(Forward::Unknown(NodeError::Wire(WireError::Truncated)))?;
     match reply.kind {

@@ -16,6 +16,11 @@
 //!   subscription its chunk list), and its repeated fields are counted before it is
 //!   decoded ([`request_counts`]); over a bound the connection is closed and the refusal
 //!   counted in `canopy_rejected_total{reason}`.
+//! - Unless a core node sent it, a request's first frame arrives whole within
+//!   `limits.request_timeout_ms` of its stream's opening, and holds its declared length
+//!   of the node-wide `limits.request_bytes` from before its body is allocated (a
+//!   proposal until it is answered); otherwise its stream is reset and the refusal
+//!   counted (`request_timeout`, `request_budget`), and the connection kept.
 //! - A peer address holds at most `limits.connections_per_peer` connections, and each
 //!   connection at most `limits.streams_per_connection` streams (QUIC flow control).
 
@@ -24,9 +29,10 @@ use std::sync::Arc;
 
 use tracing::{debug, warn};
 
+use crate::config::StreamConfig;
 use crate::proto::{self, request};
 use crate::tls::{self, Role};
-use crate::transport::{self, StreamError};
+use crate::transport::{self, Reserved, StreamError};
 use crate::wire::{self, CountBound, WireError};
 
 use super::downstream::{close_bad, serve_child, serve_fetch, MAX_FETCH_BATCH};
@@ -137,16 +143,33 @@ fn request_cap(shared: &Shared, role: Role, field: u32) -> usize {
     let stream = &shared.cfg.stream;
     let max_frame = stream.max_frame;
     match field {
-        1 => SUBSCRIBE_BASE.saturating_add(35usize.saturating_mul(stream.max_chunks() as usize)),
-        2 if core && role.may_write() => {
-            (stream.max_update_bytes.saturating_add(PROPOSE_OVERHEAD) as usize).min(max_frame)
-        }
+        1 => subscribe_cap(stream),
+        2 if core && role.may_write() => propose_cap(stream),
         3 if core && role == Role::Core => max_frame,
         4 if core && role == Role::Core => SMALL_REQUEST,
         5 => SAMPLE_REQUEST,
         7 => SMALL_REQUEST,
         _ => OTHER_REQUEST,
     }
+}
+
+/// The largest first frame of a request any peer but a core node may send (the caps of
+/// [`request_cap`] for a writer on a core node): what `limits.request_bytes` must hold.
+pub(crate) fn largest_request(stream: &StreamConfig) -> usize {
+    subscribe_cap(stream)
+        .max(propose_cap(stream))
+        .max(SAMPLE_REQUEST)
+        .saturating_add(wire::PREFIX_LEN)
+}
+
+/// A subscription: its fixed fields and one hash per chunk of the largest file.
+fn subscribe_cap(stream: &StreamConfig) -> usize {
+    SUBSCRIBE_BASE.saturating_add(35usize.saturating_mul(stream.max_chunks() as usize))
+}
+
+/// A proposal: `max_update_bytes` of data and its ops, within a frame.
+fn propose_cap(stream: &StreamConfig) -> usize {
+    (stream.max_update_bytes.saturating_add(PROPOSE_OVERHEAD) as usize).min(stream.max_frame)
 }
 
 /// Bounds on the repeated fields of a `Request`, checked before it is decoded.
@@ -230,20 +253,57 @@ pub(crate) fn frame_reason(e: &StreamError) -> Option<&'static str> {
 }
 
 /// The first frame of a request stream: capped by its kind and the peer's role, its
-/// repeated fields counted, then decoded.
+/// repeated fields counted, then decoded. Unless a core node sent it (the core is trusted,
+/// and Raft's frames may be large on slow links), it must arrive whole within
+/// `limits.request_timeout_ms` of the stream's opening, and holds its length of
+/// `limits.request_bytes` from before its body is allocated.
 async fn read_request(
     shared: &Shared,
     role: Role,
     recv: &mut quinn::RecvStream,
-) -> Result<Option<proto::Request>, StreamError> {
+) -> Result<Option<(proto::Request, Reserved)>, StreamError> {
     let max = shared.cfg.stream.max_frame;
-    let Some(raw) =
-        transport::read_raw_by_kind(recv, max, |field| request_cap(shared, role, field)).await?
-    else {
+    let cap_of = |field| request_cap(shared, role, field);
+    let read = if role == Role::Core {
+        transport::read_raw_by_kind(recv, max, cap_of)
+            .await?
+            .map(|raw| (raw, Reserved::default()))
+    } else {
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_millis(shared.cfg.limits.request_timeout_ms);
+        transport::read_first_frame(recv, max, cap_of, Some(&shared.requests), deadline).await?
+    };
+    let Some((raw, reserved)) = read else {
         return Ok(None);
     };
     wire::check_counts(&raw.body(), &request_counts(shared))?;
-    Ok(Some(raw.decode()?))
+    Ok(Some((raw.decode()?, reserved)))
+}
+
+/// Refuses a request whose first frame found no room in `limits.request_bytes`, or did not
+/// arrive in time: counted and logged, its stream reset (a proposal is answered `busy`
+/// first), the connection kept.
+async fn refuse_unread(
+    shared: &Shared,
+    peer: &str,
+    e: &StreamError,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) {
+    let (reason, code) = match e {
+        StreamError::Busy { .. } => ("request_budget", super::error::code::BUSY),
+        _ => ("request_timeout", super::error::code::TIMEOUT),
+    };
+    rejected(shared, reason);
+    warn!(node = %shared.cfg.name, %peer, "refused a request: {e}");
+    let _ = recv.stop(quinn::VarInt::from_u32(code));
+    if let StreamError::Busy { kind: 2, .. } = e {
+        let busy = proto::ProposeReply {
+            kind: Some(proto::propose_reply::Kind::Busy(e.to_string())),
+        };
+        return reply(send, &busy).await;
+    }
+    let _ = send.reset(quinn::VarInt::from_u32(code));
 }
 
 /// Counts an accepted connection in `canopy_connections_served` while it is served.
@@ -314,10 +374,13 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let req = match read_request(&shared, id.1, &mut recv).await {
+    let (req, reserved) = match read_request(&shared, id.1, &mut recv).await {
         Ok(Some(r)) => r,
         Ok(None) => return,
         Err(e) if e.is_reset() => return,
+        Err(e @ (StreamError::Busy { .. } | StreamError::Deadline { .. })) => {
+            return refuse_unread(&shared, &peer, &e, &mut send, &mut recv).await;
+        }
         Err(e) => {
             if let Some(reason) = frame_reason(&e) {
                 rejected(&shared, reason);
@@ -325,6 +388,9 @@ async fn serve_stream(
             return close_bad(&shared, &conn, &peer, &e.to_string());
         }
     };
+    // A proposal holds its frame's share of `limits.request_bytes` until it is answered;
+    // every other request's frame is decoded, and its share given back.
+    let _reserved = matches!(req.kind, Some(request::Kind::Propose(_))).then_some(reserved);
     match req.kind {
         Some(request::Kind::Subscribe(sub)) if sub.name != id.0 => {
             let reason = wrong_name(&shared, "subscribe", &sub.name, &id);

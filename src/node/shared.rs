@@ -165,6 +165,9 @@ pub struct Shared {
     /// Proposals sent to the batcher and not yet taken into a batch (at most
     /// `limits.proposal_queue`).
     pub(crate) proposals_queued: AtomicUsize,
+    /// What the first frames of requests from peers other than core nodes may hold at once
+    /// (`limits.request_bytes`).
+    pub(crate) requests: crate::transport::ReadBudget,
     pub(crate) serving: Serving,
     /// When the shared backfill budget (`stream.backfill_bytes_per_sec`) is next free.
     pub(crate) backfill_pace: Mutex<tokio::time::Instant>,
