@@ -246,6 +246,9 @@ pub struct Live {
     /// Datagrams the kernel dropped on their way into this node's UDP socket
     /// ([`crate::udp::drops`]); `None` when unknown (no series).
     pub udp_drops: Option<u64>,
+    /// Bytes of `limits.request_bytes` held now by the first frames of requests being read
+    /// or (proposals) served.
+    pub request_bytes_held: u64,
 }
 
 /// The families a [`Live`] source reports, with their HELP text.
@@ -258,6 +261,7 @@ pub const LIVE_FAMILIES: &[(&str, &str)] = &[
     ("canopy_materialized_version", "Version last written to --file; absent before the first write."),
     ("canopy_backfill_done_bytes", "Bytes held of the version a transfer being received brings; absent when none is received."),
     ("canopy_backfill_total_bytes", "Length of the version a transfer being received brings; absent when none is received."),
+    ("canopy_request_bytes_held", "Bytes of limits.request_bytes held by the first frames of peers' requests being read, and by proposals until answered; at the limit, requests wait and then are refused (canopy_rejected_total{reason=\"request_budget\"})."),
 ];
 
 /// A node's live state, or `None` once the node is gone (its source is then dropped).
@@ -318,6 +322,7 @@ fn render_live(out: &mut String, nodes: &[Live]) {
                 "canopy_materialized_version" => l.materialized_version.map(|v| v as f64),
                 "canopy_backfill_done_bytes" => l.backfill.map(|(d, _)| d as f64),
                 "canopy_backfill_total_bytes" => l.backfill.map(|(_, t)| t as f64),
+                "canopy_request_bytes_held" => Some(l.request_bytes_held as f64),
                 _ => None,
             };
             if let Some(v) = value {
@@ -736,6 +741,7 @@ mod tests {
                 materialized_version: None,
                 backfill: None,
                 udp_drops: Some(4),
+                request_bytes_held: 12,
             })
         }));
         let text = render();
@@ -752,6 +758,10 @@ mod tests {
             [format!("canopy_udp_receive_drops_total{{node=\"{n}\"}} 4")]
         );
         assert!(text.contains("# TYPE canopy_udp_receive_drops_total counter"));
+        assert_eq!(
+            series(&text, "canopy_request_bytes_held", n),
+            [format!("canopy_request_bytes_held{{node=\"{n}\"}} 12")]
+        );
         gone.store(true, std::sync::atomic::Ordering::SeqCst);
         assert!(series(&render(), "canopy_lag_seconds", n).is_empty());
     }

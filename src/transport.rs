@@ -318,6 +318,11 @@ impl ReadBudget {
         self.sem.available_permits()
     }
 
+    /// Bytes held by frames now.
+    pub fn held(&self) -> usize {
+        self.bytes.saturating_sub(self.available())
+    }
+
     /// Waits for `len` bytes; `None` if `len` is more than the whole budget.
     async fn take(&self, len: usize) -> Option<Reserved> {
         let n = u32::try_from(len).ok().filter(|_| len <= self.bytes)?;

@@ -421,6 +421,10 @@ fn expect(title: &str, refid: &str, phase: Phase, s: &[Sample], cx: &Ctx) -> Res
             none_or(s, |x| (0.0..=1.0).contains(&x.value))
         }
         ("Backfill duration p50 / p99", _) => none_or(s, |x| x.value > 0.0 && x.value < 120.0),
+        ("Refused requests by reason (per minute)", _) => none_or(s, |x| x.value > 0.0),
+        ("Request budget held, per node (top $topn)", _) => {
+            each(s, n, |x| (0.0..=f64::from(256u32 << 20)).contains(&x.value))
+        }
         _ => Err(format!(
             "no expectation for panel {title:?} {refid}: add one to tests/dashboards.rs, or say in dashboards/README.md why it cannot be tested"
         )),

@@ -853,6 +853,16 @@ async fn frames_sent_in_part_hold_no_more_than_the_request_budget() {
     let (budget, timeout) = refused().await;
     assert_eq!(budget + timeout, streams as f64, "{budget} + {timeout}");
     assert!(budget >= 1.0 && timeout >= 1.0, "{budget} + {timeout}");
+    let held = metrics(&cl.c, &cl.r1)
+        .await
+        .lines()
+        .find(|l| l.starts_with("canopy_request_bytes_held{"))
+        .map(str::to_string);
+    assert_eq!(
+        held.as_deref(),
+        Some("canopy_request_bytes_held{node=\"r1\"} 0"),
+        "all given back"
+    );
     for c in &conns {
         assert!(c.close_reason().is_none(), "the connections stay open");
     }

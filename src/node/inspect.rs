@@ -160,6 +160,7 @@ pub(crate) fn live(shared: &Shared) -> Live {
             .local_addr()
             .ok()
             .and_then(crate::udp::drops),
+        request_bytes_held: shared.requests.held() as u64,
     }
 }
 
