@@ -361,11 +361,14 @@ pub struct LimitsConfig {
     /// at once. 32: a node opens a handful to another (its subscription, fetches, samples,
     /// tree queries, two Raft links, the proposal cache); more is a peer gone wrong.
     pub connections_per_peer: usize,
-    /// QUIC connections a node serves at once, from all peers together (refused before
-    /// the handshake beyond it). 16384: a core serves a connection to every relay that
-    /// forwards writes, in fleets of thousands, besides the tree's links; a bound so that
-    /// peers on many addresses (`connections_per_peer` counts one address) cannot make a
-    /// node hold connection state without end.
+    /// QUIC connections a node serves at once, from all peers together. 16384: a core
+    /// serves a connection to every relay that forwards writes, in fleets of thousands,
+    /// besides the tree's links; a bound so that peers on many addresses
+    /// (`connections_per_peer` counts one address) cannot make a node hold connection
+    /// state without end. 64 more are kept for core certificates, so that a full node
+    /// still takes core members' Raft links: beyond the limit a connection is closed once
+    /// its certificate shows it is not a core node's, and beyond both it is refused
+    /// before the handshake.
     pub connections: usize,
     /// Bidirectional streams one QUIC connection may have open at once (the peer waits
     /// for credit beyond it). 64: concurrent proposals a relay forwards on its one core

@@ -14,7 +14,8 @@ pub(crate) mod code {
     pub const CUT_OFF: u32 = 3;
     pub const RESYNC: u32 = 4;
     pub const MOVED: u32 = 5;
-    /// A stream reset: its first frame found no room in `limits.request_bytes` in time.
+    /// A stream reset: its first frame found no room in `limits.request_bytes` in time; a
+    /// connection closed: `limits.connections` reached.
     pub const BUSY: u32 = 6;
     /// A stream reset: its first frame did not arrive within `limits.request_timeout_ms`.
     pub const TIMEOUT: u32 = 7;

@@ -23,6 +23,8 @@
 //!   counted (`request_timeout`, `request_budget`), and the connection kept.
 //! - A peer address holds at most `limits.connections_per_peer` connections, and each
 //!   connection at most `limits.streams_per_connection` streams (QUIC flow control).
+//! - Peers other than core nodes hold at most `limits.connections` connections in all;
+//!   [`CORE_RESERVE`] more are kept for core certificates.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -87,9 +89,16 @@ impl Drop for PeerSlot {
     }
 }
 
+/// Room kept beyond `limits.connections` for core certificates: a core member's Raft links,
+/// forwarded proposals and membership changes (a handful per member, at most 7 members)
+/// still connect while other peers hold every slot.
+pub(crate) const CORE_RESERVE: usize = 64;
+
 /// Accepts connections until shutdown; each is served by a task of its own. A connection
-/// is refused before the handshake when the node serves `limits.connections` already, or
-/// its peer address `limits.connections_per_peer`.
+/// is refused before the handshake when the node serves `limits.connections` and
+/// [`CORE_RESERVE`] already, or its peer address `limits.connections_per_peer`; once its
+/// certificate is known, one beyond `limits.connections` is closed unless it is a core
+/// node's.
 pub(crate) async fn accept_loop(shared: Arc<Shared>) {
     let counts: PeerCounts = Arc::default();
     let max = shared.cfg.limits.connections_per_peer;
@@ -102,7 +111,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
         let remote = incoming.remote_address();
         let slot = {
             let mut open = counts.lock();
-            if open.total >= max_total {
+            if open.total >= max_total.saturating_add(CORE_RESERVE) {
                 Err("connections")
             } else if open.per_peer.get(&remote).is_some_and(|n| *n >= max) {
                 Err("connections_per_peer")
@@ -122,9 +131,18 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
             }
         };
         let s = shared.clone();
+        let counts = counts.clone();
         shared.tasks.spawn(async move {
             let _slot = slot;
             match incoming.await {
+                Ok(conn) if counts.lock().total > max_total && !from_core(&conn) => {
+                    rejected(&s, "connections");
+                    debug!(node = %s.cfg.name, %remote, "closed a connection: limits.connections ({max_total}) reached, and the room beyond it is kept for core nodes");
+                    conn.close(
+                        quinn::VarInt::from_u32(super::error::code::BUSY),
+                        b"limits.connections reached",
+                    );
+                }
                 Ok(conn) => serve_connection(s, conn).await,
                 Err(e) => {
                     s.metrics.handshake_failures.increment(1);
@@ -133,6 +151,11 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
             }
         });
     }
+}
+
+/// Whether the certificate on `conn` is a core node's.
+fn from_core(conn: &quinn::Connection) -> bool {
+    tls::peer_identity(conn).is_some_and(|(_, role)| role == Role::Core)
 }
 
 /// The largest first frame a peer with `role` may send for the request kind `field` (the

@@ -671,8 +671,18 @@ pub fn core_cluster(root: &Path, n: usize) -> (Pki, Vec<Proc>) {
 /// A QUIC endpoint on 127.0.0.1 with a relay certificate named `name` from the CA at `ca`
 /// (issued into `root/client-NAME`): a hand-driven peer for tests that speak the protocol.
 pub fn quic_client(root: &Path, ca: &Path, name: &str) -> quinn::Endpoint {
+    quic_client_as(root, ca, name, canopy::tls::Role::Relay)
+}
+
+/// A QUIC endpoint with a certificate `name` and `role` of the cluster's CA.
+pub fn quic_client_as(
+    root: &Path,
+    ca: &Path,
+    name: &str,
+    role: canopy::tls::Role,
+) -> quinn::Endpoint {
     let dir = root.join(format!("client-{name}"));
-    canopy::tls::cert_issue(ca, name, canopy::tls::Role::Relay, &dir).unwrap();
+    canopy::tls::cert_issue(ca, name, role, &dir).unwrap();
     let id = canopy::tls::Identity::load(&dir, name).unwrap();
     canopy::tls::endpoint(
         "127.0.0.1:0".parse().unwrap(),
