@@ -14,7 +14,10 @@
 //! arrives, so neither holds more than a few chunks beyond the changed ones. At most
 //! `limits.http_requests` requests (a GET until its body is sent) and `limits.watches`
 //! watches run at once; over a limit the answer is 503 with `Retry-After`. Every refusal
-//! is a one-line JSON `{"error": ...}`, counted in `canopy_rejected_total{reason}`.
+//! is a one-line JSON `{"error": ...}`, counted in `canopy_rejected_total{reason}`. The
+//! connections themselves ([`serve`]): at most `limits.http_connections` open, each closed
+//! when it sends no whole request header within `limits.http_header_timeout_ms`, and a
+//! write's body that sends nothing for `limits.http_body_idle_ms` is refused.
 //!
 //! The API depends on a narrow [`Backend`] (what a node offers its local clients) and on the
 //! status types below, not on the node's insides, so it can be tested against a fake.
@@ -197,6 +200,65 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Q<T> {
             )),
         }
     }
+}
+
+/// Serves `router` on `listener` until `shutdown`, then lets the requests in flight finish.
+/// At most `limits.http_connections` connections are open at once (a new one beyond it is
+/// closed at once and counted, reason `http_connections`), and a connection that sends no
+/// whole request header within `limits.http_header_timeout_ms` is closed. `node` names the
+/// counter's series.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: &LimitsConfig,
+    node: &str,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let open = Arc::new(Semaphore::new(limits.http_connections));
+    let header_timeout = Duration::from_millis(limits.http_header_timeout_ms);
+    let conns = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors or memory for a moment: the loop goes on.
+                    tracing::warn!(node, "http api: accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = open.clone().try_acquire_owned() else {
+            metrics::counter!("canopy_rejected_total", "node" => node.to_string(), "reason" => "http_connections")
+                .increment(1);
+            tracing::debug!(node, %remote, "http api: closed a connection: limits.http_connections ({}) reached", limits.http_connections);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let shutdown = shutdown.clone();
+        conns.spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    conns.close();
+    conns.wait().await;
 }
 
 /// The request and watch limits of one node's API, and its rejection counter.
@@ -1081,6 +1143,99 @@ mod tests {
             .unwrap();
         assert_eq!(r.status(), 413);
         assert_eq!(fake.file.lock().to_vec(), b"0123456789abcdefXY");
+    }
+
+    /// Reads from `conn` until the server closes it; false if it is still open after 10 s.
+    async fn closed_by_server(conn: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        let until_closed = async {
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), until_closed)
+            .await
+            .is_ok()
+    }
+
+    /// Serves a fake node with `limits` on a port of its own, until the token is cancelled.
+    async fn serve_limited(
+        limits: LimitsConfig,
+    ) -> (
+        std::net::SocketAddr,
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let app = router(Fake::new(), ApiToken::new(TOKEN));
+        let sd = shutdown.clone();
+        let server =
+            tokio::spawn(async move { super::serve(listener, app, &limits, "api-test", sd).await });
+        (addr, shutdown, server)
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed() {
+        let (addr, shutdown, server) = serve_limited(LimitsConfig {
+            http_connections: 4,
+            http_header_timeout_ms: 600_000,
+            ..Default::default()
+        })
+        .await;
+        let connect = || tokio::net::TcpStream::connect(addr);
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(connect().await.unwrap());
+        }
+        let mut fifth = connect().await.unwrap();
+        assert!(closed_by_server(&mut fifth).await, "over the limit");
+        drop(held);
+        let url = format!("http://{addr}/v1/status");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match reqwest::get(&url).await {
+                Ok(r) if r.status() == 200 => break,
+                other => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "not served once the slots are free: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_that_send_no_whole_header_are_closed() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, shutdown, _server) = serve_limited(LimitsConfig {
+            http_header_timeout_ms: 300,
+            ..Default::default()
+        })
+        .await;
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut trickle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        trickle
+            .write_all(b"GET /v1/status HTTP/1.1\r\nHo")
+            .await
+            .unwrap();
+        assert!(closed_by_server(&mut silent).await, "silent");
+        assert!(closed_by_server(&mut trickle).await, "trickling");
+        let r = reqwest::get(format!("http://{addr}/v1/status"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        shutdown.cancel();
     }
 
     #[tokio::test]

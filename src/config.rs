@@ -400,6 +400,19 @@ pub struct LimitsConfig {
     /// (paused, or holding slots on purpose) holds one of `http_requests` no longer;
     /// a body that keeps coming, however slowly, is never cut.
     pub http_body_idle_ms: u64,
+    /// TCP connections the HTTP API holds open at once; beyond it a new one is closed at
+    /// once (`canopy_rejected_total{reason="http_connections"}`). 512: twice
+    /// `http_requests`, room for keep-alive connections of scrapers and local tools, and
+    /// half of the 1024 file descriptors a process started from a shell may open (the
+    /// units in deploy/ allow 65536), so that clients that only connect cannot take the
+    /// descriptors the node needs for its files.
+    pub http_connections: usize,
+    /// An HTTP connection that sends no whole request header for this long, after it
+    /// opened or after its previous response, is closed (ms). 30000: a client sends its
+    /// headers at once; a keep-alive connection idle between a scraper's requests is
+    /// closed and opened again, and a client that trickles headers holds a connection no
+    /// longer than this.
+    pub http_header_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -414,6 +427,8 @@ impl Default for LimitsConfig {
             request_bytes: 256 * 1024 * 1024,
             request_timeout_ms: 30_000,
             http_body_idle_ms: 30_000,
+            http_connections: 512,
+            http_header_timeout_ms: 30_000,
         }
     }
 }
@@ -433,6 +448,8 @@ impl LimitsConfig {
             ("request_bytes", self.request_bytes),
             ("request_timeout_ms", self.request_timeout_ms),
             ("http_body_idle_ms", self.http_body_idle_ms),
+            ("http_connections", self.http_connections as u64),
+            ("http_header_timeout_ms", self.http_header_timeout_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::LimitZero { field });

@@ -232,15 +232,14 @@ impl Node {
         }
         let node = Node(shared.clone());
         let router = crate::api::router(node.clone(), token);
-        let sd = shared.shutdown.clone();
-        shared.tasks.spawn(async move {
-            if let Err(e) = axum::serve(api, router)
-                .with_graceful_shutdown(async move { sd.cancelled().await })
-                .await
-            {
-                error!("http api: {e}");
-            }
-        });
+        let (sd, limits, name) = (
+            shared.shutdown.clone(),
+            shared.cfg.limits.clone(),
+            shared.cfg.name.clone(),
+        );
+        shared
+            .tasks
+            .spawn(async move { crate::api::serve(api, router, &limits, &name, sd).await });
         Ok(node)
     }
 
