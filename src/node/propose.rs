@@ -47,9 +47,9 @@ const MAX_INFLIGHT_BATCHES: usize = 4;
 
 /// Largest answer to a proposal (a version, or a one-line reason).
 const MAX_REPLY: usize = 64 * 1024;
-/// Longest wait for a core's answer to a proposal this node forwarded, or to a membership
-/// change forwarded to the leader; then the outcome is unknown (the client hears so, with
-/// how to check). 60 s: the core itself waits up to [`LEADER_WAIT`] for a leader, then
+/// Longest wait for a core's answer to a proposal this node forwarded, for this core node's
+/// own batch to commit, or for the answer to a membership change forwarded to the leader;
+/// then the outcome is unknown (the client hears so, with how to check). 60 s: the core itself waits up to [`LEADER_WAIT`] for a leader, then
 /// commits; a 64 MiB write to followers on slow links takes seconds more. Without it a
 /// core that stalls after taking a request would hold the client's request slot forever.
 const REPLY_WAIT: Duration = Duration::from_secs(60);
@@ -182,7 +182,14 @@ pub(crate) async fn propose_hops(
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
     let mut unreachable = Unreachable::default();
     loop {
-        match core_propose(shared, proposal.clone()).await? {
+        let commit = tokio::time::timeout(REPLY_WAIT, core_propose(shared, proposal.clone()))
+            .await
+            .map_err(|_| {
+                NodeError::OutcomeUnknown(format!(
+                    "no commit within {REPLY_WAIT:?}: the core may have lost its quorum"
+                ))
+            })?;
+        match commit? {
             Err(ConsensusError::NotLeader { leader }) => {
                 let now = tokio::time::Instant::now();
                 let left = deadline.saturating_duration_since(now);
