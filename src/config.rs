@@ -413,6 +413,13 @@ pub struct LimitsConfig {
     /// closed and opened again, and a client that trickles headers holds a connection no
     /// longer than this.
     pub http_header_timeout_ms: u64,
+    /// How long a write waits for the core's answer (ms): a proposal a relay forwarded, a
+    /// core node's own commit of its batch, a membership change forwarded to the leader.
+    /// Then the client hears that the outcome is unknown, and how to check it. 60000: the
+    /// core waits up to 10 s for a leader, then commits, and a 64 MiB write to followers
+    /// on slow links takes seconds more; a core that stalls (a lost quorum) holds each
+    /// waiting client's request slot no longer than this.
+    pub commit_wait_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -429,6 +436,7 @@ impl Default for LimitsConfig {
             http_body_idle_ms: 30_000,
             http_connections: 512,
             http_header_timeout_ms: 30_000,
+            commit_wait_ms: 60_000,
         }
     }
 }
@@ -450,6 +458,7 @@ impl LimitsConfig {
             ("http_body_idle_ms", self.http_body_idle_ms),
             ("http_connections", self.http_connections as u64),
             ("http_header_timeout_ms", self.http_header_timeout_ms),
+            ("commit_wait_ms", self.commit_wait_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::LimitZero { field });

@@ -912,6 +912,74 @@ async fn frames_sent_in_part_hold_no_more_than_the_request_budget() {
     in_sync(&cl).await;
 }
 
+/// A relay whose core takes the forwarded proposal and never answers (a core stalled by a
+/// lost quorum; here a fake core with a core certificate) answers its client within
+/// `limits.commit_wait_ms` (1 s here): 503, the outcome unknown, with how to check. The
+/// relay's request slot is free again, and it keeps serving.
+///
+/// Caught on fb904e1 (node binaries built from main before this work, the config without
+/// the key it does not know): the write was never answered (`no answer within 30 s`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_a_core_that_never_answers_is_answered_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::with(root, &[("r1", "relay")]);
+    let fake = quic_client_as(root, &pki.ca, "c1", canopy::tls::Role::Core);
+    let fake_addr = fake.local_addr().unwrap();
+    let proposals = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let held = {
+        let proposals = proposals.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(incoming) = fake.accept().await {
+                let Ok(conn) = incoming.await else { continue };
+                let proposals = proposals.clone();
+                held.push(tokio::spawn(async move {
+                    let mut streams = Vec::new();
+                    while let Ok((send, mut recv)) = conn.accept_bi().await {
+                        let first = canopy::transport::read_raw(&mut recv, 1 << 20).await;
+                        let is_proposal = first.ok().flatten().is_some_and(|raw| {
+                            matches!(
+                                raw.decode::<proto::Request>().map(|r| r.kind),
+                                Ok(Some(proto::request::Kind::Propose(_)))
+                            )
+                        });
+                        if is_proposal {
+                            proposals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        streams.push((send, recv));
+                    }
+                }));
+            }
+        })
+    };
+    let cfg = root.join("r1.toml");
+    std::fs::write(&cfg, "[limits]\ncommit_wait_ms = 1000\n").unwrap();
+    let cfg = cfg.display().to_string();
+    let r1 = Proc::start(root, &pki, "r1", false, &[fake_addr], &["--config", &cfg]);
+    let c = http();
+    let write = c
+        .patch(r1.url("/v1/file?offset=0"))
+        .body("into the void")
+        .send();
+    let r = tokio::time::timeout(Duration::from_secs(30), write)
+        .await
+        .expect("no answer within 30 s")
+        .unwrap();
+    let (code, error, _) = error_of(r).await;
+    assert_eq!(code, 503, "{error}");
+    assert!(
+        error.contains("may or may not have committed") && error.contains("commit_wait_ms"),
+        "{error}"
+    );
+    assert!(
+        proposals.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the proposal reached the fake core"
+    );
+    serves_status(&c, &r1).await;
+    held.abort();
+}
+
 /// A fake parent that answers a subscription with `parent_depth = u32::MAX` is refused at
 /// decode (no depth arithmetic on it) and banned; the relay goes on to the core the fake
 /// parent named, and stays in sync.

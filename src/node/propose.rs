@@ -48,11 +48,12 @@ const MAX_INFLIGHT_BATCHES: usize = 4;
 /// Largest answer to a proposal (a version, or a one-line reason).
 const MAX_REPLY: usize = 64 * 1024;
 /// Longest wait for a core's answer to a proposal this node forwarded, for this core node's
-/// own batch to commit, or for the answer to a membership change forwarded to the leader;
-/// then the outcome is unknown (the client hears so, with how to check). 60 s: the core itself waits up to [`LEADER_WAIT`] for a leader, then
-/// commits; a 64 MiB write to followers on slow links takes seconds more. Without it a
-/// core that stalls after taking a request would hold the client's request slot forever.
-const REPLY_WAIT: Duration = Duration::from_secs(60);
+/// own batch to commit, or for the answer to a membership change forwarded to the leader
+/// (`limits.commit_wait_ms`); then the outcome is unknown (the client hears so, with how to
+/// check).
+fn reply_wait(shared: &Shared) -> Duration {
+    Duration::from_millis(shared.cfg.limits.commit_wait_ms)
+}
 
 /// Most ops one proposal may carry: a PUT's diff has one per changed chunk (at most
 /// `max_update_bytes / chunk_size` of them), a PATCH or a truncate one.
@@ -182,11 +183,12 @@ pub(crate) async fn propose_hops(
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
     let mut unreachable = Unreachable::default();
     loop {
-        let commit = tokio::time::timeout(REPLY_WAIT, core_propose(shared, proposal.clone()))
+        let wait = reply_wait(shared);
+        let commit = tokio::time::timeout(wait, core_propose(shared, proposal.clone()))
             .await
             .map_err(|_| {
                 NodeError::OutcomeUnknown(format!(
-                    "no commit within {REPLY_WAIT:?}: the core may have lost its quorum"
+                    "no commit within {wait:?} (limits.commit_wait_ms): the core may have lost its quorum"
                 ))
             })?;
         match commit? {
@@ -376,11 +378,12 @@ pub(crate) async fn admin(
             }
             let conn = net::core_conn(shared, &leader.addr).await?;
             let ask = net::request(shared, &conn, request::Kind::Admin(admin));
-            let reply: proto::AdminReply = tokio::time::timeout(REPLY_WAIT, ask)
+            let wait = reply_wait(shared);
+            let reply: proto::AdminReply = tokio::time::timeout(wait, ask)
                 .await
                 .map_err(|_| NodeError::NoReply {
                     what: "the membership change forwarded to the leader (it may or may not have been made: see `canopy core members`)",
-                    after: REPLY_WAIT,
+                    after: wait,
                 })??;
             if reply.error.is_empty() {
                 Ok(())
@@ -437,7 +440,10 @@ async fn forward_proposal(
             None => net::any_core(shared).await,
         };
         let (addr, sent) = match conn {
-            Ok((addr, conn)) => (Some(addr), send_proposal(&conn, &request).await),
+            Ok((addr, conn)) => (
+                Some(addr),
+                send_proposal(&conn, &request, reply_wait(shared)).await,
+            ),
             Err(e) => (None, Err(Forward::NotSent(e))),
         };
         let (e, sent_it) = match sent {
@@ -468,6 +474,7 @@ async fn forward_proposal(
 async fn send_proposal(
     conn: &quinn::Connection,
     request: &proto::Request,
+    wait: Duration,
 ) -> Result<ApplyOutcome, Forward> {
     let not_sent = |e: String| {
         Forward::NotSent(NodeError::Connect {
@@ -481,12 +488,12 @@ async fn send_proposal(
         .map_err(|e| not_sent(e.to_string()))?;
     let _ = send.finish();
     let read = transport::read_frame::<proto::ProposeReply>(&mut recv, MAX_REPLY);
-    let reply = tokio::time::timeout(REPLY_WAIT, read)
+    let reply = tokio::time::timeout(wait, read)
         .await
         .map_err(|_| {
             Forward::Unknown(NodeError::NoReply {
-                what: "the proposal sent to a core node",
-                after: REPLY_WAIT,
+                what: "the proposal sent to a core node (limits.commit_wait_ms)",
+                after: wait,
             })
         })?
         .map_err(|e| Forward::Unknown(e.into()))?
