@@ -1110,6 +1110,59 @@ async fn writes_beyond_the_proposal_queue_get_503_busy() {
     in_sync(&cl).await;
 }
 
+/// A peer holds the whole of the core's `limits.request_bytes` (here exactly one proposal
+/// of the largest size) with a proposal it never finishes. A write through r1 meanwhile
+/// waits for room: the stalled frame's stream is reset at `limits.request_timeout_ms`
+/// (1.5 s), before the write's own wait ends (it began later, and waiters are served in
+/// order), so the write commits and none is refused as `request_budget`. A peer that only
+/// stalls can delay writes by at most `request_timeout_ms`, never refuse them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_behind_a_stalled_frame_waits_for_its_reset_and_commits() {
+    let cl = cluster(
+        "[stream]\nmax_len = 1073741824\nmax_update_bytes = 1048576\n\
+         [limits]\nrequest_bytes = 2097156\nrequest_timeout_ms = 1500\n",
+    )
+    .await;
+    let ep = quic_client(&cl.root, &cl.pki.ca, "hog");
+    let conn = connect(&ep, &cl.core).await;
+    // A proposal's prefix declaring the largest first frame (2 MiB), its first byte, and
+    // a little more: its length is taken from the budget, and it never ends.
+    let mut part = (2u32 << 20).to_be_bytes().to_vec();
+    part.push(2 << 3 | 2);
+    part.extend_from_slice(&[0u8; 1000]);
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&part).await.unwrap();
+    let held = format!(
+        "canopy_request_bytes_held{{node=\"c1\"}} {}",
+        (2u32 << 20) + 4
+    );
+    wait_until(30, "the budget held by the stalled proposal", || async {
+        metrics(&cl.c, &cl.core).await.contains(&held)
+    })
+    .await;
+    let r =
+        cl.c.patch(cl.r1.url("/v1/file?offset=0"))
+            .body("behind the stalled frame")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let m = metrics(&cl.c, &cl.core).await;
+    assert!(
+        rejected(&m, "request_timeout") >= 1.0,
+        "the stalled frame was reset"
+    );
+    assert_eq!(rejected(&m, "request_budget"), 0.0, "no waiter refused");
+    wait_until(30, "the budget given back", || async {
+        metrics(&cl.c, &cl.core)
+            .await
+            .contains("canopy_request_bytes_held{node=\"c1\"} 0")
+    })
+    .await;
+    in_sync(&cl).await;
+    drop(send);
+}
+
 /// A relay whose `--file` is on a full disk keeps applying and serving its child from
 /// memory, leaves no temporary file, shows `disk_full: true` (and `canopy_disk_full 1`),
 /// and recovers by itself once there is room.
