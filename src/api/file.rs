@@ -228,7 +228,7 @@ pub(super) async fn patch_file<B: Backend>(
     if content_length(&headers).is_some_and(|n| n > max) {
         return Err(body_too_large("the PATCH body (max_update_bytes)", max));
     }
-    let idle = Duration::from_millis(node.limits().http_body_idle_ms);
+    let idle = body_idle(&node);
     let mut stream = body.into_data_stream();
     let mut data = bytes::BytesMut::new();
     while let Some(frame) = next_frame(&mut stream, idle).await? {
@@ -260,11 +260,11 @@ pub(super) async fn truncate_file<B: Backend>(
     write_ops(&node, vec![Op::Truncate { len }], &q).await
 }
 
-/// A PUT body diffed against `base` as it arrives: the ops that turn `base` into the body
-/// (one write per chunk that differs, then a truncate if the body is shorter). Only the
-/// chunks that differ are kept; the body's length is checked against `max_len` and the
-/// changed bytes against `max_update` as they arrive, so an oversized body is refused
-/// before it is read in full.
+/// How long a write's body may send nothing (`limits.http_body_idle_ms`).
+fn body_idle<B: Backend>(node: &B) -> Duration {
+    Duration::from_millis(node.limits().http_body_idle_ms)
+}
+
 /// The next piece of a write's body; `None` at its end. A body that sends nothing for `idle`
 /// is refused (408 `body_timeout`).
 async fn next_frame(
@@ -287,6 +287,11 @@ async fn next_frame(
     }
 }
 
+/// A PUT body diffed against `base` as it arrives: the ops that turn `base` into the body
+/// (one write per chunk that differs, then a truncate if the body is shorter). Only the
+/// chunks that differ are kept; the body's length is checked against `max_len` and the
+/// changed bytes against `max_update` as they arrive, so an oversized body is refused
+/// before it is read in full.
 pub(super) async fn diff_body(
     base: &ChunkedFile,
     body: Body,
@@ -373,7 +378,7 @@ pub(super) async fn put_file<B: Backend>(
         };
         return finish_write(&node, outcome, &q).await;
     }
-    let idle = Duration::from_millis(node.limits().http_body_idle_ms);
+    let idle = body_idle(&node);
     let mut update = diff_body(&base, body, max_len, node.max_update_bytes(), idle).await?;
     let mut target = base.clone();
     target
