@@ -370,14 +370,7 @@ pub async fn read_first_frame(
         budget: b,
         waiting: &waiting,
     });
-    let read = async {
-        let Some((raw, reserved)) = read_capped(recv, max, cap_of, gate).await? else {
-            return Ok(None);
-        };
-        let body = &raw.frame[PREFIX_LEN..];
-        wire::check_one_kind(body, wire::first_field(body))?;
-        Ok(Some((raw, reserved)))
-    };
+    let read = read_one_kind(recv, max, cap_of, gate);
     match tokio::time::timeout_at(deadline, read).await {
         Ok(r) => r,
         Err(_) => match *waiting.lock() {
@@ -410,12 +403,24 @@ pub async fn read_raw_by_kind(
     max: usize,
     cap_of: impl FnOnce(u32) -> usize,
 ) -> Result<Option<RawFrame>, StreamError> {
-    let Some((raw, _)) = read_capped(recv, max, cap_of, None).await? else {
+    Ok(read_one_kind(recv, max, cap_of, None)
+        .await?
+        .map(|(raw, _)| raw))
+}
+
+/// [`read_capped`], then the one-kind check of [`read_raw_by_kind`].
+async fn read_one_kind(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    cap_of: impl FnOnce(u32) -> usize,
+    gate: Option<Gate<'_>>,
+) -> Result<Option<(RawFrame, Reserved)>, StreamError> {
+    let Some((raw, reserved)) = read_capped(recv, max, cap_of, gate).await? else {
         return Ok(None);
     };
     let body = &raw.frame[PREFIX_LEN..];
     wire::check_one_kind(body, wire::first_field(body))?;
-    Ok(Some(raw))
+    Ok(Some((raw, reserved)))
 }
 
 async fn read_capped(
